@@ -1,0 +1,645 @@
+//! The command line: every command a technician types over SSH. Commands read the
+//! store directly (WAL lets them run beside the daemon) and answer fast; listings
+//! also come as `--json`.
+//!
+//! Exit codes: 0 success · 1 failure · 2 usage error · 3 invalid configuration ·
+//! 4 store problem · 5 parent unreachable or refused · 6 audit chain broken ·
+//! 7 record not found.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::{self, Config};
+use crate::daemon::{self, PARENT};
+use crate::engine;
+use crate::model::{RecordKey, Snapshot};
+use crate::store::{wall_ms, AuditCheck, Store};
+use crate::transport::http::HttpClient;
+use crate::wire::Message;
+
+pub mod bench;
+pub mod demo;
+
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_CONFIG: u8 = 3;
+pub const EXIT_STORE: u8 = 4;
+pub const EXIT_LINK: u8 = 5;
+pub const EXIT_AUDIT: u8 = 6;
+pub const EXIT_NOT_FOUND: u8 = 7;
+
+#[derive(Parser, Debug)]
+#[command(name = "clinicsync", version, about = "Store-and-forward sync of OpenMRS/FHIR records between clinics and hubs",
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid config, 4 store problem, 5 parent unreachable/refused, 6 audit chain broken, 7 not found")]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, env = "CLINICSYNC_CONFIG", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node: serve children and/or sync with the parent until SIGTERM.
+    Run,
+    /// Queue depths, quarantine and conflict counts, last push/pull, cursor lag.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push and pull once now, and print what moved.
+    Sync {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write FHIR resources (a resource or a Bundle, JSON) into this node's store.
+    Put { files: Vec<PathBuf> },
+    /// Print the current version of a record as FHIR JSON.
+    Get { record: String },
+    /// List records held here, optionally of one kind.
+    Ls {
+        kind: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a record (a tombstone that syncs like any other version).
+    Delete { record: String },
+    /// Ask the parent for records on demand (refused outside this node's catchment).
+    Fetch { records: Vec<String> },
+    /// Records that could not be delivered or applied.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineCmd,
+    },
+    /// Concurrent edits and how they were resolved.
+    Conflicts {
+        #[command(subcommand)]
+        action: ConflictsCmd,
+    },
+    /// Every version of a record this node has seen: when, from where, what changed.
+    History {
+        record: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        action: AuditCmd,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCmd,
+    },
+    /// Credentials for children.
+    Token {
+        #[command(subcommand)]
+        action: TokenCmd,
+    },
+    /// Start a hub and two clinics on 127.0.0.1, write synthetic data, sync, show status.
+    Demo {
+        /// Keep the demo's files in this directory instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Patients registered at each clinic.
+        #[arg(long, default_value_t = 20)]
+        patients: usize,
+    },
+    /// Reproducible benchmarks (figures for BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        action: bench::BenchCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuarantineCmd {
+    /// List quarantined records with their reasons.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one quarantined record, its reason and its current content.
+    Show { record: String },
+    /// Make a record (or --all) due for retry at the next sync.
+    Retry {
+        record: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Give up on a record: it leaves the quarantine and the queue (history keeps it).
+    Drop { record: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConflictsCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Both versions of one conflict, by its number.
+    Show { n: i64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Recompute the hash chain; fails naming the first altered or missing row.
+    Verify,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Validate the configuration file and say what is wrong.
+    Check,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Make a new child credential: the token for the child's token_file and the
+    /// hash for the hub's [[hub.children]].
+    New,
+}
+
+/// An error with the exit code it maps to.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for Failure {
+    fn from(e: crate::store::StoreError) -> Self {
+        Failure::new(EXIT_STORE, e.to_string())
+    }
+}
+
+impl From<engine::EngineError> for Failure {
+    fn from(e: engine::EngineError) -> Self {
+        match e {
+            engine::EngineError::Store(s) => s.into(),
+            other => Failure::new(EXIT_FAILURE, other.to_string()),
+        }
+    }
+}
+
+impl From<crate::model::ModelError> for Failure {
+    fn from(e: crate::model::ModelError) -> Self {
+        Failure::new(EXIT_FAILURE, e.to_string())
+    }
+}
+
+impl From<config::ConfigError> for Failure {
+    fn from(e: config::ConfigError) -> Self {
+        Failure::new(EXIT_CONFIG, e.to_string())
+    }
+}
+
+impl From<daemon::SyncError> for Failure {
+    fn from(e: daemon::SyncError) -> Self {
+        match e {
+            daemon::SyncError::Transport(t) => Failure::new(EXIT_LINK, t.to_string()),
+            daemon::SyncError::Engine(e) => e.into(),
+        }
+    }
+}
+
+type Out = Result<(), Failure>;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = dispatch(cli);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("clinicsync: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Out {
+    let path = cli.config.clone();
+    match cli.command {
+        Command::Demo { dir, patients } => demo::run(dir, patients),
+        Command::Bench { action } => bench::run(action),
+        Command::Token { action: TokenCmd::New } => {
+            let token = new_token();
+            println!("token:        {token}");
+            println!("token_sha256: {}", crate::hub::token_hash(&token));
+            println!("\nPut the token in the child's parent.token_file; put the hash in the hub's [[hub.children]].");
+            Ok(())
+        }
+        Command::Config { action: ConfigCmd::Check } => config_check(&path),
+        Command::Run => {
+            let cfg = Config::load(&path)?;
+            daemon::init_logging("info");
+            daemon::run(cfg).map_err(|e| Failure::new(EXIT_FAILURE, format!("{e:#}")))
+        }
+        other => {
+            let cfg = Config::load(&path)?;
+            with_config(&cfg, other)
+        }
+    }
+}
+
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn config_check(path: &Path) -> Out {
+    let cfg = Config::load(path)?;
+    if let Some(p) = &cfg.parent {
+        config::read_token(&p.token_file).map_err(|e| {
+            Failure::new(EXIT_CONFIG, format!("{}: parent.token_file {}: {e}", path.display(), p.token_file.display()))
+        })?;
+    }
+    println!(
+        "{}: ok (node {}, {}{})",
+        path.display(),
+        cfg.node.id,
+        cfg.role(),
+        cfg.hub
+            .as_ref()
+            .map(|h| format!(", {} children, {} catchment rules", h.children.len(), h.catchment.len()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn open(cfg: &Config) -> Result<Store, Failure> {
+    Ok(Store::open(&cfg.node.store, &cfg.node.id)?)
+}
+
+fn key(s: &str) -> Result<RecordKey, Failure> {
+    Ok(RecordKey::parse(s)?)
+}
+
+fn client(cfg: &Config) -> Result<HttpClient, Failure> {
+    let p = cfg
+        .parent
+        .as_ref()
+        .ok_or_else(|| Failure::new(EXIT_CONFIG, "this node has no [parent] to sync with"))?;
+    let token = config::read_token(&p.token_file)
+        .map_err(|e| Failure::new(EXIT_CONFIG, format!("parent.token_file {}: {e}", p.token_file.display())))?;
+    Ok(HttpClient::new(&p.url, token, cfg.timeout()))
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn with_config(cfg: &Config, cmd: Command) -> Out {
+    let now = wall_ms();
+    match cmd {
+        Command::Status { json } => status(cfg, json),
+        Command::Sync { json } => {
+            let mut store = open(cfg)?;
+            let client = client(cfg)?;
+            let report = daemon::sync_once(&mut store, &cfg.policy(), &client, &cfg.sync, &AtomicBool::new(false))?;
+            if json {
+                print_json(&report);
+            } else {
+                let p = &report.pushed;
+                println!(
+                    "pushed {} records ({} accepted, {} duplicate, {} stale, {} conflict, {} rejected); pulled {} ({} applied, {} conflict); {} bytes sent, {} received in {} ms",
+                    p.sent, p.accepted, p.duplicate, p.stale, p.conflict, p.rejected, report.pulled, report.applied.applied,
+                    report.applied.conflict, report.bytes_sent, report.bytes_received, report.elapsed_ms
+                );
+            }
+            Ok(())
+        }
+        Command::Put { files } => {
+            if files.is_empty() {
+                return Err(Failure::new(2, "put needs at least one JSON file"));
+            }
+            let mut items = Vec::new();
+            for f in &files {
+                let bytes = std::fs::read(f).map_err(|e| Failure::new(EXIT_FAILURE, format!("{}: {e}", f.display())))?;
+                items.extend(resources_of(&bytes).map_err(|e| Failure::new(EXIT_FAILURE, format!("{}: {e}", f.display())))?);
+            }
+            let mut store = open(cfg)?;
+            let written = engine::write_local(&mut store, &cfg.policy(), items, now)?;
+            let changed = written.iter().filter(|w| w.changed).count();
+            println!("{changed} written, {} unchanged", written.len() - changed);
+            Ok(())
+        }
+        Command::Get { record } => {
+            let store = open(cfg)?;
+            let k = key(&record)?;
+            let s = store
+                .current(&k)?
+                .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("{k} is not held by this node")))?;
+            let mut body = s.version.snapshot.json();
+            if s.version.deleted {
+                eprintln!("({k} is deleted; last content follows)");
+            }
+            if let Some(obj) = body.as_object_mut() {
+                obj.insert("meta".into(), json!({"versionId": s.seq.to_string()}));
+            }
+            print_json(&body);
+            Ok(())
+        }
+        Command::Ls { kind, json } => {
+            let store = open(cfg)?;
+            let rows = store.list(kind.as_deref())?;
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|s| json!({"record": s.version.key().to_string(), "seq": s.seq, "origin": s.version.origin,
+                                    "vv": s.version.vv.0, "deleted": s.version.deleted, "patient": s.version.snapshot.patient}))
+                    .collect();
+                print_json(&v);
+            } else {
+                for s in &rows {
+                    println!(
+                        "{:<50} seq {:<8} origin {:<12} {}{}",
+                        s.version.key().to_string(),
+                        s.seq,
+                        s.version.origin,
+                        s.version.vv,
+                        if s.version.deleted { " (deleted)" } else { "" }
+                    );
+                }
+                eprintln!("{} records", rows.len());
+            }
+            Ok(())
+        }
+        Command::Delete { record } => {
+            let k = key(&record)?;
+            let mut store = open(cfg)?;
+            let cur = store
+                .current(&k)?
+                .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("{k} is not held by this node")))?;
+            engine::write_local(&mut store, &cfg.policy(), vec![(cur.version.snapshot, true)], now)?;
+            println!("{k} deleted");
+            Ok(())
+        }
+        Command::Fetch { records } => {
+            let keys = records.iter().map(|r| key(r).map(|k| (k.kind, k.id))).collect::<Result<Vec<_>, _>>()?;
+            let client = client(cfg)?;
+            let req = Message::FetchRequest(crate::wire::FetchRequest {
+                node: cfg.node.id.clone(),
+                keys,
+            });
+            let (answer, _) = client
+                .exchange("/v1/fetch", &req)
+                .map_err(|e| Failure::new(EXIT_LINK, e.to_string()))?;
+            let Message::FetchResponse(resp) = answer else {
+                return Err(Failure::new(EXIT_LINK, "parent answered something other than a fetch response"));
+            };
+            let mut store = open(cfg)?;
+            let n = engine::store_fetched(&mut store, PARENT, &resp, now)?;
+            engine::apply_inbox(&mut store, &cfg.policy(), now)?;
+            for r in &resp.results {
+                if let Some(why) = &r.refused {
+                    println!("{}/{}: refused: {why}", r.kind, r.id);
+                }
+            }
+            println!("{n} records fetched");
+            Ok(())
+        }
+        Command::Quarantine { action } => quarantine(cfg, action, now),
+        Command::Conflicts { action } => {
+            let store = open(cfg)?;
+            match action {
+                ConflictsCmd::List { json } => {
+                    let list = store.conflicts_list(false, None)?;
+                    if json {
+                        print_json(&list);
+                    } else {
+                        for c in &list {
+                            println!(
+                                "#{:<5} {:<45} {}  {} {} vs {} {}\n       {}",
+                                c.n, c.record, fmt_time(c.detected_ms), c.local_origin, c.local_vv, c.remote_origin, c.remote_vv, c.resolution
+                            );
+                        }
+                        eprintln!("{} conflicts", list.len());
+                    }
+                }
+                ConflictsCmd::Show { n } => {
+                    let list = store.conflicts_list(true, Some(n))?;
+                    let c = list
+                        .first()
+                        .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("no conflict #{n}")))?;
+                    print_json(c);
+                }
+            }
+            Ok(())
+        }
+        Command::History { record, json } => {
+            let k = key(&record)?;
+            let store = open(cfg)?;
+            let h = store.history(&k)?;
+            if h.is_empty() {
+                return Err(Failure::new(EXIT_NOT_FOUND, format!("{k} has never been seen by this node")));
+            }
+            if json {
+                print_json(&h);
+            } else {
+                for e in &h {
+                    println!(
+                        "{}  {:<10} from {:<12} via {:<18} vv {:<24} {}{}",
+                        fmt_time(e.seen_ms),
+                        e.outcome,
+                        e.origin,
+                        e.source,
+                        e.vv,
+                        if e.changed.is_empty() { "no change".to_string() } else { format!("changed: {}", e.changed.join(", ")) },
+                        if e.deleted { " (deleted)" } else { "" }
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Audit { action: AuditCmd::Verify } => {
+            let store = open(cfg)?;
+            match store.verify_audit()? {
+                AuditCheck::Intact { entries, head } => {
+                    println!("audit chain intact: {entries} entries, head {head}");
+                    Ok(())
+                }
+                AuditCheck::Broken { row, problem } => {
+                    Err(Failure::new(EXIT_AUDIT, format!("audit chain broken at row {row}: {problem}")))
+                }
+            }
+        }
+        Command::Run | Command::Demo { .. } | Command::Bench { .. } | Command::Token { .. } | Command::Config { .. } => {
+            unreachable!("dispatched before the configuration is loaded")
+        }
+    }
+}
+
+/// Resources in a JSON document: one resource, or every `entry[].resource` of a Bundle.
+pub fn resources_of(bytes: &[u8]) -> Result<Vec<(Snapshot, bool)>, String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    if v.get("resourceType").and_then(|t| t.as_str()) == Some("Bundle") {
+        let entries = v
+            .get("entry")
+            .and_then(|e| e.as_array())
+            .ok_or("Bundle has no entry array")?;
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let r = e.get("resource").ok_or(format!("Bundle entry {i} has no resource"))?;
+                Snapshot::from_json_value(r.clone())
+                    .map(|s| (s, false))
+                    .map_err(|err| format!("Bundle entry {i}: {err}"))
+            })
+            .collect()
+    } else {
+        Ok(vec![(Snapshot::from_json_value(v).map_err(|e| e.to_string())?, false)])
+    }
+}
+
+fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
+    let mut store = open(cfg)?;
+    match action {
+        QuarantineCmd::List { json } => {
+            let list = store.quarantine_list()?;
+            if json {
+                print_json(&list);
+            } else {
+                for q in &list {
+                    println!(
+                        "{:<45} {:<5} attempts {:<3} next retry {}  {}: {}",
+                        q.record,
+                        q.stage.as_str(),
+                        q.attempts,
+                        fmt_time(q.next_retry_ms),
+                        if q.permanent { "refused" } else { "failed" },
+                        q.reason
+                    );
+                }
+                eprintln!("{} quarantined", list.len());
+            }
+        }
+        QuarantineCmd::Show { record } => {
+            let k = key(&record)?;
+            let list = store.quarantine_list()?;
+            let q = list
+                .iter()
+                .find(|q| q.record == k.to_string())
+                .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("{k} is not quarantined")))?;
+            let content = store.current(&k)?.map(|s| s.version.snapshot.json());
+            print_json(&json!({"quarantine": q, "current": content}));
+        }
+        QuarantineCmd::Retry { record, all } => {
+            let k = match (record, all) {
+                (Some(r), false) => Some(key(&r)?),
+                (None, true) => None,
+                _ => return Err(Failure::new(2, "give a record or --all")),
+            };
+            let mut tx = store.begin()?;
+            let n = tx.retry_now(k.as_ref(), now)?;
+            if n == 0 {
+                return Err(Failure::new(EXIT_NOT_FOUND, "nothing quarantined matches"));
+            }
+            let label = k.map(|k| k.to_string()).unwrap_or_else(|| "*".into());
+            tx.audit(now, "technician", "retry", &label, "", "")?;
+            tx.commit()?;
+            println!("{n} quarantined records due for retry at the next sync");
+        }
+        QuarantineCmd::Drop { record } => {
+            let k = key(&record)?;
+            let mut tx = store.begin()?;
+            if !tx.drop_quarantined(&k)? {
+                return Err(Failure::new(EXIT_NOT_FOUND, format!("{k} is not quarantined")));
+            }
+            tx.audit(now, "technician", "drop", &k.to_string(), "", "dropped from quarantine and queue")?;
+            tx.commit()?;
+            println!("{k} dropped from the quarantine and the queue (its history is kept)");
+        }
+    }
+    Ok(())
+}
+
+fn status(cfg: &Config, json: bool) -> Out {
+    let store = open(cfg)?;
+    let c = store.counts()?;
+    let peer = store.peer_state(PARENT)?;
+    let (cursor, head) = store.cursor(PARENT)?;
+    let lag = head.saturating_sub(cursor.eff);
+    if json {
+        print_json(&json!({
+            "node": cfg.node.id, "role": cfg.role(), "store": cfg.node.store,
+            "schema": store.schema_version()?,
+            "parent": cfg.parent.as_ref().map(|p| p.url.clone()),
+            "records": c.records, "outbox": c.outbox, "inbox": c.inbox,
+            "quarantine": c.quarantine, "conflicts": c.conflicts, "audit_entries": c.audit, "head_seq": c.head_seq,
+            "link": peer, "cursor": {"eff": cursor.eff, "seq": cursor.seq, "parent_head": head, "lag": lag},
+        }));
+        return Ok(());
+    }
+    println!("node        {} ({})", cfg.node.id, cfg.role());
+    println!("store       {} (schema {}, {} records, seq {})", cfg.node.store.display(), store.schema_version()?, c.records, c.head_seq);
+    if let Some(p) = &cfg.parent {
+        println!("parent      {}", p.url);
+    }
+    println!("outbox      {} waiting to push", c.outbox);
+    println!("inbox       {} waiting to apply", c.inbox);
+    println!("quarantine  {}", c.quarantine);
+    println!("conflicts   {}", c.conflicts);
+    if cfg.parent.is_some() {
+        println!("last push   {}", peer.last_push_ok_ms.map(fmt_time).unwrap_or_else(|| "never".into()));
+        println!("last pull   {}", peer.last_pull_ok_ms.map(fmt_time).unwrap_or_else(|| "never".into()));
+        if let (Some(e), Some(t)) = (&peer.last_error, peer.last_error_ms) {
+            println!("last error  {} {}", fmt_time(t), e);
+        }
+        println!("cursor      {cursor} (parent head {head}, lag {lag})");
+        println!("traffic     {} bytes sent, {} received", peer.bytes_sent, peer.bytes_received);
+    }
+    Ok(())
+}
+
+/// `2026-11-26T10:00:00Z` from epoch milliseconds (UTC, no time zone database needed).
+pub fn fmt_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_as_utc() {
+        assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(fmt_time(1_795_000_000_000), "2026-11-18T09:46:40Z");
+    }
+
+    #[test]
+    fn bundles_yield_every_entry_and_name_the_bad_one() {
+        let b = br#"{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","id":"a"}},{"resource":{"id":"x"}}]}"#;
+        let err = resources_of(b).unwrap_err();
+        assert!(err.contains("entry 1"), "{err}");
+    }
+}

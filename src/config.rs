@@ -1,0 +1,338 @@
+//! The configuration file (TOML): one file per node, validated as a whole so a
+//! technician sees every mistake at once, each naming the section and key.
+//!
+//! Sections: `[node]` (identity, store path), `[parent]` (absent on the root hub),
+//! `[sync]` (intervals, batch sizes, backoff), `[hub]` (present when the node serves
+//! children: listen address, limits, children and their credential hashes, catchment
+//! rules). `packaging/clinicsync.toml` is the commented example.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::engine::{CatchmentRule, Policy};
+
+pub const DEFAULT_PATH: &str = "/etc/clinicsync/clinicsync.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path} is invalid:\n  - {}", problems.join("\n  - "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    pub parent: Option<ParentSection>,
+    #[serde(default)]
+    pub sync: SyncSection,
+    pub hub: Option<HubSection>,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub id: String,
+    pub store: PathBuf,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentSection {
+    /// `http://host:port` or `https://host:port` of the parent hub.
+    pub url: String,
+    /// File holding this node's bearer credential for the parent (one line).
+    pub token_file: PathBuf,
+}
+
+impl std::fmt::Debug for ParentSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParentSection")
+            .field("url", &self.url)
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSection {
+    pub interval_secs: u64,
+    pub push_batch_records: usize,
+    pub push_batch_bytes: usize,
+    pub pull_page_records: u32,
+    pub pull_page_bytes: u64,
+    pub timeout_secs: u64,
+    pub backoff_min_secs: u64,
+    pub backoff_max_secs: u64,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        SyncSection {
+            interval_secs: 60,
+            push_batch_records: 2_000,
+            push_batch_bytes: 2 << 20,
+            pull_page_records: 2_000,
+            pull_page_bytes: 2 << 20,
+            timeout_secs: 120,
+            backoff_min_secs: 5,
+            backoff_max_secs: 900,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubSection {
+    pub listen: String,
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    #[serde(default = "default_max_record")]
+    pub max_record_bytes: usize,
+    /// Resource kinds accepted from children; `openmrs:*` kinds are always accepted.
+    #[serde(default)]
+    pub known_kinds: Option<Vec<String>>,
+    #[serde(default)]
+    pub children: Vec<Child>,
+    #[serde(default)]
+    pub catchment: Vec<CatchmentRule>,
+}
+
+fn default_max_message() -> usize {
+    16 << 20
+}
+fn default_max_record() -> usize {
+    1 << 20
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Child {
+    pub node: String,
+    /// SHA-256 (hex) of the child's bearer credential; the credential itself is never stored.
+    pub token_sha256: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.path = path.to_path_buf();
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Everything wrong with the configuration, each naming its key.
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !valid_node_id(&self.node.id) {
+            p.push(format!(
+                "node.id {:?} must be 1-64 characters of a-z A-Z 0-9 - _ .",
+                self.node.id
+            ));
+        }
+        if self.node.store.as_os_str().is_empty() {
+            p.push("node.store must name the SQLite file".into());
+        }
+        if let Some(parent) = &self.parent {
+            if !(parent.url.starts_with("http://") || parent.url.starts_with("https://")) {
+                p.push(format!("parent.url {:?} must start with http:// or https://", parent.url));
+            }
+            if parent.token_file.as_os_str().is_empty() {
+                p.push("parent.token_file must name the credential file".into());
+            }
+        }
+        let s = &self.sync;
+        for (name, v) in [
+            ("sync.interval_secs", s.interval_secs),
+            ("sync.timeout_secs", s.timeout_secs),
+            ("sync.backoff_min_secs", s.backoff_min_secs),
+            ("sync.push_batch_records", s.push_batch_records as u64),
+            ("sync.push_batch_bytes", s.push_batch_bytes as u64),
+            ("sync.pull_page_records", s.pull_page_records as u64),
+            ("sync.pull_page_bytes", s.pull_page_bytes),
+        ] {
+            if v == 0 {
+                p.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if s.backoff_max_secs < s.backoff_min_secs {
+            p.push("sync.backoff_max_secs must not be below sync.backoff_min_secs".into());
+        }
+        if let Some(hub) = &self.hub {
+            if hub.listen.parse::<SocketAddr>().is_err() {
+                p.push(format!("hub.listen {:?} must be an address such as 0.0.0.0:7070", hub.listen));
+            }
+            if hub.max_record_bytes > hub.max_message_bytes {
+                p.push("hub.max_record_bytes must not exceed hub.max_message_bytes".into());
+            }
+            for (i, c) in hub.children.iter().enumerate() {
+                if !valid_node_id(&c.node) {
+                    p.push(format!("hub.children[{i}].node {:?} is not a valid node id", c.node));
+                }
+                if c.token_sha256.len() != 64 || hex::decode(&c.token_sha256).is_err() {
+                    p.push(format!(
+                        "hub.children[{i}].token_sha256 must be 64 hex characters (run `clinicsync token new`)"
+                    ));
+                }
+                if hub.children.iter().filter(|o| o.node == c.node).count() > 1 {
+                    p.push(format!("hub.children: node {:?} is listed twice", c.node));
+                }
+            }
+            for (i, r) in hub.catchment.iter().enumerate() {
+                if !hub.children.iter().any(|c| c.node == r.node) {
+                    p.push(format!("hub.catchment[{i}].node {:?} is not one of hub.children", r.node));
+                }
+                if r.path.is_empty() || r.path.split('.').any(|s| s.is_empty()) {
+                    p.push(format!("hub.catchment[{i}].path {:?} must be a dotted field path", r.path));
+                }
+            }
+        }
+        if self.parent.is_none() && self.hub.is_none() {
+            p.push("a node needs a [parent] section, a [hub] section, or both".into());
+        }
+        p
+    }
+
+    pub fn policy(&self) -> Policy {
+        let mut p = Policy::new(&self.node.id, self.parent.is_some());
+        if let Some(hub) = &self.hub {
+            p.max_record_bytes = hub.max_record_bytes;
+            p.catchment = hub.catchment.clone();
+            if let Some(k) = &hub.known_kinds {
+                p.known_kinds = k.clone();
+            }
+        }
+        p
+    }
+
+    pub fn role(&self) -> &'static str {
+        match (&self.parent, &self.hub) {
+            (None, _) => "root hub",
+            (Some(_), Some(_)) => "district hub",
+            (Some(_), None) => "clinic",
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.sync.timeout_secs)
+    }
+}
+
+/// Reads a credential file: the first line, trimmed. Never logged.
+pub fn read_token(path: &Path) -> Result<Secret, std::io::Error> {
+    let text = std::fs::read_to_string(path)?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(Secret(token))
+}
+
+/// A credential that never shows in `Debug` or logs.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+            [node]
+            id = "bad id"
+            store = "x.db"
+            [parent]
+            url = "ftp://x"
+            token_file = "t"
+            [sync]
+            interval_secs = 0
+            [hub]
+            listen = "nowhere"
+            [[hub.children]]
+            node = "a"
+            token_sha256 = "abc"
+            [[hub.catchment]]
+            node = "b"
+            path = "address.district"
+            equals = "N"
+        "#;
+        let err = Config::parse(text, Path::new("c.toml")).unwrap_err().to_string();
+        for needle in [
+            "node.id",
+            "parent.url",
+            "sync.interval_secs",
+            "hub.listen",
+            "hub.children[0].token_sha256",
+            "hub.catchment[0].node",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::parse("[node]\nid='a'\nstore='x'\nstor='y'\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stor"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(***)");
+    }
+}

@@ -1,0 +1,296 @@
+//! The running node: tokio wiring, the sync schedule, shutdown, logging.
+//!
+//! - A node with `[hub]` serves its children ([`crate::hub::serve`]).
+//! - A node with `[parent]` runs [`sync_once`] every `sync.interval_secs`; after a
+//!   failure it waits an exponentially growing, jittered delay (backon) between
+//!   `sync.backoff_min_secs` and `sync.backoff_max_secs`, never a busy loop.
+//! - SIGTERM/SIGINT stop both: the sync loop finishes its current batch (every batch
+//!   is its own transaction, so stopping between batches loses nothing) and the
+//!   server finishes in-flight requests.
+//! - Logs go to journald when `JOURNAL_STREAM` is set (we run under systemd), to
+//!   stderr otherwise.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::{Config, SyncSection};
+use crate::engine::{self, ApplySummary, EngineError, Policy, PushSummary};
+use crate::hub::HubState;
+use crate::store::{wall_ms, PeerEvent, Store};
+use crate::transport::http::{HttpClient, TransportError};
+use crate::wire::Message;
+
+/// The peer name a child keeps its parent's cursor and link state under.
+pub const PARENT: &str = "parent";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl From<crate::store::StoreError> for SyncError {
+    fn from(e: crate::store::StoreError) -> Self {
+        SyncError::Engine(e.into())
+    }
+}
+
+impl SyncError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SyncError::Transport(e) => e.is_retryable(),
+            SyncError::Engine(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// What one sync round moved.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncReport {
+    pub pushed: PushSummary,
+    pub pulled: usize,
+    pub applied: ApplySummary,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub elapsed_ms: u64,
+}
+
+/// One push-then-pull round with the parent, until the outbox is drained (or only
+/// quarantined records remain) and the parent has nothing more for us.
+pub fn sync_once(
+    store: &mut Store,
+    policy: &Policy,
+    client: &HttpClient,
+    cfg: &SyncSection,
+    stop: &AtomicBool,
+) -> Result<SyncReport, SyncError> {
+    let started = Instant::now();
+    let mut report = SyncReport::default();
+    let result = sync_rounds(store, policy, client, cfg, stop, &mut report);
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    if let Err(e) = &result {
+        let mut tx = store.begin()?;
+        tx.note_peer(PARENT, PeerEvent::Error(&e.to_string()), wall_ms())?;
+        tx.commit()?;
+    }
+    result.map(|_| report)
+}
+
+fn sync_rounds(
+    store: &mut Store,
+    policy: &Policy,
+    client: &HttpClient,
+    cfg: &SyncSection,
+    stop: &AtomicBool,
+    report: &mut SyncReport,
+) -> Result<(), SyncError> {
+    // Push first: what the clinic wrote is the most urgent thing on the link.
+    while !stop.load(Ordering::Relaxed) {
+        let now = wall_ms();
+        let Some(req) = engine::next_push(store, now, cfg.push_batch_records, cfg.push_batch_bytes)? else {
+            break;
+        };
+        let (answer, traffic) = client.exchange("/v1/push", &Message::PushRequest(req.clone()))?;
+        let Message::PushResponse(resp) = answer else {
+            return Err(TransportError::Unexpected {
+                sent: "push_request",
+                got: answer.name(),
+            }
+            .into());
+        };
+        let s = engine::apply_push_results(store, PARENT, &req, &resp, (traffic.sent, traffic.received), wall_ms())?;
+        report.bytes_sent += traffic.sent;
+        report.bytes_received += traffic.received;
+        let progress = s.cleared + s.rejected;
+        report.pushed.add(&s);
+        info!(node = %policy.node_id, peer = PARENT, direction = "push", records = s.sent, accepted = s.accepted,
+              rejected = s.rejected, conflicts = s.conflict, bytes = traffic.sent, "push batch acknowledged");
+        if progress == 0 {
+            // Every record changed while in flight; the next round sends the new versions.
+            break;
+        }
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let req = engine::pull_request(store, PARENT, cfg.pull_page_records, cfg.pull_page_bytes)?;
+        let (answer, traffic) = client.exchange("/v1/pull", &Message::PullRequest(req))?;
+        let Message::PullResponse(resp) = answer else {
+            return Err(TransportError::Unexpected {
+                sent: "pull_request",
+                got: answer.name(),
+            }
+            .into());
+        };
+        let n = engine::store_pull(store, PARENT, &resp, (traffic.sent, traffic.received), wall_ms())?;
+        report.pulled += n;
+        report.bytes_sent += traffic.sent;
+        report.bytes_received += traffic.received;
+        let a = engine::apply_inbox(store, policy, wall_ms())?;
+        report.applied.applied += a.applied;
+        report.applied.duplicate += a.duplicate;
+        report.applied.stale += a.stale;
+        report.applied.conflict += a.conflict;
+        if n > 0 {
+            info!(node = %policy.node_id, peer = PARENT, direction = "pull", records = n, cursor = %resp.next,
+                  bytes = traffic.received, "pull page applied");
+        }
+        if !resp.more {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Sets up logging: journald under systemd, stderr otherwise.
+pub fn init_logging(default_level: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLINICSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            let _ = registry.with(journald.with_syslog_identifier("clinicsync".into())).try_init();
+            return;
+        }
+    }
+    let _ = registry
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
+        .try_init();
+}
+
+/// `clinicsync run`: serves children and/or syncs with the parent until a signal.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(cfg))
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn run_async(cfg: Config) -> anyhow::Result<()> {
+    let policy = cfg.policy();
+    // Open (and migrate) the store before anything else, so a bad store stops us here.
+    let store = Store::open(&cfg.node.store, &cfg.node.id)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            info!("shutdown requested");
+            stop.store(true, Ordering::Relaxed);
+            let _ = stop_tx.send(true);
+        });
+    }
+    let mut tasks = Vec::new();
+    if let Some(hub) = &cfg.hub {
+        let mut children = Vec::new();
+        for c in &hub.children {
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(&c.token_sha256, &mut h)?;
+            children.push((c.node.clone(), h));
+        }
+        let state = Arc::new(HubState::new(&cfg.node.store, policy.clone(), children, hub.max_message_bytes)?);
+        let listener = tokio::net::TcpListener::bind(&hub.listen).await?;
+        info!(node = %cfg.node.id, listen = %listener.local_addr()?, children = hub.children.len(), "serving children");
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            crate::hub::serve(listener, state, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(anyhow::Error::from)
+        }));
+    }
+    if let Some(parent) = &cfg.parent {
+        let token = crate::config::read_token(&parent.token_file)
+            .map_err(|e| anyhow::anyhow!("parent.token_file {}: {e}", parent.token_file.display()))?;
+        let client = HttpClient::new(&parent.url, token, cfg.timeout());
+        let sync_cfg = cfg.sync.clone();
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(sync_loop(store, policy, client, sync_cfg, stop.clone(), rx)));
+    } else {
+        drop(store);
+    }
+    info!(node = %cfg.node.id, role = cfg.role(), "clinicsync running");
+    for t in tasks {
+        t.await??;
+    }
+    info!(node = %cfg.node.id, "stopped");
+    Ok(())
+}
+
+fn backoff(cfg: &SyncSection) -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(cfg.backoff_min_secs))
+        .with_max_delay(Duration::from_secs(cfg.backoff_max_secs))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn sync_loop(
+    store: Store,
+    policy: Policy,
+    client: HttpClient,
+    cfg: SyncSection,
+    stop: Arc<AtomicBool>,
+    mut stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let shared = Arc::new((policy, client, cfg.clone()));
+    let mut store = Some(store);
+    let mut delays = backoff(&cfg);
+    let interval = Duration::from_secs(cfg.interval_secs);
+    while !stop.load(Ordering::Relaxed) {
+        let mut s = store.take().ok_or_else(|| anyhow::anyhow!("store lost"))?;
+        let (sh, st) = (shared.clone(), stop.clone());
+        let (s, result) = tokio::task::spawn_blocking(move || {
+            let r = sync_once(&mut s, &sh.0, &sh.1, &sh.2, &st);
+            (s, r)
+        })
+        .await?;
+        store = Some(s);
+        let delay = match result {
+            Ok(r) => {
+                delays = backoff(&cfg);
+                if r.pushed.sent + r.pulled > 0 {
+                    info!(node = %shared.0.node_id, pushed = r.pushed.sent, pulled = r.pulled, ms = r.elapsed_ms, "sync round done");
+                }
+                interval
+            }
+            Err(e) => {
+                let d = delays.next().unwrap_or(Duration::from_secs(cfg.backoff_max_secs));
+                warn!(node = %shared.0.node_id, peer = PARENT, error = %e, retry_in_s = d.as_secs(), "sync failed");
+                d
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop_rx.wait_for(|s| *s) => break,
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,901 @@
+//! The sync protocol, free of sockets and clocks: every function takes the store and
+//! the current time, and returns what to send or what happened.
+//!
+//! Flows (see ARCHITECTURE.md for the full picture)
+//! - local write → replica (new version, own counter bumped) → outbox (coalesced)
+//! - child: [`next_push`] builds a batch from the outbox → transport → parent:
+//!   [`handle_push`] validates and integrates each record independently → per-record
+//!   [`Outcome`]s → child: [`apply_push_results`] clears acknowledged outbox entries
+//!   (only if the acknowledged version is still current) or quarantines rejections.
+//! - child: [`pull_request`] → parent: [`handle_pull`] answers a page of records
+//!   visible to that child → child: [`store_pull`] commits page + cursor to the inbox
+//!   in one transaction → [`apply_inbox`] integrates them into the replica.
+//!
+//! Invariants
+//! - Integration is decided by version vectors alone: equal → duplicate, newer →
+//!   accept, older → stale, concurrent → conflict, resolved by policy (metadata: the
+//!   version from upstream wins; clinical: field-wise merge against the common
+//!   ancestor, else the later HLC wins, ties broken by node id). Both sides of every
+//!   conflict are kept in the conflicts table: nothing is silently dropped.
+//! - Handling the same push or the same pull page twice changes nothing the second
+//!   time (version vectors make integration idempotent).
+//! - A parent answers only after the transaction holding the effects has committed.
+//! - Errors abort the whole transaction: a push either applies every accepted record
+//!   of the batch and answers, or applies none and answers nothing.
+
+use serde::Serialize;
+
+use crate::model::{
+    merge_fields, Causality, Class, ContentHash, ModelError, RecordKey, Snapshot, Version, VersionVector,
+};
+use crate::store::{PeerEvent, Stage, Store, StoreError, Tx};
+use crate::wire::{
+    FetchRequest, FetchResponse, FetchResult, Outcome, PullRequest, PullResponse, PushRequest, PushResponse,
+    PushResult, WireRecord,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl EngineError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            EngineError::Store(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// Assigns patients to a child node by a field of the Patient resource.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub struct CatchmentRule {
+    /// The child node that gets matching patients.
+    pub node: String,
+    /// Dotted path into the Patient, arrays searched element by element:
+    /// `address.district`, `managingOrganization.reference`.
+    pub path: String,
+    /// The value the field must equal.
+    pub equals: String,
+}
+
+impl CatchmentRule {
+    pub fn matches(&self, patient: &serde_json::Value) -> bool {
+        let mut values = vec![patient];
+        for step in self.path.split('.') {
+            let mut next = Vec::new();
+            for v in values {
+                match v.get(step) {
+                    Some(serde_json::Value::Array(items)) => next.extend(items.iter()),
+                    Some(other) => next.push(other),
+                    None => {}
+                }
+            }
+            values = next
+                .into_iter()
+                .flat_map(|v| match v {
+                    serde_json::Value::Array(items) => items.iter().collect::<Vec<_>>(),
+                    other => vec![other],
+                })
+                .collect();
+        }
+        values.iter().any(|v| v.as_str() == Some(self.equals.as_str()))
+    }
+}
+
+/// What a node is and what it accepts; built from the configuration.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub node_id: String,
+    /// True when this node pushes to and pulls from a parent.
+    pub has_parent: bool,
+    /// Kinds this node accepts from children (`openmrs:*` always).
+    pub known_kinds: Vec<String>,
+    pub max_record_bytes: usize,
+    pub catchment: Vec<CatchmentRule>,
+    /// Upper bounds on a pull page this node serves.
+    pub max_page_records: usize,
+    pub max_page_bytes: usize,
+}
+
+impl Policy {
+    pub fn new(node_id: &str, has_parent: bool) -> Policy {
+        Policy {
+            node_id: node_id.to_string(),
+            has_parent,
+            known_kinds: crate::model::DEFAULT_KNOWN_KINDS.iter().map(|s| s.to_string()).collect(),
+            max_record_bytes: 1 << 20,
+            catchment: Vec::new(),
+            max_page_records: 5_000,
+            max_page_bytes: 4 << 20,
+        }
+    }
+
+    fn accepts_kind(&self, kind: &str) -> bool {
+        kind.starts_with("openmrs:") || self.known_kinds.iter().any(|k| k == kind)
+    }
+}
+
+/// When a quarantined record is tried again: permanent refusals back off from five
+/// minutes to a day, transient ones from thirty seconds to an hour.
+pub fn retry_delay_ms(attempts: u32, permanent: bool) -> u64 {
+    let (base, cap) = if permanent {
+        (5 * 60_000u64, 24 * 3_600_000u64)
+    } else {
+        (30_000u64, 3_600_000u64)
+    };
+    base.saturating_mul(1u64 << attempts.saturating_sub(1).min(20)).min(cap)
+}
+
+/// How a version fared when it met the current one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Integrated {
+    Accepted,
+    Duplicate,
+    Stale,
+    Conflict { resolution: String, result: Box<Version> },
+}
+
+/// Integrates one version into the replica: the single place where versions meet.
+fn integrate(tx: &mut Tx<'_>, incoming: &Version, source: &str, from_upstream: bool, now_ms: u64) -> Result<Integrated> {
+    tx.observe(incoming.hlc, now_ms)?;
+    let key = incoming.key().clone();
+    let Some(current) = tx.current(&key)? else {
+        store_version(tx, incoming, source, "accepted", now_ms)?;
+        return Ok(Integrated::Accepted);
+    };
+    let local = current.version;
+    let same_content = local.snapshot.hash == incoming.snapshot.hash && local.deleted == incoming.deleted;
+    match incoming.vv.compare(&local.vv) {
+        Causality::Same if same_content => Ok(Integrated::Duplicate),
+        Causality::Newer => {
+            store_version(tx, incoming, source, "accepted", now_ms)?;
+            Ok(Integrated::Accepted)
+        }
+        Causality::Older => {
+            tx.remember(incoming, source, "stale", now_ms)?;
+            Ok(Integrated::Stale)
+        }
+        Causality::Same | Causality::Concurrent => {
+            let (resolution, result) = resolve(tx, &local, incoming, from_upstream, now_ms)?;
+            tx.remember(incoming, source, "conflict", now_ms)?;
+            if result.vv != local.vv || result.snapshot.hash != local.snapshot.hash {
+                store_version(tx, &result, source, "resolved", now_ms)?;
+            }
+            tx.add_conflict(&key, &local, incoming, &resolution, &result.vv, now_ms)?;
+            tx.audit(now_ms, source, "conflict", &key.to_string(), &result.snapshot.hash.short(), &resolution)?;
+            Ok(Integrated::Conflict {
+                resolution,
+                result: Box::new(result),
+            })
+        }
+    }
+}
+
+fn store_version(tx: &mut Tx<'_>, v: &Version, source: &str, outcome: &str, now_ms: u64) -> Result<u64> {
+    let seq = tx.put_current(v, now_ms)?;
+    tx.remember(v, source, outcome, now_ms)?;
+    let action = if v.deleted { "delete" } else { "write" };
+    let detail = format!("origin={} vv={}", v.origin, v.vv);
+    tx.audit(now_ms, source, action, &v.key().to_string(), &v.snapshot.hash.short(), &detail)?;
+    Ok(seq)
+}
+
+/// Picks the surviving version of two concurrent ones. Pure apart from reading the
+/// common ancestor from history.
+fn resolve(
+    tx: &mut Tx<'_>,
+    local: &Version,
+    remote: &Version,
+    from_upstream: bool,
+    now_ms: u64,
+) -> Result<(String, Version)> {
+    let me = tx.node_id().to_string();
+    let join = local.vv.join(&remote.vv);
+    if local.snapshot.class == Class::Metadata {
+        // Metadata is authoritative upstream: take the upstream version as it is.
+        return Ok(if from_upstream {
+            ("metadata: the parent's version wins (root authority)".into(), remote.clone())
+        } else {
+            ("metadata: this node's version wins (root authority)".into(), local.clone())
+        });
+    }
+    if !local.deleted && !remote.deleted {
+        let ancestor_vv = local.vv.meet(&remote.vv);
+        if let Some(ancestor) = tx.version_by_vv(local.key(), &ancestor_vv)? {
+            if let Some(merged) = merge_fields(&ancestor.snapshot.json(), &local.snapshot.json(), &remote.snapshot.json()) {
+                let snapshot = Snapshot::from_json_value(merged)
+                    .map_err(|e| EngineError::Invalid(format!("merged {}: {e}", local.key())))?;
+                let changed_l = crate::model::changed_fields(&ancestor.snapshot.json(), &local.snapshot.json());
+                let changed_r = crate::model::changed_fields(&ancestor.snapshot.json(), &remote.snapshot.json());
+                let hlc = tx.tick(now_ms)?;
+                return Ok((
+                    format!(
+                        "merged: {} changed [{}], {} changed [{}]",
+                        local.origin,
+                        changed_l.join(","),
+                        remote.origin,
+                        changed_r.join(",")
+                    ),
+                    Version {
+                        snapshot,
+                        origin: me.clone(),
+                        hlc,
+                        vv: join.bumped(&me),
+                        deleted: false,
+                    },
+                ));
+            }
+        }
+    }
+    // Deterministic winner: later clock, then node id, then content hash.
+    let rank = |v: &Version| (v.hlc, v.origin.clone(), v.snapshot.hash);
+    let (winner, loser) = if rank(remote) > rank(local) {
+        (remote, local)
+    } else {
+        (local, remote)
+    };
+    // Equal vectors with different content cannot be ordered by the vector, so the
+    // result must be a new write that both sides will see as newer.
+    let vv = if local.vv == remote.vv { join.bumped(&me) } else { join };
+    Ok((
+        format!(
+            "{}'s version kept (later clock); {}'s version kept for review",
+            winner.origin, loser.origin
+        ),
+        Version {
+            snapshot: winner.snapshot.clone(),
+            origin: me,
+            hlc: winner.hlc,
+            vv,
+            deleted: winner.deleted,
+        },
+    ))
+}
+
+/// After a Patient is stored: recompute which children it belongs to by rule.
+fn update_catchment(tx: &mut Tx<'_>, policy: &Policy, v: &Version) -> Result<()> {
+    if v.key().kind != "Patient" || policy.catchment.is_empty() {
+        return Ok(());
+    }
+    let body = v.snapshot.json();
+    let mut matched: Vec<String> = policy
+        .catchment
+        .iter()
+        .filter(|r| r.matches(&body))
+        .map(|r| r.node.clone())
+        .collect();
+    matched.dedup();
+    for node in &matched {
+        tx.add_to_catchment(node, &v.key().id, "rule")?;
+    }
+    tx.prune_rule_catchment(&v.key().id, &matched)?;
+    Ok(())
+}
+
+/// What a local write did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LocalWrite {
+    pub record: String,
+    pub changed: bool,
+}
+
+/// Writes resources as the local EMR (embedded mode): one transaction for all of them.
+pub fn write_local(store: &mut Store, policy: &Policy, items: Vec<(Snapshot, bool)>, now_ms: u64) -> Result<Vec<LocalWrite>> {
+    let mut tx = store.begin()?;
+    let me = policy.node_id.clone();
+    let mut out = Vec::with_capacity(items.len());
+    for (snapshot, deleted) in items {
+        let key = snapshot.key.clone();
+        let current = tx.current(&key)?;
+        if let Some(c) = &current {
+            if c.version.snapshot.hash == snapshot.hash && c.version.deleted == deleted {
+                out.push(LocalWrite {
+                    record: key.to_string(),
+                    changed: false,
+                });
+                continue;
+            }
+        } else if deleted {
+            return Err(EngineError::Invalid(format!("{key} does not exist here, nothing to delete")));
+        }
+        let vv = current
+            .as_ref()
+            .map(|c| c.version.vv.clone())
+            .unwrap_or_default()
+            .bumped(&me);
+        let hlc = tx.tick(now_ms)?;
+        let version = Version {
+            snapshot,
+            origin: me.clone(),
+            hlc,
+            vv,
+            deleted,
+        };
+        store_version(&mut tx, &version, "local", "written", now_ms)?;
+        update_catchment(&mut tx, policy, &version)?;
+        if policy.has_parent {
+            tx.enqueue(&key, now_ms)?;
+            // A new local version is a new attempt: it no longer waits behind the old one.
+            tx.release(&key, Stage::Push)?;
+        }
+        out.push(LocalWrite {
+            record: key.to_string(),
+            changed: true,
+        });
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+/// Why a pushed record is refused, before it touches the store.
+fn validate(policy: &Policy, child: &str, rec: WireRecord) -> std::result::Result<Version, (String, bool)> {
+    if let Err(e) = RecordKey::new(&rec.kind, &rec.id) {
+        return Err((e.to_string(), true));
+    }
+    if !policy.accepts_kind(&rec.kind) {
+        return Err((format!("unknown kind {:?}: this hub does not accept it", rec.kind), true));
+    }
+    if rec.body.len() > policy.max_record_bytes {
+        return Err((
+            format!(
+                "record is {} bytes, over this hub's limit of {} bytes",
+                rec.body.len(),
+                policy.max_record_bytes
+            ),
+            true,
+        ));
+    }
+    if rec.vv.0.is_empty() || rec.origin.is_empty() {
+        return Err(("record has no version vector or origin".into(), true));
+    }
+    let version = rec.into_version().map_err(|e| (format!("malformed resource: {e}"), true))?;
+    if version.snapshot.class == Class::Metadata {
+        return Err((
+            format!(
+                "metadata is authoritative at the root: node {child} may not write {}",
+                version.key()
+            ),
+            true,
+        ));
+    }
+    if version.snapshot.patient.is_none() {
+        return Err((
+            format!(
+                "malformed resource: {}",
+                ModelError::NoPatient {
+                    kind: version.key().kind.clone()
+                }
+            ),
+            true,
+        ));
+    }
+    Ok(version)
+}
+
+/// Parent side of a push: integrates each record independently, in one transaction.
+pub fn handle_push(store: &mut Store, policy: &Policy, child: &str, req: PushRequest, now_ms: u64) -> Result<PushResponse> {
+    if req.node != child {
+        return Err(EngineError::Forbidden(format!(
+            "authenticated as {child} but the push claims to come from {}",
+            req.node
+        )));
+    }
+    let source = format!("push:{child}");
+    let mut tx = store.begin()?;
+    let mut results = Vec::with_capacity(req.records.len());
+    for rec in req.records {
+        let (kind, id, vv) = (rec.kind.clone(), rec.id.clone(), rec.vv.clone());
+        let hash = ContentHash::of(rec.body.as_bytes()).0.to_vec();
+        let outcome = match validate(policy, child, rec) {
+            Err((reason, permanent)) => {
+                tx.audit(now_ms, &source, "reject", &format!("{kind}/{id}"), "", &reason)?;
+                Outcome::Rejected { reason, permanent }
+            }
+            Ok(version) => {
+                let integrated = integrate(&mut tx, &version, &source, false, now_ms)?;
+                let stored = match &integrated {
+                    Integrated::Accepted => Some(version.clone()),
+                    Integrated::Conflict { result, .. } => Some((**result).clone()),
+                    _ => None,
+                };
+                if let Some(v) = &stored {
+                    update_catchment(&mut tx, policy, v)?;
+                    if policy.has_parent {
+                        tx.enqueue(v.key(), now_ms)?;
+                    }
+                }
+                if let Some(p) = &version.snapshot.patient {
+                    // A clinic that writes for a patient holds that patient from now on.
+                    tx.add_to_catchment(child, p, "registered")?;
+                }
+                match integrated {
+                    Integrated::Accepted => Outcome::Accepted,
+                    Integrated::Duplicate => Outcome::Duplicate,
+                    Integrated::Stale => Outcome::Stale,
+                    Integrated::Conflict { resolution, .. } => Outcome::Conflict { resolution },
+                }
+            }
+        };
+        results.push(PushResult {
+            kind,
+            id,
+            vv,
+            hash,
+            outcome,
+        });
+    }
+    tx.commit()?;
+    Ok(PushResponse { results })
+}
+
+/// Parent side of a pull: the next page of what this child may see.
+pub fn handle_pull(store: &Store, policy: &Policy, child: &str, req: &PullRequest) -> Result<PullResponse> {
+    if req.node != child {
+        return Err(EngineError::Forbidden(format!(
+            "authenticated as {child} but the pull asks for {}",
+            req.node
+        )));
+    }
+    let page = store.feed_page(
+        child,
+        req.cursor,
+        (req.max_records as usize).clamp(1, policy.max_page_records),
+        (req.max_bytes as usize).clamp(1, policy.max_page_bytes),
+    )?;
+    let head = store.counts()?.head_seq;
+    Ok(PullResponse {
+        records: page.records.iter().map(|s| WireRecord::from_version(&s.version)).collect(),
+        next: page.next,
+        more: page.more,
+        head,
+    })
+}
+
+/// Parent side of an on-demand fetch: gives each record only if the child may see it.
+pub fn handle_fetch(store: &Store, child: &str, req: &FetchRequest) -> Result<FetchResponse> {
+    if req.node != child {
+        return Err(EngineError::Forbidden(format!(
+            "authenticated as {child} but the fetch claims {}",
+            req.node
+        )));
+    }
+    let mut results = Vec::new();
+    for (kind, id) in &req.keys {
+        let refuse = |why: String| FetchResult {
+            kind: kind.clone(),
+            id: id.clone(),
+            record: None,
+            refused: Some(why),
+        };
+        let key = match RecordKey::new(kind, id) {
+            Ok(k) => k,
+            Err(e) => {
+                results.push(refuse(e.to_string()));
+                continue;
+            }
+        };
+        let Some(stored) = store.current(&key)? else {
+            results.push(refuse(format!("{key} not found")));
+            continue;
+        };
+        if let Some(p) = &stored.version.snapshot.patient {
+            if !store.in_catchment(child, p)? {
+                results.push(refuse(format!("Patient/{p} is not in the catchment of {child}")));
+                continue;
+            }
+        }
+        results.push(FetchResult {
+            kind: kind.clone(),
+            id: id.clone(),
+            record: Some(WireRecord::from_version(&stored.version)),
+            refused: None,
+        });
+    }
+    Ok(FetchResponse { results })
+}
+
+/// Child side: the next batch to push, or `None` when nothing is due.
+pub fn next_push(store: &Store, now_ms: u64, max_records: usize, max_bytes: usize) -> Result<Option<PushRequest>> {
+    let batch = store.outbox_batch(now_ms, max_records, max_bytes)?;
+    if batch.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(PushRequest {
+        node: store.node_id().to_string(),
+        records: batch.iter().map(|s| WireRecord::from_version(&s.version)).collect(),
+    }))
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PushSummary {
+    pub sent: usize,
+    pub accepted: usize,
+    pub duplicate: usize,
+    pub stale: usize,
+    pub conflict: usize,
+    pub rejected: usize,
+    /// Outbox entries cleared (a record edited meanwhile stays queued).
+    pub cleared: usize,
+}
+
+impl PushSummary {
+    pub fn add(&mut self, o: &PushSummary) {
+        self.sent += o.sent;
+        self.accepted += o.accepted;
+        self.duplicate += o.duplicate;
+        self.stale += o.stale;
+        self.conflict += o.conflict;
+        self.rejected += o.rejected;
+        self.cleared += o.cleared;
+    }
+}
+
+/// Child side: applies the parent's per-record answers to the outbox and quarantine.
+pub fn apply_push_results(
+    store: &mut Store,
+    parent: &str,
+    sent: &PushRequest,
+    resp: &PushResponse,
+    bytes: (u64, u64),
+    now_ms: u64,
+) -> Result<PushSummary> {
+    let mut summary = PushSummary {
+        sent: sent.records.len(),
+        ..PushSummary::default()
+    };
+    let mut tx = store.begin()?;
+    for r in &resp.results {
+        let Ok(key) = RecordKey::new(&r.kind, &r.id) else { continue };
+        let Some(hash) = r.content_hash() else { continue };
+        if !sent.records.iter().any(|s| s.kind == r.kind && s.id == r.id) {
+            // The parent answered for something we did not send: ignore it.
+            continue;
+        }
+        match &r.outcome {
+            Outcome::Rejected { reason, permanent } => {
+                summary.rejected += 1;
+                let attempts = tx.quarantine(&key, Stage::Push, reason, *permanent, now_ms, |n| {
+                    retry_delay_ms(n, *permanent)
+                })?;
+                tx.audit(
+                    now_ms,
+                    &format!("push:{parent}"),
+                    "quarantine",
+                    &key.to_string(),
+                    &hash.short(),
+                    &format!("attempt {attempts}: {reason}"),
+                )?;
+            }
+            other => {
+                match other {
+                    Outcome::Accepted => summary.accepted += 1,
+                    Outcome::Duplicate => summary.duplicate += 1,
+                    Outcome::Stale => summary.stale += 1,
+                    _ => summary.conflict += 1,
+                }
+                if tx.clear_outbox_if_current(&key, &r.vv, &hash)? {
+                    summary.cleared += 1;
+                }
+                if tx.release(&key, Stage::Push)? {
+                    tx.audit(now_ms, &format!("push:{parent}"), "release", &key.to_string(), &hash.short(), other.name())?;
+                }
+            }
+        }
+    }
+    tx.note_peer(parent, PeerEvent::PushOk { sent: bytes.0, received: bytes.1 }, now_ms)?;
+    tx.commit()?;
+    Ok(summary)
+}
+
+/// Child side: the pull request for the next page from `parent`.
+pub fn pull_request(store: &Store, parent: &str, max_records: u32, max_bytes: u64) -> Result<PullRequest> {
+    let (cursor, _) = store.cursor(parent)?;
+    Ok(PullRequest {
+        node: store.node_id().to_string(),
+        cursor,
+        max_bytes,
+        max_records,
+    })
+}
+
+/// Child side: stores a pulled page in the inbox and advances the cursor, together.
+/// Returns how many records entered the inbox.
+pub fn store_pull(store: &mut Store, parent: &str, resp: &PullResponse, bytes: (u64, u64), now_ms: u64) -> Result<usize> {
+    let mut tx = store.begin()?;
+    let mut n = 0;
+    for rec in &resp.records {
+        let label = rec.key_string();
+        match rec.clone().into_version() {
+            Ok(v) => {
+                tx.to_inbox(parent, &v, now_ms)?;
+                n += 1;
+            }
+            Err(e) => {
+                // Our parent runs our code; a record we cannot read is a bug to report,
+                // not a reason to stop the page.
+                tracing::warn!(record = %label, error = %e, "unreadable record from parent");
+                tx.audit(now_ms, &format!("pull:{parent}"), "refuse", &label, "", &e.to_string())?;
+            }
+        }
+    }
+    tx.set_cursor(parent, resp.next, resp.head, now_ms)?;
+    tx.note_peer(parent, PeerEvent::PullOk { sent: bytes.0, received: bytes.1 }, now_ms)?;
+    tx.commit()?;
+    Ok(n)
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApplySummary {
+    pub applied: usize,
+    pub duplicate: usize,
+    pub stale: usize,
+    pub conflict: usize,
+}
+
+/// Applies inbox records to the replica in dependency order, a transaction per chunk.
+pub fn apply_inbox(store: &mut Store, policy: &Policy, now_ms: u64) -> Result<ApplySummary> {
+    let mut summary = ApplySummary::default();
+    loop {
+        let batch = store.inbox_batch(now_ms, 1_000)?;
+        if batch.is_empty() {
+            break;
+        }
+        let mut tx = store.begin()?;
+        for (peer, v) in &batch {
+            let source = format!("pull:{peer}");
+            match integrate(&mut tx, v, &source, true, now_ms)? {
+                Integrated::Accepted => {
+                    summary.applied += 1;
+                    update_catchment(&mut tx, policy, v)?;
+                    // The parent holds exactly what we now hold: nothing left to push.
+                    tx.remove_from_outbox(v.key())?;
+                }
+                Integrated::Duplicate => summary.duplicate += 1,
+                Integrated::Stale => summary.stale += 1,
+                Integrated::Conflict { result, .. } => {
+                    summary.conflict += 1;
+                    if v.snapshot.class == Class::Metadata {
+                        tx.remove_from_outbox(v.key())?;
+                    } else if policy.has_parent && (result.vv != v.vv || result.snapshot.hash != v.snapshot.hash) {
+                        // The parent must learn the resolution, or its next edit would
+                        // look concurrent with ours again.
+                        tx.enqueue(v.key(), now_ms)?;
+                    }
+                }
+            }
+            tx.remove_from_inbox(v.key())?;
+        }
+        tx.commit()?;
+    }
+    Ok(summary)
+}
+
+/// Applies records fetched on demand exactly like pulled ones.
+pub fn store_fetched(store: &mut Store, parent: &str, resp: &FetchResponse, now_ms: u64) -> Result<usize> {
+    let mut tx = store.begin()?;
+    let mut n = 0;
+    for r in &resp.results {
+        if let Some(rec) = &r.record {
+            if let Ok(v) = rec.clone().into_version() {
+                tx.to_inbox(parent, &v, now_ms)?;
+                n += 1;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(n)
+}
+
+/// The vector a stored record would be acknowledged with (tests, CLI).
+pub fn stamp_of(v: &Version) -> (VersionVector, ContentHash) {
+    (v.vv.clone(), v.snapshot.hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn snap(v: serde_json::Value) -> Snapshot {
+        Snapshot::from_json_value(v).unwrap()
+    }
+
+    struct Net {
+        _dir: tempfile::TempDir,
+        hub: Store,
+        a: Store,
+        hub_p: Policy,
+        a_p: Policy,
+    }
+
+    fn net() -> Net {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Store::open(&dir.path().join("hub.db"), "hub").unwrap();
+        let a = Store::open(&dir.path().join("a.db"), "a").unwrap();
+        let mut hub_p = Policy::new("hub", false);
+        hub_p.catchment.push(CatchmentRule {
+            node: "a".into(),
+            path: "address.district".into(),
+            equals: "North".into(),
+        });
+        Net {
+            _dir: dir,
+            hub,
+            a,
+            hub_p,
+            a_p: Policy::new("a", true),
+        }
+    }
+
+    fn push(n: &mut Net, now: u64) -> (PushRequest, PushResponse, PushSummary) {
+        let req = next_push(&n.a, now, 1000, 1 << 20).unwrap().unwrap();
+        let resp = handle_push(&mut n.hub, &n.hub_p, "a", req.clone(), now).unwrap();
+        let s = apply_push_results(&mut n.a, "hub", &req, &resp, (0, 0), now).unwrap();
+        (req, resp, s)
+    }
+
+    fn pull(n: &mut Net, now: u64) -> PullResponse {
+        let req = pull_request(&n.a, "hub", 1000, 1 << 20).unwrap();
+        let resp = handle_pull(&n.hub, &n.hub_p, "a", &req).unwrap();
+        store_pull(&mut n.a, "hub", &resp, (0, 0), now).unwrap();
+        apply_inbox(&mut n.a, &n.a_p, now).unwrap();
+        resp
+    }
+
+    #[test]
+    fn the_same_push_twice_changes_nothing_the_second_time() {
+        let mut n = net();
+        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1"})), false)], 10).unwrap();
+        let req = next_push(&n.a, 10, 100, 1 << 20).unwrap().unwrap();
+        let first = handle_push(&mut n.hub, &n.hub_p, "a", req.clone(), 11).unwrap();
+        let before = n.hub.counts().unwrap();
+        let second = handle_push(&mut n.hub, &n.hub_p, "a", req, 12).unwrap();
+        let after = n.hub.counts().unwrap();
+        assert_eq!(first.results[0].outcome, Outcome::Accepted);
+        assert_eq!(second.results[0].outcome, Outcome::Duplicate);
+        assert_eq!((before.head_seq, before.audit), (after.head_seq, after.audit));
+    }
+
+    #[test]
+    fn an_ack_for_an_older_version_keeps_the_newer_edit_queued() {
+        let mut n = net();
+        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"male"})), false)], 10).unwrap();
+        let req = next_push(&n.a, 10, 100, 1 << 20).unwrap().unwrap();
+        let resp = handle_push(&mut n.hub, &n.hub_p, "a", req.clone(), 11).unwrap();
+        // Edited while the push was in flight.
+        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"female"})), false)], 12).unwrap();
+        let s = apply_push_results(&mut n.a, "hub", &req, &resp, (0, 0), 13).unwrap();
+        assert_eq!(s.cleared, 0);
+        assert_eq!(n.a.counts().unwrap().outbox, 1);
+        let (_, _, s) = push(&mut n, 14);
+        assert_eq!((s.accepted, s.cleared), (1, 1));
+    }
+
+    #[test]
+    fn a_concurrent_edit_of_different_fields_is_merged() {
+        let mut n = net();
+        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"male","birthDate":"1990-01-01"})), false)], 10).unwrap();
+        push(&mut n, 11);
+        write_local(&mut n.hub, &n.hub_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1990-01-01"})), false)], 12).unwrap();
+        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"male","birthDate":"1991-01-01"})), false)], 13).unwrap();
+        let (_, resp, _) = push(&mut n, 14);
+        assert!(matches!(resp.results[0].outcome, Outcome::Conflict { .. }));
+        pull(&mut n, 15);
+        let key = RecordKey::new("Patient", "p1").unwrap();
+        let hub = n.hub.current(&key).unwrap().unwrap().version;
+        let a = n.a.current(&key).unwrap().unwrap().version;
+        assert_eq!(hub.snapshot.json(), json!({"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1991-01-01"}));
+        assert_eq!(a.snapshot.hash, hub.snapshot.hash);
+        assert_eq!(a.vv, hub.vv);
+        assert_eq!(n.hub.conflicts_list(false, None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_concurrent_edit_of_the_same_field_keeps_both_versions() {
+        let mut n = net();
+        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"male"})), false)], 10).unwrap();
+        push(&mut n, 11);
+        write_local(&mut n.hub, &n.hub_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"female"})), false)], 20).unwrap();
+        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"other"})), false)], 12).unwrap();
+        push(&mut n, 21);
+        let c = &n.hub.conflicts_list(true, None).unwrap()[0];
+        assert_eq!(c.local_body.as_ref().unwrap()["gender"], "female");
+        assert_eq!(c.remote_body.as_ref().unwrap()["gender"], "other");
+        // The hub's edit has the later clock and wins everywhere.
+        pull(&mut n, 22);
+        let key = RecordKey::new("Patient", "p1").unwrap();
+        assert_eq!(n.a.current(&key).unwrap().unwrap().version.snapshot.json()["gender"], "female");
+    }
+
+    #[test]
+    fn metadata_from_a_child_is_rejected_and_quarantined() {
+        let mut n = net();
+        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Location","id":"l1"})), false)], 10).unwrap();
+        let (_, resp, s) = push(&mut n, 11);
+        assert_eq!(s.rejected, 1);
+        match &resp.results[0].outcome {
+            Outcome::Rejected { reason, .. } => assert!(reason.contains("authoritative"), "{reason}"),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(n.a.quarantine_list().unwrap().len(), 1);
+        // Quarantined until its retry time: not sent again right away.
+        assert!(next_push(&n.a, 12, 100, 1 << 20).unwrap().is_none());
+        assert!(next_push(&n.a, 11 + retry_delay_ms(1, true), 100, 1 << 20).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_patient_entering_the_catchment_is_backfilled_with_its_records() {
+        let mut n = net();
+        // The hub holds p1 and its encounter, outside a's catchment.
+        let p = json!({"resourceType":"Patient","id":"p1","address":[{"district":"South"}]});
+        write_local(&mut n.hub, &n.hub_p, vec![(snap(p), false), (snap(json!({"resourceType":"Encounter","id":"e1","subject":{"reference":"Patient/p1"}})), false)], 10).unwrap();
+        write_local(&mut n.hub, &n.hub_p, vec![(snap(json!({"resourceType":"Location","id":"l1"})), false)], 10).unwrap();
+        let r = pull(&mut n, 11);
+        assert_eq!(r.records.len(), 1, "only metadata is visible");
+        // The patient moves into a's district.
+        let moved = json!({"resourceType":"Patient","id":"p1","address":[{"district":"North"}]});
+        write_local(&mut n.hub, &n.hub_p, vec![(snap(moved), false)], 12).unwrap();
+        let r = pull(&mut n, 13);
+        let mut got: Vec<String> = r.records.iter().map(|r| r.key_string()).collect();
+        got.sort();
+        assert_eq!(got, vec!["Encounter/e1", "Patient/p1"]);
+        assert_eq!(pull(&mut n, 14).records.len(), 0, "nothing is resent");
+    }
+
+    #[test]
+    fn pull_pages_respect_the_byte_budget_and_resume_at_the_cursor() {
+        let mut n = net();
+        let items: Vec<_> = (0..50)
+            .map(|i| (snap(json!({"resourceType":"Location","id":format!("l{i}"),"name":"x".repeat(1000)})), false))
+            .collect();
+        write_local(&mut n.hub, &n.hub_p, items, 10).unwrap();
+        let mut pages = 0;
+        loop {
+            let req = pull_request(&n.a, "hub", 1000, 10_000).unwrap();
+            let resp = handle_pull(&n.hub, &n.hub_p, "a", &req).unwrap();
+            assert!(resp.records.len() <= 10);
+            store_pull(&mut n.a, "hub", &resp, (0, 0), 11).unwrap();
+            pages += 1;
+            if !resp.more {
+                break;
+            }
+        }
+        apply_inbox(&mut n.a, &n.a_p, 12).unwrap();
+        assert!(pages >= 5);
+        assert_eq!(n.a.counts().unwrap().records, 50);
+    }
+
+    #[test]
+    fn catchment_rules_walk_arrays() {
+        let rule = CatchmentRule {
+            node: "a".into(),
+            path: "address.district".into(),
+            equals: "North".into(),
+        };
+        assert!(rule.matches(&json!({"address":[{"district":"South"},{"district":"North"}]})));
+        assert!(!rule.matches(&json!({"address":[{"city":"North"}]})));
+        let org = CatchmentRule {
+            node: "a".into(),
+            path: "managingOrganization.reference".into(),
+            equals: "Organization/o1".into(),
+        };
+        assert!(org.matches(&json!({"managingOrganization":{"reference":"Organization/o1"}})));
+    }
+
+    #[test]
+    fn record_retry_backs_off_and_is_capped() {
+        assert_eq!(retry_delay_ms(1, false), 30_000);
+        assert_eq!(retry_delay_ms(2, false), 60_000);
+        assert_eq!(retry_delay_ms(50, false), 3_600_000);
+        assert_eq!(retry_delay_ms(50, true), 24 * 3_600_000);
+    }
+}

@@ -1,0 +1,14 @@
+//! clinicsync: store-and-forward sync of OpenMRS/FHIR records between rural clinics
+//! and their hubs. See ARCHITECTURE.md for the modules and the path of a record.
+
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod hub;
+pub mod model;
+pub mod store;
+pub mod synth;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,1344 @@
+//! The durable store: one SQLite file per node, in WAL mode.
+//!
+//! Tables (see `MIGRATIONS` for the exact schema)
+//! ```text
+//! replica(kind, id, seq, hash, origin, hlc, vv, deleted, class, patient, body)
+//!                 the latest version of every record this node holds; `seq` is this
+//!                 node's change sequence and grows on every stored change
+//! versions        every version this node has seen (history), bodies included
+//! outbox(kind,id) records to push upstream; keyed by record so edits coalesce; the
+//!                 content is whatever the replica holds when the batch is built
+//! inbox(kind,id)  versions pulled from the parent, committed with the cursor, not yet
+//!                 applied to the replica (latest snapshot per record)
+//! quarantine      (record, stage) that failed, with reason, attempts, next retry
+//! conflicts       both sides of every concurrent edit and how it was resolved
+//! audit           append-only, hash-chained log of every change
+//! cursors         per-parent pull position; peer_state: link health per peer
+//! catchment       (child node, patient, seq at which the patient became visible)
+//! meta            node id, hybrid clock, change sequence
+//! ```
+//!
+//! Invariants
+//! - Every state change that must survive a crash happens inside one [`Tx`] (an
+//!   IMMEDIATE transaction, `synchronous=FULL`), so a power cut leaves the store
+//!   either before or after the whole change. Callers answer a peer only after
+//!   [`Tx::commit`] returned.
+//! - `seq` values are unique and increasing across replica rows and catchment rows.
+//! - Audit entry `n` stores `sha256(entry n-1 hash ‖ fields of n)`; [`Store::verify_audit`]
+//!   recomputes the chain and names the first row that does not match.
+//! - Migrations are only ever appended. A store written by a newer schema is refused.
+//!
+//! Errors: a failed statement rolls back the whole transaction (the `Tx` is dropped
+//! without commit), leaving the store as it was. `Busy` is retryable; everything else
+//! needs a person (disk full, corruption, a newer schema, the wrong node id).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::model::{Class, ContentHash, Hlc, RecordKey, Snapshot, Version, VersionVector};
+use crate::wire::Cursor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store schema version {found} is newer than this clinicsync understands (up to {known}); install a newer clinicsync")]
+    NewerSchema { found: i64, known: i64 },
+    #[error("store belongs to node {stored:?} but the configuration says {configured:?}")]
+    NodeMismatch { stored: String, configured: String },
+    #[error("store is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+            if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Schema migrations, applied in order. Only ever append.
+const MIGRATIONS: &[&str] = &[
+    // 1: the sync core
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE replica (
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        seq INTEGER NOT NULL UNIQUE,
+        hash BLOB NOT NULL, origin TEXT NOT NULL,
+        hlc_wall INTEGER NOT NULL, hlc_ctr INTEGER NOT NULL,
+        vv TEXT NOT NULL, deleted INTEGER NOT NULL,
+        class TEXT NOT NULL, patient TEXT,
+        body BLOB NOT NULL, updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE INDEX replica_patient ON replica(patient, seq) WHERE patient IS NOT NULL;
+    CREATE TABLE versions (
+        n INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        hash BLOB NOT NULL, origin TEXT NOT NULL,
+        hlc_wall INTEGER NOT NULL, hlc_ctr INTEGER NOT NULL,
+        vv TEXT NOT NULL, deleted INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        seen_ms INTEGER NOT NULL, source TEXT NOT NULL, outcome TEXT NOT NULL,
+        UNIQUE (kind, id, vv, hash)
+    );
+    CREATE TABLE outbox (
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        oseq INTEGER NOT NULL, enqueued_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE INDEX outbox_order ON outbox(oseq);
+    CREATE TABLE inbox (
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        peer TEXT NOT NULL, origin TEXT NOT NULL,
+        hlc_wall INTEGER NOT NULL, hlc_ctr INTEGER NOT NULL,
+        vv TEXT NOT NULL, deleted INTEGER NOT NULL,
+        body BLOB NOT NULL, received_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE TABLE quarantine (
+        kind TEXT NOT NULL, id TEXT NOT NULL, stage TEXT NOT NULL,
+        reason TEXT NOT NULL, permanent INTEGER NOT NULL,
+        attempts INTEGER NOT NULL, first_ms INTEGER NOT NULL,
+        last_ms INTEGER NOT NULL, next_retry_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id, stage)
+    );
+    CREATE TABLE conflicts (
+        n INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL, id TEXT NOT NULL, detected_ms INTEGER NOT NULL,
+        local_origin TEXT NOT NULL, local_vv TEXT NOT NULL, local_body BLOB NOT NULL,
+        remote_origin TEXT NOT NULL, remote_vv TEXT NOT NULL, remote_body BLOB NOT NULL,
+        resolution TEXT NOT NULL, result_vv TEXT NOT NULL
+    );
+    CREATE TABLE audit (
+        n INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        record TEXT NOT NULL, hash TEXT NOT NULL, detail TEXT NOT NULL,
+        prev BLOB NOT NULL, entry BLOB NOT NULL
+    );
+    CREATE TABLE cursors (
+        peer TEXT PRIMARY KEY, eff INTEGER NOT NULL, seq INTEGER NOT NULL,
+        head INTEGER NOT NULL, updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE peer_state (
+        peer TEXT PRIMARY KEY,
+        last_push_ok_ms INTEGER, last_pull_ok_ms INTEGER,
+        last_error TEXT, last_error_ms INTEGER,
+        bytes_sent INTEGER NOT NULL DEFAULT 0, bytes_received INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE catchment (
+        node TEXT NOT NULL, patient TEXT NOT NULL,
+        added_seq INTEGER NOT NULL, reason TEXT NOT NULL,
+        PRIMARY KEY (node, patient)
+    );
+    CREATE INDEX catchment_added ON catchment(node, added_seq);
+    "#,
+];
+
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// A stored version and where it sits in this node's change sequence.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub version: Version,
+    pub seq: u64,
+}
+
+/// Where a quarantined record is stuck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// The parent refused it on push.
+    Push,
+    /// It could not be applied locally after a pull.
+    Apply,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Push => "push",
+            Stage::Apply => "apply",
+        }
+    }
+    fn parse(s: &str) -> Stage {
+        if s == "apply" {
+            Stage::Apply
+        } else {
+            Stage::Push
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantineEntry {
+    pub record: String,
+    pub stage: Stage,
+    pub reason: String,
+    pub permanent: bool,
+    pub attempts: u32,
+    pub first_ms: u64,
+    pub last_ms: u64,
+    pub next_retry_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConflictEntry {
+    pub n: i64,
+    pub record: String,
+    pub detected_ms: u64,
+    pub local_origin: String,
+    pub local_vv: String,
+    pub remote_origin: String,
+    pub remote_vv: String,
+    pub resolution: String,
+    pub result_vv: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_body: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_body: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub seen_ms: u64,
+    pub origin: String,
+    pub source: String,
+    pub outcome: String,
+    pub vv: String,
+    pub hlc: String,
+    pub hash: String,
+    pub deleted: bool,
+    pub changed: Vec<String>,
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerState {
+    pub peer: String,
+    pub last_push_ok_ms: Option<u64>,
+    pub last_pull_ok_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_ms: Option<u64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Counts {
+    pub records: u64,
+    pub outbox: u64,
+    pub inbox: u64,
+    pub quarantine: u64,
+    pub conflicts: u64,
+    pub audit: u64,
+    pub head_seq: u64,
+}
+
+/// What `audit verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditCheck {
+    Intact { entries: u64, head: String },
+    Broken { row: i64, problem: String },
+}
+
+/// One SQLite file holding everything a node knows.
+pub struct Store {
+    conn: Connection,
+    node_id: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("node_id", &self.node_id).finish()
+    }
+}
+
+fn now_hlc_key() -> &'static str {
+    "hlc"
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path` for `node_id`, applying migrations.
+    pub fn open(path: &Path, node_id: &str) -> Result<Store> {
+        let conn = Connection::open(path)?;
+        Store::init(conn, node_id)
+    }
+
+    /// Opens an existing store without knowing its node id (CLI reads).
+    pub fn open_existing(path: &Path) -> Result<Store> {
+        if !path.exists() {
+            return Err(StoreError::Corrupt(format!(
+                "no store at {} (has the node run yet?)",
+                path.display()
+            )));
+        }
+        let conn = Connection::open(path)?;
+        let node: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| r.get(0))
+            .optional()
+            .unwrap_or(None);
+        let node = node.ok_or_else(|| StoreError::Corrupt(format!("{} has no node id", path.display())))?;
+        Store::init(conn, &node)
+    }
+
+    fn init(mut conn: Connection, node_id: &str) -> Result<Store> {
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)",
+            [],
+        )?;
+        let current: i64 =
+            conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+        if current > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                found: current,
+                known: SCHEMA_VERSION,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_migrations(version, applied_ms) VALUES (?1, ?2)",
+                params![i as i64 + 1, wall_ms() as i64],
+            )?;
+            tx.commit()?;
+        }
+        let stored: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| r.get(0))
+            .optional()?;
+        match stored {
+            Some(s) if s != node_id => {
+                return Err(StoreError::NodeMismatch {
+                    stored: s,
+                    configured: node_id.to_string(),
+                })
+            }
+            Some(_) => {}
+            None => {
+                conn.execute("INSERT INTO meta(key, value) VALUES ('node_id', ?1)", [node_id])?;
+            }
+        }
+        Ok(Store {
+            conn,
+            node_id: node_id.to_string(),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?)
+    }
+
+    /// Starts a write transaction. Dropping the `Tx` without commit rolls back.
+    pub fn begin(&mut self) -> Result<Tx<'_>> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Ok(Tx {
+            tx,
+            node_id: &self.node_id,
+            next_seq: None,
+            audit_head: None,
+            hlc: None,
+        })
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
+        current_in(&self.conn, key)
+    }
+
+    pub fn list(&self, kind: Option<&str>) -> Result<Vec<Stored>> {
+        let sql = format!(
+            "SELECT {REPLICA_COLS} FROM replica WHERE (?1 IS NULL OR kind = ?1) ORDER BY kind, id"
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![kind], stored_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub fn counts(&self) -> Result<Counts> {
+        let q = |sql: &str| -> Result<u64> { Ok(self.conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64) };
+        Ok(Counts {
+            records: q("SELECT COUNT(*) FROM replica")?,
+            outbox: q("SELECT COUNT(*) FROM outbox")?,
+            inbox: q("SELECT COUNT(*) FROM inbox")?,
+            quarantine: q("SELECT COUNT(*) FROM quarantine")?,
+            conflicts: q("SELECT COUNT(*) FROM conflicts")?,
+            audit: q("SELECT COUNT(*) FROM audit")?,
+            head_seq: q("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'), 0)")?,
+        })
+    }
+
+    pub fn cursor(&self, peer: &str) -> Result<(Cursor, u64)> {
+        Ok(self
+            .conn
+            .query_row("SELECT eff, seq, head FROM cursors WHERE peer = ?1", [peer], |r| {
+                Ok((
+                    Cursor {
+                        eff: r.get::<_, i64>(0)? as u64,
+                        seq: r.get::<_, i64>(1)? as u64,
+                    },
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    pub fn peer_state(&self, peer: &str) -> Result<PeerState> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT last_push_ok_ms, last_pull_ok_ms, last_error, last_error_ms, bytes_sent, bytes_received FROM peer_state WHERE peer=?1",
+                [peer],
+                |r| {
+                    Ok(PeerState {
+                        peer: peer.to_string(),
+                        last_push_ok_ms: r.get::<_, Option<i64>>(0)?.map(|v| v as u64),
+                        last_pull_ok_ms: r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                        last_error: r.get(2)?,
+                        last_error_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                        bytes_sent: r.get::<_, i64>(4)? as u64,
+                        bytes_received: r.get::<_, i64>(5)? as u64,
+                    })
+                },
+            )
+            .optional()?
+            .unwrap_or(PeerState {
+                peer: peer.to_string(),
+                ..PeerState::default()
+            }))
+    }
+
+    /// Records pending in the outbox, oldest first, skipping those quarantined until
+    /// later than `now_ms`, bounded by count and (approximate) body bytes.
+    pub fn outbox_batch(&self, now_ms: u64, max_records: usize, max_bytes: usize) -> Result<Vec<Stored>> {
+        let sql = format!(
+            "SELECT {REPLICA_COLS_R} FROM outbox o JOIN replica r ON r.kind=o.kind AND r.id=o.id
+             WHERE NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.kind=o.kind AND q.id=o.id
+                               AND q.stage='push' AND q.next_retry_ms > ?1)
+             ORDER BY o.oseq LIMIT ?2"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params![now_ms as i64, max_records as i64])?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next()? {
+            let s = stored_from_row(row)?;
+            bytes += s.version.snapshot.body.len() + 128;
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    pub fn quarantine_list(&self) -> Result<Vec<QuarantineEntry>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT kind, id, stage, reason, permanent, attempts, first_ms, last_ms, next_retry_ms FROM quarantine ORDER BY first_ms, kind, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(QuarantineEntry {
+                record: format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                stage: Stage::parse(&r.get::<_, String>(2)?),
+                reason: r.get(3)?,
+                permanent: r.get(4)?,
+                attempts: r.get::<_, i64>(5)? as u32,
+                first_ms: r.get::<_, i64>(6)? as u64,
+                last_ms: r.get::<_, i64>(7)? as u64,
+                next_retry_ms: r.get::<_, i64>(8)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub fn conflicts_list(&self, with_bodies: bool, record: Option<i64>) -> Result<Vec<ConflictEntry>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT n, kind, id, detected_ms, local_origin, local_vv, remote_origin, remote_vv, resolution, result_vv, local_body, remote_body
+             FROM conflicts WHERE (?1 IS NULL OR n = ?1) ORDER BY n",
+        )?;
+        let rows = stmt.query_map(params![record], |r| {
+            let body = |i: usize| -> rusqlite::Result<Option<serde_json::Value>> {
+                if !with_bodies {
+                    return Ok(None);
+                }
+                let b: Vec<u8> = r.get(i)?;
+                Ok(serde_json::from_slice(&b).ok())
+            };
+            Ok(ConflictEntry {
+                n: r.get(0)?,
+                record: format!("{}/{}", r.get::<_, String>(1)?, r.get::<_, String>(2)?),
+                detected_ms: r.get::<_, i64>(3)? as u64,
+                local_origin: r.get(4)?,
+                local_vv: r.get(5)?,
+                remote_origin: r.get(6)?,
+                remote_vv: r.get(7)?,
+                resolution: r.get(8)?,
+                result_vv: r.get(9)?,
+                local_body: body(10)?,
+                remote_body: body(11)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Every version of `key` this node has seen, oldest first, with the top-level
+    /// fields each changed against the one before it.
+    pub fn history(&self, key: &RecordKey) -> Result<Vec<HistoryEntry>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seen_ms, origin, source, outcome, vv, hlc_wall, hlc_ctr, hash, deleted, body FROM versions
+             WHERE kind=?1 AND id=?2 ORDER BY n",
+        )?;
+        let rows = stmt.query_map(params![key.kind, key.id], |r| {
+            let hash: Vec<u8> = r.get(7)?;
+            Ok(HistoryEntry {
+                seen_ms: r.get::<_, i64>(0)? as u64,
+                origin: r.get(1)?,
+                source: r.get(2)?,
+                outcome: r.get(3)?,
+                vv: r.get(4)?,
+                hlc: Hlc {
+                    wall_ms: r.get::<_, i64>(5)? as u64,
+                    counter: r.get::<_, i64>(6)? as u32,
+                }
+                .to_string(),
+                hash: hex::encode(&hash[..6.min(hash.len())]),
+                deleted: r.get(8)?,
+                changed: Vec::new(),
+                body: r.get(9)?,
+            })
+        })?;
+        let mut out: Vec<HistoryEntry> = rows.collect::<std::result::Result<_, _>>()?;
+        let mut prev = serde_json::Value::Null;
+        for e in &mut out {
+            let cur: serde_json::Value = serde_json::from_slice(&e.body).unwrap_or(serde_json::Value::Null);
+            e.changed = crate::model::changed_fields(&prev, &cur);
+            prev = cur;
+        }
+        Ok(out)
+    }
+
+    /// Recomputes the audit hash chain from the first entry.
+    pub fn verify_audit(&self) -> Result<AuditCheck> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT n, at_ms, actor, action, record, hash, detail, prev, entry FROM audit ORDER BY n")?;
+        let mut rows = stmt.query([])?;
+        let mut prev = [0u8; 32];
+        let mut expected_n = 1i64;
+        let mut count = 0u64;
+        while let Some(r) = rows.next()? {
+            let n: i64 = r.get(0)?;
+            if n != expected_n {
+                return Ok(AuditCheck::Broken {
+                    row: expected_n,
+                    problem: format!("row {expected_n} is missing (next row is {n})"),
+                });
+            }
+            let stored_prev: Vec<u8> = r.get(7)?;
+            let stored_entry: Vec<u8> = r.get(8)?;
+            if stored_prev != prev {
+                return Ok(AuditCheck::Broken {
+                    row: n,
+                    problem: format!("row {n} does not link to row {} (chain broken)", n - 1),
+                });
+            }
+            let fields = AuditFields {
+                n,
+                at_ms: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                record: r.get(4)?,
+                hash: r.get(5)?,
+                detail: r.get(6)?,
+            };
+            let computed = fields.entry_hash(&prev);
+            if stored_entry != computed {
+                return Ok(AuditCheck::Broken {
+                    row: n,
+                    problem: format!("row {n} was altered (its content does not match its hash)"),
+                });
+            }
+            prev.copy_from_slice(&computed);
+            expected_n += 1;
+            count += 1;
+        }
+        Ok(AuditCheck::Intact {
+            entries: count,
+            head: hex::encode(prev),
+        })
+    }
+
+    /// Records of one patient (for on-demand fetch and tests).
+    pub fn patient_records(&self, patient: &str) -> Result<Vec<Stored>> {
+        let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE patient=?1 ORDER BY seq");
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([patient], stored_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub fn in_catchment(&self, node: &str, patient: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM catchment WHERE node=?1 AND patient=?2", [node, patient], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// The next page for `node` after `cursor`: see ARCHITECTURE.md, "Pull visibility".
+    /// Returns the chosen rows (bodies loaded) and whether more remain.
+    pub fn feed_page(
+        &self,
+        node: &str,
+        cursor: Cursor,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<FeedPage> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT eff, seq, kind, id, origin FROM (
+                SELECT r.seq AS eff, r.seq, r.kind, r.id, r.origin FROM replica r
+                  WHERE r.class='metadata' AND r.seq >= ?2
+                UNION ALL
+                SELECT MAX(r.seq, c.added_seq) AS eff, r.seq, r.kind, r.id, r.origin FROM replica r
+                  JOIN catchment c ON c.node = ?1 AND c.patient = r.patient
+                  WHERE r.class='clinical' AND r.seq >= ?2
+                UNION ALL
+                SELECT c.added_seq AS eff, r.seq, r.kind, r.id, r.origin FROM catchment c
+                  JOIN replica r ON r.patient = c.patient
+                  WHERE c.node = ?1 AND c.added_seq >= ?2 AND r.seq < ?2 AND r.class='clinical'
+             ) WHERE eff > ?2 OR (eff = ?2 AND seq > ?3)
+             ORDER BY eff, seq LIMIT ?4",
+        )?;
+        let candidates: Vec<(Cursor, RecordKey, String)> = stmt
+            .query_map(
+                params![node, cursor.eff as i64, cursor.seq as i64, max_records as i64 + 1],
+                |r| {
+                    Ok((
+                        Cursor {
+                            eff: r.get::<_, i64>(0)? as u64,
+                            seq: r.get::<_, i64>(1)? as u64,
+                        },
+                        RecordKey {
+                            kind: r.get(2)?,
+                            id: r.get(3)?,
+                        },
+                        r.get::<_, String>(4)?,
+                    ))
+                },
+            )?
+            .collect::<std::result::Result<_, _>>()?;
+        let mut page = FeedPage {
+            records: Vec::new(),
+            next: cursor,
+            more: candidates.len() > max_records,
+            skipped_own: 0,
+        };
+        let mut bytes = 0usize;
+        for (pos, key, origin) in candidates.into_iter().take(max_records) {
+            // The child wrote this version itself: it has it, unless it starts afresh.
+            if origin == node && cursor != Cursor::default() {
+                page.next = pos;
+                page.skipped_own += 1;
+                continue;
+            }
+            let Some(stored) = self.current(&key)? else { continue };
+            let size = stored.version.snapshot.body.len() + 128;
+            if !page.records.is_empty() && bytes + size > max_bytes {
+                page.more = true;
+                break;
+            }
+            bytes += size;
+            page.records.push(stored);
+            page.next = pos;
+        }
+        Ok(page)
+    }
+
+    /// Inbox rows waiting to be applied, dependency order first (metadata, then
+    /// Patients, then the rest), skipping rows quarantined until after `now_ms`.
+    pub fn inbox_batch(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, Version)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT i.kind, i.id, i.peer, i.origin, i.hlc_wall, i.hlc_ctr, i.vv, i.deleted, i.body FROM inbox i
+             WHERE NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.kind=i.kind AND q.id=i.id
+                               AND q.stage='apply' AND q.next_retry_ms > ?1)
+             ORDER BY CASE WHEN i.kind='Patient' THEN 1 WHEN i.kind IN ('Encounter','EpisodeOfCare') THEN 2
+                           WHEN i.kind IN ('Location','Practitioner','Organization') OR i.kind LIKE 'openmrs:%' THEN 0
+                           ELSE 3 END, i.received_ms, i.kind, i.id
+             LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms as i64, limit as i64], |r| {
+            let kind: String = r.get(0)?;
+            let id: String = r.get(1)?;
+            let body: Vec<u8> = r.get(8)?;
+            Ok((kind, id, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?, r.get::<_, String>(6)?, r.get::<_, bool>(7)?, body))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, id, peer, origin, wall, ctr, vv, deleted, body) = row?;
+            let key = RecordKey { kind, id };
+            let snapshot = Snapshot::for_key(&key, &body)
+                .map_err(|e| StoreError::Corrupt(format!("inbox row {key}: {e}")))?;
+            out.push((
+                peer,
+                Version {
+                    snapshot,
+                    origin,
+                    hlc: Hlc {
+                        wall_ms: wall as u64,
+                        counter: ctr as u32,
+                    },
+                    vv: parse_vv(&vv)?,
+                    deleted,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn integrity_check(&self) -> Result<String> {
+        Ok(self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+}
+
+pub struct FeedPage {
+    pub records: Vec<Stored>,
+    pub next: Cursor,
+    pub more: bool,
+    pub skipped_own: usize,
+}
+
+const REPLICA_COLS: &str = "kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body";
+const REPLICA_COLS_R: &str =
+    "r.kind, r.id, r.seq, r.hash, r.origin, r.hlc_wall, r.hlc_ctr, r.vv, r.deleted, r.class, r.patient, r.body";
+
+fn parse_vv(s: &str) -> Result<VersionVector> {
+    VersionVector::from_json(s).map_err(|e| StoreError::Corrupt(format!("bad version vector {s:?}: {e}")))
+}
+
+fn stored_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
+    let kind: String = r.get(0)?;
+    let id: String = r.get(1)?;
+    let hash: Vec<u8> = r.get(3)?;
+    let vv: String = r.get(7)?;
+    let class: String = r.get(9)?;
+    let bad = |what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("{what} in replica row {kind}/{id}").into())
+    };
+    let snapshot = Snapshot {
+        class: Class::parse(&class).ok_or_else(|| bad("bad class"))?,
+        patient: r.get(10)?,
+        body: r.get(11)?,
+        hash: ContentHash::from_slice(&hash).ok_or_else(|| bad("bad hash"))?,
+        key: RecordKey { kind: kind.clone(), id: id.clone() },
+    };
+    Ok(Stored {
+        seq: r.get::<_, i64>(2)? as u64,
+        version: Version {
+            snapshot,
+            origin: r.get(4)?,
+            hlc: Hlc {
+                wall_ms: r.get::<_, i64>(5)? as u64,
+                counter: r.get::<_, i64>(6)? as u32,
+            },
+            vv: VersionVector::from_json(&vv).map_err(|_| bad("bad version vector"))?,
+            deleted: r.get(8)?,
+        },
+    })
+}
+
+fn current_in(conn: &Connection, key: &RecordKey) -> Result<Option<Stored>> {
+    let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE kind=?1 AND id=?2");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    Ok(stmt.query_row(params![key.kind, key.id], stored_from_row).optional()?)
+}
+
+struct AuditFields {
+    n: i64,
+    at_ms: i64,
+    actor: String,
+    action: String,
+    record: String,
+    hash: String,
+    detail: String,
+}
+
+impl AuditFields {
+    fn entry_hash(&self, prev: &[u8; 32]) -> Vec<u8> {
+        let mut h = Sha256::new();
+        h.update(prev);
+        h.update(self.n.to_be_bytes());
+        h.update(self.at_ms.to_be_bytes());
+        for field in [&self.actor, &self.action, &self.record, &self.hash, &self.detail] {
+            h.update((field.len() as u64).to_be_bytes());
+            h.update(field.as_bytes());
+        }
+        h.finalize().to_vec()
+    }
+}
+
+/// Milliseconds since the Unix epoch; only the edges (daemon, CLI) call this and pass
+/// the value in.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One write transaction. Holds the change sequence, audit head and clock in memory
+/// and writes them back on commit.
+pub struct Tx<'a> {
+    tx: Transaction<'a>,
+    node_id: &'a str,
+    next_seq: Option<u64>,
+    audit_head: Option<(i64, [u8; 32])>,
+    hlc: Option<Hlc>,
+}
+
+impl Tx<'_> {
+    pub fn node_id(&self) -> &str {
+        self.node_id
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        if let Some(seq) = self.next_seq {
+            self.set_meta("seq", &(seq - 1).to_string())?;
+        }
+        if let Some(h) = self.hlc {
+            self.set_meta(now_hlc_key(), &format!("{} {}", h.wall_ms, h.counter))?;
+        }
+        self.tx.commit()?;
+        Ok(())
+    }
+
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value=excluded.value")?
+            .execute([key, value])?;
+        Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT value FROM meta WHERE key=?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Allocates the next change sequence number.
+    pub fn next_seq(&mut self) -> Result<u64> {
+        let seq = match self.next_seq {
+            Some(s) => s,
+            None => self.meta("seq")?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1,
+        };
+        self.next_seq = Some(seq + 1);
+        Ok(seq)
+    }
+
+    /// The node's clock after a local event at `now_ms`.
+    pub fn tick(&mut self, now_ms: u64) -> Result<Hlc> {
+        let last = self.last_hlc()?;
+        let h = Hlc::tick(last, now_ms);
+        self.hlc = Some(h);
+        Ok(h)
+    }
+
+    /// Moves the node's clock past a stamp received from a peer.
+    pub fn observe(&mut self, remote: Hlc, now_ms: u64) -> Result<()> {
+        let last = self.last_hlc()?;
+        if remote > last {
+            self.hlc = Some(Hlc::observe(last, remote, now_ms));
+        }
+        Ok(())
+    }
+
+    fn last_hlc(&mut self) -> Result<Hlc> {
+        if let Some(h) = self.hlc {
+            return Ok(h);
+        }
+        let h = self
+            .meta(now_hlc_key())?
+            .and_then(|v| {
+                let (w, c) = v.split_once(' ')?;
+                Some(Hlc {
+                    wall_ms: w.parse().ok()?,
+                    counter: c.parse().ok()?,
+                })
+            })
+            .unwrap_or_default();
+        self.hlc = Some(h);
+        Ok(h)
+    }
+
+    pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
+        current_in(&self.tx, key)
+    }
+
+    /// Makes `v` the current version of its record, with a new change sequence.
+    pub fn put_current(&mut self, v: &Version, now_ms: u64) -> Result<u64> {
+        let seq = self.next_seq()?;
+        let s = &v.snapshot;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 ON CONFLICT(kind, id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash, origin=excluded.origin,
+                   hlc_wall=excluded.hlc_wall, hlc_ctr=excluded.hlc_ctr, vv=excluded.vv, deleted=excluded.deleted,
+                   class=excluded.class, patient=excluded.patient, body=excluded.body, updated_ms=excluded.updated_ms",
+            )?
+            .execute(params![
+                s.key.kind,
+                s.key.id,
+                seq as i64,
+                &s.hash.0[..],
+                v.origin,
+                v.hlc.wall_ms as i64,
+                v.hlc.counter as i64,
+                v.vv.to_json(),
+                v.deleted,
+                s.class.as_str(),
+                s.patient,
+                s.body,
+                now_ms as i64
+            ])?;
+        Ok(seq)
+    }
+
+    /// Adds `v` to the record's history (no-op if this exact version was seen before).
+    pub fn remember(&mut self, v: &Version, source: &str, outcome: &str, now_ms: u64) -> Result<bool> {
+        let s = &v.snapshot;
+        let n = self
+            .tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO versions(kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body, seen_ms, source, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                s.key.kind,
+                s.key.id,
+                &s.hash.0[..],
+                v.origin,
+                v.hlc.wall_ms as i64,
+                v.hlc.counter as i64,
+                v.vv.to_json(),
+                v.deleted,
+                s.body,
+                now_ms as i64,
+                source,
+                outcome
+            ])?;
+        Ok(n > 0)
+    }
+
+    /// Finds a version in history by its vector (the common ancestor of a conflict).
+    pub fn version_by_vv(&self, key: &RecordKey, vv: &VersionVector) -> Result<Option<Version>> {
+        let row = self
+            .tx
+            .prepare_cached(
+                "SELECT origin, hlc_wall, hlc_ctr, deleted, body FROM versions WHERE kind=?1 AND id=?2 AND vv=?3 ORDER BY n LIMIT 1",
+            )?
+            .query_row(params![key.kind, key.id, vv.to_json()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, Vec<u8>>(4)?))
+            })
+            .optional()?;
+        let Some((origin, wall, ctr, deleted, body)) = row else { return Ok(None) };
+        let snapshot = Snapshot::for_key(key, &body).map_err(|e| StoreError::Corrupt(format!("history of {key}: {e}")))?;
+        Ok(Some(Version {
+            snapshot,
+            origin,
+            hlc: Hlc {
+                wall_ms: wall as u64,
+                counter: ctr as u32,
+            },
+            vv: vv.clone(),
+            deleted,
+        }))
+    }
+
+    pub fn audit(&mut self, now_ms: u64, actor: &str, action: &str, record: &str, hash: &str, detail: &str) -> Result<()> {
+        let (last_n, prev) = match self.audit_head {
+            Some(h) => h,
+            None => self
+                .tx
+                .prepare_cached("SELECT n, entry FROM audit ORDER BY n DESC LIMIT 1")?
+                .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+                .optional()?
+                .map(|(n, e)| (n, <[u8; 32]>::try_from(e.as_slice()).unwrap_or([0; 32])))
+                .unwrap_or((0, [0; 32])),
+        };
+        let fields = AuditFields {
+            n: last_n + 1,
+            at_ms: now_ms as i64,
+            actor: actor.to_string(),
+            action: action.to_string(),
+            record: record.to_string(),
+            hash: hash.to_string(),
+            detail: detail.to_string(),
+        };
+        let entry = fields.entry_hash(&prev);
+        self.tx
+            .prepare_cached(
+                "INSERT INTO audit(n, at_ms, actor, action, record, hash, detail, prev, entry) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![fields.n, fields.at_ms, actor, action, record, hash, detail, &prev[..], &entry])?;
+        let mut head = [0u8; 32];
+        head.copy_from_slice(&entry);
+        self.audit_head = Some((fields.n, head));
+        Ok(())
+    }
+
+    /// Queues a record for push; a record already queued keeps its place.
+    pub fn enqueue(&mut self, key: &RecordKey, now_ms: u64) -> Result<()> {
+        let oseq = self.next_seq()?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO outbox(kind, id, oseq, enqueued_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(kind, id) DO UPDATE SET enqueued_ms=excluded.enqueued_ms",
+            )?
+            .execute(params![key.kind, key.id, oseq as i64, now_ms as i64])?;
+        Ok(())
+    }
+
+    /// Clears the outbox entry only if the replica still holds the acknowledged version.
+    pub fn clear_outbox_if_current(&mut self, key: &RecordKey, vv: &VersionVector, hash: &ContentHash) -> Result<bool> {
+        let n = self
+            .tx
+            .prepare_cached(
+                "DELETE FROM outbox WHERE kind=?1 AND id=?2 AND EXISTS
+                 (SELECT 1 FROM replica r WHERE r.kind=?1 AND r.id=?2 AND r.vv=?3 AND r.hash=?4)",
+            )?
+            .execute(params![key.kind, key.id, vv.to_json(), &hash.0[..]])?;
+        Ok(n > 0)
+    }
+
+    pub fn remove_from_outbox(&mut self, key: &RecordKey) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("DELETE FROM outbox WHERE kind=?1 AND id=?2")?
+            .execute(params![key.kind, key.id])?
+            > 0)
+    }
+
+    pub fn in_outbox(&self, key: &RecordKey) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT 1 FROM outbox WHERE kind=?1 AND id=?2")?
+            .query_row(params![key.kind, key.id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Puts a record in quarantine (or bumps its attempts), returning the attempt count.
+    pub fn quarantine(
+        &mut self,
+        key: &RecordKey,
+        stage: Stage,
+        reason: &str,
+        permanent: bool,
+        now_ms: u64,
+        retry_after_ms: impl Fn(u32) -> u64,
+    ) -> Result<u32> {
+        let attempts: u32 = self
+            .tx
+            .prepare_cached("SELECT attempts FROM quarantine WHERE kind=?1 AND id=?2 AND stage=?3")?
+            .query_row(params![key.kind, key.id, stage.as_str()], |r| r.get::<_, i64>(0))
+            .optional()?
+            .unwrap_or(0) as u32
+            + 1;
+        let next = now_ms + retry_after_ms(attempts);
+        self.tx
+            .prepare_cached(
+                "INSERT INTO quarantine(kind, id, stage, reason, permanent, attempts, first_ms, last_ms, next_retry_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)
+                 ON CONFLICT(kind, id, stage) DO UPDATE SET reason=excluded.reason, permanent=excluded.permanent,
+                   attempts=excluded.attempts, last_ms=excluded.last_ms, next_retry_ms=excluded.next_retry_ms",
+            )?
+            .execute(params![key.kind, key.id, stage.as_str(), reason, permanent, attempts as i64, now_ms as i64, next as i64])?;
+        Ok(attempts)
+    }
+
+    pub fn release(&mut self, key: &RecordKey, stage: Stage) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("DELETE FROM quarantine WHERE kind=?1 AND id=?2 AND stage=?3")?
+            .execute(params![key.kind, key.id, stage.as_str()])?
+            > 0)
+    }
+
+    /// Makes quarantined records due now. `None` means all of them.
+    pub fn retry_now(&mut self, key: Option<&RecordKey>, now_ms: u64) -> Result<usize> {
+        let n = match key {
+            Some(k) => self.tx.execute(
+                "UPDATE quarantine SET next_retry_ms=?3 WHERE kind=?1 AND id=?2",
+                params![k.kind, k.id, now_ms as i64],
+            )?,
+            None => self.tx.execute("UPDATE quarantine SET next_retry_ms=?1", params![now_ms as i64])?,
+        };
+        Ok(n)
+    }
+
+    /// Removes a record from quarantine, the outbox and the inbox. The replica keeps
+    /// whatever it holds; history keeps every version.
+    pub fn drop_quarantined(&mut self, key: &RecordKey) -> Result<bool> {
+        let q = self
+            .tx
+            .execute("DELETE FROM quarantine WHERE kind=?1 AND id=?2", params![key.kind, key.id])?;
+        if q == 0 {
+            return Ok(false);
+        }
+        self.tx
+            .execute("DELETE FROM outbox WHERE kind=?1 AND id=?2", params![key.kind, key.id])?;
+        self.tx
+            .execute("DELETE FROM inbox WHERE kind=?1 AND id=?2", params![key.kind, key.id])?;
+        Ok(true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_conflict(
+        &mut self,
+        key: &RecordKey,
+        local: &Version,
+        remote: &Version,
+        resolution: &str,
+        result_vv: &VersionVector,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO conflicts(kind, id, detected_ms, local_origin, local_vv, local_body, remote_origin, remote_vv, remote_body, resolution, result_vv)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                key.kind,
+                key.id,
+                now_ms as i64,
+                local.origin,
+                local.vv.to_json(),
+                local.snapshot.body,
+                remote.origin,
+                remote.vv.to_json(),
+                remote.snapshot.body,
+                resolution,
+                result_vv.to_json()
+            ])?;
+        Ok(())
+    }
+
+    pub fn set_cursor(&mut self, peer: &str, cursor: Cursor, head: u64, now_ms: u64) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO cursors(peer, eff, seq, head, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(peer) DO UPDATE SET eff=excluded.eff, seq=excluded.seq, head=excluded.head, updated_ms=excluded.updated_ms",
+            )?
+            .execute(params![peer, cursor.eff as i64, cursor.seq as i64, head as i64, now_ms as i64])?;
+        Ok(())
+    }
+
+    pub fn cursor(&self, peer: &str) -> Result<Cursor> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT eff, seq FROM cursors WHERE peer=?1")?
+            .query_row([peer], |r| {
+                Ok(Cursor {
+                    eff: r.get::<_, i64>(0)? as u64,
+                    seq: r.get::<_, i64>(1)? as u64,
+                })
+            })
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    /// Stores a pulled version in the inbox, replacing an older unapplied one.
+    pub fn to_inbox(&mut self, peer: &str, v: &Version, now_ms: u64) -> Result<()> {
+        let s = &v.snapshot;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO inbox(kind, id, peer, origin, hlc_wall, hlc_ctr, vv, deleted, body, received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT(kind, id) DO UPDATE SET peer=excluded.peer, origin=excluded.origin, hlc_wall=excluded.hlc_wall,
+                   hlc_ctr=excluded.hlc_ctr, vv=excluded.vv, deleted=excluded.deleted, body=excluded.body, received_ms=excluded.received_ms",
+            )?
+            .execute(params![
+                s.key.kind,
+                s.key.id,
+                peer,
+                v.origin,
+                v.hlc.wall_ms as i64,
+                v.hlc.counter as i64,
+                v.vv.to_json(),
+                v.deleted,
+                s.body,
+                now_ms as i64
+            ])?;
+        Ok(())
+    }
+
+    pub fn remove_from_inbox(&mut self, key: &RecordKey) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM inbox WHERE kind=?1 AND id=?2")?
+            .execute(params![key.kind, key.id])?;
+        Ok(())
+    }
+
+    /// Adds a patient to a child's catchment; returns true if it was not there before.
+    pub fn add_to_catchment(&mut self, node: &str, patient: &str, reason: &str) -> Result<bool> {
+        let exists = self
+            .tx
+            .prepare_cached("SELECT 1 FROM catchment WHERE node=?1 AND patient=?2")?
+            .query_row([node, patient], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if exists {
+            return Ok(false);
+        }
+        let seq = self.next_seq()?;
+        self.tx
+            .prepare_cached("INSERT INTO catchment(node, patient, added_seq, reason) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![node, patient, seq as i64, reason])?;
+        Ok(true)
+    }
+
+    /// Removes rule-derived memberships of `patient` for nodes not in `keep`.
+    pub fn prune_rule_catchment(&mut self, patient: &str, keep: &[String]) -> Result<usize> {
+        let nodes: Vec<String> = self
+            .tx
+            .prepare_cached("SELECT node FROM catchment WHERE patient=?1 AND reason='rule'")?
+            .query_map([patient], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        let mut removed = 0;
+        for node in nodes.iter().filter(|n| !keep.contains(n)) {
+            removed += self
+                .tx
+                .prepare_cached("DELETE FROM catchment WHERE node=?1 AND patient=?2 AND reason='rule'")?
+                .execute([node, patient])?;
+        }
+        Ok(removed)
+    }
+
+    pub fn note_peer(&mut self, peer: &str, event: PeerEvent<'_>, now_ms: u64) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO peer_state(peer) VALUES (?1)")?
+            .execute([peer])?;
+        let now = now_ms as i64;
+        match event {
+            PeerEvent::PushOk { sent, received } => self.tx.execute(
+                "UPDATE peer_state SET last_push_ok_ms=?2, bytes_sent=bytes_sent+?3, bytes_received=bytes_received+?4 WHERE peer=?1",
+                params![peer, now, sent as i64, received as i64],
+            )?,
+            PeerEvent::PullOk { sent, received } => self.tx.execute(
+                "UPDATE peer_state SET last_pull_ok_ms=?2, bytes_sent=bytes_sent+?3, bytes_received=bytes_received+?4 WHERE peer=?1",
+                params![peer, now, sent as i64, received as i64],
+            )?,
+            PeerEvent::Error(e) => self.tx.execute(
+                "UPDATE peer_state SET last_error=?2, last_error_ms=?3 WHERE peer=?1",
+                params![peer, e, now],
+            )?,
+        };
+        Ok(())
+    }
+}
+
+/// What happened on a link, for `status`.
+pub enum PeerEvent<'a> {
+    PushOk { sent: u64, received: u64 },
+    PullOk { sent: u64, received: u64 },
+    Error(&'a str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store(node: &str) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db"), node).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_store_refuses_another_node_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(Store::open(&path, "a").unwrap());
+        let err = Store::open(&path, "b").unwrap_err();
+        assert!(matches!(err, StoreError::NodeMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_store_from_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path, "a").unwrap();
+        store
+            .conn()
+            .execute("INSERT INTO schema_migrations(version, applied_ms) VALUES (999, 0)", [])
+            .unwrap();
+        drop(store);
+        let err = Store::open(&path, "a").unwrap_err();
+        assert!(err.to_string().contains("999"), "{err}");
+    }
+
+    #[test]
+    fn a_dropped_transaction_leaves_nothing_behind() {
+        let (_d, mut store) = temp_store("a");
+        {
+            let mut tx = store.begin().unwrap();
+            tx.audit(1, "local", "write", "Patient/x", "", "").unwrap();
+            tx.enqueue(&RecordKey::new("Patient", "x").unwrap(), 1).unwrap();
+        }
+        let c = store.counts().unwrap();
+        assert_eq!((c.audit, c.outbox, c.head_seq), (0, 0, 0));
+    }
+
+    #[test]
+    fn audit_chain_detects_an_altered_row() {
+        let (_d, mut store) = temp_store("a");
+        let mut tx = store.begin().unwrap();
+        for i in 0..5 {
+            tx.audit(i, "local", "write", &format!("Patient/p{i}"), "abc", "").unwrap();
+        }
+        tx.commit().unwrap();
+        assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Intact { entries: 5, .. }));
+        store.conn().execute("UPDATE audit SET detail='x' WHERE n=3", []).unwrap();
+        match store.verify_audit().unwrap() {
+            AuditCheck::Broken { row, problem } => {
+                assert_eq!(row, 3);
+                assert!(problem.contains("altered"), "{problem}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn audit_chain_detects_a_deleted_row() {
+        let (_d, mut store) = temp_store("a");
+        let mut tx = store.begin().unwrap();
+        for i in 0..4 {
+            tx.audit(i, "local", "write", "Patient/p", "", "").unwrap();
+        }
+        tx.commit().unwrap();
+        store.conn().execute("DELETE FROM audit WHERE n=2", []).unwrap();
+        assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Broken { row: 2, .. }));
+    }
+}

@@ -1,0 +1,456 @@
+//! The wire format: protocol messages as CBOR, compressed with zstd, behind a
+//! fixed header that names the protocol version.
+//!
+//! Frame (protocol version 1):
+//! ```text
+//! struct Frame {
+//!     magic:   [u8; 4] = b"CSYN",
+//!     version: u16 (big endian) = 1,
+//!     payload: zstd frame of CBOR(Message),   // serde externally tagged enum
+//! }
+//! ```
+//! The version sits in front of the compressed payload so a node can refuse a frame
+//! from a newer peer before it spends a byte of memory on decompression.
+//!
+//! Invariants
+//! - Every decoder bounds what it reads: compressed size, decompressed size (the zstd
+//!   window too), CBOR nesting depth and the number of records in a message.
+//! - Record bodies travel as the canonical JSON text of [`crate::model::Snapshot`];
+//!   the receiver recomputes hash, class and patient from the body and never trusts
+//!   a sender's claim about them.
+//! - Message shapes are frozen by golden tests (`tests/golden/`); a change of shape
+//!   is a new protocol version, and old versions still decode or fail with
+//!   [`WireError::UnsupportedVersion`].
+//!
+//! Errors leave nothing behind: decoding is pure. All are permanent for the bytes
+//! given (sending the same bytes again fails the same way).
+
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ContentHash, Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector};
+
+pub const MAGIC: &[u8; 4] = b"CSYN";
+pub const PROTOCOL_VERSION: u16 = 1;
+const HEADER_LEN: usize = 6;
+/// CBOR nesting allowed in a message. Our messages nest at most 5 deep (bodies
+/// are opaque text), so anything deeper is an attack or a bug.
+const MAX_DEPTH: usize = 16;
+/// Largest zstd window accepted (2^24 = 16 MiB), whatever the frame header asks for.
+const MAX_WINDOW_LOG: u32 = 24;
+pub const CONTENT_TYPE: &str = "application/vnd.clinicsync.v1+cbor+zstd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("message too short ({0} bytes) to hold the clinicsync header")]
+    TooShort(usize),
+    #[error("not a clinicsync message (bad magic bytes)")]
+    BadMagic,
+    #[error("protocol version {got} is not supported (this node speaks version {supported}); upgrade the older node")]
+    UnsupportedVersion { got: u16, supported: u16 },
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
+    #[error("message is not valid zstd: {0}")]
+    Decompress(String),
+    #[error("message is not a valid clinicsync CBOR message: {0}")]
+    Decode(String),
+    #[error("message carries {count} records, over the limit of {limit}")]
+    TooManyRecords { count: usize, limit: usize },
+    #[error("could not encode message: {0}")]
+    Encode(String),
+}
+
+impl WireError {
+    /// Every wire error is a property of the bytes: sending them again fails again.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Bounds a decoder enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_compressed: usize,
+    pub max_decompressed: usize,
+    pub max_records: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_compressed: 16 << 20,
+            max_decompressed: 64 << 20,
+            max_records: 20_000,
+        }
+    }
+}
+
+/// One version of a record on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRecord {
+    pub kind: String,
+    pub id: String,
+    pub origin: String,
+    pub hlc: Hlc,
+    pub vv: VersionVector,
+    pub deleted: bool,
+    /// Canonical JSON of the resource.
+    pub body: String,
+}
+
+impl WireRecord {
+    pub fn from_version(v: &Version) -> WireRecord {
+        WireRecord {
+            kind: v.snapshot.key.kind.clone(),
+            id: v.snapshot.key.id.clone(),
+            origin: v.origin.clone(),
+            hlc: v.hlc,
+            vv: v.vv.clone(),
+            deleted: v.deleted,
+            body: String::from_utf8_lossy(&v.snapshot.body).into_owned(),
+        }
+    }
+
+    /// Re-derives everything from the body; refuses a body that names another record.
+    pub fn into_version(self) -> Result<Version, ModelError> {
+        let key = RecordKey::new(&self.kind, &self.id)?;
+        let snapshot = Snapshot::for_key(&key, self.body.as_bytes())?;
+        Ok(Version {
+            snapshot,
+            origin: self.origin,
+            hlc: self.hlc,
+            vv: self.vv,
+            deleted: self.deleted,
+        })
+    }
+
+    pub fn key_string(&self) -> String {
+        format!("{}/{}", self.kind, self.id)
+    }
+}
+
+/// The hub's answer for one pushed record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Stored as the new current version.
+    Accepted,
+    /// The hub already holds exactly this version.
+    Duplicate,
+    /// The hub holds a newer version that includes this one.
+    Stale,
+    /// Concurrent with the hub's version; resolved by policy, both kept.
+    Conflict { resolution: String },
+    /// Refused; the record goes to the sender's quarantine.
+    Rejected { reason: String, permanent: bool },
+}
+
+impl Outcome {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Stale => "stale",
+            Outcome::Conflict { .. } => "conflict",
+            Outcome::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushResult {
+    pub kind: String,
+    pub id: String,
+    /// The version this result answers for, as the sender sent it.
+    pub vv: VersionVector,
+    #[serde(with = "serde_bytes")]
+    pub hash: Vec<u8>,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+impl PushResult {
+    pub fn content_hash(&self) -> Option<ContentHash> {
+        ContentHash::from_slice(&self.hash)
+    }
+}
+
+/// A position in a node's feed for one child: records are ordered by the sequence
+/// at which they became visible to that child (`eff`), then by their own `seq`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Cursor {
+    pub eff: u64,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.eff, self.seq)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRequest {
+    pub node: String,
+    pub records: Vec<WireRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushResponse {
+    pub results: Vec<PushResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRequest {
+    pub node: String,
+    pub cursor: Cursor,
+    pub max_bytes: u64,
+    pub max_records: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullResponse {
+    pub records: Vec<WireRecord>,
+    pub next: Cursor,
+    /// True when more records are waiting after `next`.
+    pub more: bool,
+    /// The parent's newest sequence number, so the child can show its lag.
+    pub head: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub node: String,
+    pub keys: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchResult {
+    pub kind: String,
+    pub id: String,
+    pub record: Option<WireRecord>,
+    /// Why the record was not given (not found, not in the catchment).
+    pub refused: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchResponse {
+    pub results: Vec<FetchResult>,
+}
+
+/// Every message of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Message {
+    PushRequest(PushRequest),
+    PushResponse(PushResponse),
+    PullRequest(PullRequest),
+    PullResponse(PullResponse),
+    FetchRequest(FetchRequest),
+    FetchResponse(FetchResponse),
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::PushRequest(_) => "push_request",
+            Message::PushResponse(_) => "push_response",
+            Message::PullRequest(_) => "pull_request",
+            Message::PullResponse(_) => "pull_response",
+            Message::FetchRequest(_) => "fetch_request",
+            Message::FetchResponse(_) => "fetch_response",
+        }
+    }
+
+    fn record_count(&self) -> usize {
+        match self {
+            Message::PushRequest(m) => m.records.len(),
+            Message::PushResponse(m) => m.results.len(),
+            Message::PullRequest(_) => 0,
+            Message::PullResponse(m) => m.records.len(),
+            Message::FetchRequest(m) => m.keys.len(),
+            Message::FetchResponse(m) => m.results.len(),
+        }
+    }
+}
+
+/// CBOR of a message, without compression or header: what golden tests freeze.
+pub fn to_cbor(msg: &Message) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::new();
+    ciborium::ser::into_writer(msg, &mut out).map_err(|e| WireError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// Encodes a message as a version-1 frame.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, WireError> {
+    let cbor = to_cbor(msg)?;
+    let mut out = Vec::with_capacity(cbor.len() / 4 + HEADER_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    let mut enc = zstd::stream::write::Encoder::new(out, 3).map_err(|e| WireError::Encode(e.to_string()))?;
+    // Keep the window within what our own decoder accepts.
+    enc.window_log(MAX_WINDOW_LOG.min(22))
+        .map_err(|e| WireError::Encode(e.to_string()))?;
+    enc.include_contentsize(false)
+        .map_err(|e| WireError::Encode(e.to_string()))?;
+    std::io::Write::write_all(&mut enc, &cbor).map_err(|e| WireError::Encode(e.to_string()))?;
+    enc.finish().map_err(|e| WireError::Encode(e.to_string()))
+}
+
+/// Checks the header and returns the protocol version the frame claims.
+pub fn check_header(bytes: &[u8]) -> Result<u16, WireError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(WireError::TooShort(bytes.len()));
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    let version = u16::from_be_bytes([bytes[4], bytes[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::UnsupportedVersion {
+            got: version,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    Ok(version)
+}
+
+/// Decodes a frame within `limits`.
+pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
+    if bytes.len() > limits.max_compressed {
+        return Err(WireError::TooLarge {
+            what: "compressed message",
+            size: bytes.len(),
+            limit: limits.max_compressed,
+        });
+    }
+    check_header(bytes)?;
+    let mut decoder = zstd::stream::read::Decoder::new(&bytes[HEADER_LEN..])
+        .map_err(|e| WireError::Decompress(e.to_string()))?;
+    decoder
+        .window_log_max(MAX_WINDOW_LOG)
+        .map_err(|e| WireError::Decompress(e.to_string()))?;
+    let decoder = decoder.single_frame();
+    let mut cbor = Vec::new();
+    decoder
+        .take(limits.max_decompressed as u64 + 1)
+        .read_to_end(&mut cbor)
+        .map_err(|e| WireError::Decompress(e.to_string()))?;
+    if cbor.len() > limits.max_decompressed {
+        return Err(WireError::TooLarge {
+            what: "decompressed message",
+            size: cbor.len(),
+            limit: limits.max_decompressed,
+        });
+    }
+    let msg: Message = ciborium::de::from_reader_with_recursion_limit(cbor.as_slice(), MAX_DEPTH)
+        .map_err(|e| WireError::Decode(e.to_string()))?;
+    let count = msg.record_count();
+    if count > limits.max_records {
+        return Err(WireError::TooManyRecords {
+            count,
+            limit: limits.max_records,
+        });
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Message {
+        Message::PullRequest(PullRequest {
+            node: "clinic-a".into(),
+            cursor: Cursor { eff: 7, seq: 5 },
+            max_bytes: 1 << 20,
+            max_records: 500,
+        })
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let bytes = encode(&sample()).unwrap();
+        assert_eq!(&bytes[..4], MAGIC);
+        assert_eq!(decode(&bytes, &Limits::default()).unwrap(), sample());
+    }
+
+    #[test]
+    fn a_newer_protocol_version_is_refused_before_decompression() {
+        let mut bytes = encode(&sample()).unwrap();
+        bytes[5] = 9;
+        let err = decode(&bytes, &Limits::default()).unwrap_err();
+        assert!(matches!(err, WireError::UnsupportedVersion { got: 9, supported: 1 }), "{err}");
+        assert!(err.to_string().contains("version 9"));
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_stopped_at_the_limit() {
+        // 50 MB of zeros compresses to a few KB.
+        let zeros = vec![0u8; 50 << 20];
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        bytes.extend(zstd::bulk::compress(&zeros, 3).unwrap());
+        assert!(bytes.len() < 100_000);
+        let limits = Limits {
+            max_decompressed: 1 << 20,
+            ..Limits::default()
+        };
+        let err = decode(&bytes, &limits).unwrap_err();
+        assert!(matches!(err, WireError::TooLarge { what: "decompressed message", .. }), "{err}");
+    }
+
+    #[test]
+    fn truncated_and_garbage_frames_are_refused() {
+        let bytes = encode(&sample()).unwrap();
+        let cut = &bytes[..bytes.len() - 3];
+        assert!(matches!(decode(cut, &Limits::default()), Err(WireError::Decompress(_))));
+        assert!(matches!(decode(b"hello world", &Limits::default()), Err(WireError::BadMagic)));
+        assert!(matches!(decode(b"CS", &Limits::default()), Err(WireError::TooShort(2))));
+        let mut garbage = MAGIC.to_vec();
+        garbage.extend_from_slice(&1u16.to_be_bytes());
+        garbage.extend(zstd::bulk::compress(b"\xff\xff\xff not cbor", 3).unwrap());
+        assert!(matches!(decode(&garbage, &Limits::default()), Err(WireError::Decode(_))));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        // 1000 nested CBOR arrays.
+        let mut cbor = vec![0xa1, 0x6c];
+        cbor.extend_from_slice(b"pull_request");
+        cbor.extend(std::iter::repeat(0x81).take(1000));
+        cbor.push(0x00);
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u16.to_be_bytes());
+        bytes.extend(zstd::bulk::compress(&cbor, 3).unwrap());
+        assert!(matches!(decode(&bytes, &Limits::default()), Err(WireError::Decode(_))));
+    }
+
+    #[test]
+    fn too_many_records_are_refused() {
+        let rec = WireRecord {
+            kind: "Patient".into(),
+            id: "p".into(),
+            origin: "a".into(),
+            hlc: Hlc::default(),
+            vv: VersionVector::default(),
+            deleted: false,
+            body: "{}".into(),
+        };
+        let msg = Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records: vec![rec; 11],
+        });
+        let limits = Limits {
+            max_records: 10,
+            ..Limits::default()
+        };
+        let err = decode(&encode(&msg).unwrap(), &limits).unwrap_err();
+        assert!(matches!(err, WireError::TooManyRecords { count: 11, limit: 10 }));
+    }
+}
