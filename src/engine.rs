@@ -450,6 +450,7 @@ pub fn handle_pull(store: &Store, policy: &Policy, child: &str, req: &PullReques
         req.cursor,
         (req.max_records as usize).clamp(1, policy.max_page_records),
         (req.max_bytes as usize).clamp(1, policy.max_page_bytes),
+        req.include_own,
     )?;
     let head = store.counts()?.head_seq;
     Ok(PullResponse {
@@ -599,11 +600,15 @@ pub fn apply_push_results(
 /// Child side: the pull request for the next page from `parent`.
 pub fn pull_request(store: &Store, parent: &str, max_records: u32, max_bytes: u64) -> Result<PullRequest> {
     let (cursor, _) = store.cursor(parent)?;
+    // A store with no cursor and nothing of its own is new or wiped: it needs its
+    // own records back too.
+    let include_own = cursor == crate::wire::Cursor::default() && store.holds_nothing_own()?;
     Ok(PullRequest {
         node: store.node_id().to_string(),
         cursor,
         max_bytes,
         max_records,
+        include_own,
     })
 }
 

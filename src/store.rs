@@ -597,6 +597,15 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
+    /// True when this node holds no version it wrote itself (new or wiped).
+    pub fn holds_nothing_own(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM replica WHERE origin=?1 LIMIT 1", [&self.node_id], |_| Ok(()))
+            .optional()?
+            .is_none())
+    }
+
     pub fn in_catchment(&self, node: &str, patient: &str) -> Result<bool> {
         Ok(self
             .conn
@@ -613,6 +622,7 @@ impl Store {
         cursor: Cursor,
         max_records: usize,
         max_bytes: usize,
+        include_own: bool,
     ) -> Result<FeedPage> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT eff, seq, kind, id, origin FROM (
@@ -655,8 +665,8 @@ impl Store {
         };
         let mut bytes = 0usize;
         for (pos, key, origin) in candidates.into_iter().take(max_records) {
-            // The child wrote this version itself: it has it, unless it starts afresh.
-            if origin == node && cursor != Cursor::default() {
+            // The child wrote this version itself: it has it, unless it restores.
+            if origin == node && !include_own {
                 page.next = pos;
                 page.skipped_own += 1;
                 continue;

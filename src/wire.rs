@@ -211,6 +211,8 @@ pub struct PullRequest {
     pub cursor: Cursor,
     pub max_bytes: u64,
     pub max_records: u32,
+    /// Also send versions this child wrote itself (a wiped child restoring).
+    pub include_own: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,6 +372,7 @@ mod tests {
             cursor: Cursor { eff: 7, seq: 5 },
             max_bytes: 1 << 20,
             max_records: 500,
+            include_own: false,
         })
     }
 

@@ -633,7 +633,7 @@ mod tests {
     #[test]
     fn times_print_as_utc() {
         assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
-        assert_eq!(fmt_time(1_795_000_000_000), "2026-11-18T09:46:40Z");
+        assert_eq!(fmt_time(1_795_000_000_000), "2026-11-18T11:06:40Z");
     }
 
     #[test]

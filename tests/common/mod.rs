@@ -1,0 +1,198 @@
+//! Test harness: hubs served in-process over real TCP on 127.0.0.1, clinics with
+//! real SQLite files and the real HTTP client, and the real binary for CLI checks.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clinicsync::config::{Secret, SyncSection};
+use clinicsync::daemon::{self, SyncError, SyncReport};
+use clinicsync::engine::{self, CatchmentRule, Policy};
+use clinicsync::hub::{self, HubState};
+use clinicsync::model::{RecordKey, Snapshot};
+use clinicsync::store::{wall_ms, Store};
+use clinicsync::transport::http::HttpClient;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_clinicsync");
+
+pub struct TestHub {
+    pub url: String,
+    pub port: u16,
+    pub store_path: PathBuf,
+    pub policy: Policy,
+    pub tokens: Vec<(String, String)>,
+    rt: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Clinic ids with the district that puts patients in their catchment.
+pub fn hub_policy(clinics: &[(&str, &str)]) -> Policy {
+    let mut p = Policy::new("hub", false);
+    for (id, district) in clinics {
+        p.catchment.push(CatchmentRule {
+            node: id.to_string(),
+            path: "address.district".into(),
+            equals: district.to_string(),
+        });
+    }
+    p
+}
+
+impl TestHub {
+    pub fn start(dir: &Path, port: u16, policy: Policy, clinics: &[&str], max_message: usize) -> TestHub {
+        let tokens: Vec<(String, String)> = clinics
+            .iter()
+            .map(|c| (c.to_string(), format!("token-of-{c}-0123456789")))
+            .collect();
+        let children = tokens
+            .iter()
+            .map(|(n, t)| {
+                let mut h = [0u8; 32];
+                hex::decode_to_slice(hub::token_hash(t), &mut h).unwrap();
+                (n.clone(), h)
+            })
+            .collect();
+        let store_path = dir.join("hub.db");
+        let state = Arc::new(HubState::new(&store_path, policy.clone(), children, max_message).unwrap());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        rt.spawn(hub::serve(listener, state, async move {
+            let _ = rx.await;
+        }));
+        TestHub {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            store_path,
+            policy,
+            tokens,
+            rt: Some(rt),
+            stop: Some(tx),
+        }
+    }
+
+    pub fn token(&self, node: &str) -> String {
+        self.tokens.iter().find(|(n, _)| n == node).unwrap().1.clone()
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(&self.store_path, "hub").unwrap()
+    }
+
+    /// Writes resources at the hub as its local EMR would.
+    pub fn put(&self, resources: Vec<Value>) {
+        let mut s = self.store();
+        let items = resources.into_iter().map(|r| (Snapshot::from_json_value(r).unwrap(), false)).collect();
+        engine::write_local(&mut s, &self.policy, items, wall_ms()).unwrap();
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+pub struct TestClinic {
+    pub id: String,
+    pub store: Store,
+    pub policy: Policy,
+    pub client: HttpClient,
+    pub sync_cfg: SyncSection,
+    pub config: PathBuf,
+}
+
+impl TestClinic {
+    /// A clinic whose parent is `url`, with a config file the binary can use.
+    pub fn new(dir: &Path, id: &str, url: &str, token: &str) -> TestClinic {
+        let store_path = dir.join(format!("{id}.db"));
+        let token_file = dir.join(format!("{id}.token"));
+        std::fs::write(&token_file, token).unwrap();
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nid = \"{id}\"\nstore = \"{}\"\n[parent]\nurl = \"{url}\"\ntoken_file = \"{}\"\n[sync]\ntimeout_secs = 10\n",
+                store_path.display(),
+                token_file.display()
+            ),
+        )
+        .unwrap();
+        TestClinic {
+            id: id.to_string(),
+            store: Store::open(&store_path, id).unwrap(),
+            policy: Policy::new(id, true),
+            client: HttpClient::new(url, Secret::new(token.to_string()), std::time::Duration::from_secs(10)),
+            sync_cfg: SyncSection::default(),
+            config,
+        }
+    }
+
+    pub fn put(&mut self, resources: Vec<Value>) {
+        let items = resources.into_iter().map(|r| (Snapshot::from_json_value(r).unwrap(), false)).collect();
+        engine::write_local(&mut self.store, &self.policy, items, wall_ms()).unwrap();
+    }
+
+    pub fn sync(&mut self) -> Result<SyncReport, SyncError> {
+        daemon::sync_once(&mut self.store, &self.policy, &self.client, &self.sync_cfg, &AtomicBool::new(false))
+    }
+
+    pub fn get(&self, reference: &str) -> Option<Value> {
+        self.store
+            .current(&RecordKey::parse(reference).unwrap())
+            .unwrap()
+            .map(|s| s.version.snapshot.json())
+    }
+
+    /// Runs the real binary against this clinic's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.config, args)
+    }
+}
+
+pub fn cli(config: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn get(store: &Store, reference: &str) -> Option<Value> {
+    store
+        .current(&RecordKey::parse(reference).unwrap())
+        .unwrap()
+        .map(|s| s.version.snapshot.json())
+}
+
+pub fn patient(id: &str, district: &str) -> Value {
+    serde_json::json!({"resourceType":"Patient","id":id,"gender":"female","address":[{"district":district}]})
+}
+
+pub fn encounter(id: &str, patient: &str) -> Value {
+    serde_json::json!({"resourceType":"Encounter","id":id,"status":"finished","subject":{"reference":format!("Patient/{patient}")}})
+}
