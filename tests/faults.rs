@@ -1,0 +1,140 @@
+//! Fault tests: hostile or broken bodies at the hub, and a clinic process killed
+//! with SIGKILL in the middle of a sync.
+
+mod common;
+
+use std::time::Duration;
+
+use clinicsync::cluster::{self, Proc};
+use clinicsync::engine::{self, Policy};
+use clinicsync::model::Snapshot;
+use clinicsync::store::{wall_ms, Store};
+use clinicsync::wire::{self, Message, PushRequest, WireRecord};
+use common::*;
+
+fn post(url: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
+    let mut req = ureq::post(&format!("{url}/v1/push")).set("Content-Type", wire::CONTENT_TYPE);
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    match req.send_bytes(body) {
+        Ok(r) => (r.status(), String::new()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+#[test]
+fn hostile_bodies_get_clear_http_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(dir.path(), 0, hub_policy(&[("a", "North")]), &["a"], 1 << 20);
+    let token = hub.token("a");
+    let rec = |i: usize| WireRecord {
+        kind: "Patient".into(),
+        id: format!("p{i}"),
+        origin: "a".into(),
+        hlc: Default::default(),
+        vv: clinicsync::model::VersionVector([("a".to_string(), 1)].into_iter().collect()),
+        deleted: false,
+        body: format!(r#"{{"id":"p{i}","resourceType":"Patient"}}"#),
+    };
+    let good = wire::encode(&Message::PushRequest(PushRequest { node: "a".into(), records: vec![rec(0)] })).unwrap();
+    let before = hub.store().counts().unwrap();
+
+    let mut wrong_version = good.clone();
+    wrong_version[5] = 2;
+    let mut bomb = wire::MAGIC.to_vec();
+    bomb.extend_from_slice(&1u16.to_be_bytes());
+    bomb.extend(zstd::bulk::compress(&vec![0u8; 200 << 20], 19).unwrap());
+    let oversized = vec![7u8; 2 << 20];
+    let spoofed = wire::encode(&Message::PushRequest(PushRequest { node: "b".into(), records: vec![rec(1)] })).unwrap();
+
+    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        ("truncated", Some(&token), good[..good.len() - 4].to_vec(), 400, "not valid zstd"),
+        ("garbage", Some(&token), b"GET / HTTP/1.1 lol".to_vec(), 400, "bad magic"),
+        ("wrong protocol version", Some(&token), wrong_version, 400, "protocol version 2 is not supported"),
+        ("oversized", Some(&token), oversized, 413, "length limit"),
+        ("decompression bomb", Some(&token), bomb, 413, "decompressed message"),
+        ("no credential", None, good.clone(), 401, "credential"),
+        ("wrong credential", Some("not-a-token"), good.clone(), 401, "credential"),
+        ("push as another node", Some(&token), spoofed, 403, "claims to come from b"),
+    ];
+    for (name, tok, body, status, needle) in cases {
+        let (got, text) = post(&hub.url, tok, &body);
+        assert_eq!(got, status, "{name}: {text}");
+        assert!(text.to_lowercase().contains(&needle.to_lowercase()), "{name}: {text:?} lacks {needle:?}");
+    }
+    let after = hub.store().counts().unwrap();
+    assert_eq!((before.records, before.audit, before.head_seq), (after.records, after.audit, after.head_seq));
+    // And the hub still works.
+    assert_eq!(post(&hub.url, Some(&token), &good).0, 200);
+    assert_eq!(hub.store().counts().unwrap().records, 1);
+}
+
+#[test]
+fn a_clinic_killed_mid_sync_of_5000_records_delivers_each_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = cluster::free_port().unwrap();
+    let layout = cluster::write_layout(
+        dir.path(),
+        port,
+        &[("clinic-a", "North")],
+        "interval_secs = 1\nbackoff_min_secs = 1\nbackoff_max_secs = 2\npush_batch_records = 100",
+        "",
+    )
+    .unwrap();
+    let clinic = &layout.clinics[0];
+    {
+        let mut store = Store::open(&clinic.store, &clinic.id).unwrap();
+        let records = clinicsync::synth::clinic_records(9, "a", "North", "loc", 455, 2, 4);
+        assert_eq!(records.len(), 5005);
+        let items = records
+            .into_iter()
+            .take(5000)
+            .map(|v| (Snapshot::from_json_value(v).unwrap(), false))
+            .collect();
+        engine::write_local(&mut store, &Policy::new(&clinic.id, true), items, wall_ms()).unwrap();
+    }
+    let exe = std::path::Path::new(BIN);
+    let mut hub = Proc::spawn(exe, "hub", &layout.hub.config, &["run"]).unwrap();
+    cluster::wait_healthy(&layout.hub_url, Duration::from_secs(20)).unwrap();
+    let hub_count = || Store::open_existing(&layout.hub.store).and_then(|s| s.counts()).map(|c| c.records).unwrap_or(0);
+
+    let mut kills = 0;
+    while kills < 3 {
+        let mut c = Proc::spawn(exe, "clinic-a", &clinic.config, &["run"]).unwrap();
+        let target = 1000 * (kills + 1);
+        assert!(cluster::wait_until(Duration::from_secs(60), || hub_count() >= target), "no progress");
+        c.kill9();
+        kills += 1;
+        assert!(hub_count() < 5000, "killed too late to test anything");
+    }
+    let mut c = Proc::spawn(exe, "clinic-a", &clinic.config, &["run"]).unwrap();
+    let done = cluster::wait_until(Duration::from_secs(120), || {
+        Store::open_existing(&clinic.store).and_then(|s| s.counts()).map(|c| c.outbox == 0).unwrap_or(false)
+    });
+    c.terminate();
+    hub.terminate();
+    assert!(done, "outbox never drained");
+
+    let hub_store = Store::open_existing(&layout.hub.store).unwrap();
+    let clinic_store = Store::open_existing(&clinic.store).unwrap();
+    let h = hub_store.list(None).unwrap();
+    let c = clinic_store.list(None).unwrap();
+    assert_eq!(h.len(), 5000);
+    assert_eq!(c.len(), 5000);
+    for (x, y) in h.iter().zip(c.iter()) {
+        assert_eq!(x.version.key(), y.version.key());
+        assert_eq!(x.version.snapshot.hash, y.version.snapshot.hash, "{}", x.version.key());
+        assert_eq!(x.version.vv, y.version.vv);
+    }
+    // Exactly once: the hub stored one version, and wrote one audit entry, per record.
+    let versions: i64 = hub_store.conn().query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0)).unwrap();
+    let writes: i64 = hub_store
+        .conn()
+        .query_row("SELECT COUNT(*) FROM audit WHERE action='write'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!((versions, writes), (5000, 5000));
+    assert!(matches!(hub_store.verify_audit().unwrap(), clinicsync::store::AuditCheck::Intact { .. }));
+    assert!(matches!(clinic_store.verify_audit().unwrap(), clinicsync::store::AuditCheck::Intact { .. }));
+}
