@@ -1,0 +1,69 @@
+//! Golden tests freeze the version-1 wire format. A failing test here means the
+//! format changed: that needs a new protocol version, not a new golden file.
+//! (`CLINICSYNC_BLESS=1 cargo test --test golden` writes missing files only.)
+
+use std::path::PathBuf;
+
+use clinicsync::model::{Hlc, VersionVector};
+use clinicsync::wire::*;
+
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+}
+
+fn check(name: &str, bytes: &[u8]) {
+    let path = golden(name);
+    if !path.exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
+        std::fs::write(&path, hex::encode(bytes) + "\n").unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing golden file {}", path.display()));
+    assert_eq!(hex::encode(bytes), want.trim(), "{name} changed: the v1 wire format is frozen");
+}
+
+fn record() -> WireRecord {
+    WireRecord {
+        kind: "Observation".into(),
+        id: "0b6a4f1e-5d3c-4f8a-9b1e-2c3d4e5f6a7b".into(),
+        origin: "clinic-a".into(),
+        hlc: Hlc { wall_ms: 1_795_000_000_000, counter: 3 },
+        vv: VersionVector([("clinic-a".to_string(), 2), ("hub".to_string(), 1)].into_iter().collect()),
+        deleted: false,
+        body: r#"{"id":"0b6a4f1e-5d3c-4f8a-9b1e-2c3d4e5f6a7b","resourceType":"Observation","status":"final","subject":{"reference":"Patient/p1"}}"#.into(),
+    }
+}
+
+fn messages() -> Vec<(&'static str, Message)> {
+    vec![
+        ("push_request", Message::PushRequest(PushRequest { node: "clinic-a".into(), records: vec![record()] })),
+        ("push_response", Message::PushResponse(PushResponse { results: vec![
+            PushResult { kind: "Patient".into(), id: "p1".into(), vv: record().vv, hash: vec![0xab; 32], outcome: Outcome::Accepted },
+            PushResult { kind: "Patient".into(), id: "p2".into(), vv: record().vv, hash: vec![0xcd; 32],
+                outcome: Outcome::Rejected { reason: "unknown kind".into(), permanent: true } },
+            PushResult { kind: "Patient".into(), id: "p3".into(), vv: record().vv, hash: vec![0xef; 32],
+                outcome: Outcome::Conflict { resolution: "merged".into() } },
+        ]})),
+        ("pull_request", Message::PullRequest(PullRequest { node: "clinic-a".into(), cursor: Cursor { eff: 10, seq: 7 }, max_bytes: 1 << 20, max_records: 500, include_own: false })),
+        ("pull_response", Message::PullResponse(PullResponse { records: vec![record()], next: Cursor { eff: 11, seq: 11 }, more: true, head: 40 })),
+        ("fetch_request", Message::FetchRequest(FetchRequest { node: "clinic-a".into(), keys: vec![("Patient".into(), "p1".into())] })),
+        ("fetch_response", Message::FetchResponse(FetchResponse { results: vec![FetchResult { kind: "Patient".into(), id: "p9".into(), record: None, refused: Some("not in the catchment".into()) }] })),
+    ]
+}
+
+#[test]
+fn v1_messages_encode_to_the_frozen_cbor() {
+    for (name, msg) in messages() {
+        check(&format!("{name}.v1.cbor.hex"), &to_cbor(&msg).unwrap());
+    }
+}
+
+#[test]
+fn frozen_v1_frames_still_decode() {
+    for (name, msg) in messages() {
+        let path = golden(&format!("{name}.v1.frame.hex"));
+        if !path.exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
+            std::fs::write(&path, hex::encode(encode(&msg).unwrap()) + "\n").unwrap();
+        }
+        let bytes = hex::decode(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        assert_eq!(decode(&bytes, &Limits::default()).unwrap(), msg, "{name}");
+    }
+}
