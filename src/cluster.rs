@@ -25,13 +25,21 @@ pub struct Layout {
 
 /// A port that was free a moment ago.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Writes configs for a hub on `port` and one clinic per `(id, district)`; each
 /// clinic's catchment is its district. `extra_hub` is appended to the hub's `[hub]`
 /// section, `sync` replaces the clinics' `[sync]` section body.
-pub fn write_layout(dir: &Path, port: u16, clinics: &[(&str, &str)], sync: &str, extra_hub: &str) -> std::io::Result<Layout> {
+pub fn write_layout(
+    dir: &Path,
+    port: u16,
+    clinics: &[(&str, &str)],
+    sync: &str,
+    extra_hub: &str,
+) -> std::io::Result<Layout> {
     std::fs::create_dir_all(dir)?;
     let hub_url = format!("http://127.0.0.1:{port}");
     let mut hub_toml = format!(
@@ -136,25 +144,29 @@ impl Proc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(None))).unwrap_or(false)
+        self.child
+            .as_mut()
+            .map(|c| matches!(c.try_wait(), Ok(None)))
+            .unwrap_or(false)
     }
 
-    /// Waits with wait4(2) to get the peak resident set size too.
     fn reap(&mut self) -> Exit {
-        let Some(child) = self.child.take() else {
+        let Some(mut child) = self.child.take() else {
             return Exit::default();
         };
-        let pid = child.id() as i32;
-        std::mem::forget(child);
-        let mut status = 0;
-        // SAFETY: zeroed rusage is a valid value; wait4 fills it for our own child.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: pid is our unreaped child; pointers are to live locals.
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
         Exit {
-            code: if r > 0 && libc::WIFEXITED(status) { Some(libc::WEXITSTATUS(status)) } else { None },
-            max_rss_kb: usage.ru_maxrss as u64,
+            code: child.wait().ok().and_then(|s| s.code()),
         }
+    }
+
+    /// Peak resident set size so far (VmHWM), in KiB, while the process runs.
+    /// (wait4's ru_maxrss would also count the spawning process's image.)
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 }
 
@@ -169,13 +181,14 @@ impl Drop for Proc {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Exit {
     pub code: Option<i32>,
-    pub max_rss_kb: u64,
 }
 
 /// Waits until the hub answers its health check.
 pub fn wait_healthy(url: &str, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build();
     loop {
         if agent.get(&format!("{url}/v1/health")).call().is_ok() {
             return Ok(());

@@ -19,11 +19,17 @@ pub const DEFAULT_PATH: &str = "/etc/clinicsync/clinicsync.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path} is invalid:\n  - {}", problems.join("\n  - "))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,7 +168,10 @@ impl Config {
         }
         if let Some(parent) = &self.parent {
             if !(parent.url.starts_with("http://") || parent.url.starts_with("https://")) {
-                p.push(format!("parent.url {:?} must start with http:// or https://", parent.url));
+                p.push(format!(
+                    "parent.url {:?} must start with http:// or https://",
+                    parent.url
+                ));
             }
             if parent.token_file.as_os_str().is_empty() {
                 p.push("parent.token_file must name the credential file".into());
@@ -187,14 +196,20 @@ impl Config {
         }
         if let Some(hub) = &self.hub {
             if hub.listen.parse::<SocketAddr>().is_err() {
-                p.push(format!("hub.listen {:?} must be an address such as 0.0.0.0:7070", hub.listen));
+                p.push(format!(
+                    "hub.listen {:?} must be an address such as 0.0.0.0:7070",
+                    hub.listen
+                ));
             }
             if hub.max_record_bytes > hub.max_message_bytes {
                 p.push("hub.max_record_bytes must not exceed hub.max_message_bytes".into());
             }
             for (i, c) in hub.children.iter().enumerate() {
                 if !valid_node_id(&c.node) {
-                    p.push(format!("hub.children[{i}].node {:?} is not a valid node id", c.node));
+                    p.push(format!(
+                        "hub.children[{i}].node {:?} is not a valid node id",
+                        c.node
+                    ));
                 }
                 if c.token_sha256.len() != 64 || hex::decode(&c.token_sha256).is_err() {
                     p.push(format!(
@@ -207,10 +222,16 @@ impl Config {
             }
             for (i, r) in hub.catchment.iter().enumerate() {
                 if !hub.children.iter().any(|c| c.node == r.node) {
-                    p.push(format!("hub.catchment[{i}].node {:?} is not one of hub.children", r.node));
+                    p.push(format!(
+                        "hub.catchment[{i}].node {:?} is not one of hub.children",
+                        r.node
+                    ));
                 }
                 if r.path.is_empty() || r.path.split('.').any(|s| s.is_empty()) {
-                    p.push(format!("hub.catchment[{i}].path {:?} must be a dotted field path", r.path));
+                    p.push(format!(
+                        "hub.catchment[{i}].path {:?} must be a dotted field path",
+                        r.path
+                    ));
                 }
             }
         }
@@ -310,7 +331,9 @@ mod tests {
             path = "address.district"
             equals = "N"
         "#;
-        let err = Config::parse(text, Path::new("c.toml")).unwrap_err().to_string();
+        let err = Config::parse(text, Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
         for needle in [
             "node.id",
             "parent.url",

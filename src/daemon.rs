@@ -22,8 +22,8 @@ use crate::config::{Config, SyncSection};
 use crate::engine::{self, ApplySummary, EngineError, Policy, PushSummary};
 use crate::hub::HubState;
 use crate::store::{wall_ms, PeerEvent, Store};
-use crate::transport::http::{HttpClient, TransportError};
-use crate::wire::Message;
+use crate::transport::http::{HttpClient, Traffic, TransportError};
+use crate::wire::{Message, PushRequest};
 
 /// The peer name a child keeps its parent's cursor and link state under.
 pub const PARENT: &str = "parent";
@@ -91,29 +91,13 @@ fn sync_rounds(
     stop: &AtomicBool,
     report: &mut SyncReport,
 ) -> Result<(), SyncError> {
-    // Push first: what the clinic wrote is the most urgent thing on the link.
-    while !stop.load(Ordering::Relaxed) {
-        let now = wall_ms();
-        let Some(req) = engine::next_push(store, now, cfg.push_batch_records, cfg.push_batch_bytes)? else {
-            break;
-        };
-        let (answer, traffic) = client.exchange("/v1/push", &Message::PushRequest(req.clone()))?;
-        let Message::PushResponse(resp) = answer else {
-            return Err(TransportError::Unexpected {
-                sent: "push_request",
-                got: answer.name(),
-            }
-            .into());
-        };
-        let s = engine::apply_push_results(store, PARENT, &req, &resp, (traffic.sent, traffic.received), wall_ms())?;
-        report.bytes_sent += traffic.sent;
-        report.bytes_received += traffic.received;
-        let progress = s.cleared + s.rejected;
-        report.pushed.add(&s);
-        info!(node = %policy.node_id, peer = PARENT, direction = "push", records = s.sent, accepted = s.accepted,
-              rejected = s.rejected, conflicts = s.conflict, bytes = traffic.sent, "push batch acknowledged");
-        if progress == 0 {
-            // Every record changed while in flight; the next round sends the new versions.
+    // Push first: what the clinic wrote is the most urgent thing on the link. A pass
+    // walks the outbox once, building the next batch while the previous one is in
+    // flight; a further pass picks up records edited meanwhile.
+    for _pass in 0..3 {
+        let progress = push_pass(store, policy, client, cfg, stop, report)?;
+        let due = engine::next_push(store, wall_ms(), 1, usize::MAX)?.is_some();
+        if progress == 0 || !due {
             break;
         }
     }
@@ -127,7 +111,13 @@ fn sync_rounds(
             }
             .into());
         };
-        let n = engine::store_pull(store, PARENT, &resp, (traffic.sent, traffic.received), wall_ms())?;
+        let n = engine::store_pull(
+            store,
+            PARENT,
+            &resp,
+            (traffic.sent, traffic.received),
+            wall_ms(),
+        )?;
         report.pulled += n;
         report.bytes_sent += traffic.sent;
         report.bytes_received += traffic.received;
@@ -147,6 +137,72 @@ fn sync_rounds(
     Ok(())
 }
 
+/// One pipelined walk over the outbox. Returns how many records were settled
+/// (acknowledged or quarantined).
+fn push_pass(
+    store: &mut Store,
+    policy: &Policy,
+    client: &HttpClient,
+    cfg: &SyncSection,
+    stop: &AtomicBool,
+    report: &mut SyncReport,
+) -> Result<usize, SyncError> {
+    let mut settled = 0;
+    let mut after = 0u64;
+    std::thread::scope(|scope| -> Result<(), SyncError> {
+        let mut inflight = None;
+        loop {
+            let next = if stop.load(Ordering::Relaxed) {
+                None
+            } else {
+                engine::next_push_after(
+                    store,
+                    wall_ms(),
+                    cfg.push_batch_records,
+                    cfg.push_batch_bytes,
+                    after,
+                )?
+            };
+            if let Some((req, handle)) = inflight.take() {
+                let (req, handle): (PushRequest, std::thread::ScopedJoinHandle<'_, _>) =
+                    (req, handle);
+                // A panic in the exchange thread is a bug: let it surface as one.
+                let exchanged: Result<(Message, Traffic), TransportError> = handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                let (answer, traffic) = exchanged?;
+                let Message::PushResponse(resp) = answer else {
+                    return Err(TransportError::Unexpected {
+                        sent: "push_request",
+                        got: answer.name(),
+                    }
+                    .into());
+                };
+                let s = engine::apply_push_results(
+                    store,
+                    PARENT,
+                    &req,
+                    &resp,
+                    (traffic.sent, traffic.received),
+                    wall_ms(),
+                )?;
+                report.bytes_sent += traffic.sent;
+                report.bytes_received += traffic.received;
+                settled += s.cleared + s.rejected;
+                report.pushed.add(&s);
+                info!(node = %policy.node_id, peer = PARENT, direction = "push", records = s.sent, accepted = s.accepted,
+                      rejected = s.rejected, conflicts = s.conflict, bytes = traffic.sent, "push batch acknowledged");
+            }
+            let Some((req, last)) = next else { break };
+            after = last;
+            let msg = Message::PushRequest(req.clone());
+            inflight = Some((req, scope.spawn(move || client.exchange("/v1/push", &msg))));
+        }
+        Ok(())
+    })?;
+    Ok(settled)
+}
+
 /// Sets up logging: journald under systemd, stderr otherwise.
 pub fn init_logging(default_level: &str) {
     use tracing_subscriber::layer::SubscriberExt;
@@ -156,12 +212,18 @@ pub fn init_logging(default_level: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
-            let _ = registry.with(journald.with_syslog_identifier("clinicsync".into())).try_init();
+            let _ = registry
+                .with(journald.with_syslog_identifier("clinicsync".into()))
+                .try_init();
             return;
         }
     }
     let _ = registry
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
         .try_init();
 }
 
@@ -212,7 +274,12 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             hex::decode_to_slice(&c.token_sha256, &mut h)?;
             children.push((c.node.clone(), h));
         }
-        let state = Arc::new(HubState::new(&cfg.node.store, policy.clone(), children, hub.max_message_bytes)?);
+        let state = Arc::new(HubState::new(
+            &cfg.node.store,
+            policy.clone(),
+            children,
+            hub.max_message_bytes,
+        )?);
         let listener = tokio::net::TcpListener::bind(&hub.listen).await?;
         info!(node = %cfg.node.id, listen = %listener.local_addr()?, children = hub.children.len(), "serving children");
         let mut rx = stop_rx.clone();
@@ -225,12 +292,20 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         }));
     }
     if let Some(parent) = &cfg.parent {
-        let token = crate::config::read_token(&parent.token_file)
-            .map_err(|e| anyhow::anyhow!("parent.token_file {}: {e}", parent.token_file.display()))?;
+        let token = crate::config::read_token(&parent.token_file).map_err(|e| {
+            anyhow::anyhow!("parent.token_file {}: {e}", parent.token_file.display())
+        })?;
         let client = HttpClient::new(&parent.url, token, cfg.timeout());
         let sync_cfg = cfg.sync.clone();
         let rx = stop_rx.clone();
-        tasks.push(tokio::spawn(sync_loop(store, policy, client, sync_cfg, stop.clone(), rx)));
+        tasks.push(tokio::spawn(sync_loop(
+            store,
+            policy,
+            client,
+            sync_cfg,
+            stop.clone(),
+            rx,
+        )));
     } else {
         drop(store);
     }
@@ -282,7 +357,9 @@ async fn sync_loop(
                 interval
             }
             Err(e) => {
-                let d = delays.next().unwrap_or(Duration::from_secs(cfg.backoff_max_secs));
+                let d = delays
+                    .next()
+                    .unwrap_or(Duration::from_secs(cfg.backoff_max_secs));
                 warn!(node = %shared.0.node_id, peer = PARENT, error = %e, retry_in_s = d.as_secs(), "sync failed");
                 d
             }

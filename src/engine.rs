@@ -26,12 +26,13 @@
 use serde::Serialize;
 
 use crate::model::{
-    merge_fields, Causality, Class, ContentHash, ModelError, RecordKey, Snapshot, Version, VersionVector,
+    merge_fields, Causality, Class, ContentHash, ModelError, RecordKey, Snapshot, Version,
+    VersionVector,
 };
 use crate::store::{PeerEvent, Stage, Store, StoreError, Tx};
 use crate::wire::{
-    FetchRequest, FetchResponse, FetchResult, Outcome, PullRequest, PullResponse, PushRequest, PushResponse,
-    PushResult, WireRecord,
+    FetchRequest, FetchResponse, FetchResult, Outcome, PullRequest, PullResponse, PushRequest,
+    PushResponse, PushResult, WireRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +88,9 @@ impl CatchmentRule {
                 })
                 .collect();
         }
-        values.iter().any(|v| v.as_str() == Some(self.equals.as_str()))
+        values
+            .iter()
+            .any(|v| v.as_str() == Some(self.equals.as_str()))
     }
 }
 
@@ -111,7 +114,10 @@ impl Policy {
         Policy {
             node_id: node_id.to_string(),
             has_parent,
-            known_kinds: crate::model::DEFAULT_KNOWN_KINDS.iter().map(|s| s.to_string()).collect(),
+            known_kinds: crate::model::DEFAULT_KNOWN_KINDS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             max_record_bytes: 1 << 20,
             catchment: Vec::new(),
             max_page_records: 5_000,
@@ -132,7 +138,8 @@ pub fn retry_delay_ms(attempts: u32, permanent: bool) -> u64 {
     } else {
         (30_000u64, 3_600_000u64)
     };
-    base.saturating_mul(1u64 << attempts.saturating_sub(1).min(20)).min(cap)
+    base.saturating_mul(1u64 << attempts.saturating_sub(1).min(20))
+        .min(cap)
 }
 
 /// How a version fared when it met the current one.
@@ -141,11 +148,20 @@ pub enum Integrated {
     Accepted,
     Duplicate,
     Stale,
-    Conflict { resolution: String, result: Box<Version> },
+    Conflict {
+        resolution: String,
+        result: Box<Version>,
+    },
 }
 
 /// Integrates one version into the replica: the single place where versions meet.
-fn integrate(tx: &mut Tx<'_>, incoming: &Version, source: &str, from_upstream: bool, now_ms: u64) -> Result<Integrated> {
+fn integrate(
+    tx: &mut Tx<'_>,
+    incoming: &Version,
+    source: &str,
+    from_upstream: bool,
+    now_ms: u64,
+) -> Result<Integrated> {
     tx.observe(incoming.hlc, now_ms)?;
     let key = incoming.key().clone();
     let Some(current) = tx.current(&key)? else {
@@ -153,7 +169,8 @@ fn integrate(tx: &mut Tx<'_>, incoming: &Version, source: &str, from_upstream: b
         return Ok(Integrated::Accepted);
     };
     let local = current.version;
-    let same_content = local.snapshot.hash == incoming.snapshot.hash && local.deleted == incoming.deleted;
+    let same_content =
+        local.snapshot.hash == incoming.snapshot.hash && local.deleted == incoming.deleted;
     match incoming.vv.compare(&local.vv) {
         Causality::Same if same_content => Ok(Integrated::Duplicate),
         Causality::Newer => {
@@ -171,7 +188,14 @@ fn integrate(tx: &mut Tx<'_>, incoming: &Version, source: &str, from_upstream: b
                 store_version(tx, &result, source, "resolved", now_ms)?;
             }
             tx.add_conflict(&key, &local, incoming, &resolution, &result.vv, now_ms)?;
-            tx.audit(now_ms, source, "conflict", &key.to_string(), &result.snapshot.hash.short(), &resolution)?;
+            tx.audit(
+                now_ms,
+                source,
+                "conflict",
+                &key.to_string(),
+                &result.snapshot.hash.short(),
+                &resolution,
+            )?;
             Ok(Integrated::Conflict {
                 resolution,
                 result: Box::new(result),
@@ -180,12 +204,25 @@ fn integrate(tx: &mut Tx<'_>, incoming: &Version, source: &str, from_upstream: b
     }
 }
 
-fn store_version(tx: &mut Tx<'_>, v: &Version, source: &str, outcome: &str, now_ms: u64) -> Result<u64> {
+fn store_version(
+    tx: &mut Tx<'_>,
+    v: &Version,
+    source: &str,
+    outcome: &str,
+    now_ms: u64,
+) -> Result<u64> {
     let seq = tx.put_current(v, now_ms)?;
     tx.remember(v, source, outcome, now_ms)?;
     let action = if v.deleted { "delete" } else { "write" };
     let detail = format!("origin={} vv={}", v.origin, v.vv);
-    tx.audit(now_ms, source, action, &v.key().to_string(), &v.snapshot.hash.short(), &detail)?;
+    tx.audit(
+        now_ms,
+        source,
+        action,
+        &v.key().to_string(),
+        &v.snapshot.hash.short(),
+        &detail,
+    )?;
     Ok(seq)
 }
 
@@ -203,19 +240,33 @@ fn resolve(
     if local.snapshot.class == Class::Metadata {
         // Metadata is authoritative upstream: take the upstream version as it is.
         return Ok(if from_upstream {
-            ("metadata: the parent's version wins (root authority)".into(), remote.clone())
+            (
+                "metadata: the parent's version wins (root authority)".into(),
+                remote.clone(),
+            )
         } else {
-            ("metadata: this node's version wins (root authority)".into(), local.clone())
+            (
+                "metadata: this node's version wins (root authority)".into(),
+                local.clone(),
+            )
         });
     }
     if !local.deleted && !remote.deleted {
         let ancestor_vv = local.vv.meet(&remote.vv);
         if let Some(ancestor) = tx.version_by_vv(local.key(), &ancestor_vv)? {
-            if let Some(merged) = merge_fields(&ancestor.snapshot.json(), &local.snapshot.json(), &remote.snapshot.json()) {
+            if let Some(merged) = merge_fields(
+                &ancestor.snapshot.json(),
+                &local.snapshot.json(),
+                &remote.snapshot.json(),
+            ) {
                 let snapshot = Snapshot::from_json_value(merged)
                     .map_err(|e| EngineError::Invalid(format!("merged {}: {e}", local.key())))?;
-                let changed_l = crate::model::changed_fields(&ancestor.snapshot.json(), &local.snapshot.json());
-                let changed_r = crate::model::changed_fields(&ancestor.snapshot.json(), &remote.snapshot.json());
+                let changed_l =
+                    crate::model::changed_fields(&ancestor.snapshot.json(), &local.snapshot.json());
+                let changed_r = crate::model::changed_fields(
+                    &ancestor.snapshot.json(),
+                    &remote.snapshot.json(),
+                );
                 let hlc = tx.tick(now_ms)?;
                 return Ok((
                     format!(
@@ -245,7 +296,11 @@ fn resolve(
     };
     // Equal vectors with different content cannot be ordered by the vector, so the
     // result must be a new write that both sides will see as newer.
-    let vv = if local.vv == remote.vv { join.bumped(&me) } else { join };
+    let vv = if local.vv == remote.vv {
+        join.bumped(&me)
+    } else {
+        join
+    };
     Ok((
         format!(
             "{}'s version kept (later clock); {}'s version kept for review",
@@ -289,7 +344,12 @@ pub struct LocalWrite {
 }
 
 /// Writes resources as the local EMR (embedded mode): one transaction for all of them.
-pub fn write_local(store: &mut Store, policy: &Policy, items: Vec<(Snapshot, bool)>, now_ms: u64) -> Result<Vec<LocalWrite>> {
+pub fn write_local(
+    store: &mut Store,
+    policy: &Policy,
+    items: Vec<(Snapshot, bool)>,
+    now_ms: u64,
+) -> Result<Vec<LocalWrite>> {
     let mut tx = store.begin()?;
     let me = policy.node_id.clone();
     let mut out = Vec::with_capacity(items.len());
@@ -305,7 +365,9 @@ pub fn write_local(store: &mut Store, policy: &Policy, items: Vec<(Snapshot, boo
                 continue;
             }
         } else if deleted {
-            return Err(EngineError::Invalid(format!("{key} does not exist here, nothing to delete")));
+            return Err(EngineError::Invalid(format!(
+                "{key} does not exist here, nothing to delete"
+            )));
         }
         let vv = current
             .as_ref()
@@ -337,12 +399,19 @@ pub fn write_local(store: &mut Store, policy: &Policy, items: Vec<(Snapshot, boo
 }
 
 /// Why a pushed record is refused, before it touches the store.
-fn validate(policy: &Policy, child: &str, rec: WireRecord) -> std::result::Result<Version, (String, bool)> {
+fn validate(
+    policy: &Policy,
+    child: &str,
+    rec: WireRecord,
+) -> std::result::Result<Version, (String, bool)> {
     if let Err(e) = RecordKey::new(&rec.kind, &rec.id) {
         return Err((e.to_string(), true));
     }
     if !policy.accepts_kind(&rec.kind) {
-        return Err((format!("unknown kind {:?}: this hub does not accept it", rec.kind), true));
+        return Err((
+            format!("unknown kind {:?}: this hub does not accept it", rec.kind),
+            true,
+        ));
     }
     if rec.body.len() > policy.max_record_bytes {
         return Err((
@@ -357,7 +426,9 @@ fn validate(policy: &Policy, child: &str, rec: WireRecord) -> std::result::Resul
     if rec.vv.0.is_empty() || rec.origin.is_empty() {
         return Err(("record has no version vector or origin".into(), true));
     }
-    let version = rec.into_version().map_err(|e| (format!("malformed resource: {e}"), true))?;
+    let version = rec
+        .into_version()
+        .map_err(|e| (format!("malformed resource: {e}"), true))?;
     if version.snapshot.class == Class::Metadata {
         return Err((
             format!(
@@ -382,7 +453,13 @@ fn validate(policy: &Policy, child: &str, rec: WireRecord) -> std::result::Resul
 }
 
 /// Parent side of a push: integrates each record independently, in one transaction.
-pub fn handle_push(store: &mut Store, policy: &Policy, child: &str, req: PushRequest, now_ms: u64) -> Result<PushResponse> {
+pub fn handle_push(
+    store: &mut Store,
+    policy: &Policy,
+    child: &str,
+    req: PushRequest,
+    now_ms: u64,
+) -> Result<PushResponse> {
     if req.node != child {
         return Err(EngineError::Forbidden(format!(
             "authenticated as {child} but the push claims to come from {}",
@@ -392,12 +469,19 @@ pub fn handle_push(store: &mut Store, policy: &Policy, child: &str, req: PushReq
     let source = format!("push:{child}");
     let mut tx = store.begin()?;
     let mut results = Vec::with_capacity(req.records.len());
-    for rec in req.records {
+    let mut held: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for (i, rec) in req.records.into_iter().enumerate() {
         let (kind, id, vv) = (rec.kind.clone(), rec.id.clone(), rec.vv.clone());
-        let hash = ContentHash::of(rec.body.as_bytes()).0.to_vec();
         let outcome = match validate(policy, child, rec) {
             Err((reason, permanent)) => {
-                tx.audit(now_ms, &source, "reject", &format!("{kind}/{id}"), "", &reason)?;
+                tx.audit(
+                    now_ms,
+                    &source,
+                    "reject",
+                    &format!("{kind}/{id}"),
+                    "",
+                    &reason,
+                )?;
                 Outcome::Rejected { reason, permanent }
             }
             Ok(version) => {
@@ -415,7 +499,9 @@ pub fn handle_push(store: &mut Store, policy: &Policy, child: &str, req: PushReq
                 }
                 if let Some(p) = &version.snapshot.patient {
                     // A clinic that writes for a patient holds that patient from now on.
-                    tx.add_to_catchment(child, p, "registered")?;
+                    if held.insert(p.clone()) {
+                        tx.add_to_catchment(child, p, "registered")?;
+                    }
                 }
                 match integrated {
                     Integrated::Accepted => Outcome::Accepted,
@@ -426,10 +512,8 @@ pub fn handle_push(store: &mut Store, policy: &Policy, child: &str, req: PushReq
             }
         };
         results.push(PushResult {
-            kind,
-            id,
+            i: i as u32,
             vv,
-            hash,
             outcome,
         });
     }
@@ -438,7 +522,12 @@ pub fn handle_push(store: &mut Store, policy: &Policy, child: &str, req: PushReq
 }
 
 /// Parent side of a pull: the next page of what this child may see.
-pub fn handle_pull(store: &Store, policy: &Policy, child: &str, req: &PullRequest) -> Result<PullResponse> {
+pub fn handle_pull(
+    store: &Store,
+    policy: &Policy,
+    child: &str,
+    req: &PullRequest,
+) -> Result<PullResponse> {
     if req.node != child {
         return Err(EngineError::Forbidden(format!(
             "authenticated as {child} but the pull asks for {}",
@@ -452,12 +541,15 @@ pub fn handle_pull(store: &Store, policy: &Policy, child: &str, req: &PullReques
         (req.max_bytes as usize).clamp(1, policy.max_page_bytes),
         req.include_own,
     )?;
-    let head = store.counts()?.head_seq;
     Ok(PullResponse {
-        records: page.records.iter().map(|s| WireRecord::from_version(&s.version)).collect(),
+        records: page
+            .records
+            .iter()
+            .map(|s| WireRecord::from_version(&s.version))
+            .collect(),
         next: page.next,
         more: page.more,
-        head,
+        head: page.head,
     })
 }
 
@@ -490,7 +582,9 @@ pub fn handle_fetch(store: &Store, child: &str, req: &FetchRequest) -> Result<Fe
         };
         if let Some(p) = &stored.version.snapshot.patient {
             if !store.in_catchment(child, p)? {
-                results.push(refuse(format!("Patient/{p} is not in the catchment of {child}")));
+                results.push(refuse(format!(
+                    "Patient/{p} is not in the catchment of {child}"
+                )));
                 continue;
             }
         }
@@ -505,15 +599,39 @@ pub fn handle_fetch(store: &Store, child: &str, req: &FetchRequest) -> Result<Fe
 }
 
 /// Child side: the next batch to push, or `None` when nothing is due.
-pub fn next_push(store: &Store, now_ms: u64, max_records: usize, max_bytes: usize) -> Result<Option<PushRequest>> {
-    let batch = store.outbox_batch(now_ms, max_records, max_bytes)?;
+pub fn next_push(
+    store: &Store,
+    now_ms: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<Option<PushRequest>> {
+    Ok(next_push_after(store, now_ms, max_records, max_bytes, 0)?.map(|(req, _)| req))
+}
+
+/// Like [`next_push`], but only records queued after position `after` (so a batch
+/// can be built while the previous one is still in flight). Returns the batch and
+/// the queue position of its last record.
+pub fn next_push_after(
+    store: &Store,
+    now_ms: u64,
+    max_records: usize,
+    max_bytes: usize,
+    after: u64,
+) -> Result<Option<(PushRequest, u64)>> {
+    let (batch, last) = store.outbox_batch(now_ms, max_records, max_bytes, after)?;
     if batch.is_empty() {
         return Ok(None);
     }
-    Ok(Some(PushRequest {
-        node: store.node_id().to_string(),
-        records: batch.iter().map(|s| WireRecord::from_version(&s.version)).collect(),
-    }))
+    Ok(Some((
+        PushRequest {
+            node: store.node_id().to_string(),
+            records: batch
+                .iter()
+                .map(|s| WireRecord::from_version(&s.version))
+                .collect(),
+        },
+        last,
+    )))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -555,18 +673,24 @@ pub fn apply_push_results(
     };
     let mut tx = store.begin()?;
     for r in &resp.results {
-        let Ok(key) = RecordKey::new(&r.kind, &r.id) else { continue };
-        let Some(hash) = r.content_hash() else { continue };
-        if !sent.records.iter().any(|s| s.kind == r.kind && s.id == r.id) {
-            // The parent answered for something we did not send: ignore it.
+        // An answer for something we did not send is ignored.
+        let Some(rec) = sent.records.get(r.i as usize) else {
+            continue;
+        };
+        if rec.vv != r.vv {
             continue;
         }
+        let Ok(key) = RecordKey::new(&rec.kind, &rec.id) else {
+            continue;
+        };
+        let hash = ContentHash::of(rec.body.as_bytes());
         match &r.outcome {
             Outcome::Rejected { reason, permanent } => {
                 summary.rejected += 1;
-                let attempts = tx.quarantine(&key, Stage::Push, reason, *permanent, now_ms, |n| {
-                    retry_delay_ms(n, *permanent)
-                })?;
+                let attempts =
+                    tx.quarantine(&key, Stage::Push, reason, *permanent, now_ms, |n| {
+                        retry_delay_ms(n, *permanent)
+                    })?;
                 tx.audit(
                     now_ms,
                     &format!("push:{parent}"),
@@ -587,18 +711,37 @@ pub fn apply_push_results(
                     summary.cleared += 1;
                 }
                 if tx.release(&key, Stage::Push)? {
-                    tx.audit(now_ms, &format!("push:{parent}"), "release", &key.to_string(), &hash.short(), other.name())?;
+                    tx.audit(
+                        now_ms,
+                        &format!("push:{parent}"),
+                        "release",
+                        &key.to_string(),
+                        &hash.short(),
+                        other.name(),
+                    )?;
                 }
             }
         }
     }
-    tx.note_peer(parent, PeerEvent::PushOk { sent: bytes.0, received: bytes.1 }, now_ms)?;
+    tx.note_peer(
+        parent,
+        PeerEvent::PushOk {
+            sent: bytes.0,
+            received: bytes.1,
+        },
+        now_ms,
+    )?;
     tx.commit()?;
     Ok(summary)
 }
 
 /// Child side: the pull request for the next page from `parent`.
-pub fn pull_request(store: &Store, parent: &str, max_records: u32, max_bytes: u64) -> Result<PullRequest> {
+pub fn pull_request(
+    store: &Store,
+    parent: &str,
+    max_records: u32,
+    max_bytes: u64,
+) -> Result<PullRequest> {
     let (cursor, _) = store.cursor(parent)?;
     // A store with no cursor and nothing of its own is new or wiped: it needs its
     // own records back too.
@@ -614,7 +757,13 @@ pub fn pull_request(store: &Store, parent: &str, max_records: u32, max_bytes: u6
 
 /// Child side: stores a pulled page in the inbox and advances the cursor, together.
 /// Returns how many records entered the inbox.
-pub fn store_pull(store: &mut Store, parent: &str, resp: &PullResponse, bytes: (u64, u64), now_ms: u64) -> Result<usize> {
+pub fn store_pull(
+    store: &mut Store,
+    parent: &str,
+    resp: &PullResponse,
+    bytes: (u64, u64),
+    now_ms: u64,
+) -> Result<usize> {
     let mut tx = store.begin()?;
     let mut n = 0;
     for rec in &resp.records {
@@ -628,12 +777,26 @@ pub fn store_pull(store: &mut Store, parent: &str, resp: &PullResponse, bytes: (
                 // Our parent runs our code; a record we cannot read is a bug to report,
                 // not a reason to stop the page.
                 tracing::warn!(record = %label, error = %e, "unreadable record from parent");
-                tx.audit(now_ms, &format!("pull:{parent}"), "refuse", &label, "", &e.to_string())?;
+                tx.audit(
+                    now_ms,
+                    &format!("pull:{parent}"),
+                    "refuse",
+                    &label,
+                    "",
+                    &e.to_string(),
+                )?;
             }
         }
     }
     tx.set_cursor(parent, resp.next, resp.head, now_ms)?;
-    tx.note_peer(parent, PeerEvent::PullOk { sent: bytes.0, received: bytes.1 }, now_ms)?;
+    tx.note_peer(
+        parent,
+        PeerEvent::PullOk {
+            sent: bytes.0,
+            received: bytes.1,
+        },
+        now_ms,
+    )?;
     tx.commit()?;
     Ok(n)
 }
@@ -670,7 +833,9 @@ pub fn apply_inbox(store: &mut Store, policy: &Policy, now_ms: u64) -> Result<Ap
                     summary.conflict += 1;
                     if v.snapshot.class == Class::Metadata {
                         tx.remove_from_outbox(v.key())?;
-                    } else if policy.has_parent && (result.vv != v.vv || result.snapshot.hash != v.snapshot.hash) {
+                    } else if policy.has_parent
+                        && (result.vv != v.vv || result.snapshot.hash != v.snapshot.hash)
+                    {
                         // The parent must learn the resolution, or its next edit would
                         // look concurrent with ours again.
                         tx.enqueue(v.key(), now_ms)?;
@@ -685,7 +850,12 @@ pub fn apply_inbox(store: &mut Store, policy: &Policy, now_ms: u64) -> Result<Ap
 }
 
 /// Applies records fetched on demand exactly like pulled ones.
-pub fn store_fetched(store: &mut Store, parent: &str, resp: &FetchResponse, now_ms: u64) -> Result<usize> {
+pub fn store_fetched(
+    store: &mut Store,
+    parent: &str,
+    resp: &FetchResponse,
+    now_ms: u64,
+) -> Result<usize> {
     let mut tx = store.begin()?;
     let mut n = 0;
     for r in &resp.results {
@@ -759,7 +929,13 @@ mod tests {
     #[test]
     fn the_same_push_twice_changes_nothing_the_second_time() {
         let mut n = net();
-        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1"})), false)], 10).unwrap();
+        write_local(
+            &mut n.a,
+            &n.a_p,
+            vec![(snap(json!({"resourceType":"Patient","id":"p1"})), false)],
+            10,
+        )
+        .unwrap();
         let req = next_push(&n.a, 10, 100, 1 << 20).unwrap().unwrap();
         let first = handle_push(&mut n.hub, &n.hub_p, "a", req.clone(), 11).unwrap();
         let before = n.hub.counts().unwrap();
@@ -767,17 +943,38 @@ mod tests {
         let after = n.hub.counts().unwrap();
         assert_eq!(first.results[0].outcome, Outcome::Accepted);
         assert_eq!(second.results[0].outcome, Outcome::Duplicate);
-        assert_eq!((before.head_seq, before.audit), (after.head_seq, after.audit));
+        assert_eq!(
+            (before.head_seq, before.audit),
+            (after.head_seq, after.audit)
+        );
     }
 
     #[test]
     fn an_ack_for_an_older_version_keeps_the_newer_edit_queued() {
         let mut n = net();
-        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"male"})), false)], 10).unwrap();
+        write_local(
+            &mut n.a,
+            &n.a_p,
+            vec![(
+                snap(json!({"resourceType":"Patient","id":"p1","gender":"male"})),
+                false,
+            )],
+            10,
+        )
+        .unwrap();
         let req = next_push(&n.a, 10, 100, 1 << 20).unwrap().unwrap();
         let resp = handle_push(&mut n.hub, &n.hub_p, "a", req.clone(), 11).unwrap();
         // Edited while the push was in flight.
-        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"female"})), false)], 12).unwrap();
+        write_local(
+            &mut n.a,
+            &n.a_p,
+            vec![(
+                snap(json!({"resourceType":"Patient","id":"p1","gender":"female"})),
+                false,
+            )],
+            12,
+        )
+        .unwrap();
         let s = apply_push_results(&mut n.a, "hub", &req, &resp, (0, 0), 13).unwrap();
         assert_eq!(s.cleared, 0);
         assert_eq!(n.a.counts().unwrap().outbox, 1);
@@ -798,7 +995,10 @@ mod tests {
         let key = RecordKey::new("Patient", "p1").unwrap();
         let hub = n.hub.current(&key).unwrap().unwrap().version;
         let a = n.a.current(&key).unwrap().unwrap().version;
-        assert_eq!(hub.snapshot.json(), json!({"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1991-01-01"}));
+        assert_eq!(
+            hub.snapshot.json(),
+            json!({"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1991-01-01"})
+        );
         assert_eq!(a.snapshot.hash, hub.snapshot.hash);
         assert_eq!(a.vv, hub.vv);
         assert_eq!(n.hub.conflicts_list(false, None).unwrap().len(), 1);
@@ -807,10 +1007,37 @@ mod tests {
     #[test]
     fn a_concurrent_edit_of_the_same_field_keeps_both_versions() {
         let mut n = net();
-        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"male"})), false)], 10).unwrap();
+        write_local(
+            &mut n.a,
+            &n.a_p,
+            vec![(
+                snap(json!({"resourceType":"Patient","id":"p1","gender":"male"})),
+                false,
+            )],
+            10,
+        )
+        .unwrap();
         push(&mut n, 11);
-        write_local(&mut n.hub, &n.hub_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"female"})), false)], 20).unwrap();
-        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Patient","id":"p1","gender":"other"})), false)], 12).unwrap();
+        write_local(
+            &mut n.hub,
+            &n.hub_p,
+            vec![(
+                snap(json!({"resourceType":"Patient","id":"p1","gender":"female"})),
+                false,
+            )],
+            20,
+        )
+        .unwrap();
+        write_local(
+            &mut n.a,
+            &n.a_p,
+            vec![(
+                snap(json!({"resourceType":"Patient","id":"p1","gender":"other"})),
+                false,
+            )],
+            12,
+        )
+        .unwrap();
         push(&mut n, 21);
         let c = &n.hub.conflicts_list(true, None).unwrap()[0];
         assert_eq!(c.local_body.as_ref().unwrap()["gender"], "female");
@@ -818,23 +1045,36 @@ mod tests {
         // The hub's edit has the later clock and wins everywhere.
         pull(&mut n, 22);
         let key = RecordKey::new("Patient", "p1").unwrap();
-        assert_eq!(n.a.current(&key).unwrap().unwrap().version.snapshot.json()["gender"], "female");
+        assert_eq!(
+            n.a.current(&key).unwrap().unwrap().version.snapshot.json()["gender"],
+            "female"
+        );
     }
 
     #[test]
     fn metadata_from_a_child_is_rejected_and_quarantined() {
         let mut n = net();
-        write_local(&mut n.a, &n.a_p, vec![(snap(json!({"resourceType":"Location","id":"l1"})), false)], 10).unwrap();
+        write_local(
+            &mut n.a,
+            &n.a_p,
+            vec![(snap(json!({"resourceType":"Location","id":"l1"})), false)],
+            10,
+        )
+        .unwrap();
         let (_, resp, s) = push(&mut n, 11);
         assert_eq!(s.rejected, 1);
         match &resp.results[0].outcome {
-            Outcome::Rejected { reason, .. } => assert!(reason.contains("authoritative"), "{reason}"),
+            Outcome::Rejected { reason, .. } => {
+                assert!(reason.contains("authoritative"), "{reason}")
+            }
             o => panic!("{o:?}"),
         }
         assert_eq!(n.a.quarantine_list().unwrap().len(), 1);
         // Quarantined until its retry time: not sent again right away.
         assert!(next_push(&n.a, 12, 100, 1 << 20).unwrap().is_none());
-        assert!(next_push(&n.a, 11 + retry_delay_ms(1, true), 100, 1 << 20).unwrap().is_some());
+        assert!(next_push(&n.a, 11 + retry_delay_ms(1, true), 100, 1 << 20)
+            .unwrap()
+            .is_some());
     }
 
     #[test]
@@ -843,7 +1083,13 @@ mod tests {
         // The hub holds p1 and its encounter, outside a's catchment.
         let p = json!({"resourceType":"Patient","id":"p1","address":[{"district":"South"}]});
         write_local(&mut n.hub, &n.hub_p, vec![(snap(p), false), (snap(json!({"resourceType":"Encounter","id":"e1","subject":{"reference":"Patient/p1"}})), false)], 10).unwrap();
-        write_local(&mut n.hub, &n.hub_p, vec![(snap(json!({"resourceType":"Location","id":"l1"})), false)], 10).unwrap();
+        write_local(
+            &mut n.hub,
+            &n.hub_p,
+            vec![(snap(json!({"resourceType":"Location","id":"l1"})), false)],
+            10,
+        )
+        .unwrap();
         let r = pull(&mut n, 11);
         assert_eq!(r.records.len(), 1, "only metadata is visible");
         // The patient moves into a's district.

@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -79,7 +79,10 @@ impl HubState {
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// The hex SHA-256 of a credential, as it goes into `hub.children`.
@@ -88,13 +91,13 @@ pub fn token_hash(token: &str) -> String {
 }
 
 pub fn router(state: Arc<HubState>) -> Router {
-    let limit = state.limits.max_compressed;
     Router::new()
         .route("/v1/health", get(|| async { "ok\n" }))
         .route("/v1/push", post(push))
         .route("/v1/pull", post(pull))
         .route("/v1/fetch", post(fetch))
-        .layer(DefaultBodyLimit::max(limit))
+        // Our own reader enforces the limit (see `read_body`).
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -112,7 +115,12 @@ pub async fn serve(
 fn text(status: StatusCode, msg: impl Into<String>) -> Response {
     let mut body = msg.into();
     body.push('\n');
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 fn wire_error(e: WireError) -> Response {
@@ -127,7 +135,10 @@ fn engine_error(e: EngineError) -> Response {
     match e {
         EngineError::Forbidden(m) => text(StatusCode::FORBIDDEN, m),
         EngineError::Invalid(m) => text(StatusCode::BAD_REQUEST, m),
-        e if e.is_retryable() => text(StatusCode::SERVICE_UNAVAILABLE, format!("store busy, retry later: {e}")),
+        e if e.is_retryable() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store busy, retry later: {e}"),
+        ),
         e => {
             tracing::error!(error = %e, "hub failed to handle a request");
             text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -137,16 +148,30 @@ fn engine_error(e: EngineError) -> Response {
 
 fn reply(msg: &Message) -> Response {
     match wire::encode(msg) {
-        Ok(bytes) => (StatusCode::OK, [(header::CONTENT_TYPE, wire::CONTENT_TYPE)], bytes).into_response(),
+        Ok(bytes) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, wire::CONTENT_TYPE)],
+            bytes,
+        )
+            .into_response(),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
 /// Authenticates and decodes; answers the error response on failure.
-fn admit(state: &HubState, headers: &HeaderMap, body: &[u8]) -> Result<(String, Message), Response> {
+// The error is the finished HTTP answer; boxing it would buy nothing on this path.
+#[allow(clippy::result_large_err)]
+fn admit(
+    state: &HubState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(String, Message), Response> {
     let child = state.authenticate(headers).ok_or_else(|| {
         tracing::warn!("request with a missing or unknown credential");
-        text(StatusCode::UNAUTHORIZED, "missing or unknown credential (Authorization: Bearer <token>)")
+        text(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown credential (Authorization: Bearer <token>)",
+        )
     })?;
     let msg = wire::decode(body, &state.limits).map_err(|e| {
         tracing::warn!(peer = %child, error = %e, "undecodable request");
@@ -159,9 +184,52 @@ async fn blocking<F>(f: F) -> Response
 where
     F: FnOnce() -> Response + Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| text(StatusCode::INTERNAL_SERVER_ERROR, format!("handler failed: {e}")))
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("handler failed: {e}"),
+        )
+    })
+}
+
+/// Reads a request body of at most `limit` bytes. An oversized body is still read
+/// (and dropped) up to a bound, so the client receives the 413 instead of a reset
+/// connection; past the bound the connection is closed.
+#[allow(clippy::result_large_err)]
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+    use http_body_util::BodyExt;
+    let drain_bound = limit.saturating_mul(4).max(limit + (8 << 20));
+    let mut body = body;
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                return Err(text(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body could not be read: {e}"),
+                ))
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen <= limit {
+                buf.extend_from_slice(&data);
+            } else if seen > drain_bound {
+                break;
+            }
+        }
+    }
+    if seen > limit {
+        return Err(text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body is over the length limit of {limit} bytes (hub.max_message_bytes)"
+            ),
+        ));
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn wrong(expected: &str, got: &Message) -> Response {
@@ -171,7 +239,11 @@ fn wrong(expected: &str, got: &Message) -> Response {
     )
 }
 
-async fn push(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn push(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(body, state.limits.max_compressed).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     blocking(move || {
         let (child, msg) = match admit(&state, &headers, &body) {
             Ok(x) => x,
@@ -198,7 +270,11 @@ async fn push(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Byte
     .await
 }
 
-async fn pull(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn pull(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(body, state.limits.max_compressed).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     blocking(move || {
         let (child, msg) = match admit(&state, &headers, &body) {
             Ok(x) => x,
@@ -219,7 +295,11 @@ async fn pull(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Byte
     .await
 }
 
-async fn fetch(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn fetch(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(body, state.limits.max_compressed).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     blocking(move || {
         let (child, msg) = match admit(&state, &headers, &body) {
             Ok(x) => x,
@@ -232,7 +312,11 @@ async fn fetch(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Byt
         match engine::handle_fetch(&store, &child, &req) {
             Ok(resp) => {
                 if resp.results.iter().all(|r| r.record.is_none()) {
-                    let why: Vec<String> = resp.results.iter().filter_map(|r| r.refused.clone()).collect();
+                    let why: Vec<String> = resp
+                        .results
+                        .iter()
+                        .filter_map(|r| r.refused.clone())
+                        .collect();
                     tracing::warn!(peer = %child, refused = %why.join("; "), "fetch refused");
                     return text(StatusCode::FORBIDDEN, why.join("; "));
                 }

@@ -199,7 +199,9 @@ fn valid_id(id: &str) -> bool {
 
 /// A hybrid logical clock stamp: wall milliseconds, then a counter for stamps that
 /// share a millisecond. Ordered lexicographically.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Hlc {
     pub wall_ms: u64,
     pub counter: u32,
@@ -555,14 +557,28 @@ mod tests {
         let t1 = Hlc::tick(Hlc::default(), 1000);
         let t2 = Hlc::tick(t1, 900);
         assert!(t2 > t1);
-        let t3 = Hlc::observe(t2, Hlc { wall_ms: 5000, counter: 7 }, 1200);
-        assert!(t3 > Hlc { wall_ms: 5000, counter: 7 });
+        let t3 = Hlc::observe(
+            t2,
+            Hlc {
+                wall_ms: 5000,
+                counter: 7,
+            },
+            1200,
+        );
+        assert!(
+            t3 > Hlc {
+                wall_ms: 5000,
+                counter: 7
+            }
+        );
     }
 
     #[test]
     fn canonical_form_ignores_key_order_and_server_stamps() {
         let a = Snapshot::from_json_value(json!({"resourceType":"Patient","id":"p1","gender":"female","meta":{"versionId":"17","lastUpdated":"2026-01-01T00:00:00Z"}})).unwrap();
-        let b = Snapshot::from_json_bytes(br#"{"gender":"female","id":"p1","resourceType":"Patient"}"#).unwrap();
+        let b =
+            Snapshot::from_json_bytes(br#"{"gender":"female","id":"p1","resourceType":"Patient"}"#)
+                .unwrap();
         assert_eq!(a.hash, b.hash);
         assert_eq!(a.body, b.body);
         assert_eq!(a.patient.as_deref(), Some("p1"));
@@ -570,7 +586,10 @@ mod tests {
 
     #[test]
     fn clinical_records_derive_their_patient() {
-        let obs = Snapshot::from_json_value(json!({"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p9"}})).unwrap();
+        let obs = Snapshot::from_json_value(
+            json!({"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p9"}}),
+        )
+        .unwrap();
         assert_eq!(obs.class, Class::Clinical);
         assert_eq!(obs.patient.as_deref(), Some("p9"));
         let allergy = Snapshot::from_json_value(json!({"resourceType":"AllergyIntolerance","id":"x","patient":{"reference":"http://h/fhir/Patient/p3"}})).unwrap();
@@ -582,12 +601,24 @@ mod tests {
 
     #[test]
     fn bad_keys_are_refused_with_the_offending_value() {
-        assert_eq!(RecordKey::new("patient", "x"), Err(ModelError::BadKind("patient".into())));
-        assert_eq!(RecordKey::new("Patient", "a b"), Err(ModelError::BadId("a b".into())));
+        assert_eq!(
+            RecordKey::new("patient", "x"),
+            Err(ModelError::BadKind("patient".into()))
+        );
+        assert_eq!(
+            RecordKey::new("Patient", "a b"),
+            Err(ModelError::BadId("a b".into()))
+        );
         assert!(RecordKey::new("openmrs:concept", "1234-abcd").is_ok());
         assert!(RecordKey::parse("Patient").is_err());
-        assert_eq!(Snapshot::from_json_bytes(b"[1]"), Err(ModelError::NotObject));
-        assert_eq!(Snapshot::from_json_bytes(br#"{"id":"x"}"#), Err(ModelError::NoResourceType));
+        assert_eq!(
+            Snapshot::from_json_bytes(b"[1]"),
+            Err(ModelError::NotObject)
+        );
+        assert_eq!(
+            Snapshot::from_json_bytes(br#"{"id":"x"}"#),
+            Err(ModelError::NoResourceType)
+        );
     }
 
     #[test]
@@ -595,10 +626,16 @@ mod tests {
         let base = json!({"a":1,"b":1,"c":1});
         let left = json!({"a":2,"b":1,"c":1});
         let right = json!({"a":1,"b":3,"c":1,"d":4});
-        assert_eq!(merge_fields(&base, &left, &right), Some(json!({"a":2,"b":3,"c":1,"d":4})));
+        assert_eq!(
+            merge_fields(&base, &left, &right),
+            Some(json!({"a":2,"b":3,"c":1,"d":4}))
+        );
         let clash = json!({"a":5,"b":1,"c":1});
         assert_eq!(merge_fields(&base, &left, &clash), None);
         let removed = json!({"a":1,"b":1});
-        assert_eq!(merge_fields(&base, &left, &removed), Some(json!({"a":2,"b":1})));
+        assert_eq!(
+            merge_fields(&base, &left, &removed),
+            Some(json!({"a":2,"b":1}))
+        );
     }
 }

@@ -257,7 +257,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("node_id", &self.node_id).finish()
+        f.debug_struct("Store")
+            .field("node_id", &self.node_id)
+            .finish()
     }
 }
 
@@ -282,10 +284,13 @@ impl Store {
         }
         let conn = Connection::open(path)?;
         let node: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| {
+                r.get(0)
+            })
             .optional()
             .unwrap_or(None);
-        let node = node.ok_or_else(|| StoreError::Corrupt(format!("{} has no node id", path.display())))?;
+        let node =
+            node.ok_or_else(|| StoreError::Corrupt(format!("{} has no node id", path.display())))?;
         Store::init(conn, &node)
     }
 
@@ -298,8 +303,11 @@ impl Store {
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)",
             [],
         )?;
-        let current: i64 =
-            conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+        let current: i64 = conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?;
         if current > SCHEMA_VERSION {
             return Err(StoreError::NewerSchema {
                 found: current,
@@ -316,7 +324,9 @@ impl Store {
             tx.commit()?;
         }
         let stored: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| {
+                r.get(0)
+            })
             .optional()?;
         match stored {
             Some(s) if s != node_id => {
@@ -327,7 +337,10 @@ impl Store {
             }
             Some(_) => {}
             None => {
-                conn.execute("INSERT INTO meta(key, value) VALUES ('node_id', ?1)", [node_id])?;
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('node_id', ?1)",
+                    [node_id],
+                )?;
             }
         }
         Ok(Store {
@@ -341,14 +354,18 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self
-            .conn
-            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?)
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?)
     }
 
     /// Starts a write transaction. Dropping the `Tx` without commit rolls back.
     pub fn begin(&mut self) -> Result<Tx<'_>> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         Ok(Tx {
             tx,
             node_id: &self.node_id,
@@ -376,7 +393,9 @@ impl Store {
     }
 
     pub fn counts(&self) -> Result<Counts> {
-        let q = |sql: &str| -> Result<u64> { Ok(self.conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64) };
+        let q = |sql: &str| -> Result<u64> {
+            Ok(self.conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+        };
         Ok(Counts {
             records: q("SELECT COUNT(*) FROM replica")?,
             outbox: q("SELECT COUNT(*) FROM outbox")?,
@@ -384,22 +403,28 @@ impl Store {
             quarantine: q("SELECT COUNT(*) FROM quarantine")?,
             conflicts: q("SELECT COUNT(*) FROM conflicts")?,
             audit: q("SELECT COUNT(*) FROM audit")?,
-            head_seq: q("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'), 0)")?,
+            head_seq: q(
+                "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'), 0)",
+            )?,
         })
     }
 
     pub fn cursor(&self, peer: &str) -> Result<(Cursor, u64)> {
         Ok(self
             .conn
-            .query_row("SELECT eff, seq, head FROM cursors WHERE peer = ?1", [peer], |r| {
-                Ok((
-                    Cursor {
-                        eff: r.get::<_, i64>(0)? as u64,
-                        seq: r.get::<_, i64>(1)? as u64,
-                    },
-                    r.get::<_, i64>(2)? as u64,
-                ))
-            })
+            .query_row(
+                "SELECT eff, seq, head FROM cursors WHERE peer = ?1",
+                [peer],
+                |r| {
+                    Ok((
+                        Cursor {
+                            eff: r.get::<_, i64>(0)? as u64,
+                            seq: r.get::<_, i64>(1)? as u64,
+                        },
+                        r.get::<_, i64>(2)? as u64,
+                    ))
+                },
+            )
             .optional()?
             .unwrap_or_default())
     }
@@ -429,28 +454,41 @@ impl Store {
             }))
     }
 
-    /// Records pending in the outbox, oldest first, skipping those quarantined until
-    /// later than `now_ms`, bounded by count and (approximate) body bytes.
-    pub fn outbox_batch(&self, now_ms: u64, max_records: usize, max_bytes: usize) -> Result<Vec<Stored>> {
+    /// Records pending in the outbox after queue position `after_oseq`, oldest first,
+    /// skipping those quarantined until later than `now_ms`, bounded by count and
+    /// (approximate) body bytes. Returns them with the queue position of the last.
+    pub fn outbox_batch(
+        &self,
+        now_ms: u64,
+        max_records: usize,
+        max_bytes: usize,
+        after_oseq: u64,
+    ) -> Result<(Vec<Stored>, u64)> {
         let sql = format!(
-            "SELECT {REPLICA_COLS_R} FROM outbox o JOIN replica r ON r.kind=o.kind AND r.id=o.id
-             WHERE NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.kind=o.kind AND q.id=o.id
+            "SELECT {REPLICA_COLS_R}, o.oseq FROM outbox o JOIN replica r ON r.kind=o.kind AND r.id=o.id
+             WHERE o.oseq > ?3 AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.kind=o.kind AND q.id=o.id
                                AND q.stage='push' AND q.next_retry_ms > ?1)
              ORDER BY o.oseq LIMIT ?2"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(params![now_ms as i64, max_records as i64])?;
+        let mut rows = stmt.query(params![
+            now_ms as i64,
+            max_records as i64,
+            after_oseq as i64
+        ])?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
+        let mut last = after_oseq;
         while let Some(row) = rows.next()? {
             let s = stored_from_row(row)?;
             bytes += s.version.snapshot.body.len() + 128;
             if !out.is_empty() && bytes > max_bytes {
                 break;
             }
+            last = row.get::<_, i64>(12)? as u64;
             out.push(s);
         }
-        Ok(out)
+        Ok((out, last))
     }
 
     pub fn quarantine_list(&self) -> Result<Vec<QuarantineEntry>> {
@@ -472,7 +510,11 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
-    pub fn conflicts_list(&self, with_bodies: bool, record: Option<i64>) -> Result<Vec<ConflictEntry>> {
+    pub fn conflicts_list(
+        &self,
+        with_bodies: bool,
+        record: Option<i64>,
+    ) -> Result<Vec<ConflictEntry>> {
         let mut stmt = self.conn.prepare(
             "SELECT n, kind, id, detected_ms, local_origin, local_vv, remote_origin, remote_vv, resolution, result_vv, local_body, remote_body
              FROM conflicts WHERE (?1 IS NULL OR n = ?1) ORDER BY n",
@@ -531,7 +573,8 @@ impl Store {
         let mut out: Vec<HistoryEntry> = rows.collect::<std::result::Result<_, _>>()?;
         let mut prev = serde_json::Value::Null;
         for e in &mut out {
-            let cur: serde_json::Value = serde_json::from_slice(&e.body).unwrap_or(serde_json::Value::Null);
+            let cur: serde_json::Value =
+                serde_json::from_slice(&e.body).unwrap_or(serde_json::Value::Null);
             e.changed = crate::model::changed_fields(&prev, &cur);
             prev = cur;
         }
@@ -601,7 +644,11 @@ impl Store {
     pub fn holds_nothing_own(&self) -> Result<bool> {
         Ok(self
             .conn
-            .query_row("SELECT 1 FROM replica WHERE origin=?1 LIMIT 1", [&self.node_id], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM replica WHERE origin=?1 LIMIT 1",
+                [&self.node_id],
+                |_| Ok(()),
+            )
             .optional()?
             .is_none())
     }
@@ -609,13 +656,17 @@ impl Store {
     pub fn in_catchment(&self, node: &str, patient: &str) -> Result<bool> {
         Ok(self
             .conn
-            .query_row("SELECT 1 FROM catchment WHERE node=?1 AND patient=?2", [node, patient], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM catchment WHERE node=?1 AND patient=?2",
+                [node, patient],
+                |_| Ok(()),
+            )
             .optional()?
             .is_some())
     }
 
     /// The next page for `node` after `cursor`: see ARCHITECTURE.md, "Pull visibility".
-    /// Returns the chosen rows (bodies loaded) and whether more remain.
+    /// Versions the child wrote itself are left out unless `include_own` (it has them).
     pub fn feed_page(
         &self,
         node: &str,
@@ -624,8 +675,11 @@ impl Store {
         max_bytes: usize,
         include_own: bool,
     ) -> Result<FeedPage> {
+        // Read the head first: anything committed after this has a larger seq, so an
+        // empty page may safely move the cursor up to the head.
+        let head = self.head_seq()?;
         let mut stmt = self.conn.prepare_cached(
-            "SELECT eff, seq, kind, id, origin FROM (
+            "SELECT eff, seq, kind, id FROM (
                 SELECT r.seq AS eff, r.seq, r.kind, r.id, r.origin FROM replica r
                   WHERE r.class='metadata' AND r.seq >= ?2
                 UNION ALL
@@ -636,12 +690,18 @@ impl Store {
                 SELECT c.added_seq AS eff, r.seq, r.kind, r.id, r.origin FROM catchment c
                   JOIN replica r ON r.patient = c.patient
                   WHERE c.node = ?1 AND c.added_seq >= ?2 AND r.seq < ?2 AND r.class='clinical'
-             ) WHERE eff > ?2 OR (eff = ?2 AND seq > ?3)
+             ) WHERE (eff > ?2 OR (eff = ?2 AND seq > ?3)) AND (?5 OR origin <> ?1)
              ORDER BY eff, seq LIMIT ?4",
         )?;
-        let candidates: Vec<(Cursor, RecordKey, String)> = stmt
+        let candidates: Vec<(Cursor, RecordKey)> = stmt
             .query_map(
-                params![node, cursor.eff as i64, cursor.seq as i64, max_records as i64 + 1],
+                params![
+                    node,
+                    cursor.eff as i64,
+                    cursor.seq as i64,
+                    max_records as i64 + 1,
+                    include_own
+                ],
                 |r| {
                     Ok((
                         Cursor {
@@ -652,7 +712,6 @@ impl Store {
                             kind: r.get(2)?,
                             id: r.get(3)?,
                         },
-                        r.get::<_, String>(4)?,
                     ))
                 },
             )?
@@ -661,17 +720,13 @@ impl Store {
             records: Vec::new(),
             next: cursor,
             more: candidates.len() > max_records,
-            skipped_own: 0,
+            head,
         };
         let mut bytes = 0usize;
-        for (pos, key, origin) in candidates.into_iter().take(max_records) {
-            // The child wrote this version itself: it has it, unless it restores.
-            if origin == node && !include_own {
-                page.next = pos;
-                page.skipped_own += 1;
+        for (pos, key) in candidates.into_iter().take(max_records) {
+            let Some(stored) = self.current(&key)? else {
                 continue;
-            }
-            let Some(stored) = self.current(&key)? else { continue };
+            };
             let size = stored.version.snapshot.body.len() + 128;
             if !page.records.is_empty() && bytes + size > max_bytes {
                 page.more = true;
@@ -681,7 +736,22 @@ impl Store {
             page.records.push(stored);
             page.next = pos;
         }
+        if !page.more {
+            let at_head = Cursor {
+                eff: head,
+                seq: head,
+            };
+            page.next = page.next.max(at_head);
+        }
         Ok(page)
+    }
+
+    pub fn head_seq(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'), 0)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 
     /// Inbox rows waiting to be applied, dependency order first (metadata, then
@@ -700,7 +770,17 @@ impl Store {
             let kind: String = r.get(0)?;
             let id: String = r.get(1)?;
             let body: Vec<u8> = r.get(8)?;
-            Ok((kind, id, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?, r.get::<_, String>(6)?, r.get::<_, bool>(7)?, body))
+            Ok((
+                kind,
+                id,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, bool>(7)?,
+                body,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -726,7 +806,9 @@ impl Store {
     }
 
     pub fn integrity_check(&self) -> Result<String> {
-        Ok(self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+        Ok(self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
     }
 }
 
@@ -734,15 +816,18 @@ pub struct FeedPage {
     pub records: Vec<Stored>,
     pub next: Cursor,
     pub more: bool,
-    pub skipped_own: usize,
+    /// The change sequence when the page was read.
+    pub head: u64,
 }
 
-const REPLICA_COLS: &str = "kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body";
+const REPLICA_COLS: &str =
+    "kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body";
 const REPLICA_COLS_R: &str =
     "r.kind, r.id, r.seq, r.hash, r.origin, r.hlc_wall, r.hlc_ctr, r.vv, r.deleted, r.class, r.patient, r.body";
 
 fn parse_vv(s: &str) -> Result<VersionVector> {
-    VersionVector::from_json(s).map_err(|e| StoreError::Corrupt(format!("bad version vector {s:?}: {e}")))
+    VersionVector::from_json(s)
+        .map_err(|e| StoreError::Corrupt(format!("bad version vector {s:?}: {e}")))
 }
 
 fn stored_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
@@ -752,14 +837,21 @@ fn stored_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
     let vv: String = r.get(7)?;
     let class: String = r.get(9)?;
     let bad = |what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("{what} in replica row {kind}/{id}").into())
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("{what} in replica row {kind}/{id}").into(),
+        )
     };
     let snapshot = Snapshot {
         class: Class::parse(&class).ok_or_else(|| bad("bad class"))?,
         patient: r.get(10)?,
         body: r.get(11)?,
         hash: ContentHash::from_slice(&hash).ok_or_else(|| bad("bad hash"))?,
-        key: RecordKey { kind: kind.clone(), id: id.clone() },
+        key: RecordKey {
+            kind: kind.clone(),
+            id: id.clone(),
+        },
     };
     Ok(Stored {
         seq: r.get::<_, i64>(2)? as u64,
@@ -779,7 +871,9 @@ fn stored_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
 fn current_in(conn: &Connection, key: &RecordKey) -> Result<Option<Stored>> {
     let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE kind=?1 AND id=?2");
     let mut stmt = conn.prepare_cached(&sql)?;
-    Ok(stmt.query_row(params![key.kind, key.id], stored_from_row).optional()?)
+    Ok(stmt
+        .query_row(params![key.kind, key.id], stored_from_row)
+        .optional()?)
 }
 
 struct AuditFields {
@@ -798,7 +892,13 @@ impl AuditFields {
         h.update(prev);
         h.update(self.n.to_be_bytes());
         h.update(self.at_ms.to_be_bytes());
-        for field in [&self.actor, &self.action, &self.record, &self.hash, &self.detail] {
+        for field in [
+            &self.actor,
+            &self.action,
+            &self.record,
+            &self.hash,
+            &self.detail,
+        ] {
             h.update((field.len() as u64).to_be_bytes());
             h.update(field.as_bytes());
         }
@@ -860,7 +960,12 @@ impl Tx<'_> {
     pub fn next_seq(&mut self) -> Result<u64> {
         let seq = match self.next_seq {
             Some(s) => s,
-            None => self.meta("seq")?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1,
+            None => {
+                self.meta("seq")?
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    + 1
+            }
         };
         self.next_seq = Some(seq + 1);
         Ok(seq)
@@ -936,7 +1041,13 @@ impl Tx<'_> {
     }
 
     /// Adds `v` to the record's history (no-op if this exact version was seen before).
-    pub fn remember(&mut self, v: &Version, source: &str, outcome: &str, now_ms: u64) -> Result<bool> {
+    pub fn remember(
+        &mut self,
+        v: &Version,
+        source: &str,
+        outcome: &str,
+        now_ms: u64,
+    ) -> Result<bool> {
         let s = &v.snapshot;
         let n = self
             .tx
@@ -972,8 +1083,11 @@ impl Tx<'_> {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, Vec<u8>>(4)?))
             })
             .optional()?;
-        let Some((origin, wall, ctr, deleted, body)) = row else { return Ok(None) };
-        let snapshot = Snapshot::for_key(key, &body).map_err(|e| StoreError::Corrupt(format!("history of {key}: {e}")))?;
+        let Some((origin, wall, ctr, deleted, body)) = row else {
+            return Ok(None);
+        };
+        let snapshot = Snapshot::for_key(key, &body)
+            .map_err(|e| StoreError::Corrupt(format!("history of {key}: {e}")))?;
         Ok(Some(Version {
             snapshot,
             origin,
@@ -986,7 +1100,15 @@ impl Tx<'_> {
         }))
     }
 
-    pub fn audit(&mut self, now_ms: u64, actor: &str, action: &str, record: &str, hash: &str, detail: &str) -> Result<()> {
+    pub fn audit(
+        &mut self,
+        now_ms: u64,
+        actor: &str,
+        action: &str,
+        record: &str,
+        hash: &str,
+        detail: &str,
+    ) -> Result<()> {
         let (last_n, prev) = match self.audit_head {
             Some(h) => h,
             None => self
@@ -1031,7 +1153,12 @@ impl Tx<'_> {
     }
 
     /// Clears the outbox entry only if the replica still holds the acknowledged version.
-    pub fn clear_outbox_if_current(&mut self, key: &RecordKey, vv: &VersionVector, hash: &ContentHash) -> Result<bool> {
+    pub fn clear_outbox_if_current(
+        &mut self,
+        key: &RecordKey,
+        vv: &VersionVector,
+        hash: &ContentHash,
+    ) -> Result<bool> {
         let n = self
             .tx
             .prepare_cached(
@@ -1072,7 +1199,9 @@ impl Tx<'_> {
         let attempts: u32 = self
             .tx
             .prepare_cached("SELECT attempts FROM quarantine WHERE kind=?1 AND id=?2 AND stage=?3")?
-            .query_row(params![key.kind, key.id, stage.as_str()], |r| r.get::<_, i64>(0))
+            .query_row(params![key.kind, key.id, stage.as_str()], |r| {
+                r.get::<_, i64>(0)
+            })
             .optional()?
             .unwrap_or(0) as u32
             + 1;
@@ -1103,7 +1232,10 @@ impl Tx<'_> {
                 "UPDATE quarantine SET next_retry_ms=?3 WHERE kind=?1 AND id=?2",
                 params![k.kind, k.id, now_ms as i64],
             )?,
-            None => self.tx.execute("UPDATE quarantine SET next_retry_ms=?1", params![now_ms as i64])?,
+            None => self.tx.execute(
+                "UPDATE quarantine SET next_retry_ms=?1",
+                params![now_ms as i64],
+            )?,
         };
         Ok(n)
     }
@@ -1111,16 +1243,21 @@ impl Tx<'_> {
     /// Removes a record from quarantine, the outbox and the inbox. The replica keeps
     /// whatever it holds; history keeps every version.
     pub fn drop_quarantined(&mut self, key: &RecordKey) -> Result<bool> {
-        let q = self
-            .tx
-            .execute("DELETE FROM quarantine WHERE kind=?1 AND id=?2", params![key.kind, key.id])?;
+        let q = self.tx.execute(
+            "DELETE FROM quarantine WHERE kind=?1 AND id=?2",
+            params![key.kind, key.id],
+        )?;
         if q == 0 {
             return Ok(false);
         }
-        self.tx
-            .execute("DELETE FROM outbox WHERE kind=?1 AND id=?2", params![key.kind, key.id])?;
-        self.tx
-            .execute("DELETE FROM inbox WHERE kind=?1 AND id=?2", params![key.kind, key.id])?;
+        self.tx.execute(
+            "DELETE FROM outbox WHERE kind=?1 AND id=?2",
+            params![key.kind, key.id],
+        )?;
+        self.tx.execute(
+            "DELETE FROM inbox WHERE kind=?1 AND id=?2",
+            params![key.kind, key.id],
+        )?;
         Ok(true)
     }
 
@@ -1224,7 +1361,9 @@ impl Tx<'_> {
         }
         let seq = self.next_seq()?;
         self.tx
-            .prepare_cached("INSERT INTO catchment(node, patient, added_seq, reason) VALUES (?1, ?2, ?3, ?4)")?
+            .prepare_cached(
+                "INSERT INTO catchment(node, patient, added_seq, reason) VALUES (?1, ?2, ?3, ?4)",
+            )?
             .execute(params![node, patient, seq as i64, reason])?;
         Ok(true)
     }
@@ -1240,7 +1379,9 @@ impl Tx<'_> {
         for node in nodes.iter().filter(|n| !keep.contains(n)) {
             removed += self
                 .tx
-                .prepare_cached("DELETE FROM catchment WHERE node=?1 AND patient=?2 AND reason='rule'")?
+                .prepare_cached(
+                    "DELETE FROM catchment WHERE node=?1 AND patient=?2 AND reason='rule'",
+                )?
                 .execute([node, patient])?;
         }
         Ok(removed)
@@ -1302,7 +1443,10 @@ mod tests {
         let store = Store::open(&path, "a").unwrap();
         store
             .conn()
-            .execute("INSERT INTO schema_migrations(version, applied_ms) VALUES (999, 0)", [])
+            .execute(
+                "INSERT INTO schema_migrations(version, applied_ms) VALUES (999, 0)",
+                [],
+            )
             .unwrap();
         drop(store);
         let err = Store::open(&path, "a").unwrap_err();
@@ -1315,7 +1459,8 @@ mod tests {
         {
             let mut tx = store.begin().unwrap();
             tx.audit(1, "local", "write", "Patient/x", "", "").unwrap();
-            tx.enqueue(&RecordKey::new("Patient", "x").unwrap(), 1).unwrap();
+            tx.enqueue(&RecordKey::new("Patient", "x").unwrap(), 1)
+                .unwrap();
         }
         let c = store.counts().unwrap();
         assert_eq!((c.audit, c.outbox, c.head_seq), (0, 0, 0));
@@ -1326,11 +1471,18 @@ mod tests {
         let (_d, mut store) = temp_store("a");
         let mut tx = store.begin().unwrap();
         for i in 0..5 {
-            tx.audit(i, "local", "write", &format!("Patient/p{i}"), "abc", "").unwrap();
+            tx.audit(i, "local", "write", &format!("Patient/p{i}"), "abc", "")
+                .unwrap();
         }
         tx.commit().unwrap();
-        assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Intact { entries: 5, .. }));
-        store.conn().execute("UPDATE audit SET detail='x' WHERE n=3", []).unwrap();
+        assert!(matches!(
+            store.verify_audit().unwrap(),
+            AuditCheck::Intact { entries: 5, .. }
+        ));
+        store
+            .conn()
+            .execute("UPDATE audit SET detail='x' WHERE n=3", [])
+            .unwrap();
         match store.verify_audit().unwrap() {
             AuditCheck::Broken { row, problem } => {
                 assert_eq!(row, 3);
@@ -1348,7 +1500,13 @@ mod tests {
             tx.audit(i, "local", "write", "Patient/p", "", "").unwrap();
         }
         tx.commit().unwrap();
-        store.conn().execute("DELETE FROM audit WHERE n=2", []).unwrap();
-        assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Broken { row: 2, .. }));
+        store
+            .conn()
+            .execute("DELETE FROM audit WHERE n=2", [])
+            .unwrap();
+        assert!(matches!(
+            store.verify_audit().unwrap(),
+            AuditCheck::Broken { row: 2, .. }
+        ));
     }
 }

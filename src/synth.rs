@@ -12,7 +12,7 @@ impl Gen {
     pub fn new(seed: u64) -> Gen {
         Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -21,15 +21,15 @@ impl Gen {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
         items[self.below(items.len() as u64) as usize]
     }
     /// A UUID-shaped id, as OpenMRS uses.
     pub fn uuid(&mut self) -> String {
-        let a = self.next();
-        let b = self.next();
+        let a = self.next_u64();
+        let b = self.next_u64();
         format!(
             "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
             a >> 32,
@@ -41,15 +41,65 @@ impl Gen {
     }
 }
 
-const GIVEN: &[&str] = &["Amina", "Baraka", "Chebet", "Daudi", "Esther", "Faith", "Goran", "Halima", "Imani", "Juma", "Kamau", "Wanjiru"];
-const FAMILY: &[&str] = &["Otieno", "Mwangi", "Kiptoo", "Achieng", "Mutua", "Njeri", "Wafula", "Chepkoech", "Omondi", "Kariuki"];
+const GIVEN: &[&str] = &[
+    "Amina", "Baraka", "Chebet", "Daudi", "Esther", "Faith", "Goran", "Halima", "Imani", "Juma",
+    "Kamau", "Wanjiru",
+];
+const FAMILY: &[&str] = &[
+    "Otieno",
+    "Mwangi",
+    "Kiptoo",
+    "Achieng",
+    "Mutua",
+    "Njeri",
+    "Wafula",
+    "Chepkoech",
+    "Omondi",
+    "Kariuki",
+];
 const VITALS: &[(&str, &str, &str, f64, f64)] = &[
-    ("5085AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "Systolic blood pressure", "mmHg", 90.0, 170.0),
-    ("5086AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "Diastolic blood pressure", "mmHg", 55.0, 110.0),
-    ("5087AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "Pulse", "beats/min", 50.0, 130.0),
-    ("5088AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "Temperature (C)", "DEG C", 35.5, 40.0),
-    ("5089AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "Weight (kg)", "kg", 3.0, 110.0),
-    ("5090AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "Height (cm)", "cm", 50.0, 195.0),
+    (
+        "5085AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "Systolic blood pressure",
+        "mmHg",
+        90.0,
+        170.0,
+    ),
+    (
+        "5086AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "Diastolic blood pressure",
+        "mmHg",
+        55.0,
+        110.0,
+    ),
+    (
+        "5087AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "Pulse",
+        "beats/min",
+        50.0,
+        130.0,
+    ),
+    (
+        "5088AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "Temperature (C)",
+        "DEG C",
+        35.5,
+        40.0,
+    ),
+    (
+        "5089AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "Weight (kg)",
+        "kg",
+        3.0,
+        110.0,
+    ),
+    (
+        "5090AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "Height (cm)",
+        "cm",
+        50.0,
+        195.0,
+    ),
 ];
 
 pub fn location(id: &str, name: &str, district: &str) -> Value {
@@ -111,7 +161,15 @@ pub fn observation(g: &mut Gen, id: &str, patient: &str, encounter: &str) -> Val
 
 /// A clinic's day of work: `patients` Patients, each with `enc` Encounters of `obs`
 /// Observations. Returns resources in dependency order.
-pub fn clinic_records(seed: u64, prefix: &str, district: &str, location: &str, patients: usize, enc: usize, obs: usize) -> Vec<Value> {
+pub fn clinic_records(
+    seed: u64,
+    prefix: &str,
+    district: &str,
+    location: &str,
+    patients: usize,
+    enc: usize,
+    obs: usize,
+) -> Vec<Value> {
     let mut g = Gen::new(seed);
     let mut out = Vec::with_capacity(patients * (1 + enc * (1 + obs)));
     for p in 0..patients {
@@ -121,7 +179,12 @@ pub fn clinic_records(seed: u64, prefix: &str, district: &str, location: &str, p
             let eid = format!("{prefix}-e{p}-{e}");
             out.push(encounter(&mut g, &eid, &pid, location, (p + e) as u64));
             for o in 0..obs {
-                out.push(observation(&mut g, &format!("{prefix}-o{p}-{e}-{o}"), &pid, &eid));
+                out.push(observation(
+                    &mut g,
+                    &format!("{prefix}-o{p}-{e}-{o}"),
+                    &pid,
+                    &eid,
+                ));
             }
         }
     }

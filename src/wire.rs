@@ -29,7 +29,7 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ContentHash, Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector};
+use crate::model::{Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector};
 
 pub const MAGIC: &[u8; 4] = b"CSYN";
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -162,22 +162,15 @@ impl Outcome {
     }
 }
 
+/// The answer for the record at position `i` of the push request. Positions keep
+/// answers a few bytes long on slow links; the vector names the version answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushResult {
-    pub kind: String,
-    pub id: String,
+    pub i: u32,
     /// The version this result answers for, as the sender sent it.
     pub vv: VersionVector,
-    #[serde(with = "serde_bytes")]
-    pub hash: Vec<u8>,
     #[serde(flatten)]
     pub outcome: Outcome,
-}
-
-impl PushResult {
-    pub fn content_hash(&self) -> Option<ContentHash> {
-        ContentHash::from_slice(&self.hash)
-    }
 }
 
 /// A position in a node's feed for one child: records are ordered by the sequence
@@ -294,7 +287,8 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, WireError> {
     let mut out = Vec::with_capacity(cbor.len() / 4 + HEADER_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    let mut enc = zstd::stream::write::Encoder::new(out, 3).map_err(|e| WireError::Encode(e.to_string()))?;
+    let mut enc =
+        zstd::stream::write::Encoder::new(out, 3).map_err(|e| WireError::Encode(e.to_string()))?;
     // Keep the window within what our own decoder accepts.
     enc.window_log(MAX_WINDOW_LOG.min(22))
         .map_err(|e| WireError::Encode(e.to_string()))?;
@@ -388,7 +382,16 @@ mod tests {
         let mut bytes = encode(&sample()).unwrap();
         bytes[5] = 9;
         let err = decode(&bytes, &Limits::default()).unwrap_err();
-        assert!(matches!(err, WireError::UnsupportedVersion { got: 9, supported: 1 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                WireError::UnsupportedVersion {
+                    got: 9,
+                    supported: 1
+                }
+            ),
+            "{err}"
+        );
         assert!(err.to_string().contains("version 9"));
     }
 
@@ -405,20 +408,41 @@ mod tests {
             ..Limits::default()
         };
         let err = decode(&bytes, &limits).unwrap_err();
-        assert!(matches!(err, WireError::TooLarge { what: "decompressed message", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                WireError::TooLarge {
+                    what: "decompressed message",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn truncated_and_garbage_frames_are_refused() {
         let bytes = encode(&sample()).unwrap();
         let cut = &bytes[..bytes.len() - 3];
-        assert!(matches!(decode(cut, &Limits::default()), Err(WireError::Decompress(_))));
-        assert!(matches!(decode(b"hello world", &Limits::default()), Err(WireError::BadMagic)));
-        assert!(matches!(decode(b"CS", &Limits::default()), Err(WireError::TooShort(2))));
+        assert!(matches!(
+            decode(cut, &Limits::default()),
+            Err(WireError::Decompress(_))
+        ));
+        assert!(matches!(
+            decode(b"hello world", &Limits::default()),
+            Err(WireError::BadMagic)
+        ));
+        assert!(matches!(
+            decode(b"CS", &Limits::default()),
+            Err(WireError::TooShort(2))
+        ));
         let mut garbage = MAGIC.to_vec();
         garbage.extend_from_slice(&1u16.to_be_bytes());
         garbage.extend(zstd::bulk::compress(b"\xff\xff\xff not cbor", 3).unwrap());
-        assert!(matches!(decode(&garbage, &Limits::default()), Err(WireError::Decode(_))));
+        assert!(matches!(
+            decode(&garbage, &Limits::default()),
+            Err(WireError::Decode(_))
+        ));
     }
 
     #[test]
@@ -431,7 +455,10 @@ mod tests {
         let mut bytes = MAGIC.to_vec();
         bytes.extend_from_slice(&1u16.to_be_bytes());
         bytes.extend(zstd::bulk::compress(&cbor, 3).unwrap());
-        assert!(matches!(decode(&bytes, &Limits::default()), Err(WireError::Decode(_))));
+        assert!(matches!(
+            decode(&bytes, &Limits::default()),
+            Err(WireError::Decode(_))
+        ));
     }
 
     #[test]
@@ -454,6 +481,12 @@ mod tests {
             ..Limits::default()
         };
         let err = decode(&encode(&msg).unwrap(), &limits).unwrap_err();
-        assert!(matches!(err, WireError::TooManyRecords { count: 11, limit: 10 }));
+        assert!(matches!(
+            err,
+            WireError::TooManyRecords {
+                count: 11,
+                limit: 10
+            }
+        ));
     }
 }

@@ -20,10 +20,22 @@ use serde_json::json;
 #[derive(Debug, Clone)]
 enum Op {
     /// node 0 = a, 1 = b, 2 = hub; a writes North patients, b South, the hub either.
-    Write { node: usize, patient: usize, field: usize },
-    Push { clinic: usize, lose_answer: bool },
-    Pull { clinic: usize, lose_answer: bool },
-    RepeatLastPush { clinic: usize },
+    Write {
+        node: usize,
+        patient: usize,
+        field: usize,
+    },
+    Push {
+        clinic: usize,
+        lose_answer: bool,
+    },
+    Pull {
+        clinic: usize,
+        lose_answer: bool,
+    },
+    RepeatLastPush {
+        clinic: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -58,7 +70,11 @@ impl World {
             .collect();
         let mut hub = Policy::new("hub", false);
         for (i, d) in DISTRICT.iter().enumerate() {
-            hub.catchment.push(CatchmentRule { node: NAMES[i].into(), path: "address.district".into(), equals: d.to_string() });
+            hub.catchment.push(CatchmentRule {
+                node: NAMES[i].into(),
+                path: "address.district".into(),
+                equals: d.to_string(),
+            });
         }
         World {
             _dir: dir,
@@ -89,8 +105,13 @@ impl World {
         self.token += 1;
         body[format!("f{field}")] = json!(format!("{}-{}", NAMES[node], self.token));
         let now = self.tick();
-        engine::write_local(&mut self.stores[node], &self.policies[node], vec![(Snapshot::from_json_value(body).unwrap(), false)], now)
-            .unwrap();
+        engine::write_local(
+            &mut self.stores[node],
+            &self.policies[node],
+            vec![(Snapshot::from_json_value(body).unwrap(), false)],
+            now,
+        )
+        .unwrap();
         let vv = self.stores[node].current(&key).unwrap().unwrap().version.vv;
         self.produced.entry(key.to_string()).or_default().push(vv);
     }
@@ -98,10 +119,11 @@ impl World {
     fn hub_push(&mut self, clinic: usize, req: PushRequest) -> PushResponse {
         let now = self.tick();
         let (hub, policy) = (&mut self.stores[2], &self.policies[2]);
-        let resp = engine::handle_push(hub, policy, NAMES[clinic], req, now).unwrap();
+        let resp = engine::handle_push(hub, policy, NAMES[clinic], req.clone(), now).unwrap();
         // What the hub resolved in a conflict is a version too.
         for r in &resp.results {
-            let key = format!("{}/{}", r.kind, r.id);
+            let sent = &req.records[r.i as usize];
+            let key = format!("{}/{}", sent.kind, sent.id);
             if let Some(s) = hub.current(&RecordKey::parse(&key).unwrap()).unwrap() {
                 self.produced.entry(key).or_default().push(s.version.vv);
             }
@@ -111,11 +133,21 @@ impl World {
 
     fn push(&mut self, clinic: usize, lose_answer: bool) {
         let now = self.tick();
-        let Some(req) = engine::next_push(&self.stores[clinic], now, 3, 1 << 20).unwrap() else { return };
+        let Some(req) = engine::next_push(&self.stores[clinic], now, 3, 1 << 20).unwrap() else {
+            return;
+        };
         self.last_push[clinic] = Some(req.clone());
         let resp = self.hub_push(clinic, req.clone());
         if !lose_answer {
-            engine::apply_push_results(&mut self.stores[clinic], "parent", &req, &resp, (0, 0), now).unwrap();
+            engine::apply_push_results(
+                &mut self.stores[clinic],
+                "parent",
+                &req,
+                &resp,
+                (0, 0),
+                now,
+            )
+            .unwrap();
         }
     }
 
@@ -123,14 +155,23 @@ impl World {
         if let Some(req) = self.last_push[clinic].clone() {
             let resp = self.hub_push(clinic, req.clone());
             let now = self.tick();
-            engine::apply_push_results(&mut self.stores[clinic], "parent", &req, &resp, (0, 0), now).unwrap();
+            engine::apply_push_results(
+                &mut self.stores[clinic],
+                "parent",
+                &req,
+                &resp,
+                (0, 0),
+                now,
+            )
+            .unwrap();
         }
     }
 
     fn pull(&mut self, clinic: usize, lose_answer: bool) -> bool {
         let now = self.tick();
         let req = engine::pull_request(&self.stores[clinic], "parent", 4, 1 << 20).unwrap();
-        let resp = engine::handle_pull(&self.stores[2], &self.policies[2], NAMES[clinic], &req).unwrap();
+        let resp =
+            engine::handle_pull(&self.stores[2], &self.policies[2], NAMES[clinic], &req).unwrap();
         if lose_answer {
             return true;
         }
@@ -138,7 +179,10 @@ impl World {
         let (store, policy) = (&mut self.stores[clinic], &self.policies[clinic]);
         engine::apply_inbox(store, policy, now).unwrap();
         for s in store.list(None).unwrap() {
-            self.produced.entry(s.version.key().to_string()).or_default().push(s.version.vv);
+            self.produced
+                .entry(s.version.key().to_string())
+                .or_default()
+                .push(s.version.vv);
         }
         resp.more
     }

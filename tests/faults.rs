@@ -27,7 +27,13 @@ fn post(url: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
 #[test]
 fn hostile_bodies_get_clear_http_errors_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(dir.path(), 0, hub_policy(&[("a", "North")]), &["a"], 1 << 20);
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        1 << 20,
+    );
     let token = hub.token("a");
     let rec = |i: usize| WireRecord {
         kind: "Patient".into(),
@@ -38,7 +44,11 @@ fn hostile_bodies_get_clear_http_errors_and_change_nothing() {
         deleted: false,
         body: format!(r#"{{"id":"p{i}","resourceType":"Patient"}}"#),
     };
-    let good = wire::encode(&Message::PushRequest(PushRequest { node: "a".into(), records: vec![rec(0)] })).unwrap();
+    let good = wire::encode(&Message::PushRequest(PushRequest {
+        node: "a".into(),
+        records: vec![rec(0)],
+    }))
+    .unwrap();
     let before = hub.store().counts().unwrap();
 
     let mut wrong_version = good.clone();
@@ -47,25 +57,73 @@ fn hostile_bodies_get_clear_http_errors_and_change_nothing() {
     bomb.extend_from_slice(&1u16.to_be_bytes());
     bomb.extend(zstd::bulk::compress(&vec![0u8; 200 << 20], 19).unwrap());
     let oversized = vec![7u8; 2 << 20];
-    let spoofed = wire::encode(&Message::PushRequest(PushRequest { node: "b".into(), records: vec![rec(1)] })).unwrap();
+    let spoofed = wire::encode(&Message::PushRequest(PushRequest {
+        node: "b".into(),
+        records: vec![rec(1)],
+    }))
+    .unwrap();
 
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
-        ("truncated", Some(&token), good[..good.len() - 4].to_vec(), 400, "not valid zstd"),
-        ("garbage", Some(&token), b"GET / HTTP/1.1 lol".to_vec(), 400, "bad magic"),
-        ("wrong protocol version", Some(&token), wrong_version, 400, "protocol version 2 is not supported"),
+    // (case, credential, body, expected status, expected words in the answer)
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "truncated",
+            Some(&token),
+            good[..good.len() - 4].to_vec(),
+            400,
+            "not valid zstd",
+        ),
+        (
+            "garbage",
+            Some(&token),
+            b"GET / HTTP/1.1 lol".to_vec(),
+            400,
+            "bad magic",
+        ),
+        (
+            "wrong protocol version",
+            Some(&token),
+            wrong_version,
+            400,
+            "protocol version 2 is not supported",
+        ),
         ("oversized", Some(&token), oversized, 413, "length limit"),
-        ("decompression bomb", Some(&token), bomb, 413, "decompressed message"),
+        (
+            "decompression bomb",
+            Some(&token),
+            bomb,
+            413,
+            "decompressed message",
+        ),
         ("no credential", None, good.clone(), 401, "credential"),
-        ("wrong credential", Some("not-a-token"), good.clone(), 401, "credential"),
-        ("push as another node", Some(&token), spoofed, 403, "claims to come from b"),
+        (
+            "wrong credential",
+            Some("not-a-token"),
+            good.clone(),
+            401,
+            "credential",
+        ),
+        (
+            "push as another node",
+            Some(&token),
+            spoofed,
+            403,
+            "claims to come from b",
+        ),
     ];
     for (name, tok, body, status, needle) in cases {
         let (got, text) = post(&hub.url, tok, &body);
         assert_eq!(got, status, "{name}: {text}");
-        assert!(text.to_lowercase().contains(&needle.to_lowercase()), "{name}: {text:?} lacks {needle:?}");
+        assert!(
+            text.to_lowercase().contains(&needle.to_lowercase()),
+            "{name}: {text:?} lacks {needle:?}"
+        );
     }
     let after = hub.store().counts().unwrap();
-    assert_eq!((before.records, before.audit, before.head_seq), (after.records, after.audit, after.head_seq));
+    assert_eq!(
+        (before.records, before.audit, before.head_seq),
+        (after.records, after.audit, after.head_seq)
+    );
     // And the hub still works.
     assert_eq!(post(&hub.url, Some(&token), &good).0, 200);
     assert_eq!(hub.store().counts().unwrap().records, 1);
@@ -98,20 +156,31 @@ fn a_clinic_killed_mid_sync_of_5000_records_delivers_each_exactly_once() {
     let exe = std::path::Path::new(BIN);
     let mut hub = Proc::spawn(exe, "hub", &layout.hub.config, &["run"]).unwrap();
     cluster::wait_healthy(&layout.hub_url, Duration::from_secs(20)).unwrap();
-    let hub_count = || Store::open_existing(&layout.hub.store).and_then(|s| s.counts()).map(|c| c.records).unwrap_or(0);
+    let hub_count = || {
+        Store::open_existing(&layout.hub.store)
+            .and_then(|s| s.counts())
+            .map(|c| c.records)
+            .unwrap_or(0)
+    };
 
     let mut kills = 0;
     while kills < 3 {
         let mut c = Proc::spawn(exe, "clinic-a", &clinic.config, &["run"]).unwrap();
         let target = 1000 * (kills + 1);
-        assert!(cluster::wait_until(Duration::from_secs(60), || hub_count() >= target), "no progress");
+        assert!(
+            cluster::wait_until(Duration::from_secs(60), || hub_count() >= target),
+            "no progress"
+        );
         c.kill9();
         kills += 1;
         assert!(hub_count() < 5000, "killed too late to test anything");
     }
     let mut c = Proc::spawn(exe, "clinic-a", &clinic.config, &["run"]).unwrap();
     let done = cluster::wait_until(Duration::from_secs(120), || {
-        Store::open_existing(&clinic.store).and_then(|s| s.counts()).map(|c| c.outbox == 0).unwrap_or(false)
+        Store::open_existing(&clinic.store)
+            .and_then(|s| s.counts())
+            .map(|c| c.outbox == 0)
+            .unwrap_or(false)
     });
     c.terminate();
     hub.terminate();
@@ -125,16 +194,32 @@ fn a_clinic_killed_mid_sync_of_5000_records_delivers_each_exactly_once() {
     assert_eq!(c.len(), 5000);
     for (x, y) in h.iter().zip(c.iter()) {
         assert_eq!(x.version.key(), y.version.key());
-        assert_eq!(x.version.snapshot.hash, y.version.snapshot.hash, "{}", x.version.key());
+        assert_eq!(
+            x.version.snapshot.hash,
+            y.version.snapshot.hash,
+            "{}",
+            x.version.key()
+        );
         assert_eq!(x.version.vv, y.version.vv);
     }
     // Exactly once: the hub stored one version, and wrote one audit entry, per record.
-    let versions: i64 = hub_store.conn().query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0)).unwrap();
+    let versions: i64 = hub_store
+        .conn()
+        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .unwrap();
     let writes: i64 = hub_store
         .conn()
-        .query_row("SELECT COUNT(*) FROM audit WHERE action='write'", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM audit WHERE action='write'", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert_eq!((versions, writes), (5000, 5000));
-    assert!(matches!(hub_store.verify_audit().unwrap(), clinicsync::store::AuditCheck::Intact { .. }));
-    assert!(matches!(clinic_store.verify_audit().unwrap(), clinicsync::store::AuditCheck::Intact { .. }));
+    assert!(matches!(
+        hub_store.verify_audit().unwrap(),
+        clinicsync::store::AuditCheck::Intact { .. }
+    ));
+    assert!(matches!(
+        clinic_store.verify_audit().unwrap(),
+        clinicsync::store::AuditCheck::Intact { .. }
+    ));
 }

@@ -8,7 +8,9 @@ use clinicsync::model::{Hlc, VersionVector};
 use clinicsync::wire::*;
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
 }
 
 fn check(name: &str, bytes: &[u8]) {
@@ -16,8 +18,13 @@ fn check(name: &str, bytes: &[u8]) {
     if !path.exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
         std::fs::write(&path, hex::encode(bytes) + "\n").unwrap();
     }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing golden file {}", path.display()));
-    assert_eq!(hex::encode(bytes), want.trim(), "{name} changed: the v1 wire format is frozen");
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("missing golden file {}", path.display()));
+    assert_eq!(
+        hex::encode(bytes),
+        want.trim(),
+        "{name} changed: the v1 wire format is frozen"
+    );
 }
 
 fn record() -> WireRecord {
@@ -34,18 +41,77 @@ fn record() -> WireRecord {
 
 fn messages() -> Vec<(&'static str, Message)> {
     vec![
-        ("push_request", Message::PushRequest(PushRequest { node: "clinic-a".into(), records: vec![record()] })),
-        ("push_response", Message::PushResponse(PushResponse { results: vec![
-            PushResult { kind: "Patient".into(), id: "p1".into(), vv: record().vv, hash: vec![0xab; 32], outcome: Outcome::Accepted },
-            PushResult { kind: "Patient".into(), id: "p2".into(), vv: record().vv, hash: vec![0xcd; 32],
-                outcome: Outcome::Rejected { reason: "unknown kind".into(), permanent: true } },
-            PushResult { kind: "Patient".into(), id: "p3".into(), vv: record().vv, hash: vec![0xef; 32],
-                outcome: Outcome::Conflict { resolution: "merged".into() } },
-        ]})),
-        ("pull_request", Message::PullRequest(PullRequest { node: "clinic-a".into(), cursor: Cursor { eff: 10, seq: 7 }, max_bytes: 1 << 20, max_records: 500, include_own: false })),
-        ("pull_response", Message::PullResponse(PullResponse { records: vec![record()], next: Cursor { eff: 11, seq: 11 }, more: true, head: 40 })),
-        ("fetch_request", Message::FetchRequest(FetchRequest { node: "clinic-a".into(), keys: vec![("Patient".into(), "p1".into())] })),
-        ("fetch_response", Message::FetchResponse(FetchResponse { results: vec![FetchResult { kind: "Patient".into(), id: "p9".into(), record: None, refused: Some("not in the catchment".into()) }] })),
+        (
+            "push_request",
+            Message::PushRequest(PushRequest {
+                node: "clinic-a".into(),
+                records: vec![record()],
+            }),
+        ),
+        (
+            "push_response",
+            Message::PushResponse(PushResponse {
+                results: vec![
+                    PushResult {
+                        i: 0,
+                        vv: record().vv,
+                        outcome: Outcome::Accepted,
+                    },
+                    PushResult {
+                        i: 1,
+                        vv: record().vv,
+                        outcome: Outcome::Rejected {
+                            reason: "unknown kind".into(),
+                            permanent: true,
+                        },
+                    },
+                    PushResult {
+                        i: 2,
+                        vv: record().vv,
+                        outcome: Outcome::Conflict {
+                            resolution: "merged".into(),
+                        },
+                    },
+                ],
+            }),
+        ),
+        (
+            "pull_request",
+            Message::PullRequest(PullRequest {
+                node: "clinic-a".into(),
+                cursor: Cursor { eff: 10, seq: 7 },
+                max_bytes: 1 << 20,
+                max_records: 500,
+                include_own: false,
+            }),
+        ),
+        (
+            "pull_response",
+            Message::PullResponse(PullResponse {
+                records: vec![record()],
+                next: Cursor { eff: 11, seq: 11 },
+                more: true,
+                head: 40,
+            }),
+        ),
+        (
+            "fetch_request",
+            Message::FetchRequest(FetchRequest {
+                node: "clinic-a".into(),
+                keys: vec![("Patient".into(), "p1".into())],
+            }),
+        ),
+        (
+            "fetch_response",
+            Message::FetchResponse(FetchResponse {
+                results: vec![FetchResult {
+                    kind: "Patient".into(),
+                    id: "p9".into(),
+                    record: None,
+                    refused: Some("not in the catchment".into()),
+                }],
+            }),
+        ),
     ]
 }
 

@@ -2,19 +2,30 @@
 
 mod common;
 
-use common::*;
 use clinicsync::cluster;
 use clinicsync::wire::Outcome;
+use common::*;
 use serde_json::json;
 
 #[test]
 fn hub_and_two_clinics_converge_and_catchments_stay_apart() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(dir.path(), 0, hub_policy(&[("a", "North"), ("b", "South")]), &["a", "b"], 8 << 20);
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North"), ("b", "South")]),
+        &["a", "b"],
+        8 << 20,
+    );
     let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
     let mut b = TestClinic::new(dir.path(), "b", &hub.url, &hub.token("b"));
-    hub.put(vec![json!({"resourceType":"Location","id":"loc-1","name":"Central"})]);
-    hub.put(vec![patient("hub-north", "North"), encounter("hub-north-e", "hub-north")]);
+    hub.put(vec![
+        json!({"resourceType":"Location","id":"loc-1","name":"Central"}),
+    ]);
+    hub.put(vec![
+        patient("hub-north", "North"),
+        encounter("hub-north-e", "hub-north"),
+    ]);
     a.put(vec![patient("pa", "North"), encounter("pa-e1", "pa")]);
     b.put(vec![patient("pb", "South"), encounter("pb-e1", "pb")]);
     a.sync().unwrap();
@@ -22,27 +33,53 @@ fn hub_and_two_clinics_converge_and_catchments_stay_apart() {
     a.sync().unwrap();
 
     let hs = hub.store();
-    assert!(get(&hs, "Patient/pa").is_some(), "a's new patient reached the hub");
+    assert!(
+        get(&hs, "Patient/pa").is_some(),
+        "a's new patient reached the hub"
+    );
     assert!(get(&hs, "Patient/pb").is_some());
     for c in [&a, &b] {
-        assert_eq!(c.get("Location/loc-1").unwrap()["name"], "Central", "metadata reached {}", c.id);
+        assert_eq!(
+            c.get("Location/loc-1").unwrap()["name"],
+            "Central",
+            "metadata reached {}",
+            c.id
+        );
         assert_eq!(c.store.counts().unwrap().outbox, 0);
     }
-    assert!(a.get("Patient/hub-north").is_some(), "a's district patient reached a");
+    assert!(
+        a.get("Patient/hub-north").is_some(),
+        "a's district patient reached a"
+    );
     assert!(a.get("Encounter/hub-north-e").is_some());
-    assert!(b.get("Patient/pa").is_none(), "b never receives a's patients");
+    assert!(
+        b.get("Patient/pa").is_none(),
+        "b never receives a's patients"
+    );
     assert!(b.get("Patient/hub-north").is_none());
     assert!(a.get("Patient/pb").is_none());
 
     // Asking for another clinic's patient is refused, naming why.
     let out = b.cli(&["fetch", "Patient/pa"]);
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("403") && err.contains("not in the catchment of b"), "{err}");
+    assert!(
+        err.contains("403") && err.contains("not in the catchment of b"),
+        "{err}"
+    );
     assert!(b.get("Patient/pa").is_none());
     // Its own patient may be fetched.
     let out = b.cli(&["fetch", "Patient/pb"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -52,20 +89,36 @@ fn three_edits_while_the_hub_is_unreachable_arrive_as_one_record_with_the_last_c
     let url = format!("http://127.0.0.1:{port}");
     let mut a = TestClinic::new(dir.path(), "a", &url, "token-of-a-0123456789");
     for gender in ["male", "female", "other"] {
-        a.put(vec![json!({"resourceType":"Patient","id":"p1","gender":gender})]);
+        a.put(vec![
+            json!({"resourceType":"Patient","id":"p1","gender":gender}),
+        ]);
         let err = a.sync().unwrap_err();
         assert!(err.is_retryable(), "{err}");
     }
     let status = String::from_utf8_lossy(&a.cli(&["status"]).stdout).to_string();
     assert!(status.contains("outbox      1 waiting"), "{status}");
-    assert!(status.contains("last error") && status.contains("cannot reach parent"), "{status}");
+    assert!(
+        status.contains("last error") && status.contains("cannot reach parent"),
+        "{status}"
+    );
 
-    let hub = TestHub::start(dir.path(), port, hub_policy(&[("a", "North")]), &["a"], 8 << 20);
+    let hub = TestHub::start(
+        dir.path(),
+        port,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
     let report = a.sync().unwrap();
-    assert_eq!(report.pushed.sent, 1, "three edits coalesce into one record");
+    assert_eq!(
+        report.pushed.sent, 1,
+        "three edits coalesce into one record"
+    );
     let hs = hub.store();
     assert_eq!(get(&hs, "Patient/p1").unwrap()["gender"], "other");
-    let history = hs.history(&clinicsync::model::RecordKey::parse("Patient/p1").unwrap()).unwrap();
+    let history = hs
+        .history(&clinicsync::model::RecordKey::parse("Patient/p1").unwrap())
+        .unwrap();
     assert_eq!(history.len(), 1, "the hub saw one version: {history:?}");
     assert_eq!(history[0].vv, r#"{"a":3}"#);
 }
@@ -83,7 +136,9 @@ fn a_rejected_record_is_quarantined_and_the_100_records_after_it_still_arrive() 
         json!({"resourceType":"Foo","id":"f1"}),
         json!({"resourceType":"Patient","id":"big","text":{"div":"x".repeat(5_000)}}),
     ]);
-    let valid: Vec<_> = (0..100).map(|i| patient(&format!("ok{i}"), "North")).collect();
+    let valid: Vec<_> = (0..100)
+        .map(|i| patient(&format!("ok{i}"), "North"))
+        .collect();
     a.put(valid);
     let report = a.sync().unwrap();
     assert_eq!(report.pushed.rejected, 3);
@@ -93,7 +148,11 @@ fn a_rejected_record_is_quarantined_and_the_100_records_after_it_still_arrive() 
     let out = a.cli(&["quarantine", "list", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let reason = |r: &str| {
-        list.as_array().unwrap().iter().find(|q| q["record"] == r).unwrap()["reason"]
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["record"] == r)
+            .unwrap()["reason"]
             .as_str()
             .unwrap()
             .to_string()
@@ -112,10 +171,18 @@ fn a_rejected_record_is_quarantined_and_the_100_records_after_it_still_arrive() 
     a.sync().unwrap();
     assert!(get(&hub.store(), "Patient/big").is_none());
     let out = a.cli(&["quarantine", "retry", "Patient/big"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Drop the record nobody will ever accept.
     let out = a.cli(&["quarantine", "drop", "Foo/f1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = a.sync().unwrap();
     assert_eq!(report.pushed.accepted, 1, "{report:?}");
     let hs = hub.store();
@@ -132,7 +199,13 @@ fn a_rejected_record_is_quarantined_and_the_100_records_after_it_still_arrive() 
 #[test]
 fn a_concurrent_edit_at_the_hub_and_a_clinic_keeps_both_versions() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(dir.path(), 0, hub_policy(&[("a", "North")]), &["a"], 8 << 20);
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
     let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
     a.put(vec![json!({"resourceType":"Patient","id":"p1","gender":"male","address":[{"district":"North"}]})]);
     a.sync().unwrap();
@@ -145,8 +218,14 @@ fn a_concurrent_edit_at_the_hub_and_a_clinic_keeps_both_versions() {
     let conflicts = hs.conflicts_list(true, None).unwrap();
     assert_eq!(conflicts.len(), 1);
     let c = &conflicts[0];
-    let sides = [c.local_body.as_ref().unwrap()["gender"].clone(), c.remote_body.as_ref().unwrap()["gender"].clone()];
-    assert!(sides.contains(&json!("female")) && sides.contains(&json!("unknown")), "{c:?}");
+    let sides = [
+        c.local_body.as_ref().unwrap()["gender"].clone(),
+        c.remote_body.as_ref().unwrap()["gender"].clone(),
+    ];
+    assert!(
+        sides.contains(&json!("female")) && sides.contains(&json!("unknown")),
+        "{c:?}"
+    );
     // Both nodes end on the same version; the loser is kept for review.
     let winner = get(&hs, "Patient/p1").unwrap();
     assert_eq!(a.get("Patient/p1").unwrap(), winner);
@@ -159,53 +238,98 @@ fn a_concurrent_edit_at_the_hub_and_a_clinic_keeps_both_versions() {
 #[test]
 fn a_pull_page_received_twice_creates_no_duplicates() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(dir.path(), 0, hub_policy(&[("a", "North")]), &["a"], 8 << 20);
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
     let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
-    hub.put((0..20).map(|i| json!({"resourceType":"Location","id":format!("l{i}")})).collect());
+    hub.put(
+        (0..20)
+            .map(|i| json!({"resourceType":"Location","id":format!("l{i}")}))
+            .collect(),
+    );
     let req = clinicsync::engine::pull_request(&a.store, "parent", 100, 1 << 20).unwrap();
-    let (answer, _) = a.client.exchange("/v1/pull", &clinicsync::wire::Message::PullRequest(req)).unwrap();
-    let clinicsync::wire::Message::PullResponse(page) = answer else { panic!() };
+    let (answer, _) = a
+        .client
+        .exchange("/v1/pull", &clinicsync::wire::Message::PullRequest(req))
+        .unwrap();
+    let clinicsync::wire::Message::PullResponse(page) = answer else {
+        panic!()
+    };
     for _ in 0..2 {
         clinicsync::engine::store_pull(&mut a.store, "parent", &page, (0, 0), 1).unwrap();
         clinicsync::engine::apply_inbox(&mut a.store, &a.policy, 2).unwrap();
     }
     let c = a.store.counts().unwrap();
     assert_eq!((c.records, c.inbox), (20, 0));
-    let versions: i64 = a.store.conn().query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0)).unwrap();
+    let versions: i64 = a
+        .store
+        .conn()
+        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(versions, 20);
 }
 
 #[test]
 fn the_same_push_over_http_twice_answers_duplicate_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(dir.path(), 0, hub_policy(&[("a", "North")]), &["a"], 8 << 20);
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
     let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
-    a.put((0..10).map(|i| patient(&format!("p{i}"), "North")).collect());
-    let req = clinicsync::engine::next_push(&a.store, 1, 100, 1 << 20).unwrap().unwrap();
+    a.put(
+        (0..10)
+            .map(|i| patient(&format!("p{i}"), "North"))
+            .collect(),
+    );
+    let req = clinicsync::engine::next_push(&a.store, 1, 100, 1 << 20)
+        .unwrap()
+        .unwrap();
     let msg = clinicsync::wire::Message::PushRequest(req);
     let (first, _) = a.client.exchange("/v1/push", &msg).unwrap();
     let before = hub.store().counts().unwrap();
     let (second, _) = a.client.exchange("/v1/push", &msg).unwrap();
     let after = hub.store().counts().unwrap();
     let outcomes = |m: clinicsync::wire::Message| match m {
-        clinicsync::wire::Message::PushResponse(r) => r.results.into_iter().map(|r| r.outcome).collect::<Vec<_>>(),
+        clinicsync::wire::Message::PushResponse(r) => {
+            r.results.into_iter().map(|r| r.outcome).collect::<Vec<_>>()
+        }
         _ => panic!(),
     };
     assert!(outcomes(first).iter().all(|o| *o == Outcome::Accepted));
     assert!(outcomes(second).iter().all(|o| *o == Outcome::Duplicate));
-    assert_eq!((before.records, before.head_seq, before.audit), (after.records, after.head_seq, after.audit));
+    assert_eq!(
+        (before.records, before.head_seq, before.audit),
+        (after.records, after.head_seq, after.audit)
+    );
 }
 
 #[test]
 fn audit_verify_passes_and_then_names_the_altered_row() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(dir.path(), 0, hub_policy(&[("a", "North")]), &["a"], 8 << 20);
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
     let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
     a.put((0..5).map(|i| patient(&format!("p{i}"), "North")).collect());
     let out = a.cli(&["audit", "verify"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("intact: 5 entries"));
-    a.store.conn().execute("UPDATE audit SET record='Patient/forged' WHERE n=4", []).unwrap();
+    a.store
+        .conn()
+        .execute("UPDATE audit SET record='Patient/forged' WHERE n=4", [])
+        .unwrap();
     let out = a.cli(&["audit", "verify"]);
     assert_eq!(out.status.code(), Some(6));
     let err = String::from_utf8_lossy(&out.stderr);

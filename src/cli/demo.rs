@@ -14,9 +14,19 @@ fn fail(e: impl std::fmt::Display) -> Failure {
     Failure::new(EXIT_FAILURE, format!("demo: {e}"))
 }
 
-fn put(exe: &Path, config: &Path, resources: Vec<serde_json::Value>, dir: &Path, name: &str) -> Result<(), Failure> {
+fn put(
+    exe: &Path,
+    config: &Path,
+    resources: Vec<serde_json::Value>,
+    dir: &Path,
+    name: &str,
+) -> Result<(), Failure> {
     let file = dir.join(format!("{name}.json"));
-    std::fs::write(&file, serde_json::to_vec(&synth::bundle(resources)).map_err(fail)?).map_err(fail)?;
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&synth::bundle(resources)).map_err(fail)?,
+    )
+    .map_err(fail)?;
     let out = std::process::Command::new(exe)
         .arg("--config")
         .arg(config)
@@ -25,7 +35,10 @@ fn put(exe: &Path, config: &Path, resources: Vec<serde_json::Value>, dir: &Path,
         .output()
         .map_err(fail)?;
     if !out.status.success() {
-        return Err(fail(format!("put {name}: {}", String::from_utf8_lossy(&out.stderr))));
+        return Err(fail(format!(
+            "put {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
     println!("  {name}: {}", String::from_utf8_lossy(&out.stdout).trim());
     Ok(())
@@ -36,7 +49,10 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
     let dir = match dir {
         Some(d) => d,
         None => {
-            tmp = tempfile::Builder::new().prefix("clinicsync-demo-").tempdir().map_err(fail)?;
+            tmp = tempfile::Builder::new()
+                .prefix("clinicsync-demo-")
+                .tempdir()
+                .map_err(fail)?;
             tmp.path().to_path_buf()
         }
     };
@@ -52,18 +68,42 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
     .map_err(fail)?;
     println!("== clinicsync demo in {}", dir.display());
     println!("1. metadata at the hub, patients registered at each clinic");
-    put(&exe, &layout.hub.config, vec![
-        synth::location("loc-central", "Central Hospital", "Kakamega"),
-        synth::location("loc-kakamega", "Kakamega Dispensary", "Kakamega"),
-        synth::location("loc-bungoma", "Bungoma Health Centre", "Bungoma"),
-    ], &dir, "hub-metadata")?;
+    put(
+        &exe,
+        &layout.hub.config,
+        vec![
+            synth::location("loc-central", "Central Hospital", "Kakamega"),
+            synth::location("loc-kakamega", "Kakamega Dispensary", "Kakamega"),
+            synth::location("loc-bungoma", "Bungoma Health Centre", "Bungoma"),
+        ],
+        &dir,
+        "hub-metadata",
+    )?;
     let a = &layout.clinics[0];
     let b = &layout.clinics[1];
-    put(&exe, &a.config, synth::clinic_records(1, "a", "Kakamega", "loc-kakamega", patients, 2, 3), &dir, "clinic-a-patients")?;
-    put(&exe, &b.config, synth::clinic_records(2, "b", "Bungoma", "loc-bungoma", patients, 2, 3), &dir, "clinic-b-patients")?;
+    put(
+        &exe,
+        &a.config,
+        synth::clinic_records(1, "a", "Kakamega", "loc-kakamega", patients, 2, 3),
+        &dir,
+        "clinic-a-patients",
+    )?;
+    put(
+        &exe,
+        &b.config,
+        synth::clinic_records(2, "b", "Bungoma", "loc-bungoma", patients, 2, 3),
+        &dir,
+        "clinic-b-patients",
+    )?;
     // A patient registered centrally who lives in clinic A's district.
     let mut g = synth::Gen::new(3);
-    put(&exe, &layout.hub.config, vec![synth::patient(&mut g, "hub-p0", "Kakamega")], &dir, "hub-patient")?;
+    put(
+        &exe,
+        &layout.hub.config,
+        vec![synth::patient(&mut g, "hub-p0", "Kakamega")],
+        &dir,
+        "hub-patient",
+    )?;
 
     println!("2. start the hub and both clinics (separate processes)");
     let mut hub = Proc::spawn(&exe, "hub", &layout.hub.config, &["run"]).map_err(fail)?;
@@ -79,11 +119,16 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
     let expected_hub = 3 + 1 + 2 * patients * (1 + 2 * 4);
     let converged = cluster::wait_until(Duration::from_secs(60), || {
         let count = |p: &Path| Store::open_existing(p).and_then(|s| s.counts()).ok();
-        let (Some(h), Some(ca), Some(cb)) = (count(&layout.hub.store), count(&a.store), count(&b.store)) else {
+        let (Some(h), Some(ca), Some(cb)) =
+            (count(&layout.hub.store), count(&a.store), count(&b.store))
+        else {
             return false;
         };
-        h.records as usize == expected_hub && ca.outbox == 0 && cb.outbox == 0
-            && ca.records as usize == 3 + 1 + patients * 9 && cb.records as usize == 3 + patients * 9
+        h.records as usize == expected_hub
+            && ca.outbox == 0
+            && cb.outbox == 0
+            && ca.records as usize == 3 + 1 + patients * 9
+            && cb.records as usize == 3 + patients * 9
     });
     for p in procs.iter_mut() {
         p.terminate();
@@ -100,9 +145,15 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
         println!("--- {}\n{}", node.id, String::from_utf8_lossy(&out.stdout));
     }
     if !converged {
-        return Err(fail(format!("nodes did not converge within 60 s; logs are in {}", dir.display())));
+        return Err(fail(format!(
+            "nodes did not converge within 60 s; logs are in {}",
+            dir.display()
+        )));
     }
     println!("Converged: the hub holds both clinics' patients and the metadata; clinic-a also got hub-p0 (its district); clinic-b did not.");
-    println!("Try: clinicsync --config {} history Patient/a-p0", a.config.display());
+    println!(
+        "Try: clinicsync --config {} history Patient/a-p0",
+        a.config.display()
+    );
     Ok(())
 }

@@ -32,8 +32,12 @@ pub const EXIT_AUDIT: u8 = 6;
 pub const EXIT_NOT_FOUND: u8 = 7;
 
 #[derive(Parser, Debug)]
-#[command(name = "clinicsync", version, about = "Store-and-forward sync of OpenMRS/FHIR records between clinics and hubs",
-    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid config, 4 store problem, 5 parent unreachable/refused, 6 audit chain broken, 7 not found")]
+#[command(
+    name = "clinicsync",
+    version,
+    about = "Store-and-forward sync of OpenMRS/FHIR records between clinics and hubs",
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid config, 4 store problem, 5 parent unreachable/refused, 6 audit chain broken, 7 not found"
+)]
 pub struct Cli {
     /// Configuration file.
     #[arg(long, short, global = true, env = "CLINICSYNC_CONFIG", default_value = config::DEFAULT_PATH)]
@@ -235,14 +239,18 @@ fn dispatch(cli: Cli) -> Out {
     match cli.command {
         Command::Demo { dir, patients } => demo::run(dir, patients),
         Command::Bench { action } => bench::run(action),
-        Command::Token { action: TokenCmd::New } => {
+        Command::Token {
+            action: TokenCmd::New,
+        } => {
             let token = new_token();
             println!("token:        {token}");
             println!("token_sha256: {}", crate::hub::token_hash(&token));
             println!("\nPut the token in the child's parent.token_file; put the hash in the hub's [[hub.children]].");
             Ok(())
         }
-        Command::Config { action: ConfigCmd::Check } => config_check(&path),
+        Command::Config {
+            action: ConfigCmd::Check,
+        } => config_check(&path),
         Command::Run => {
             let cfg = Config::load(&path)?;
             daemon::init_logging("info");
@@ -266,7 +274,14 @@ fn config_check(path: &Path) -> Out {
     let cfg = Config::load(path)?;
     if let Some(p) = &cfg.parent {
         config::read_token(&p.token_file).map_err(|e| {
-            Failure::new(EXIT_CONFIG, format!("{}: parent.token_file {}: {e}", path.display(), p.token_file.display()))
+            Failure::new(
+                EXIT_CONFIG,
+                format!(
+                    "{}: parent.token_file {}: {e}",
+                    path.display(),
+                    p.token_file.display()
+                ),
+            )
         })?;
     }
     println!(
@@ -276,7 +291,11 @@ fn config_check(path: &Path) -> Out {
         cfg.role(),
         cfg.hub
             .as_ref()
-            .map(|h| format!(", {} children, {} catchment rules", h.children.len(), h.catchment.len()))
+            .map(|h| format!(
+                ", {} children, {} catchment rules",
+                h.children.len(),
+                h.catchment.len()
+            ))
             .unwrap_or_default()
     );
     Ok(())
@@ -295,8 +314,12 @@ fn client(cfg: &Config) -> Result<HttpClient, Failure> {
         .parent
         .as_ref()
         .ok_or_else(|| Failure::new(EXIT_CONFIG, "this node has no [parent] to sync with"))?;
-    let token = config::read_token(&p.token_file)
-        .map_err(|e| Failure::new(EXIT_CONFIG, format!("parent.token_file {}: {e}", p.token_file.display())))?;
+    let token = config::read_token(&p.token_file).map_err(|e| {
+        Failure::new(
+            EXIT_CONFIG,
+            format!("parent.token_file {}: {e}", p.token_file.display()),
+        )
+    })?;
     Ok(HttpClient::new(&p.url, token, cfg.timeout()))
 }
 
@@ -311,7 +334,13 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Sync { json } => {
             let mut store = open(cfg)?;
             let client = client(cfg)?;
-            let report = daemon::sync_once(&mut store, &cfg.policy(), &client, &cfg.sync, &AtomicBool::new(false))?;
+            let report = daemon::sync_once(
+                &mut store,
+                &cfg.policy(),
+                &client,
+                &cfg.sync,
+                &AtomicBool::new(false),
+            )?;
             if json {
                 print_json(&report);
             } else {
@@ -330,8 +359,12 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             }
             let mut items = Vec::new();
             for f in &files {
-                let bytes = std::fs::read(f).map_err(|e| Failure::new(EXIT_FAILURE, format!("{}: {e}", f.display())))?;
-                items.extend(resources_of(&bytes).map_err(|e| Failure::new(EXIT_FAILURE, format!("{}: {e}", f.display())))?);
+                let bytes = std::fs::read(f)
+                    .map_err(|e| Failure::new(EXIT_FAILURE, format!("{}: {e}", f.display())))?;
+                items
+                    .extend(resources_of(&bytes).map_err(|e| {
+                        Failure::new(EXIT_FAILURE, format!("{}: {e}", f.display()))
+                    })?);
             }
             let mut store = open(cfg)?;
             let written = engine::write_local(&mut store, &cfg.policy(), items, now)?;
@@ -342,9 +375,9 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Get { record } => {
             let store = open(cfg)?;
             let k = key(&record)?;
-            let s = store
-                .current(&k)?
-                .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("{k} is not held by this node")))?;
+            let s = store.current(&k)?.ok_or_else(|| {
+                Failure::new(EXIT_NOT_FOUND, format!("{k} is not held by this node"))
+            })?;
             let mut body = s.version.snapshot.json();
             if s.version.deleted {
                 eprintln!("({k} is deleted; last content follows)");
@@ -383,15 +416,23 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Delete { record } => {
             let k = key(&record)?;
             let mut store = open(cfg)?;
-            let cur = store
-                .current(&k)?
-                .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("{k} is not held by this node")))?;
-            engine::write_local(&mut store, &cfg.policy(), vec![(cur.version.snapshot, true)], now)?;
+            let cur = store.current(&k)?.ok_or_else(|| {
+                Failure::new(EXIT_NOT_FOUND, format!("{k} is not held by this node"))
+            })?;
+            engine::write_local(
+                &mut store,
+                &cfg.policy(),
+                vec![(cur.version.snapshot, true)],
+                now,
+            )?;
             println!("{k} deleted");
             Ok(())
         }
         Command::Fetch { records } => {
-            let keys = records.iter().map(|r| key(r).map(|k| (k.kind, k.id))).collect::<Result<Vec<_>, _>>()?;
+            let keys = records
+                .iter()
+                .map(|r| key(r).map(|k| (k.kind, k.id)))
+                .collect::<Result<Vec<_>, _>>()?;
             let client = client(cfg)?;
             let req = Message::FetchRequest(crate::wire::FetchRequest {
                 node: cfg.node.id.clone(),
@@ -401,7 +442,10 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                 .exchange("/v1/fetch", &req)
                 .map_err(|e| Failure::new(EXIT_LINK, e.to_string()))?;
             let Message::FetchResponse(resp) = answer else {
-                return Err(Failure::new(EXIT_LINK, "parent answered something other than a fetch response"));
+                return Err(Failure::new(
+                    EXIT_LINK,
+                    "parent answered something other than a fetch response",
+                ));
             };
             let mut store = open(cfg)?;
             let n = engine::store_fetched(&mut store, PARENT, &resp, now)?;
@@ -426,7 +470,14 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                         for c in &list {
                             println!(
                                 "#{:<5} {:<45} {}  {} {} vs {} {}\n       {}",
-                                c.n, c.record, fmt_time(c.detected_ms), c.local_origin, c.local_vv, c.remote_origin, c.remote_vv, c.resolution
+                                c.n,
+                                c.record,
+                                fmt_time(c.detected_ms),
+                                c.local_origin,
+                                c.local_vv,
+                                c.remote_origin,
+                                c.remote_vv,
+                                c.resolution
                             );
                         }
                         eprintln!("{} conflicts", list.len());
@@ -447,7 +498,10 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             let store = open(cfg)?;
             let h = store.history(&k)?;
             if h.is_empty() {
-                return Err(Failure::new(EXIT_NOT_FOUND, format!("{k} has never been seen by this node")));
+                return Err(Failure::new(
+                    EXIT_NOT_FOUND,
+                    format!("{k} has never been seen by this node"),
+                ));
             }
             if json {
                 print_json(&h);
@@ -460,26 +514,37 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                         e.origin,
                         e.source,
                         e.vv,
-                        if e.changed.is_empty() { "no change".to_string() } else { format!("changed: {}", e.changed.join(", ")) },
+                        if e.changed.is_empty() {
+                            "no change".to_string()
+                        } else {
+                            format!("changed: {}", e.changed.join(", "))
+                        },
                         if e.deleted { " (deleted)" } else { "" }
                     );
                 }
             }
             Ok(())
         }
-        Command::Audit { action: AuditCmd::Verify } => {
+        Command::Audit {
+            action: AuditCmd::Verify,
+        } => {
             let store = open(cfg)?;
             match store.verify_audit()? {
                 AuditCheck::Intact { entries, head } => {
                     println!("audit chain intact: {entries} entries, head {head}");
                     Ok(())
                 }
-                AuditCheck::Broken { row, problem } => {
-                    Err(Failure::new(EXIT_AUDIT, format!("audit chain broken at row {row}: {problem}")))
-                }
+                AuditCheck::Broken { row, problem } => Err(Failure::new(
+                    EXIT_AUDIT,
+                    format!("audit chain broken at row {row}: {problem}"),
+                )),
             }
         }
-        Command::Run | Command::Demo { .. } | Command::Bench { .. } | Command::Token { .. } | Command::Config { .. } => {
+        Command::Run
+        | Command::Demo { .. }
+        | Command::Bench { .. }
+        | Command::Token { .. }
+        | Command::Config { .. } => {
             unreachable!("dispatched before the configuration is loaded")
         }
     }
@@ -487,7 +552,8 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
 
 /// Resources in a JSON document: one resource, or every `entry[].resource` of a Bundle.
 pub fn resources_of(bytes: &[u8]) -> Result<Vec<(Snapshot, bool)>, String> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
     if v.get("resourceType").and_then(|t| t.as_str()) == Some("Bundle") {
         let entries = v
             .get("entry")
@@ -497,14 +563,19 @@ pub fn resources_of(bytes: &[u8]) -> Result<Vec<(Snapshot, bool)>, String> {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let r = e.get("resource").ok_or(format!("Bundle entry {i} has no resource"))?;
+                let r = e
+                    .get("resource")
+                    .ok_or(format!("Bundle entry {i} has no resource"))?;
                 Snapshot::from_json_value(r.clone())
                     .map(|s| (s, false))
                     .map_err(|err| format!("Bundle entry {i}: {err}"))
             })
             .collect()
     } else {
-        Ok(vec![(Snapshot::from_json_value(v).map_err(|e| e.to_string())?, false)])
+        Ok(vec![(
+            Snapshot::from_json_value(v).map_err(|e| e.to_string())?,
+            false,
+        )])
     }
 }
 
@@ -560,9 +631,19 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
             let k = key(&record)?;
             let mut tx = store.begin()?;
             if !tx.drop_quarantined(&k)? {
-                return Err(Failure::new(EXIT_NOT_FOUND, format!("{k} is not quarantined")));
+                return Err(Failure::new(
+                    EXIT_NOT_FOUND,
+                    format!("{k} is not quarantined"),
+                ));
             }
-            tx.audit(now, "technician", "drop", &k.to_string(), "", "dropped from quarantine and queue")?;
+            tx.audit(
+                now,
+                "technician",
+                "drop",
+                &k.to_string(),
+                "",
+                "dropped from quarantine and queue",
+            )?;
             tx.commit()?;
             println!("{k} dropped from the quarantine and the queue (its history is kept)");
         }
@@ -588,7 +669,13 @@ fn status(cfg: &Config, json: bool) -> Out {
         return Ok(());
     }
     println!("node        {} ({})", cfg.node.id, cfg.role());
-    println!("store       {} (schema {}, {} records, seq {})", cfg.node.store.display(), store.schema_version()?, c.records, c.head_seq);
+    println!(
+        "store       {} (schema {}, {} records, seq {})",
+        cfg.node.store.display(),
+        store.schema_version()?,
+        c.records,
+        c.head_seq
+    );
     if let Some(p) = &cfg.parent {
         println!("parent      {}", p.url);
     }
@@ -597,13 +684,26 @@ fn status(cfg: &Config, json: bool) -> Out {
     println!("quarantine  {}", c.quarantine);
     println!("conflicts   {}", c.conflicts);
     if cfg.parent.is_some() {
-        println!("last push   {}", peer.last_push_ok_ms.map(fmt_time).unwrap_or_else(|| "never".into()));
-        println!("last pull   {}", peer.last_pull_ok_ms.map(fmt_time).unwrap_or_else(|| "never".into()));
+        println!(
+            "last push   {}",
+            peer.last_push_ok_ms
+                .map(fmt_time)
+                .unwrap_or_else(|| "never".into())
+        );
+        println!(
+            "last pull   {}",
+            peer.last_pull_ok_ms
+                .map(fmt_time)
+                .unwrap_or_else(|| "never".into())
+        );
         if let (Some(e), Some(t)) = (&peer.last_error, peer.last_error_ms) {
             println!("last error  {} {}", fmt_time(t), e);
         }
         println!("cursor      {cursor} (parent head {head}, lag {lag})");
-        println!("traffic     {} bytes sent, {} received", peer.bytes_sent, peer.bytes_received);
+        println!(
+            "traffic     {} bytes sent, {} received",
+            peer.bytes_sent, peer.bytes_received
+        );
     }
     Ok(())
 }
@@ -623,7 +723,12 @@ pub fn fmt_time(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

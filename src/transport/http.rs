@@ -20,7 +20,10 @@ pub enum TransportError {
     #[error("parent's answer is unreadable: {0}")]
     Wire(#[from] WireError),
     #[error("parent answered a {got} to a {sent}")]
-    Unexpected { sent: &'static str, got: &'static str },
+    Unexpected {
+        sent: &'static str,
+        got: &'static str,
+    },
 }
 
 impl TransportError {
@@ -66,7 +69,11 @@ impl HttpClient {
     }
 
     /// Sends `msg` to `path` and returns the parent's answer.
-    pub fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
+    pub fn exchange(
+        &self,
+        path: &str,
+        msg: &Message,
+    ) -> Result<(Message, Traffic), TransportError> {
         let body = wire::encode(msg)?;
         let url = format!("{}{}", self.base, path);
         let result = self
@@ -112,15 +119,19 @@ impl HttpClient {
 
     pub fn health(&self) -> Result<(), TransportError> {
         let url = format!("{}/v1/health", self.base);
-        self.agent.get(&url).call().map(|_| ()).map_err(|e| match e {
-            ureq::Error::Status(status, _) => TransportError::Status {
-                status,
-                message: "health check failed".into(),
-            },
-            ureq::Error::Transport(t) => TransportError::Unreachable {
-                url: self.base.clone(),
-                message: t.to_string(),
-            },
-        })
+        self.agent
+            .get(&url)
+            .call()
+            .map(|_| ())
+            .map_err(|e| match e {
+                ureq::Error::Status(status, _) => TransportError::Status {
+                    status,
+                    message: "health check failed".into(),
+                },
+                ureq::Error::Transport(t) => TransportError::Unreachable {
+                    url: self.base.clone(),
+                    message: t.to_string(),
+                },
+            })
     }
 }

@@ -42,7 +42,13 @@ pub fn hub_policy(clinics: &[(&str, &str)]) -> Policy {
 }
 
 impl TestHub {
-    pub fn start(dir: &Path, port: u16, policy: Policy, clinics: &[&str], max_message: usize) -> TestHub {
+    pub fn start(
+        dir: &Path,
+        port: u16,
+        policy: Policy,
+        clinics: &[&str],
+        max_message: usize,
+    ) -> TestHub {
         let tokens: Vec<(String, String)> = clinics
             .iter()
             .map(|c| (c.to_string(), format!("token-of-{c}-0123456789")))
@@ -56,7 +62,8 @@ impl TestHub {
             })
             .collect();
         let store_path = dir.join("hub.db");
-        let state = Arc::new(HubState::new(&store_path, policy.clone(), children, max_message).unwrap());
+        let state =
+            Arc::new(HubState::new(&store_path, policy.clone(), children, max_message).unwrap());
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -82,7 +89,12 @@ impl TestHub {
     }
 
     pub fn token(&self, node: &str) -> String {
-        self.tokens.iter().find(|(n, _)| n == node).unwrap().1.clone()
+        self.tokens
+            .iter()
+            .find(|(n, _)| n == node)
+            .unwrap()
+            .1
+            .clone()
     }
 
     pub fn store(&self) -> Store {
@@ -92,7 +104,10 @@ impl TestHub {
     /// Writes resources at the hub as its local EMR would.
     pub fn put(&self, resources: Vec<Value>) {
         let mut s = self.store();
-        let items = resources.into_iter().map(|r| (Snapshot::from_json_value(r).unwrap(), false)).collect();
+        let items = resources
+            .into_iter()
+            .map(|r| (Snapshot::from_json_value(r).unwrap(), false))
+            .collect();
         engine::write_local(&mut s, &self.policy, items, wall_ms()).unwrap();
     }
 
@@ -145,19 +160,32 @@ impl TestClinic {
             id: id.to_string(),
             store: Store::open(&store_path, id).unwrap(),
             policy: Policy::new(id, true),
-            client: HttpClient::new(url, Secret::new(token.to_string()), std::time::Duration::from_secs(10)),
+            client: HttpClient::new(
+                url,
+                Secret::new(token.to_string()),
+                std::time::Duration::from_secs(10),
+            ),
             sync_cfg: SyncSection::default(),
             config,
         }
     }
 
     pub fn put(&mut self, resources: Vec<Value>) {
-        let items = resources.into_iter().map(|r| (Snapshot::from_json_value(r).unwrap(), false)).collect();
+        let items = resources
+            .into_iter()
+            .map(|r| (Snapshot::from_json_value(r).unwrap(), false))
+            .collect();
         engine::write_local(&mut self.store, &self.policy, items, wall_ms()).unwrap();
     }
 
     pub fn sync(&mut self) -> Result<SyncReport, SyncError> {
-        daemon::sync_once(&mut self.store, &self.policy, &self.client, &self.sync_cfg, &AtomicBool::new(false))
+        daemon::sync_once(
+            &mut self.store,
+            &self.policy,
+            &self.client,
+            &self.sync_cfg,
+            &AtomicBool::new(false),
+        )
     }
 
     pub fn get(&self, reference: &str) -> Option<Value> {
