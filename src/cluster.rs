@@ -43,8 +43,9 @@ pub fn write_layout(
     std::fs::create_dir_all(dir)?;
     let hub_url = format!("http://127.0.0.1:{port}");
     let mut hub_toml = format!(
-        "[node]\nid = \"hub\"\nstore = \"{}\"\n\n[hub]\nlisten = \"127.0.0.1:{port}\"\n{extra_hub}\n",
-        dir.join("hub.db").display()
+        "[node]\nid = \"hub\"\nstore = \"{}\"\nkeys_dir = \"{}\"\n\n[hub]\nlisten = \"127.0.0.1:{port}\"\n{extra_hub}\n",
+        dir.join("hub.db").display(),
+        dir.join("hub.keys").display()
     );
     let mut out = Vec::new();
     for (id, district) in clinics {
@@ -60,8 +61,9 @@ pub fn write_layout(
         std::fs::write(
             &config,
             format!(
-                "[node]\nid = \"{id}\"\nstore = \"{}\"\n\n[parent]\nurl = \"{hub_url}\"\ntoken_file = \"{}\"\n\n[sync]\n{sync}\n",
+                "[node]\nid = \"{id}\"\nstore = \"{}\"\nkeys_dir = \"{}\"\n\n[parent]\nurl = \"{hub_url}\"\ntoken_file = \"{}\"\n\n[sync]\n{sync}\n",
                 store.display(),
+                dir.join(format!("{id}.keys")).display(),
                 token_file.display()
             ),
         )?;

@@ -49,6 +49,9 @@ pub struct Config {
 pub struct NodeSection {
     pub id: String,
     pub store: PathBuf,
+    /// Where this node's USB-bundle keys live (default: `keys/` beside the store).
+    #[serde(default)]
+    pub keys_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -259,6 +262,16 @@ impl Config {
             (Some(_), Some(_)) => "district hub",
             (Some(_), None) => "clinic",
         }
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.node.keys_dir.clone().unwrap_or_else(|| {
+            self.node
+                .store
+                .parent()
+                .map(|p| p.join("keys"))
+                .unwrap_or_else(|| PathBuf::from("keys"))
+        })
     }
 
     pub fn timeout(&self) -> Duration {

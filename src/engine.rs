@@ -30,6 +30,7 @@ use crate::model::{
     VersionVector,
 };
 use crate::store::{PeerEvent, Stage, Store, StoreError, Tx};
+use crate::wire::Receipt;
 use crate::wire::{
     FetchRequest, FetchResponse, FetchResult, Outcome, PullRequest, PullResponse, PushRequest,
     PushResponse, PushResult, WireRecord,
@@ -667,25 +668,61 @@ pub fn apply_push_results(
     bytes: (u64, u64),
     now_ms: u64,
 ) -> Result<PushSummary> {
-    let mut summary = PushSummary {
-        sent: sent.records.len(),
-        ..PushSummary::default()
-    };
+    let receipts = receipts_for(sent, resp);
+    let mut summary = settle_all(store, parent, &receipts, Some(bytes), now_ms)?;
+    summary.sent = sent.records.len();
+    Ok(summary)
+}
+
+/// Names each positional answer by the record it answers (answers for positions or
+/// versions that were not sent are dropped).
+pub fn receipts_for(sent: &PushRequest, resp: &PushResponse) -> Vec<Receipt> {
+    resp.results
+        .iter()
+        .filter_map(|r| {
+            let rec = sent.records.get(r.i as usize)?;
+            (rec.vv == r.vv).then(|| Receipt {
+                kind: rec.kind.clone(),
+                id: rec.id.clone(),
+                vv: r.vv.clone(),
+                outcome: r.outcome.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Child side: applies receipts that arrived by other means (a USB return bundle).
+/// A receipt for a version no longer current, or already settled, changes nothing.
+pub fn apply_receipts(
+    store: &mut Store,
+    parent: &str,
+    receipts: &[Receipt],
+    now_ms: u64,
+) -> Result<PushSummary> {
+    settle_all(store, parent, receipts, None, now_ms)
+}
+
+fn settle_all(
+    store: &mut Store,
+    parent: &str,
+    receipts: &[Receipt],
+    bytes: Option<(u64, u64)>,
+    now_ms: u64,
+) -> Result<PushSummary> {
+    let mut summary = PushSummary::default();
     let mut tx = store.begin()?;
-    for r in &resp.results {
-        // An answer for something we did not send is ignored.
-        let Some(rec) = sent.records.get(r.i as usize) else {
+    let actor = format!("push:{parent}");
+    for r in receipts {
+        let Ok(key) = RecordKey::new(&r.kind, &r.id) else {
             continue;
         };
-        if rec.vv != r.vv {
-            continue;
-        }
-        let Ok(key) = RecordKey::new(&rec.kind, &rec.id) else {
-            continue;
-        };
-        let hash = ContentHash::of(rec.body.as_bytes());
         match &r.outcome {
             Outcome::Rejected { reason, permanent } => {
+                // Only the version still queued can be quarantined for this reason.
+                let current = tx.current(&key)?;
+                if current.as_ref().map(|c| &c.version.vv) != Some(&r.vv) || !tx.in_outbox(&key)? {
+                    continue;
+                }
                 summary.rejected += 1;
                 let attempts =
                     tx.quarantine(&key, Stage::Push, reason, *permanent, now_ms, |n| {
@@ -693,10 +730,10 @@ pub fn apply_push_results(
                     })?;
                 tx.audit(
                     now_ms,
-                    &format!("push:{parent}"),
+                    &actor,
                     "quarantine",
                     &key.to_string(),
-                    &hash.short(),
+                    "",
                     &format!("attempt {attempts}: {reason}"),
                 )?;
             }
@@ -707,30 +744,25 @@ pub fn apply_push_results(
                     Outcome::Stale => summary.stale += 1,
                     _ => summary.conflict += 1,
                 }
-                if tx.clear_outbox_if_current(&key, &r.vv, &hash)? {
+                if tx.clear_outbox_if_vv(&key, &r.vv)? {
                     summary.cleared += 1;
                 }
                 if tx.release(&key, Stage::Push)? {
                     tx.audit(
                         now_ms,
-                        &format!("push:{parent}"),
+                        &actor,
                         "release",
                         &key.to_string(),
-                        &hash.short(),
+                        "",
                         other.name(),
                     )?;
                 }
             }
         }
     }
-    tx.note_peer(
-        parent,
-        PeerEvent::PushOk {
-            sent: bytes.0,
-            received: bytes.1,
-        },
-        now_ms,
-    )?;
+    if let Some((sent, received)) = bytes {
+        tx.note_peer(parent, PeerEvent::PushOk { sent, received }, now_ms)?;
+    }
     tx.commit()?;
     Ok(summary)
 }

@@ -139,6 +139,18 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX catchment_added ON catchment(node, added_seq);
     "#,
+    // 2: USB bundles — trusted node keys and imported bundles (replay, resume)
+    r#"
+    CREATE TABLE trusted_keys (
+        node TEXT PRIMARY KEY, line TEXT NOT NULL,
+        is_parent INTEGER NOT NULL, added_ms INTEGER NOT NULL
+    );
+    CREATE TABLE bundles_in (
+        id TEXT PRIMARY KEY, sender TEXT NOT NULL, kind TEXT NOT NULL, seq INTEGER NOT NULL,
+        items_done INTEGER NOT NULL, done INTEGER NOT NULL,
+        started_ms INTEGER NOT NULL, finished_ms INTEGER
+    );
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -805,6 +817,79 @@ impl Store {
         Ok(out)
     }
 
+    /// The public key line trusted for `node`, and whether it is this node's parent.
+    pub fn trusted(&self, node: &str) -> Result<Option<(String, bool)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT line, is_parent FROM trusted_keys WHERE node=?1",
+                [node],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// The parent's node id and key line, if trusted.
+    pub fn trusted_parent(&self) -> Result<Option<(String, String)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT node, line FROM trusted_keys WHERE is_parent=1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    pub fn trusted_list(&self) -> Result<Vec<(String, String, bool)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT node, line, is_parent FROM trusted_keys ORDER BY node")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// What this node knows of an imported bundle: (items applied, done, finished at).
+    pub fn bundle_in(&self, id: &str) -> Result<Option<(u64, bool, Option<u64>)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT items_done, done, finished_ms FROM bundles_in WHERE id=?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get(1)?,
+                        r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    ))
+                },
+            )
+            .optional()?)
+    }
+
+    /// The newest bundle sequence fully imported from `sender`.
+    pub fn last_bundle_seq(&self, sender: &str) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT MAX(seq) FROM bundles_in WHERE sender=?1 AND done=1",
+                [sender],
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            .map(|v| v as u64))
+    }
+
+    pub fn meta_u64(&self, key: &str) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key=?1", [key], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
     pub fn integrity_check(&self) -> Result<String> {
         Ok(self
             .conn
@@ -954,6 +1039,41 @@ impl Tx<'_> {
             .prepare_cached("SELECT value FROM meta WHERE key=?1")?
             .query_row([key], |r| r.get(0))
             .optional()?)
+    }
+
+    pub fn set_meta_u64(&mut self, key: &str, value: u64) -> Result<()> {
+        self.set_meta(key, &value.to_string())
+    }
+
+    pub fn trust(&mut self, node: &str, line: &str, is_parent: bool, now_ms: u64) -> Result<()> {
+        if is_parent {
+            self.tx
+                .execute("UPDATE trusted_keys SET is_parent=0 WHERE node<>?1", [node])?;
+        }
+        self.tx.execute(
+            "INSERT INTO trusted_keys(node, line, is_parent, added_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(node) DO UPDATE SET line=excluded.line, is_parent=excluded.is_parent, added_ms=excluded.added_ms",
+            params![node, line, is_parent, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Records progress of a bundle import (creating the row on first call).
+    pub fn bundle_progress(
+        &mut self,
+        b: &BundleIn<'_>,
+        items_done: u64,
+        done: bool,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.tx.execute(
+            "INSERT INTO bundles_in(id, sender, kind, seq, items_done, done, started_ms, finished_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?6 THEN ?7 END)
+             ON CONFLICT(id) DO UPDATE SET items_done=MAX(items_done, excluded.items_done), done=excluded.done,
+               finished_ms=CASE WHEN excluded.done THEN ?7 ELSE finished_ms END",
+            params![b.id, b.sender, b.kind, b.seq as i64, items_done as i64, done, now_ms as i64],
+        )?;
+        Ok(())
     }
 
     /// Allocates the next change sequence number.
@@ -1152,20 +1272,17 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Clears the outbox entry only if the replica still holds the acknowledged version.
-    pub fn clear_outbox_if_current(
-        &mut self,
-        key: &RecordKey,
-        vv: &VersionVector,
-        hash: &ContentHash,
-    ) -> Result<bool> {
+    /// Clears the outbox entry only if the replica still holds the acknowledged
+    /// version. A vector names one version on a node: every local write bumps this
+    /// node's counter, and conflict results with equal vectors are bumped too.
+    pub fn clear_outbox_if_vv(&mut self, key: &RecordKey, vv: &VersionVector) -> Result<bool> {
         let n = self
             .tx
             .prepare_cached(
                 "DELETE FROM outbox WHERE kind=?1 AND id=?2 AND EXISTS
-                 (SELECT 1 FROM replica r WHERE r.kind=?1 AND r.id=?2 AND r.vv=?3 AND r.hash=?4)",
+                 (SELECT 1 FROM replica r WHERE r.kind=?1 AND r.id=?2 AND r.vv=?3)",
             )?
-            .execute(params![key.kind, key.id, vv.to_json(), &hash.0[..]])?;
+            .execute(params![key.kind, key.id, vv.to_json()])?;
         Ok(n > 0)
     }
 
@@ -1292,11 +1409,14 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Moves the cursor forward (never back: a page that arrives late, by USB or
+    /// otherwise, cannot rewind it).
     pub fn set_cursor(&mut self, peer: &str, cursor: Cursor, head: u64, now_ms: u64) -> Result<()> {
         self.tx
             .prepare_cached(
                 "INSERT INTO cursors(peer, eff, seq, head, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(peer) DO UPDATE SET eff=excluded.eff, seq=excluded.seq, head=excluded.head, updated_ms=excluded.updated_ms",
+                 ON CONFLICT(peer) DO UPDATE SET eff=excluded.eff, seq=excluded.seq, head=excluded.head, updated_ms=excluded.updated_ms
+                 WHERE (excluded.eff, excluded.seq) >= (cursors.eff, cursors.seq)",
             )?
             .execute(params![peer, cursor.eff as i64, cursor.seq as i64, head as i64, now_ms as i64])?;
         Ok(())
@@ -1410,6 +1530,14 @@ impl Tx<'_> {
     }
 }
 
+/// An imported bundle, as the store tracks it.
+pub struct BundleIn<'a> {
+    pub id: &'a str,
+    pub sender: &'a str,
+    pub kind: &'a str,
+    pub seq: u64,
+}
+
 /// What happened on a link, for `status`.
 pub enum PeerEvent<'a> {
     PushOk { sent: u64, received: u64 },
@@ -1425,6 +1553,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db"), node).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn a_store_at_schema_1_is_migrated_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            // A store as the first release wrote it: only migration 1.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL);").unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute("INSERT INTO schema_migrations VALUES (1, 0)", [])
+                .unwrap();
+            conn.execute(
+                "INSERT INTO meta VALUES ('node_id', 'a'), ('seq', '41')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, "a").unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.counts().unwrap().head_seq, 41);
+        assert!(store.trusted_list().unwrap().is_empty());
     }
 
     #[test]

@@ -173,6 +173,17 @@ pub struct PushResult {
     pub outcome: Outcome,
 }
 
+/// A parent's answer for one record, naming the record (used where the request is
+/// not at hand, such as a USB return bundle).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub kind: String,
+    pub id: String,
+    pub vv: VersionVector,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
 /// A position in a node's feed for one child: records are ordered by the sequence
 /// at which they became visible to that child (`eff`), then by their own `seq`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -4,7 +4,8 @@
 //!
 //! Exit codes: 0 success · 1 failure · 2 usage error · 3 invalid configuration ·
 //! 4 store problem · 5 parent unreachable or refused · 6 audit chain broken ·
-//! 7 record not found.
+//! 7 record not found · 8 USB bundle refused (tampered, truncated, untrusted,
+//! not for this node, replayed) or could not be written.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,6 +31,7 @@ pub const EXIT_STORE: u8 = 4;
 pub const EXIT_LINK: u8 = 5;
 pub const EXIT_AUDIT: u8 = 6;
 pub const EXIT_NOT_FOUND: u8 = 7;
+pub const EXIT_BUNDLE: u8 = 8;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -105,6 +107,32 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenCmd,
     },
+    /// This node's bundle keys, and the nodes it trusts.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCmd,
+    },
+    /// Write a USB bundle for the parent: everything not yet acknowledged plus the
+    /// pull cursor, encrypted to the parent and signed by this node.
+    Export {
+        /// Directory to write into (the mounted stick).
+        dir: PathBuf,
+        /// Split into parts of at most this size (e.g. 512M, 4G; 0 = one file).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        part_size: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a USB bundle (any of its parts): on a hub, apply a clinic's export and
+    /// write the return bundle beside it; on a clinic, apply the return bundle.
+    Import {
+        file: PathBuf,
+        /// Part size for the return bundle a hub writes.
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        part_size: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a hub and two clinics on 127.0.0.1, write synthetic data, sync, show status.
     Demo {
         /// Keep the demo's files in this directory instead of a temporary one.
@@ -119,6 +147,44 @@ pub enum Command {
         #[command(subcommand)]
         action: bench::BenchCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Create this node's signing and encryption keys (never overwrites).
+    Init,
+    /// Print this node's public key line, for the other side's `keys trust`.
+    Show,
+    /// Trust another node's public key line (a file, or the line itself).
+    Trust {
+        key: String,
+        /// This node is our parent (the recipient of our exports).
+        #[arg(long)]
+        parent: bool,
+    },
+    /// List trusted nodes.
+    List,
+}
+
+/// `512M`, `4G`, `65536`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 512M or 4G"))?;
+    let size = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if size != 0 && size < 4096 {
+        return Err(format!("{s:?} is too small for a part (at least 4K)"));
+    }
+    Ok(size)
 }
 
 #[derive(Subcommand, Debug)]
@@ -540,6 +606,66 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                 )),
             }
         }
+        Command::Keys { action } => keys(cfg, action),
+        Command::Export {
+            dir,
+            part_size,
+            json,
+        } => {
+            let me = crate::keys::Identity::load(&cfg.keys_dir(), &cfg.node.id)
+                .map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))?;
+            let mut store = open(cfg)?;
+            let total = store.counts()?.outbox;
+            let bar = progress_bar(total, "records");
+            let r = crate::sneakernet::export(&mut store, &me, &dir, part_size, &|n| {
+                bar.set_position(n)
+            });
+            bar.finish_and_clear();
+            let r = r.map_err(sneaker_failure)?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("bundle #{} with {} records written:", r.seq, r.records);
+                for p in &r.parts {
+                    println!("  {}", p.display());
+                }
+            }
+            Ok(())
+        }
+        Command::Import {
+            file,
+            part_size,
+            json,
+        } => {
+            let me = crate::keys::Identity::load(&cfg.keys_dir(), &cfg.node.id)
+                .map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))?;
+            let mut store = open(cfg)?;
+            let bar = progress_bar(0, "records");
+            let r =
+                crate::sneakernet::import(&mut store, &cfg.policy(), &me, &file, part_size, &|n| {
+                    bar.set_position(n)
+                });
+            bar.finish_and_clear();
+            let r = r.map_err(sneaker_failure)?;
+            if json {
+                print_json(&r);
+            } else {
+                if r.resumed_after_items > 0 {
+                    println!(
+                        "resumed an interrupted import after {} items",
+                        r.resumed_after_items
+                    );
+                }
+                println!(
+                    "{} bundle from {} imported: {} records applied, {} receipts, {} records pulled",
+                    r.kind, r.sender, r.records_applied, r.receipts, r.pulled
+                );
+                for p in &r.return_parts {
+                    println!("return bundle: {}", p.display());
+                }
+            }
+            Ok(())
+        }
         Command::Run
         | Command::Demo { .. }
         | Command::Bench { .. }
@@ -548,6 +674,94 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             unreachable!("dispatched before the configuration is loaded")
         }
     }
+}
+
+fn sneaker_failure(e: crate::sneakernet::SneakerError) -> Failure {
+    use crate::sneakernet::SneakerError;
+    match e {
+        SneakerError::Engine(e) => e.into(),
+        SneakerError::Keys(k) => Failure::new(EXIT_CONFIG, k.to_string()),
+        other => Failure::new(EXIT_BUNDLE, other.to_string()),
+    }
+}
+
+/// A progress bar on a terminal; hidden under systemd or in pipes.
+fn progress_bar(total: u64, unit: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = if total > 0 {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    let template = if total > 0 {
+        format!("{{bar:40}} {{pos}}/{{len}} {unit} ({{eta}} left)")
+    } else {
+        format!("{{spinner}} {{pos}} {unit}")
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn keys(cfg: &Config, action: KeysCmd) -> Out {
+    use crate::keys::{Identity, PublicKeys};
+    let dir = cfg.keys_dir();
+    let key_failure = |e: crate::keys::KeyError| Failure::new(EXIT_CONFIG, e.to_string());
+    match action {
+        KeysCmd::Init => {
+            let id = Identity::init(&dir, &cfg.node.id).map_err(key_failure)?;
+            println!("keys written to {}", dir.display());
+            println!("{}", id.public().line());
+        }
+        KeysCmd::Show => println!(
+            "{}",
+            Identity::load(&dir, &cfg.node.id)
+                .map_err(key_failure)?
+                .public()
+                .line()
+        ),
+        KeysCmd::Trust { key, parent } => {
+            let line = match std::fs::read_to_string(&key) {
+                Ok(text) => text,
+                Err(_) => key.clone(),
+            };
+            let public = PublicKeys::parse(line.trim()).map_err(key_failure)?;
+            if public.node == cfg.node.id {
+                return Err(Failure::new(EXIT_FAILURE, "that is this node's own key"));
+            }
+            let mut store = open(cfg)?;
+            let mut tx = store.begin()?;
+            tx.trust(&public.node, &public.line(), parent, wall_ms())?;
+            tx.audit(
+                wall_ms(),
+                "technician",
+                "trust",
+                &public.node,
+                "",
+                if parent { "parent" } else { "peer" },
+            )?;
+            tx.commit()?;
+            println!(
+                "now trusting {}{}",
+                public.node,
+                if parent { " as this node's parent" } else { "" }
+            );
+        }
+        KeysCmd::List => {
+            for (node, line, is_parent) in open(cfg)?.trusted_list()? {
+                println!(
+                    "{}{}\n  {line}",
+                    node,
+                    if is_parent { " (parent)" } else { "" }
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resources in a JSON document: one resource, or every `entry[].resource` of a Bundle.

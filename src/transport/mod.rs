@@ -2,4 +2,5 @@
 //! never decide whether a record is delivered: that is the engine's job, from the
 //! per-record answers inside the frames.
 
+pub mod file;
 pub mod http;

@@ -1,0 +1,204 @@
+//! Node identity for USB bundles: an Ed25519 signing key and an age (X25519)
+//! encryption key per node, and the public keys of the nodes it trusts.
+//!
+//! Files (in `node.keys_dir`, default `<store dir>/keys`, created 0700):
+//! ```text
+//! signing.key   hex of the 32-byte Ed25519 secret key      (0600)
+//! age.key       AGE-SECRET-KEY-1…  the age X25519 identity (0600)
+//! ```
+//! Public key line, as `keys show` prints it and `keys trust` reads it:
+//! `clinicsync-node v1 <node-id> <ed25519 public key, hex> <age1… recipient>`.
+//! Trusted keys live in the store (`trusted_keys`), so they travel with its backups.
+//!
+//! We invent no cryptography: age (X25519 + ChaCha20-Poly1305 STREAM) encrypts,
+//! ed25519-dalek signs.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use age::secrecy::ExposeSecret;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no keys in {0} (run `clinicsync keys init` first)")]
+    Missing(PathBuf),
+    #[error("keys already exist in {0}; refusing to overwrite them")]
+    Exists(PathBuf),
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("invalid key material in {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("not a clinicsync public key line: {0}")]
+    BadPublicLine(String),
+}
+
+/// This node's secret keys. Never printed.
+pub struct Identity {
+    pub node: String,
+    pub signing: SigningKey,
+    pub age: age::x25519::Identity,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({}, secret keys hidden)", self.node)
+    }
+}
+
+/// Another node's public keys.
+#[derive(Clone, Debug)]
+pub struct PublicKeys {
+    pub node: String,
+    pub verifying: VerifyingKey,
+    pub age: age::x25519::Recipient,
+}
+
+impl PartialEq for PublicKeys {
+    fn eq(&self, other: &Self) -> bool {
+        self.line() == other.line()
+    }
+}
+
+impl PublicKeys {
+    pub fn line(&self) -> String {
+        format!(
+            "clinicsync-node v1 {} {} {}",
+            self.node,
+            hex::encode(self.verifying.as_bytes()),
+            self.age
+        )
+    }
+
+    pub fn parse(line: &str) -> Result<PublicKeys, KeyError> {
+        let bad = || KeyError::BadPublicLine(line.trim().chars().take(120).collect());
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let ["clinicsync-node", "v1", node, sig, age_pub] = parts.as_slice() else {
+            return Err(bad());
+        };
+        if !crate::config::valid_node_id(node) {
+            return Err(bad());
+        }
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(sig, &mut bytes).map_err(|_| bad())?;
+        let verifying = VerifyingKey::from_bytes(&bytes).map_err(|_| bad())?;
+        let age = age::x25519::Recipient::from_str(age_pub).map_err(|_| bad())?;
+        Ok(PublicKeys {
+            node: node.to_string(),
+            verifying,
+            age,
+        })
+    }
+}
+
+impl Identity {
+    pub fn public(&self) -> PublicKeys {
+        PublicKeys {
+            node: self.node.clone(),
+            verifying: self.signing.verifying_key(),
+            age: self.age.to_public(),
+        }
+    }
+
+    /// Creates and writes new keys; refuses to overwrite existing ones.
+    pub fn init(dir: &Path, node: &str) -> Result<Identity, KeyError> {
+        let io = |path: &Path, e: std::io::Error| KeyError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        if dir.join("signing.key").exists() || dir.join("age.key").exists() {
+            return Err(KeyError::Exists(dir.to_path_buf()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        set_mode(dir, 0o700).map_err(|e| io(dir, e))?;
+        let signing = SigningKey::generate(&mut rand::rngs::OsRng);
+        let age = age::x25519::Identity::generate();
+        write_secret(&dir.join("signing.key"), &hex::encode(signing.to_bytes()))
+            .map_err(|e| io(dir, e))?;
+        write_secret(&dir.join("age.key"), age.to_string().expose_secret())
+            .map_err(|e| io(dir, e))?;
+        Ok(Identity {
+            node: node.to_string(),
+            signing,
+            age,
+        })
+    }
+
+    pub fn load(dir: &Path, node: &str) -> Result<Identity, KeyError> {
+        let sig_path = dir.join("signing.key");
+        let age_path = dir.join("age.key");
+        if !sig_path.exists() || !age_path.exists() {
+            return Err(KeyError::Missing(dir.to_path_buf()));
+        }
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| KeyError::Io {
+                path: p.to_path_buf(),
+                message: e.to_string(),
+            })
+        };
+        let invalid = |p: &Path, m: &str| KeyError::Invalid {
+            path: p.to_path_buf(),
+            message: m.to_string(),
+        };
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(read(&sig_path)?.trim(), &mut bytes)
+            .map_err(|_| invalid(&sig_path, "expected 64 hex characters"))?;
+        let age = age::x25519::Identity::from_str(read(&age_path)?.trim())
+            .map_err(|_| invalid(&age_path, "expected AGE-SECRET-KEY-1…"))?;
+        Ok(Identity {
+            node: node.to_string(),
+            signing: SigningKey::from_bytes(&bytes),
+            age,
+        })
+    }
+}
+
+fn write_secret(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(content.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_are_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::init(dir.path(), "clinic-a").unwrap();
+        assert!(matches!(
+            Identity::init(dir.path(), "clinic-a"),
+            Err(KeyError::Exists(_))
+        ));
+        let again = Identity::load(dir.path(), "clinic-a").unwrap();
+        assert_eq!(id.public(), again.public());
+        let line = id.public().line();
+        assert_eq!(PublicKeys::parse(&line).unwrap(), id.public());
+        assert!(!format!("{id:?}").contains(&hex::encode(id.signing.to_bytes())));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("signing.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_garbled_public_line_is_refused() {
+        assert!(PublicKeys::parse("clinicsync-node v1 a zz age1x").is_err());
+        assert!(PublicKeys::parse("ssh-ed25519 AAAA").is_err());
+    }
+}

@@ -1,0 +1,371 @@
+//! USB sneakernet flows: a clinic exports its unacknowledged outbox and pull cursor
+//! in a bundle encrypted to its parent; the parent imports it with exactly the push
+//! semantics of the network and writes a return bundle (receipts plus the pull pages
+//! the clinic is due) encrypted to the clinic; the clinic imports that.
+//!
+//! Invariants: see [`crate::transport::file`] for the format. Here:
+//! - A bundle is applied only from a trusted sender, addressed to this node, with a
+//!   valid signature. A bundle already imported, or older than one already imported
+//!   from the same sender, is refused and changes nothing.
+//! - Import progress is committed per item; an interrupted import resumes. On the
+//!   parent every push item is re-run on resume (integration is idempotent), so the
+//!   return bundle always carries every receipt.
+//! - The export's sequence number is committed only after the bundle is complete.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::engine::{self, Policy};
+use crate::keys::{Identity, PublicKeys};
+use crate::store::{wall_ms, BundleIn, Store};
+use crate::transport::file::{self, BundleError, BundleHeader, BundleWriter, Item};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SneakerError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<crate::store::StoreError> for SneakerError {
+    fn from(e: crate::store::StoreError) -> Self {
+        SneakerError::Engine(e.into())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportSummary {
+    pub parts: Vec<PathBuf>,
+    pub records: usize,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ImportSummary {
+    pub bundle: String,
+    pub kind: String,
+    pub sender: String,
+    pub records_applied: usize,
+    pub receipts: usize,
+    pub pulled: usize,
+    pub resumed_after_items: u64,
+    pub return_parts: Vec<PathBuf>,
+}
+
+/// Looks a node's trusted public keys up in the store.
+pub fn trusted_keys(store: &Store, node: &str) -> Option<PublicKeys> {
+    let (line, _) = store.trusted(node).ok()??;
+    PublicKeys::parse(&line).ok()
+}
+
+fn bundle_in(h: &BundleHeader) -> BundleIn<'_> {
+    BundleIn {
+        id: &h.id,
+        sender: &h.sender,
+        kind: &h.kind,
+        seq: h.seq,
+    }
+}
+
+fn seq_key(peer: &str) -> String {
+    format!("bundle_seq_out:{peer}")
+}
+
+/// Clinic side: writes everything not yet acknowledged, plus the pull cursor.
+pub fn export(
+    store: &mut Store,
+    me: &Identity,
+    dir: &Path,
+    part_size: u64,
+    progress: &dyn Fn(u64),
+) -> Result<ExportSummary, SneakerError> {
+    let (parent, line) = store.trusted_parent()?.ok_or_else(|| {
+        SneakerError::Refused(
+            "no trusted parent key: run `clinicsync keys trust <parent.pub> --parent` first".into(),
+        )
+    })?;
+    let to = PublicKeys::parse(&line).map_err(SneakerError::Keys)?;
+    let seq = store.meta_u64(&seq_key(&parent))? + 1;
+    let header = BundleHeader {
+        id: file::new_id(),
+        kind: "export".into(),
+        sender: me.node.clone(),
+        recipient: parent.clone(),
+        seq,
+        created_ms: wall_ms(),
+        part_size,
+    };
+    let path = dir.join(format!("{}-to-{}-{seq:06}.csb", me.node, parent));
+    let mut w = BundleWriter::create(&path, header, me, &to)?;
+    let mut after = 0;
+    let mut records = 0;
+    while let Some((req, last)) =
+        engine::next_push_after(store, i64::MAX as u64, 1_000, 4 << 20, after)?
+    {
+        after = last;
+        records += req.records.len();
+        w.write(&Item::Push(req))?;
+        progress(records as u64);
+    }
+    let pull = engine::pull_request(store, crate::daemon::PARENT, 0, 0)?;
+    w.write(&Item::PullState {
+        cursor: pull.cursor,
+        include_own: pull.include_own,
+    })?;
+    let parts = w.finish()?;
+    let now = wall_ms();
+    let mut tx = store.begin()?;
+    tx.set_meta_u64(&seq_key(&parent), seq)?;
+    tx.audit(
+        now,
+        "usb",
+        "export",
+        &format!("bundle #{seq} to {parent}"),
+        "",
+        &format!("{records} records"),
+    )?;
+    tx.commit()?;
+    Ok(ExportSummary {
+        parts,
+        records,
+        seq,
+    })
+}
+
+/// Either side: verifies and applies a bundle addressed to this node.
+pub fn import(
+    store: &mut Store,
+    policy: &Policy,
+    me: &Identity,
+    path: &Path,
+    return_part_size: u64,
+    progress: &dyn Fn(u64),
+) -> Result<ImportSummary, SneakerError> {
+    let lookup = |node: &str| trusted_keys(store, node);
+    let bundle = file::verify(path, &me.node, &lookup)?;
+    let h = bundle.header.clone();
+    let prior = store.bundle_in(&h.id)?;
+    if let Some((_, true, finished)) = prior {
+        return Err(SneakerError::Refused(format!(
+            "bundle #{} from {} was already imported{}; nothing applied",
+            h.seq,
+            h.sender,
+            finished
+                .map(|t| format!(" at {}", crate::cli::fmt_time(t)))
+                .unwrap_or_default()
+        )));
+    }
+    if let Some(last) = store.last_bundle_seq(&h.sender)? {
+        if h.seq <= last {
+            return Err(SneakerError::Refused(format!(
+                "bundle #{} from {} is older than bundle #{last} already imported; nothing applied",
+                h.seq, h.sender
+            )));
+        }
+    }
+    let resume_from = prior.map(|(n, _, _)| n).unwrap_or(0);
+    let mut summary = ImportSummary {
+        bundle: h.id.clone(),
+        kind: h.kind.clone(),
+        sender: h.sender.clone(),
+        resumed_after_items: resume_from,
+        ..ImportSummary::default()
+    };
+    let mut items = bundle.items(me)?;
+    let mut tx = store.begin()?;
+    tx.bundle_progress(&bundle_in(&h), 0, false, wall_ms())?;
+    tx.commit()?;
+    match h.kind.as_str() {
+        "export" => import_export(
+            store,
+            policy,
+            me,
+            path,
+            return_part_size,
+            &h,
+            &mut items,
+            &mut summary,
+            progress,
+        )?,
+        "return" => {
+            let parent = store.trusted_parent()?.map(|(n, _)| n);
+            if parent.as_deref() != Some(h.sender.as_str()) {
+                return Err(SneakerError::Refused(format!(
+                    "a return bundle from {} but this node's trusted parent is {}",
+                    h.sender,
+                    parent.unwrap_or_else(|| "not set".into())
+                )));
+            }
+            import_return(
+                store,
+                policy,
+                &h,
+                resume_from,
+                &mut items,
+                &mut summary,
+                progress,
+            )?
+        }
+        other => return Err(BundleError::Content(format!("unknown bundle kind {other:?}")).into()),
+    }
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn import_export(
+    store: &mut Store,
+    policy: &Policy,
+    me: &Identity,
+    path: &Path,
+    part_size: u64,
+    h: &BundleHeader,
+    items: &mut file::ItemReader,
+    summary: &mut ImportSummary,
+    progress: &dyn Fn(u64),
+) -> Result<(), SneakerError> {
+    let to =
+        trusted_keys(store, &h.sender).ok_or_else(|| BundleError::Untrusted(h.sender.clone()))?;
+    let seq = store.meta_u64(&seq_key(&h.sender))? + 1;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let ret_path = dir.join(format!("{}-to-{}-{seq:06}.csb", me.node, h.sender));
+    let header = BundleHeader {
+        id: file::new_id(),
+        kind: "return".into(),
+        sender: me.node.clone(),
+        recipient: h.sender.clone(),
+        seq,
+        created_ms: wall_ms(),
+        part_size,
+    };
+    let mut out = BundleWriter::create(&ret_path, header, me, &to)?;
+    let mut n = 0u64;
+    let mut pull_state = None;
+    while let Some(item) = items.next_item()? {
+        n += 1;
+        match item {
+            Item::Push(req) => {
+                let count = req.records.len();
+                // Exactly the network's push semantics; re-running it on resume is a no-op.
+                let resp = engine::handle_push(store, policy, &h.sender, req.clone(), wall_ms())?;
+                summary.records_applied += count;
+                let receipts = engine::receipts_for(&req, &resp);
+                summary.receipts += receipts.len();
+                out.write(&Item::Receipts(receipts))?;
+                let mut tx = store.begin()?;
+                tx.bundle_progress(&bundle_in(h), n, false, wall_ms())?;
+                tx.commit()?;
+                progress(summary.records_applied as u64);
+            }
+            Item::PullState {
+                cursor,
+                include_own,
+            } => pull_state = Some((cursor, include_own)),
+            other => {
+                return Err(BundleError::Content(format!(
+                    "unexpected item in an export bundle: {other:?}"
+                ))
+                .into())
+            }
+        }
+    }
+    if let Some((cursor, include_own)) = pull_state {
+        let mut req = crate::wire::PullRequest {
+            node: h.sender.clone(),
+            cursor,
+            max_bytes: 4 << 20,
+            max_records: 2_000,
+            include_own,
+        };
+        loop {
+            let page = engine::handle_pull(store, policy, &h.sender, &req)?;
+            summary.pulled += page.records.len();
+            let more = page.more;
+            req.cursor = page.next;
+            out.write(&Item::Page(page))?;
+            if !more {
+                break;
+            }
+        }
+    }
+    summary.return_parts = out.finish()?;
+    let now = wall_ms();
+    let mut tx = store.begin()?;
+    tx.set_meta_u64(&seq_key(&h.sender), seq)?;
+    tx.bundle_progress(&bundle_in(h), n, true, now)?;
+    tx.audit(
+        now,
+        "usb",
+        "import",
+        &format!("bundle #{} from {}", h.seq, h.sender),
+        "",
+        &format!(
+            "{} records, return bundle #{seq} with {} pulled",
+            summary.records_applied, summary.pulled
+        ),
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn import_return(
+    store: &mut Store,
+    policy: &Policy,
+    h: &BundleHeader,
+    resume_from: u64,
+    items: &mut file::ItemReader,
+    summary: &mut ImportSummary,
+    progress: &dyn Fn(u64),
+) -> Result<(), SneakerError> {
+    let mut n = 0u64;
+    let parent = crate::daemon::PARENT;
+    while let Some(item) = items.next_item()? {
+        n += 1;
+        if n <= resume_from {
+            continue;
+        }
+        let now = wall_ms();
+        match item {
+            Item::Receipts(r) => {
+                engine::apply_receipts(store, parent, &r, now)?;
+                summary.receipts += r.len();
+            }
+            Item::Page(page) => {
+                summary.pulled += engine::store_pull(store, parent, &page, (0, 0), now)?;
+                let a = engine::apply_inbox(store, policy, now)?;
+                summary.records_applied += a.applied;
+            }
+            other => {
+                return Err(BundleError::Content(format!(
+                    "unexpected item in a return bundle: {other:?}"
+                ))
+                .into())
+            }
+        }
+        let mut tx = store.begin()?;
+        tx.bundle_progress(&bundle_in(h), n, false, now)?;
+        tx.commit()?;
+        progress((summary.receipts + summary.pulled) as u64);
+    }
+    let now = wall_ms();
+    let mut tx = store.begin()?;
+    tx.bundle_progress(&bundle_in(h), n, true, now)?;
+    tx.audit(
+        now,
+        "usb",
+        "import",
+        &format!("return bundle #{} from {}", h.seq, h.sender),
+        "",
+        &format!(
+            "{} receipts, {} records pulled",
+            summary.receipts, summary.pulled
+        ),
+    )?;
+    tx.commit()?;
+    Ok(())
+}
