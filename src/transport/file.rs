@@ -199,19 +199,22 @@ impl PartWriter {
 }
 
 impl Write for PartWriter {
+    // Writes the whole buffer, crossing part boundaries: some writers above us (age's
+    // header encoder) treat a short write as an error.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.current.is_none() || self.in_part >= self.part_size {
-            self.open_next()?;
+        let mut done = 0;
+        while done < buf.len() {
+            if self.current.is_none() || self.in_part >= self.part_size {
+                self.open_next()?;
+            }
+            let room = (self.part_size - self.in_part).min((buf.len() - done) as u64) as usize;
+            let f = self.current.as_mut().ok_or_else(|| io::Error::other("no open part"))?;
+            f.write_all(&buf[done..done + room])?;
+            self.in_part += room as u64;
+            self.written += room as u64;
+            done += room;
         }
-        let room = (self.part_size - self.in_part).min(buf.len() as u64) as usize;
-        let f = self
-            .current
-            .as_mut()
-            .ok_or_else(|| io::Error::other("no open part"))?;
-        let n = f.write(&buf[..room])?;
-        self.in_part += n as u64;
-        self.written += n as u64;
-        Ok(n)
+        Ok(done)
     }
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.current {
