@@ -133,3 +133,40 @@ fn frozen_v1_frames_still_decode() {
         assert_eq!(decode(&bytes, &Limits::default()).unwrap(), msg, "{name}");
     }
 }
+
+/// A version-1 USB bundle written by an earlier build must still verify and decode.
+/// Its keys are test keys committed beside it (`tests/golden/bundle-keys/`).
+#[test]
+fn a_frozen_v1_bundle_still_verifies_and_decodes() {
+    use clinicsync::keys::Identity;
+    use clinicsync::transport::file::{self, BundleHeader, BundleWriter, Item};
+    let keys = golden("bundle-keys");
+    let path = golden("bundle_v1.csb");
+    let items = vec![
+        Item::Push(PushRequest { node: "clinic-a".into(), records: vec![record()] }),
+        Item::PullState { cursor: Cursor { eff: 3, seq: 2 }, include_own: false },
+    ];
+    if !golden("bundle_v1.csb.001").exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
+        let a = Identity::init(&keys.join("clinic-a"), "clinic-a").unwrap();
+        let hub = Identity::init(&keys.join("hub"), "hub").unwrap();
+        let header = BundleHeader { id: "0123456789abcdef0123456789abcdef".into(), kind: "export".into(), sender: "clinic-a".into(),
+            recipient: "hub".into(), seq: 1, created_ms: 1_795_000_000_000, part_size: 0 };
+        let mut w = BundleWriter::create(&path, header, &a, &hub.public()).unwrap();
+        for i in &items {
+            w.write(i).unwrap();
+        }
+        w.finish().unwrap();
+    }
+    let a = Identity::load(&keys.join("clinic-a"), "clinic-a").unwrap().public();
+    let hub = Identity::load(&keys.join("hub"), "hub").unwrap();
+    let trusted = |n: &str| (n == "clinic-a").then(|| a.clone());
+    let v = file::verify(&golden("bundle_v1.csb.001"), "hub", &trusted).unwrap();
+    assert_eq!(v.header.seq, 1);
+    assert_eq!(v.header.sender, "clinic-a");
+    let mut r = v.items(&hub).unwrap();
+    let mut got = Vec::new();
+    while let Some(i) = r.next_item().unwrap() {
+        got.push(i);
+    }
+    assert_eq!(got, items);
+}
