@@ -213,3 +213,123 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// A real mosquitto broker on 127.0.0.1 for tests, demos and benchmarks: password
+/// file, per-node ACLs (the layout in `transport::mqtt`), persistence on disk.
+pub struct Broker {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Writes the password file (with `mosquitto_passwd`), the ACL and the config;
+    /// `hub` gets read/write on the whole tree, every other user its own topics.
+    pub fn start(
+        dir: &Path,
+        port: u16,
+        hub: &str,
+        users: &[(&str, &str)],
+    ) -> Result<Broker, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let pw = dir.join("passwords");
+        let _ = std::fs::remove_file(&pw);
+        for (i, (user, pass)) in users.iter().enumerate() {
+            let mut cmd = Command::new("mosquitto_passwd");
+            if i == 0 {
+                cmd.arg("-c");
+            }
+            let out = cmd
+                .arg("-b")
+                .arg(&pw)
+                .arg(user)
+                .arg(pass)
+                .output()
+                .map_err(|e| format!("mosquitto_passwd: {e} (apt-get install mosquitto)"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "mosquitto_passwd: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+        let acl = dir.join("acl");
+        std::fs::write(
+            &acl,
+            format!(
+                "user {hub}\ntopic readwrite {p}/#\n\npattern write {p}/%u/up\npattern read {p}/%u/down\n",
+                p = crate::transport::mqtt::PREFIX
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "# As root, mosquitto would switch to the mosquitto user, who cannot read a 0700 test directory.\nuser root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence true\npersistence_location {}/\nlog_dest file {}\n",
+                pw.display(),
+                acl.display(),
+                dir.display(),
+                dir.join("mosquitto.log").display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut b = Broker {
+            port,
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        b.restart()?;
+        Ok(b)
+    }
+
+    /// Starts (again) with the same files: persisted sessions survive.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.kill9();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("mosquitto: {e} (apt-get install mosquitto)"))?;
+        self.child = Some(child);
+        let port = self.port;
+        if !wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }) {
+            return Err(format!("mosquitto did not listen on {port}"));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: the broker keeps only what it had persisted.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: the broker saves its sessions and stops.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own, not yet reaped child.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -40,8 +40,52 @@ pub struct Config {
     #[serde(default)]
     pub sync: SyncSection,
     pub hub: Option<HubSection>,
+    #[serde(default)]
+    pub transport: TransportSection,
+    pub mqtt: Option<MqttSection>,
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// How a child reaches its parent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// HTTP(S) polling on `sync.interval_secs` (default).
+    #[default]
+    Http,
+    /// MQTT only: requests and wake-ups through the broker.
+    Mqtt,
+    /// MQTT for wake-ups and exchanges, HTTP when the broker path fails.
+    Both,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSection {
+    #[serde(default)]
+    pub kind: TransportKind,
+}
+
+/// The MQTT broker: used by a child whose transport includes MQTT, and by a hub to
+/// serve children through the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// `mqtt://host:1883` or `mqtts://host:8883`.
+    pub url: String,
+    /// Broker username; the ACL expects it to equal the node id (the default).
+    pub username: Option<String>,
+    /// File holding the broker password (one line, never logged).
+    pub password_file: PathBuf,
+    /// CA certificate (PEM) for `mqtts://`.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_mqtt_max")]
+    pub max_message_bytes: usize,
+}
+
+fn default_mqtt_max() -> usize {
+    8 << 20
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,6 +282,33 @@ impl Config {
                 }
             }
         }
+        if self.transport.kind != TransportKind::Http && self.mqtt.is_none() {
+            p.push("transport.kind uses MQTT but there is no [mqtt] section".into());
+        }
+        if self.transport.kind != TransportKind::Http && self.parent.is_none() {
+            p.push(
+                "transport.kind applies to the link to a parent, but there is no [parent]".into(),
+            );
+        }
+        if let Some(m) = &self.mqtt {
+            if !(m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
+                p.push(format!(
+                    "mqtt.url {:?} must start with mqtt:// or mqtts://",
+                    m.url
+                ));
+            }
+            if m.url.starts_with("mqtts://") && m.ca_file.is_none() {
+                p.push("mqtt.ca_file is needed for mqtts://".into());
+            }
+            if m.max_message_bytes < 64 << 10 {
+                p.push("mqtt.max_message_bytes must be at least 65536".into());
+            }
+            if m.max_message_bytes <= self.sync.push_batch_bytes
+                && self.transport.kind != TransportKind::Http
+            {
+                p.push("sync.push_batch_bytes must be below mqtt.max_message_bytes".into());
+            }
+        }
         if self.parent.is_none() && self.hub.is_none() {
             p.push("a node needs a [parent] section, a [hub] section, or both".into());
         }
@@ -272,6 +343,21 @@ impl Config {
                 .map(|p| p.join("keys"))
                 .unwrap_or_else(|| PathBuf::from("keys"))
         })
+    }
+
+    /// Broker settings with the password read from its file.
+    pub fn mqtt_settings(&self) -> Result<crate::transport::mqtt::MqttSettings, String> {
+        let m = self.mqtt.as_ref().ok_or("no [mqtt] section")?;
+        let password = read_token(&m.password_file)
+            .map_err(|e| format!("mqtt.password_file {}: {e}", m.password_file.display()))?;
+        let user = m.username.clone().unwrap_or_else(|| self.node.id.clone());
+        crate::transport::mqtt::MqttSettings::from_url(
+            &m.url,
+            &user,
+            password,
+            m.ca_file.as_ref(),
+            m.max_message_bytes,
+        )
     }
 
     pub fn timeout(&self) -> Duration {

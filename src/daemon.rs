@@ -18,11 +18,15 @@ use backon::BackoffBuilder;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::config::TransportKind;
 use crate::config::{Config, SyncSection};
 use crate::engine::{self, ApplySummary, EngineError, Policy, PushSummary};
 use crate::hub::HubState;
 use crate::store::{wall_ms, PeerEvent, Store};
-use crate::transport::http::{HttpClient, Traffic, TransportError};
+use crate::transport::http::HttpClient;
+use crate::transport::http::{Traffic, TransportError};
+use crate::transport::mqtt::MqttClient;
+use crate::transport::{Exchange, MqttThenHttp};
 use crate::wire::{Message, PushRequest};
 
 /// The peer name a child keeps its parent's cursor and link state under.
@@ -67,7 +71,7 @@ pub struct SyncReport {
 pub fn sync_once(
     store: &mut Store,
     policy: &Policy,
-    client: &HttpClient,
+    client: &dyn Exchange,
     cfg: &SyncSection,
     stop: &AtomicBool,
 ) -> Result<SyncReport, SyncError> {
@@ -86,7 +90,7 @@ pub fn sync_once(
 fn sync_rounds(
     store: &mut Store,
     policy: &Policy,
-    client: &HttpClient,
+    client: &dyn Exchange,
     cfg: &SyncSection,
     stop: &AtomicBool,
     report: &mut SyncReport,
@@ -142,7 +146,7 @@ fn sync_rounds(
 fn push_pass(
     store: &mut Store,
     policy: &Policy,
-    client: &HttpClient,
+    client: &dyn Exchange,
     cfg: &SyncSection,
     stop: &AtomicBool,
     report: &mut SyncReport,
@@ -201,6 +205,69 @@ fn push_pass(
         Ok(())
     })?;
     Ok(settled)
+}
+
+/// The link to the parent, as the configuration asks for it.
+pub struct ParentLink {
+    pub exchange: Box<dyn Exchange + Send>,
+    /// Completes when the parent sends a wake-up (MQTT).
+    pub wake: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// Connects to the parent. For MQTT this waits for the broker's answer, so a wrong
+/// password or a broker that is down shows up here as a retryable or permanent error.
+pub fn connect_parent(cfg: &Config) -> Result<ParentLink, String> {
+    let parent = cfg
+        .parent
+        .as_ref()
+        .ok_or("this node has no [parent] to sync with")?;
+    let http = || -> Result<HttpClient, String> {
+        let token = crate::config::read_token(&parent.token_file)
+            .map_err(|e| format!("parent.token_file {}: {e}", parent.token_file.display()))?;
+        Ok(HttpClient::new(&parent.url, token, cfg.timeout()))
+    };
+    let mqtt = || -> Result<MqttClient, String> {
+        let settings = cfg.mqtt_settings()?;
+        MqttClient::connect(
+            &settings,
+            &cfg.node.id,
+            cfg.timeout().min(Duration::from_secs(30)),
+        )
+        .map_err(|e| e.to_string())
+    };
+    Ok(match cfg.transport.kind {
+        TransportKind::Http => ParentLink {
+            exchange: Box::new(http()?),
+            wake: None,
+        },
+        TransportKind::Mqtt => {
+            let m = mqtt()?;
+            let wake = Some(m.wake());
+            ParentLink {
+                exchange: Box::new(m),
+                wake,
+            }
+        }
+        TransportKind::Both => {
+            let h = http()?;
+            match mqtt() {
+                Ok(m) => {
+                    let wake = Some(m.wake());
+                    ParentLink {
+                        exchange: Box::new(MqttThenHttp { mqtt: m, http: h }),
+                        wake,
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "MQTT broker unavailable; using HTTP until the next reconnect");
+                    ParentLink {
+                        exchange: Box::new(h),
+                        wake: None,
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Sets up logging: journald under systemd, stderr otherwise.
@@ -282,6 +349,15 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         )?);
         let listener = tokio::net::TcpListener::bind(&hub.listen).await?;
         info!(node = %cfg.node.id, listen = %listener.local_addr()?, children = hub.children.len(), "serving children");
+        if cfg.mqtt.is_some() {
+            let settings = cfg.mqtt_settings().map_err(|e| anyhow::anyhow!(e))?;
+            info!(node = %cfg.node.id, broker = %settings.host, "serving children through MQTT too");
+            tasks.push(tokio::spawn(crate::hub::serve_mqtt(
+                state.clone(),
+                settings,
+                stop_rx.clone(),
+            )));
+        }
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             crate::hub::serve(listener, state, async move {
@@ -291,18 +367,12 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             .map_err(anyhow::Error::from)
         }));
     }
-    if let Some(parent) = &cfg.parent {
-        let token = crate::config::read_token(&parent.token_file).map_err(|e| {
-            anyhow::anyhow!("parent.token_file {}: {e}", parent.token_file.display())
-        })?;
-        let client = HttpClient::new(&parent.url, token, cfg.timeout());
-        let sync_cfg = cfg.sync.clone();
+    if cfg.parent.is_some() {
         let rx = stop_rx.clone();
         tasks.push(tokio::spawn(sync_loop(
             store,
             policy,
-            client,
-            sync_cfg,
+            cfg.clone(),
             stop.clone(),
             rx,
         )));
@@ -330,27 +400,50 @@ fn backoff(cfg: &SyncSection) -> impl Iterator<Item = Duration> {
 async fn sync_loop(
     store: Store,
     policy: Policy,
-    client: HttpClient,
-    cfg: SyncSection,
+    cfg: Config,
     stop: Arc<AtomicBool>,
     mut stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let shared = Arc::new((policy, client, cfg.clone()));
+    let shared = Arc::new((policy, cfg.sync.clone(), cfg.clone()));
     let mut store = Some(store);
-    let mut delays = backoff(&cfg);
-    let interval = Duration::from_secs(cfg.interval_secs);
+    let mut link: Option<Arc<ParentLink>> = None;
+    let mut delays = backoff(&cfg.sync);
+    let interval = Duration::from_secs(cfg.sync.interval_secs);
     while !stop.load(Ordering::Relaxed) {
+        if link.is_none() {
+            let c = cfg.clone();
+            match tokio::task::spawn_blocking(move || connect_parent(&c)).await? {
+                Ok(l) => link = Some(Arc::new(l)),
+                Err(e) => {
+                    let d = delays
+                        .next()
+                        .unwrap_or(Duration::from_secs(cfg.sync.backoff_max_secs));
+                    warn!(node = %cfg.node.id, peer = PARENT, error = %e, retry_in_s = d.as_secs(), "cannot connect to the parent");
+                    if let Some(s) = store.as_mut() {
+                        let mut tx = s.begin()?;
+                        tx.note_peer(PARENT, PeerEvent::Error(&e), wall_ms())?;
+                        tx.commit()?;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = stop_rx.wait_for(|s| *s) => break,
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(l) = link.clone() else { continue };
         let mut s = store.take().ok_or_else(|| anyhow::anyhow!("store lost"))?;
-        let (sh, st) = (shared.clone(), stop.clone());
+        let (sh, st, l2) = (shared.clone(), stop.clone(), l.clone());
         let (s, result) = tokio::task::spawn_blocking(move || {
-            let r = sync_once(&mut s, &sh.0, &sh.1, &sh.2, &st);
+            let r = sync_once(&mut s, &sh.0, l2.exchange.as_ref(), &sh.1, &st);
             (s, r)
         })
         .await?;
         store = Some(s);
         let delay = match result {
             Ok(r) => {
-                delays = backoff(&cfg);
+                delays = backoff(&cfg.sync);
                 if r.pushed.sent + r.pulled > 0 {
                     info!(node = %shared.0.node_id, pushed = r.pushed.sent, pulled = r.pulled, ms = r.elapsed_ms, "sync round done");
                 }
@@ -359,13 +452,17 @@ async fn sync_loop(
             Err(e) => {
                 let d = delays
                     .next()
-                    .unwrap_or(Duration::from_secs(cfg.backoff_max_secs));
+                    .unwrap_or(Duration::from_secs(cfg.sync.backoff_max_secs));
                 warn!(node = %shared.0.node_id, peer = PARENT, error = %e, retry_in_s = d.as_secs(), "sync failed");
                 d
             }
         };
+        let wake = l.wake.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
+            _ = async { match &wake { Some(w) => w.notified().await, None => std::future::pending().await } } => {
+                info!(node = %shared.0.node_id, peer = PARENT, "woken by the parent");
+            }
             _ = stop_rx.wait_for(|s| *s) => break,
         }
     }

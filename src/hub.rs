@@ -93,9 +93,18 @@ pub fn token_hash(token: &str) -> String {
 pub fn router(state: Arc<HubState>) -> Router {
     Router::new()
         .route("/v1/health", get(|| async { "ok\n" }))
-        .route("/v1/push", post(push))
-        .route("/v1/pull", post(pull))
-        .route("/v1/fetch", post(fetch))
+        .route(
+            "/v1/push",
+            post(|State(s), h, b| endpoint(s, h, b, "push_request")),
+        )
+        .route(
+            "/v1/pull",
+            post(|State(s), h, b| endpoint(s, h, b, "pull_request")),
+        )
+        .route(
+            "/v1/fetch",
+            post(|State(s), h, b| endpoint(s, h, b, "fetch_request")),
+        )
         // Our own reader enforces the limit (see `read_body`).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -123,29 +132,6 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn wire_error(e: WireError) -> Response {
-    let status = match e {
-        WireError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    text(status, e.to_string())
-}
-
-fn engine_error(e: EngineError) -> Response {
-    match e {
-        EngineError::Forbidden(m) => text(StatusCode::FORBIDDEN, m),
-        EngineError::Invalid(m) => text(StatusCode::BAD_REQUEST, m),
-        e if e.is_retryable() => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("store busy, retry later: {e}"),
-        ),
-        e => {
-            tracing::error!(error = %e, "hub failed to handle a request");
-            text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-        }
-    }
-}
-
 fn reply(msg: &Message) -> Response {
     match wire::encode(msg) {
         Ok(bytes) => (
@@ -158,26 +144,136 @@ fn reply(msg: &Message) -> Response {
     }
 }
 
-/// Authenticates and decodes; answers the error response on failure.
+/// Why a request was refused: an HTTP status (MQTT carries the same number) and a
+/// reason naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status: status.as_u16(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn wire_refusal(e: WireError) -> Refusal {
+    let status = match e {
+        WireError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    Refusal::new(status, e.to_string())
+}
+
+fn engine_refusal(e: EngineError) -> Refusal {
+    match e {
+        EngineError::Forbidden(m) => Refusal::new(StatusCode::FORBIDDEN, m),
+        EngineError::Invalid(m) => Refusal::new(StatusCode::BAD_REQUEST, m),
+        e if e.is_retryable() => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store busy, retry later: {e}"),
+        ),
+        e => {
+            tracing::error!(error = %e, "hub failed to handle a request");
+            Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}
+
+impl HubState {
+    /// Answers one request frame from `child`, already authenticated by the
+    /// transport. `expect` is the request kind an HTTP endpoint takes; MQTT takes any.
+    pub fn answer(
+        &self,
+        child: &str,
+        frame: &[u8],
+        expect: Option<&'static str>,
+    ) -> Result<Message, Refusal> {
+        let msg = wire::decode(frame, &self.limits).map_err(|e| {
+            tracing::warn!(peer = %child, error = %e, "undecodable request");
+            wire_refusal(e)
+        })?;
+        if let Some(kind) = expect {
+            if msg.name() != kind {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("expected a {kind}, got a {}", msg.name()),
+                ));
+            }
+        }
+        match msg {
+            Message::PushRequest(req) => {
+                let n = req.records.len();
+                let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                let resp = engine::handle_push(&mut store, &self.policy, child, req, wall_ms())
+                    .map_err(engine_refusal)?;
+                let rejected = resp
+                    .results
+                    .iter()
+                    .filter(|r| matches!(r.outcome, wire::Outcome::Rejected { .. }))
+                    .count();
+                tracing::info!(peer = %child, direction = "push", records = n, rejected, bytes = frame.len(), "push applied");
+                Ok(Message::PushResponse(resp))
+            }
+            Message::PullRequest(req) => {
+                let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+                let resp = engine::handle_pull(&store, &self.policy, child, &req)
+                    .map_err(engine_refusal)?;
+                tracing::debug!(peer = %child, direction = "pull", records = resp.records.len(), cursor = %resp.next, "pull served");
+                Ok(Message::PullResponse(resp))
+            }
+            Message::FetchRequest(req) => {
+                let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+                let resp = engine::handle_fetch(&store, child, &req).map_err(engine_refusal)?;
+                if resp.results.iter().all(|r| r.record.is_none()) {
+                    let why: Vec<String> = resp
+                        .results
+                        .iter()
+                        .filter_map(|r| r.refused.clone())
+                        .collect();
+                    tracing::warn!(peer = %child, refused = %why.join("; "), "fetch refused");
+                    return Err(Refusal::new(StatusCode::FORBIDDEN, why.join("; ")));
+                }
+                Ok(Message::FetchResponse(resp))
+            }
+            other => Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("a {} is not a request", other.name()),
+            )),
+        }
+    }
+
+    /// Children whose feed has something new since change sequence `since`, and the
+    /// head it was checked at.
+    pub fn advanced_since(
+        &self,
+        since: u64,
+    ) -> Result<(Vec<String>, u64), crate::store::StoreError> {
+        let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut nodes, metadata, head) = store.feed_advanced(since)?;
+        if metadata {
+            nodes = self.children.iter().map(|(n, _)| n.clone()).collect();
+        }
+        nodes.retain(|n| self.children.iter().any(|(c, _)| c == n));
+        Ok((nodes, head))
+    }
+}
+
+/// Authenticates an HTTP request; answers the error response on failure.
 // The error is the finished HTTP answer; boxing it would buy nothing on this path.
 #[allow(clippy::result_large_err)]
-fn admit(
-    state: &HubState,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<(String, Message), Response> {
-    let child = state.authenticate(headers).ok_or_else(|| {
+fn authenticate(state: &HubState, headers: &HeaderMap) -> Result<String, Response> {
+    state.authenticate(headers).ok_or_else(|| {
         tracing::warn!("request with a missing or unknown credential");
         text(
             StatusCode::UNAUTHORIZED,
             "missing or unknown credential (Authorization: Bearer <token>)",
         )
-    })?;
-    let msg = wire::decode(body, &state.limits).map_err(|e| {
-        tracing::warn!(peer = %child, error = %e, "undecodable request");
-        wire_error(e)
-    })?;
-    Ok((child, msg))
+    })
 }
 
 async fn blocking<F>(f: F) -> Response
@@ -232,98 +328,109 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     Ok(Bytes::from(buf))
 }
 
-fn wrong(expected: &str, got: &Message) -> Response {
-    text(
-        StatusCode::BAD_REQUEST,
-        format!("expected a {expected}, got a {}", got.name()),
-    )
-}
-
-async fn push(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Body) -> Response {
+async fn endpoint(
+    state: Arc<HubState>,
+    headers: HeaderMap,
+    body: Body,
+    expect: &'static str,
+) -> Response {
     let body = match read_body(body, state.limits.max_compressed).await {
         Ok(b) => b,
         Err(r) => return r,
     };
     blocking(move || {
-        let (child, msg) = match admit(&state, &headers, &body) {
-            Ok(x) => x,
+        let child = match authenticate(&state, &headers) {
+            Ok(c) => c,
             Err(r) => return r,
         };
-        let Message::PushRequest(req) = msg else {
-            return wrong("push_request", &msg);
-        };
-        let n = req.records.len();
-        let mut store = state.writer.lock().unwrap_or_else(|p| p.into_inner());
-        match engine::handle_push(&mut store, &state.policy, &child, req, wall_ms()) {
-            Ok(resp) => {
-                let rejected = resp
-                    .results
-                    .iter()
-                    .filter(|r| matches!(r.outcome, wire::Outcome::Rejected { .. }))
-                    .count();
-                tracing::info!(peer = %child, direction = "push", records = n, rejected, bytes = body.len(), "push applied");
-                reply(&Message::PushResponse(resp))
-            }
-            Err(e) => engine_error(e),
+        match state.answer(&child, &body, Some(expect)) {
+            Ok(msg) => reply(&msg),
+            Err(r) => text(
+                StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                r.reason,
+            ),
         }
     })
     .await
 }
 
-async fn pull(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Body) -> Response {
-    let body = match read_body(body, state.limits.max_compressed).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    blocking(move || {
-        let (child, msg) = match admit(&state, &headers, &body) {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
-        let Message::PullRequest(req) = msg else {
-            return wrong("pull_request", &msg);
-        };
-        let store = state.reader.lock().unwrap_or_else(|p| p.into_inner());
-        match engine::handle_pull(&store, &state.policy, &child, &req) {
-            Ok(resp) => {
-                tracing::debug!(peer = %child, direction = "pull", records = resp.records.len(), cursor = %resp.next, "pull served");
-                reply(&Message::PullResponse(resp))
-            }
-            Err(e) => engine_error(e),
-        }
+/// Serves children through an MQTT broker until `stop` turns true: answers requests
+/// on `clinicsync/v1/+/up` (the broker's ACL has authenticated the child named by the
+/// topic) and publishes a wake-up to each child whose feed advanced.
+pub async fn serve_mqtt(
+    state: Arc<HubState>,
+    settings: crate::transport::mqtt::MqttSettings,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use crate::transport::mqtt::{child_of_up, down_topic, Envelope, PREFIX};
+    use rumqttc::{Event, Packet, QoS};
+    let (client, mut events) = rumqttc::AsyncClient::new(
+        settings.options(&format!("clinicsync-{}", state.policy.node_id)),
+        256,
+    );
+    let mut head = tokio::task::spawn_blocking({
+        let s = state.clone();
+        move || s.advanced_since(u64::MAX).map(|(_, h)| h)
     })
-    .await
-}
-
-async fn fetch(State(state): State<Arc<HubState>>, headers: HeaderMap, body: Body) -> Response {
-    let body = match read_body(body, state.limits.max_compressed).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    blocking(move || {
-        let (child, msg) = match admit(&state, &headers, &body) {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
-        let Message::FetchRequest(req) = msg else {
-            return wrong("fetch_request", &msg);
-        };
-        let store = state.reader.lock().unwrap_or_else(|p| p.into_inner());
-        match engine::handle_fetch(&store, &child, &req) {
-            Ok(resp) => {
-                if resp.results.iter().all(|r| r.record.is_none()) {
-                    let why: Vec<String> = resp
-                        .results
-                        .iter()
-                        .filter_map(|r| r.refused.clone())
-                        .collect();
-                    tracing::warn!(peer = %child, refused = %why.join("; "), "fetch refused");
-                    return text(StatusCode::FORBIDDEN, why.join("; "));
+    .await??;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            ev = events.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    tracing::info!(broker = %settings.host, "hub connected to the MQTT broker");
+                    if let Err(e) = client.subscribe(format!("{PREFIX}/+/up"), QoS::AtLeastOnce).await {
+                        tracing::warn!(error = %e, "could not subscribe to children's requests");
+                    }
                 }
-                reply(&Message::FetchResponse(resp))
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Some(child) = child_of_up(&p.topic).map(str::to_string) else { continue };
+                    let Ok(Envelope::Request { corr, frame }) = Envelope::decode(&p.payload) else {
+                        tracing::warn!(peer = %child, "ignored a malformed MQTT request");
+                        continue;
+                    };
+                    let (state, client) = (state.clone(), client.clone());
+                    tokio::spawn(async move {
+                        let c = child.clone();
+                        let answer = tokio::task::spawn_blocking(move || state.answer(&c, &frame, None)).await;
+                        let env = match answer {
+                            Ok(Ok(msg)) => match wire::encode(&msg) {
+                                Ok(frame) => Envelope::Answer { corr, frame },
+                                Err(e) => Envelope::Refusal { corr, status: 500, reason: e.to_string() },
+                            },
+                            Ok(Err(r)) => Envelope::Refusal { corr, status: r.status, reason: r.reason },
+                            Err(e) => Envelope::Refusal { corr, status: 500, reason: e.to_string() },
+                        };
+                        if let Err(e) = client.publish(down_topic(&child), QoS::AtLeastOnce, false, env.encode()).await {
+                            tracing::warn!(peer = %child, error = %e, "could not queue an MQTT answer");
+                        }
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT broker connection lost; reconnecting");
+                    // Never spin: one reconnect attempt a second at most.
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            },
+            _ = tick.tick() => {
+                let s = state.clone();
+                let since = head;
+                if let Ok(Ok((nodes, new_head))) = tokio::task::spawn_blocking(move || s.advanced_since(since)).await {
+                    for n in &nodes {
+                        tracing::debug!(peer = %n, "waking child");
+                        let _ = client.publish(down_topic(n), QoS::AtLeastOnce, false, Envelope::WakeUp.encode()).await;
+                    }
+                    head = new_head;
+                }
             }
-            Err(e) => engine_error(e),
+            r = stop.changed() => {
+                if r.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
         }
-    })
-    .await
+    }
+    let _ = client.disconnect().await;
+    Ok(())
 }

@@ -758,6 +758,34 @@ impl Store {
         Ok(page)
     }
 
+    /// Since change sequence `since`: the child nodes with newly visible clinical
+    /// records (not their own) or new catchment, whether any metadata changed, and the
+    /// head the check ran at.
+    pub fn feed_advanced(&self, since: u64) -> Result<(Vec<String>, bool, u64)> {
+        let head = self.head_seq()?;
+        if since >= head {
+            return Ok((Vec::new(), false, head));
+        }
+        let metadata = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM replica WHERE seq > ?1 AND class='metadata' LIMIT 1",
+                [since as i64],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT c.node FROM replica r JOIN catchment c ON c.patient = r.patient
+               WHERE r.seq > ?1 AND r.class='clinical' AND r.origin <> c.node
+             UNION SELECT node FROM catchment WHERE added_seq > ?1 AND reason <> 'registered'",
+        )?;
+        let nodes = stmt
+            .query_map([since as i64], |r| r.get(0))?
+            .collect::<std::result::Result<Vec<String>, _>>()?;
+        Ok((nodes, metadata, head))
+    }
+
     pub fn head_seq(&self) -> Result<u64> {
         Ok(self.conn.query_row(
             "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'), 0)",

@@ -143,21 +143,36 @@ fn a_frozen_v1_bundle_still_verifies_and_decodes() {
     let keys = golden("bundle-keys");
     let path = golden("bundle_v1.csb");
     let items = vec![
-        Item::Push(PushRequest { node: "clinic-a".into(), records: vec![record()] }),
-        Item::PullState { cursor: Cursor { eff: 3, seq: 2 }, include_own: false },
+        Item::Push(PushRequest {
+            node: "clinic-a".into(),
+            records: vec![record()],
+        }),
+        Item::PullState {
+            cursor: Cursor { eff: 3, seq: 2 },
+            include_own: false,
+        },
     ];
     if !golden("bundle_v1.csb.001").exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
         let a = Identity::init(&keys.join("clinic-a"), "clinic-a").unwrap();
         let hub = Identity::init(&keys.join("hub"), "hub").unwrap();
-        let header = BundleHeader { id: "0123456789abcdef0123456789abcdef".into(), kind: "export".into(), sender: "clinic-a".into(),
-            recipient: "hub".into(), seq: 1, created_ms: 1_795_000_000_000, part_size: 0 };
+        let header = BundleHeader {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            kind: "export".into(),
+            sender: "clinic-a".into(),
+            recipient: "hub".into(),
+            seq: 1,
+            created_ms: 1_795_000_000_000,
+            part_size: 0,
+        };
         let mut w = BundleWriter::create(&path, header, &a, &hub.public()).unwrap();
         for i in &items {
             w.write(i).unwrap();
         }
         w.finish().unwrap();
     }
-    let a = Identity::load(&keys.join("clinic-a"), "clinic-a").unwrap().public();
+    let a = Identity::load(&keys.join("clinic-a"), "clinic-a")
+        .unwrap()
+        .public();
     let hub = Identity::load(&keys.join("hub"), "hub").unwrap();
     let trusted = |n: &str| (n == "clinic-a").then(|| a.clone());
     let v = file::verify(&golden("bundle_v1.csb.001"), "hub", &trusted).unwrap();

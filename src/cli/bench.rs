@@ -119,7 +119,12 @@ fn fill(store_path: &std::path::Path, node: &str, records: usize) -> Result<u64,
     let mut store = Store::open(store_path, node).map_err(fail)?;
     let policy = engine::Policy::new(node, true);
     let all = synth::clinic_records(42, "a", "Kakamega", "loc-a", patients, 2, 4);
-    for chunk in all.into_iter().take(records).collect::<Vec<_>>().chunks(5_000) {
+    for chunk in all
+        .into_iter()
+        .take(records)
+        .collect::<Vec<_>>()
+        .chunks(5_000)
+    {
         let items: Vec<(Snapshot, bool)> = chunk
             .iter()
             .map(|v| Snapshot::from_json_value(v.clone()).map(|s| (s, false)))
@@ -132,7 +137,12 @@ fn fill(store_path: &std::path::Path, node: &str, records: usize) -> Result<u64,
 }
 
 /// Runs a command to completion, sampling its peak RSS; returns (seconds, KiB).
-fn timed(exe: &std::path::Path, name: &str, config: &std::path::Path, args: &[&str]) -> Result<(f64, u64), Failure> {
+fn timed(
+    exe: &std::path::Path,
+    name: &str,
+    config: &std::path::Path,
+    args: &[&str],
+) -> Result<(f64, u64), Failure> {
     let started = Instant::now();
     let mut p = Proc::spawn(exe, name, config, args).map_err(fail)?;
     let mut rss = 0;
@@ -142,64 +152,127 @@ fn timed(exe: &std::path::Path, name: &str, config: &std::path::Path, args: &[&s
     }
     let exit = p.wait();
     if exit.code != Some(0) {
-        return Err(fail(format!("{name} {args:?} failed; see {}", config.with_extension("log").display())));
+        return Err(fail(format!(
+            "{name} {args:?} failed; see {}",
+            config.with_extension("log").display()
+        )));
     }
     Ok((started.elapsed().as_secs_f64(), rss))
 }
 
 fn usb(records: usize, runs: usize, dir: Option<PathBuf>) -> Result<(), Failure> {
-    let tmp = tempfile::Builder::new().prefix("clinicsync-bench-").tempdir().map_err(fail)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("clinicsync-bench-")
+        .tempdir()
+        .map_err(fail)?;
     let base = dir.unwrap_or_else(|| tmp.path().to_path_buf());
     let exe = std::env::current_exe().map_err(fail)?;
     let mut rows: Vec<[f64; 7]> = Vec::new();
     for i in 0..runs.max(1) {
         let d = base.join(format!("usb{i}"));
-        let layout = cluster::write_layout(&d, 1, &[("clinic-a", "Kakamega")], "", "").map_err(fail)?;
+        let layout =
+            cluster::write_layout(&d, 1, &[("clinic-a", "Kakamega")], "", "").map_err(fail)?;
         let clinic = &layout.clinics[0];
         let hub_id = crate::keys::Identity::init(&d.join("hub.keys"), "hub").map_err(fail)?;
-        let clinic_id = crate::keys::Identity::init(&d.join("clinic-a.keys"), "clinic-a").map_err(fail)?;
+        let clinic_id =
+            crate::keys::Identity::init(&d.join("clinic-a.keys"), "clinic-a").map_err(fail)?;
         {
             let mut h = Store::open(&layout.hub.store, "hub").map_err(fail)?;
             let mut tx = h.begin().map_err(fail)?;
-            tx.trust("clinic-a", &clinic_id.public().line(), false, 0).map_err(fail)?;
+            tx.trust("clinic-a", &clinic_id.public().line(), false, 0)
+                .map_err(fail)?;
             tx.commit().map_err(fail)?;
             let mut c = Store::open(&clinic.store, "clinic-a").map_err(fail)?;
             let mut tx = c.begin().map_err(fail)?;
-            tx.trust("hub", &hub_id.public().line(), true, 0).map_err(fail)?;
+            tx.trust("hub", &hub_id.public().line(), true, 0)
+                .map_err(fail)?;
             tx.commit().map_err(fail)?;
         }
         fill(&clinic.store, "clinic-a", records)?;
         let stick = d.join("stick");
         std::fs::create_dir_all(&stick).map_err(fail)?;
         let s = stick.to_string_lossy().to_string();
-        let (t_exp, rss_exp) = timed(&exe, "export", &clinic.config, &["export", &s, "--part-size", "256M"])?;
+        let (t_exp, rss_exp) = timed(
+            &exe,
+            "export",
+            &clinic.config,
+            &["export", &s, "--part-size", "256M"],
+        )?;
         let bundle = stick.join("clinic-a-to-hub-000001.csb.001");
         let size: u64 = std::fs::read_dir(&stick)
             .map_err(fail)?
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("clinic-a-to-hub"))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("clinic-a-to-hub")
+            })
             .filter_map(|e| e.metadata().ok().map(|m| m.len()))
             .sum();
-        let (t_imp, rss_imp) = timed(&exe, "import", &layout.hub.config, &["import", &bundle.to_string_lossy()])?;
+        let (t_imp, rss_imp) = timed(
+            &exe,
+            "import",
+            &layout.hub.config,
+            &["import", &bundle.to_string_lossy()],
+        )?;
         let ret = stick.join("hub-to-clinic-a-000001.csb.001");
-        let (t_ret, rss_ret) = timed(&exe, "import-return", &clinic.config, &["import", &ret.to_string_lossy()])?;
-        let held = Store::open_existing(&layout.hub.store).map_err(fail)?.counts().map_err(fail)?.records;
-        let outbox = Store::open_existing(&clinic.store).map_err(fail)?.counts().map_err(fail)?.outbox;
+        let (t_ret, rss_ret) = timed(
+            &exe,
+            "import-return",
+            &clinic.config,
+            &["import", &ret.to_string_lossy()],
+        )?;
+        let held = Store::open_existing(&layout.hub.store)
+            .map_err(fail)?
+            .counts()
+            .map_err(fail)?
+            .records;
+        let outbox = Store::open_existing(&clinic.store)
+            .map_err(fail)?
+            .counts()
+            .map_err(fail)?
+            .outbox;
         if held as usize != records || outbox != 0 {
-            return Err(fail(format!("hub holds {held} of {records}; clinic outbox {outbox}")));
+            return Err(fail(format!(
+                "hub holds {held} of {records}; clinic outbox {outbox}"
+            )));
         }
         eprintln!(
             "run {i}: export {t_exp:.2} s / {} KiB, hub import {t_imp:.2} s / {} KiB, clinic import {t_ret:.2} s / {} KiB, bundle {size} bytes",
             rss_exp, rss_imp, rss_ret
         );
-        rows.push([t_exp, rss_exp as f64, t_imp, rss_imp as f64, t_ret, rss_ret as f64, size as f64]);
+        rows.push([
+            t_exp,
+            rss_exp as f64,
+            t_imp,
+            rss_imp as f64,
+            t_ret,
+            rss_ret as f64,
+            size as f64,
+        ]);
     }
     let col = |k: usize| median(rows.iter().map(|r| r[k]).collect());
-    println!("| step ({records} records, median of {} runs) | time | peak RSS |", rows.len());
+    println!(
+        "| step ({records} records, median of {} runs) | time | peak RSS |",
+        rows.len()
+    );
     println!("|---|---|---|");
-    println!("| clinic `export` (bundle {:.1} MiB) | {:.2} s | {:.1} MiB |", col(6) / 1048576.0, col(0), col(1) / 1024.0);
-    println!("| hub `import` (applies, writes the return bundle) | {:.2} s | {:.1} MiB |", col(2), col(3) / 1024.0);
-    println!("| clinic `import` of the return bundle | {:.2} s | {:.1} MiB |", col(4), col(5) / 1024.0);
+    println!(
+        "| clinic `export` (bundle {:.1} MiB) | {:.2} s | {:.1} MiB |",
+        col(6) / 1048576.0,
+        col(0),
+        col(1) / 1024.0
+    );
+    println!(
+        "| hub `import` (applies, writes the return bundle) | {:.2} s | {:.1} MiB |",
+        col(2),
+        col(3) / 1024.0
+    );
+    println!(
+        "| clinic `import` of the return bundle | {:.2} s | {:.1} MiB |",
+        col(4),
+        col(5) / 1024.0
+    );
     Ok(())
 }
 

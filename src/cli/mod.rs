@@ -399,11 +399,12 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Status { json } => status(cfg, json),
         Command::Sync { json } => {
             let mut store = open(cfg)?;
-            let client = client(cfg)?;
+            let link = daemon::connect_parent(cfg).map_err(|e| Failure::new(EXIT_LINK, e))?;
+            let client = link.exchange.as_ref();
             let report = daemon::sync_once(
                 &mut store,
                 &cfg.policy(),
-                &client,
+                client,
                 &cfg.sync,
                 &AtomicBool::new(false),
             )?;

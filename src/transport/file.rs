@@ -208,7 +208,10 @@ impl Write for PartWriter {
                 self.open_next()?;
             }
             let room = (self.part_size - self.in_part).min((buf.len() - done) as u64) as usize;
-            let f = self.current.as_mut().ok_or_else(|| io::Error::other("no open part"))?;
+            let f = self
+                .current
+                .as_mut()
+                .ok_or_else(|| io::Error::other("no open part"))?;
             f.write_all(&buf[done..done + room])?;
             self.in_part += room as u64;
             self.written += room as u64;

@@ -4,3 +4,45 @@
 
 pub mod file;
 pub mod http;
+pub mod mqtt;
+
+use http::{HttpClient, Traffic, TransportError};
+use mqtt::MqttClient;
+
+use crate::wire::Message;
+
+/// One request/answer exchange with the parent. `path` names the HTTP endpoint
+/// (`/v1/push`); message-based transports carry the kind inside the frame.
+pub trait Exchange: Sync {
+    fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError>;
+}
+
+impl Exchange for HttpClient {
+    fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
+        HttpClient::exchange(self, path, msg)
+    }
+}
+
+impl Exchange for MqttClient {
+    fn exchange(&self, _path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
+        MqttClient::exchange(self, msg)
+    }
+}
+
+/// MQTT first; HTTP when the broker path fails in a way a retry could fix.
+pub struct MqttThenHttp {
+    pub mqtt: MqttClient,
+    pub http: HttpClient,
+}
+
+impl Exchange for MqttThenHttp {
+    fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
+        match self.mqtt.exchange(msg) {
+            Err(e) if e.is_retryable() => {
+                tracing::info!(error = %e, "MQTT exchange failed; falling back to HTTP");
+                self.http.exchange(path, msg)
+            }
+            other => other,
+        }
+    }
+}

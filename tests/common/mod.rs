@@ -14,6 +14,8 @@ use clinicsync::hub::{self, HubState};
 use clinicsync::model::{RecordKey, Snapshot};
 use clinicsync::store::{wall_ms, Store};
 use clinicsync::transport::http::HttpClient;
+use clinicsync::transport::mqtt::{MqttClient, MqttSettings};
+use clinicsync::transport::Exchange;
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_clinicsync");
@@ -26,6 +28,7 @@ pub struct TestHub {
     pub tokens: Vec<(String, String)>,
     rt: Option<tokio::runtime::Runtime>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    mqtt_stop: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Clinic ids with the district that puts patients in their catchment.
@@ -48,6 +51,35 @@ impl TestHub {
         policy: Policy,
         clinics: &[&str],
         max_message: usize,
+    ) -> TestHub {
+        TestHub::start_with(dir, port, policy, clinics, max_message, None)
+    }
+
+    /// Also serves children through the broker, as user `hub`.
+    pub fn start_mqtt(
+        dir: &Path,
+        policy: Policy,
+        clinics: &[&str],
+        broker: &clinicsync::cluster::Broker,
+    ) -> TestHub {
+        let settings = MqttSettings::from_url(
+            &broker.url(),
+            "hub",
+            Secret::new("hub-pass".into()),
+            None,
+            8 << 20,
+        )
+        .unwrap();
+        TestHub::start_with(dir, 0, policy, clinics, 8 << 20, Some(settings))
+    }
+
+    fn start_with(
+        dir: &Path,
+        port: u16,
+        policy: Policy,
+        clinics: &[&str],
+        max_message: usize,
+        mqtt: Option<MqttSettings>,
     ) -> TestHub {
         let tokens: Vec<(String, String)> = clinics
             .iter()
@@ -74,6 +106,12 @@ impl TestHub {
             .unwrap();
         let port = listener.local_addr().unwrap().port();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut mqtt_stop = None;
+        if let Some(settings) = mqtt {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            rt.spawn(hub::serve_mqtt(state.clone(), settings, rx));
+            mqtt_stop = Some(tx);
+        }
         rt.spawn(hub::serve(listener, state, async move {
             let _ = rx.await;
         }));
@@ -85,6 +123,7 @@ impl TestHub {
             tokens,
             rt: Some(rt),
             stop: Some(tx),
+            mqtt_stop,
         }
     }
 
@@ -119,6 +158,9 @@ impl TestHub {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        if let Some(tx) = self.mqtt_stop.take() {
+            let _ = tx.send(true);
+        }
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(std::time::Duration::from_secs(5));
         }
@@ -136,6 +178,7 @@ pub struct TestClinic {
     pub store: Store,
     pub policy: Policy,
     pub client: HttpClient,
+    pub mqtt: Option<MqttClient>,
     pub sync_cfg: SyncSection,
     pub config: PathBuf,
 }
@@ -165,6 +208,7 @@ impl TestClinic {
                 Secret::new(token.to_string()),
                 std::time::Duration::from_secs(10),
             ),
+            mqtt: None,
             sync_cfg: SyncSection::default(),
             config,
         }
@@ -178,11 +222,22 @@ impl TestClinic {
         engine::write_local(&mut self.store, &self.policy, items, wall_ms()).unwrap();
     }
 
+    /// Uses MQTT (user = node id, password `<id>-pass`) instead of HTTP from now on.
+    pub fn use_mqtt(&mut self, broker: &clinicsync::cluster::Broker, timeout_secs: u64) {
+        self.mqtt = Some(
+            mqtt_client(broker, &self.id, &format!("{}-pass", self.id), timeout_secs).unwrap(),
+        );
+    }
+
     pub fn sync(&mut self) -> Result<SyncReport, SyncError> {
+        let link: &dyn Exchange = match &self.mqtt {
+            Some(m) => m,
+            None => &self.client,
+        };
         daemon::sync_once(
             &mut self.store,
             &self.policy,
-            &self.client,
+            link,
             &self.sync_cfg,
             &AtomicBool::new(false),
         )
@@ -199,6 +254,27 @@ impl TestClinic {
     pub fn cli(&self, args: &[&str]) -> Output {
         cli(&self.config, args)
     }
+}
+
+pub fn mqtt_client(
+    broker: &clinicsync::cluster::Broker,
+    user: &str,
+    password: &str,
+    timeout_secs: u64,
+) -> Result<MqttClient, clinicsync::transport::http::TransportError> {
+    let settings = MqttSettings::from_url(
+        &broker.url(),
+        user,
+        Secret::new(password.to_string()),
+        None,
+        8 << 20,
+    )
+    .unwrap();
+    MqttClient::connect(
+        &settings,
+        user,
+        std::time::Duration::from_secs(timeout_secs),
+    )
 }
 
 pub fn cli(config: &Path, args: &[&str]) -> Output {
