@@ -333,3 +333,79 @@ impl Drop for Broker {
         self.kill9();
     }
 }
+
+/// A TCP proxy on 127.0.0.1 that counts the bytes it forwards each way: the
+/// measuring tape for "bytes on the wire" in benchmarks. Stops when dropped.
+pub struct CountingProxy {
+    pub port: u16,
+    pub up: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CountingProxy {
+    pub fn start(target: u16) -> std::io::Result<CountingProxy> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let up = Arc::new(AtomicU64::new(0));
+        let down = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (u, d, s) = (up.clone(), down.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let pipe = |mut from: std::net::TcpStream,
+                            mut to: std::net::TcpStream,
+                            counter: Arc<AtomicU64>| {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 << 10];
+                        loop {
+                            match std::io::Read::read(&mut from, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                                    if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    pipe(c2, s2, u.clone());
+                    pipe(server, client, d.clone());
+                }
+            }
+        });
+        Ok(CountingProxy {
+            port,
+            up,
+            down,
+            stop,
+        })
+    }
+
+    /// Bytes forwarded so far, both ways.
+    pub fn total(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.up.load(Ordering::Relaxed) + self.down.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}

@@ -28,6 +28,18 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// MQTT against HTTP: wake-up latency of a connected clinic, and bytes on the
+    /// wire for a day's clinic work, measured by a counting proxy.
+    Mqtt {
+        /// Records written at the hub, one at a time, for the latency figure.
+        #[arg(long, default_value_t = 20)]
+        writes: usize,
+        /// Resources in a day's clinic work.
+        #[arg(long, default_value_t = 2_000)]
+        records: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Export N records to a USB bundle, import it at the hub, import the return
     /// bundle at the clinic: time and peak RSS of each process.
     Usb {
@@ -61,6 +73,11 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
     let (records, runs, dir) = match cmd {
         BenchCmd::Push { records, runs, dir } => (records, runs, dir),
         BenchCmd::Usb { records, runs, dir } => return usb(records, runs, dir),
+        BenchCmd::Mqtt {
+            writes,
+            records,
+            runs,
+        } => return mqtt(writes, records, runs),
     };
     let tmp = tempfile::Builder::new()
         .prefix("clinicsync-bench-")
@@ -118,7 +135,7 @@ fn fill(store_path: &std::path::Path, node: &str, records: usize) -> Result<u64,
     let mut json_bytes = 0u64;
     let mut store = Store::open(store_path, node).map_err(fail)?;
     let policy = engine::Policy::new(node, true);
-    let all = synth::clinic_records(42, "a", "Kakamega", "loc-a", patients, 2, 4);
+    let all = synth::clinic_records(42, node, "Kakamega", "loc-a", patients, 2, 4);
     for chunk in all
         .into_iter()
         .take(records)
@@ -158,6 +175,150 @@ fn timed(
         )));
     }
     Ok((started.elapsed().as_secs_f64(), rss))
+}
+
+/// Appends an `[mqtt]` section (and optionally `[transport] kind = "mqtt"`) to a config.
+fn add_mqtt(
+    config: &std::path::Path,
+    url: &str,
+    user: &str,
+    pass: &str,
+    as_transport: bool,
+) -> Result<(), Failure> {
+    let pw = config.with_extension("mqtt-password");
+    std::fs::write(&pw, pass).map_err(fail)?;
+    let mut text = std::fs::read_to_string(config).map_err(fail)?;
+    let section = format!(
+        "\n[mqtt]\nurl = \"{url}\"\nusername = \"{user}\"\npassword_file = \"{}\"\n",
+        pw.display()
+    );
+    if as_transport {
+        text = text.replace(
+            "[sync]",
+            &format!("{section}\n[transport]\nkind = \"mqtt\"\n\n[sync]"),
+        );
+    } else {
+        text.push_str(&section);
+    }
+    std::fs::write(config, text).map_err(fail)
+}
+
+fn mqtt(writes: usize, records: usize, runs: usize) -> Result<(), Failure> {
+    let tmp = tempfile::Builder::new()
+        .prefix("clinicsync-bench-")
+        .tempdir()
+        .map_err(fail)?;
+    let exe = std::env::current_exe().map_err(fail)?;
+    let mut latencies = Vec::new();
+    let mut http_bytes = Vec::new();
+    let mut mqtt_bytes = Vec::new();
+    for run in 0..runs.max(1) {
+        let d = tmp.path().join(format!("run{run}"));
+        let bport = cluster::free_port().map_err(fail)?;
+        let broker = cluster::Broker::start(
+            &d.join("broker"),
+            bport,
+            "hub",
+            &[
+                ("hub", "hub-pass"),
+                ("clinic-a", "a-pass"),
+                ("clinic-b", "b-pass"),
+            ],
+        )
+        .map_err(fail)?;
+        let mproxy = cluster::CountingProxy::start(bport).map_err(fail)?;
+        let port = cluster::free_port().map_err(fail)?;
+        let hproxy = cluster::CountingProxy::start(port).map_err(fail)?;
+        // clinic-a talks HTTP through one proxy, clinic-b MQTT through the other.
+        let layout = cluster::write_layout(
+            &d,
+            port,
+            &[("clinic-a", "Kakamega"), ("clinic-b", "Bungoma")],
+            "interval_secs = 3600",
+            "",
+        )
+        .map_err(fail)?;
+        let (a, b) = (&layout.clinics[0], &layout.clinics[1]);
+        let a_text = std::fs::read_to_string(&a.config)
+            .map_err(fail)?
+            .replace(&format!(":{port}\""), &format!(":{}\"", hproxy.port));
+        std::fs::write(&a.config, a_text).map_err(fail)?;
+        add_mqtt(&layout.hub.config, &broker.url(), "hub", "hub-pass", false)?;
+        add_mqtt(
+            &b.config,
+            &format!("mqtt://127.0.0.1:{}", mproxy.port),
+            "clinic-b",
+            "b-pass",
+            true,
+        )?;
+        fill(&a.store, "clinic-a", records)?;
+        fill(&b.store, "clinic-b", records)?;
+        let mut hub = Proc::spawn(&exe, "hub", &layout.hub.config, &["run"]).map_err(fail)?;
+        cluster::wait_healthy(&layout.hub_url, Duration::from_secs(20)).map_err(fail)?;
+        timed(&exe, "clinic-a", &a.config, &["sync"])?;
+        timed(&exe, "clinic-b", &b.config, &["sync"])?;
+        http_bytes.push(hproxy.total() as f64);
+        mqtt_bytes.push(mproxy.total() as f64);
+        // Latency: clinic-b's daemon connected through MQTT, woken by the hub.
+        let mut daemon = Proc::spawn(&exe, "clinic-b", &b.config, &["run"]).map_err(fail)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let mut hub_store = Store::open(&layout.hub.store, "hub").map_err(fail)?;
+        let policy = engine::Policy::new("hub", false);
+        for i in 0..writes {
+            let loc =
+                serde_json::json!({"resourceType": "Location", "id": format!("bench-{run}-{i}")});
+            let key = crate::model::RecordKey::new("Location", &format!("bench-{run}-{i}"))
+                .map_err(fail)?;
+            let snap = Snapshot::from_json_value(loc).map_err(fail)?;
+            let t0 = Instant::now();
+            engine::write_local(&mut hub_store, &policy, vec![(snap, false)], wall_ms())
+                .map_err(fail)?;
+            let arrived = cluster::wait_until(Duration::from_secs(30), || {
+                Store::open_existing(&b.store)
+                    .ok()
+                    .and_then(|s| s.current(&key).ok().flatten())
+                    .is_some()
+            });
+            if !arrived {
+                return Err(fail(
+                    "a record written at the hub did not reach the MQTT clinic within 30 s",
+                ));
+            }
+            latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        daemon.terminate();
+        hub.terminate();
+        drop(broker);
+        eprintln!(
+            "run {run}: HTTP {} bytes, MQTT {} bytes",
+            http_bytes[run], mqtt_bytes[run]
+        );
+    }
+    let mut sorted = latencies.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| hub write → connected clinic, MQTT wake-up: median ({} writes) | {:.0} ms |",
+        latencies.len(),
+        median(latencies.clone())
+    );
+    println!(
+        "| same, 90th percentile / worst | {p90:.0} ms / {:.0} ms |",
+        sorted[sorted.len() - 1]
+    );
+    println!("| same, HTTP polling every 5 min (arrival uniform in the interval) | 150,000 ms mean / 300,000 ms worst |");
+    println!("| day's work ({records} resources) push + pull, HTTP, bytes on the wire (median of {}) | {:.0} |", http_bytes.len(), median(http_bytes.clone()));
+    println!(
+        "| same over MQTT through mosquitto | {:.0} |",
+        median(mqtt_bytes.clone())
+    );
+    println!(
+        "| MQTT / HTTP | {:.2} |",
+        median(mqtt_bytes) / median(http_bytes)
+    );
+    Ok(())
 }
 
 fn usb(records: usize, runs: usize, dir: Option<PathBuf>) -> Result<(), Failure> {
