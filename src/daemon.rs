@@ -10,7 +10,7 @@
 //! - Logs go to journald when `JOURNAL_STREAM` is set (we run under systemd), to
 //!   stderr otherwise.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,7 +77,10 @@ pub fn sync_once(
 ) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     let mut report = SyncReport::default();
+    SYNCING.store(true, Ordering::Relaxed);
+    beat();
     let result = sync_rounds(store, policy, client, cfg, stop, &mut report);
+    SYNCING.store(false, Ordering::Relaxed);
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     if let Err(e) = &result {
         let mut tx = store.begin()?;
@@ -300,7 +303,42 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run_async(cfg))
+    // Every event of this process carries the node id (journald field NODE).
+    let span = tracing::info_span!("clinicsync", node = %cfg.node.id);
+    use tracing::Instrument;
+    rt.block_on(run_async(cfg).instrument(span))
+}
+
+static LAST_BEAT_MS: AtomicU64 = AtomicU64::new(0);
+static SYNCING: AtomicBool = AtomicBool::new(false);
+
+/// Progress marker for the watchdog: called between batches and pages.
+pub fn beat() {
+    LAST_BEAT_MS.store(wall_ms(), Ordering::Relaxed);
+}
+
+/// Pings the systemd watchdog (when `WatchdogSec=` is set) while the node is healthy:
+/// idle between rounds, or syncing with a batch finished within `stall_ms`. A sync
+/// stuck longer than that stops the pings, and systemd restarts the service.
+async fn watchdog(stall_ms: u64) {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        tick.tick().await;
+        let stalled = SYNCING.load(Ordering::Relaxed)
+            && wall_ms().saturating_sub(LAST_BEAT_MS.load(Ordering::Relaxed)) > stall_ms;
+        if stalled {
+            warn!(
+                stall_ms,
+                "sync has made no progress; withholding the watchdog ping"
+            );
+        } else {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -352,10 +390,8 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         if cfg.mqtt.is_some() {
             let settings = cfg.mqtt_settings().map_err(|e| anyhow::anyhow!(e))?;
             info!(node = %cfg.node.id, broker = %settings.host, "serving children through MQTT too");
-            tasks.push(tokio::spawn(crate::hub::serve_mqtt(
-                state.clone(),
-                settings,
-                stop_rx.clone(),
+            tasks.push(tokio::spawn(tracing::Instrument::in_current_span(
+                crate::hub::serve_mqtt(state.clone(), settings, stop_rx.clone()),
             )));
         }
         let mut rx = stop_rx.clone();
@@ -369,20 +405,28 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     }
     if cfg.parent.is_some() {
         let rx = stop_rx.clone();
-        tasks.push(tokio::spawn(sync_loop(
-            store,
-            policy,
-            cfg.clone(),
-            stop.clone(),
-            rx,
+        tasks.push(tokio::spawn(tracing::Instrument::in_current_span(
+            sync_loop(store, policy, cfg.clone(), stop.clone(), rx),
         )));
     } else {
         drop(store);
     }
     info!(node = %cfg.node.id, role = cfg.role(), "clinicsync running");
+    // The store is open and the listeners are bound: tell systemd (Type=notify).
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("running"),
+        ],
+    );
+    let stall_ms = 2 * cfg.sync.timeout_secs * 1000 + 60_000;
+    let wd = tokio::spawn(watchdog(stall_ms));
     for t in tasks {
         t.await??;
     }
+    wd.abort();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!(node = %cfg.node.id, "stopped");
     Ok(())
 }
@@ -444,6 +488,11 @@ async fn sync_loop(
         let delay = match result {
             Ok(r) => {
                 delays = backoff(&cfg.sync);
+                let status = format!(
+                    "last sync ok: pushed {}, pulled {}",
+                    r.pushed.sent, r.pulled
+                );
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
                 if r.pushed.sent + r.pulled > 0 {
                     info!(node = %shared.0.node_id, pushed = r.pushed.sent, pulled = r.pulled, ms = r.elapsed_ms, "sync round done");
                 }

@@ -338,7 +338,10 @@ async fn endpoint(
         Ok(b) => b,
         Err(r) => return r,
     };
+    // axum runs handlers on its own tasks: name the node explicitly (journald NODE).
+    let span = tracing::info_span!("hub", node = %state.policy.node_id);
     blocking(move || {
+        let _entered = span.enter();
         let child = match authenticate(&state, &headers) {
             Ok(c) => c,
             Err(r) => return r,
@@ -390,9 +393,10 @@ pub async fn serve_mqtt(
                         continue;
                     };
                     let (state, client) = (state.clone(), client.clone());
-                    tokio::spawn(async move {
+                    tokio::spawn(tracing::Instrument::in_current_span(async move {
                         let c = child.clone();
-                        let answer = tokio::task::spawn_blocking(move || state.answer(&c, &frame, None)).await;
+                        let span = tracing::info_span!("hub", node = %state.policy.node_id);
+                        let answer = tokio::task::spawn_blocking(move || span.in_scope(|| state.answer(&c, &frame, None))).await;
                         let env = match answer {
                             Ok(Ok(msg)) => match wire::encode(&msg) {
                                 Ok(frame) => Envelope::Answer { corr, frame },
@@ -404,7 +408,7 @@ pub async fn serve_mqtt(
                         if let Err(e) = client.publish(down_topic(&child), QoS::AtLeastOnce, false, env.encode()).await {
                             tracing::warn!(peer = %child, error = %e, "could not queue an MQTT answer");
                         }
-                    });
+                    }));
                 }
                 Ok(_) => {}
                 Err(e) => {

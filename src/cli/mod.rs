@@ -24,6 +24,7 @@ use crate::wire::Message;
 
 pub mod bench;
 pub mod demo;
+pub mod doctor;
 
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_CONFIG: u8 = 3;
@@ -56,6 +57,18 @@ pub enum Command {
     Status {
         #[arg(long)]
         json: bool,
+    },
+    /// Check config, store, disk, keys, parent, credential, clock and broker.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the man page or shell completions (used when packaging).
+    #[command(hide = true)]
+    Generate {
+        /// `man` or `completions`
+        what: String,
+        dir: PathBuf,
     },
     /// Push and pull once now, and print what moved.
     Sync {
@@ -317,6 +330,8 @@ fn dispatch(cli: Cli) -> Out {
         Command::Config {
             action: ConfigCmd::Check,
         } => config_check(&path),
+        Command::Doctor { json } => doctor::run(&path, json),
+        Command::Generate { what, dir } => generate(&what, &dir),
         Command::Run => {
             let cfg = Config::load(&path)?;
             daemon::init_logging("info");
@@ -329,6 +344,42 @@ fn dispatch(cli: Cli) -> Out {
     }
 }
 
+/// The man page and completions, generated from this very CLI definition.
+fn generate(what: &str, dir: &Path) -> Out {
+    use clap::CommandFactory;
+    let io = |e: std::io::Error| Failure::new(EXIT_FAILURE, format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut cmd = Cli::command();
+    match what {
+        "man" => {
+            cmd.build();
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                let name = format!("clinicsync-{}", sub.get_name());
+                let page = sub.clone().name(name.clone());
+                let mut out = Vec::new();
+                clap_mangen::Man::new(page).render(&mut out).map_err(io)?;
+                std::fs::write(dir.join(format!("{name}.1")), out).map_err(io)?;
+            }
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out).map_err(io)?;
+            std::fs::write(dir.join("clinicsync.1"), out).map_err(io)?;
+        }
+        "completions" => {
+            use clap_complete::Shell;
+            for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+                clap_complete::generate_to(shell, &mut cmd, "clinicsync", dir).map_err(io)?;
+            }
+        }
+        other => {
+            return Err(Failure::new(
+                2,
+                format!("generate {other:?}: expected man or completions"),
+            ))
+        }
+    }
+    Ok(())
+}
+
 pub fn new_token() -> String {
     use rand::RngCore;
     let mut b = [0u8; 32];
@@ -339,16 +390,13 @@ pub fn new_token() -> String {
 fn config_check(path: &Path) -> Out {
     let cfg = Config::load(path)?;
     if let Some(p) = &cfg.parent {
-        config::read_token(&p.token_file).map_err(|e| {
-            Failure::new(
-                EXIT_CONFIG,
-                format!(
-                    "{}: parent.token_file {}: {e}",
-                    path.display(),
-                    p.token_file.display()
-                ),
-            )
-        })?;
+        // A missing credential is a deployment step still to do, not a bad file.
+        if let Err(e) = config::read_token(&p.token_file) {
+            eprintln!(
+                "warning: parent.token_file {}: {e} (create it before starting the service)",
+                p.token_file.display()
+            );
+        }
     }
     println!(
         "{}: ok (node {}, {}{})",
@@ -389,7 +437,7 @@ fn client(cfg: &Config) -> Result<HttpClient, Failure> {
     Ok(HttpClient::new(&p.url, token, cfg.timeout()))
 }
 
-fn print_json(v: &impl serde::Serialize) {
+pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -671,6 +719,8 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         | Command::Demo { .. }
         | Command::Bench { .. }
         | Command::Token { .. }
+        | Command::Doctor { .. }
+        | Command::Generate { .. }
         | Command::Config { .. } => {
             unreachable!("dispatched before the configuration is loaded")
         }

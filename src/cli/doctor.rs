@@ -1,0 +1,372 @@
+//! `clinicsync doctor`: checks a technician would otherwise do by hand, each
+//! answered OK, WARN or FAIL with a hint. Exit code 1 when anything FAILs.
+
+use serde::Serialize;
+
+use super::{Failure, EXIT_FAILURE};
+use crate::config::{Config, TransportKind};
+use crate::store::{wall_ms, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Level {
+    #[serde(rename = "OK")]
+    Ok,
+    #[serde(rename = "WARN")]
+    Warn,
+    #[serde(rename = "FAIL")]
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub level: Level,
+    pub what: &'static str,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+fn check(level: Level, what: &'static str, detail: impl Into<String>, hint: Option<&str>) -> Check {
+    Check {
+        level,
+        what,
+        detail: detail.into(),
+        hint: hint.map(str::to_string),
+    }
+}
+
+/// Free bytes on the filesystem holding `path` (statvfs).
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = if path.is_dir() { path } else { path.parent()? };
+    let dir = if dir.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        dir
+    };
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: zeroed statvfs is a valid value; statvfs fills it for a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a live out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Parses an HTTP Date header (`Thu, 26 Nov 2026 10:00:00 GMT`) to epoch ms.
+fn http_date_ms(s: &str) -> Option<u64> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    let [_, day, mon, year, time, _] = parts.as_slice() else {
+        return None;
+    };
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| m == mon)? as i64
+        + 1;
+    let (d, y): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
+    let t: Vec<i64> = time.split(':').filter_map(|x| x.parse().ok()).collect();
+    if t.len() != 3 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant).
+    let y2 = if month <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000) as u64)
+}
+
+pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let mut checks = Vec::new();
+    let cfg = match Config::load(path) {
+        Ok(c) => {
+            checks.push(check(
+                Level::Ok,
+                "config",
+                format!(
+                    "{} valid ({}, node {})",
+                    path.display(),
+                    c.role(),
+                    c.node.id
+                ),
+                None,
+            ));
+            Some(c)
+        }
+        Err(e) => {
+            checks.push(check(
+                Level::Fail,
+                "config",
+                e.to_string(),
+                Some("fix the file; `clinicsync config check` lists every problem"),
+            ));
+            None
+        }
+    };
+    if let Some(cfg) = &cfg {
+        diagnose(cfg, &mut checks);
+    }
+    if json {
+        super::print_json(&checks);
+    } else {
+        for c in &checks {
+            let level = match c.level {
+                Level::Ok => "OK  ",
+                Level::Warn => "WARN",
+                Level::Fail => "FAIL",
+            };
+            println!("{level}  {:<10} {}", c.what, c.detail);
+            if let Some(h) = &c.hint {
+                println!("      {:<10} hint: {h}", "");
+            }
+        }
+    }
+    if checks.iter().any(|c| c.level == Level::Fail) {
+        return Err(Failure::new(
+            EXIT_FAILURE,
+            "doctor found problems (FAIL above)",
+        ));
+    }
+    Ok(())
+}
+
+fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
+    match Store::open(&cfg.node.store, &cfg.node.id) {
+        Ok(store) => {
+            match store.integrity_check() {
+                Ok(r) if r == "ok" => checks.push(check(
+                    Level::Ok,
+                    "store",
+                    format!(
+                        "{} intact (schema {})",
+                        cfg.node.store.display(),
+                        store.schema_version().unwrap_or(0)
+                    ),
+                    None,
+                )),
+                Ok(r) => checks.push(check(
+                    Level::Fail,
+                    "store",
+                    format!("integrity check: {r}"),
+                    Some("restore the store from a backup; keep the damaged file for analysis"),
+                )),
+                Err(e) => checks.push(check(Level::Fail, "store", e.to_string(), None)),
+            }
+            if let Ok(c) = store.counts() {
+                let level = if c.quarantine > 0 {
+                    Level::Warn
+                } else {
+                    Level::Ok
+                };
+                checks.push(check(
+                    level,
+                    "queues",
+                    format!(
+                        "{} to push, {} to apply, {} quarantined, {} conflicts",
+                        c.outbox, c.inbox, c.quarantine, c.conflicts
+                    ),
+                    (c.quarantine > 0)
+                        .then_some("`clinicsync quarantine list` shows why each record waits"),
+                ));
+            }
+        }
+        Err(e) => checks.push(check(
+            Level::Fail,
+            "store",
+            e.to_string(),
+            Some("check node.store and its directory's permissions"),
+        )),
+    }
+    match free_bytes(&cfg.node.store) {
+        Some(b) if b < 50 << 20 => checks.push(check(
+            Level::Fail,
+            "disk",
+            format!("{} MiB free", b >> 20),
+            Some("free space: SQLite needs room to commit"),
+        )),
+        Some(b) if b < 500 << 20 => checks.push(check(
+            Level::Warn,
+            "disk",
+            format!("{} MiB free", b >> 20),
+            Some("free space soon"),
+        )),
+        Some(b) => checks.push(check(
+            Level::Ok,
+            "disk",
+            format!("{} MiB free", b >> 20),
+            None,
+        )),
+        None => checks.push(check(Level::Warn, "disk", "free space unknown", None)),
+    }
+    match crate::keys::Identity::load(&cfg.keys_dir(), &cfg.node.id) {
+        Ok(_) => checks.push(check(
+            Level::Ok,
+            "keys",
+            format!("bundle keys in {}", cfg.keys_dir().display()),
+            None,
+        )),
+        Err(e) => checks.push(check(
+            Level::Warn,
+            "keys",
+            e.to_string(),
+            Some("needed only for USB bundles: `clinicsync keys init`"),
+        )),
+    }
+    checks.push(check(
+        Level::Ok,
+        "emr",
+        "embedded: this node's store is its EMR",
+        None,
+    ));
+    if let Some(parent) = &cfg.parent {
+        parent_checks(cfg, parent, checks);
+    }
+    if cfg.mqtt.is_some() {
+        match cfg.mqtt_settings() {
+            Ok(s) => match crate::transport::mqtt::MqttClient::connect(
+                &s,
+                &format!("{}-doctor", cfg.node.id),
+                std::time::Duration::from_secs(10),
+            ) {
+                Ok(_) => checks.push(check(
+                    Level::Ok,
+                    "broker",
+                    format!("{}:{} accepted {}", s.host, s.port, s.username),
+                    None,
+                )),
+                Err(e) => checks.push(check(
+                    Level::Fail,
+                    "broker",
+                    e.to_string(),
+                    Some("check mqtt.url, the password file and the broker's ACL"),
+                )),
+            },
+            Err(e) => checks.push(check(Level::Fail, "broker", e, None)),
+        }
+    }
+    if let Some(hub) = &cfg.hub {
+        let level = if hub.children.is_empty() {
+            Level::Warn
+        } else {
+            Level::Ok
+        };
+        checks.push(check(
+            level,
+            "hub",
+            format!(
+                "serves {} children on {}, {} catchment rules",
+                hub.children.len(),
+                hub.listen,
+                hub.catchment.len()
+            ),
+            hub.children
+                .is_empty()
+                .then_some("enrol children with `clinicsync token new` and [[hub.children]]"),
+        ));
+    }
+}
+
+fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &mut Vec<Check>) {
+    if cfg.transport.kind == TransportKind::Mqtt {
+        return;
+    }
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(15))
+        .build();
+    let url = format!("{}/v1/health", parent.url.trim_end_matches('/'));
+    let t0 = wall_ms();
+    match agent.get(&url).call() {
+        Ok(resp) => {
+            let rtt = wall_ms().saturating_sub(t0);
+            checks.push(check(
+                Level::Ok,
+                "parent",
+                format!("{} answers ({rtt} ms)", parent.url),
+                None,
+            ));
+            if let Some(remote) = resp.header("Date").and_then(http_date_ms) {
+                let local = t0 + rtt / 2;
+                let skew = (local as i64 - remote as i64).abs() / 1000;
+                let (level, hint) = match skew {
+                    s if s > 3600 => (
+                        Level::Fail,
+                        Some(
+                            "set the clock (NTP or `date -s`); times in history and logs are wrong",
+                        ),
+                    ),
+                    s if s > 60 => (
+                        Level::Warn,
+                        Some("the clock drifts; enable NTP when the link allows"),
+                    ),
+                    _ => (Level::Ok, None),
+                };
+                checks.push(check(
+                    level,
+                    "clock",
+                    format!("{skew} s from the parent's clock"),
+                    hint,
+                ));
+            }
+        }
+        Err(e) => {
+            checks.push(check(
+                Level::Fail,
+                "parent",
+                format!("{url}: {e}"),
+                Some("check the link (ping, modem) and parent.url"),
+            ));
+            return;
+        }
+    }
+    let token = match crate::config::read_token(&parent.token_file) {
+        Ok(t) => t,
+        Err(e) => {
+            checks.push(check(
+                Level::Fail,
+                "credential",
+                format!("{}: {e}", parent.token_file.display()),
+                None,
+            ));
+            return;
+        }
+    };
+    let client = crate::transport::http::HttpClient::new(
+        &parent.url,
+        token,
+        std::time::Duration::from_secs(20),
+    );
+    let probe = crate::wire::Message::PullRequest(crate::wire::PullRequest {
+        node: cfg.node.id.clone(),
+        cursor: crate::wire::Cursor {
+            eff: i64::MAX as u64,
+            seq: i64::MAX as u64,
+        },
+        max_bytes: 1,
+        max_records: 1,
+        include_own: false,
+    });
+    match client.exchange("/v1/pull", &probe) {
+        Ok(_) => checks.push(check(Level::Ok, "credential", "accepted by the parent", None)),
+        Err(e) => checks.push(check(Level::Fail, "credential", e.to_string(), Some("the hub's [[hub.children]] must hold this node's id and the SHA-256 of parent.token_file"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_dates_parse() {
+        assert_eq!(
+            http_date_ms("Wed, 18 Nov 2026 11:06:40 GMT"),
+            Some(1_795_000_000_000)
+        );
+        assert_eq!(http_date_ms("garbage"), None);
+    }
+}
