@@ -15,10 +15,12 @@ fi
 "$cargo_bin" build --release --locked "${target_args[@]}" >&2
 
 # Man pages and completions come from the CLI definition itself; generate them
-# with a native binary (a cross-built one may not run here).
-gen=target/release/clinicsync
-if [ ! -x "$gen" ] || [ -n "${TARGET:-}" ]; then
-    cargo build --release --locked >&2
+# with a native binary (a cross-built one may not run here): NATIVE_BIN, or a
+# native build with the default toolchain.
+tdir=${CARGO_TARGET_DIR:-target}
+gen=${NATIVE_BIN:-$tdir/release/clinicsync}
+if [ -n "${TARGET:-}" ] && [ -z "${NATIVE_BIN:-}" ]; then
+    env -u CARGO -u RUSTC cargo build --release --locked >&2
 fi
 rm -rf target/assets && mkdir -p target/assets
 "$gen" generate man target/assets
@@ -28,4 +30,4 @@ gzip -9n target/assets/*.1
 # cargo-deb rewrites target/release/… asset paths for --target builds, and strips
 # the binary with the target's strip.
 "${CARGO_DEB:-cargo-deb}" --no-build "${target_args[@]}" >&2
-ls -t target/"${TARGET:+$TARGET/}"debian/clinicsync_*.deb | head -n 1
+ls -t "$tdir"/"${TARGET:+$TARGET/}"debian/clinicsync_*.deb | head -n 1

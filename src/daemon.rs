@@ -125,6 +125,7 @@ fn sync_rounds(
             (traffic.sent, traffic.received),
             wall_ms(),
         )?;
+        beat();
         report.pulled += n;
         report.bytes_sent += traffic.sent;
         report.bytes_received += traffic.received;
@@ -193,6 +194,7 @@ fn push_pass(
                     (traffic.sent, traffic.received),
                     wall_ms(),
                 )?;
+                beat();
                 report.bytes_sent += traffic.sent;
                 report.bytes_received += traffic.received;
                 settled += s.cleared + s.rejected;
@@ -282,9 +284,11 @@ pub fn init_logging(default_level: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
-            let _ = registry
-                .with(journald.with_syslog_identifier("clinicsync".into()))
-                .try_init();
+            // Fields without a prefix, so `journalctl -u clinicsync NODE=clinic-a PEER=parent` works.
+            let layer = journald
+                .with_syslog_identifier("clinicsync".into())
+                .with_field_prefix(None);
+            let _ = registry.with(layer).try_init();
             return;
         }
     }
