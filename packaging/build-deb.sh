@@ -29,5 +29,5 @@ gzip -9n target/assets/*.1
 
 # cargo-deb rewrites target/release/… asset paths for --target builds, and strips
 # the binary with the target's strip.
-"${CARGO_DEB:-cargo-deb}" --no-build "${target_args[@]}" >&2
-ls -t "$tdir"/"${TARGET:+$TARGET/}"debian/clinicsync_*.deb | head -n 1
+# It prints the package's path last.
+"${CARGO_DEB:-cargo-deb}" --no-build "${target_args[@]}" | tail -n 1

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod emr;
 pub mod engine;
 pub mod hub;
 pub mod keys;

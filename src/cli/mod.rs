@@ -303,6 +303,14 @@ type Out = Result<(), Failure>;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run) {
+        // A command piped into `head` or `grep -q` should end quietly, as Unix tools
+        // do; the daemon keeps SIGPIPE ignored so a dropped socket never kills it.
+        // SAFETY: restoring a signal's default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = dispatch(cli);
     match result {
         Ok(()) => ExitCode::SUCCESS,
