@@ -42,9 +42,57 @@ pub struct Config {
     pub hub: Option<HubSection>,
     #[serde(default)]
     pub transport: TransportSection,
+    #[serde(default)]
+    pub emr: EmrSection,
     pub mqtt: Option<MqttSection>,
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// Which EMR the node serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmrKind {
+    /// The node's own store is the EMR (hubs without an EMR, demos, tests).
+    #[default]
+    Embedded,
+    /// An OpenMRS server: atom feed for changes, FHIR2 and REST v1 for records.
+    Openmrs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmrSection {
+    pub kind: EmrKind,
+    /// Base URL, e.g. `http://localhost:8080` (paths add `/openmrs/ws/…`).
+    pub url: String,
+    /// File holding `user:password` for HTTP Basic (never logged).
+    pub credentials_file: PathBuf,
+    /// Atom feed categories to capture.
+    pub categories: Vec<String>,
+    /// First run: read the feeds from the "beginning", or from "now" (a clinic
+    /// cloned from another's database).
+    pub start: String,
+    pub timeout_secs: u64,
+    /// First retry of a record the EMR refused; doubles per attempt, up to a day.
+    pub retry_secs: u64,
+}
+
+impl Default for EmrSection {
+    fn default() -> Self {
+        EmrSection {
+            kind: EmrKind::Embedded,
+            url: String::new(),
+            credentials_file: PathBuf::new(),
+            categories: ["location", "concept", "patient", "encounter", "obs"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            start: "beginning".into(),
+            timeout_secs: 30,
+            retry_secs: 300,
+        }
+    }
 }
 
 /// How a child reaches its parent.
@@ -309,14 +357,78 @@ impl Config {
                 p.push("sync.push_batch_bytes must be below mqtt.max_message_bytes".into());
             }
         }
+        if self.emr.kind == EmrKind::Openmrs {
+            let e = &self.emr;
+            if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
+                p.push(format!(
+                    "emr.url {:?} must start with http:// or https://",
+                    e.url
+                ));
+            }
+            if e.credentials_file.as_os_str().is_empty() {
+                p.push("emr.credentials_file must name a file holding user:password".into());
+            }
+            if e.categories.is_empty() {
+                p.push("emr.categories must list at least one atom feed category".into());
+            }
+            if e.start != "beginning" && e.start != "now" {
+                p.push(format!(
+                    "emr.start {:?} must be \"beginning\" or \"now\"",
+                    e.start
+                ));
+            }
+            if e.timeout_secs == 0 || e.retry_secs == 0 {
+                p.push("emr.timeout_secs and emr.retry_secs must be greater than 0".into());
+            }
+            if self.parent.is_none() {
+                p.push("emr.kind = \"openmrs\" is for clinics (a node with a [parent]) in this version".into());
+            }
+        }
         if self.parent.is_none() && self.hub.is_none() {
             p.push("a node needs a [parent] section, a [hub] section, or both".into());
         }
         p
     }
 
+    /// The EMR adapter, or `None` for the embedded EMR.
+    pub fn emr_adapter(&self) -> Result<Option<Box<dyn crate::emr::Emr>>, String> {
+        let e = &self.emr;
+        match e.kind {
+            EmrKind::Embedded => Ok(None),
+            EmrKind::Openmrs => {
+                let text = std::fs::read_to_string(&e.credentials_file).map_err(|err| {
+                    format!(
+                        "emr.credentials_file {}: {err}",
+                        e.credentials_file.display()
+                    )
+                })?;
+                let (user, pass) = text.trim().split_once(':').ok_or_else(|| {
+                    format!(
+                        "emr.credentials_file {} must hold user:password",
+                        e.credentials_file.display()
+                    )
+                })?;
+                let start = if e.start == "now" {
+                    crate::emr::openmrs::Start::Now
+                } else {
+                    crate::emr::openmrs::Start::Beginning
+                };
+                Ok(Some(Box::new(crate::emr::openmrs::OpenMrs::new(
+                    &e.url,
+                    user,
+                    &Secret(pass.to_string()),
+                    e.categories.clone(),
+                    start,
+                    Duration::from_secs(e.timeout_secs),
+                ))))
+            }
+        }
+    }
+
     pub fn policy(&self) -> Policy {
         let mut p = Policy::new(&self.node.id, self.parent.is_some());
+        p.external_emr = self.emr.kind != EmrKind::Embedded;
+        p.emr_retry_ms = self.emr.retry_secs * 1000;
         if let Some(hub) = &self.hub {
             p.max_record_bytes = hub.max_record_bytes;
             p.catchment = hub.catchment.clone();

@@ -129,11 +129,12 @@ fn sync_rounds(
         report.pulled += n;
         report.bytes_sent += traffic.sent;
         report.bytes_received += traffic.received;
-        let a = engine::apply_inbox(store, policy, wall_ms())?;
-        report.applied.applied += a.applied;
-        report.applied.duplicate += a.duplicate;
-        report.applied.stale += a.stale;
-        report.applied.conflict += a.conflict;
+        if !policy.external_emr {
+            // The store is the EMR: integrate at once. An external EMR gets the inbox
+            // after the round (`emr_round`), in dependency order.
+            let a = engine::apply_inbox(store, policy, wall_ms())?;
+            report.applied.add(&a);
+        }
         if n > 0 {
             info!(node = %policy.node_id, peer = PARENT, direction = "pull", records = n, cursor = %resp.next,
                   bytes = traffic.received, "pull page applied");
@@ -210,6 +211,82 @@ fn push_pass(
         Ok(())
     })?;
     Ok(settled)
+}
+
+/// What the EMR side of a round did; errors are reported, never fatal to the round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EmrReport {
+    pub capture: Option<engine::CaptureSummary>,
+    pub apply: Option<engine::EmrApplySummary>,
+    pub error: Option<String>,
+}
+
+/// Captures local changes from the EMR (before a push), or applies the inbox to it
+/// (after a pull). An EMR error is recorded as the link state of peer `emr` (shown by
+/// `status`) and logged; syncing with the parent goes on regardless.
+pub fn emr_step(
+    store: &mut Store,
+    policy: &Policy,
+    emr: &mut dyn crate::emr::Emr,
+    capture: bool,
+    report: &mut EmrReport,
+) {
+    let now = wall_ms();
+    let result = if capture {
+        engine::capture_from_emr(store, policy, emr, now).map(|c| report.capture = Some(c))
+    } else {
+        engine::apply_inbox_to_emr(store, policy, emr, now).map(|a| report.apply = Some(a))
+    };
+    if let Err(e) = result {
+        let msg = format!(
+            "{} {}: {e}",
+            if capture { "capture" } else { "apply" },
+            if capture {
+                "from the EMR"
+            } else {
+                "to the EMR"
+            }
+        );
+        warn!(node = %policy.node_id, peer = "emr", error = %msg, "EMR step failed");
+        if let Ok(mut tx) = store.begin() {
+            let _ = tx.note_peer("emr", PeerEvent::Error(&msg), now);
+            let _ = tx.commit();
+        }
+        report.error = Some(msg);
+    } else if !capture {
+        if let Ok(mut tx) = store.begin() {
+            let _ = tx.note_peer(
+                "emr",
+                PeerEvent::PushOk {
+                    sent: 0,
+                    received: 0,
+                },
+                now,
+            );
+            let _ = tx.commit();
+        }
+    }
+}
+
+/// A full round for a node with an external EMR: capture, sync with the parent,
+/// apply to the EMR. Without an EMR it is `sync_once`.
+pub fn round(
+    store: &mut Store,
+    policy: &Policy,
+    client: &dyn Exchange,
+    cfg: &SyncSection,
+    emr: Option<&mut (dyn crate::emr::Emr + '_)>,
+    stop: &AtomicBool,
+) -> Result<(SyncReport, EmrReport), SyncError> {
+    let mut er = EmrReport::default();
+    let Some(emr) = emr else {
+        return sync_once(store, policy, client, cfg, stop).map(|r| (r, er));
+    };
+    emr_step(store, policy, emr, true, &mut er);
+    let sync = sync_once(store, policy, client, cfg, stop);
+    // Apply what arrived even if the link dropped mid-round: it is in the inbox.
+    emr_step(store, policy, emr, false, &mut er);
+    sync.map(|r| (r, er))
 }
 
 /// The link to the parent, as the configuration asks for it.
@@ -454,6 +531,7 @@ async fn sync_loop(
 ) -> anyhow::Result<()> {
     let shared = Arc::new((policy, cfg.sync.clone(), cfg.clone()));
     let mut store = Some(store);
+    let mut emr = Some(cfg.emr_adapter().map_err(|e| anyhow::anyhow!(e))?);
     let mut link: Option<Arc<ParentLink>> = None;
     let mut delays = backoff(&cfg.sync);
     let interval = Duration::from_secs(cfg.sync.interval_secs);
@@ -483,12 +561,24 @@ async fn sync_loop(
         let Some(l) = link.clone() else { continue };
         let mut s = store.take().ok_or_else(|| anyhow::anyhow!("store lost"))?;
         let (sh, st, l2) = (shared.clone(), stop.clone(), l.clone());
-        let (s, result) = tokio::task::spawn_blocking(move || {
-            let r = sync_once(&mut s, &sh.0, l2.exchange.as_ref(), &sh.1, &st);
-            (s, r)
+        let mut e = emr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("EMR adapter lost"))?;
+        let (s, e, result) = tokio::task::spawn_blocking(move || {
+            let r = round(
+                &mut s,
+                &sh.0,
+                l2.exchange.as_ref(),
+                &sh.1,
+                e.as_deref_mut(),
+                &st,
+            )
+            .map(|(r, _)| r);
+            (s, e, r)
         })
         .await?;
         store = Some(s);
+        emr = Some(e);
         let delay = match result {
             Ok(r) => {
                 delays = backoff(&cfg.sync);

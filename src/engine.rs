@@ -108,6 +108,11 @@ pub struct Policy {
     /// Upper bounds on a pull page this node serves.
     pub max_page_records: usize,
     pub max_page_bytes: usize,
+    /// Pulled records go to an external EMR (`apply_inbox_to_emr`) instead of
+    /// straight into the replica.
+    pub external_emr: bool,
+    /// First retry delay for a record the EMR refused; doubles per attempt, up to a day.
+    pub emr_retry_ms: u64,
 }
 
 impl Policy {
@@ -123,6 +128,8 @@ impl Policy {
             catchment: Vec::new(),
             max_page_records: 5_000,
             max_page_bytes: 4 << 20,
+            external_emr: false,
+            emr_retry_ms: 5 * 60_000,
         }
     }
 
@@ -352,51 +359,60 @@ pub fn write_local(
     now_ms: u64,
 ) -> Result<Vec<LocalWrite>> {
     let mut tx = store.begin()?;
-    let me = policy.node_id.clone();
     let mut out = Vec::with_capacity(items.len());
     for (snapshot, deleted) in items {
         let key = snapshot.key.clone();
-        let current = tx.current(&key)?;
-        if let Some(c) = &current {
-            if c.version.snapshot.hash == snapshot.hash && c.version.deleted == deleted {
-                out.push(LocalWrite {
-                    record: key.to_string(),
-                    changed: false,
-                });
-                continue;
-            }
-        } else if deleted {
-            return Err(EngineError::Invalid(format!(
-                "{key} does not exist here, nothing to delete"
-            )));
-        }
-        let vv = current
-            .as_ref()
-            .map(|c| c.version.vv.clone())
-            .unwrap_or_default()
-            .bumped(&me);
-        let hlc = tx.tick(now_ms)?;
-        let version = Version {
-            snapshot,
-            origin: me.clone(),
-            hlc,
-            vv,
-            deleted,
-        };
-        store_version(&mut tx, &version, "local", "written", now_ms)?;
-        update_catchment(&mut tx, policy, &version)?;
-        if policy.has_parent {
-            tx.enqueue(&key, now_ms)?;
-            // A new local version is a new attempt: it no longer waits behind the old one.
-            tx.release(&key, Stage::Push)?;
-        }
+        let changed = write_one(&mut tx, policy, snapshot, deleted, now_ms)?;
         out.push(LocalWrite {
             record: key.to_string(),
-            changed: true,
+            changed,
         });
     }
     tx.commit()?;
     Ok(out)
+}
+
+/// One local write inside a transaction; false if the content is unchanged.
+fn write_one(
+    tx: &mut Tx<'_>,
+    policy: &Policy,
+    snapshot: Snapshot,
+    deleted: bool,
+    now_ms: u64,
+) -> Result<bool> {
+    let me = policy.node_id.clone();
+    let key = snapshot.key.clone();
+    let current = tx.current(&key)?;
+    if let Some(c) = &current {
+        if c.version.snapshot.hash == snapshot.hash && c.version.deleted == deleted {
+            return Ok(false);
+        }
+    } else if deleted {
+        return Err(EngineError::Invalid(format!(
+            "{key} does not exist here, nothing to delete"
+        )));
+    }
+    let vv = current
+        .as_ref()
+        .map(|c| c.version.vv.clone())
+        .unwrap_or_default()
+        .bumped(&me);
+    let hlc = tx.tick(now_ms)?;
+    let version = Version {
+        snapshot,
+        origin: me,
+        hlc,
+        vv,
+        deleted,
+    };
+    store_version(tx, &version, "local", "written", now_ms)?;
+    update_catchment(tx, policy, &version)?;
+    if policy.has_parent {
+        tx.enqueue(&key, now_ms)?;
+        // A new local version is a new attempt: it no longer waits behind the old one.
+        tx.release(&key, Stage::Push)?;
+    }
+    Ok(true)
 }
 
 /// Why a pushed record is refused, before it touches the store.
@@ -841,6 +857,15 @@ pub struct ApplySummary {
     pub conflict: usize,
 }
 
+impl ApplySummary {
+    pub fn add(&mut self, o: &ApplySummary) {
+        self.applied += o.applied;
+        self.duplicate += o.duplicate;
+        self.stale += o.stale;
+        self.conflict += o.conflict;
+    }
+}
+
 /// Applies inbox records to the replica in dependency order, a transaction per chunk.
 pub fn apply_inbox(store: &mut Store, policy: &Policy, now_ms: u64) -> Result<ApplySummary> {
     let mut summary = ApplySummary::default();
@@ -851,32 +876,297 @@ pub fn apply_inbox(store: &mut Store, policy: &Policy, now_ms: u64) -> Result<Ap
         }
         let mut tx = store.begin()?;
         for (peer, v) in &batch {
-            let source = format!("pull:{peer}");
-            match integrate(&mut tx, v, &source, true, now_ms)? {
-                Integrated::Accepted => {
-                    summary.applied += 1;
-                    update_catchment(&mut tx, policy, v)?;
-                    // The parent holds exactly what we now hold: nothing left to push.
-                    tx.remove_from_outbox(v.key())?;
-                }
-                Integrated::Duplicate => summary.duplicate += 1,
-                Integrated::Stale => summary.stale += 1,
-                Integrated::Conflict { result, .. } => {
-                    summary.conflict += 1;
-                    if v.snapshot.class == Class::Metadata {
-                        tx.remove_from_outbox(v.key())?;
-                    } else if policy.has_parent
-                        && (result.vv != v.vv || result.snapshot.hash != v.snapshot.hash)
-                    {
-                        // The parent must learn the resolution, or its next edit would
-                        // look concurrent with ours again.
-                        tx.enqueue(v.key(), now_ms)?;
-                    }
-                }
-            }
+            let integrated = integrate(&mut tx, v, &format!("pull:{peer}"), true, now_ms)?;
+            after_pulled(&mut tx, policy, v, &integrated, &mut summary, now_ms)?;
             tx.remove_from_inbox(v.key())?;
         }
         tx.commit()?;
+    }
+    Ok(summary)
+}
+
+/// What follows the integration of a pulled version, wherever it was applied.
+fn after_pulled(
+    tx: &mut Tx<'_>,
+    policy: &Policy,
+    v: &Version,
+    integrated: &Integrated,
+    summary: &mut ApplySummary,
+    now_ms: u64,
+) -> Result<()> {
+    match integrated {
+        Integrated::Accepted => {
+            summary.applied += 1;
+            update_catchment(tx, policy, v)?;
+            // The parent holds exactly what we now hold: nothing left to push.
+            tx.remove_from_outbox(v.key())?;
+        }
+        Integrated::Duplicate => summary.duplicate += 1,
+        Integrated::Stale => summary.stale += 1,
+        Integrated::Conflict { result, .. } => {
+            summary.conflict += 1;
+            if v.snapshot.class == Class::Metadata {
+                tx.remove_from_outbox(v.key())?;
+            } else if policy.has_parent
+                && (result.vv != v.vv || result.snapshot.hash != v.snapshot.hash)
+            {
+                // The parent must learn the resolution, or its next edit would
+                // look concurrent with ours again.
+                tx.enqueue(v.key(), now_ms)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a capture from the EMR found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CaptureSummary {
+    /// Feed events read (one record may have several).
+    pub events: usize,
+    /// Records that changed in the EMR and became local writes.
+    pub captured: usize,
+    /// Events caused by our own writes into the EMR.
+    pub echoes: usize,
+    pub unchanged: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmrFlowError {
+    #[error(transparent)]
+    Emr(#[from] crate::emr::EmrError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl From<StoreError> for EmrFlowError {
+    fn from(e: StoreError) -> Self {
+        EmrFlowError::Engine(e.into())
+    }
+}
+
+const EMR_CURSOR: &str = "emr_cursor";
+
+/// Captures what clinicians changed in the EMR since the last capture, as local
+/// writes. Our own writes into the EMR come back as feed events; they are
+/// recognised by content (`emr_state`) and skipped. The adapter's cursor moves only
+/// in the transaction that stores what it covered; on any EMR error nothing is
+/// written and the next round reads the same events again.
+pub fn capture_from_emr(
+    store: &mut Store,
+    policy: &Policy,
+    emr: &mut dyn crate::emr::Emr,
+    now_ms: u64,
+) -> std::result::Result<CaptureSummary, EmrFlowError> {
+    use crate::emr::Fetched;
+    let cursor = store.meta_str(EMR_CURSOR)?;
+    let (keys, next) = emr.changes(cursor.as_deref())?;
+    let mut summary = CaptureSummary {
+        events: keys.len(),
+        ..CaptureSummary::default()
+    };
+    let mut unique: Vec<RecordKey> = Vec::new();
+    for k in keys {
+        if !unique.contains(&k) {
+            unique.push(k);
+        }
+    }
+    let mut fetched = Vec::with_capacity(unique.len());
+    for key in unique {
+        let known = store.emr_state(&key)?;
+        let state = emr.fetch(&key)?;
+        fetched.push((key, known, state));
+    }
+    let mut tx = store.begin()?;
+    for (key, known, state) in fetched {
+        match state {
+            None => summary.unchanged += 1,
+            Some(Fetched::Present(snap)) => {
+                if known == Some((Some(snap.hash), false)) {
+                    summary.echoes += 1;
+                    continue;
+                }
+                let hash = snap.hash;
+                if write_one(&mut tx, policy, snap, false, now_ms)? {
+                    summary.captured += 1;
+                } else {
+                    summary.unchanged += 1;
+                }
+                tx.set_emr_state(&key, Some(&hash), false, now_ms)?;
+            }
+            Some(Fetched::Gone) => {
+                if matches!(known, Some((_, true))) {
+                    summary.echoes += 1;
+                    continue;
+                }
+                match tx.current(&key)? {
+                    Some(c) if !c.version.deleted => {
+                        write_one(&mut tx, policy, c.version.snapshot, true, now_ms)?;
+                        summary.captured += 1;
+                    }
+                    _ => summary.unchanged += 1,
+                }
+                tx.set_emr_state(&key, None, true, now_ms)?;
+            }
+        }
+    }
+    tx.set_meta_str(EMR_CURSOR, &next)?;
+    tx.note_peer(
+        "emr",
+        PeerEvent::PullOk {
+            sent: 0,
+            received: 0,
+        },
+        now_ms,
+    )?;
+    tx.commit()?;
+    Ok(summary)
+}
+
+/// What applying pulled records to the EMR did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EmrApplySummary {
+    pub applied: ApplySummary,
+    /// Refused by the EMR, now in quarantine with its message.
+    pub refused: usize,
+    /// Waiting behind a quarantined record they reference.
+    pub blocked: usize,
+}
+
+/// The first record `v` references (its patient, its encounter) that waits in the
+/// apply quarantine, with the reason it waits.
+fn blocker(store: &Store, v: &Version) -> Result<Option<(RecordKey, String)>> {
+    let body = v.snapshot.json();
+    for field in ["subject", "patient", "encounter", "context"] {
+        let Some(reference) = body
+            .get(field)
+            .and_then(|r| r.get("reference"))
+            .and_then(|r| r.as_str())
+        else {
+            continue;
+        };
+        // `Patient/<id>` or an absolute URL ending in it.
+        let mut parts = reference.rsplitn(3, '/');
+        let (Some(id), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(key) = RecordKey::new(kind, id) else {
+            continue;
+        };
+        if let Some(reason) = store.apply_quarantine(&key)? {
+            return Ok(Some((key, reason)));
+        }
+    }
+    Ok(None)
+}
+
+/// Applies pulled records to an external EMR in dependency order, then to the
+/// replica. A record the EMR refuses (4xx) is quarantined with the EMR's message and
+/// retried on `policy.emr_retry_ms` backoff; records referencing it wait, and are
+/// released the moment it succeeds; every other record keeps flowing. When the EMR
+/// itself is unavailable or answers garbage, the pass stops (nothing is
+/// quarantined: it is not the records' fault) and the error is returned.
+pub fn apply_inbox_to_emr(
+    store: &mut Store,
+    policy: &Policy,
+    emr: &mut dyn crate::emr::Emr,
+    now_ms: u64,
+) -> std::result::Result<EmrApplySummary, EmrFlowError> {
+    use crate::emr::{EmrError, Fetched};
+    let mut summary = EmrApplySummary::default();
+    loop {
+        let batch = store.inbox_batch(now_ms, 200)?;
+        if batch.is_empty() {
+            break;
+        }
+        for (peer, v) in &batch {
+            let key = v.key().clone();
+            let source = format!("pull:{peer}");
+            if let Some((dep, why)) = blocker(store, v)? {
+                let mut tx = store.begin()?;
+                let reason = format!(
+                    "waiting for {dep}: {}",
+                    why.trim_start_matches("waiting for ")
+                );
+                tx.quarantine(&key, Stage::Apply, &reason, false, now_ms, |_| {
+                    24 * 3_600_000
+                })?;
+                tx.commit()?;
+                summary.blocked += 1;
+                continue;
+            }
+            // Decide without committing (the transaction rolls back when dropped).
+            let preview = {
+                let mut tx = store.begin()?;
+                integrate(&mut tx, v, &source, true, now_ms)?
+            };
+            let to_write = match &preview {
+                Integrated::Accepted => Some(v.clone()),
+                Integrated::Conflict { result, .. } => Some((**result).clone()),
+                Integrated::Duplicate | Integrated::Stale => None,
+            };
+            if let Some(w) = &to_write {
+                match emr.apply(w) {
+                    Ok(state) => {
+                        let mut tx = store.begin()?;
+                        let integrated = integrate(&mut tx, v, &source, true, now_ms)?;
+                        after_pulled(
+                            &mut tx,
+                            policy,
+                            v,
+                            &integrated,
+                            &mut summary.applied,
+                            now_ms,
+                        )?;
+                        match &state {
+                            Fetched::Present(s) => {
+                                tx.set_emr_state(&key, Some(&s.hash), false, now_ms)?
+                            }
+                            Fetched::Gone => tx.set_emr_state(&key, None, true, now_ms)?,
+                        }
+                        if tx.release(&key, Stage::Apply)? {
+                            tx.audit(
+                                now_ms,
+                                "emr",
+                                "release",
+                                &key.to_string(),
+                                &w.snapshot.hash.short(),
+                                "applied to the EMR",
+                            )?;
+                        }
+                        tx.release_blocked_by(&key, now_ms)?;
+                        tx.remove_from_inbox(&key)?;
+                        tx.commit()?;
+                    }
+                    Err(e @ EmrError::Refused { .. }) => {
+                        let mut tx = store.begin()?;
+                        let base = policy.emr_retry_ms;
+                        let attempts =
+                            tx.quarantine(&key, Stage::Apply, &e.to_string(), true, now_ms, |n| {
+                                base.saturating_mul(1u64 << n.saturating_sub(1).min(16))
+                                    .min(24 * 3_600_000)
+                            })?;
+                        tx.audit(
+                            now_ms,
+                            "emr",
+                            "quarantine",
+                            &key.to_string(),
+                            &w.snapshot.hash.short(),
+                            &format!("attempt {attempts}: {e}"),
+                        )?;
+                        tx.commit()?;
+                        summary.refused += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                let mut tx = store.begin()?;
+                after_pulled(&mut tx, policy, v, &preview, &mut summary.applied, now_ms)?;
+                tx.release(&key, Stage::Apply)?;
+                tx.remove_from_inbox(&key)?;
+                tx.commit()?;
+            }
+        }
     }
     Ok(summary)
 }

@@ -151,6 +151,15 @@ const MIGRATIONS: &[&str] = &[
         started_ms INTEGER NOT NULL, finished_ms INTEGER
     );
     "#,
+    // 3: external EMR — what the EMR holds for each record we wrote or captured
+    // (echo suppression); the adapter's cursor lives in meta.
+    r#"
+    CREATE TABLE emr_state (
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        hash BLOB, gone INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -918,6 +927,36 @@ impl Store {
             .unwrap_or(0))
     }
 
+    pub fn meta_str(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key=?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// What the EMR was last known to hold for `key`: (content hash, gone).
+    pub fn emr_state(&self, key: &RecordKey) -> Result<Option<(Option<ContentHash>, bool)>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT hash, gone FROM emr_state WHERE kind=?1 AND id=?2")?
+            .query_row(params![key.kind, key.id], |r| {
+                let h: Option<Vec<u8>> = r.get(0)?;
+                Ok((h.and_then(|h| ContentHash::from_slice(&h)), r.get(1)?))
+            })
+            .optional()?)
+    }
+
+    /// Reasons records wait in the apply quarantine, by key (for dependency blocking).
+    pub fn apply_quarantine(&self, key: &RecordKey) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT reason FROM quarantine WHERE kind=?1 AND id=?2 AND stage='apply'",
+            )?
+            .query_row(params![key.kind, key.id], |r| r.get(0))
+            .optional()?)
+    }
+
     pub fn integrity_check(&self) -> Result<String> {
         Ok(self
             .conn
@@ -1067,6 +1106,34 @@ impl Tx<'_> {
             .prepare_cached("SELECT value FROM meta WHERE key=?1")?
             .query_row([key], |r| r.get(0))
             .optional()?)
+    }
+
+    pub fn set_meta_str(&mut self, key: &str, value: &str) -> Result<()> {
+        self.set_meta(key, value)
+    }
+
+    pub fn set_emr_state(
+        &mut self,
+        key: &RecordKey,
+        hash: Option<&ContentHash>,
+        gone: bool,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO emr_state(kind, id, hash, gone, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(kind, id) DO UPDATE SET hash=excluded.hash, gone=excluded.gone, updated_ms=excluded.updated_ms",
+            )?
+            .execute(params![key.kind, key.id, hash.map(|h| h.0.to_vec()), gone, now_ms as i64])?;
+        Ok(())
+    }
+
+    /// Makes records blocked behind `key` due now.
+    pub fn release_blocked_by(&mut self, key: &RecordKey, now_ms: u64) -> Result<usize> {
+        Ok(self.tx.execute(
+            "UPDATE quarantine SET next_retry_ms=?1 WHERE stage='apply' AND reason LIKE ?2",
+            params![now_ms as i64, format!("waiting for {key}:%")],
+        )?)
     }
 
     pub fn set_meta_u64(&mut self, key: &str, value: u64) -> Result<()> {

@@ -218,12 +218,24 @@ fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
             Some("needed only for USB bundles: `clinicsync keys init`"),
         )),
     }
-    checks.push(check(
-        Level::Ok,
-        "emr",
-        "embedded: this node's store is its EMR",
-        None,
-    ));
+    match cfg.emr_adapter() {
+        Ok(None) => checks.push(check(
+            Level::Ok,
+            "emr",
+            "embedded: this node's store is its EMR",
+            None,
+        )),
+        Ok(Some(mut emr)) => match emr.probe() {
+            Ok(what) => checks.push(check(Level::Ok, "emr", what, None)),
+            Err(e) => checks.push(check(
+                Level::Fail,
+                "emr",
+                e.to_string(),
+                Some("check emr.url, the credentials file and that OpenMRS runs"),
+            )),
+        },
+        Err(e) => checks.push(check(Level::Fail, "emr", e, None)),
+    }
     if let Some(parent) = &cfg.parent {
         parent_checks(cfg, parent, checks);
     }

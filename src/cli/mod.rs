@@ -457,13 +457,20 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             let mut store = open(cfg)?;
             let link = daemon::connect_parent(cfg).map_err(|e| Failure::new(EXIT_LINK, e))?;
             let client = link.exchange.as_ref();
-            let report = daemon::sync_once(
+            let mut emr = cfg
+                .emr_adapter()
+                .map_err(|e| Failure::new(EXIT_CONFIG, e))?;
+            let (report, emr_report) = daemon::round(
                 &mut store,
                 &cfg.policy(),
                 client,
                 &cfg.sync,
+                emr.as_deref_mut(),
                 &AtomicBool::new(false),
             )?;
+            if let Some(e) = &emr_report.error {
+                eprintln!("warning: {e}");
+            }
             if json {
                 print_json(&report);
             } else {
@@ -938,6 +945,7 @@ fn status(cfg: &Config, json: bool) -> Out {
             "records": c.records, "outbox": c.outbox, "inbox": c.inbox,
             "quarantine": c.quarantine, "conflicts": c.conflicts, "audit_entries": c.audit, "head_seq": c.head_seq,
             "link": peer, "cursor": {"eff": cursor.eff, "seq": cursor.seq, "parent_head": head, "lag": lag},
+            "emr": store.peer_state("emr")?,
         }));
         return Ok(());
     }
@@ -973,6 +981,28 @@ fn status(cfg: &Config, json: bool) -> Out {
             println!("last error  {} {}", fmt_time(t), e);
         }
         println!("cursor      {cursor} (parent head {head}, lag {lag})");
+        if cfg.emr.kind != config::EmrKind::Embedded {
+            let e = store.peer_state("emr")?;
+            println!(
+                "emr         {} — last capture {}, last apply {}",
+                cfg.emr.url,
+                e.last_pull_ok_ms
+                    .map(fmt_time)
+                    .unwrap_or_else(|| "never".into()),
+                e.last_push_ok_ms
+                    .map(fmt_time)
+                    .unwrap_or_else(|| "never".into())
+            );
+            if let (Some(err), Some(t)) = (&e.last_error, e.last_error_ms) {
+                if t >= e
+                    .last_pull_ok_ms
+                    .unwrap_or(0)
+                    .min(e.last_push_ok_ms.unwrap_or(0))
+                {
+                    println!("emr error   {} {}", fmt_time(t), err);
+                }
+            }
+        }
         println!(
             "traffic     {} bytes sent, {} received",
             peer.bytes_sent, peer.bytes_received
