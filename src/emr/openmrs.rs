@@ -113,13 +113,12 @@ pub fn parse_feed(xml: &str) -> Result<Page, String> {
                 }
             }
             Event::End(_) => {
-                if path.pop().as_deref() == Some("entry") {
-                    if let Some(en) = entry.take() {
-                        if en.id.is_empty() {
-                            return Err("an entry has no id".into());
-                        }
-                        page.entries.push(en);
+                let closed_entry = path.pop().as_deref() == Some("entry");
+                if let Some(en) = entry.take_if(|_| closed_entry) {
+                    if en.id.is_empty() {
+                        return Err("an entry has no id".into());
                     }
+                    page.entries.push(en);
                 }
             }
             Event::Text(t) => {
@@ -248,7 +247,7 @@ impl OpenMrs {
             return Ok((Vec::new(), newest));
         }
         loop {
-            let current = pages.last().map(|p| p.clone()).unwrap_or_default();
+            let current = pages.last().cloned().unwrap_or_default();
             if let Some(m) = marker {
                 if current.entries.iter().any(|e| e.id == m) {
                     break;
@@ -327,6 +326,8 @@ impl OpenMrs {
         Snapshot::from_json_value(v).map_err(|e| EmrError::Unreadable(format!("{key}: {e}")))
     }
 
+    // ureq's error is large, and this is the only place it is returned from.
+    #[allow(clippy::result_large_err)]
     fn send(
         &self,
         method: &str,

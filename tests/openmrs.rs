@@ -1,0 +1,326 @@
+//! The OpenMRS adapter against the OpenMRS simulator (atom feed, FHIR2, REST v1),
+//! with a real hub over HTTP in between.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use clinicsync::config::Secret;
+use clinicsync::daemon::{self, EmrReport, SyncReport};
+use clinicsync::emr::openmrs::{OpenMrs, Start};
+use clinicsync::emr::simulator::OpenMrsSim;
+use common::*;
+use serde_json::json;
+
+const CATEGORIES: &[&str] = &["location", "concept", "patient", "encounter", "obs"];
+
+fn adapter(sim: &OpenMrsSim, timeout: Duration) -> OpenMrs {
+    OpenMrs::new(
+        &sim.url,
+        "admin",
+        &Secret::new("Admin123".into()),
+        CATEGORIES.iter().map(|s| s.to_string()).collect(),
+        Start::Beginning,
+        timeout,
+    )
+}
+
+fn clinic(dir: &std::path::Path, id: &str, hub: &TestHub) -> TestClinic {
+    let mut c = TestClinic::new(dir, id, &hub.url, &hub.token(id));
+    c.policy.external_emr = true;
+    c.policy.emr_retry_ms = 300;
+    c
+}
+
+fn round(c: &mut TestClinic, emr: &mut OpenMrs) -> (SyncReport, EmrReport) {
+    daemon::round(
+        &mut c.store,
+        &c.policy,
+        &c.client,
+        &c.sync_cfg,
+        Some(emr),
+        &AtomicBool::new(false),
+    )
+    .unwrap()
+}
+
+fn patient_om(id: &str, district: &str, gender: &str) -> serde_json::Value {
+    json!({
+        "resourceType": "Patient", "id": id, "active": true, "gender": gender,
+        "identifier": [{"use": "official", "type": {"coding": [{"code": "05a29f94-c0ed-11e2-94be-8c13b969e334"}], "text": "OpenMRS ID"}, "value": "10001-2",
+            "extension": [{"url": "http://fhir.openmrs.org/ext/patient/identifier#location", "valueReference": {"reference": "Location/loc-a"}}]}],
+        "name": [{"family": "Otieno", "given": ["Amina"]}],
+        "address": [{"district": district}]
+    })
+}
+
+fn encounter_om(id: &str, patient: &str) -> serde_json::Value {
+    json!({
+        "resourceType": "Encounter", "id": id, "status": "unknown",
+        "type": [{"coding": [{"system": "http://fhir.openmrs.org/code-system/encounter-type", "code": "67a71486-1a54-468f-ac3e-7091a9a79584", "display": "Vitals"}]}],
+        "subject": {"reference": format!("Patient/{patient}"), "type": "Patient"}
+    })
+}
+
+#[test]
+fn a_patient_flows_from_one_openmrs_through_the_hub_to_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North"), ("b", "North")]),
+        &["a", "b"],
+        8 << 20,
+    );
+    let (sim_a, sim_b) = (
+        OpenMrsSim::start("admin", "Admin123").unwrap(),
+        OpenMrsSim::start("admin", "Admin123").unwrap(),
+    );
+    let (mut ea, mut eb) = (
+        adapter(&sim_a, Duration::from_secs(5)),
+        adapter(&sim_b, Duration::from_secs(5)),
+    );
+    let mut a = clinic(dir.path(), "a", &hub);
+    let mut b = clinic(dir.path(), "b", &hub);
+
+    // Registered in A's OpenMRS by a clinician.
+    sim_a.save(patient_om("p-1", "North", "female"));
+    sim_a.save(encounter_om("e-1", "p-1"));
+    let (r, e) = round(&mut a, &mut ea);
+    assert_eq!(e.capture.as_ref().unwrap().captured, 2, "{e:?}");
+    assert_eq!(r.pushed.accepted, 2);
+    assert!(get(&hub.store(), "Patient/p-1").is_some());
+
+    let (_, e) = round(&mut b, &mut eb);
+    assert!(e.error.is_none(), "{e:?}");
+    let in_b = sim_b
+        .get("Patient", "p-1")
+        .expect("in B's OpenMRS")
+        .expect("not voided");
+    assert_eq!(in_b["gender"], "female");
+    assert!(sim_b.get("Encounter", "e-1").is_some());
+
+    // Echo: B's next capture sees the feed events its own writes caused, and skips them.
+    let (r, e) = round(&mut b, &mut eb);
+    let cap = e.capture.unwrap();
+    assert_eq!(
+        (cap.captured, r.pushed.sent),
+        (0, 0),
+        "pulled records came back as local changes: {cap:?}"
+    );
+    assert!(cap.echoes >= 2, "{cap:?}");
+    assert_eq!(b.store.counts().unwrap().outbox, 0);
+
+    // An edit in A follows.
+    sim_a.save(patient_om("p-1", "North", "other"));
+    round(&mut a, &mut ea);
+    round(&mut b, &mut eb);
+    assert_eq!(
+        sim_b.get("Patient", "p-1").unwrap().unwrap()["gender"],
+        "other"
+    );
+
+    // A voided patient arrives voided.
+    sim_a.void("Patient", "p-1");
+    round(&mut a, &mut ea);
+    round(&mut b, &mut eb);
+    assert_eq!(
+        sim_b.get("Patient", "p-1"),
+        Some(None),
+        "voided in B's OpenMRS"
+    );
+    let hs = hub.store();
+    let key = clinicsync::model::RecordKey::parse("Patient/p-1").unwrap();
+    assert!(hs.current(&key).unwrap().unwrap().version.deleted);
+
+    // Metadata created at the hub reaches both OpenMRS instances (FHIR2 and REST v1).
+    hub.put(vec![
+        json!({"resourceType": "Location", "id": "loc-new", "name": "New Dispensary", "status": "active"}),
+        json!({"resourceType": "openmrs:concept", "id": "5089AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "display": "Weight (kg)", "datatype": {"display": "Numeric"}}),
+    ]);
+    for (c, e, sim) in [(&mut a, &mut ea, &sim_a), (&mut b, &mut eb, &sim_b)] {
+        let (_, rep) = round(c, e);
+        assert!(rep.error.is_none(), "{rep:?}");
+        assert_eq!(
+            sim.get("Location", "loc-new").unwrap().unwrap()["name"],
+            "New Dispensary"
+        );
+    }
+    let concept = sim_a.get("openmrs:concept", "5089AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    assert!(
+        matches!(concept, Some(Some(_))),
+        "concept reached A through REST v1: {concept:?}"
+    );
+    // And nothing went back up as a clinic's own change.
+    assert_eq!(
+        (
+            a.store.counts().unwrap().outbox,
+            b.store.counts().unwrap().outbox
+        ),
+        (0, 0)
+    );
+}
+
+#[test]
+fn a_patient_openmrs_refuses_waits_with_its_encounters_and_retries_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North"), ("b", "North")]),
+        &["a", "b"],
+        8 << 20,
+    );
+    let (sim_a, sim_b) = (
+        OpenMrsSim::start("admin", "Admin123").unwrap(),
+        OpenMrsSim::start("admin", "Admin123").unwrap(),
+    );
+    let (mut ea, mut eb) = (
+        adapter(&sim_a, Duration::from_secs(5)),
+        adapter(&sim_b, Duration::from_secs(5)),
+    );
+    let mut a = clinic(dir.path(), "a", &hub);
+    let mut b = clinic(dir.path(), "b", &hub);
+    sim_b.refuse(
+        "Patient",
+        "p-bad",
+        400,
+        "Patient is missing a preferred identifier",
+    );
+    for (p, e) in [("p-ok", "e-ok"), ("p-bad", "e-bad")] {
+        sim_a.save(patient_om(p, "North", "male"));
+        sim_a.save(encounter_om(e, p));
+    }
+    round(&mut a, &mut ea);
+    let (_, rep) = round(&mut b, &mut eb);
+    let applied = rep.apply.unwrap();
+    assert_eq!((applied.refused, applied.blocked), (1, 1), "{applied:?}");
+    assert!(
+        sim_b.get("Patient", "p-ok").is_some() && sim_b.get("Encounter", "e-ok").is_some(),
+        "everything else arrives"
+    );
+    let q = b.store.quarantine_list().unwrap();
+    let reason = |r: &str| {
+        q.iter()
+            .find(|e| e.record == r)
+            .map(|e| e.reason.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        reason("Patient/p-bad").contains("Patient is missing a preferred identifier"),
+        "{q:?}"
+    );
+    assert!(
+        reason("Encounter/e-bad").contains("waiting for Patient/p-bad"),
+        "{q:?}"
+    );
+
+    // OpenMRS is fixed; nobody types a command: the rounds' backoff retries deliver both.
+    sim_b.accept("Patient", "p-bad");
+    let started = Instant::now();
+    while sim_b.get("Encounter", "e-bad").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never retried: {:?}",
+            b.store.quarantine_list().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        round(&mut b, &mut eb);
+    }
+    assert!(sim_b.get("Patient", "p-bad").unwrap().is_some());
+    assert_eq!(b.store.counts().unwrap().quarantine, 0);
+}
+
+#[test]
+fn broken_feeds_garbage_and_hangs_are_reported_and_nothing_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let sim = OpenMrsSim::start("admin", "Admin123").unwrap();
+    let mut emr = adapter(&sim, Duration::from_secs(1));
+    let mut a = clinic(dir.path(), "a", &hub);
+    sim.save(patient_om("p-0", "North", "male"));
+    round(&mut a, &mut emr);
+
+    // Garbage instead of the feed: capture fails loudly, the link to the hub still works.
+    sim.with(|s| s.garbage_feed = true);
+    hub.put(vec![
+        json!({"resourceType": "Location", "id": "still-flows"}),
+    ]);
+    let (_, rep) = round(&mut a, &mut emr);
+    assert!(
+        rep.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("not an Atom feed"),
+        "{rep:?}"
+    );
+    assert!(
+        a.get("Location/still-flows").is_some(),
+        "pulls go on while the feed is garbage"
+    );
+    // What `status` shows as the EMR's last error:
+    let e = a.store.peer_state("emr").unwrap();
+    assert!(e.last_error.unwrap().contains("not an Atom feed"));
+    sim.with(|s| s.garbage_feed = false);
+
+    // A broken archive chain: the marker sits on a page behind the broken link.
+    for i in 1..=12 {
+        sim.save(patient_om(&format!("p-{i}"), "North", "female"));
+    }
+    sim.with(|s| s.broken_chain = true);
+    let (_, rep) = round(&mut a, &mut emr);
+    assert!(
+        rep.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("archive chain broken"),
+        "{rep:?}"
+    );
+    sim.with(|s| s.broken_chain = false);
+
+    // FHIR answering HTML.
+    sim.with(|s| s.fhir_not_json = true);
+    let (_, rep) = round(&mut a, &mut emr);
+    assert!(
+        rep.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("did not answer JSON"),
+        "{rep:?}"
+    );
+    sim.with(|s| s.fhir_not_json = false);
+
+    // A 30-second hang: the adapter's timeout ends the wait, the round goes on.
+    sim.with(|s| s.hang_ms = 30_000);
+    let t0 = Instant::now();
+    let (_, rep) = round(&mut a, &mut emr);
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "a hang stopped the round for {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        rep.error
+            .as_deref()
+            .unwrap_or("")
+            .to_lowercase()
+            .contains("timed out"),
+        "{rep:?}"
+    );
+    sim.with(|s| s.hang_ms = 0);
+
+    // All cleared: nothing was lost or skipped while the EMR misbehaved.
+    let (_, rep) = round(&mut a, &mut emr);
+    assert!(rep.error.is_none(), "{rep:?}");
+    let hs = hub.store();
+    for i in 0..=12 {
+        assert!(get(&hs, &format!("Patient/p-{i}")).is_some(), "p-{i} lost");
+    }
+}
