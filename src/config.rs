@@ -58,6 +58,8 @@ pub enum EmrKind {
     Embedded,
     /// An OpenMRS server: atom feed for changes, FHIR2 and REST v1 for records.
     Openmrs,
+    /// Any FHIR R4 server: `_history` (or `_lastUpdated` search) for changes, PUT for writes.
+    Fhir,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,8 +70,10 @@ pub struct EmrSection {
     pub url: String,
     /// File holding `user:password` for HTTP Basic (never logged).
     pub credentials_file: PathBuf,
-    /// Atom feed categories to capture.
+    /// Atom feed categories to capture (openmrs).
     pub categories: Vec<String>,
+    /// Resource types to capture (fhir).
+    pub types: Vec<String>,
     /// First run: read the feeds from the "beginning", or from "now" (a clinic
     /// cloned from another's database).
     pub start: String,
@@ -88,6 +92,18 @@ impl Default for EmrSection {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            types: [
+                "Location",
+                "Practitioner",
+                "Patient",
+                "Encounter",
+                "Observation",
+                "Condition",
+                "AllergyIntolerance",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             start: "beginning".into(),
             timeout_secs: 30,
             retry_secs: 300,
@@ -357,7 +373,7 @@ impl Config {
                 p.push("sync.push_batch_bytes must be below mqtt.max_message_bytes".into());
             }
         }
-        if self.emr.kind == EmrKind::Openmrs {
+        if self.emr.kind != EmrKind::Embedded {
             let e = &self.emr;
             if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
                 p.push(format!(
@@ -365,11 +381,14 @@ impl Config {
                     e.url
                 ));
             }
-            if e.credentials_file.as_os_str().is_empty() {
+            if e.kind == EmrKind::Openmrs && e.credentials_file.as_os_str().is_empty() {
                 p.push("emr.credentials_file must name a file holding user:password".into());
             }
-            if e.categories.is_empty() {
+            if e.kind == EmrKind::Openmrs && e.categories.is_empty() {
                 p.push("emr.categories must list at least one atom feed category".into());
+            }
+            if e.kind == EmrKind::Fhir && e.types.is_empty() {
+                p.push("emr.types must list at least one resource type".into());
             }
             if e.start != "beginning" && e.start != "now" {
                 p.push(format!(
@@ -381,7 +400,10 @@ impl Config {
                 p.push("emr.timeout_secs and emr.retry_secs must be greater than 0".into());
             }
             if self.parent.is_none() {
-                p.push("emr.kind = \"openmrs\" is for clinics (a node with a [parent]) in this version".into());
+                p.push(
+                    "an external [emr] is for clinics (a node with a [parent]) in this version"
+                        .into(),
+                );
             }
         }
         if self.parent.is_none() && self.hub.is_none() {
@@ -393,21 +415,40 @@ impl Config {
     /// The EMR adapter, or `None` for the embedded EMR.
     pub fn emr_adapter(&self) -> Result<Option<Box<dyn crate::emr::Emr>>, String> {
         let e = &self.emr;
+        let credentials = || -> Result<(String, Secret), String> {
+            let text = std::fs::read_to_string(&e.credentials_file).map_err(|err| {
+                format!(
+                    "emr.credentials_file {}: {err}",
+                    e.credentials_file.display()
+                )
+            })?;
+            let (user, pass) = text.trim().split_once(':').ok_or_else(|| {
+                format!(
+                    "emr.credentials_file {} must hold user:password",
+                    e.credentials_file.display()
+                )
+            })?;
+            Ok((user.to_string(), Secret(pass.to_string())))
+        };
+        let timeout = Duration::from_secs(e.timeout_secs);
         match e.kind {
             EmrKind::Embedded => Ok(None),
+            EmrKind::Fhir => {
+                let creds = if e.credentials_file.as_os_str().is_empty() {
+                    None
+                } else {
+                    Some(credentials()?)
+                };
+                Ok(Some(Box::new(crate::emr::fhir::FhirServer::new(
+                    &e.url,
+                    creds,
+                    e.types.clone(),
+                    e.start == "now",
+                    timeout,
+                ))))
+            }
             EmrKind::Openmrs => {
-                let text = std::fs::read_to_string(&e.credentials_file).map_err(|err| {
-                    format!(
-                        "emr.credentials_file {}: {err}",
-                        e.credentials_file.display()
-                    )
-                })?;
-                let (user, pass) = text.trim().split_once(':').ok_or_else(|| {
-                    format!(
-                        "emr.credentials_file {} must hold user:password",
-                        e.credentials_file.display()
-                    )
-                })?;
+                let (user, pass) = credentials()?;
                 let start = if e.start == "now" {
                     crate::emr::openmrs::Start::Now
                 } else {
@@ -415,11 +456,11 @@ impl Config {
                 };
                 Ok(Some(Box::new(crate::emr::openmrs::OpenMrs::new(
                     &e.url,
-                    user,
-                    &Secret(pass.to_string()),
+                    &user,
+                    &pass,
                     e.categories.clone(),
                     start,
-                    Duration::from_secs(e.timeout_secs),
+                    timeout,
                 ))))
             }
         }

@@ -10,6 +10,7 @@
 //! (atom feed + FHIR2 + REST v1), and a simulator of OpenMRS for tests and demos
 //! ([`simulator`]).
 
+pub mod fhir;
 pub mod openmrs;
 pub mod simulator;
 
