@@ -228,11 +228,11 @@ impl Emr for FhirServer {
                     v.reverse();
                     found = v;
                 }
-                Err(EmrError::Refused { status, .. })
-                    if matches!(status, 400 | 404 | 405 | 501) =>
-                {
-                    mode = "search".into()
-                }
+                // No system history here: fall back to _lastUpdated search for good.
+                Err(EmrError::Refused {
+                    status: 400 | 404 | 405 | 501,
+                    ..
+                }) => mode = "search".into(),
                 Err(e) => return Err(e),
             }
         }
