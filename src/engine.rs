@@ -120,8 +120,9 @@ impl Policy {
         Policy {
             node_id: node_id.to_string(),
             has_parent,
-            known_kinds: crate::model::DEFAULT_KNOWN_KINDS
+            known_kinds: crate::model::CLINICAL_KINDS
                 .iter()
+                .chain(crate::model::METADATA_KINDS)
                 .map(|s| s.to_string())
                 .collect(),
             max_record_bytes: 1 << 20,

@@ -92,24 +92,9 @@ pub const CLINICAL_KINDS: &[&str] = &[
     "Flag",
 ];
 
-/// Kinds a hub accepts by default: the FHIR2 module's resource types plus the
-/// clinical kinds above and any `openmrs:` type.
-pub const DEFAULT_KNOWN_KINDS: &[&str] = &[
-    "Patient",
-    "Encounter",
-    "Observation",
-    "Condition",
-    "AllergyIntolerance",
-    "DiagnosticReport",
-    "Immunization",
-    "MedicationRequest",
-    "MedicationDispense",
-    "ServiceRequest",
-    "Procedure",
-    "EpisodeOfCare",
-    "RelatedPerson",
-    "CarePlan",
-    "Flag",
+/// Metadata kinds a hub accepts by default besides the clinical ones: the FHIR2
+/// module's other resource types (any `openmrs:` type is accepted too).
+pub const METADATA_KINDS: &[&str] = &[
     "Location",
     "Practitioner",
     "Organization",

@@ -324,3 +324,40 @@ fn broken_feeds_garbage_and_hangs_are_reported_and_nothing_stops() {
         assert!(get(&hs, &format!("Patient/p-{i}")).is_some(), "p-{i} lost");
     }
 }
+
+#[test]
+fn a_clinic_cloned_from_another_starts_its_feeds_at_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let sim = OpenMrsSim::start("admin", "Admin123").unwrap();
+    // The database this clinic was cloned from already holds history.
+    for i in 0..7 {
+        sim.save(patient_om(&format!("old-{i}"), "North", "male"));
+    }
+    let mut emr = OpenMrs::new(
+        &sim.url,
+        "admin",
+        &Secret::new("Admin123".into()),
+        CATEGORIES.iter().map(|s| s.to_string()).collect(),
+        Start::Now,
+        Duration::from_secs(5),
+    );
+    let mut a = clinic(dir.path(), "a", &hub);
+    let (r, e) = round(&mut a, &mut emr);
+    assert_eq!(
+        (e.capture.unwrap().captured, r.pushed.sent),
+        (0, 0),
+        "old history was re-sent"
+    );
+    sim.save(patient_om("new-1", "North", "female"));
+    let (r, _) = round(&mut a, &mut emr);
+    assert_eq!(r.pushed.accepted, 1);
+    assert!(get(&hub.store(), "Patient/new-1").is_some());
+    assert!(get(&hub.store(), "Patient/old-0").is_none());
+}
