@@ -409,3 +409,149 @@ impl Drop for CountingProxy {
         let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
     }
 }
+
+/// Faults a [`FaultProxy`] applies, changeable while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Bytes per second each way (a 2G/EDGE link is 8–32 KB/s).
+    pub rate_bps: Option<u64>,
+    /// Added before each forwarded chunk, each way.
+    pub latency_ms: u64,
+    /// Cut every connection after a random number of bytes in this range (both ways
+    /// counted), as a modem that drops the link does.
+    pub cut_every: Option<(u64, u64)>,
+    /// Accept connections and forward nothing: a link that is up but dead.
+    pub black_hole: bool,
+}
+
+/// The project's fault harness: a TCP proxy on 127.0.0.1 that rate-limits, adds
+/// latency, cuts connections at given or random byte offsets, or black-holes them,
+/// and counts the bytes it forwards and the cuts it makes. Stops when dropped.
+pub struct FaultProxy {
+    pub port: u16,
+    pub faults: std::sync::Arc<std::sync::Mutex<Faults>>,
+    pub forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    pub fn start(target: u16, faults: Faults) -> std::io::Result<FaultProxy> {
+        use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let faults = Arc::new(Mutex::new(faults));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, fw, c, s) = (
+            faults.clone(),
+            forwarded.clone(),
+            cuts.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut seed = crate::store::wall_ms() | 1;
+            for conn in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let now = f.lock().map(|g| g.clone()).unwrap_or_default();
+                if now.black_hole {
+                    // Swallow what the client sends; answer nothing, close nothing.
+                    std::thread::spawn(move || {
+                        let mut sink = [0u8; 4096];
+                        let mut c = client;
+                        while std::io::Read::read(&mut c, &mut sink)
+                            .map(|n| n > 0)
+                            .unwrap_or(false)
+                        {}
+                    });
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                // Budget before this connection is cut (xorshift for the random offset).
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let budget = match now.cut_every {
+                    Some((lo, hi)) => (lo + seed % (hi.saturating_sub(lo) + 1)) as i64,
+                    None => i64::MAX,
+                };
+                let left = Arc::new(AtomicI64::new(budget));
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    let (f, fw, c, left) = (f.clone(), fw.clone(), c.clone(), left.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 8 << 10];
+                        loop {
+                            let n = match std::io::Read::read(&mut from, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let now = f.lock().map(|g| g.clone()).unwrap_or_default();
+                            if now.latency_ms > 0 {
+                                std::thread::sleep(Duration::from_millis(now.latency_ms));
+                            }
+                            let remaining = left.fetch_sub(n as i64, Ordering::SeqCst);
+                            let send = if remaining < n as i64 {
+                                remaining.max(0) as usize
+                            } else {
+                                n
+                            };
+                            if send > 0 && std::io::Write::write_all(&mut to, &buf[..send]).is_err()
+                            {
+                                break;
+                            }
+                            fw.fetch_add(send as u64, Ordering::Relaxed);
+                            if send < n {
+                                if remaining > 0 {
+                                    c.fetch_add(1, Ordering::Relaxed);
+                                }
+                                break;
+                            }
+                            if let Some(rate) = now.rate_bps.filter(|r| *r > 0) {
+                                std::thread::sleep(Duration::from_micros(
+                                    n as u64 * 1_000_000 / rate,
+                                ));
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    pipe(c2, s2);
+                    pipe(server, client);
+                }
+            }
+        });
+        Ok(FaultProxy {
+            port,
+            faults,
+            forwarded,
+            cuts,
+            stop,
+        })
+    }
+
+    pub fn set(&self, faults: Faults) {
+        if let Ok(mut g) = self.faults.lock() {
+            *g = faults;
+        }
+    }
+
+    pub fn cuts(&self) -> u64 {
+        self.cuts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}

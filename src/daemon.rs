@@ -64,6 +64,8 @@ pub struct SyncReport {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub elapsed_ms: u64,
+    /// The adaptive batch/page byte budget after this round.
+    pub batch_budget: usize,
 }
 
 /// One push-then-pull round with the parent, until the outbox is drained (or only
@@ -79,15 +81,38 @@ pub fn sync_once(
     let mut report = SyncReport::default();
     SYNCING.store(true, Ordering::Relaxed);
     beat();
-    let result = sync_rounds(store, policy, client, cfg, stop, &mut report);
+    // Adaptive sizing: the byte budget of a batch or page halves after a failed
+    // exchange (a cut link loses at most that much) and doubles after each success,
+    // between MIN_BUDGET and the configured sizes; it is kept across rounds and restarts.
+    let max = cfg.push_batch_bytes.max(cfg.pull_page_bytes as usize);
+    let saved = store.meta_u64(BUDGET_KEY)? as usize;
+    let budget = std::cell::Cell::new(if saved == 0 {
+        max
+    } else {
+        saved.clamp(MIN_BUDGET, max)
+    });
+    let result = sync_rounds(store, policy, client, cfg, stop, &mut report, &budget);
     SYNCING.store(false, Ordering::Relaxed);
     report.elapsed_ms = started.elapsed().as_millis() as u64;
+    let mut tx = store.begin()?;
     if let Err(e) = &result {
-        let mut tx = store.begin()?;
+        if e.is_retryable() {
+            budget.set((budget.get() / 2).max(MIN_BUDGET));
+        }
         tx.note_peer(PARENT, PeerEvent::Error(&e.to_string()), wall_ms())?;
-        tx.commit()?;
     }
+    tx.set_meta_u64(BUDGET_KEY, budget.get() as u64)?;
+    tx.commit()?;
+    report.batch_budget = budget.get();
     result.map(|_| report)
+}
+
+const BUDGET_KEY: &str = "link_budget_bytes";
+/// The smallest batch or page budget adaptive sizing goes down to.
+pub const MIN_BUDGET: usize = 16 << 10;
+
+fn grow(budget: &std::cell::Cell<usize>, max: usize) {
+    budget.set(budget.get().saturating_mul(2).min(max));
 }
 
 fn sync_rounds(
@@ -97,19 +122,21 @@ fn sync_rounds(
     cfg: &SyncSection,
     stop: &AtomicBool,
     report: &mut SyncReport,
+    budget: &std::cell::Cell<usize>,
 ) -> Result<(), SyncError> {
     // Push first: what the clinic wrote is the most urgent thing on the link. A pass
     // walks the outbox once, building the next batch while the previous one is in
     // flight; a further pass picks up records edited meanwhile.
     for _pass in 0..3 {
-        let progress = push_pass(store, policy, client, cfg, stop, report)?;
+        let progress = push_pass(store, policy, client, cfg, stop, report, budget)?;
         let due = engine::next_push(store, wall_ms(), 1, usize::MAX)?.is_some();
         if progress == 0 || !due {
             break;
         }
     }
     while !stop.load(Ordering::Relaxed) {
-        let req = engine::pull_request(store, PARENT, cfg.pull_page_records, cfg.pull_page_bytes)?;
+        let page_bytes = (cfg.pull_page_bytes as usize).min(budget.get()) as u64;
+        let req = engine::pull_request(store, PARENT, cfg.pull_page_records, page_bytes)?;
         let (answer, traffic) = client.exchange("/v1/pull", &Message::PullRequest(req))?;
         let Message::PullResponse(resp) = answer else {
             return Err(TransportError::Unexpected {
@@ -139,6 +166,10 @@ fn sync_rounds(
             info!(node = %policy.node_id, peer = PARENT, direction = "pull", records = n, cursor = %resp.next,
                   bytes = traffic.received, "pull page applied");
         }
+        grow(
+            budget,
+            cfg.push_batch_bytes.max(cfg.pull_page_bytes as usize),
+        );
         if !resp.more {
             break;
         }
@@ -155,6 +186,7 @@ fn push_pass(
     cfg: &SyncSection,
     stop: &AtomicBool,
     report: &mut SyncReport,
+    budget: &std::cell::Cell<usize>,
 ) -> Result<usize, SyncError> {
     let mut settled = 0;
     let mut after = 0u64;
@@ -168,7 +200,7 @@ fn push_pass(
                     store,
                     wall_ms(),
                     cfg.push_batch_records,
-                    cfg.push_batch_bytes,
+                    budget.get().min(cfg.push_batch_bytes),
                     after,
                 )?
             };
@@ -196,6 +228,7 @@ fn push_pass(
                     wall_ms(),
                 )?;
                 beat();
+                grow(budget, cfg.push_batch_bytes);
                 report.bytes_sent += traffic.sent;
                 report.bytes_received += traffic.received;
                 settled += s.cleared + s.rejected;

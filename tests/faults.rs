@@ -223,3 +223,115 @@ fn a_clinic_killed_mid_sync_of_5000_records_delivers_each_exactly_once() {
         clinicsync::store::AuditCheck::Intact { .. }
     ));
 }
+
+#[test]
+fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() {
+    use clinicsync::cluster::{FaultProxy, Faults};
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        32 << 20,
+    );
+    let hub_port: u16 = hub.url.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = FaultProxy::start(
+        hub_port,
+        Faults {
+            cut_every: Some((50 << 10, 200 << 10)),
+            ..Faults::default()
+        },
+    )
+    .unwrap();
+    let mut a = TestClinic::new(
+        dir.path(),
+        "a",
+        &format!("http://127.0.0.1:{}", proxy.port),
+        &hub.token("a"),
+    );
+    a.sync_cfg.push_batch_bytes = 8 << 20;
+    a.sync_cfg.push_batch_records = 20_000;
+    // About 20 MB of FHIR JSON.
+    let records = clinicsync::synth::clinic_records(11, "a", "North", "l", 2800, 2, 4);
+    let json: usize = records.iter().map(|r| r.to_string().len()).sum();
+    assert!(json > 18 << 20, "{json} bytes of JSON");
+    let n = records.len();
+    a.put(records);
+    let mut failures = 0;
+    for _ in 0..400 {
+        match a.sync() {
+            Ok(_) if a.store.counts().unwrap().outbox == 0 => break,
+            Ok(_) => {}
+            Err(e) => {
+                assert!(e.is_retryable(), "{e}");
+                failures += 1;
+            }
+        }
+    }
+    assert_eq!(
+        a.store.counts().unwrap().outbox,
+        0,
+        "never finished ({failures} failed rounds)"
+    );
+    assert!(
+        proxy.cuts() > 0,
+        "the link was never cut: the test proves nothing"
+    );
+    let hs = hub.store();
+    assert_eq!(hs.counts().unwrap().records as usize, n);
+    let versions: i64 = hs
+        .conn()
+        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(versions as usize, n, "each record stored once");
+    eprintln!(
+        "{} cuts, {failures} failed rounds, {} bytes forwarded",
+        proxy.cuts(),
+        proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn a_black_holed_link_times_out_and_recovers() {
+    use clinicsync::cluster::{FaultProxy, Faults};
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let hub_port: u16 = hub.url.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = FaultProxy::start(
+        hub_port,
+        Faults {
+            black_hole: true,
+            ..Faults::default()
+        },
+    )
+    .unwrap();
+    let mut a = TestClinic::new(
+        dir.path(),
+        "a",
+        &format!("http://127.0.0.1:{}", proxy.port),
+        &hub.token("a"),
+    );
+    a.client = clinicsync::transport::http::HttpClient::new(
+        &format!("http://127.0.0.1:{}", proxy.port),
+        clinicsync::config::Secret::new(hub.token("a")),
+        Duration::from_secs(1),
+    );
+    a.put(vec![patient("p-bh", "North")]);
+    let t0 = std::time::Instant::now();
+    let err = a.sync().unwrap_err();
+    assert!(
+        err.is_retryable() && t0.elapsed() < Duration::from_secs(10),
+        "{err} after {:?}",
+        t0.elapsed()
+    );
+    proxy.set(Faults::default());
+    a.sync().unwrap();
+    assert!(get(&hub.store(), "Patient/p-bh").is_some());
+}
