@@ -633,6 +633,13 @@ async fn sync_loop(
                 d
             }
         };
+        // For `status`: when the next attempt is due (the current backoff).
+        if let Some(st) = store.as_mut() {
+            if let Ok(mut tx) = st.begin() {
+                let _ = tx.set_meta_u64("next_sync_ms", wall_ms() + delay.as_millis() as u64);
+                let _ = tx.commit();
+            }
+        }
         let wake = l.wake.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

@@ -112,6 +112,11 @@ fn a_clinic_whose_parent_is_down_backs_off_and_reports_it() {
     );
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("outbox      1 waiting"), "{text}");
+    assert!(text.contains("link        down"), "{text}");
+    assert!(
+        text.contains("next sync   in") || text.contains("next sync   due"),
+        "{text}"
+    );
     assert!(
         text.contains("last error") && text.contains("cannot reach parent"),
         "{text}"

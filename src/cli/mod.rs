@@ -946,6 +946,8 @@ fn status(cfg: &Config, json: bool) -> Out {
             "quarantine": c.quarantine, "conflicts": c.conflicts, "audit_entries": c.audit, "head_seq": c.head_seq,
             "link": peer, "cursor": {"eff": cursor.eff, "seq": cursor.seq, "parent_head": head, "lag": lag},
             "emr": store.peer_state("emr")?,
+            "link_budget_bytes": store.meta_u64("link_budget_bytes")?,
+            "next_sync_ms": store.meta_u64("next_sync_ms")?,
         }));
         return Ok(());
     }
@@ -979,6 +981,35 @@ fn status(cfg: &Config, json: bool) -> Out {
         );
         if let (Some(e), Some(t)) = (&peer.last_error, peer.last_error_ms) {
             println!("last error  {} {}", fmt_time(t), e);
+        }
+        let last_ok = peer
+            .last_push_ok_ms
+            .unwrap_or(0)
+            .max(peer.last_pull_ok_ms.unwrap_or(0));
+        let budget = store.meta_u64("link_budget_bytes")? as usize;
+        let full = cfg
+            .sync
+            .push_batch_bytes
+            .max(cfg.sync.pull_page_bytes as usize);
+        let link = match peer.last_error_ms {
+            Some(t) if t > last_ok => "down".to_string(),
+            _ if last_ok == 0 => "not yet synced".to_string(),
+            _ if budget != 0 && budget < full => format!(
+                "degraded (batches shrunk to {} KiB after failures)",
+                budget >> 10
+            ),
+            _ => "up".to_string(),
+        };
+        println!("link        {link}");
+        let next = store.meta_u64("next_sync_ms")?;
+        if next > 0 {
+            let now = wall_ms();
+            let when = if next > now {
+                format!("in {} s", (next - now) / 1000)
+            } else {
+                "due now".into()
+            };
+            println!("next sync   {when} (when the daemon runs)");
         }
         println!("cursor      {cursor} (parent head {head}, lag {lag})");
         if cfg.emr.kind != config::EmrKind::Embedded {
