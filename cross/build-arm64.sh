@@ -31,7 +31,7 @@ native=${NATIVE_BIN:-$PWD/target/release/clinicsync}
 export NATIVE_BIN=$native
 deb=$(packaging/build-deb.sh)
 echo "arm64 package: $deb"
-dpkg-deb --info "$deb" | grep -q "Architecture: arm64"
+dpkg-deb --info "$deb" | grep "Architecture: arm64" >/dev/null
 
 bin=$CARGO_TARGET_DIR/$TARGET/release/clinicsync
 run_arm() { qemu-aarch64 -L / "$bin" "$@"; }
@@ -70,6 +70,6 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 run_arm --config "$work/clinic.toml" put "$work/p.json"
 run_arm --config "$work/clinic.toml" sync
 run_arm --config "$work/clinic.toml" get Location/from-the-hub >/dev/null
-"$native" --config "$work/hub.toml" get Patient/from-arm | grep -q male
+"$native" --config "$work/hub.toml" get Patient/from-arm | grep male >/dev/null
 kill -TERM "$hub_pid"; wait "$hub_pid" || true
 echo "arm64 build and smoke test passed in $(( $(date +%s) - started )) s"

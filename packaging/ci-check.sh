@@ -40,7 +40,7 @@ TOML
 echo '{"resourceType":"Patient","id":"kept-across-upgrade","gender":"female"}' > "$work/p.json"
 chmod 644 "$work/p.json"; chmod 755 "$work"
 runuser -u clinicsync -- clinicsync --config /etc/clinicsync/clinicsync.toml put "$work/p.json"
-runuser -u clinicsync -- clinicsync --config /etc/clinicsync/clinicsync.toml status | grep -q "schema 1"
+runuser -u clinicsync -- clinicsync --config /etc/clinicsync/clinicsync.toml status | grep "schema 1" >/dev/null
 
 step "build this version's package"
 deb=$(packaging/build-deb.sh)
@@ -52,8 +52,8 @@ lintian --fail-on error,warning "$deb"
 step "upgrade over 0.1.0: data kept, migrations run by postinst"
 dpkg -i --force-confold "$deb" >/dev/null
 # Migrated past schema 1 by postinst (whatever the newest schema is now).
-runuser -u clinicsync -- clinicsync --config /etc/clinicsync/clinicsync.toml status --json | grep -Eq '"schema": ([2-9]|[1-9][0-9])\b'
-runuser -u clinicsync -- clinicsync --config /etc/clinicsync/clinicsync.toml get Patient/kept-across-upgrade | grep -q female
+runuser -u clinicsync -- clinicsync --config /etc/clinicsync/clinicsync.toml status --json | grep -E '"schema": ([2-9]|[1-9][0-9])\b' >/dev/null
+runuser -u clinicsync -- clinicsync --config /etc/clinicsync/clinicsync.toml get Patient/kept-across-upgrade | grep female >/dev/null
 runuser -u clinicsync -- clinicsync --config /etc/clinicsync/clinicsync.toml audit verify
 
 step "a store from a newer schema is refused by this binary"
@@ -93,7 +93,9 @@ TOML
 JOURNAL_STREAM=8:8 clinicsync --config "$work/j.toml" run & dpid=$!
 sleep 2; kill -TERM "$dpid"; wait "$dpid" || true
 journalctl --sync 2>/dev/null || true
-if ! journalctl -o json --no-pager SYSLOG_IDENTIFIER=clinicsync | grep '"NODE":"journal-probe"' | grep -q '"MESSAGE":"serving children"'; then
+# (no `grep -q` in pipes: with pipefail an early exit would fail the pipeline)
+found=$(journalctl -o json --no-pager SYSLOG_IDENTIFIER=clinicsync | grep '"NODE":"journal-probe"' | grep -c '"MESSAGE":"serving children"' || true)
+if [ "${found:-0}" -lt 1 ]; then
     echo "no structured NODE field in the journal" >&2
     journalctl -o json --no-pager | tail -n 5 >&2
     kill "$jpid"; exit 1
