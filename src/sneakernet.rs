@@ -337,8 +337,12 @@ fn import_return(
             }
             Item::Page(page) => {
                 summary.pulled += engine::store_pull(store, parent, &page, (0, 0), now)?;
-                let a = engine::apply_inbox(store, policy, now)?;
-                summary.records_applied += a.applied;
+                // With an external EMR the inbox waits for the daemon's next round,
+                // which writes it into the EMR first (`apply_inbox_to_emr`).
+                if !policy.external_emr {
+                    let a = engine::apply_inbox(store, policy, now)?;
+                    summary.records_applied += a.applied;
+                }
             }
             other => {
                 return Err(BundleError::Content(format!(

@@ -1454,7 +1454,7 @@ impl Tx<'_> {
 
     /// Removes a record from quarantine, the outbox and the inbox. The replica keeps
     /// whatever it holds; history keeps every version.
-    pub fn drop_quarantined(&mut self, key: &RecordKey) -> Result<bool> {
+    pub fn drop_quarantined(&mut self, key: &RecordKey, now_ms: u64) -> Result<bool> {
         let q = self.tx.execute(
             "DELETE FROM quarantine WHERE kind=?1 AND id=?2",
             params![key.kind, key.id],
@@ -1470,6 +1470,8 @@ impl Tx<'_> {
             "DELETE FROM inbox WHERE kind=?1 AND id=?2",
             params![key.kind, key.id],
         )?;
+        // Records that waited behind it try again now (and meet whatever the EMR says).
+        self.release_blocked_by(key, now_ms)?;
         Ok(true)
     }
 

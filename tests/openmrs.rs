@@ -361,3 +361,56 @@ fn a_clinic_cloned_from_another_starts_its_feeds_at_now() {
     assert!(get(&hub.store(), "Patient/new-1").is_some());
     assert!(get(&hub.store(), "Patient/old-0").is_none());
 }
+
+#[test]
+fn dropping_a_refused_patient_releases_the_records_waiting_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North"), ("b", "North")]),
+        &["a", "b"],
+        8 << 20,
+    );
+    let (sim_a, sim_b) = (
+        OpenMrsSim::start("admin", "Admin123").unwrap(),
+        OpenMrsSim::start("admin", "Admin123").unwrap(),
+    );
+    let (mut ea, mut eb) = (
+        adapter(&sim_a, Duration::from_secs(5)),
+        adapter(&sim_b, Duration::from_secs(5)),
+    );
+    let mut a = clinic(dir.path(), "a", &hub);
+    let mut b = clinic(dir.path(), "b", &hub);
+    b.policy.emr_retry_ms = 3_600_000;
+    sim_b.refuse(
+        "Patient",
+        "p-x",
+        400,
+        "Patient is missing a preferred identifier",
+    );
+    sim_a.save(patient_om("p-x", "North", "male"));
+    sim_a.save(encounter_om("e-x", "p-x"));
+    round(&mut a, &mut ea);
+    round(&mut b, &mut eb);
+    let waiting = |b: &TestClinic| {
+        b.store
+            .quarantine_list()
+            .unwrap()
+            .into_iter()
+            .find(|q| q.record == "Encounter/e-x")
+            .map(|q| q.reason)
+    };
+    assert!(waiting(&b).unwrap().contains("waiting for Patient/p-x"));
+    // The technician gives up on the patient: the encounter no longer waits for it,
+    // and OpenMRS now says why it cannot take it either.
+    let out = b.cli(&["quarantine", "drop", "Patient/p-x"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    round(&mut b, &mut eb);
+    let reason = waiting(&b).expect("still quarantined");
+    assert!(reason.contains("Patient 'p-x' does not exist"), "{reason}");
+}

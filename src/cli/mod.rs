@@ -910,7 +910,7 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
         QuarantineCmd::Drop { record } => {
             let k = key(&record)?;
             let mut tx = store.begin()?;
-            if !tx.drop_quarantined(&k)? {
+            if !tx.drop_quarantined(&k, now)? {
                 return Err(Failure::new(
                     EXIT_NOT_FOUND,
                     format!("{k} is not quarantined"),
