@@ -191,6 +191,8 @@ pub struct SyncSection {
     pub timeout_secs: u64,
     pub backoff_min_secs: u64,
     pub backoff_max_secs: u64,
+    /// Frames larger than this go as resumable chunks (0: never chunk).
+    pub chunk_bytes: usize,
 }
 
 impl Default for SyncSection {
@@ -204,6 +206,7 @@ impl Default for SyncSection {
             timeout_secs: 120,
             backoff_min_secs: 5,
             backoff_max_secs: 900,
+            chunk_bytes: 64 << 10,
         }
     }
 }

@@ -66,6 +66,9 @@ pub struct SyncReport {
     pub elapsed_ms: u64,
     /// The adaptive batch/page byte budget after this round.
     pub batch_budget: usize,
+    /// Bytes sent again after cuts, and cuts resumed within transfers.
+    pub bytes_resent: u64,
+    pub resumed: u64,
 }
 
 /// One push-then-pull round with the parent, until the outbox is drained (or only
@@ -91,7 +94,15 @@ pub fn sync_once(
     } else {
         saved.clamp(MIN_BUDGET, max)
     });
-    let result = sync_rounds(store, policy, client, cfg, stop, &mut report, &budget);
+    let chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
+    let link: &dyn Exchange = if cfg.chunk_bytes > 0 {
+        &chunked
+    } else {
+        client
+    };
+    let result = sync_rounds(store, policy, link, cfg, stop, &mut report, &budget);
+    report.bytes_resent = chunked.resent.load(Ordering::Relaxed);
+    report.resumed = chunked.resumed.load(Ordering::Relaxed);
     SYNCING.store(false, Ordering::Relaxed);
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     let mut tx = store.begin()?;

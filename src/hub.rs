@@ -28,8 +28,12 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use crate::engine::{self, EngineError, Policy};
-use crate::store::{wall_ms, Store};
+use crate::store::{wall_ms, Store, TransferKey};
 use crate::wire::{self, Limits, Message, WireError};
+
+/// Largest resumable transfer a child may send (uploads) and chunk size of answers.
+const MAX_TRANSFER: u64 = 256 << 20;
+const MAX_CHUNK: u64 = 64 << 10;
 
 /// Everything a hub needs to answer children.
 pub struct HubState {
@@ -104,6 +108,10 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route(
             "/v1/fetch",
             post(|State(s), h, b| endpoint(s, h, b, "fetch_request")),
+        )
+        .route(
+            "/v1/chunk",
+            post(|State(s), h, b| endpoint(s, h, b, "chunk")),
         )
         // Our own reader enforces the limit (see `read_body`).
         .layer(DefaultBodyLimit::disable())
@@ -198,7 +206,8 @@ impl HubState {
             wire_refusal(e)
         })?;
         if let Some(kind) = expect {
-            if msg.name() != kind {
+            let fits = msg.name() == kind || (kind == "chunk" && msg.name().starts_with("chunk_"));
+            if !fits {
                 return Err(Refusal::new(
                     StatusCode::BAD_REQUEST,
                     format!("expected a {kind}, got a {}", msg.name()),
@@ -240,11 +249,183 @@ impl HubState {
                 }
                 Ok(Message::FetchResponse(resp))
             }
+            Message::ChunkQuery(r) => {
+                let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = store.begin().map_err(|e| engine_refusal(e.into()))?;
+                let received = tx
+                    .transfer_state(&TransferKey {
+                        node: child,
+                        id: &r.id,
+                        dir: "up",
+                    })
+                    .map_err(|e| engine_refusal(e.into()))?
+                    .map(|(_, got)| got)
+                    .unwrap_or(0);
+                Ok(Message::ChunkAck(wire::ChunkAck { id: r.id, received }))
+            }
+            Message::ChunkPut(c) => {
+                if c.total > MAX_TRANSFER {
+                    return Err(Refusal::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "transfer of {} bytes is over the limit of {MAX_TRANSFER}",
+                            c.total
+                        ),
+                    ));
+                }
+                if <[u8; 32]>::from(Sha256::digest(&c.data)) != c.sha {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "chunk checksum does not match its data",
+                    ));
+                }
+                let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                let received = (|| -> Result<u64, crate::store::StoreError> {
+                    let mut tx = store.begin()?;
+                    let r = tx.transfer_append(
+                        &TransferKey {
+                            node: child,
+                            id: &c.id,
+                            dir: "up",
+                        },
+                        c.total,
+                        c.offset,
+                        &c.data,
+                        wall_ms(),
+                    )?;
+                    tx.commit()?;
+                    Ok(r)
+                })()
+                .map_err(|e| engine_refusal(e.into()))?;
+                Ok(Message::ChunkAck(wire::ChunkAck { id: c.id, received }))
+            }
+            Message::ChunkRun(r) => self.run_transfer(child, &r),
+            Message::ChunkGet(g) => {
+                let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = store.begin().map_err(|e| engine_refusal(e.into()))?;
+                let Some((total, _)) = tx
+                    .transfer_state(&TransferKey {
+                        node: child,
+                        id: &g.id,
+                        dir: "down",
+                    })
+                    .map_err(|e| engine_refusal(e.into()))?
+                else {
+                    return Err(Refusal::new(
+                        StatusCode::NOT_FOUND,
+                        "no such answer to fetch (expired?)",
+                    ));
+                };
+                let data = tx
+                    .transfer_read(
+                        &TransferKey {
+                            node: child,
+                            id: &g.id,
+                            dir: "down",
+                        },
+                        g.offset,
+                        g.max.clamp(1, MAX_CHUNK),
+                    )
+                    .map_err(|e| engine_refusal(e.into()))?;
+                let sha = Sha256::digest(&data).into();
+                Ok(Message::ChunkData(wire::ChunkPut {
+                    id: g.id,
+                    total,
+                    offset: g.offset,
+                    data,
+                    sha,
+                }))
+            }
             other => Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 format!("a {} is not a request", other.name()),
             )),
         }
+    }
+
+    /// Runs a fully received upload as the request it is, and answers it directly
+    /// or, when the answer is large, as a transfer to fetch in chunks.
+    fn run_transfer(&self, child: &str, r: &wire::ChunkRef) -> Result<Message, Refusal> {
+        let frame = {
+            let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = store.begin().map_err(|e| engine_refusal(e.into()))?;
+            match tx
+                .transfer_state(&TransferKey {
+                    node: child,
+                    id: &r.id,
+                    dir: "up",
+                })
+                .map_err(|e| engine_refusal(e.into()))?
+            {
+                Some((total, got)) if got == total => {}
+                Some((total, got)) => {
+                    return Err(Refusal::new(
+                        StatusCode::CONFLICT,
+                        format!("transfer incomplete: {got} of {total} bytes"),
+                    ))
+                }
+                None => {
+                    return Err(Refusal::new(
+                        StatusCode::NOT_FOUND,
+                        "no such transfer (expired?): send it again",
+                    ))
+                }
+            }
+            tx.transfer_read(
+                &TransferKey {
+                    node: child,
+                    id: &r.id,
+                    dir: "up",
+                },
+                0,
+                u64::MAX,
+            )
+            .map_err(|e| engine_refusal(e.into()))?
+        };
+        if <[u8; 32]>::from(Sha256::digest(&frame)) != r.id {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "reassembled transfer does not match its checksum",
+            ));
+        }
+        if wire::decode(&frame, &self.limits)
+            .map(|m| m.name().starts_with("chunk_"))
+            .unwrap_or(false)
+        {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "a transfer cannot carry another transfer",
+            ));
+        }
+        let answer = self.answer(child, &frame, None)?;
+        let bytes = wire::encode(&answer)
+            .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        if bytes.len() <= MAX_CHUNK as usize {
+            return Ok(answer);
+        }
+        let id: [u8; 32] = Sha256::digest(&bytes).into();
+        let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        (|| -> Result<(), crate::store::StoreError> {
+            let mut tx = store.begin()?;
+            let now = wall_ms();
+            tx.transfer_gc(now.saturating_sub(24 * 3_600_000))?;
+            tx.transfer_store(
+                &TransferKey {
+                    node: child,
+                    id: &id,
+                    dir: "down",
+                },
+                &bytes,
+                MAX_CHUNK as usize,
+                now,
+            )?;
+            tx.commit()
+        })()
+        .map_err(|e| engine_refusal(e.into()))?;
+        Ok(Message::ChunkReady(wire::ChunkAck {
+            id,
+            received: bytes.len() as u64,
+        }))
     }
 
     /// Children whose feed has something new since change sequence `since`, and the

@@ -259,6 +259,78 @@ pub enum Message {
     PullResponse(PullResponse),
     FetchRequest(FetchRequest),
     FetchResponse(FetchResponse),
+    /// Resumable transfer of a frame larger than one chunk (see [`Chunk`]).
+    ChunkPut(ChunkPut),
+    ChunkQuery(ChunkRef),
+    ChunkRun(ChunkRef),
+    ChunkGet(ChunkGet),
+    ChunkAck(ChunkAck),
+    ChunkReady(ChunkAck),
+    ChunkData(ChunkPut),
+}
+
+/// A piece of a large frame. Transfers are named by the SHA-256 of the whole frame
+/// (so a sender that rebuilds the same frame after a restart resumes it) and are
+/// private to the node that made them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkPut {
+    #[serde(with = "serde_bytes_array")]
+    pub id: [u8; 32],
+    pub total: u64,
+    pub offset: u64,
+    #[serde(with = "serde_bytes_vec")]
+    pub data: Vec<u8>,
+    /// SHA-256 of `data`: a corrupted chunk is refused, not stored.
+    #[serde(with = "serde_bytes_array")]
+    pub sha: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    #[serde(with = "serde_bytes_array")]
+    pub id: [u8; 32],
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkGet {
+    #[serde(with = "serde_bytes_array")]
+    pub id: [u8; 32],
+    pub offset: u64,
+    pub max: u64,
+}
+
+/// How much of a transfer the receiver holds (`ChunkAck`), or that an answer is
+/// ready to be fetched in chunks (`ChunkReady`: `received` is its length).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkAck {
+    #[serde(with = "serde_bytes_array")]
+    pub id: [u8; 32],
+    pub received: u64,
+}
+
+mod serde_bytes_vec {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        ciborium::value::Value::deserialize(d)?
+            .into_bytes()
+            .map_err(|_| serde::de::Error::custom("expected a byte string"))
+    }
+}
+
+mod serde_bytes_array {
+    use serde::{Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let v = super::serde_bytes_vec::deserialize(d)?;
+        <[u8; 32]>::try_from(v.as_slice())
+            .map_err(|_| serde::de::Error::custom("expected 32 bytes"))
+    }
 }
 
 impl Message {
@@ -270,6 +342,13 @@ impl Message {
             Message::PullResponse(_) => "pull_response",
             Message::FetchRequest(_) => "fetch_request",
             Message::FetchResponse(_) => "fetch_response",
+            Message::ChunkPut(_) => "chunk_put",
+            Message::ChunkQuery(_) => "chunk_query",
+            Message::ChunkRun(_) => "chunk_run",
+            Message::ChunkGet(_) => "chunk_get",
+            Message::ChunkAck(_) => "chunk_ack",
+            Message::ChunkReady(_) => "chunk_ready",
+            Message::ChunkData(_) => "chunk_data",
         }
     }
 
@@ -281,6 +360,7 @@ impl Message {
             Message::PullResponse(m) => m.records.len(),
             Message::FetchRequest(m) => m.keys.len(),
             Message::FetchResponse(m) => m.results.len(),
+            _ => 0,
         }
     }
 }

@@ -258,11 +258,16 @@ fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() 
     assert!(json > 18 << 20, "{json} bytes of JSON");
     let n = records.len();
     a.put(records);
-    let mut failures = 0;
+    let (mut failures, mut resent, mut resumed) = (0, 0u64, 0u64);
     for _ in 0..400 {
         match a.sync() {
-            Ok(_) if a.store.counts().unwrap().outbox == 0 => break,
-            Ok(_) => {}
+            Ok(r) => {
+                resent += r.bytes_resent;
+                resumed += r.resumed;
+                if a.store.counts().unwrap().outbox == 0 {
+                    break;
+                }
+            }
             Err(e) => {
                 assert!(e.is_retryable(), "{e}");
                 failures += 1;
@@ -285,8 +290,15 @@ fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() 
         .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions as usize, n, "each record stored once");
+    // Transfers resumed where they stopped: a cut cost at most the chunk in flight.
+    assert!(resumed > 0, "no transfer was resumed");
+    assert!(
+        resent <= proxy.cuts() * (64 << 10),
+        "{resent} bytes re-sent for {} cuts",
+        proxy.cuts()
+    );
     eprintln!(
-        "{} cuts, {failures} failed rounds, {} bytes forwarded",
+        "{} cuts, {resumed} resumed, {resent} bytes re-sent, {failures} failed rounds, {} bytes forwarded",
         proxy.cuts(),
         proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed)
     );

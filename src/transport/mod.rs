@@ -2,6 +2,7 @@
 //! never decide whether a record is delivered: that is the engine's job, from the
 //! per-record answers inside the frames.
 
+pub mod chunked;
 pub mod file;
 pub mod http;
 pub mod mqtt;
