@@ -102,6 +102,31 @@ fn messages() -> Vec<(&'static str, Message)> {
             }),
         ),
         (
+            "chunk_put",
+            Message::ChunkPut(ChunkPut {
+                id: [7; 32],
+                total: 100,
+                offset: 64,
+                data: vec![1, 2, 3],
+                sha: [9; 32],
+            }),
+        ),
+        (
+            "chunk_ready",
+            Message::ChunkReady(ChunkAck {
+                id: [5; 32],
+                received: 70_000,
+            }),
+        ),
+        (
+            "chunk_get",
+            Message::ChunkGet(ChunkGet {
+                id: [5; 32],
+                offset: 65_536,
+                max: 65_536,
+            }),
+        ),
+        (
             "fetch_response",
             Message::FetchResponse(FetchResponse {
                 results: vec![FetchResult {
