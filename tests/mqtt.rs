@@ -331,3 +331,45 @@ fn a_connected_clinic_daemon_is_woken_within_seconds() {
     );
     assert!(latency < Duration::from_secs(5), "{latency:?}");
 }
+
+#[test]
+fn large_batches_travel_over_mqtt_as_resumable_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(dir.path());
+    let hub = TestHub::start_mqtt(dir.path(), hub_policy(&[("a", "North")]), &["a"], &broker);
+    let mut a = TestClinic::new(dir.path(), "a", "http://127.0.0.1:9", "x");
+    a.use_mqtt(&broker, 10);
+    a.sync_cfg.chunk_bytes = 4096;
+    a.sync_cfg.push_batch_records = 5000;
+    a.sync_cfg.push_batch_bytes = 8 << 20;
+    a.put(
+        clinicsync::synth::clinic_records(4, "a", "North", "l", 200, 2, 4)
+            .into_iter()
+            .take(2000)
+            .collect(),
+    );
+    let r = a.sync().unwrap();
+    assert_eq!(r.pushed.accepted, 2000);
+    let hs = hub.store();
+    let transfers: i64 = hs
+        .conn()
+        .query_row(
+            "SELECT COUNT(*) FROM transfers WHERE node='a' AND dir='up'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let chunks: i64 = hs
+        .conn()
+        .query_row(
+            "SELECT COUNT(*) FROM transfer_chunks WHERE node='a' AND dir='up'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        transfers >= 1 && chunks > transfers,
+        "the batch did not go in chunks: {transfers} transfers, {chunks} chunks"
+    );
+    assert_eq!(hs.counts().unwrap().records, 2000);
+}
