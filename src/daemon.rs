@@ -80,6 +80,19 @@ pub fn sync_once(
     cfg: &SyncSection,
     stop: &AtomicBool,
 ) -> Result<SyncReport, SyncError> {
+    sync_with_progress(store, policy, client, cfg, stop, &|_, _| {})
+}
+
+/// [`sync_once`], reporting after each pulled page where the pull cursor stands
+/// against the parent's head (`clinicsync sync --bootstrap` draws a bar from it).
+pub fn sync_with_progress(
+    store: &mut Store,
+    policy: &Policy,
+    client: &dyn Exchange,
+    cfg: &SyncSection,
+    stop: &AtomicBool,
+    progress: &dyn Fn(u64, u64),
+) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     let mut report = SyncReport::default();
     SYNCING.store(true, Ordering::Relaxed);
@@ -100,7 +113,16 @@ pub fn sync_once(
     } else {
         client
     };
-    let result = sync_rounds(store, policy, link, cfg, stop, &mut report, &budget);
+    let result = sync_rounds(
+        store,
+        policy,
+        link,
+        cfg,
+        stop,
+        &mut report,
+        &budget,
+        progress,
+    );
     report.bytes_resent = chunked.resent.load(Ordering::Relaxed);
     report.resumed = chunked.resumed.load(Ordering::Relaxed);
     SYNCING.store(false, Ordering::Relaxed);
@@ -134,6 +156,7 @@ fn sync_rounds(
     stop: &AtomicBool,
     report: &mut SyncReport,
     budget: &std::cell::Cell<usize>,
+    progress: &dyn Fn(u64, u64),
 ) -> Result<(), SyncError> {
     // Push first: what the clinic wrote is the most urgent thing on the link. A pass
     // walks the outbox once, building the next batch while the previous one is in
@@ -164,6 +187,7 @@ fn sync_rounds(
             wall_ms(),
         )?;
         beat();
+        progress(resp.next.eff, resp.head);
         report.pulled += n;
         report.bytes_sent += traffic.sent;
         report.bytes_received += traffic.received;

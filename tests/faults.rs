@@ -347,3 +347,115 @@ fn a_black_holed_link_times_out_and_recovers() {
     a.sync().unwrap();
     assert!(get(&hub.store(), "Patient/p-bh").is_some());
 }
+
+/// Parses "bootstrap: N records pulled" from `clinicsync sync --bootstrap`.
+fn pulled_by(out: &std::process::Output) -> usize {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("bootstrap: ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"))
+}
+
+#[test]
+fn a_bootstrap_killed_on_either_side_resumes_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = cluster::free_port().unwrap();
+    let layout = cluster::write_layout(
+        dir.path(),
+        port,
+        &[("clinic-a", "North")],
+        "pull_page_records = 400\npull_page_bytes = 400000",
+        "",
+    )
+    .unwrap();
+    let clinic = &layout.clinics[0];
+    // The hub holds metadata and the clinic's catchment: 12,100 records.
+    {
+        let mut hub = Store::open(&layout.hub.store, "hub").unwrap();
+        let mut policy = Policy::new("hub", false);
+        policy.catchment.push(clinicsync::engine::CatchmentRule {
+            node: "clinic-a".into(),
+            path: "address.district".into(),
+            equals: "North".into(),
+        });
+        let mut items: Vec<(Snapshot, bool)> = (0..1100)
+            .map(|i| {
+                (
+                    Snapshot::from_json_value(clinicsync::synth::location(
+                        &format!("loc-{i}"),
+                        "Dispensary",
+                        "North",
+                    ))
+                    .unwrap(),
+                    false,
+                )
+            })
+            .collect();
+        items.extend(
+            clinicsync::synth::clinic_records(12, "h", "North", "loc-1", 1000, 2, 4)
+                .into_iter()
+                .map(|v| (Snapshot::from_json_value(v).unwrap(), false)),
+        );
+        engine::write_local(&mut hub, &policy, items, wall_ms()).unwrap();
+    }
+    let total = 1100 + 11_000;
+    let exe = std::path::Path::new(BIN);
+    let held = || {
+        Store::open_existing(&clinic.store)
+            .and_then(|s| s.counts())
+            .map(|c| c.records as usize)
+            .unwrap_or(0)
+    };
+    let mut hub = Proc::spawn(exe, "hub", &layout.hub.config, &["run"]).unwrap();
+    cluster::wait_healthy(&layout.hub_url, Duration::from_secs(20)).unwrap();
+
+    // Kill the clinic in the middle of its bootstrap, then run it again.
+    let mut boot = Proc::spawn(exe, "clinic-a", &clinic.config, &["sync", "--bootstrap"]).unwrap();
+    assert!(
+        cluster::wait_until(Duration::from_secs(60), || held() >= 2000),
+        "no progress"
+    );
+    boot.kill9();
+    let at_kill = held();
+    assert!(at_kill < total, "killed too late");
+
+    // Kill the hub too, mid-way through the second run, and bring it back.
+    let again = std::thread::spawn({
+        let config = clinic.config.clone();
+        move || common::cli(&config, &["sync", "--bootstrap"])
+    });
+    assert!(
+        cluster::wait_until(Duration::from_secs(60), || held() >= at_kill + 2000),
+        "no progress after restart"
+    );
+    hub.kill9();
+    assert!(
+        held() < total,
+        "the hub was killed after the bootstrap ended: the test proves nothing"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let mut hub = Proc::spawn(exe, "hub", &layout.hub.config, &["run"]).unwrap();
+    let out = again.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    hub.terminate();
+
+    assert_eq!(held(), total, "the bootstrap completed");
+    // The second run started from the clinic's cursor, not from zero.
+    let second = pulled_by(&out);
+    assert!(
+        second <= total - at_kill + 400,
+        "re-pulled from zero: {second} pulled after {at_kill} were held"
+    );
+    let versions: i64 = Store::open_existing(&clinic.store)
+        .unwrap()
+        .conn()
+        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(versions as usize, total, "no record applied twice");
+}

@@ -74,6 +74,10 @@ pub enum Command {
     Sync {
         #[arg(long)]
         json: bool,
+        /// The first pull of a new or wiped clinic (all metadata and its catchment):
+        /// a progress bar with ETA on a terminal; resumes where it stopped if cut.
+        #[arg(long)]
+        bootstrap: bool,
     },
     /// Write FHIR resources (a resource or a Bundle, JSON) into this node's store.
     Put { files: Vec<PathBuf> },
@@ -453,10 +457,41 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
     let now = wall_ms();
     match cmd {
         Command::Status { json } => status(cfg, json),
-        Command::Sync { json } => {
+        Command::Sync { json, bootstrap } => {
             let mut store = open(cfg)?;
             let link = daemon::connect_parent(cfg).map_err(|e| Failure::new(EXIT_LINK, e))?;
             let client = link.exchange.as_ref();
+            if bootstrap {
+                let (start, _) = store.cursor(PARENT)?;
+                let bar = progress_bar(0, "changes");
+                let shown = |cursor: u64, head: u64| {
+                    bar.set_length(head.saturating_sub(start.eff).max(1));
+                    bar.set_position(cursor.saturating_sub(start.eff).min(head));
+                };
+                let r = daemon::sync_with_progress(
+                    &mut store,
+                    &cfg.policy(),
+                    client,
+                    &cfg.sync,
+                    &AtomicBool::new(false),
+                    &shown,
+                );
+                bar.finish_and_clear();
+                let r = r?;
+                println!(
+                    "bootstrap: {} records pulled ({} bytes received), {} pushed, in {} ms{}",
+                    r.pulled,
+                    r.bytes_received,
+                    r.pushed.sent,
+                    r.elapsed_ms,
+                    if r.resumed > 0 {
+                        format!("; resumed after {} cuts", r.resumed)
+                    } else {
+                        String::new()
+                    }
+                );
+                return Ok(());
+            }
             let mut emr = cfg
                 .emr_adapter()
                 .map_err(|e| Failure::new(EXIT_CONFIG, e))?;
