@@ -113,16 +113,9 @@ pub fn sync_with_progress(
     } else {
         client
     };
-    let result = sync_rounds(
-        store,
-        policy,
-        link,
-        cfg,
-        stop,
-        &mut report,
-        &budget,
-        progress,
-    );
+    let pace = Pace { budget, progress };
+    let result = sync_rounds(store, policy, link, cfg, stop, &mut report, &pace);
+    let budget = pace.budget;
     report.bytes_resent = chunked.resent.load(Ordering::Relaxed);
     report.resumed = chunked.resumed.load(Ordering::Relaxed);
     SYNCING.store(false, Ordering::Relaxed);
@@ -144,6 +137,12 @@ const BUDGET_KEY: &str = "link_budget_bytes";
 /// The smallest batch or page budget adaptive sizing goes down to.
 pub const MIN_BUDGET: usize = 16 << 10;
 
+/// The adaptive byte budget of a round and where to report pull progress.
+struct Pace<'a> {
+    budget: std::cell::Cell<usize>,
+    progress: &'a dyn Fn(u64, u64),
+}
+
 fn grow(budget: &std::cell::Cell<usize>, max: usize) {
     budget.set(budget.get().saturating_mul(2).min(max));
 }
@@ -155,16 +154,16 @@ fn sync_rounds(
     cfg: &SyncSection,
     stop: &AtomicBool,
     report: &mut SyncReport,
-    budget: &std::cell::Cell<usize>,
-    progress: &dyn Fn(u64, u64),
+    pace: &Pace<'_>,
 ) -> Result<(), SyncError> {
+    let (budget, progress) = (&pace.budget, pace.progress);
     // Push first: what the clinic wrote is the most urgent thing on the link. A pass
     // walks the outbox once, building the next batch while the previous one is in
     // flight; a further pass picks up records edited meanwhile.
     for _pass in 0..3 {
-        let progress = push_pass(store, policy, client, cfg, stop, report, budget)?;
+        let settled = push_pass(store, policy, client, cfg, stop, report, budget)?;
         let due = engine::next_push(store, wall_ms(), 1, usize::MAX)?.is_some();
-        if progress == 0 || !due {
+        if settled == 0 || !due {
             break;
         }
     }
