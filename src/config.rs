@@ -193,6 +193,12 @@ pub struct SyncSection {
     pub backoff_max_secs: u64,
     /// Frames larger than this go as resumable chunks (0: never chunk).
     pub chunk_bytes: usize,
+    /// Metered links: bytes a day (UTC) to and from the parent; 0 = unlimited. Pushes
+    /// (clinical work, urgent) always go; pulls (bulk) stop once it is spent.
+    pub daily_budget_bytes: u64,
+    /// Metered links: the UTC hours ("22:00-06:00") when bulk pulls may run freely;
+    /// outside them a round pulls at most one page. Empty = always.
+    pub bulk_window: String,
 }
 
 impl Default for SyncSection {
@@ -207,6 +213,8 @@ impl Default for SyncSection {
             backoff_min_secs: 5,
             backoff_max_secs: 900,
             chunk_bytes: 64 << 10,
+            daily_budget_bytes: 0,
+            bulk_window: String::new(),
         }
     }
 }
@@ -304,6 +312,12 @@ impl Config {
             if v == 0 {
                 p.push(format!("{name} must be greater than 0"));
             }
+        }
+        if !s.bulk_window.is_empty() && parse_window(&s.bulk_window).is_none() {
+            p.push(format!(
+                "sync.bulk_window {:?} must look like \"22:00-06:00\" (UTC)",
+                s.bulk_window
+            ));
         }
         if s.backoff_max_secs < s.backoff_min_secs {
             p.push("sync.backoff_max_secs must not be below sync.backoff_min_secs".into());
@@ -521,6 +535,28 @@ impl Config {
     }
 }
 
+/// `"22:00-06:00"` as minutes of the UTC day (start, end); the window may wrap midnight.
+pub fn parse_window(w: &str) -> Option<(u32, u32)> {
+    let (a, b) = w.split_once('-')?;
+    let minutes = |t: &str| -> Option<u32> {
+        let (h, m) = t.trim().split_once(':')?;
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (h < 24 && m < 60).then_some(h * 60 + m)
+    };
+    Some((minutes(a)?, minutes(b)?))
+}
+
+/// Whether `ms` (epoch milliseconds) falls inside the window.
+pub fn in_window(window: (u32, u32), ms: u64) -> bool {
+    let minute = ((ms / 60_000) % 1440) as u32;
+    let (start, end) = window;
+    if start <= end {
+        (start..end).contains(&minute)
+    } else {
+        minute >= start || minute < end
+    }
+}
+
 /// Reads a credential file: the first line, trimmed. Never logged.
 pub fn read_token(path: &Path) -> Result<Secret, std::io::Error> {
     let text = std::fs::read_to_string(path)?;
@@ -607,6 +643,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("stor"), "{err}");
+    }
+
+    #[test]
+    fn bulk_windows_parse_and_wrap_midnight() {
+        let w = parse_window("22:00-06:00").unwrap();
+        let at = |h: u64, m: u64| (h * 60 + m) * 60_000;
+        assert!(in_window(w, at(23, 30)) && in_window(w, at(2, 0)));
+        assert!(!in_window(w, at(12, 0)) && !in_window(w, at(6, 0)));
+        assert!(parse_window("25:00-01:00").is_none() && parse_window("night").is_none());
     }
 
     #[test]

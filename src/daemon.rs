@@ -66,6 +66,10 @@ pub struct SyncReport {
     pub elapsed_ms: u64,
     /// The adaptive batch/page byte budget after this round.
     pub batch_budget: usize,
+    /// Bytes exchanged with the parent today (UTC), for a metered link.
+    pub bytes_today: u64,
+    /// Why pulls stopped early (budget spent, outside the bulk window).
+    pub held_back: Option<String>,
     /// Bytes sent again after cuts, and cuts resumed within transfers.
     pub bytes_resent: u64,
     pub resumed: u64,
@@ -113,9 +117,20 @@ pub fn sync_with_progress(
     } else {
         client
     };
-    let pace = Pace { budget, progress };
+    let day = wall_ms() / 86_400_000;
+    let today = if store.meta_u64(TRAFFIC_DAY)? == day {
+        store.meta_u64(TRAFFIC_TODAY)?
+    } else {
+        0
+    };
+    let pace = Pace {
+        budget,
+        progress,
+        today: std::cell::Cell::new(today),
+    };
     let result = sync_rounds(store, policy, link, cfg, stop, &mut report, &pace);
     let budget = pace.budget;
+    report.bytes_today = pace.today.get();
     report.bytes_resent = chunked.resent.load(Ordering::Relaxed);
     report.resumed = chunked.resumed.load(Ordering::Relaxed);
     SYNCING.store(false, Ordering::Relaxed);
@@ -128,12 +143,16 @@ pub fn sync_with_progress(
         tx.note_peer(PARENT, PeerEvent::Error(&e.to_string()), wall_ms())?;
     }
     tx.set_meta_u64(BUDGET_KEY, budget.get() as u64)?;
+    tx.set_meta_u64(TRAFFIC_DAY, day)?;
+    tx.set_meta_u64(TRAFFIC_TODAY, report.bytes_today)?;
     tx.commit()?;
     report.batch_budget = budget.get();
     result.map(|_| report)
 }
 
 const BUDGET_KEY: &str = "link_budget_bytes";
+const TRAFFIC_DAY: &str = "traffic_day";
+const TRAFFIC_TODAY: &str = "traffic_today_bytes";
 /// The smallest batch or page budget adaptive sizing goes down to.
 pub const MIN_BUDGET: usize = 16 << 10;
 
@@ -141,6 +160,27 @@ pub const MIN_BUDGET: usize = 16 << 10;
 struct Pace<'a> {
     budget: std::cell::Cell<usize>,
     progress: &'a dyn Fn(u64, u64),
+    /// Bytes exchanged with the parent today (UTC), before this round and during it.
+    today: std::cell::Cell<u64>,
+}
+
+/// Whether bulk pulls may go on: the day's budget is not spent, and either we are in
+/// the bulk window or this round has not pulled a page yet.
+fn may_pull(cfg: &SyncSection, pace: &Pace<'_>, pages: usize, report: &mut SyncReport) -> bool {
+    if cfg.daily_budget_bytes > 0 && pace.today.get() >= cfg.daily_budget_bytes {
+        report.held_back = Some("daily budget spent; pulls resume tomorrow (UTC)".into());
+        return false;
+    }
+    if let Some(w) = crate::config::parse_window(&cfg.bulk_window) {
+        if pages >= 1 && !crate::config::in_window(w, wall_ms()) {
+            report.held_back = Some(format!(
+                "outside the bulk window {}; one page a round",
+                cfg.bulk_window
+            ));
+            return false;
+        }
+    }
+    true
 }
 
 fn grow(budget: &std::cell::Cell<usize>, max: usize) {
@@ -161,13 +201,15 @@ fn sync_rounds(
     // walks the outbox once, building the next batch while the previous one is in
     // flight; a further pass picks up records edited meanwhile.
     for _pass in 0..3 {
-        let settled = push_pass(store, policy, client, cfg, stop, report, budget)?;
+        let settled = push_pass(store, policy, client, cfg, stop, report, pace)?;
         let due = engine::next_push(store, wall_ms(), 1, usize::MAX)?.is_some();
         if settled == 0 || !due {
             break;
         }
     }
-    while !stop.load(Ordering::Relaxed) {
+    let mut pages = 0;
+    while !stop.load(Ordering::Relaxed) && may_pull(cfg, pace, pages, report) {
+        pages += 1;
         let page_bytes = (cfg.pull_page_bytes as usize).min(budget.get()) as u64;
         let req = engine::pull_request(store, PARENT, cfg.pull_page_records, page_bytes)?;
         let (answer, traffic) = client.exchange("/v1/pull", &Message::PullRequest(req))?;
@@ -190,6 +232,8 @@ fn sync_rounds(
         report.pulled += n;
         report.bytes_sent += traffic.sent;
         report.bytes_received += traffic.received;
+        pace.today
+            .set(pace.today.get() + traffic.sent + traffic.received);
         if !policy.external_emr {
             // The store is the EMR: integrate at once. An external EMR gets the inbox
             // after the round (`emr_round`), in dependency order.
@@ -220,8 +264,9 @@ fn push_pass(
     cfg: &SyncSection,
     stop: &AtomicBool,
     report: &mut SyncReport,
-    budget: &std::cell::Cell<usize>,
+    pace: &Pace<'_>,
 ) -> Result<usize, SyncError> {
+    let budget = &pace.budget;
     let mut settled = 0;
     let mut after = 0u64;
     std::thread::scope(|scope| -> Result<(), SyncError> {
@@ -265,6 +310,8 @@ fn push_pass(
                 grow(budget, cfg.push_batch_bytes);
                 report.bytes_sent += traffic.sent;
                 report.bytes_received += traffic.received;
+                pace.today
+                    .set(pace.today.get() + traffic.sent + traffic.received);
                 settled += s.cleared + s.rejected;
                 report.pushed.add(&s);
                 info!(node = %policy.node_id, peer = PARENT, direction = "push", records = s.sent, accepted = s.accepted,

@@ -335,3 +335,45 @@ fn audit_verify_passes_and_then_names_the_altered_row() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("row 4") && err.contains("altered"), "{err}");
 }
+
+#[test]
+fn with_the_daily_budget_spent_a_new_clinical_record_still_goes_ahead_of_bulk_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    // Bulk: 6,000 Locations the clinic has yet to pull.
+    hub.put(
+        (0..6000)
+            .map(|i| clinicsync::synth::location(&format!("bulk-{i}"), "Dispensary", "North"))
+            .collect(),
+    );
+    let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
+    a.sync_cfg.daily_budget_bytes = 40_000;
+    a.sync_cfg.pull_page_records = 300;
+    let r = a.sync().unwrap();
+    let held = a.store.counts().unwrap().records;
+    assert!(
+        held > 0 && held < 6000,
+        "pulled {held} of 6000 within the budget"
+    );
+    assert!(
+        r.held_back
+            .as_deref()
+            .unwrap_or("")
+            .contains("daily budget"),
+        "{r:?}"
+    );
+    // A patient registered now is urgent: it goes although the budget is spent,
+    // while the bulk pull waits for tomorrow.
+    a.put(vec![patient("urgent", "North")]);
+    let r = a.sync().unwrap();
+    assert_eq!(r.pushed.accepted, 1, "{r:?}");
+    assert_eq!(r.pulled, 0, "bulk data went ahead of the budget: {r:?}");
+    assert!(get(&hub.store(), "Patient/urgent").is_some());
+    assert!(r.bytes_today >= 40_000);
+}

@@ -1036,6 +1036,22 @@ fn status(cfg: &Config, json: bool) -> Out {
             _ => "up".to_string(),
         };
         println!("link        {link}");
+        let today = if store.meta_u64("traffic_day")? == wall_ms() / 86_400_000 {
+            store.meta_u64("traffic_today_bytes")?
+        } else {
+            0
+        };
+        match cfg.sync.daily_budget_bytes {
+            0 => println!("today       {today} bytes exchanged"),
+            b => println!(
+                "today       {today} of {b} bytes (daily budget{})",
+                if today >= b {
+                    ", spent: pulls wait, pushes go"
+                } else {
+                    ""
+                }
+            ),
+        }
         let next = store.meta_u64("next_sync_ms")?;
         if next > 0 {
             let now = wall_ms();
