@@ -711,8 +711,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             part_size,
             json,
         } => {
-            let me = crate::keys::Identity::load(&cfg.keys_dir(), &cfg.node.id)
-                .map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))?;
+            let me = identity(cfg)?;
             let mut store = open(cfg)?;
             let total = store.counts()?.outbox;
             let bar = progress_bar(total, "records");
@@ -736,8 +735,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             part_size,
             json,
         } => {
-            let me = crate::keys::Identity::load(&cfg.keys_dir(), &cfg.node.id)
-                .map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))?;
+            let me = identity(cfg)?;
             let mut store = open(cfg)?;
             let bar = progress_bar(0, "records");
             let r =
@@ -775,6 +773,12 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             unreachable!("dispatched before the configuration is loaded")
         }
     }
+}
+
+/// This node's bundle keys.
+fn identity(cfg: &Config) -> Result<crate::keys::Identity, Failure> {
+    crate::keys::Identity::load(&cfg.keys_dir(), &cfg.node.id)
+        .map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))
 }
 
 fn sneaker_failure(e: crate::sneakernet::SneakerError) -> Failure {
