@@ -414,3 +414,64 @@ fn dropping_a_refused_patient_releases_the_records_waiting_for_it() {
     let reason = waiting(&b).expect("still quarantined");
     assert!(reason.contains("Patient 'p-x' does not exist"), "{reason}");
 }
+
+#[test]
+fn the_fhir_adapter_falls_back_to_last_updated_search_without_history() {
+    // OpenMRS's FHIR2 module has no _history: the generic adapter must notice and
+    // capture by `_lastUpdated` search instead.
+    use clinicsync::emr::fhir::FhirServer;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let sim = OpenMrsSim::start("admin", "Admin123").unwrap();
+    let mut emr = FhirServer::new(
+        &format!("{}/openmrs/ws/fhir2/R4", sim.url),
+        Some(("admin".into(), Secret::new("Admin123".into()))),
+        vec!["Patient".into(), "Encounter".into()],
+        false,
+        Duration::from_secs(5),
+    );
+    let mut a = clinic(dir.path(), "a", &hub);
+    sim.save(patient_om("ps-1", "North", "female"));
+    sim.save(encounter_om("es-1", "ps-1"));
+    let (_, e) = daemon::round(
+        &mut a.store,
+        &a.policy,
+        &a.client,
+        &a.sync_cfg,
+        Some(&mut emr),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(e.error.is_none(), "{e:?}");
+    assert_eq!(e.capture.unwrap().captured, 2);
+    assert!(
+        a.store
+            .meta_str("emr_cursor")
+            .unwrap()
+            .unwrap()
+            .contains("search"),
+        "did not fall back"
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    sim.save(patient_om("ps-1", "North", "other"));
+    daemon::round(
+        &mut a.store,
+        &a.policy,
+        &a.client,
+        &a.sync_cfg,
+        Some(&mut emr),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(
+        get(&hub.store(), "Patient/ps-1").unwrap()["gender"],
+        "other"
+    );
+    assert!(get(&hub.store(), "Encounter/es-1").is_some());
+}

@@ -12,7 +12,8 @@
 //!   metadata types), DELETE (voids/retires; a later GET answers 410 Gone), and POST to
 //!   `/openmrs/ws/fhir2/R4/<Type>` (creates, keeping the resource's id as uuid).
 //!   Responses carry `meta.versionId` as epoch milliseconds and `meta.lastUpdated`;
-//!   there is no `_history`. Errors are OperationOutcomes.
+//!   there is no `_history`, but `GET …/R4/<Type>?_lastUpdated=ge<instant>` searches.
+//!   Errors are OperationOutcomes.
 //! - REST v1: `/openmrs/ws/rest/v1/<resource>/<uuid>?v=full` GET and POST (update),
 //!   POST to `/openmrs/ws/rest/v1/<resource>` (create); errors as `{"error": {"message"}}`.
 //! - HTTP Basic authentication.
@@ -195,7 +196,7 @@ impl SimState {
         if let Some(o) = body.as_object_mut() {
             o.insert(
                 "meta".into(),
-                json!({"versionId": r.version_ms.to_string(), "lastUpdated": crate::cli::fmt_time(r.version_ms)}),
+                json!({"versionId": r.version_ms.to_string(), "lastUpdated": instant(r.version_ms)}),
             );
         }
         Some(Ok(body))
@@ -427,6 +428,88 @@ async fn fhir_one(
     }
 }
 
+/// `2026-11-26T10:00:00.123Z`, as FHIR2 renders `meta.lastUpdated`.
+fn instant(ms: u64) -> String {
+    format!(
+        "{}.{:03}Z",
+        crate::cli::fmt_time(ms).trim_end_matches('Z'),
+        ms % 1000
+    )
+}
+
+/// Epoch milliseconds of `YYYY-MM-DDTHH:MM:SS[.mmm]Z`.
+fn parse_instant(s: &str) -> Option<u64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let d: Vec<i64> = date.split('-').filter_map(|x| x.parse().ok()).collect();
+    let (hms, millis) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<i64> = hms.split(':').filter_map(|x| x.parse().ok()).collect();
+    if d.len() != 3 || t.len() != 3 {
+        return None;
+    }
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + (153 * m + 2) / 5 + d[2] - 1;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = ((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000) as u64;
+    Some(ms + millis.get(..3.min(millis.len()))?.parse::<u64>().ok()?)
+}
+
+/// `GET …/R4/<Type>?_lastUpdated=ge<instant>&_sort=_lastUpdated`: a searchset,
+/// oldest first (FHIR2 has no `_history`).
+async fn fhir_search(
+    State((s, base)): State<(Shared, String)>,
+    headers: HeaderMap,
+    Path(kind): Path<String>,
+    uri: axum::http::Uri,
+) -> Response {
+    if let Err(r) = gate(&s, &headers).await {
+        return r;
+    }
+    if !FHIR_TYPES.contains(&kind.as_str()) {
+        // `_history` lands here too: FHIR2 does not have it.
+        return outcome(
+            StatusCode::NOT_FOUND,
+            &format!("Unknown resource type '{kind}'"),
+        );
+    }
+    let since = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("_lastUpdated=ge"))
+        .map(|v| v.replace("%3A", ":"))
+        .and_then(|v| parse_instant(&v))
+        .unwrap_or(0);
+    let st = lock(&s);
+    let mut found: Vec<(u64, Value)> = st
+        .resources
+        .iter()
+        .filter(|((k, _), r)| *k == kind && !r.gone && r.version_ms >= since)
+        .filter_map(|((k, id), r)| {
+            st.rendered(k, id)
+                .and_then(Result::ok)
+                .map(|v| (r.version_ms, v))
+        })
+        .collect();
+    found.sort_by_key(|(ms, _)| *ms);
+    let entries: Vec<Value> = found
+        .into_iter()
+        .map(|(_, v)| json!({"fullUrl": format!("{base}/openmrs/ws/fhir2/R4/{kind}/{}", v["id"].as_str().unwrap_or("")), "resource": v}))
+        .collect();
+    let bundle = json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries});
+    (
+        [(header::CONTENT_TYPE, "application/fhir+json")],
+        bundle.to_string(),
+    )
+        .into_response()
+}
+
 async fn fhir_create(
     State((s, _)): State<(Shared, String)>,
     headers: HeaderMap,
@@ -602,7 +685,7 @@ impl OpenMrsSim {
             )
             .route(
                 "/openmrs/ws/fhir2/R4/{kind}",
-                axum::routing::post(fhir_create),
+                get(fhir_search).post(fhir_create),
             )
             .route(
                 "/openmrs/ws/rest/v1/{resource}/{uuid}",
