@@ -63,8 +63,20 @@ fn encounter_om(id: &str, patient: &str) -> serde_json::Value {
     })
 }
 
-#[test]
-fn a_patient_flows_from_one_openmrs_through_the_hub_to_another() {
+/// Two clinics, each with its own OpenMRS (simulated), and a hub whose rules put
+/// the North district in both catchments.
+struct Pair {
+    dir: tempfile::TempDir,
+    hub: TestHub,
+    sim_a: OpenMrsSim,
+    sim_b: OpenMrsSim,
+    ea: OpenMrs,
+    eb: OpenMrs,
+    a: TestClinic,
+    b: TestClinic,
+}
+
+fn pair() -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(
         dir.path(),
@@ -77,12 +89,36 @@ fn a_patient_flows_from_one_openmrs_through_the_hub_to_another() {
         OpenMrsSim::start("admin", "Admin123").unwrap(),
         OpenMrsSim::start("admin", "Admin123").unwrap(),
     );
-    let (mut ea, mut eb) = (
+    let (ea, eb) = (
         adapter(&sim_a, Duration::from_secs(5)),
         adapter(&sim_b, Duration::from_secs(5)),
     );
-    let mut a = clinic(dir.path(), "a", &hub);
-    let mut b = clinic(dir.path(), "b", &hub);
+    let a = clinic(dir.path(), "a", &hub);
+    let b = clinic(dir.path(), "b", &hub);
+    Pair {
+        dir,
+        hub,
+        sim_a,
+        sim_b,
+        ea,
+        eb,
+        a,
+        b,
+    }
+}
+
+#[test]
+fn a_patient_flows_from_one_openmrs_through_the_hub_to_another() {
+    let Pair {
+        dir: _dir,
+        hub,
+        sim_a,
+        sim_b,
+        mut ea,
+        mut eb,
+        mut a,
+        mut b,
+    } = pair();
 
     // Registered in A's OpenMRS by a clinician.
     sim_a.save(patient_om("p-1", "North", "female"));
@@ -164,24 +200,16 @@ fn a_patient_flows_from_one_openmrs_through_the_hub_to_another() {
 
 #[test]
 fn a_patient_openmrs_refuses_waits_with_its_encounters_and_retries_by_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(
-        dir.path(),
-        0,
-        hub_policy(&[("a", "North"), ("b", "North")]),
-        &["a", "b"],
-        8 << 20,
-    );
-    let (sim_a, sim_b) = (
-        OpenMrsSim::start("admin", "Admin123").unwrap(),
-        OpenMrsSim::start("admin", "Admin123").unwrap(),
-    );
-    let (mut ea, mut eb) = (
-        adapter(&sim_a, Duration::from_secs(5)),
-        adapter(&sim_b, Duration::from_secs(5)),
-    );
-    let mut a = clinic(dir.path(), "a", &hub);
-    let mut b = clinic(dir.path(), "b", &hub);
+    let Pair {
+        dir: _dir,
+        hub: _hub,
+        sim_a,
+        sim_b,
+        mut ea,
+        mut eb,
+        mut a,
+        mut b,
+    } = pair();
     sim_b.refuse(
         "Patient",
         "p-bad",
@@ -364,24 +392,16 @@ fn a_clinic_cloned_from_another_starts_its_feeds_at_now() {
 
 #[test]
 fn dropping_a_refused_patient_releases_the_records_waiting_for_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(
-        dir.path(),
-        0,
-        hub_policy(&[("a", "North"), ("b", "North")]),
-        &["a", "b"],
-        8 << 20,
-    );
-    let (sim_a, sim_b) = (
-        OpenMrsSim::start("admin", "Admin123").unwrap(),
-        OpenMrsSim::start("admin", "Admin123").unwrap(),
-    );
-    let (mut ea, mut eb) = (
-        adapter(&sim_a, Duration::from_secs(5)),
-        adapter(&sim_b, Duration::from_secs(5)),
-    );
-    let mut a = clinic(dir.path(), "a", &hub);
-    let mut b = clinic(dir.path(), "b", &hub);
+    let Pair {
+        dir: _dir,
+        hub: _hub,
+        sim_a,
+        sim_b,
+        mut ea,
+        mut eb,
+        mut a,
+        mut b,
+    } = pair();
     b.policy.emr_retry_ms = 3_600_000;
     sim_b.refuse(
         "Patient",
