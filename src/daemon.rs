@@ -111,7 +111,11 @@ pub fn sync_with_progress(
     } else {
         saved.clamp(MIN_BUDGET, max)
     });
-    let chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
+    let cache = store.path().and_then(|p| AnswerStore::open(&p));
+    let mut chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
+    chunked.cache = cache
+        .as_ref()
+        .map(|c| c as &dyn crate::transport::chunked::AnswerCache);
     let link: &dyn Exchange = if cfg.chunk_bytes > 0 {
         &chunked
     } else {
@@ -148,6 +152,76 @@ pub fn sync_with_progress(
     tx.commit()?;
     report.batch_budget = budget.get();
     result.map(|_| report)
+}
+
+/// The pieces of large pull answers, kept in the node's own store (as transfers
+/// `dir = "down"` from the parent) through a second connection, so a clinic killed in
+/// the middle of a page continues it after a restart.
+struct AnswerStore(std::sync::Mutex<Store>);
+
+impl AnswerStore {
+    fn open(path: &std::path::Path) -> Option<AnswerStore> {
+        let mut store = match Store::open_existing(path) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot keep pull answers across restarts");
+                return None;
+            }
+        };
+        // Answers left over from pages the parent has since rebuilt differently.
+        let day_ago = wall_ms().saturating_sub(24 * 3_600_000);
+        let gc = store.begin().and_then(|mut tx| {
+            tx.transfer_gc(day_ago)?;
+            tx.commit()
+        });
+        if let Err(e) = gc {
+            warn!(error = %e, "could not clear old pull answers");
+        }
+        Some(AnswerStore(std::sync::Mutex::new(store)))
+    }
+
+    fn with(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut crate::store::Tx<'_>) -> crate::store::Result<()>,
+    ) {
+        let mut store = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let done = store.begin().and_then(|mut tx| {
+            f(&mut tx)?;
+            tx.commit()
+        });
+        if let Err(e) = done {
+            warn!(error = %e, "could not {what} a pull answer's piece; a restart re-fetches it");
+        }
+    }
+}
+
+fn answer_key(id: &[u8; 32]) -> crate::store::TransferKey<'_> {
+    crate::store::TransferKey {
+        node: PARENT,
+        id,
+        dir: "down",
+    }
+}
+
+impl crate::transport::chunked::AnswerCache for AnswerStore {
+    fn load(&self, id: &[u8; 32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.with("read", |tx| {
+            out = tx.transfer_read(&answer_key(id), 0, u64::MAX)?;
+            Ok(())
+        });
+        out
+    }
+    fn append(&self, id: &[u8; 32], total: u64, offset: u64, data: &[u8]) {
+        self.with("keep", |tx| {
+            tx.transfer_append(&answer_key(id), total, offset, data, wall_ms())
+                .map(|_| ())
+        });
+    }
+    fn forget(&self, id: &[u8; 32]) {
+        self.with("forget", |tx| tx.transfer_forget(&answer_key(id)));
+    }
 }
 
 const BUDGET_KEY: &str = "link_budget_bytes";

@@ -801,6 +801,7 @@ pub fn pull_request(
         max_bytes,
         max_records,
         include_own,
+        answer_chunk: 0,
     })
 }
 

@@ -229,11 +229,18 @@ impl HubState {
                 Ok(Message::PushResponse(resp))
             }
             Message::PullRequest(req) => {
-                let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-                let resp = engine::handle_pull(&store, &self.policy, child, &req)
-                    .map_err(engine_refusal)?;
+                let resp = {
+                    let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+                    engine::handle_pull(&store, &self.policy, child, &req)
+                        .map_err(engine_refusal)?
+                };
                 tracing::debug!(peer = %child, direction = "pull", records = resp.records.len(), cursor = %resp.next, "pull served");
-                Ok(Message::PullResponse(resp))
+                let answer = Message::PullResponse(resp);
+                if req.answer_chunk == 0 {
+                    return Ok(answer);
+                }
+                // A large page goes as a transfer, its first chunk in this answer.
+                self.as_transfer(child, answer, req.answer_chunk.clamp(1024, MAX_CHUNK), true)
             }
             Message::FetchRequest(req) => {
                 let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
@@ -398,9 +405,22 @@ impl HubState {
             ));
         }
         let answer = self.answer(child, &frame, None)?;
+        self.as_transfer(child, answer, MAX_CHUNK, false)
+    }
+
+    /// An answer of at most `chunk` bytes as it is; a larger one stored as a transfer
+    /// to fetch by `ChunkGet`, announced by `ChunkReady` or, with `first`, by its
+    /// first chunk.
+    fn as_transfer(
+        &self,
+        child: &str,
+        answer: Message,
+        chunk: u64,
+        first: bool,
+    ) -> Result<Message, Refusal> {
         let bytes = wire::encode(&answer)
             .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        if bytes.len() <= MAX_CHUNK as usize {
+        if bytes.len() <= chunk as usize {
             return Ok(answer);
         }
         let id: [u8; 32] = Sha256::digest(&bytes).into();
@@ -422,6 +442,16 @@ impl HubState {
             tx.commit()
         })()
         .map_err(|e| engine_refusal(e.into()))?;
+        if first {
+            let data = bytes[..chunk as usize].to_vec();
+            return Ok(Message::ChunkData(wire::ChunkPut {
+                id,
+                total: bytes.len() as u64,
+                offset: 0,
+                sha: Sha256::digest(&data).into(),
+                data,
+            }));
+        }
         Ok(Message::ChunkReady(wire::ChunkAck {
             id,
             received: bytes.len() as u64,

@@ -9,6 +9,7 @@ pub mod emr;
 pub mod engine;
 pub mod hub;
 pub mod keys;
+pub mod linksim;
 pub mod model;
 pub mod sneakernet;
 pub mod store;

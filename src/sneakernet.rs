@@ -281,6 +281,7 @@ fn import_export(
             max_bytes: 4 << 20,
             max_records: 2_000,
             include_own,
+            answer_chunk: 0,
         };
         loop {
             let page = engine::handle_pull(store, policy, &h.sender, &req)?;

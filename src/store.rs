@@ -32,7 +32,7 @@
 //! without commit), leaving the store as it was. `Busy` is retryable; everything else
 //! needs a person (disk full, corruption, a newer schema, the wrong node id).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::Serialize;
@@ -306,6 +306,14 @@ impl Store {
     pub fn open(path: &Path, node_id: &str) -> Result<Store> {
         let conn = Connection::open(path)?;
         Store::init(conn, node_id)
+    }
+
+    /// The file this store lives in (`None` for an in-memory store).
+    pub fn path(&self) -> Option<PathBuf> {
+        self.conn
+            .path()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
     }
 
     /// Opens an existing store without knowing its node id (CLI reads).
@@ -1208,6 +1216,17 @@ impl Tx<'_> {
     }
 
     /// Forgets transfers started before `before_ms`.
+    /// Forgets one transfer and its chunks.
+    pub fn transfer_forget(&mut self, t: &TransferKey<'_>) -> Result<()> {
+        for table in ["transfer_chunks", "transfers"] {
+            self.tx.execute(
+                &format!("DELETE FROM {table} WHERE node=?1 AND id=?2 AND dir=?3"),
+                params![t.node, &t.id[..], t.dir],
+            )?;
+        }
+        Ok(())
+    }
+
     pub fn transfer_gc(&mut self, before_ms: u64) -> Result<usize> {
         self.tx.execute(
             "DELETE FROM transfer_chunks WHERE (node, id, dir) IN (SELECT node, id, dir FROM transfers WHERE created_ms < ?1)",

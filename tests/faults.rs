@@ -231,8 +231,8 @@ fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() 
     let hub = TestHub::start(
         dir.path(),
         0,
-        hub_policy(&[("a", "North")]),
-        &["a"],
+        hub_policy(&[("a", "North"), ("b", "North")]),
+        &["a", "b"],
         32 << 20,
     );
     let hub_port: u16 = hub.url.rsplit(':').next().unwrap().parse().unwrap();
@@ -302,6 +302,93 @@ fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() 
         proxy.cuts(),
         proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed)
     );
+
+    // The other way: a new clinic of the same district pulls all of it in large pages
+    // over the same link. Each page comes as a transfer whose pieces resume after a cut.
+    let cuts_before = proxy.cuts();
+    let mut b = TestClinic::new(
+        dir.path(),
+        "b",
+        &format!("http://127.0.0.1:{}", proxy.port),
+        &hub.token("b"),
+    );
+    b.sync_cfg.pull_page_bytes = 4 << 20;
+    b.sync_cfg.pull_page_records = 5_000;
+    let (mut failures, mut resent, mut resumed) = (0, 0u64, 0u64);
+    for _ in 0..400 {
+        match b.sync() {
+            Ok(r) => {
+                resent += r.bytes_resent;
+                resumed += r.resumed;
+                if b.store.counts().unwrap().records as usize == n {
+                    break;
+                }
+            }
+            Err(e) => {
+                assert!(e.is_retryable(), "{e}");
+                failures += 1;
+            }
+        }
+    }
+    assert_eq!(
+        b.store.counts().unwrap().records as usize,
+        n,
+        "the pulling clinic never got everything ({failures} failed rounds)"
+    );
+    let cuts = proxy.cuts() - cuts_before;
+    assert!(
+        cuts > 0,
+        "the pulls were never cut: the test proves nothing"
+    );
+    assert!(resumed > 0, "no pull was resumed within its transfer");
+    assert!(
+        resent <= cuts * (64 << 10),
+        "{resent} bytes fetched again for {cuts} cuts"
+    );
+    let inbox: i64 = b
+        .store
+        .conn()
+        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(inbox as usize, n, "each pulled record stored once");
+    eprintln!("pull: {cuts} cuts, {resumed} resumed, {resent} bytes fetched again, {failures} failed rounds");
+
+    // One round trip a page: asked with `answer_chunk`, the hub answers a large page
+    // with its first chunk; asked without it (an older client), in one piece.
+    use clinicsync::wire::{Cursor, Message, PullRequest};
+    let direct = clinicsync::transport::http::HttpClient::new(
+        &hub.url,
+        clinicsync::config::Secret::new(hub.token("b")),
+        std::time::Duration::from_secs(60),
+    );
+    let mut req = PullRequest {
+        node: "b".into(),
+        cursor: Cursor::default(),
+        max_bytes: 4 << 20,
+        max_records: 5_000,
+        include_own: false,
+        answer_chunk: 32 << 10,
+    };
+    match direct
+        .exchange("/v1/pull", &Message::PullRequest(req.clone()))
+        .unwrap()
+        .0
+    {
+        Message::ChunkData(d) => {
+            assert_eq!((d.offset, d.data.len()), (0, 32 << 10));
+            assert!(d.total > 32 << 10, "{} bytes in all", d.total);
+        }
+        other => panic!("a large page came back as a {}", other.name()),
+    }
+    req.answer_chunk = 0;
+    match direct
+        .exchange("/v1/pull", &Message::PullRequest(req))
+        .unwrap()
+        .0
+    {
+        Message::PullResponse(r) => assert_eq!(r.records.len(), 5_000),
+        other => panic!("an old-style pull came back as a {}", other.name()),
+    }
 }
 
 #[test]
@@ -458,4 +545,98 @@ fn a_bootstrap_killed_on_either_side_resumes_where_it_was() {
         .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions as usize, total, "no record applied twice");
+}
+
+#[test]
+fn a_clinic_killed_in_the_middle_of_a_large_page_continues_that_page_after_a_restart() {
+    use clinicsync::cluster::{FaultProxy, Faults};
+    let dir = tempfile::tempdir().unwrap();
+    let port = cluster::free_port().unwrap();
+    let layout = cluster::write_layout(
+        dir.path(),
+        port,
+        &[("clinic-a", "North")],
+        "pull_page_records = 5000\npull_page_bytes = 4194304\nchunk_bytes = 16384",
+        "",
+    )
+    .unwrap();
+    let clinic = &layout.clinics[0];
+    {
+        let mut hub = Store::open(&layout.hub.store, "hub").unwrap();
+        let mut policy = Policy::new("hub", false);
+        policy.catchment.push(clinicsync::engine::CatchmentRule {
+            node: "clinic-a".into(),
+            path: "address.district".into(),
+            equals: "North".into(),
+        });
+        let items = clinicsync::synth::clinic_records(13, "h", "North", "loc-1", 400, 2, 5)
+            .into_iter()
+            .map(|v| (Snapshot::from_json_value(v).unwrap(), false))
+            .collect();
+        engine::write_local(&mut hub, &policy, items, wall_ms()).unwrap();
+    }
+    let exe = std::path::Path::new(BIN);
+    let mut hub = Proc::spawn(exe, "hub", &layout.hub.config, &["run"]).unwrap();
+    cluster::wait_healthy(&layout.hub_url, Duration::from_secs(20)).unwrap();
+    // A slow link, so the first page (5,000 of 5,200 records, one answer of several
+    // chunks) is still arriving when the clinic is killed.
+    let proxy = FaultProxy::start(
+        port,
+        Faults {
+            rate_bps: Some(24_000),
+            ..Faults::default()
+        },
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&clinic.config)
+        .unwrap()
+        .replace(&format!(":{port}\""), &format!(":{}\"", proxy.port));
+    std::fs::write(&clinic.config, text).unwrap();
+    // Read-only, so the test never waits for a lock the clinic holds.
+    let answer = || -> Option<(u64, u64)> {
+        let c = rusqlite::Connection::open_with_flags(
+            &clinic.store,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .ok()?;
+        let r = c.query_row(
+            "SELECT total, received FROM transfers WHERE dir = 'down'",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        );
+        r.ok()
+    };
+    let mut boot = Proc::spawn(exe, "clinic-a", &clinic.config, &["sync", "--bootstrap"]).unwrap();
+    assert!(
+        cluster::wait_until(Duration::from_secs(60), || answer()
+            .is_some_and(|(_, got)| got >= 64 << 10)),
+        "the first page never came in pieces: {:?}; clinic log: {}",
+        answer(),
+        std::fs::read_to_string(clinic.config.with_extension("log")).unwrap_or_default()
+            + &std::fs::read_to_string(layout.hub.config.with_extension("log")).unwrap_or_default()
+    );
+    boot.kill9();
+    let (total, held) = answer().unwrap();
+    assert!(held < total, "killed after the page was complete");
+    let records = |s: &Store| s.counts().unwrap().records;
+    assert_eq!(records(&Store::open_existing(&clinic.store).unwrap()), 0);
+
+    let before = proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed);
+    let out = common::cli(&clinic.config, &["sync", "--bootstrap"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed) - before;
+    hub.terminate();
+    let store = Store::open_existing(&clinic.store).unwrap();
+    assert_eq!(records(&store), 5_200, "the bootstrap completed");
+    // The restarted clinic fetched what it lacked, plus the first chunk again (it
+    // comes with the answer to the pull) and the requests' own bytes.
+    assert!(
+        moved < total - held + (16 << 10) + (12 << 10),
+        "{moved} bytes moved after the restart; the page is {total} bytes and {held} were held"
+    );
+    assert!(answer().is_none(), "the used answer was not forgotten");
 }

@@ -83,6 +83,19 @@ fn messages() -> Vec<(&'static str, Message)> {
                 max_bytes: 1 << 20,
                 max_records: 500,
                 include_own: false,
+                answer_chunk: 0,
+            }),
+        ),
+        (
+            // Since 0.2: a client that takes a large page as a transfer.
+            "pull_request_chunked",
+            Message::PullRequest(PullRequest {
+                node: "clinic-a".into(),
+                cursor: Cursor { eff: 10, seq: 7 },
+                max_bytes: 4 << 20,
+                max_records: 5_000,
+                include_own: false,
+                answer_chunk: 65_536,
             }),
         ),
         (

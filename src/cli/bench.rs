@@ -40,6 +40,9 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// clinicsync against per-resource FHIR REST, CouchDB replication and the
+    /// physical floor, side by side over an emulated 2G/EDGE link.
+    Link(super::linkbench::LinkArgs),
     /// Export N records to a USB bundle, import it at the hub, import the return
     /// bundle at the clinic: time and peak RSS of each process.
     Usb {
@@ -73,6 +76,7 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
     let (records, runs, dir) = match cmd {
         BenchCmd::Push { records, runs, dir } => (records, runs, dir),
         BenchCmd::Usb { records, runs, dir } => return usb(records, runs, dir),
+        BenchCmd::Link(args) => return super::linkbench::run(args),
         BenchCmd::Mqtt {
             writes,
             records,

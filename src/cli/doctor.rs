@@ -362,6 +362,7 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
         max_bytes: 1,
         max_records: 1,
         include_own: false,
+        answer_chunk: 0,
     });
     match client.exchange("/v1/pull", &probe) {
         Ok(_) => checks.push(check(Level::Ok, "credential", "accepted by the parent", None)),

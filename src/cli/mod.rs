@@ -25,6 +25,7 @@ use crate::wire::Message;
 pub mod bench;
 pub mod demo;
 pub mod doctor;
+pub mod linkbench;
 
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_CONFIG: u8 = 3;
@@ -351,6 +352,10 @@ fn dispatch(cli: Cli) -> Out {
         }
         other => {
             let cfg = Config::load(&path)?;
+            if matches!(other, Command::Sync { .. }) {
+                // A one-off sync tells the technician what went wrong on the way.
+                daemon::init_logging("warn");
+            }
             with_config(&cfg, other)
         }
     }

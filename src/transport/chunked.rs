@@ -2,15 +2,21 @@
 //! chunk goes as numbered pieces, each with its SHA-256, to a transfer named by the
 //! SHA-256 of the whole frame; after a cut the sender asks how much arrived and goes
 //! on from there, so a cut loses at most the chunk in flight. A large answer (a pull
-//! page) comes back the same way, fetched chunk by chunk from where it stopped.
+//! page) comes back the same way, fetched piece by piece from where it stopped.
 //!
-//! Protocol (messages in [`crate::wire`]): `ChunkQuery` → `ChunkAck{received}`;
-//! `ChunkPut{offset, data, sha}` → `ChunkAck{received}`; `ChunkRun` → the answer, or
-//! `ChunkReady{id, len}` then `ChunkGet{offset}` → `ChunkData`. The receiver runs the
-//! request only when every byte arrived and the whole matches its name; running it
-//! twice is harmless (integration is idempotent). Within one exchange, a cut is
-//! retried at once (up to `retries` times); the transfer also survives a restart of
-//! either side, since the sender rebuilds the same frame from its outbox.
+//! Protocol (messages in [`crate::wire`]):
+//! - upload: `ChunkQuery` → `ChunkAck{received}`; `ChunkPut{offset, data, sha}` →
+//!   `ChunkAck{received}`; `ChunkRun` → the answer, or `ChunkReady{id, len}` for a
+//!   large one. The receiver runs the request only when every byte arrived and the
+//!   whole matches its name; running it twice is harmless (integration is idempotent).
+//! - pull: a `PullRequest` with `answer_chunk` set (one round trip) → the page itself
+//!   when small, or its first chunk as `ChunkData{id, total}`.
+//! - large answers: `ChunkGet{offset}` → `ChunkData`. Over HTTP two requests for
+//!   half-chunks stay in flight, so the link does not idle a round trip per piece.
+//!
+//! Within one exchange a cut is retried at once (up to `retries` times) from where it
+//! stopped; the transfer also survives a restart of either side, since the sender
+//! rebuilds the same frame from its outbox and the hub keeps answers for a day.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,8 +27,22 @@ use super::http::{Traffic, TransportError};
 use super::Exchange;
 use crate::wire::{self, ChunkGet, ChunkPut, ChunkRef, Limits, Message};
 
+/// Where a client keeps the pieces of a large answer as they arrive, so that a client
+/// restarted in the middle continues the same answer instead of fetching it again.
+/// Errors are the cache's to log: a failing cache only costs a re-fetch.
+pub trait AnswerCache: Sync {
+    /// The bytes of answer `id` held so far, from offset 0.
+    fn load(&self, id: &[u8; 32]) -> Vec<u8>;
+    /// Adds `data` at `offset` to answer `id` of `total` bytes.
+    fn append(&self, id: &[u8; 32], total: u64, offset: u64, data: &[u8]);
+    /// Forgets answer `id` (used, or found corrupt).
+    fn forget(&self, id: &[u8; 32]);
+}
+
 pub struct Chunked<'a> {
     pub inner: &'a dyn Exchange,
+    /// Keeps a large pull answer's pieces across restarts of this client.
+    pub cache: Option<&'a dyn AnswerCache>,
     pub chunk: usize,
     pub retries: u32,
     /// Bytes sent or received again because a connection was cut.
@@ -35,6 +55,7 @@ impl<'a> Chunked<'a> {
     pub fn new(inner: &'a dyn Exchange, chunk: usize) -> Chunked<'a> {
         Chunked {
             inner,
+            cache: None,
             chunk: chunk.max(1024),
             retries: 20,
             resent: AtomicU64::new(0),
@@ -100,57 +121,206 @@ impl<'a> Chunked<'a> {
         }
         match self.call(&Message::ChunkRun(ChunkRef { id, total }), traffic)? {
             Message::ChunkReady(r) => {
-                while (answer_buf.len() as u64) < r.received {
-                    let get = Message::ChunkGet(ChunkGet {
-                        id: r.id,
-                        offset: answer_buf.len() as u64,
-                        max: self.chunk as u64,
-                    });
-                    match self.call(&get, traffic)? {
-                        Message::ChunkData(d) => {
-                            if d.offset != answer_buf.len() as u64
-                                || <[u8; 32]>::from(Sha256::digest(&d.data)) != d.sha
-                                || d.data.is_empty()
-                            {
-                                return Err(TransportError::Status {
-                                    status: 409,
-                                    message: "answer chunk out of place or corrupted".into(),
-                                });
-                            }
-                            answer_buf.extend_from_slice(&d.data);
-                        }
-                        other => {
-                            return Err(TransportError::Unexpected {
-                                sent: "chunk_get",
-                                got: other.name(),
-                            })
-                        }
-                    }
-                }
-                if <[u8; 32]>::from(Sha256::digest(&answer_buf[..])) != r.id {
-                    answer_buf.clear();
-                    return Err(TransportError::Status {
-                        status: 409,
-                        message: "reassembled answer does not match its checksum".into(),
-                    });
-                }
-                let limits = Limits {
-                    max_compressed: 256 << 20,
-                    max_decompressed: 1 << 30,
-                    max_records: 200_000,
-                };
-                Ok(wire::decode(answer_buf, &limits)?)
+                self.fetch(r.id, r.received, answer_buf, traffic)?;
+                self.finish(r.id, answer_buf)
             }
             answer => Ok(answer),
         }
     }
+
+    /// Fetches answer `id` (`total` bytes) into `buf` from where `buf` stands. When
+    /// the link allows parallel exchanges, two requests for half-chunks stay in flight,
+    /// so the link never idles for a round trip between pieces and a cut still loses
+    /// at most one chunk's worth.
+    fn fetch(
+        &self,
+        id: [u8; 32],
+        total: u64,
+        buf: &mut Vec<u8>,
+        traffic: &mut Traffic,
+    ) -> Result<(), TransportError> {
+        let (window, piece) = if self.inner.parallel() {
+            (2, (self.chunk as u64 / 2).max(1024))
+        } else {
+            (1, self.chunk as u64)
+        };
+        let inner = self.inner;
+        std::thread::scope(|scope| {
+            let mut pending = std::collections::VecDeque::new();
+            let mut next = buf.len() as u64;
+            while (buf.len() as u64) < total {
+                while pending.len() < window && next < total {
+                    let get = Message::ChunkGet(ChunkGet {
+                        id,
+                        offset: next,
+                        max: piece,
+                    });
+                    pending.push_back(scope.spawn(move || inner.exchange("/v1/chunk", &get)));
+                    next += piece;
+                }
+                let Some(handle) = pending.pop_front() else {
+                    break;
+                };
+                // A panic in the exchange thread is a bug: let it surface as one.
+                let got = handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                match got {
+                    Ok((Message::ChunkData(d), t)) => {
+                        traffic.sent += t.sent;
+                        traffic.received += t.received;
+                        if d.offset != buf.len() as u64
+                            || <[u8; 32]>::from(Sha256::digest(&d.data)) != d.sha
+                            || d.data.is_empty()
+                        {
+                            return Err(TransportError::Status {
+                                status: 409,
+                                message: "answer chunk out of place or corrupted".into(),
+                            });
+                        }
+                        if let Some(c) = self.cache {
+                            c.append(&id, total, d.offset, &d.data);
+                        }
+                        buf.extend_from_slice(&d.data);
+                    }
+                    Ok((other, _)) => {
+                        return Err(TransportError::Unexpected {
+                            sent: "chunk_get",
+                            got: other.name(),
+                        })
+                    }
+                    Err(e) => {
+                        self.resent.fetch_add(piece, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Checks a reassembled answer against its name and decodes it.
+    fn finish(&self, id: [u8; 32], buf: &mut Vec<u8>) -> Result<Message, TransportError> {
+        if let Some(c) = self.cache {
+            c.forget(&id);
+        }
+        if <[u8; 32]>::from(Sha256::digest(&buf[..])) != id {
+            buf.clear();
+            return Err(TransportError::Status {
+                status: 409,
+                message: "reassembled answer does not match its checksum".into(),
+            });
+        }
+        let limits = Limits {
+            max_compressed: 256 << 20,
+            max_decompressed: 1 << 30,
+            max_records: 200_000,
+        };
+        Ok(wire::decode(buf, &limits)?)
+    }
+
+    /// One attempt at a pull: ask (one round trip) unless an earlier attempt already
+    /// got the answer's first chunk, then fetch the rest of a large answer.
+    fn pull_attempt(
+        &self,
+        path: &str,
+        msg: &Message,
+        started: &mut Option<([u8; 32], u64)>,
+        buf: &mut Vec<u8>,
+        traffic: &mut Traffic,
+    ) -> Result<Message, TransportError> {
+        if started.is_none() {
+            let (answer, t) = self.inner.exchange(path, msg)?;
+            traffic.sent += t.sent;
+            traffic.received += t.received;
+            match answer {
+                Message::ChunkData(d)
+                    if d.offset == 0
+                        && !d.data.is_empty()
+                        && <[u8; 32]>::from(Sha256::digest(&d.data)) == d.sha =>
+                {
+                    // A restarted client may hold more of this very answer already.
+                    let held = self.cache.map(|c| c.load(&d.id)).unwrap_or_default();
+                    if held.len() > d.data.len() && held.len() as u64 <= d.total {
+                        tracing::info!(
+                            held = held.len(),
+                            total = d.total,
+                            "continuing a pull answer fetched before a restart"
+                        );
+                        *buf = held;
+                    } else {
+                        if let Some(c) = self.cache {
+                            c.forget(&d.id);
+                            c.append(&d.id, d.total, 0, &d.data);
+                        }
+                        *buf = d.data;
+                    }
+                    *started = Some((d.id, d.total));
+                }
+                Message::ChunkData(_) => {
+                    return Err(TransportError::Status {
+                        status: 409,
+                        message: "first answer chunk out of place or corrupted".into(),
+                    })
+                }
+                small => return Ok(small),
+            }
+        }
+        let Some((id, total)) = *started else {
+            unreachable!("set above")
+        };
+        self.fetch(id, total, buf, traffic)?;
+        self.finish(id, buf)
+    }
+
+    /// A pull whose answer may be large: one round trip for the request, the answer's
+    /// first chunk in its reply, the rest fetched resumably.
+    fn pull(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
+        let mut traffic = Traffic::default();
+        let (mut started, mut buf) = (None, Vec::new());
+        let mut tries = 0;
+        loop {
+            match self.pull_attempt(path, msg, &mut started, &mut buf, &mut traffic) {
+                Ok(m) => return Ok((m, traffic)),
+                Err(e) if tries < self.retries && (e.is_retryable() || conflict(&e)) => {
+                    tries += 1;
+                    self.resumed.fetch_add(1, Ordering::Relaxed);
+                    if conflict(&e) {
+                        // Corrupted or gone: ask again from the start.
+                        started = None;
+                        buf.clear();
+                    }
+                    tracing::info!(error = %e, attempt = tries, fetched = buf.len(), "pull cut; resuming where it stopped");
+                    std::thread::sleep(Duration::from_millis(200 * tries.min(10) as u64));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A transfer that must start over (a corrupted piece, or an answer the parent no
+/// longer holds).
+fn conflict(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::Status {
+            status: 409 | 404,
+            ..
+        }
+    )
 }
 
 impl Exchange for Chunked<'_> {
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
+        if let Message::PullRequest(req) = msg {
+            let mut req = req.clone();
+            req.answer_chunk = self.chunk as u64;
+            return self.pull(path, &Message::PullRequest(req));
+        }
         let frame = wire::encode(msg)?;
-        // Small requests with small answers go as they are; pulls may answer big.
-        if frame.len() <= self.chunk && !matches!(msg, Message::PullRequest(_)) {
+        // Small requests with small answers go as they are.
+        if frame.len() <= self.chunk {
             return self.inner.exchange(path, msg);
         }
         let id: [u8; 32] = Sha256::digest(&frame).into();

@@ -16,11 +16,19 @@ use crate::wire::Message;
 /// (`/v1/push`); message-based transports carry the kind inside the frame.
 pub trait Exchange: Sync {
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError>;
+    /// Whether several exchanges may be in flight at once (HTTP opens a connection
+    /// each); chunk fetches then keep two requests going to hide the round trip.
+    fn parallel(&self) -> bool {
+        false
+    }
 }
 
 impl Exchange for HttpClient {
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         HttpClient::exchange(self, path, msg)
+    }
+    fn parallel(&self) -> bool {
+        true
     }
 }
 
