@@ -40,7 +40,9 @@ pub struct LinkArgs {
     /// extrapolated from the documents that arrived (0: no cap).
     #[arg(long, default_value_t = 600)]
     pub couch_cap: u64,
-    /// Runs of the day's-work rows (the median is reported); bootstraps run once.
+    /// Runs of the day's-work rows of clinicsync and CouchDB (the median is
+    /// reported); bootstraps and per-resource REST (already a mean over its sample)
+    /// run once.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Rows to measure, comma-separated, of: clinicsync, rest, couch.
