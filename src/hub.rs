@@ -418,7 +418,7 @@ impl HubState {
         chunk: u64,
         first: bool,
     ) -> Result<Message, Refusal> {
-        let bytes = wire::encode(&answer)
+        let bytes = wire::encode_with(&answer, wire::LEVEL_BULK)
             .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         if bytes.len() <= chunk as usize {
             return Ok(answer);

@@ -383,24 +383,36 @@ pub fn to_cbor(msg: &Message) -> Result<Vec<u8>, WireError> {
     Ok(out)
 }
 
-/// zstd level of outgoing frames. Level 9 compresses FHIR batches to within ~13 % of
-/// level 19 at ~1/50 of its CPU (about 190 MB/s of JSON on one core), so a hub serving
-/// hundreds of clinics stays cheap while the link, the scarce thing, carries little
-/// (`clinicsync bench link` shows the levels). Decoders accept any level.
-const ZSTD_LEVEL: i32 = 9;
+/// zstd level of ordinary frames: fast, and small in memory on a clinic's box.
+pub const LEVEL_FAST: i32 = 3;
+/// zstd level of the hub's large answers (pull pages): FHIR compresses ~15 % smaller
+/// than at level 3, within ~13 % of level 19 at ~1/50 of its CPU. It needs tens of
+/// MiB of tables for a large page, which a hub has and a clinic's box may not; the
+/// clinic only decodes, which costs the same at any level.
+pub const LEVEL_BULK: i32 = 9;
 
 /// Encodes a message as a version-1 frame.
 pub fn encode(msg: &Message) -> Result<Vec<u8>, WireError> {
+    encode_with(msg, LEVEL_FAST)
+}
+
+/// Encodes a message as a version-1 frame at a given zstd level (the level is the
+/// encoder's choice: decoders accept any).
+pub fn encode_with(msg: &Message, level: i32) -> Result<Vec<u8>, WireError> {
     let cbor = to_cbor(msg)?;
     let mut out = Vec::with_capacity(cbor.len() / 4 + HEADER_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    let mut enc = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)
+    let mut enc = zstd::stream::write::Encoder::new(out, level)
         .map_err(|e| WireError::Encode(e.to_string()))?;
     // Keep the window within what our own decoder accepts.
     enc.window_log(MAX_WINDOW_LOG.min(22))
         .map_err(|e| WireError::Encode(e.to_string()))?;
     enc.include_contentsize(false)
+        .map_err(|e| WireError::Encode(e.to_string()))?;
+    // Telling zstd the size lets it size its tables to the message rather than to
+    // the level's maximum: a small frame costs kilobytes of memory, not tens of MiB.
+    enc.set_pledged_src_size(Some(cbor.len() as u64))
         .map_err(|e| WireError::Encode(e.to_string()))?;
     std::io::Write::write_all(&mut enc, &cbor).map_err(|e| WireError::Encode(e.to_string()))?;
     enc.finish().map_err(|e| WireError::Encode(e.to_string()))
