@@ -111,7 +111,7 @@ pub fn sync_with_progress(
     } else {
         saved.clamp(MIN_BUDGET, max)
     });
-    let cache = store.path().and_then(|p| AnswerStore::open(&p));
+    let cache = store.path().map(AnswerStore::new);
     let mut chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
     chunked.cache = cache
         .as_ref()
@@ -157,27 +157,43 @@ pub fn sync_with_progress(
 /// The pieces of large pull answers, kept in the node's own store (as transfers
 /// `dir = "down"` from the parent) through a second connection, so a clinic killed in
 /// the middle of a page continues it after a restart.
-struct AnswerStore(std::sync::Mutex<Store>);
+/// The connection is opened on the first large answer, not every round: most rounds
+/// fetch nothing large and need no second connection.
+struct AnswerStore {
+    path: std::path::PathBuf,
+    conn: std::sync::OnceLock<Option<std::sync::Mutex<Store>>>,
+}
 
 impl AnswerStore {
-    fn open(path: &std::path::Path) -> Option<AnswerStore> {
-        let mut store = match Store::open_existing(path) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot keep pull answers across restarts");
-                return None;
-            }
-        };
-        // Answers left over from pages the parent has since rebuilt differently.
-        let day_ago = wall_ms().saturating_sub(24 * 3_600_000);
-        let gc = store.begin().and_then(|mut tx| {
-            tx.transfer_gc(day_ago)?;
-            tx.commit()
-        });
-        if let Err(e) = gc {
-            warn!(error = %e, "could not clear old pull answers");
+    fn new(path: std::path::PathBuf) -> AnswerStore {
+        AnswerStore {
+            path,
+            conn: std::sync::OnceLock::new(),
         }
-        Some(AnswerStore(std::sync::Mutex::new(store)))
+    }
+
+    fn open(&self) -> Option<&std::sync::Mutex<Store>> {
+        self.conn
+            .get_or_init(|| {
+                let mut store = match Store::open_existing(&self.path) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "cannot keep pull answers across restarts");
+                        return None;
+                    }
+                };
+                // Answers left over from pages the parent has since rebuilt differently.
+                let day_ago = wall_ms().saturating_sub(24 * 3_600_000);
+                let gc = store.begin().and_then(|mut tx| {
+                    tx.transfer_gc(day_ago)?;
+                    tx.commit()
+                });
+                if let Err(e) = gc {
+                    warn!(error = %e, "could not clear old pull answers");
+                }
+                Some(std::sync::Mutex::new(store))
+            })
+            .as_ref()
     }
 
     fn with(
@@ -185,7 +201,8 @@ impl AnswerStore {
         what: &str,
         f: impl FnOnce(&mut crate::store::Tx<'_>) -> crate::store::Result<()>,
     ) {
-        let mut store = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(conn) = self.open() else { return };
+        let mut store = conn.lock().unwrap_or_else(|p| p.into_inner());
         let done = store.begin().and_then(|mut tx| {
             f(&mut tx)?;
             tx.commit()

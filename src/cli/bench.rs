@@ -136,23 +136,29 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
 fn fill(store_path: &std::path::Path, node: &str, records: usize) -> Result<u64, Failure> {
     let per_patient = 1 + 2 * 5;
     let patients = records.div_ceil(per_patient);
+    let mut all = synth::clinic_records(42, node, "Kakamega", "loc-a", patients, 2, 4);
+    all.truncate(records);
+    write_store(store_path, node, &engine::Policy::new(node, true), &all)
+}
+
+/// Writes `resources` into the store at `path` as local writes of `node`, 5,000 to a
+/// transaction (not timed by any benchmark); returns their canonical JSON bytes.
+pub fn write_store(
+    path: &std::path::Path,
+    node: &str,
+    policy: &engine::Policy,
+    resources: &[serde_json::Value],
+) -> Result<u64, Failure> {
+    let mut store = Store::open(path, node).map_err(fail)?;
     let mut json_bytes = 0u64;
-    let mut store = Store::open(store_path, node).map_err(fail)?;
-    let policy = engine::Policy::new(node, true);
-    let all = synth::clinic_records(42, node, "Kakamega", "loc-a", patients, 2, 4);
-    for chunk in all
-        .into_iter()
-        .take(records)
-        .collect::<Vec<_>>()
-        .chunks(5_000)
-    {
+    for chunk in resources.chunks(5_000) {
         let items: Vec<(Snapshot, bool)> = chunk
             .iter()
             .map(|v| Snapshot::from_json_value(v.clone()).map(|s| (s, false)))
             .collect::<Result<_, _>>()
             .map_err(fail)?;
         json_bytes += items.iter().map(|(s, _)| s.body.len() as u64).sum::<u64>();
-        engine::write_local(&mut store, &policy, items, wall_ms()).map_err(fail)?;
+        engine::write_local(&mut store, policy, items, wall_ms()).map_err(fail)?;
     }
     Ok(json_bytes)
 }

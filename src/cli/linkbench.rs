@@ -20,7 +20,6 @@ use super::{Failure, EXIT_FAILURE};
 use crate::cluster::{self, Proc};
 use crate::engine;
 use crate::linksim::{Link, LinkSpec};
-use crate::model::Snapshot;
 use crate::store::{wall_ms, Store};
 use crate::synth;
 
@@ -160,24 +159,6 @@ fn floor(resources: &[Value], spec: &LinkSpec) -> Result<Row, Failure> {
     })
 }
 
-fn write_store(
-    store: &Path,
-    node: &str,
-    policy: &engine::Policy,
-    resources: &[Value],
-) -> Result<(), Failure> {
-    let mut store = Store::open(store, node).map_err(fail)?;
-    for chunk in resources.chunks(5_000) {
-        let items: Vec<(Snapshot, bool)> = chunk
-            .iter()
-            .map(|v| Snapshot::from_json_value(v.clone()).map(|s| (s, false)))
-            .collect::<Result<_, _>>()
-            .map_err(fail)?;
-        engine::write_local(&mut store, policy, items, wall_ms()).map_err(fail)?;
-    }
-    Ok(())
-}
-
 /// clinicsync: a real hub process, and `clinicsync sync` (or `sync --bootstrap`) run
 /// until it succeeds, as the daemon would, one second after a failure.
 fn clinicsync_row(dir: &Path, resources: &[Value], bootstrap: bool) -> Result<Row, Failure> {
@@ -188,9 +169,9 @@ fn clinicsync_row(dir: &Path, resources: &[Value], bootstrap: bool) -> Result<Ro
     let clinic = &layout.clinics[0];
     if bootstrap {
         let cfg = crate::config::Config::load(&layout.hub.config).map_err(fail)?;
-        write_store(&layout.hub.store, "hub", &cfg.policy(), resources)?;
+        super::bench::write_store(&layout.hub.store, "hub", &cfg.policy(), resources)?;
     } else {
-        write_store(
+        super::bench::write_store(
             &clinic.store,
             &clinic.id,
             &engine::Policy::new(&clinic.id, true),
@@ -548,7 +529,7 @@ fn couch_row(
 fn clinicsync_frames(dir: &Path, resources: &[Value]) -> Result<u64, Failure> {
     let path = dir.join("frames.db");
     let _ = std::fs::remove_file(&path);
-    write_store(
+    super::bench::write_store(
         &path,
         "clinic-x",
         &engine::Policy::new("clinic-x", true),
