@@ -4,7 +4,12 @@
 //! Sections: `[node]` (identity, store path), `[parent]` (absent on the root hub),
 //! `[sync]` (intervals, batch sizes, backoff), `[hub]` (present when the node serves
 //! children: listen address, limits, children and their credential hashes, catchment
-//! rules). `packaging/clinicsync.toml` is the commented example.
+//! rules, connection limits and timeouts, TLS). `packaging/clinicsync.toml` is the
+//! commented example.
+//!
+//! Reloading: on SIGHUP a hub re-reads this file and applies `hub.children` and the
+//! `hub.tls_*` files (see `daemon`); every other key takes effect on restart. A file
+//! that does not validate is not applied at all.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -169,6 +174,14 @@ pub struct ParentSection {
     pub url: String,
     /// File holding this node's bearer credential for the parent (one line).
     pub token_file: PathBuf,
+    /// PEM file of the CA(s) that signed the hub's certificate (a private CA). When
+    /// set, only these are trusted for the hub, not the public web roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the hub certificate's SubjectPublicKeyInfo (hex or base64), checked
+    /// in addition to the chain. See [`crate::tls`] for the openssl command.
+    #[serde(default)]
+    pub pin_sha256: Option<String>,
 }
 
 impl std::fmt::Debug for ParentSection {
@@ -176,6 +189,8 @@ impl std::fmt::Debug for ParentSection {
         f.debug_struct("ParentSection")
             .field("url", &self.url)
             .field("token_file", &self.token_file)
+            .field("ca_file", &self.ca_file)
+            .field("pin_sha256", &self.pin_sha256)
             .finish()
     }
 }
@@ -234,6 +249,54 @@ pub struct HubSection {
     pub children: Vec<Child>,
     #[serde(default)]
     pub catchment: Vec<CatchmentRule>,
+    /// Open connections served at once; further ones wait in the kernel's accept
+    /// queue until a slot frees (see `hub` for why they are not refused).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// From accepting a connection (or the first byte of a later request on it) to
+    /// the end of the request's headers, TLS handshake included.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: u64,
+    /// A kept-alive connection with no request and no bytes moving is closed after this.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// The whole request body must arrive within this (408 otherwise).
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_secs: u64,
+    /// Requests decoded and handled at once (HTTP and MQTT together); beyond it the
+    /// hub answers 503 with Retry-After. Default: twice the CPU cores (4 if unknown).
+    #[serde(default)]
+    pub max_concurrent_requests: Option<usize>,
+    /// Serve HTTPS: the certificate chain (PEM, end-entity first) and its key (PEM).
+    /// Both or neither; re-read on SIGHUP (`systemctl reload clinicsync`).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl HubSection {
+    /// `max_concurrent_requests`, or its default for this machine.
+    pub fn concurrent_requests(&self) -> usize {
+        self.max_concurrent_requests.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(4)
+        })
+    }
+}
+
+fn default_max_connections() -> usize {
+    512
+}
+fn default_header_timeout() -> u64 {
+    10
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_body_timeout() -> u64 {
+    120
 }
 
 fn default_max_message() -> usize {
@@ -298,6 +361,18 @@ impl Config {
             if parent.token_file.as_os_str().is_empty() {
                 p.push("parent.token_file must name the credential file".into());
             }
+            let https = parent.url.starts_with("https://");
+            if let Some(pin) = &parent.pin_sha256 {
+                if crate::tls::parse_pin(pin).is_none() {
+                    p.push("parent.pin_sha256 must be a SHA-256: 64 hex digits or 44 characters of base64".into());
+                }
+                if !https {
+                    p.push("parent.pin_sha256 needs an https:// parent.url".into());
+                }
+            }
+            if parent.ca_file.is_some() && !https {
+                p.push("parent.ca_file needs an https:// parent.url".into());
+            }
         }
         let s = &self.sync;
         for (name, v) in [
@@ -331,6 +406,27 @@ impl Config {
             }
             if hub.max_record_bytes > hub.max_message_bytes {
                 p.push("hub.max_record_bytes must not exceed hub.max_message_bytes".into());
+            }
+            if !(1..=65_536).contains(&hub.max_connections) {
+                p.push("hub.max_connections must be between 1 and 65536".into());
+            }
+            if hub.max_concurrent_requests == Some(0) {
+                p.push("hub.max_concurrent_requests must be greater than 0".into());
+            }
+            for (name, v) in [
+                ("hub.header_timeout_secs", hub.header_timeout_secs),
+                ("hub.idle_timeout_secs", hub.idle_timeout_secs),
+                ("hub.body_timeout_secs", hub.body_timeout_secs),
+            ] {
+                if v == 0 {
+                    p.push(format!("{name} must be greater than 0"));
+                }
+            }
+            if hub.tls_cert_file.is_some() != hub.tls_key_file.is_some() {
+                p.push(
+                    "hub.tls_cert_file and hub.tls_key_file go together: set both or neither"
+                        .into(),
+                );
             }
             for (i, c) in hub.children.iter().enumerate() {
                 if !valid_node_id(&c.node) {

@@ -7,6 +7,9 @@
 //! - SIGTERM/SIGINT stop both: the sync loop finishes its current batch (every batch
 //!   is its own transaction, so stopping between batches loses nothing) and the
 //!   server finishes in-flight requests.
+//! - SIGHUP reloads a hub's children and TLS certificate from the configuration file
+//!   (`reload_on_hangup`); an invalid file changes nothing. The hub's start-up raises
+//!   the soft open-file limit toward `hub.max_connections` + 64 where it can.
 //! - Logs go to journald when `JOURNAL_STREAM` is set (we run under systemd), to
 //!   stderr otherwise.
 
@@ -508,11 +511,7 @@ pub fn connect_parent(cfg: &Config) -> Result<ParentLink, String> {
         .parent
         .as_ref()
         .ok_or("this node has no [parent] to sync with")?;
-    let http = || -> Result<HttpClient, String> {
-        let token = crate::config::read_token(&parent.token_file)
-            .map_err(|e| format!("parent.token_file {}: {e}", parent.token_file.display()))?;
-        Ok(HttpClient::new(&parent.url, token, cfg.timeout()))
-    };
+    let http = || HttpClient::for_parent(parent, cfg.timeout());
     let mqtt = || -> Result<MqttClient, String> {
         let settings = cfg.mqtt_settings()?;
         MqttClient::connect(
@@ -642,6 +641,76 @@ async fn shutdown_signal() {
     }
 }
 
+/// SIGHUP (`systemctl reload clinicsync`): a hub re-reads its configuration file and
+/// applies the children list and the TLS files ([`HubState::reload`]); a file that
+/// does not validate, or TLS files that do not load, change nothing and are logged.
+/// Other keys take effect on restart. Without a hub there is nothing to reload, and
+/// the signal is logged rather than ending the process (its default action).
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    path: std::path::PathBuf,
+    hub: Option<Arc<HubState>>,
+) {
+    while hangup.recv().await.is_some() {
+        let Some(state) = hub.clone() else {
+            info!("SIGHUP: nothing to reload on a node without [hub]; restart to apply configuration changes");
+            continue;
+        };
+        let file = path.clone();
+        let reloaded = tokio::task::spawn_blocking(move || -> Result<String, String> {
+            let cfg = Config::load(&file).map_err(|e| e.to_string())?;
+            let hub = cfg
+                .hub
+                .as_ref()
+                .ok_or("the [hub] section is gone; a hub stops serving only on restart")?;
+            state.reload(hub)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match reloaded {
+            Ok(applied) => {
+                info!(config = %path.display(), %applied, "configuration reloaded (other keys take effect on restart)")
+            }
+            Err(error) => {
+                tracing::error!(config = %path.display(), %error, "configuration not reloaded; the previous one stays in force")
+            }
+        }
+    }
+}
+
+/// File descriptors a hub needs beside its connections: the store (writer, reader,
+/// WAL, shm), the broker, logs, signals, the runtime.
+const FD_HEADROOM: u64 = 64;
+
+/// Raises the soft open-file limit toward `hub.max_connections` plus headroom when
+/// the hard limit allows; warns when it cannot (the unit's `LimitNOFILE` sets it).
+fn check_open_files(max_connections: usize) {
+    let need = max_connections as u64 + FD_HEADROOM;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a live, properly typed out-parameter.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= need {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: need.min(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: setrlimit reads a properly typed value; raising the soft limit up to the
+    // hard one needs no privilege (the unit's seccomp filter may refuse it: then warn).
+    let ok = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0;
+    let now = if ok { raised.rlim_cur } else { lim.rlim_cur };
+    if now < need {
+        warn!(
+            open_files = now,
+            max_connections,
+            "the open-file limit is below hub.max_connections plus {FD_HEADROOM}: raise LimitNOFILE or lower hub.max_connections"
+        );
+    }
+}
+
 async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let policy = cfg.policy();
     // Open (and migrate) the store before anything else, so a bad store stops us here.
@@ -657,22 +726,30 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             let _ = stop_tx.send(true);
         });
     }
+    // Before READY: a reload right after start must not end the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut hub_state = None;
     let mut tasks = Vec::new();
     if let Some(hub) = &cfg.hub {
-        let mut children = Vec::new();
-        for c in &hub.children {
-            let mut h = [0u8; 32];
-            hex::decode_to_slice(&c.token_sha256, &mut h)?;
-            children.push((c.node.clone(), h));
-        }
-        let state = Arc::new(HubState::new(
-            &cfg.node.store,
-            policy.clone(),
-            children,
-            hub.max_message_bytes,
-        )?);
+        let children = crate::hub::children_of(hub).map_err(|e| anyhow::anyhow!(e))?;
+        let serving = crate::hub::ServeOptions::from_config(hub)?;
+        check_open_files(serving.max_connections);
+        let state = Arc::new(
+            HubState::new(
+                &cfg.node.store,
+                policy.clone(),
+                children,
+                hub.max_message_bytes,
+            )?
+            .with_serving(serving),
+        );
+        hub_state = Some(state.clone());
         let listener = tokio::net::TcpListener::bind(&hub.listen).await?;
-        info!(node = %cfg.node.id, listen = %listener.local_addr()?, children = hub.children.len(), "serving children");
+        let s = state.serving();
+        info!(node = %cfg.node.id, listen = %listener.local_addr()?, children = hub.children.len(),
+              https = s.tls.is_some(), pin_sha256 = s.tls.as_ref().and_then(|t| t.pin()).unwrap_or_default(),
+              max_connections = s.max_connections, max_concurrent_requests = s.max_concurrent_requests,
+              "serving children");
         if cfg.mqtt.is_some() {
             let settings = cfg.mqtt_settings().map_err(|e| anyhow::anyhow!(e))?;
             info!(node = %cfg.node.id, broker = %settings.host, "serving children through MQTT too");
@@ -697,6 +774,11 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     } else {
         drop(store);
     }
+    tokio::spawn(tracing::Instrument::in_current_span(reload_on_hangup(
+        hangup,
+        cfg.path.clone(),
+        hub_state,
+    )));
     info!(node = %cfg.node.id, role = cfg.role(), "clinicsync running");
     // The store is open and the listeners are bound: tell systemd (Type=notify).
     let _ = sd_notify::notify(

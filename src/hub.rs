@@ -1,31 +1,81 @@
-//! Serving children over HTTP: authentication, decoding within limits, and handing
-//! each message to the engine. The hub never opens a connection to a child.
+//! Serving children over HTTP(S): connection limits and timeouts, authentication
+//! before any body byte, decoding within limits, and handing each message to the
+//! engine. The hub never opens a connection to a child.
 //!
 //! Endpoints (all `POST`, body and answer are [`crate::wire`] frames):
 //! `/v1/push` (PushRequest → PushResponse), `/v1/pull` (PullRequest → PullResponse),
-//! `/v1/fetch` (FetchRequest → FetchResponse); `GET /v1/health` answers `ok`.
+//! `/v1/fetch` (FetchRequest → FetchResponse), `/v1/chunk` (resumable transfers);
+//! `GET /v1/health` answers `ok`.
+//!
+//! What a request may cost, in the order it is checked ([`serve`], [`endpoint`]):
+//! 1. A connection slot: at most `hub.max_connections` connections are open. At the
+//!    cap the hub stops calling `accept`, so further connections wait in the kernel's
+//!    accept queue (no file descriptor, no memory of ours) and are served in arrival
+//!    order as slots free. Refusing them with a 503 instead would need a TLS handshake
+//!    per refused socket on an HTTPS hub (the CPU an attacker wants us to spend) and a
+//!    descriptor each while refusing; and a clinic queued behind idle attackers is
+//!    served as soon as they time out, without a retry of its own, ahead of attackers
+//!    that reconnect after it. File descriptors stay below `max_connections` plus a
+//!    fixed few, which is what `LimitNOFILE` in the unit is sized for.
+//! 2. Time, per connection ([`ConnClock`]): the first request's headers (TLS handshake
+//!    included) must be complete `hub.header_timeout_secs` after accepting; a later
+//!    request's headers that long after its first byte; a kept-alive connection with
+//!    nothing moving is closed after `hub.idle_timeout_secs`; a body must arrive
+//!    within `hub.body_timeout_secs` (408). A timed-out connection is dropped.
+//! 3. The credential, from the headers, before a single body byte is read: 401.
+//! 4. A declared `Content-Length` over `hub.max_message_bytes`: 413, unread.
+//! 5. Buffer memory: the bodies being received together may hold at most
+//!    2 × `max_concurrent_requests` × `max_message_bytes` (reserved by declared
+//!    length, or the maximum when none is declared): beyond, 503 with `Retry-After`.
+//! 6. A request slot (`hub.max_concurrent_requests`, HTTP and MQTT together,
+//!    [`HubState::try_request_slot`]): decoding and handling; beyond, 503 with
+//!    `Retry-After`. Slow uploads hold buffer memory, not request slots, so clinics
+//!    on slow links do not starve the others.
+//!
+//! Refusals at steps 3–5 answer `Connection: close`: the body is not read, so the
+//! connection cannot carry another request. After any answer the hub half-closes and
+//! discards what the client still sends for at most [`LINGER_TIME`] and
+//! [`LINGER_BYTES`] before closing, so a client that sends its whole body before
+//! reading (ureq does) still receives the answer instead of a reset.
 //!
 //! Errors are plain text naming the problem: 401 unknown or missing credential,
 //! 403 a child acting as another node, 400 a frame that does not decode (bad magic,
 //! unsupported protocol version, truncated, garbage, too many records, too deep),
-//! 413 a body over `hub.max_message_bytes` or a decompression bomb, 503 a store that is
-//! busy (retry later), 500 anything else. A refused request changes nothing: it
-//! is refused before the engine opens a transaction.
+//! 408 a body that did not arrive in time, 413 a body over `hub.max_message_bytes`
+//! or a decompression bomb, 503 busy (with `Retry-After`) or a busy store (retry
+//! later), 500 anything else. A refused request changes nothing: it is refused
+//! before the engine opens a transaction.
 //!
 //! Credentials: the config holds SHA-256 hashes of each child's bearer token; a
-//! presented token is hashed and compared in constant time.
+//! presented token is hashed and compared in constant time. The list is replaced as
+//! a whole on SIGHUP ([`HubState::set_children`]); a removed child's next request is
+//! refused.
+//!
+//! TLS ([`crate::tls::ServerTls`]): with `hub.tls_cert_file` and `hub.tls_key_file`
+//! the listener speaks only HTTPS; the certificate is swapped for new connections on
+//! reload. A plain-HTTP request to an HTTPS hub gets a plain 400 saying so.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::HubSection;
+use crate::tls::{ServerTls, TlsError};
 
 use crate::engine::{self, EngineError, Policy};
 use crate::store::{wall_ms, Store, TransferKey};
@@ -40,12 +90,15 @@ pub struct HubState {
     writer: Mutex<Store>,
     reader: Mutex<Store>,
     policy: Policy,
-    children: Vec<(String, [u8; 32])>,
+    children: RwLock<Vec<(String, [u8; 32])>>,
     limits: Limits,
+    serving: ServeOptions,
+    gate: Gate,
 }
 
 impl HubState {
     /// `children` pairs each child node id with the SHA-256 of its credential.
+    /// Serving limits are the defaults until [`HubState::with_serving`].
     pub fn new(
         store_path: &std::path::Path,
         policy: Policy,
@@ -54,17 +107,47 @@ impl HubState {
     ) -> Result<HubState, crate::store::StoreError> {
         let writer = Store::open(store_path, &policy.node_id)?;
         let reader = Store::open(store_path, &policy.node_id)?;
+        let serving = ServeOptions::default();
+        let gate = Gate::new(serving.max_concurrent_requests, max_message_bytes);
         Ok(HubState {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
             policy,
-            children,
+            children: RwLock::new(children),
             limits: Limits {
                 max_compressed: max_message_bytes,
                 max_decompressed: max_message_bytes.saturating_mul(8),
                 max_records: 50_000,
             },
+            serving,
+            gate,
         })
+    }
+
+    /// The connection limits, timeouts, request slots and TLS of [`serve`].
+    pub fn with_serving(mut self, serving: ServeOptions) -> HubState {
+        self.gate = Gate::new(serving.max_concurrent_requests, self.limits.max_compressed);
+        self.serving = serving;
+        self
+    }
+
+    pub fn serving(&self) -> &ServeOptions {
+        &self.serving
+    }
+
+    /// Replaces the children and their credential hashes (SIGHUP). Requests already
+    /// authenticated finish; every later one is checked against the new list.
+    pub fn set_children(&self, children: Vec<(String, [u8; 32])>) {
+        *self.children.write().unwrap_or_else(|p| p.into_inner()) = children;
+    }
+
+    /// Whether `node` is one of this hub's children now.
+    pub fn is_child(&self, node: &str) -> bool {
+        self.children
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(n, _)| n == node)
     }
 
     fn authenticate(&self, headers: &HeaderMap) -> Option<String> {
@@ -76,10 +159,75 @@ impl HubState {
             .trim();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.children
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|(_, h)| constant_time_eq(h, &digest))
             .map(|(n, _)| n.clone())
     }
+
+    /// A request slot, or a 503 refusal when `max_concurrent_requests` are in
+    /// progress. Held while a request is decoded and handled; dropping it frees it.
+    pub fn try_request_slot(&self) -> Result<RequestSlot, Refusal> {
+        self.gate.try_request().ok_or_else(|| {
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "hub busy: {} requests in progress (hub.max_concurrent_requests); retry after {BUSY_RETRY_AFTER_SECS} s",
+                    self.serving.max_concurrent_requests
+                ),
+            )
+        })
+    }
+
+    /// [`HubState::answer`] within a request slot (the MQTT path; HTTP takes its
+    /// slot in [`endpoint`]).
+    pub fn answer_limited(
+        &self,
+        child: &str,
+        frame: &[u8],
+        expect: Option<&'static str>,
+    ) -> Result<Message, Refusal> {
+        let _slot = self.try_request_slot()?;
+        self.answer(child, frame, expect)
+    }
+
+    /// Applies the reloadable part of a re-read `[hub]`: the children and the TLS
+    /// files. All or nothing: on error nothing changed. Returns what was applied.
+    pub fn reload(&self, hub: &HubSection) -> Result<String, String> {
+        let children = children_of(hub)?;
+        let tls = match (&self.serving.tls, &hub.tls_cert_file, &hub.tls_key_file) {
+            (Some(tls), Some(cert), Some(key)) => {
+                tls.reload_from(cert, key).map_err(|e| e.to_string())?;
+                format!(", certificate {} reloaded", cert.display())
+            }
+            (None, None, None) => String::new(),
+            _ => {
+                tracing::warn!("hub.tls_cert_file/tls_key_file added or removed: switching between HTTP and HTTPS takes a restart");
+                String::new()
+            }
+        };
+        let n = children.len();
+        self.set_children(children);
+        Ok(format!("{n} children{tls}"))
+    }
+}
+
+/// The children `[hub]` lists, with their credential hashes decoded.
+pub fn children_of(hub: &HubSection) -> Result<Vec<(String, [u8; 32])>, String> {
+    hub.children
+        .iter()
+        .map(|c| {
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(&c.token_sha256, &mut h).map_err(|_| {
+                format!(
+                    "hub.children {:?}: token_sha256 is not 64 hex characters",
+                    c.node
+                )
+            })?;
+            Ok((c.node.clone(), h))
+        })
+        .collect()
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -99,34 +247,490 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/v1/health", get(|| async { "ok\n" }))
         .route(
             "/v1/push",
-            post(|State(s), h, b| endpoint(s, h, b, "push_request")),
+            post(|State(s), r| endpoint(s, r, "push_request")),
         )
         .route(
             "/v1/pull",
-            post(|State(s), h, b| endpoint(s, h, b, "pull_request")),
+            post(|State(s), r| endpoint(s, r, "pull_request")),
         )
         .route(
             "/v1/fetch",
-            post(|State(s), h, b| endpoint(s, h, b, "fetch_request")),
+            post(|State(s), r| endpoint(s, r, "fetch_request")),
         )
-        .route(
-            "/v1/chunk",
-            post(|State(s), h, b| endpoint(s, h, b, "chunk")),
-        )
+        .route("/v1/chunk", post(|State(s), r| endpoint(s, r, "chunk")))
         // Our own reader enforces the limit (see `read_body`).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
-/// Serves children on `listener` until `shutdown` completes; in-flight requests finish.
+/// How the hub serves connections (`[hub]` keys in brackets).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Connections open at once (`max_connections`).
+    pub max_connections: usize,
+    /// Connect (or a request's first byte) to the end of its headers (`header_timeout_secs`).
+    pub header_timeout: Duration,
+    /// A kept-alive connection with nothing moving (`idle_timeout_secs`).
+    pub idle_timeout: Duration,
+    /// The whole request body (`body_timeout_secs`).
+    pub body_timeout: Duration,
+    /// Requests decoded and handled at once (`max_concurrent_requests`).
+    pub max_concurrent_requests: usize,
+    /// HTTPS (`tls_cert_file`, `tls_key_file`); `None` serves plain HTTP.
+    pub tls: Option<Arc<ServerTls>>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_connections: 512,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(120),
+            max_concurrent_requests: std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(4),
+            tls: None,
+        }
+    }
+}
+
+impl ServeOptions {
+    /// The options `[hub]` asks for; loads the TLS files when it names them.
+    pub fn from_config(hub: &HubSection) -> Result<ServeOptions, TlsError> {
+        let tls = match (&hub.tls_cert_file, &hub.tls_key_file) {
+            (Some(cert), Some(key)) => Some(ServerTls::load(cert, key)?),
+            _ => None,
+        };
+        Ok(ServeOptions {
+            max_connections: hub.max_connections.max(1),
+            header_timeout: Duration::from_secs(hub.header_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(hub.idle_timeout_secs.max(1)),
+            body_timeout: Duration::from_secs(hub.body_timeout_secs.max(1)),
+            max_concurrent_requests: hub.concurrent_requests().max(1),
+            tls,
+        })
+    }
+}
+
+/// `Retry-After` of a busy answer: a request slot frees in well under a second
+/// unless the hub is overloaded, and then the client waits again.
+pub const BUSY_RETRY_AFTER_SECS: u64 = 1;
+/// After answering, how long and how much the hub reads and discards before closing.
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+pub const LINGER_BYTES: usize = 256 << 10;
+/// hyper's read buffer per connection (request headers must fit in it).
+const READ_BUFFER: usize = 64 << 10;
+
+/// Request slots and the budget of body bytes being received.
+struct Gate {
+    requests: Arc<Semaphore>,
+    /// In KiB.
+    body_kib: Arc<Semaphore>,
+    body_total_kib: usize,
+}
+
+/// One request being decoded and handled; dropping it frees the slot.
+pub struct RequestSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Gate {
+    fn new(max_requests: usize, max_message: usize) -> Gate {
+        let body_total_kib = (2 * max_requests.max(1))
+            .saturating_mul(max_message)
+            .div_ceil(1024)
+            .clamp(1, u32::MAX as usize);
+        Gate {
+            requests: Arc::new(Semaphore::new(max_requests.max(1))),
+            body_kib: Arc::new(Semaphore::new(body_total_kib)),
+            body_total_kib,
+        }
+    }
+
+    fn try_request(&self) -> Option<RequestSlot> {
+        self.requests
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(RequestSlot)
+    }
+
+    fn reserve_body(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let kib = bytes.div_ceil(1024).clamp(1, self.body_total_kib) as u32;
+        self.body_kib.clone().try_acquire_many_owned(kib).ok()
+    }
+}
+
+/// Serves children on `listener` until `shutdown` completes, with the limits of
+/// `state`'s [`ServeOptions`] (see the module header); in-flight requests finish.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<HubState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let max = state.serving.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let app = router(state.clone());
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let mut warned: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if warned.map_or(true, |t: Instant| t.elapsed() > Duration::from_secs(60)) {
+                    tracing::warn!(node = %state.policy.node_id, max_connections = max,
+                        "connection cap reached; new connections wait in the accept queue");
+                    warned = Some(Instant::now());
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    accept_failed(&e).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = connection(
+            stream,
+            peer,
+            state.clone(),
+            app.clone(),
+            closing_rx.clone(),
+            slot,
+        );
+        let span = tracing::debug_span!("hub", node = %state.policy.node_id);
+        tokio::spawn(tracing::Instrument::instrument(conn, span));
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    // Every connection holds a slot until it ends: all slots back = all done.
+    let _ = slots.acquire_many(max as u32).await;
+    Ok(())
+}
+
+/// An `accept` error: a connection that died in the queue is skipped; anything else
+/// (out of file descriptors, memory) is logged and waited out, never spun on.
+async fn accept_failed(e: &std::io::Error) {
+    use std::io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
+    ) {
+        return;
+    }
+    tracing::warn!(error = %e, "accept failed (out of file descriptors? see LimitNOFILE); pausing");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+}
+
+/// One connection: TLS handshake when configured, then HTTP/1.1 requests until the
+/// client closes, a timeout, or shutdown.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<HubState>,
+    app: Router,
+    closing: tokio::sync::watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let clock = Arc::new(ConnClock::new());
+    let Some(tls) = state.serving.tls.clone() else {
+        let io = Watched::new(stream, clock.clone());
+        return drive(io, clock, peer, &state, app, closing).await;
+    };
+    let deadline = tokio::time::Instant::now() + state.serving.header_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0].is_ascii_alphabetic() => return plain_http_to_tls(stream).await,
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    let handshake = tls.acceptor().accept(Watched::new(stream, clock.clone()));
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(io)) => drive(io, clock, peer, &state, app, closing).await,
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake too slow (hub.header_timeout_secs)"),
+    }
+}
+
+/// A plain HTTP request on the HTTPS port: say so in plain HTTP, then close.
+async fn plain_http_to_tls(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = "this hub serves HTTPS: use an https:// URL\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Ok(Ok(())) = tokio::time::timeout(LINGER_TIME, stream.write_all(answer.as_bytes())).await
+    {
+        linger(stream).await;
+    }
+}
+
+/// Runs hyper's HTTP/1.1 connection over `io` under the [`ConnClock`] timeouts.
+async fn drive<IO>(
+    io: IO,
+    clock: Arc<ConnClock>,
+    peer: SocketAddr,
+    state: &HubState,
+    app: Router,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let opts = &state.serving;
+    let service = HubService {
+        app,
+        clock: clock.clone(),
+        peer,
+    };
+    let mut conn = hyper::server::conn::http1::Builder::new()
+        // ConnClock times headers: hyper's timer would also cut idle keep-alives.
+        .header_read_timeout(None)
+        .max_buf_size(READ_BUFFER)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    let period = (opts.header_timeout.min(opts.idle_timeout) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining = false;
+    let finished = loop {
+        tokio::select! {
+            done = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break Some(done),
+            _ = tick.tick() => {
+                if let Some(why) = clock.expired(opts) {
+                    tracing::debug!(%peer, why, "closing connection");
+                    break None;
+                }
+            }
+            _ = closing.wait_for(|c| *c), if !draining => {
+                draining = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+        }
+    };
+    match finished {
+        Some(Ok(())) => linger(conn.into_parts().io.into_inner()).await,
+        Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection failed"),
+        None => {}
+    }
+}
+
+/// Half-closes, then reads and discards what the client still sends (bounded), so
+/// our answer is not destroyed by the reset that closing on unread bytes causes.
+async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    if !matches!(
+        tokio::time::timeout_at(deadline, io.shutdown()).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    let mut buf = [0u8; 8192];
+    let mut seen = 0;
+    while seen < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen += n,
+            _ => break,
+        }
+    }
+}
+
+/// The peer address of a request (for logs).
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
+/// The axum router as a hyper service, marking when each request starts and ends.
+#[derive(Clone)]
+struct HubService {
+    app: Router,
+    clock: Arc<ConnClock>,
+    peer: SocketAddr,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for HubService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Result<Response, std::convert::Infallible>>;
+
+    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let busy = Busy::start(self.clock.clone());
+        let mut req = req.map(Body::new);
+        req.extensions_mut().insert(Peer(self.peer));
+        let mut app = self.app.clone();
+        Box::pin(async move {
+            let answer = tower_service::Service::call(&mut app, req).await;
+            drop(busy);
+            answer
+        })
+    }
+}
+
+/// Marks a request in progress on its connection's clock for as long as it lives.
+struct Busy(Arc<ConnClock>);
+
+impl Busy {
+    fn start(clock: Arc<ConnClock>) -> Busy {
+        clock.busy.fetch_add(1, Ordering::Relaxed);
+        clock.requests.fetch_add(1, Ordering::Relaxed);
+        clock.head_started.store(NOT_STARTED, Ordering::Relaxed);
+        Busy(clock)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.last_io.store(self.0.now(), Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+const NOT_STARTED: u64 = u64::MAX;
+
+/// What a connection is doing, in milliseconds since it was accepted, for the
+/// header and idle timeouts. Updated by [`Watched`] (bytes moving) and [`Busy`]
+/// (requests in progress); read by [`drive`]'s ticker.
+struct ConnClock {
+    start: Instant,
+    last_io: AtomicU64,
+    /// The first byte of the next request's headers, or `NOT_STARTED`.
+    head_started: AtomicU64,
+    busy: AtomicU32,
+    requests: AtomicU64,
+}
+
+impl ConnClock {
+    fn new() -> ConnClock {
+        ConnClock {
+            start: Instant::now(),
+            last_io: AtomicU64::new(0),
+            head_started: AtomicU64::new(NOT_STARTED),
+            busy: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn read(&self) {
+        let now = self.now();
+        self.last_io.store(now, Ordering::Relaxed);
+        if self.busy.load(Ordering::Relaxed) == 0 {
+            let _ = self.head_started.compare_exchange(
+                NOT_STARTED,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn wrote(&self) {
+        self.last_io.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Why the connection should be closed now, if it should. A request in progress
+    /// is bounded elsewhere (body timeout, the handler), never here.
+    fn expired(&self, o: &ServeOptions) -> Option<&'static str> {
+        if self.busy.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let now = self.now();
+        let header = o.header_timeout.as_millis() as u64;
+        if self.requests.load(Ordering::Relaxed) == 0 {
+            return (now > header).then_some(
+                "no complete request headers in hub.header_timeout_secs after connecting",
+            );
+        }
+        let head = self.head_started.load(Ordering::Relaxed);
+        if head != NOT_STARTED {
+            return (now.saturating_sub(head) > header)
+                .then_some("request headers too slow (hub.header_timeout_secs)");
+        }
+        let idle = now.saturating_sub(self.last_io.load(Ordering::Relaxed));
+        (idle > o.idle_timeout.as_millis() as u64).then_some("idle (hub.idle_timeout_secs)")
+    }
+}
+
+/// A stream that tells its [`ConnClock`] when bytes move.
+struct Watched<S> {
+    inner: S,
+    clock: Arc<ConnClock>,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S, clock: Arc<ConnClock>) -> Watched<S> {
+        Watched { inner, clock }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.clock.read();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.wrote();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.wrote();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -138,6 +742,28 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// A refusal after which the connection closes: the body was not (fully) read.
+fn closing(status: StatusCode, msg: impl Into<String>) -> Response {
+    let mut r = text(status, msg);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// 503 with `Retry-After`.
+fn busy(msg: impl Into<String>, close: bool) -> Response {
+    let mut r = if close {
+        closing(StatusCode::SERVICE_UNAVAILABLE, msg)
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, msg)
+    };
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(BUSY_RETRY_AFTER_SECS),
+    );
+    r
 }
 
 fn reply(msg: &Message) -> Response {
@@ -466,21 +1092,28 @@ impl HubState {
     ) -> Result<(Vec<String>, u64), crate::store::StoreError> {
         let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let (mut nodes, metadata, head) = store.feed_advanced(since)?;
+        let children = self.children.read().unwrap_or_else(|p| p.into_inner());
         if metadata {
-            nodes = self.children.iter().map(|(n, _)| n.clone()).collect();
+            nodes = children.iter().map(|(n, _)| n.clone()).collect();
         }
-        nodes.retain(|n| self.children.iter().any(|(c, _)| c == n));
+        nodes.retain(|n| children.iter().any(|(c, _)| c == n));
         Ok((nodes, head))
     }
 }
 
-/// Authenticates an HTTP request; answers the error response on failure.
+/// Authenticates an HTTP request from its headers alone; on failure answers 401 and
+/// closes the connection without reading the body.
 // The error is the finished HTTP answer; boxing it would buy nothing on this path.
 #[allow(clippy::result_large_err)]
-fn authenticate(state: &HubState, headers: &HeaderMap) -> Result<String, Response> {
+fn authenticate(
+    state: &HubState,
+    headers: &HeaderMap,
+    peer: Option<Peer>,
+) -> Result<String, Response> {
     state.authenticate(headers).ok_or_else(|| {
-        tracing::warn!("request with a missing or unknown credential");
-        text(
+        let peer = peer.map(|p| p.0.to_string()).unwrap_or_default();
+        tracing::warn!(%peer, "request with a missing or unknown credential");
+        closing(
             StatusCode::UNAUTHORIZED,
             "missing or unknown credential (Authorization: Bearer <token>)",
         )
@@ -499,64 +1132,95 @@ where
     })
 }
 
-/// Reads a request body of at most `limit` bytes. An oversized body is still read
-/// (and dropped) up to a bound, so the client receives the 413 instead of a reset
-/// connection; past the bound the connection is closed.
+/// Reads a request body of at most `limit` bytes within `timeout`. Past the limit or
+/// the time it stops reading and answers 413 or 408, closing the connection.
 #[allow(clippy::result_large_err)]
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, Response> {
     use http_body_util::BodyExt;
-    let drain_bound = limit.saturating_mul(4).max(limit + (8 << 20));
-    let mut body = body;
-    let mut buf = Vec::new();
-    let mut seen = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                return Err(text(
+    let read = async {
+        let mut body = body;
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                closing(
                     StatusCode::BAD_REQUEST,
                     format!("request body could not be read: {e}"),
-                ))
-            }
-        };
-        if let Ok(data) = frame.into_data() {
-            seen += data.len();
-            if seen <= limit {
+                )
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(closing(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("request body is over the length limit of {limit} bytes (hub.max_message_bytes)"),
+                    ));
+                }
                 buf.extend_from_slice(&data);
-            } else if seen > drain_bound {
-                break;
             }
         }
-    }
-    if seen > limit {
-        return Err(text(
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(closing(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body did not arrive within {} s (hub.body_timeout_secs)",
+                    timeout.as_secs()
+                ),
+            ))
+        })
+}
+
+/// One request: credential, declared length, buffer budget, body, request slot,
+/// then the engine (see the module header for the order and why).
+async fn endpoint(state: Arc<HubState>, req: Request, expect: &'static str) -> Response {
+    let (parts, body) = req.into_parts();
+    let peer = parts.extensions.get::<Peer>().copied();
+    // Connection tasks are spawned by us: name the node explicitly (journald NODE).
+    let span = tracing::info_span!("hub", node = %state.policy.node_id);
+    let child = match span.in_scope(|| authenticate(&state, &parts.headers, peer)) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let limit = state.limits.max_compressed;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return closing(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "request body is over the length limit of {limit} bytes (hub.max_message_bytes)"
             ),
-        ));
+        );
     }
-    Ok(Bytes::from(buf))
-}
-
-async fn endpoint(
-    state: Arc<HubState>,
-    headers: HeaderMap,
-    body: Body,
-    expect: &'static str,
-) -> Response {
-    let body = match read_body(body, state.limits.max_compressed).await {
+    let reserve = declared.map_or(limit, |n| n as usize);
+    let Some(budget) = state.gate.reserve_body(reserve) else {
+        span.in_scope(|| tracing::warn!(peer = %child, "request bodies in progress fill the buffer budget; answering 503"));
+        return busy(
+            format!("hub busy: too many request bodies in progress; retry after {BUSY_RETRY_AFTER_SECS} s"),
+            true,
+        );
+    };
+    let body = match read_body(body, limit, state.serving.body_timeout).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    // axum runs handlers on its own tasks: name the node explicitly (journald NODE).
-    let span = tracing::info_span!("hub", node = %state.policy.node_id);
+    let slot = match state.try_request_slot() {
+        Ok(s) => s,
+        Err(r) => {
+            span.in_scope(
+                || tracing::info!(peer = %child, "all request slots taken; answering 503"),
+            );
+            return busy(r.reason, false);
+        }
+    };
     blocking(move || {
         let _entered = span.enter();
-        let child = match authenticate(&state, &headers) {
-            Ok(c) => c,
-            Err(r) => return r,
-        };
+        let _held = (slot, budget);
         match state.answer(&child, &body, Some(expect)) {
             Ok(msg) => reply(&msg),
             Err(r) => text(
@@ -607,7 +1271,7 @@ pub async fn serve_mqtt(
                     tokio::spawn(tracing::Instrument::in_current_span(async move {
                         let c = child.clone();
                         let span = tracing::info_span!("hub", node = %state.policy.node_id);
-                        let answer = tokio::task::spawn_blocking(move || span.in_scope(|| state.answer(&c, &frame, None))).await;
+                        let answer = tokio::task::spawn_blocking(move || span.in_scope(|| state.answer_limited(&c, &frame, None))).await;
                         let env = match answer {
                             Ok(Ok(msg)) => match wire::encode(&msg) {
                                 Ok(frame) => Envelope::Answer { corr, frame },

@@ -14,5 +14,6 @@ pub mod model;
 pub mod sneakernet;
 pub mod store;
 pub mod synth;
+pub mod tls;
 pub mod transport;
 pub mod wire;

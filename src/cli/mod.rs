@@ -445,13 +445,7 @@ fn client(cfg: &Config) -> Result<HttpClient, Failure> {
         .parent
         .as_ref()
         .ok_or_else(|| Failure::new(EXIT_CONFIG, "this node has no [parent] to sync with"))?;
-    let token = config::read_token(&p.token_file).map_err(|e| {
-        Failure::new(
-            EXIT_CONFIG,
-            format!("parent.token_file {}: {e}", p.token_file.display()),
-        )
-    })?;
-    Ok(HttpClient::new(&p.url, token, cfg.timeout()))
+    HttpClient::for_parent(p, cfg.timeout()).map_err(|e| Failure::new(EXIT_CONFIG, e))
 }
 
 pub(crate) fn print_json(v: &impl serde::Serialize) {

@@ -1,9 +1,20 @@
 //! The child's side of HTTP: one `POST` per exchange with ureq, bearer credential,
-//! bounded response reads.
+//! bounded response reads, HTTPS with a private CA and an optional key pin
+//! ([`crate::tls`]).
 //!
 //! Errors say whether trying again can help: connection failures, timeouts, 5xx and
 //! 429 are retryable; other 4xx carry the parent's message and are permanent (a wrong
-//! credential, a frame the parent cannot read). Nothing here touches the store.
+//! credential, a frame the parent cannot read); a certificate problem
+//! ([`TransportError::Tls`]) is permanent and names what to fix. Nothing here touches
+//! the store.
+//!
+//! A busy hub (503 or 429 with `Retry-After: <seconds>`) is waited for *inside* the
+//! exchange: the client sleeps that long and sends again, at most
+//! [`BUSY_RETRIES`] times and never past the exchange's timeout. Only then does it
+//! give up with [`TransportError::Busy`], which carries the delay
+//! ([`TransportError::retry_after`]) and is retryable, so the daemon backs off as after
+//! any failed round. Waiting here rather than in the daemon keeps a round's pipelined
+//! batches and resumable transfers going instead of starting the round over.
 
 use std::io::Read;
 use std::time::Duration;
@@ -24,17 +35,44 @@ pub enum TransportError {
         sent: &'static str,
         got: &'static str,
     },
+    #[error("parent is busy (HTTP {status}, retry after {} s): {message}", retry_after.as_secs())]
+    Busy {
+        status: u16,
+        retry_after: Duration,
+        message: String,
+    },
+    #[error("cannot reach parent at {url} over TLS: {problem} (hint: {})", problem.hint())]
+    Tls {
+        url: String,
+        problem: crate::tls::TlsProblem,
+    },
 }
 
 impl TransportError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            TransportError::Unreachable { .. } => true,
+            TransportError::Unreachable { .. } | TransportError::Busy { .. } => true,
             TransportError::Status { status, .. } => *status >= 500 || *status == 429,
-            TransportError::Wire(_) | TransportError::Unexpected { .. } => false,
+            TransportError::Wire(_)
+            | TransportError::Unexpected { .. }
+            | TransportError::Tls { .. } => false,
+        }
+    }
+
+    /// How long the parent asked us to wait (`Retry-After`), when it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TransportError::Busy { retry_after, .. } => Some(*retry_after),
+            _ => None,
         }
     }
 }
+
+/// Sends of one exchange again after a busy answer, at most.
+pub const BUSY_RETRIES: u32 = 8;
+/// A `Retry-After` longer than this is treated as this (a confused or hostile parent
+/// must not park a clinic for hours).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// What one exchange moved, for link statistics and benchmarks.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,16 +86,30 @@ pub struct HttpClient {
     base: String,
     token: Secret,
     limits: Limits,
+    timeout: Duration,
 }
 
 impl HttpClient {
+    /// A client trusting the public web roots (plain `http://` needs nothing else).
     pub fn new(base: &str, token: Secret, timeout: Duration) -> HttpClient {
-        let agent = ureq::AgentBuilder::new()
+        HttpClient::with_tls(base, token, timeout, None)
+    }
+
+    /// A client whose HTTPS trust is `tls` (see [`crate::tls::client_config`]).
+    pub fn with_tls(
+        base: &str,
+        token: Secret,
+        timeout: Duration,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> HttpClient {
+        let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(15).min(timeout))
-            .timeout(timeout)
-            .build();
+            .timeout(timeout);
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls);
+        }
         HttpClient {
-            agent,
+            agent: builder.build(),
             base: base.trim_end_matches('/').to_string(),
             token,
             limits: Limits {
@@ -65,39 +117,87 @@ impl HttpClient {
                 max_decompressed: 256 << 20,
                 max_records: 100_000,
             },
+            timeout,
         }
     }
 
-    /// Sends `msg` to `path` and returns the parent's answer.
+    /// The client `[parent]` describes: its URL, credential file, `ca_file` and pin.
+    /// The error names the key to fix.
+    pub fn for_parent(
+        parent: &crate::config::ParentSection,
+        timeout: Duration,
+    ) -> Result<HttpClient, String> {
+        let token = crate::config::read_token(&parent.token_file)
+            .map_err(|e| format!("parent.token_file {}: {e}", parent.token_file.display()))?;
+        let tls = parent_tls(parent)?;
+        Ok(HttpClient::with_tls(&parent.url, token, timeout, tls))
+    }
+
+    fn transport_error(&self, t: ureq::Transport) -> TransportError {
+        match crate::tls::TlsProblem::find(&t) {
+            Some(problem) => TransportError::Tls {
+                url: self.base.clone(),
+                problem,
+            },
+            None => TransportError::Unreachable {
+                url: self.base.clone(),
+                message: t.to_string(),
+            },
+        }
+    }
+
+    /// Sends `msg` to `path` and returns the parent's answer, waiting out a busy
+    /// parent (see the module header).
     pub fn exchange(
         &self,
         path: &str,
         msg: &Message,
     ) -> Result<(Message, Traffic), TransportError> {
         let body = wire::encode(msg)?;
+        let started = std::time::Instant::now();
+        let mut tries = 0;
+        loop {
+            match self.send(path, &body) {
+                Err(TransportError::Busy {
+                    status,
+                    retry_after,
+                    message,
+                }) if tries < BUSY_RETRIES && started.elapsed() + retry_after < self.timeout => {
+                    tries += 1;
+                    tracing::info!(status, retry_after_s = retry_after.as_secs(), attempt = tries, reason = %message,
+                                   "parent busy; waiting as it asked");
+                    std::thread::sleep(retry_after);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn send(&self, path: &str, body: &[u8]) -> Result<(Message, Traffic), TransportError> {
         let url = format!("{}{}", self.base, path);
         let result = self
             .agent
             .post(&url)
             .set("Authorization", &format!("Bearer {}", self.token.expose()))
             .set("Content-Type", wire::CONTENT_TYPE)
-            .send_bytes(&body);
+            .send_bytes(body);
         let resp = match result {
             Ok(r) => r,
             Err(ureq::Error::Status(status, r)) => {
+                let retry_after = retry_after(&r);
                 let mut message = String::new();
                 let _ = r.into_reader().take(4096).read_to_string(&mut message);
-                return Err(TransportError::Status {
-                    status,
-                    message: message.trim().to_string(),
+                let message = message.trim().to_string();
+                return Err(match retry_after {
+                    Some(retry_after) if status == 503 || status == 429 => TransportError::Busy {
+                        status,
+                        retry_after,
+                        message,
+                    },
+                    _ => TransportError::Status { status, message },
                 });
             }
-            Err(ureq::Error::Transport(t)) => {
-                return Err(TransportError::Unreachable {
-                    url: self.base.clone(),
-                    message: t.to_string(),
-                })
-            }
+            Err(ureq::Error::Transport(t)) => return Err(self.transport_error(t)),
         };
         let mut bytes = Vec::new();
         resp.into_reader()
@@ -128,10 +228,33 @@ impl HttpClient {
                     status,
                     message: "health check failed".into(),
                 },
-                ureq::Error::Transport(t) => TransportError::Unreachable {
-                    url: self.base.clone(),
-                    message: t.to_string(),
-                },
+                ureq::Error::Transport(t) => self.transport_error(t),
             })
     }
+}
+
+/// `Retry-After` in seconds (the hub sends seconds; an HTTP date is not honoured and
+/// counts as absent), bounded by [`MAX_RETRY_AFTER`].
+fn retry_after(resp: &ureq::Response) -> Option<Duration> {
+    let secs: u64 = resp.header("Retry-After")?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+/// The TLS client config `[parent]` asks for, or `None` for the defaults.
+pub fn parent_tls(
+    parent: &crate::config::ParentSection,
+) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+    if parent.ca_file.is_none() && parent.pin_sha256.is_none() {
+        return Ok(None);
+    }
+    let pin = match &parent.pin_sha256 {
+        Some(text) => Some(
+            crate::tls::parse_pin(text)
+                .ok_or("parent.pin_sha256 must be 64 hex digits or 44 characters of base64")?,
+        ),
+        None => None,
+    };
+    crate::tls::client_config(parent.ca_file.as_deref(), pin)
+        .map(Some)
+        .map_err(|e| format!("parent.ca_file: {e}"))
 }
