@@ -389,7 +389,7 @@ impl TlsProblem {
         }
     }
 
-    /// Whether the handshake failed in a way only a person can fix.
+    /// Classifies a rustls error.
     pub fn from_rustls(e: &rustls::Error) -> TlsProblem {
         use rustls::Error as E;
         match e {
@@ -437,6 +437,71 @@ impl TlsProblem {
             cur = e.source();
         }
         None
+    }
+}
+
+/// Why [`peer_certificate`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{0}")]
+    Tls(TlsProblem),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0:?} is not a host name or address a certificate can name")]
+    Name(String),
+}
+
+/// Connects to `host:port`, completes a TLS handshake with `config` and returns the
+/// certificate the server presented (for `doctor`: its expiry and pin).
+pub fn peer_certificate(
+    host: &str,
+    port: u16,
+    config: Arc<ClientConfig>,
+    timeout: std::time::Duration,
+) -> Result<CertificateDer<'static>, ProbeError> {
+    use std::net::ToSocketAddrs;
+    let name =
+        ServerName::try_from(host.to_string()).map_err(|_| ProbeError::Name(host.to_string()))?;
+    let addr = (host, port).to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} does not resolve"),
+        )
+    })?;
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    let mut conn = rustls::ClientConnection::new(config, name)
+        .map_err(|e| ProbeError::Tls(TlsProblem::from_rustls(&e)))?;
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut sock) {
+            return Err(match TlsProblem::find(&e) {
+                Some(p) => ProbeError::Tls(p),
+                None => ProbeError::Io(e),
+            });
+        }
+    }
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned())
+        .ok_or_else(|| ProbeError::Tls(TlsProblem::Other("no certificate presented".into())))
+}
+
+/// `(host, port)` of an `https://host[:port]/…` URL.
+pub fn https_host_port(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("https://")?;
+    let authority = rest.split('/').next()?;
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None => 443,
+        };
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
+        None => Some((authority.to_string(), 443)),
     }
 }
 
@@ -522,6 +587,21 @@ mod tests {
         assert_eq!(parse_pin(&format!("sha256//{b64}")), Some(raw));
         assert_eq!(parse_pin("abc"), None);
         assert_eq!(parse_pin(&hex[..62]), None);
+    }
+
+    #[test]
+    fn https_urls_split_into_host_and_port() {
+        let hp = |u| https_host_port(u);
+        assert_eq!(
+            hp("https://hub.example.org:7070/x"),
+            Some(("hub.example.org".into(), 7070))
+        );
+        assert_eq!(
+            hp("https://hub.example.org"),
+            Some(("hub.example.org".into(), 443))
+        );
+        assert_eq!(hp("https://[::1]:8443"), Some(("::1".into(), 8443)));
+        assert_eq!(hp("http://hub:80"), None);
     }
 
     #[test]

@@ -1,5 +1,12 @@
 //! `clinicsync doctor`: checks a technician would otherwise do by hand, each
 //! answered OK, WARN or FAIL with a hint. Exit code 1 when anything FAILs.
+//!
+//! Certificates: a clinic's parent check speaks the TLS the sync does
+//! (`parent.ca_file`, `parent.pin_sha256`) and names a failed handshake in words
+//! (unknown CA, name mismatch, expired, pin mismatch, a plain-HTTP hub behind an
+//! `https://` URL, an HTTPS hub behind `http://`); when it succeeds it shows the
+//! hub certificate's expiry and pin. A hub with `hub.tls_*` checks its own pair
+//! (readable, key matches, expiry) and prints the pin clinics may use.
 
 use serde::Serialize;
 
@@ -263,6 +270,7 @@ fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
         }
     }
     if let Some(hub) = &cfg.hub {
+        hub_tls_check(hub, checks);
         let level = if hub.children.is_empty() {
             Level::Warn
         } else {
@@ -284,13 +292,124 @@ fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
     }
 }
 
+/// Days from now until a certificate's notAfter (negative once expired).
+fn days_left(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<i64> {
+    let end = crate::tls::not_after(cert)?;
+    Some((end - (wall_ms() / 1000) as i64).div_euclid(86_400))
+}
+
+/// A certificate's remaining validity as a check.
+fn expiry_check(what: &'static str, detail: String, days: Option<i64>) -> Check {
+    match days {
+        Some(d) if d < 0 => check(
+            Level::Fail,
+            what,
+            format!("{detail}; expired {} days ago", -d),
+            Some("renew the certificate on the hub, then `systemctl reload clinicsync` there"),
+        ),
+        Some(d) if d < 21 => check(
+            Level::Warn,
+            what,
+            format!("{detail}; expires in {d} days"),
+            Some("renew the certificate on the hub soon, then `systemctl reload clinicsync` there"),
+        ),
+        Some(d) => check(
+            Level::Ok,
+            what,
+            format!("{detail}; expires in {d} days"),
+            None,
+        ),
+        None => check(Level::Ok, what, detail, None),
+    }
+}
+
+/// The hub's own certificate and key (`hub.tls_*`).
+fn hub_tls_check(hub: &crate::config::HubSection, checks: &mut Vec<Check>) {
+    let (Some(cert), Some(key)) = (&hub.tls_cert_file, &hub.tls_key_file) else {
+        return;
+    };
+    match crate::tls::ServerTls::load(cert, key) {
+        Ok(tls) => {
+            let first = crate::tls::load_certs(cert).ok().and_then(|c| c.into_iter().next());
+            let detail = format!(
+                "HTTPS with {}; clinics may pin parent.pin_sha256 = \"{}\"",
+                cert.display(),
+                tls.pin().unwrap_or_default()
+            );
+            checks.push(expiry_check("tls", detail, first.as_ref().and_then(days_left)));
+        }
+        Err(e) => checks.push(check(
+            Level::Fail,
+            "tls",
+            e.to_string(),
+            Some("hub.tls_cert_file must hold the PEM chain (server certificate first) and hub.tls_key_file its PEM key"),
+        )),
+    }
+}
+
+/// How a failed health check reads to a technician.
+fn parent_failure(url: &str, parent_url: &str, e: ureq::Error) -> Check {
+    match e {
+        ureq::Error::Transport(t) => match crate::tls::TlsProblem::find(&t) {
+            Some(problem) => check(
+                Level::Fail,
+                "tls",
+                format!("{parent_url}: {problem}"),
+                Some(problem.hint()),
+            ),
+            None => check(
+                Level::Fail,
+                "parent",
+                format!("{url}: {t}"),
+                Some("check the link (ping, modem) and parent.url"),
+            ),
+        },
+        ureq::Error::Status(status, resp) => {
+            let mut body = String::new();
+            let _ = std::io::Read::read_to_string(
+                &mut std::io::Read::take(resp.into_reader(), 4096),
+                &mut body,
+            );
+            if body.contains("serves HTTPS") {
+                check(
+                    Level::Fail,
+                    "tls",
+                    format!("{parent_url}: the hub serves HTTPS but parent.url says http://"),
+                    Some("use https:// in parent.url (and parent.ca_file for a private CA)"),
+                )
+            } else {
+                check(
+                    Level::Fail,
+                    "parent",
+                    format!("{url}: HTTP {status}: {}", body.trim()),
+                    Some("check parent.url: it must name the hub's address and port"),
+                )
+            }
+        }
+    }
+}
+
 fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &mut Vec<Check>) {
     if cfg.transport.kind == TransportKind::Mqtt {
         return;
     }
-    let agent = ureq::AgentBuilder::new()
-        .timeout(std::time::Duration::from_secs(15))
-        .build();
+    let tls = match crate::transport::http::parent_tls(parent) {
+        Ok(t) => t,
+        Err(e) => {
+            checks.push(check(
+                Level::Fail,
+                "tls",
+                e,
+                Some("parent.ca_file must hold the PEM certificate of the CA that signed the hub's certificate"),
+            ));
+            return;
+        }
+    };
+    let mut builder = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(15));
+    if let Some(t) = &tls {
+        builder = builder.tls_config(t.clone());
+    }
+    let agent = builder.build();
     let url = format!("{}/v1/health", parent.url.trim_end_matches('/'));
     let t0 = wall_ms();
     match agent.get(&url).call() {
@@ -327,13 +446,45 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
             }
         }
         Err(e) => {
-            checks.push(check(
-                Level::Fail,
-                "parent",
-                format!("{url}: {e}"),
-                Some("check the link (ping, modem) and parent.url"),
-            ));
+            checks.push(parent_failure(&url, &parent.url, e));
             return;
+        }
+    }
+    if let Some((host, port)) = crate::tls::https_host_port(&parent.url) {
+        let config = match &tls {
+            Some(t) => Ok(t.clone()),
+            None => crate::tls::client_config(None, None),
+        };
+        let trust = match (&parent.ca_file, &parent.pin_sha256) {
+            (Some(ca), Some(_)) => format!("signed by {}, key pinned", ca.display()),
+            (Some(ca), None) => format!("signed by {}", ca.display()),
+            (None, Some(_)) => "signed by a public CA, key pinned".to_string(),
+            (None, None) => "signed by a public CA".to_string(),
+        };
+        if let Ok(config) = config {
+            match crate::tls::peer_certificate(
+                &host,
+                port,
+                config,
+                std::time::Duration::from_secs(15),
+            ) {
+                Ok(cert) => {
+                    let pin = crate::tls::spki_sha256(&cert)
+                        .map(|p| crate::tls::pin_text(&p))
+                        .unwrap_or_default();
+                    checks.push(expiry_check(
+                        "tls",
+                        format!("hub certificate {trust} (pin {pin})"),
+                        days_left(&cert),
+                    ));
+                }
+                Err(e) => checks.push(check(
+                    Level::Warn,
+                    "tls",
+                    format!("could not read the hub's certificate: {e}"),
+                    None,
+                )),
+            }
         }
     }
     let token = match crate::config::read_token(&parent.token_file) {
@@ -348,10 +499,11 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
             return;
         }
     };
-    let client = crate::transport::http::HttpClient::new(
+    let client = crate::transport::http::HttpClient::with_tls(
         &parent.url,
         token,
         std::time::Duration::from_secs(20),
+        tls,
     );
     let probe = crate::wire::Message::PullRequest(crate::wire::PullRequest {
         node: cfg.node.id.clone(),
