@@ -1179,7 +1179,11 @@ async fn endpoint(state: Arc<HubState>, req: Request, expect: &'static str) -> R
     let peer = parts.extensions.get::<Peer>().copied();
     // Connection tasks are spawned by us: name the node explicitly (journald NODE).
     let span = tracing::info_span!("hub", node = %state.policy.node_id);
-    let child = match span.in_scope(|| authenticate(&state, &parts.headers, peer)) {
+    let authenticated = {
+        let _entered = span.enter();
+        authenticate(&state, &parts.headers, peer)
+    };
+    let child = match authenticated {
         Ok(c) => c,
         Err(r) => return r,
     };
