@@ -759,8 +759,8 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                     );
                 }
                 println!(
-                    "{} bundle from {} imported: {} records applied, {} receipts, {} records pulled",
-                    r.kind, r.sender, r.records_applied, r.receipts, r.pulled
+                    "{} bundle from {} imported: {} records applied ({} refused), {} receipts, {} records pulled",
+                    r.kind, r.sender, r.records_applied, r.records_refused, r.receipts, r.pulled
                 );
                 for p in &r.return_parts {
                     println!("return bundle: {}", p.display());
