@@ -697,10 +697,9 @@ pub fn handle_push(
         let checked = validate(policy, child, rec, now_ms).and_then(|v| {
             authorize(&tx, policy, child, &v)
                 .map(|g| (v, g))
-                .map_err(|e| {
-                    // Refusals that depend on what the hub holds are logged only here.
+                .inspect_err(|e| {
+                    // A refusal at the trust boundary is worth a line in the log.
                     tracing::warn!(peer = %child, record = %format!("{kind}/{id}"), reason = %e.0, "push refused");
-                    e
                 })
         });
         let outcome = match checked {
