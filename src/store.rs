@@ -703,6 +703,15 @@ impl Store {
             .is_none())
     }
 
+    /// (node, patient, reason) rows of the catchment, of one node or all.
+    pub fn catchment_list(&self, node: Option<&str>) -> Result<Vec<(String, String, String)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT node, patient, reason FROM catchment WHERE ?1 IS NULL OR node=?1 ORDER BY node, patient",
+        )?;
+        let rows = stmt.query_map([node], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
     pub fn in_catchment(&self, node: &str, patient: &str) -> Result<bool> {
         Ok(self
             .conn
@@ -1763,6 +1772,15 @@ impl Tx<'_> {
             )?
             .execute(params![node, patient, seq as i64, reason])?;
         Ok(true)
+    }
+
+    /// Takes a patient out of a node's catchment, whatever put it there.
+    pub fn remove_from_catchment(&mut self, node: &str, patient: &str) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("DELETE FROM catchment WHERE node=?1 AND patient=?2")?
+            .execute([node, patient])?
+            > 0)
     }
 
     /// Removes rule-derived memberships of `patient` for nodes not in `keep`.

@@ -686,3 +686,63 @@ fn over_usb_a_clinic_cannot_write_for_another_clinics_patient() {
     );
     assert_eq!(catchment(&h, "clinic-a"), vec!["pa".to_string()]);
 }
+
+#[test]
+fn a_patient_moves_to_another_clinic_only_by_the_hubs_audited_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, a, mut b) = network(dir.path());
+    b_has_a_patient(&mut b);
+    let config = dir.path().join("hub.toml");
+    let mut text = format!(
+        "[node]\nid = \"hub\"\nstore = \"{}\"\n[hub]\nlisten = \"127.0.0.1:0\"\n",
+        hub.store_path.display()
+    );
+    for n in ["a", "b"] {
+        text.push_str(&format!(
+            "[[hub.children]]\nnode = \"{n}\"\ntoken_sha256 = \"{}\"\n",
+            clinicsync::hub::token_hash(&hub.token(n))
+        ));
+    }
+    std::fs::write(&config, text).unwrap();
+    let refused = cli(&config, &["catchment", "add", "nobody", "pb"]);
+    assert_eq!(refused.status.code(), Some(7));
+    let audit_before = hub.store().counts().unwrap().audit;
+    ok(cli(&config, &["catchment", "add", "a", "Patient/pb"]));
+    assert_eq!(hub.store().counts().unwrap().audit, audit_before + 1);
+    let listed = ok(cli(&config, &["catchment", "list", "a"]));
+    assert!(
+        listed.contains("Patient/pb") && listed.contains("granted"),
+        "{listed}"
+    );
+    // a now receives pb's whole compartment and may write for it.
+    let got = pull_all(&a.client, "a");
+    for r in ["pb", "eb", "ob"] {
+        assert!(got.iter().any(|w| w.id == r), "{r} was not backfilled to a");
+    }
+    let resp = push(
+        &a.client,
+        "a",
+        vec![forged(
+            observation("oa", "pb", "x"),
+            "a",
+            &[("a", 1)],
+            wall_ms(),
+            false,
+        )],
+    );
+    assert_eq!(resp.results[0].outcome, Outcome::Accepted, "{resp:?}");
+    // Removed again: a's writes are refused once more.
+    ok(cli(&config, &["catchment", "remove", "a", "pb"]));
+    let resp = push(
+        &a.client,
+        "a",
+        vec![forged(
+            observation("oa2", "pb", "y"),
+            "a",
+            &[("a", 1)],
+            wall_ms(),
+            false,
+        )],
+    );
+    rejected(&resp, 0, "not in the catchment of a");
+}
