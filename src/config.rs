@@ -179,9 +179,37 @@ pub struct ParentSection {
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// SHA-256 of the hub certificate's SubjectPublicKeyInfo (hex or base64), checked
-    /// in addition to the chain. See [`crate::tls`] for the openssl command.
+    /// in addition to the chain; a list accepts any of its pins (the current key and
+    /// the next, while the hub's key is rotated). See [`crate::tls`] for the openssl
+    /// command.
     #[serde(default)]
-    pub pin_sha256: Option<String>,
+    pub pin_sha256: Option<Pins>,
+}
+
+/// One pin or several (`pin_sha256 = "…"` or `pin_sha256 = ["…", "…"]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Pins {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Pins {
+    pub fn texts(&self) -> Vec<&str> {
+        match self {
+            Pins::One(p) => vec![p.as_str()],
+            Pins::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// Every pin parsed, or `None` if one does not parse or there are none.
+    pub fn parse(&self) -> Option<Vec<[u8; 32]>> {
+        let texts = self.texts();
+        if texts.is_empty() {
+            return None;
+        }
+        texts.into_iter().map(crate::tls::parse_pin).collect()
+    }
 }
 
 impl std::fmt::Debug for ParentSection {
@@ -375,9 +403,9 @@ impl Config {
                 p.push("parent.token_file must name the credential file".into());
             }
             let https = parent.url.starts_with("https://");
-            if let Some(pin) = &parent.pin_sha256 {
-                if crate::tls::parse_pin(pin).is_none() {
-                    p.push("parent.pin_sha256 must be a SHA-256: 64 hex digits or 44 characters of base64".into());
+            if let Some(pins) = &parent.pin_sha256 {
+                if pins.parse().is_none() {
+                    p.push("parent.pin_sha256 must be a SHA-256 (64 hex digits or 44 characters of base64), or a non-empty list of them".into());
                 }
                 if !https {
                     p.push("parent.pin_sha256 needs an https:// parent.url".into());
@@ -764,6 +792,67 @@ mod tests {
         ] {
             assert!(err.contains(needle), "{needle} missing from: {err}");
         }
+    }
+
+    #[test]
+    fn tls_and_connection_limit_keys_are_checked() {
+        let text = r#"
+            [node]
+            id = "a"
+            store = "x.db"
+            [parent]
+            url = "http://hub:7070"
+            token_file = "t"
+            ca_file = "ca.pem"
+            pin_sha256 = "not-a-pin"
+            [hub]
+            listen = "127.0.0.1:7070"
+            max_connections = 0
+            header_timeout_secs = 0
+            max_concurrent_requests = 0
+            tls_cert_file = "hub.crt"
+        "#;
+        let err = Config::parse(text, Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "parent.ca_file needs an https://",
+            "parent.pin_sha256 must be a SHA-256",
+            "parent.pin_sha256 needs an https://",
+            "hub.max_connections",
+            "hub.header_timeout_secs",
+            "hub.max_concurrent_requests",
+            "hub.tls_cert_file and hub.tls_key_file go together",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+        let pin = "A".repeat(43) + "=";
+        let ok = format!(
+            "[node]\nid = \"a\"\nstore = \"x.db\"\n[parent]\nurl = \"https://hub:7070\"\ntoken_file = \"t\"\npin_sha256 = [\"{pin}\", \"{}\"]\n[hub]\nlisten = \"127.0.0.1:7070\"\n",
+            "ab".repeat(32)
+        );
+        let cfg = Config::parse(&ok, Path::new("c.toml")).unwrap();
+        assert_eq!(
+            cfg.parent
+                .unwrap()
+                .pin_sha256
+                .unwrap()
+                .parse()
+                .unwrap()
+                .len(),
+            2
+        );
+        let hub = cfg.hub.unwrap();
+        assert_eq!(
+            (
+                hub.max_connections,
+                hub.header_timeout_secs,
+                hub.idle_timeout_secs,
+                hub.body_timeout_secs
+            ),
+            (512, 10, 60, 120)
+        );
+        assert!(hub.concurrent_requests() >= 2);
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //!   not trusted beside it, so a public CA's mistake cannot impersonate a private
 //!   hub. Without `ca_file` the public web roots (webpki-roots) are used, as before.
 //!   `parent.pin_sha256` (SHA-256 of the hub certificate's SubjectPublicKeyInfo, hex
-//!   or base64) is checked *in addition to* the chain, after it: a pinned hub must
-//!   still present a valid certificate for its name.
+//!   or base64; one or a list, any of which matches) is checked *in addition to* the
+//!   chain, after it: a pinned hub must still present a valid certificate for its
+//!   name. A list lets clinics accept the hub's next key before it is switched to.
 //! - Errors: [`TlsError`] for files and keys (permanent: a person must fix a file);
 //!   [`TlsProblem`] classifies a failed handshake (unknown CA, name mismatch, expired,
 //!   pin mismatch, a plain-HTTP hub behind an `https://` URL) with a hint.
@@ -234,7 +235,8 @@ pub struct PinMismatch {
 #[derive(Debug)]
 struct HubVerifier {
     inner: Arc<WebPkiServerVerifier>,
-    pin: Option<[u8; 32]>,
+    /// Empty: no pinning.
+    pins: Vec<[u8; 32]>,
 }
 
 impl ServerCertVerifier for HubVerifier {
@@ -253,10 +255,10 @@ impl ServerCertVerifier for HubVerifier {
             ocsp_response,
             now,
         )?;
-        if let Some(pin) = &self.pin {
+        if !self.pins.is_empty() {
             let presented = spki_sha256(end_entity)?;
             // Not secret: a pin is a public key's hash; a plain comparison is fine.
-            if &presented != pin {
+            if !self.pins.contains(&presented) {
                 return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                     OtherError(Arc::new(PinMismatch {
                         presented: pin_text(&presented),
@@ -291,10 +293,10 @@ impl ServerCertVerifier for HubVerifier {
 }
 
 /// The child's TLS client config: roots from `ca_file` only (or the public web roots
-/// without it), and the pin when given.
+/// without it), and the pins when any are given (the hub's key must match one).
 pub fn client_config(
     ca_file: Option<&Path>,
-    pin: Option<[u8; 32]>,
+    pins: &[[u8; 32]],
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
@@ -318,7 +320,10 @@ pub fn client_config(
         .map_err(TlsError::Setup)?
         .dangerous()
         // Not a weakened check: HubVerifier runs webpki's full verification first.
-        .with_custom_certificate_verifier(Arc::new(HubVerifier { inner, pin }))
+        .with_custom_certificate_verifier(Arc::new(HubVerifier {
+            inner,
+            pins: pins.to_vec(),
+        }))
         .with_no_client_auth();
     Ok(Arc::new(config))
 }

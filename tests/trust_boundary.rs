@@ -621,7 +621,7 @@ fn tls_client(url: &str, token: &str, ca: Option<&Path>, pin: Option<[u8; 32]>) 
     let config = if ca.is_none() && pin.is_none() {
         None
     } else {
-        Some(tls::client_config(ca, pin).unwrap())
+        Some(tls::client_config(ca, pin.as_slice()).unwrap())
     };
     HttpClient::with_tls(
         url,
@@ -659,6 +659,15 @@ fn a_clinic_syncs_with_an_https_hub_signed_by_a_private_ca() {
         hub.state.serving().tls.as_ref().unwrap().pin(),
         Some(tls::pin_text(&pin))
     );
+
+    // A list of pins (the current key and the next, during a rotation) accepts either.
+    let rotating = HttpClient::with_tls(
+        &hub.url,
+        Secret::new(a.token.clone()),
+        Duration::from_secs(10),
+        Some(tls::client_config(Some(&pki.ca_file()), &[[7u8; 32], pin]).unwrap()),
+    );
+    rotating.exchange("/v1/pull", &pull_request("a")).unwrap();
 
     // No ca_file: the public roots do not know the private CA.
     let plain_roots = tls_client(&hub.url, &a.token, None, None);

@@ -453,7 +453,7 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
     if let Some((host, port)) = crate::tls::https_host_port(&parent.url) {
         let config = match &tls {
             Some(t) => Ok(t.clone()),
-            None => crate::tls::client_config(None, None),
+            None => crate::tls::client_config(None, &[]),
         };
         let trust = match (&parent.ca_file, &parent.pin_sha256) {
             (Some(ca), Some(_)) => format!("signed by {}, key pinned", ca.display()),

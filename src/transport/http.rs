@@ -247,14 +247,13 @@ pub fn parent_tls(
     if parent.ca_file.is_none() && parent.pin_sha256.is_none() {
         return Ok(None);
     }
-    let pin = match &parent.pin_sha256 {
-        Some(text) => Some(
-            crate::tls::parse_pin(text)
-                .ok_or("parent.pin_sha256 must be 64 hex digits or 44 characters of base64")?,
-        ),
-        None => None,
+    let pins = match &parent.pin_sha256 {
+        Some(p) => p.parse().ok_or(
+            "parent.pin_sha256 must be 64 hex digits or 44 characters of base64 (or a list of them)",
+        )?,
+        None => Vec::new(),
     };
-    crate::tls::client_config(parent.ca_file.as_deref(), pin)
+    crate::tls::client_config(parent.ca_file.as_deref(), &pins)
         .map(Some)
         .map_err(|e| format!("parent.ca_file: {e}"))
 }
