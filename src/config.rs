@@ -285,7 +285,10 @@ pub struct HubSection {
     /// the end of the request's headers, TLS handshake included.
     #[serde(default = "default_header_timeout")]
     pub header_timeout_secs: u64,
-    /// A kept-alive connection with no request and no bytes moving is closed after this.
+    /// A kept-alive connection with no request and no bytes moving is closed after
+    /// this. Half the clinics' default `sync.interval_secs`: connections live through
+    /// a round and are gone between rounds, so a clinic never sends into a connection
+    /// the hub is closing, and idle clinics do not hold connection slots.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
     /// The whole request body must arrive within this (408 otherwise).
@@ -326,7 +329,7 @@ fn default_header_timeout() -> u64 {
     10
 }
 fn default_idle_timeout() -> u64 {
-    60
+    30
 }
 fn default_body_timeout() -> u64 {
     120
@@ -850,7 +853,7 @@ mod tests {
                 hub.idle_timeout_secs,
                 hub.body_timeout_secs
             ),
-            (512, 10, 60, 120)
+            (512, 10, 30, 120)
         );
         assert!(hub.concurrent_requests() >= 2);
     }

@@ -291,7 +291,7 @@ impl Default for ServeOptions {
         ServeOptions {
             max_connections: 512,
             header_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(120),
             max_concurrent_requests: std::thread::available_parallelism()
                 .map(|n| n.get() * 2)
