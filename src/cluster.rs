@@ -51,7 +51,7 @@ pub fn write_layout(
     for (id, district) in clinics {
         let token = crate::cli::new_token();
         let token_file = dir.join(format!("{id}.token"));
-        std::fs::write(&token_file, format!("{token}\n"))?;
+        crate::filemode::write_private(&token_file, format!("{token}\n").as_bytes())?;
         hub_toml.push_str(&format!(
             "\n[[hub.children]]\nnode = \"{id}\"\ntoken_sha256 = \"{}\"\n\n[[hub.catchment]]\nnode = \"{id}\"\npath = \"address.district\"\nequals = \"{district}\"\n",
             crate::hub::token_hash(&token)

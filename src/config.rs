@@ -5,6 +5,9 @@
 //! `[sync]` (intervals, batch sizes, backoff), `[hub]` (present when the node serves
 //! children: listen address, limits, children and their credential hashes, catchment
 //! rules). `packaging/clinicsync.toml` is the commented example.
+//! Credential files (`parent.token_file`, `mqtt.password_file`,
+//! `emr.credentials_file`) are read only if private to their owner (no group or
+//! world bits; see [`crate::filemode`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -433,6 +436,8 @@ impl Config {
     pub fn emr_adapter(&self) -> Result<Option<Box<dyn crate::emr::Emr>>, String> {
         let e = &self.emr;
         let credentials = || -> Result<(String, Secret), String> {
+            crate::filemode::check_credential(&e.credentials_file)
+                .map_err(|err| format!("emr.credentials_file: {err}"))?;
             let text = std::fs::read_to_string(&e.credentials_file).map_err(|err| {
                 format!(
                     "emr.credentials_file {}: {err}",
@@ -557,8 +562,10 @@ pub fn in_window(window: (u32, u32), ms: u64) -> bool {
     }
 }
 
-/// Reads a credential file: the first line, trimmed. Never logged.
+/// Reads a credential file: the first line, trimmed. Never logged. A file with any
+/// group or world permission bits is refused ([`crate::filemode::check_credential`]).
 pub fn read_token(path: &Path) -> Result<Secret, std::io::Error> {
+    crate::filemode::check_credential(path)?;
     let text = std::fs::read_to_string(path)?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
     if token.is_empty() {

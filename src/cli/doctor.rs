@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::{Failure, EXIT_FAILURE};
 use crate::config::{Config, TransportKind};
 use crate::store::{wall_ms, Store};
+use crate::textsafe::safe;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Level {
@@ -121,9 +122,10 @@ pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
                 Level::Warn => "WARN",
                 Level::Fail => "FAIL",
             };
-            println!("{level}  {:<10} {}", c.what, c.detail);
+            // Details quote the parent, the broker and the EMR: no escape sequences.
+            println!("{level}  {:<10} {}", c.what, safe(&c.detail));
             if let Some(h) = &c.hint {
-                println!("      {:<10} hint: {h}", "");
+                println!("      {:<10} hint: {}", "", safe(h));
             }
         }
     }
