@@ -892,6 +892,177 @@ mod tests {
             .ends_with(".tmp")));
     }
 
+    /// Item `i` of a test bundle: numbers zstd cannot shrink, so parts fill up.
+    fn item(i: u64) -> Item {
+        let x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Item::PullState {
+            cursor: Cursor {
+                eff: x,
+                seq: x.rotate_left(17),
+            },
+            include_own: false,
+        }
+    }
+
+    /// A genuine bundle from "a" to "hub" of `n` items, in parts of `part_size`.
+    fn genuine(dir: &Path, n: u64, part_size: u64) -> (Identity, Identity, Vec<PathBuf>) {
+        let a = Identity::init(&dir.join("ka"), "a").unwrap();
+        let hub = Identity::init(&dir.join("kh"), "hub").unwrap();
+        let stick = dir.join("stick");
+        std::fs::create_dir_all(&stick).unwrap();
+        let mut w =
+            BundleWriter::create(&stick.join("b.csb"), header(part_size), &a, &hub.public())
+                .unwrap();
+        for i in 0..n {
+            w.write(&item(i)).unwrap();
+        }
+        (a, hub, w.finish().unwrap())
+    }
+
+    fn all_items(v: &VerifiedBundle, me: &Identity) -> Vec<Item> {
+        let mut r = v.items(me).unwrap();
+        let mut out = Vec::new();
+        while let Some(i) = r.next_item().unwrap() {
+            out.push(i);
+        }
+        out
+    }
+
+    /// The decrypted (still compressed) payload of a bundle's bytes, read as a
+    /// reader that trusts whatever the stick holds would read it.
+    fn plaintext(bytes: &[u8], start: usize, len: usize, me: &Identity) -> Vec<u8> {
+        let dec = age::Decryptor::new(&bytes[start..start + len]).unwrap();
+        let id: &dyn age::Identity = &me.age;
+        let mut out = Vec::new();
+        dec.decrypt(std::iter::once(id))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    /// What anyone can make with the hub's public key alone: `items`, compressed
+    /// and encrypted to the hub, exactly `cipher_len` bytes long (a zstd skippable
+    /// frame pads the plaintext; age's random grease stanza is retried until the
+    /// lengths line up).
+    fn forged_payload(items: &[Item], cipher_len: usize, hub: &PublicKeys) -> Vec<u8> {
+        let mut cbor = Vec::new();
+        for i in items {
+            ciborium::ser::into_writer(i, &mut cbor).unwrap();
+        }
+        let packed = zstd::encode_all(cbor.as_slice(), 3).unwrap();
+        let mut guess = cipher_len / 2;
+        for _ in 0..100_000 {
+            let mut plain = packed.clone();
+            let pad = guess.checked_sub(packed.len() + 8).expect("room to pad");
+            plain.extend(0x184D_2A50u32.to_le_bytes());
+            plain.extend((pad as u32).to_le_bytes());
+            plain.extend(std::iter::repeat(0u8).take(pad));
+            let r: &dyn age::Recipient = &hub.age;
+            let enc = age::Encryptor::with_recipients(std::iter::once(r)).unwrap();
+            let mut out = Vec::new();
+            let mut w = enc.wrap_output(&mut out).unwrap();
+            w.write_all(&plain).unwrap();
+            w.finish().unwrap();
+            if out.len() == cipher_len {
+                return out;
+            }
+            guess = (guess as i64 + cipher_len as i64 - out.len() as i64) as usize;
+        }
+        panic!("could not forge a payload of {cipher_len} bytes");
+    }
+
+    #[test]
+    fn a_bundle_swapped_on_the_stick_after_verification_is_never_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, hub, parts) = genuine(dir.path(), 300, 0);
+        let trusted = |n: &str| (n == "a").then(|| a.public());
+        let bytes = std::fs::read(&parts[0]).unwrap();
+        let v = verify(&parts[0], "hub", &trusted, &dir.path().join("import-tmp")).unwrap();
+        let (start, len) = (v.payload_start as usize, v.payload_len as usize);
+
+        // Between verification and decryption the stick now holds the same header,
+        // then a payload of the same length that anyone could have encrypted to the
+        // hub, then the genuine trailer.
+        let evil = Item::PullState {
+            cursor: Cursor {
+                eff: 666_666,
+                seq: 666_666,
+            },
+            include_own: true,
+        };
+        let forged = forged_payload(&[evil.clone(), Item::End { items: 1 }], len, &hub.public());
+        let mut swapped = bytes[..start].to_vec();
+        swapped.extend(&forged);
+        swapped.extend(&bytes[start + len..]);
+        assert_eq!(swapped.len(), bytes.len());
+        std::fs::write(&parts[0], &swapped).unwrap();
+        // A second pass over the stick would decrypt the forgery without complaint.
+        let forged_plain = plaintext(&swapped, start, len, &hub);
+        let mut z = zstd::stream::read::Decoder::new(forged_plain.as_slice()).unwrap();
+        let first: Item = ciborium::de::from_reader(&mut z).unwrap();
+        assert_eq!(first, evil, "the forgery is valid age to the hub");
+
+        let got = all_items(&v, &hub);
+        assert_eq!(got.len(), 300, "every signed item, and only those");
+        assert!(!got.contains(&evil), "the swapped-in payload was applied");
+        assert_eq!(got[0], item(0));
+        // And the swapped stick verifies no more.
+        assert!(matches!(
+            verify(&parts[0], "hub", &trusted, &dir.path().join("import-tmp")),
+            Err(BundleError::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn a_part_swapped_while_the_bundle_is_being_read_fails_the_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, hub, parts) = genuine(dir.path(), 1000, 4096);
+        assert!(parts.len() >= 3, "{parts:?}");
+        let trusted = |n: &str| (n == "a").then(|| a.public());
+        // The same bundle written again: the same header, another encryption of the
+        // same content (another file key), so its parts are valid age ciphertext to
+        // the hub but not the signed bytes.
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        let mut w =
+            BundleWriter::create(&other.join("b.csb"), header(4096), &a, &hub.public()).unwrap();
+        for i in 0..1000 {
+            w.write(&item(i)).unwrap();
+        }
+        let other_parts = w.finish().unwrap();
+        let private = dir.path().join("import-tmp");
+        let mut swap = |i: usize| {
+            if i == 0 {
+                std::fs::copy(&other_parts[1], &parts[1]).unwrap();
+            }
+        };
+        let r = verify_with(&parts[0], "hub", &trusted, &private, &mut swap);
+        assert!(
+            matches!(r, Err(BundleError::BadSignature(_))),
+            "{:?}",
+            r.err()
+        );
+        // Nothing of the copy is left in the private directory.
+        assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_private_copy_lives_in_a_0700_directory_and_has_no_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, hub, parts) = genuine(dir.path(), 10, 0);
+        let trusted = |n: &str| (n == "a").then(|| a.public());
+        let private = dir.path().join("store-dir/import-tmp");
+        let v = verify(&parts[0], "hub", &trusted, &private).unwrap();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0);
+        let mode = v.copy.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(all_items(&v, &hub).len(), 10);
+    }
+
     #[test]
     fn an_unfinished_bundle_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
