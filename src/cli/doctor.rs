@@ -1,5 +1,8 @@
 //! `clinicsync doctor`: checks a technician would otherwise do by hand, each
 //! answered OK, WARN or FAIL with a hint. Exit code 1 when anything FAILs.
+//! Credential files are checked (and refused when others may read them) even when
+//! the parent is out of reach. Details quote peers and EMRs, so the human output
+//! goes through [`crate::textsafe::safe`].
 
 use serde::Serialize;
 
@@ -290,6 +293,20 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
     if cfg.transport.kind == TransportKind::Mqtt {
         return;
     }
+    // The credential file is checked even when the parent is out of reach: a file
+    // others can read is a problem whatever the link does.
+    let token = match crate::config::read_token(&parent.token_file) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            checks.push(check(
+                Level::Fail,
+                "credential",
+                format!("{}: {e}", parent.token_file.display()),
+                None,
+            ));
+            None
+        }
+    };
     let agent = ureq::AgentBuilder::new()
         .timeout(std::time::Duration::from_secs(15))
         .build();
@@ -338,17 +355,8 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
             return;
         }
     }
-    let token = match crate::config::read_token(&parent.token_file) {
-        Ok(t) => t,
-        Err(e) => {
-            checks.push(check(
-                Level::Fail,
-                "credential",
-                format!("{}: {e}", parent.token_file.display()),
-                None,
-            ));
-            return;
-        }
+    let Some(token) = token else {
+        return;
     };
     let client = crate::transport::http::HttpClient::new(
         &parent.url,

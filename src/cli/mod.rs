@@ -2,6 +2,10 @@
 //! store directly (WAL lets them run beside the daemon) and answer fast; listings
 //! also come as `--json`.
 //!
+//! Every human (non-JSON) output passes text that may come from a peer, an EMR or a
+//! file through [`crate::textsafe::safe`], so no terminal escape sequence or forged
+//! line reaches the technician; `--json` output is escaped by serde_json.
+//!
 //! Exit codes: 0 success · 1 failure · 2 usage error · 3 invalid configuration ·
 //! 4 store problem · 5 parent unreachable or refused · 6 audit chain broken ·
 //! 7 record not found · 8 USB bundle refused (tampered, truncated, untrusted,
