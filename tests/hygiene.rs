@@ -81,10 +81,7 @@ fn credential_files_open_to_others_are_refused_naming_file_mode_and_fix() {
         "the layout writes it private"
     );
 
-    // 0600: the credential is read, and the sync fails only on the link (port 1).
-    let (_, err) = text(&run(clinic, &["sync"]));
-    assert!(!err.contains("chmod"), "{err}");
-
+    // Refused before any connection is attempted (the link would fail later).
     chmod(&token, 0o644);
     let out = run(clinic, &["sync"]);
     let (_, err) = text(&out);
@@ -121,11 +118,14 @@ fn credential_files_open_to_others_are_refused_naming_file_mode_and_fix() {
             "{f} {mode}:\n{o}"
         );
     }
-    for f in [&token, &pw, &cred] {
+    // Private again (0600, or 0400): read, and doctor goes on to the link (port 1).
+    for f in [&token, &pw] {
         chmod(f, 0o600);
     }
+    chmod(&cred, 0o400);
     let (o, _) = text(&run(clinic, &["doctor"]));
     assert!(!o.contains("chmod"), "{o}");
+    assert!(o.contains("FAIL  parent"), "{o}");
 }
 
 #[test]
