@@ -1,6 +1,7 @@
 //! A local network of nodes on 127.0.0.1 as real processes: writes each node's
 //! configuration and credentials, starts `clinicsync run`, waits for health, stops
 //! with SIGTERM or kills with SIGKILL. Used by `demo`, `bench` and the scenario tests.
+//! Credential files are written 0600, as a node requires of them ([`crate::filemode`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

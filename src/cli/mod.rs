@@ -944,12 +944,12 @@ fn trust(cfg: &Config, key: &str, parent: bool, replace: bool) -> Out {
     let mut replaced = None;
     let mut detail = role.to_string();
     match tx.trusted(&node)? {
-        Some((old, was_parent)) if old == new_line => {
-            if was_parent == parent {
-                println!("already trusting {node} with this key");
-                return Ok(());
-            }
+        Some((old, was_parent)) if old == new_line && was_parent == parent => {
+            println!("already trusting {node} with this key");
+            return Ok(());
         }
+        // The same key in another role (parent or not): audited as a trust.
+        Some((old, _)) if old == new_line => {}
         Some((old, _)) if !replace => {
             return Err(Failure::new(
                 EXIT_FAILURE,
