@@ -237,6 +237,15 @@ pub struct HubSection {
     pub children: Vec<Child>,
     #[serde(default)]
     pub catchment: Vec<CatchmentRule>,
+    /// A pushed record stamped more than this far ahead of the hub's clock is refused
+    /// (retryable): one clinic with a clock days fast would otherwise win every
+    /// conflict and drag every node's clock along.
+    #[serde(default = "default_max_clock_ahead")]
+    pub max_clock_ahead_secs: u64,
+}
+
+fn default_max_clock_ahead() -> u64 {
+    300
 }
 
 fn default_max_message() -> usize {
@@ -252,6 +261,10 @@ pub struct Child {
     pub node: String,
     /// SHA-256 (hex) of the child's bearer credential; the credential itself is never stored.
     pub token_sha256: String,
+    /// For a district hub: the nodes below it whose records it forwards. A record's
+    /// `origin` must be the child itself or one of these.
+    #[serde(default)]
+    pub descendants: Vec<String>,
 }
 
 impl Config {
@@ -349,6 +362,25 @@ impl Config {
                 }
                 if hub.children.iter().filter(|o| o.node == c.node).count() > 1 {
                     p.push(format!("hub.children: node {:?} is listed twice", c.node));
+                }
+                for d in &c.descendants {
+                    if !valid_node_id(d) {
+                        p.push(format!(
+                            "hub.children[{i}].descendants: {d:?} is not a valid node id"
+                        ));
+                    } else if d == &self.node.id || hub.children.iter().any(|o| &o.node == d) {
+                        p.push(format!(
+                            "hub.children[{i}].descendants: {d:?} is this hub or one of its own children"
+                        ));
+                    } else if hub
+                        .children
+                        .iter()
+                        .any(|o| o.node != c.node && o.descendants.contains(d))
+                    {
+                        p.push(format!(
+                            "hub.children[{i}].descendants: {d:?} is listed under two children"
+                        ));
+                    }
                 }
             }
             for (i, r) in hub.catchment.iter().enumerate() {
@@ -495,6 +527,13 @@ impl Config {
         if let Some(hub) = &self.hub {
             p.max_record_bytes = hub.max_record_bytes;
             p.catchment = hub.catchment.clone();
+            p.max_clock_ahead_ms = hub.max_clock_ahead_secs.saturating_mul(1000);
+            p.descendants = hub
+                .children
+                .iter()
+                .filter(|c| !c.descendants.is_empty())
+                .map(|c| (c.node.clone(), c.descendants.clone()))
+                .collect();
             if let Some(k) = &hub.known_kinds {
                 p.known_kinds = k.clone();
             }
@@ -596,13 +635,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-pub fn valid_node_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-}
+pub use crate::model::valid_node_id;
 
 #[cfg(test)]
 mod tests {

@@ -113,6 +113,11 @@ pub struct Policy {
     pub external_emr: bool,
     /// First retry delay for a record the EMR refused; doubles per attempt, up to a day.
     pub emr_retry_ms: u64,
+    /// Records from a child stamped further than this ahead of `now` are refused.
+    pub max_clock_ahead_ms: u64,
+    /// For district hubs among the children: the nodes below each whose records it
+    /// may forward (besides its own). Children not listed forward only their own.
+    pub descendants: std::collections::HashMap<String, Vec<String>>,
 }
 
 impl Policy {
@@ -131,7 +136,18 @@ impl Policy {
             max_page_bytes: 4 << 20,
             external_emr: false,
             emr_retry_ms: 5 * 60_000,
+            max_clock_ahead_ms: 300_000,
+            descendants: std::collections::HashMap::new(),
         }
+    }
+
+    /// May a record pushed by `child` name `origin` as the node that wrote it?
+    pub fn may_originate(&self, child: &str, origin: &str) -> bool {
+        origin == child
+            || self
+                .descendants
+                .get(child)
+                .is_some_and(|d| d.iter().any(|n| n == origin))
     }
 
     fn accepts_kind(&self, kind: &str) -> bool {
@@ -164,17 +180,21 @@ pub enum Integrated {
 }
 
 /// Integrates one version into the replica: the single place where versions meet.
+///
+/// `sender` is the child a pushed version came from (stored with it, so that child's
+/// pulls leave it out); `None` for local writes, pulled versions and resolutions.
 fn integrate(
     tx: &mut Tx<'_>,
     incoming: &Version,
     source: &str,
+    sender: Option<&str>,
     from_upstream: bool,
     now_ms: u64,
 ) -> Result<Integrated> {
     tx.observe(incoming.hlc, now_ms)?;
     let key = incoming.key().clone();
     let Some(current) = tx.current(&key)? else {
-        store_version(tx, incoming, source, "accepted", now_ms)?;
+        store_version(tx, incoming, source, sender, "accepted", now_ms)?;
         return Ok(Integrated::Accepted);
     };
     let local = current.version;
@@ -183,7 +203,7 @@ fn integrate(
     match incoming.vv.compare(&local.vv) {
         Causality::Same if same_content => Ok(Integrated::Duplicate),
         Causality::Newer => {
-            store_version(tx, incoming, source, "accepted", now_ms)?;
+            store_version(tx, incoming, source, sender, "accepted", now_ms)?;
             Ok(Integrated::Accepted)
         }
         Causality::Older => {
@@ -194,7 +214,9 @@ fn integrate(
             let (resolution, result) = resolve(tx, &local, incoming, from_upstream, now_ms)?;
             tx.remember(incoming, source, "conflict", now_ms)?;
             if result.vv != local.vv || result.snapshot.hash != local.snapshot.hash {
-                store_version(tx, &result, source, "resolved", now_ms)?;
+                // A resolution is this node's new write: every child gets it,
+                // the sender of the other side included.
+                store_version(tx, &result, source, None, "resolved", now_ms)?;
             }
             tx.add_conflict(&key, &local, incoming, &resolution, &result.vv, now_ms)?;
             tx.audit(
@@ -217,10 +239,11 @@ fn store_version(
     tx: &mut Tx<'_>,
     v: &Version,
     source: &str,
+    sender: Option<&str>,
     outcome: &str,
     now_ms: u64,
 ) -> Result<u64> {
-    let seq = tx.put_current(v, now_ms)?;
+    let seq = tx.put_current(v, sender, now_ms)?;
     tx.remember(v, source, outcome, now_ms)?;
     let action = if v.deleted { "delete" } else { "write" };
     let detail = format!("origin={} vv={}", v.origin, v.vv);
@@ -325,8 +348,10 @@ fn resolve(
     ))
 }
 
-/// After a Patient is stored: recompute which children it belongs to by rule.
-fn update_catchment(tx: &mut Tx<'_>, policy: &Policy, v: &Version) -> Result<()> {
+/// After a Patient is stored: recompute which children it belongs to by rule. With
+/// `prune`, rule memberships it no longer matches are removed (a write at this node
+/// or from upstream); a child's push only ever adds.
+fn update_catchment(tx: &mut Tx<'_>, policy: &Policy, v: &Version, prune: bool) -> Result<()> {
     if v.key().kind != "Patient" || policy.catchment.is_empty() {
         return Ok(());
     }
@@ -341,7 +366,9 @@ fn update_catchment(tx: &mut Tx<'_>, policy: &Policy, v: &Version) -> Result<()>
     for node in &matched {
         tx.add_to_catchment(node, &v.key().id, "rule")?;
     }
-    tx.prune_rule_catchment(&v.key().id, &matched)?;
+    if prune {
+        tx.prune_rule_catchment(&v.key().id, &matched)?;
+    }
     Ok(())
 }
 
@@ -406,8 +433,8 @@ fn write_one(
         vv,
         deleted,
     };
-    store_version(tx, &version, "local", "written", now_ms)?;
-    update_catchment(tx, policy, &version)?;
+    store_version(tx, &version, "local", None, "written", now_ms)?;
+    update_catchment(tx, policy, &version, true)?;
     if policy.has_parent {
         tx.enqueue(&key, now_ms)?;
         // A new local version is a new attempt: it no longer waits behind the old one.
@@ -416,14 +443,41 @@ fn write_one(
     Ok(true)
 }
 
-/// Why a pushed record is refused, before it touches the store.
+/// Most entries a pushed version vector may have: one per node that ever wrote the
+/// record; far more than any real record sees, far fewer than an attacker would like.
+pub const MAX_VV_ENTRIES: usize = 64;
+/// Highest counter a hub accepts for any node: far from `u64::MAX`, so no sequence of
+/// accepted writes can make a counter wrap.
+pub const MAX_COUNTER: u64 = 1 << 48;
+/// How far one push may move a child's own counter for one record past what the hub
+/// holds: a record edited a million times offline is not a record, it is an attack.
+pub const MAX_COUNTER_JUMP: u64 = 1 << 20;
+
+/// A refusal of one pushed record: the reason sent back, and whether trying again
+/// later can help.
+type Refused = (String, bool);
+
+/// Shortens text that came from a peer before it is echoed or audited: an invalid
+/// field is named, never stored whole.
+fn clip(s: &str) -> String {
+    const MAX: usize = 80;
+    let mut out: String = s.chars().take(MAX).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// Checks a pushed record on its own, before it touches the store: field shapes and
+/// sizes, provenance (`origin`, vector entries) and clock, kind and class.
 fn validate(
     policy: &Policy,
     child: &str,
     rec: WireRecord,
-) -> std::result::Result<Version, (String, bool)> {
+    now_ms: u64,
+) -> std::result::Result<Version, Refused> {
     if let Err(e) = RecordKey::new(&rec.kind, &rec.id) {
-        return Err((e.to_string(), true));
+        return Err((clip(&e.to_string()), true));
     }
     if !policy.accepts_kind(&rec.kind) {
         return Err((
@@ -444,9 +498,70 @@ fn validate(
     if rec.vv.0.is_empty() || rec.origin.is_empty() {
         return Err(("record has no version vector or origin".into(), true));
     }
+    if !crate::model::valid_node_id(&rec.origin) {
+        return Err((
+            format!("origin {:?} is not a valid node id", clip(&rec.origin)),
+            true,
+        ));
+    }
+    if !policy.may_originate(child, &rec.origin) {
+        return Err((
+            format!(
+                "origin {:?} is neither {child} nor a node below it: a node pushes only what it or its own descendants wrote",
+                rec.origin
+            ),
+            true,
+        ));
+    }
+    if rec.vv.0.len() > MAX_VV_ENTRIES {
+        return Err((
+            format!(
+                "version vector has {} entries, over the limit of {MAX_VV_ENTRIES}",
+                rec.vv.0.len()
+            ),
+            true,
+        ));
+    }
+    for (node, &n) in &rec.vv.0 {
+        if !crate::model::valid_node_id(node) {
+            return Err((
+                format!("version vector names {:?}, not a valid node id", clip(node)),
+                true,
+            ));
+        }
+        if n == 0 || n > MAX_COUNTER {
+            return Err((
+                format!("version vector counter {node}:{n} is out of range (1..={MAX_COUNTER})"),
+                true,
+            ));
+        }
+    }
+    if rec.vv.get(&rec.origin) == 0 {
+        return Err((
+            format!(
+                "version vector {} does not count a write by its origin {}",
+                rec.vv, rec.origin
+            ),
+            true,
+        ));
+    }
+    let ahead = rec.hlc.wall_ms.saturating_sub(now_ms);
+    if ahead > policy.max_clock_ahead_ms {
+        // Retryable: the same record is accepted once real time catches up with it,
+        // and the reason tells the technician to fix the clock meanwhile.
+        return Err((
+            format!(
+                "record is stamped {} ahead of this hub's clock (limit {}): {}'s clock is wrong; fix it (NTP) — this record is retried and accepted once the hub's time reaches its stamp",
+                crate::model::words_for_ms(ahead),
+                crate::model::words_for_ms(policy.max_clock_ahead_ms),
+                rec.origin
+            ),
+            false,
+        ));
+    }
     let version = rec
         .into_version()
-        .map_err(|e| (format!("malformed resource: {e}"), true))?;
+        .map_err(|e| (clip(&format!("malformed resource: {e}")), true))?;
     if version.snapshot.class == Class::Metadata {
         return Err((
             format!(
@@ -470,7 +585,88 @@ fn validate(
     Ok(version)
 }
 
-/// Parent side of a push: integrates each record independently, in one transaction.
+/// What a child may do with a record, decided against what the hub holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Grant {
+    /// The record's patient is in the child's catchment.
+    Holds,
+    /// A Patient this hub has never seen: the child registers it, and it joins the
+    /// child's catchment once accepted.
+    Registers,
+}
+
+/// The trust boundary for one validated record from `child`: it writes only for
+/// patients of its catchment or creates a new Patient, and claims no writes of other
+/// nodes that this hub does not already hold. Nothing here writes anything.
+fn authorize(
+    tx: &Tx<'_>,
+    policy: &Policy,
+    child: &str,
+    v: &Version,
+) -> std::result::Result<Grant, Refused> {
+    let patient = v.snapshot.patient.as_deref().unwrap_or_default();
+    let grant = if tx.in_catchment(child, patient).map_err(store_refusal)? {
+        Grant::Holds
+    } else {
+        let patient_key = RecordKey {
+            kind: "Patient".into(),
+            id: patient.to_string(),
+        };
+        let known = tx.current(&patient_key).map_err(store_refusal)?.is_some();
+        match (v.key().kind == "Patient", known) {
+            (true, false) => Grant::Registers,
+            (false, false) => {
+                return Err((
+                    format!(
+                        "Patient/{patient} is not known at this hub yet: its Patient must arrive first (retried)"
+                    ),
+                    false,
+                ))
+            }
+            (_, true) => {
+                return Err((
+                    format!(
+                        "Patient/{patient} is not in the catchment of {child}: a node writes only for its own patients or registers new ones (a patient moves between clinics at the hub)"
+                    ),
+                    true,
+                ))
+            }
+        }
+    };
+    let current = tx.current(v.key()).map_err(store_refusal)?;
+    let held = current.map(|c| c.version.vv).unwrap_or_default();
+    for (node, &n) in &v.vv.0 {
+        let have = held.get(node);
+        let own = policy.may_originate(child, node);
+        if !own && n > have {
+            return Err((
+                format!(
+                    "version vector claims {node}:{n} for {}, but this hub holds {node}:{have}: a node cannot vouch for another node's writes",
+                    v.key()
+                ),
+                true,
+            ));
+        }
+        if own && n > have.saturating_add(MAX_COUNTER_JUMP) {
+            return Err((
+                format!(
+                    "version vector moves {node} from {have} to {n} for {} in one push (limit {MAX_COUNTER_JUMP})",
+                    v.key()
+                ),
+                true,
+            ));
+        }
+    }
+    Ok(grant)
+}
+
+fn store_refusal(e: StoreError) -> Refused {
+    (format!("store error while checking the record: {e}"), false)
+}
+
+/// Parent side of a push: checks and integrates each record independently, in one
+/// transaction. Refusals are per record and grant nothing; Patients go first so a
+/// batch that registers a patient and writes its encounters is accepted whole.
 pub fn handle_push(
     store: &mut Store,
     policy: &Policy,
@@ -481,44 +677,54 @@ pub fn handle_push(
     if req.node != child {
         return Err(EngineError::Forbidden(format!(
             "authenticated as {child} but the push claims to come from {}",
-            req.node
+            clip(&req.node)
         )));
     }
     let source = format!("push:{child}");
     let mut tx = store.begin()?;
-    let mut results = Vec::with_capacity(req.records.len());
-    let mut held: std::collections::HashSet<String> = std::collections::HashSet::new();
-    for (i, rec) in req.records.into_iter().enumerate() {
-        let (kind, id, vv) = (rec.kind.clone(), rec.id.clone(), rec.vv.clone());
-        let outcome = match validate(policy, child, rec) {
+    let mut records: Vec<(usize, WireRecord)> = req.records.into_iter().enumerate().collect();
+    records.sort_by_key(|(i, r)| (r.kind != "Patient", *i));
+    let mut results = Vec::with_capacity(records.len());
+    let mut refused: Vec<String> = Vec::new();
+    for (i, rec) in records {
+        let (kind, id) = (clip(&rec.kind), clip(&rec.id));
+        // Echo the vector only when it is one we would accept: the answer is bounded.
+        let vv = if rec.vv.0.len() <= MAX_VV_ENTRIES {
+            rec.vv.clone()
+        } else {
+            VersionVector::default()
+        };
+        let checked = validate(policy, child, rec, now_ms).and_then(|v| {
+            authorize(&tx, policy, child, &v)
+                .map(|g| (v, g))
+                .inspect_err(|e| {
+                    // A refusal at the trust boundary is worth a line in the log.
+                    tracing::warn!(peer = %child, record = %format!("{kind}/{id}"), reason = %e.0, "push refused");
+                })
+        });
+        let outcome = match checked {
             Err((reason, permanent)) => {
-                tx.audit(
-                    now_ms,
-                    &source,
-                    "reject",
-                    &format!("{kind}/{id}"),
-                    "",
-                    &reason,
-                )?;
+                if refused.len() < 5 {
+                    refused.push(format!("{kind}/{id}: {reason}"));
+                }
                 Outcome::Rejected { reason, permanent }
             }
-            Ok(version) => {
-                let integrated = integrate(&mut tx, &version, &source, false, now_ms)?;
+            Ok((version, grant)) => {
+                let integrated = integrate(&mut tx, &version, &source, Some(child), false, now_ms)?;
                 let stored = match &integrated {
                     Integrated::Accepted => Some(version.clone()),
                     Integrated::Conflict { result, .. } => Some((**result).clone()),
                     _ => None,
                 };
                 if let Some(v) = &stored {
-                    update_catchment(&mut tx, policy, v)?;
+                    // A child's edit may bring a patient into catchments by rule but
+                    // never takes it out of one: moving patients is the hub's call.
+                    update_catchment(&mut tx, policy, v, false)?;
+                    if grant == Grant::Registers {
+                        tx.add_to_catchment(child, &v.key().id, "registered")?;
+                    }
                     if policy.has_parent {
                         tx.enqueue(v.key(), now_ms)?;
-                    }
-                }
-                if let Some(p) = &version.snapshot.patient {
-                    // A clinic that writes for a patient holds that patient from now on.
-                    if held.insert(p.clone()) {
-                        tx.add_to_catchment(child, p, "registered")?;
                     }
                 }
                 match integrated {
@@ -535,6 +741,23 @@ pub fn handle_push(
             outcome,
         });
     }
+    if !refused.is_empty() {
+        // One audit entry per push, however many records it refused: a hostile peer
+        // cannot grow the (unprunable) audit chain faster than its requests.
+        let total = results
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Rejected { .. }))
+            .count();
+        tx.audit(
+            now_ms,
+            &source,
+            "reject",
+            &format!("{total} record(s)"),
+            "",
+            &refused.join("; "),
+        )?;
+    }
+    results.sort_by_key(|r| r.i);
     tx.commit()?;
     Ok(PushResponse { results })
 }
@@ -549,7 +772,7 @@ pub fn handle_pull(
     if req.node != child {
         return Err(EngineError::Forbidden(format!(
             "authenticated as {child} but the pull asks for {}",
-            req.node
+            clip(&req.node)
         )));
     }
     let page = store.feed_page(
@@ -572,40 +795,43 @@ pub fn handle_pull(
 }
 
 /// Parent side of an on-demand fetch: gives each record only if the child may see it.
+/// A record that does not exist and one the child may not see get the same refusal,
+/// so a fetch cannot probe for records or learn whose they are.
 pub fn handle_fetch(store: &Store, child: &str, req: &FetchRequest) -> Result<FetchResponse> {
     if req.node != child {
         return Err(EngineError::Forbidden(format!(
             "authenticated as {child} but the fetch claims {}",
-            req.node
+            clip(&req.node)
         )));
     }
     let mut results = Vec::new();
     for (kind, id) in &req.keys {
         let refuse = |why: String| FetchResult {
-            kind: kind.clone(),
-            id: id.clone(),
+            kind: clip(kind),
+            id: clip(id),
             record: None,
             refused: Some(why),
         };
         let key = match RecordKey::new(kind, id) {
             Ok(k) => k,
             Err(e) => {
-                results.push(refuse(e.to_string()));
+                results.push(refuse(clip(&e.to_string())));
                 continue;
             }
         };
-        let Some(stored) = store.current(&key)? else {
-            results.push(refuse(format!("{key} not found")));
+        let visible = match store.current(&key)? {
+            Some(stored) => match &stored.version.snapshot.patient {
+                Some(p) if !store.in_catchment(child, p)? => None,
+                _ => Some(stored),
+            },
+            None => None,
+        };
+        let Some(stored) = visible else {
+            results.push(refuse(format!(
+                "{key}: not found, or not in the catchment of {child}"
+            )));
             continue;
         };
-        if let Some(p) = &stored.version.snapshot.patient {
-            if !store.in_catchment(child, p)? {
-                results.push(refuse(format!(
-                    "Patient/{p} is not in the catchment of {child}"
-                )));
-                continue;
-            }
-        }
         results.push(FetchResult {
             kind: kind.clone(),
             id: id.clone(),
@@ -878,7 +1104,7 @@ pub fn apply_inbox(store: &mut Store, policy: &Policy, now_ms: u64) -> Result<Ap
         }
         let mut tx = store.begin()?;
         for (peer, v) in &batch {
-            let integrated = integrate(&mut tx, v, &format!("pull:{peer}"), true, now_ms)?;
+            let integrated = integrate(&mut tx, v, &format!("pull:{peer}"), None, true, now_ms)?;
             after_pulled(&mut tx, policy, v, &integrated, &mut summary, now_ms)?;
             tx.remove_from_inbox(v.key())?;
         }
@@ -899,7 +1125,7 @@ fn after_pulled(
     match integrated {
         Integrated::Accepted => {
             summary.applied += 1;
-            update_catchment(tx, policy, v)?;
+            update_catchment(tx, policy, v, true)?;
             // The parent holds exactly what we now hold: nothing left to push.
             tx.remove_from_outbox(v.key())?;
         }
@@ -1100,7 +1326,7 @@ pub fn apply_inbox_to_emr(
             // Decide without committing (the transaction rolls back when dropped).
             let preview = {
                 let mut tx = store.begin()?;
-                integrate(&mut tx, v, &source, true, now_ms)?
+                integrate(&mut tx, v, &source, None, true, now_ms)?
             };
             let to_write = match &preview {
                 Integrated::Accepted => Some(v.clone()),
@@ -1111,7 +1337,7 @@ pub fn apply_inbox_to_emr(
                 match emr.apply(w) {
                     Ok(state) => {
                         let mut tx = store.begin()?;
-                        let integrated = integrate(&mut tx, v, &source, true, now_ms)?;
+                        let integrated = integrate(&mut tx, v, &source, None, true, now_ms)?;
                         after_pulled(
                             &mut tx,
                             policy,

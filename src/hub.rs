@@ -31,9 +31,15 @@ use crate::engine::{self, EngineError, Policy};
 use crate::store::{wall_ms, Store, TransferKey};
 use crate::wire::{self, Limits, Message, WireError};
 
-/// Largest resumable transfer a child may send (uploads) and chunk size of answers.
-const MAX_TRANSFER: u64 = 256 << 20;
+/// Chunk size of answers, and the largest chunk fetch served.
 const MAX_CHUNK: u64 = 64 << 10;
+/// Transfers a child may hold open per direction; starting one more forgets its
+/// oldest (a real client has one in flight; one killed mid-way may leave another).
+pub const MAX_OPEN_TRANSFERS: usize = 4;
+/// Bytes all children's transfers may hold together; past it new uploads get 503.
+pub const MAX_TRANSFER_BYTES: u64 = 1 << 30;
+/// Transfers older than this are forgotten (a child resumes within a day or starts over).
+const TRANSFER_TTL_MS: u64 = 24 * 3_600_000;
 
 /// Everything a hub needs to answer children.
 pub struct HubState {
@@ -65,6 +71,11 @@ impl HubState {
                 max_records: 50_000,
             },
         })
+    }
+
+    /// Is `node` one of this hub's enrolled children?
+    pub fn is_child(&self, node: &str) -> bool {
+        self.children.iter().any(|(n, _)| n == node)
     }
 
     fn authenticate(&self, headers: &HeaderMap) -> Option<String> {
@@ -271,11 +282,14 @@ impl HubState {
                 Ok(Message::ChunkAck(wire::ChunkAck { id: r.id, received }))
             }
             Message::ChunkPut(c) => {
-                if c.total > MAX_TRANSFER {
+                // An upload reassembles into one request frame: never larger than
+                // the body this hub accepts in one piece.
+                let max = self.limits.max_compressed as u64;
+                if c.total > max {
                     return Err(Refusal::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!(
-                            "transfer of {} bytes is over the limit of {MAX_TRANSFER}",
+                            "transfer of {} bytes is over the limit of {max} bytes (hub.max_message_bytes)",
                             c.total
                         ),
                     ));
@@ -287,23 +301,23 @@ impl HubState {
                     ));
                 }
                 let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                let received = (|| -> Result<u64, crate::store::StoreError> {
+                let received = (|| -> Result<Result<u64, Refusal>, crate::store::StoreError> {
                     let mut tx = store.begin()?;
-                    let r = tx.transfer_append(
-                        &TransferKey {
-                            node: child,
-                            id: &c.id,
-                            dir: "up",
-                        },
-                        c.total,
-                        c.offset,
-                        &c.data,
-                        wall_ms(),
-                    )?;
+                    let key = TransferKey {
+                        node: child,
+                        id: &c.id,
+                        dir: "up",
+                    };
+                    if tx.transfer_state(&key)?.is_none() {
+                        if let Err(r) = make_room(&mut tx, child, "up", c.total)? {
+                            return Ok(Err(r));
+                        }
+                    }
+                    let r = tx.transfer_append(&key, c.total, c.offset, &c.data, wall_ms())?;
                     tx.commit()?;
-                    Ok(r)
+                    Ok(Ok(r))
                 })()
-                .map_err(|e| engine_refusal(e.into()))?;
+                .map_err(|e| engine_refusal(e.into()))??;
                 Ok(Message::ChunkAck(wire::ChunkAck { id: c.id, received }))
             }
             Message::ChunkRun(r) => self.run_transfer(child, &r),
@@ -425,23 +439,23 @@ impl HubState {
         }
         let id: [u8; 32] = Sha256::digest(&bytes).into();
         let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        (|| -> Result<(), crate::store::StoreError> {
+        (|| -> Result<Result<(), Refusal>, crate::store::StoreError> {
             let mut tx = store.begin()?;
-            let now = wall_ms();
-            tx.transfer_gc(now.saturating_sub(24 * 3_600_000))?;
-            tx.transfer_store(
-                &TransferKey {
-                    node: child,
-                    id: &id,
-                    dir: "down",
-                },
-                &bytes,
-                MAX_CHUNK as usize,
-                now,
-            )?;
-            tx.commit()
+            let key = TransferKey {
+                node: child,
+                id: &id,
+                dir: "down",
+            };
+            if tx.transfer_state(&key)?.is_none() {
+                if let Err(r) = make_room(&mut tx, child, "down", bytes.len() as u64)? {
+                    return Ok(Err(r));
+                }
+            }
+            tx.transfer_store(&key, &bytes, MAX_CHUNK as usize, wall_ms())?;
+            tx.commit()?;
+            Ok(Ok(()))
         })()
-        .map_err(|e| engine_refusal(e.into()))?;
+        .map_err(|e| engine_refusal(e.into()))??;
         if first {
             let data = bytes[..chunk as usize].to_vec();
             return Ok(Message::ChunkData(wire::ChunkPut {
@@ -472,6 +486,38 @@ impl HubState {
         nodes.retain(|n| self.children.iter().any(|(c, _)| c == n));
         Ok((nodes, head))
     }
+}
+
+/// Before a new transfer of `size` bytes for `child`: forgets expired transfers and
+/// the child's oldest ones beyond [`MAX_OPEN_TRANSFERS`]; refuses (503, retry later)
+/// when all transfers together would pass [`MAX_TRANSFER_BYTES`]. Quotas are per
+/// child and overall, so compressible chunks or many half-finished uploads cannot
+/// fill the hub's disk.
+fn make_room(
+    tx: &mut crate::store::Tx<'_>,
+    child: &str,
+    dir: &str,
+    size: u64,
+) -> Result<Result<(), Refusal>, crate::store::StoreError> {
+    tx.transfer_gc(wall_ms().saturating_sub(TRANSFER_TTL_MS))?;
+    let open = tx.transfers_of(child, dir)?;
+    let excess = (open.len() + 1).saturating_sub(MAX_OPEN_TRANSFERS);
+    for (id, _) in open.iter().take(excess) {
+        tracing::info!(peer = %child, dir, "forgetting an unfinished transfer: too many open");
+        tx.transfer_forget(&TransferKey {
+            node: child,
+            id,
+            dir,
+        })?;
+    }
+    if tx.transfer_bytes()?.saturating_add(size) > MAX_TRANSFER_BYTES {
+        tracing::warn!(peer = %child, size, "transfer storage full");
+        return Ok(Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the hub's transfer storage is full; retry later",
+        )));
+    }
+    Ok(Ok(()))
 }
 
 /// Authenticates an HTTP request; answers the error response on failure.
@@ -603,6 +649,18 @@ pub async fn serve_mqtt(
                         tracing::warn!(peer = %child, "ignored a malformed MQTT request");
                         continue;
                     };
+                    // The broker authenticated the account; enrolment is ours to check,
+                    // on every request, so removing a child takes effect at once.
+                    if !state.is_child(&child) {
+                        tracing::warn!(peer = %child, "refused an MQTT request from a node that is not an enrolled child");
+                        let env = Envelope::Refusal {
+                            corr,
+                            status: 403,
+                            reason: format!("{child} is not enrolled at this hub (hub.children)"),
+                        };
+                        let _ = client.publish(down_topic(&child), QoS::AtLeastOnce, false, env.encode()).await;
+                        continue;
+                    }
                     let (state, client) = (state.clone(), client.clone());
                     tokio::spawn(tracing::Instrument::in_current_span(async move {
                         let c = child.clone();

@@ -182,6 +182,27 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
 }
 
+/// A duration for people: "3 s", "12 min", "5 h", "2 days".
+pub fn words_for_ms(ms: u64) -> String {
+    let s = (ms + 500) / 1000;
+    let round = |unit: u64| (s + unit / 2) / unit;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7_199 => format!("{} min", round(60)),
+        7_200..=169_199 => format!("{} h", round(3600)),
+        _ => format!("{} days", round(86_400)),
+    }
+}
+
+/// A node id: 1-64 of `a-z A-Z 0-9 - _ .` (it names topics, files and log fields).
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
 /// A hybrid logical clock stamp: wall milliseconds, then a counter for stamps that
 /// share a millisecond. Ordered lexicographically.
 #[derive(
@@ -253,8 +274,11 @@ impl VersionVector {
 
     /// This vector plus one more write by `node`.
     pub fn bumped(&self, node: &str) -> VersionVector {
+        // Saturating: a hub refuses counters anywhere near the top (see
+        // `engine::MAX_COUNTER`), so this never saturates in a healthy network.
         let mut next = self.clone();
-        *next.0.entry(node.to_string()).or_insert(0) += 1;
+        let e = next.0.entry(node.to_string()).or_insert(0);
+        *e = e.saturating_add(1);
         next
     }
 

@@ -55,6 +55,8 @@ pub struct ImportSummary {
     pub kind: String,
     pub sender: String,
     pub records_applied: usize,
+    /// Records of `records_applied` the engine refused (quarantined at the sender).
+    pub records_refused: usize,
     pub receipts: usize,
     pub pulled: usize,
     pub resumed_after_items: u64,
@@ -267,6 +269,11 @@ fn import_export(
                 // Exactly the network's push semantics; re-running it on resume is a no-op.
                 let resp = engine::handle_push(store, policy, &h.sender, req.clone(), wall_ms())?;
                 summary.records_applied += count;
+                summary.records_refused += resp
+                    .results
+                    .iter()
+                    .filter(|r| matches!(r.outcome, crate::wire::Outcome::Rejected { .. }))
+                    .count();
                 let receipts = engine::receipts_for(&req, &resp);
                 summary.receipts += receipts.len();
                 out.write(&Item::Receipts(receipts))?;

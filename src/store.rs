@@ -177,6 +177,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (node, id, dir, offset)
     );
     "#,
+    // 5: provenance — the child a version was pushed by (NULL: written here, pulled
+    // from upstream, or a resolution). Pulls leave out what the asking child sent,
+    // by this column, never by the `origin` a child claims. Rows from before keep
+    // the old rule (their origin).
+    r#"
+    ALTER TABLE replica ADD COLUMN sender TEXT;
+    UPDATE replica SET sender = origin;
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -704,6 +712,15 @@ impl Store {
             .is_none())
     }
 
+    /// (node, patient, reason) rows of the catchment, of one node or all.
+    pub fn catchment_list(&self, node: Option<&str>) -> Result<Vec<(String, String, String)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT node, patient, reason FROM catchment WHERE ?1 IS NULL OR node=?1 ORDER BY node, patient",
+        )?;
+        let rows = stmt.query_map([node], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
     pub fn in_catchment(&self, node: &str, patient: &str) -> Result<bool> {
         Ok(self
             .conn
@@ -731,17 +748,17 @@ impl Store {
         let head = self.head_seq()?;
         let mut stmt = self.conn.prepare_cached(
             "SELECT eff, seq, kind, id FROM (
-                SELECT r.seq AS eff, r.seq, r.kind, r.id, r.origin FROM replica r
+                SELECT r.seq AS eff, r.seq, r.kind, r.id, r.sender FROM replica r
                   WHERE r.class='metadata' AND r.seq >= ?2
                 UNION ALL
-                SELECT MAX(r.seq, c.added_seq) AS eff, r.seq, r.kind, r.id, r.origin FROM replica r
+                SELECT MAX(r.seq, c.added_seq) AS eff, r.seq, r.kind, r.id, r.sender FROM replica r
                   JOIN catchment c ON c.node = ?1 AND c.patient = r.patient
                   WHERE r.class='clinical' AND r.seq >= ?2
                 UNION ALL
-                SELECT c.added_seq AS eff, r.seq, r.kind, r.id, r.origin FROM catchment c
+                SELECT c.added_seq AS eff, r.seq, r.kind, r.id, r.sender FROM catchment c
                   JOIN replica r ON r.patient = c.patient
                   WHERE c.node = ?1 AND c.added_seq >= ?2 AND r.seq < ?2 AND r.class='clinical'
-             ) WHERE (eff > ?2 OR (eff = ?2 AND seq > ?3)) AND (?5 OR origin <> ?1)
+             ) WHERE (eff > ?2 OR (eff = ?2 AND seq > ?3)) AND (?5 OR sender IS NULL OR sender <> ?1)
              ORDER BY eff, seq LIMIT ?4",
         )?;
         let candidates: Vec<(Cursor, RecordKey)> = stmt
@@ -816,7 +833,7 @@ impl Store {
             .is_some();
         let mut stmt = self.conn.prepare_cached(
             "SELECT c.node FROM replica r JOIN catchment c ON c.patient = r.patient
-               WHERE r.seq > ?1 AND r.class='clinical' AND r.origin <> c.node
+               WHERE r.seq > ?1 AND r.class='clinical' AND (r.sender IS NULL OR r.sender <> c.node)
              UNION SELECT node FROM catchment WHERE added_seq > ?1 AND reason <> 'registered'",
         )?;
         let nodes = stmt
@@ -1236,6 +1253,35 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// A node's transfers in one direction, oldest first: (id, bytes held).
+    pub fn transfers_of(&self, node: &str, dir: &str) -> Result<Vec<([u8; 32], u64)>> {
+        let mut stmt = self.tx.prepare_cached(
+            "SELECT id, received FROM transfers WHERE node=?1 AND dir=?2 ORDER BY created_ms, rowid",
+        )?;
+        let rows = stmt.query_map([node, dir], |r| {
+            let id: Vec<u8> = r.get(0)?;
+            Ok((id, r.get::<_, i64>(1)? as u64))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, n) = row?;
+            let id: [u8; 32] = id
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("a transfer id is not 32 bytes".into()))?;
+            out.push((id, n));
+        }
+        Ok(out)
+    }
+
+    /// Bytes held by all transfers of all nodes.
+    pub fn transfer_bytes(&self) -> Result<u64> {
+        Ok(self.tx.query_row(
+            "SELECT COALESCE(SUM(received), 0) FROM transfers",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
     pub fn transfer_gc(&mut self, before_ms: u64) -> Result<usize> {
         self.tx.execute(
             "DELETE FROM transfer_chunks WHERE (node, id, dir) IN (SELECT node, id, dir FROM transfers WHERE created_ms < ?1)",
@@ -1385,17 +1431,29 @@ impl Tx<'_> {
         current_in(&self.tx, key)
     }
 
+    /// Is `patient` in `node`'s catchment (inside this transaction)?
+    pub fn in_catchment(&self, node: &str, patient: &str) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT 1 FROM catchment WHERE node=?1 AND patient=?2")?
+            .query_row([node, patient], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
     /// Makes `v` the current version of its record, with a new change sequence.
-    pub fn put_current(&mut self, v: &Version, now_ms: u64) -> Result<u64> {
+    /// `sender` is the child it was pushed by (its pulls leave it out), else `None`.
+    pub fn put_current(&mut self, v: &Version, sender: Option<&str>, now_ms: u64) -> Result<u64> {
         let seq = self.next_seq()?;
         let s = &v.snapshot;
         self.tx
             .prepare_cached(
-                "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms, sender)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  ON CONFLICT(kind, id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash, origin=excluded.origin,
                    hlc_wall=excluded.hlc_wall, hlc_ctr=excluded.hlc_ctr, vv=excluded.vv, deleted=excluded.deleted,
-                   class=excluded.class, patient=excluded.patient, body=excluded.body, updated_ms=excluded.updated_ms",
+                   class=excluded.class, patient=excluded.patient, body=excluded.body, updated_ms=excluded.updated_ms,
+                   sender=excluded.sender",
             )?
             .execute(params![
                 s.key.kind,
@@ -1410,7 +1468,8 @@ impl Tx<'_> {
                 s.class.as_str(),
                 s.patient,
                 s.body,
-                now_ms as i64
+                now_ms as i64,
+                sender
             ])?;
         Ok(seq)
     }
@@ -1743,6 +1802,15 @@ impl Tx<'_> {
             )?
             .execute(params![node, patient, seq as i64, reason])?;
         Ok(true)
+    }
+
+    /// Takes a patient out of a node's catchment, whatever put it there.
+    pub fn remove_from_catchment(&mut self, node: &str, patient: &str) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("DELETE FROM catchment WHERE node=?1 AND patient=?2")?
+            .execute([node, patient])?
+            > 0)
     }
 
     /// Removes rule-derived memberships of `patient` for nodes not in `keep`.

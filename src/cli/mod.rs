@@ -130,6 +130,12 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenCmd,
     },
+    /// At a hub: which patients each child holds, and moving them by hand
+    /// (audited). Clinics write only for patients of their catchment.
+    Catchment {
+        #[command(subcommand)]
+        action: CatchmentCmd,
+    },
     /// This node's bundle keys, and the nodes it trusts.
     Keys {
         #[command(subcommand)]
@@ -244,6 +250,21 @@ pub enum ConflictsCmd {
     },
     /// Both versions of one conflict, by its number.
     Show { n: i64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CatchmentCmd {
+    /// Patients held by each child (or one child), with why: rule, registered, granted.
+    List {
+        node: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a child a patient (it then receives the whole record and may write for it).
+    Add { node: String, patient: String },
+    /// Take a patient from a child (a matching rule gives it back on the patient's
+    /// next version; records the clinic already holds stay there).
+    Remove { node: String, patient: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -447,6 +468,94 @@ fn config_check(path: &Path) -> Out {
     Ok(())
 }
 
+fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure> {
+    let hub = cfg.hub.as_ref().ok_or_else(|| {
+        Failure::new(
+            EXIT_CONFIG,
+            "this node serves no children ([hub]): catchments are kept at the hub",
+        )
+    })?;
+    let child = |node: &str| -> Result<(), Failure> {
+        if hub.children.iter().any(|c| c.node == node) {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                EXIT_NOT_FOUND,
+                format!("{node:?} is not one of this hub's children (hub.children)"),
+            ))
+        }
+    };
+    let patient_id = |p: &str| -> Result<String, Failure> {
+        let id = p.strip_prefix("Patient/").unwrap_or(p);
+        Ok(RecordKey::new("Patient", id)?.id)
+    };
+    let mut store = open(cfg)?;
+    match action {
+        CatchmentCmd::List { node, json } => {
+            let rows = store.catchment_list(node.as_deref())?;
+            if json {
+                print_json(
+                    &rows
+                        .iter()
+                        .map(|(n, p, r)| json!({"node": n, "patient": p, "reason": r}))
+                        .collect::<Vec<_>>(),
+                );
+            } else {
+                for (n, p, r) in &rows {
+                    println!("{:<24} Patient/{:<40} {}", safe(n), safe(p), safe(r));
+                }
+                eprintln!("{} patient(s)", rows.len());
+            }
+        }
+        CatchmentCmd::Add { node, patient } => {
+            child(&node)?;
+            let p = patient_id(&patient)?;
+            let mut tx = store.begin()?;
+            let added = tx.add_to_catchment(&node, &p, "granted")?;
+            if added {
+                tx.audit(
+                    now,
+                    "cli",
+                    "catchment-add",
+                    &format!("Patient/{p}"),
+                    "",
+                    &node,
+                )?;
+            }
+            tx.commit()?;
+            println!(
+                "Patient/{p} {} the catchment of {node}",
+                if added { "added to" } else { "was already in" }
+            );
+        }
+        CatchmentCmd::Remove { node, patient } => {
+            child(&node)?;
+            let p = patient_id(&patient)?;
+            let mut tx = store.begin()?;
+            let removed = tx.remove_from_catchment(&node, &p)?;
+            if removed {
+                tx.audit(
+                    now,
+                    "cli",
+                    "catchment-remove",
+                    &format!("Patient/{p}"),
+                    "",
+                    &node,
+                )?;
+            }
+            tx.commit()?;
+            if !removed {
+                return Err(Failure::new(
+                    EXIT_NOT_FOUND,
+                    format!("Patient/{p} is not in the catchment of {node}"),
+                ));
+            }
+            println!("Patient/{p} removed from the catchment of {node}");
+        }
+    }
+    Ok(())
+}
+
 fn open(cfg: &Config) -> Result<Store, Failure> {
     Ok(Store::open(&cfg.node.store, &cfg.node.id)?)
 }
@@ -644,6 +753,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             Ok(())
         }
         Command::Quarantine { action } => quarantine(cfg, action, now),
+        Command::Catchment { action } => catchment(cfg, action, now),
         Command::Conflicts { action } => {
             let store = open(cfg)?;
             match action {
@@ -777,8 +887,8 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                     );
                 }
                 println!(
-                    "{} bundle from {} imported: {} records applied, {} receipts, {} records pulled",
-                    safe(&r.kind), safe(&r.sender), r.records_applied, r.receipts, r.pulled
+                    "{} bundle from {} imported: {} records applied ({} refused), {} receipts, {} records pulled",
+                    safe(&r.kind), safe(&r.sender), r.records_applied, r.records_refused, r.receipts, r.pulled
                 );
                 for p in &r.return_parts {
                     println!("return bundle: {}", safe_display(p.display()));
