@@ -43,7 +43,7 @@ trap 'kill "${hub_pid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 token=$("$native" token new | sed -n 's/^token: *//p')
 hash=$(printf '%s' "$token" | sha256sum | cut -d' ' -f1)
-printf '%s\n' "$token" > "$work/token"
+printf '%s\n' "$token" > "$work/token"; chmod 600 "$work/token"
 cat > "$work/hub.toml" <<TOML
 [node]
 id = "hub"

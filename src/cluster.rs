@@ -1,6 +1,7 @@
 //! A local network of nodes on 127.0.0.1 as real processes: writes each node's
 //! configuration and credentials, starts `clinicsync run`, waits for health, stops
 //! with SIGTERM or kills with SIGKILL. Used by `demo`, `bench` and the scenario tests.
+//! Credential files are written 0600, as a node requires of them ([`crate::filemode`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,7 +52,7 @@ pub fn write_layout(
     for (id, district) in clinics {
         let token = crate::cli::new_token();
         let token_file = dir.join(format!("{id}.token"));
-        std::fs::write(&token_file, format!("{token}\n"))?;
+        crate::filemode::write_private(&token_file, format!("{token}\n").as_bytes())?;
         hub_toml.push_str(&format!(
             "\n[[hub.children]]\nnode = \"{id}\"\ntoken_sha256 = \"{}\"\n\n[[hub.catchment]]\nnode = \"{id}\"\npath = \"address.district\"\nequals = \"{district}\"\n",
             crate::hub::token_hash(&token)

@@ -6,6 +6,9 @@
 //! children: listen address, limits, children and their credential hashes, catchment
 //! rules, connection limits and timeouts, TLS). `packaging/clinicsync.toml` is the
 //! commented example.
+//! Credential files (`parent.token_file`, `mqtt.password_file`,
+//! `emr.credentials_file`) are read only if private to their owner (no group or
+//! world bits; see [`crate::filemode`]).
 //!
 //! Reloading: on SIGHUP a hub re-reads this file and applies `hub.children` and the
 //! `hub.tls_*` files (see `daemon`); every other key takes effect on restart. A file
@@ -592,6 +595,8 @@ impl Config {
     pub fn emr_adapter(&self) -> Result<Option<Box<dyn crate::emr::Emr>>, String> {
         let e = &self.emr;
         let credentials = || -> Result<(String, Secret), String> {
+            crate::filemode::check_credential(&e.credentials_file)
+                .map_err(|err| format!("emr.credentials_file: {err}"))?;
             let text = std::fs::read_to_string(&e.credentials_file).map_err(|err| {
                 format!(
                     "emr.credentials_file {}: {err}",
@@ -723,8 +728,10 @@ pub fn in_window(window: (u32, u32), ms: u64) -> bool {
     }
 }
 
-/// Reads a credential file: the first line, trimmed. Never logged.
+/// Reads a credential file: the first line, trimmed. Never logged. A file with any
+/// group or world permission bits is refused ([`crate::filemode::check_credential`]).
 pub fn read_token(path: &Path) -> Result<Secret, std::io::Error> {
+    crate::filemode::check_credential(path)?;
     let text = std::fs::read_to_string(path)?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
     if token.is_empty() {

@@ -1,14 +1,19 @@
 //! Node identity for USB bundles: an Ed25519 signing key and an age (X25519)
 //! encryption key per node, and the public keys of the nodes it trusts.
 //!
-//! Files (in `node.keys_dir`, default `<store dir>/keys`, created 0700):
+//! Files (in `node.keys_dir`, default `<store dir>/keys`, created 0700; missing
+//! parents are created 0750):
 //! ```text
 //! signing.key   hex of the 32-byte Ed25519 secret key      (0600)
 //! age.key       AGE-SECRET-KEY-1…  the age X25519 identity (0600)
+//! node.pub      the public key line                        (0644)
 //! ```
 //! Public key line, as `keys show` prints it and `keys trust` reads it:
 //! `clinicsync-node v1 <node-id> <ed25519 public key, hex> <age1… recipient>`.
 //! Trusted keys live in the store (`trusted_keys`), so they travel with its backups.
+//! Trust is changed only by a technician (`keys trust|untrust`), every change is
+//! audited, and a different key for a node already trusted needs `--replace`:
+//! a stick-borne key line must not silently take over a known node's identity.
 //!
 //! We invent no cryptography: age (X25519 + ChaCha20-Poly1305 STREAM) encrypts,
 //! ed25519-dalek signs.
@@ -109,19 +114,21 @@ impl Identity {
         if dir.join("signing.key").exists() || dir.join("age.key").exists() {
             return Err(KeyError::Exists(dir.to_path_buf()));
         }
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        set_mode(dir, 0o700).map_err(|e| io(dir, e))?;
+        crate::filemode::private_dir(dir).map_err(|e| io(dir, e))?;
         let signing = SigningKey::generate(&mut rand::rngs::OsRng);
         let age = age::x25519::Identity::generate();
         write_secret(&dir.join("signing.key"), &hex::encode(signing.to_bytes()))
             .map_err(|e| io(dir, e))?;
         write_secret(&dir.join("age.key"), age.to_string().expose_secret())
             .map_err(|e| io(dir, e))?;
-        Ok(Identity {
+        let id = Identity {
             node: node.to_string(),
             signing,
             age,
-        })
+        };
+        let public = dir.join("node.pub");
+        write_public(&public, &id.public().line()).map_err(|e| io(&public, e))?;
+        Ok(id)
     }
 
     pub fn load(dir: &Path, node: &str) -> Result<Identity, KeyError> {
@@ -166,9 +173,19 @@ fn write_secret(path: &Path, content: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
-fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+fn write_public(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    f.write_all(content.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
 }
 
 #[cfg(test)]
@@ -189,11 +206,19 @@ mod tests {
         assert_eq!(PublicKeys::parse(&line).unwrap(), id.public());
         assert!(!format!("{id:?}").contains(&hex::encode(id.signing.to_bytes())));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("signing.key"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        let mode = |name: &str| {
+            std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("signing.key"), 0o600);
+        assert_eq!(mode("age.key"), 0o600);
+        assert_eq!(mode("node.pub"), 0o644);
+        assert_eq!(mode("."), 0o700);
+        let public = std::fs::read_to_string(dir.path().join("node.pub")).unwrap();
+        assert_eq!(PublicKeys::parse(public.trim()).unwrap(), id.public());
     }
 
     #[test]

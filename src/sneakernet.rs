@@ -7,6 +7,9 @@
 //! - A bundle is applied only from a trusted sender, addressed to this node, with a
 //!   valid signature. A bundle already imported, or older than one already imported
 //!   from the same sender, is refused and changes nothing.
+//! - Verification and application read the same bytes: the bundle is copied into
+//!   [`import_dir`] (`<store dir>/import-tmp/`, 0700) while it is hashed, and items
+//!   are decrypted from that copy only; the copy is gone when the import ends.
 //! - Import progress is committed per item; an interrupted import resumes. On the
 //!   parent every push item is re-run on resume (integration is idempotent), so the
 //!   return bundle always carries every receipt.
@@ -73,6 +76,16 @@ fn bundle_in(h: &BundleHeader) -> BundleIn<'_> {
         kind: &h.kind,
         seq: h.seq,
     }
+}
+
+/// Where bundles are copied for verification: `<store dir>/import-tmp/` (0700),
+/// on the store's filesystem, which the service may write (systemd's
+/// `ReadWritePaths`) and only this user can enter.
+pub fn import_dir(store: &Store) -> Result<PathBuf, SneakerError> {
+    let db = store.path().ok_or_else(|| {
+        SneakerError::Refused("an in-memory store has no directory to stage bundles in".into())
+    })?;
+    Ok(db.parent().unwrap_or(Path::new(".")).join("import-tmp"))
 }
 
 fn seq_key(peer: &str) -> String {
@@ -150,7 +163,7 @@ pub fn import(
     progress: &dyn Fn(u64),
 ) -> Result<ImportSummary, SneakerError> {
     let lookup = |node: &str| trusted_keys(store, node);
-    let bundle = file::verify(path, &me.node, &lookup)?;
+    let bundle = file::verify(path, &me.node, &lookup, &import_dir(store)?)?;
     let h = bundle.header.clone();
     let prior = store.bundle_in(&h.id)?;
     if let Some((_, true, finished)) = prior {

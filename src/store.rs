@@ -27,6 +27,8 @@
 //! - Audit entry `n` stores `sha256(entry n-1 hash ‖ fields of n)`; [`Store::verify_audit`]
 //!   recomputes the chain and names the first row that does not match.
 //! - Migrations are only ever appended. A store written by a newer schema is refused.
+//! - The file holds patient data: [`Store::open`] creates it 0600 (its `-wal` and
+//!   `-shm` follow) in a 0750 directory if it must create one ([`crate::filemode`]).
 //!
 //! Errors: a failed statement rolls back the whole transaction (the `Tx` is dropped
 //! without commit), leaving the store as it was. `Busy` is retryable; everything else
@@ -51,6 +53,8 @@ pub enum StoreError {
     NodeMismatch { stored: String, configured: String },
     #[error("store is corrupt: {0}")]
     Corrupt(String),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
 }
 
 impl StoreError {
@@ -311,7 +315,12 @@ fn now_hlc_key() -> &'static str {
 
 impl Store {
     /// Opens (creating if needed) the store at `path` for `node_id`, applying migrations.
+    /// A new store file is created 0600 (and its directory 0750): see [`crate::filemode`].
     pub fn open(path: &Path, node_id: &str) -> Result<Store> {
+        crate::filemode::prepare_store_file(path).map_err(|e| StoreError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let conn = Connection::open(path)?;
         Store::init(conn, node_id)
     }
@@ -1327,6 +1336,27 @@ impl Tx<'_> {
             params![node, line, is_parent, now_ms as i64],
         )?;
         Ok(())
+    }
+
+    /// The key line trusted for `node` and whether it is the parent, read inside
+    /// this transaction (so a key change is decided on what the write will replace).
+    pub fn trusted(&self, node: &str) -> Result<Option<(String, bool)>> {
+        Ok(self
+            .tx
+            .query_row(
+                "SELECT line, is_parent FROM trusted_keys WHERE node=?1",
+                [node],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Stops trusting `node`'s bundle keys; whether it was trusted.
+    pub fn untrust(&mut self, node: &str) -> Result<bool> {
+        Ok(self
+            .tx
+            .execute("DELETE FROM trusted_keys WHERE node=?1", [node])?
+            > 0)
     }
 
     /// Records progress of a bundle import (creating the row on first call).

@@ -213,7 +213,14 @@ fn a_frozen_v1_bundle_still_verifies_and_decodes() {
         .public();
     let hub = Identity::load(&keys.join("hub"), "hub").unwrap();
     let trusted = |n: &str| (n == "clinic-a").then(|| a.clone());
-    let v = file::verify(&golden("bundle_v1.csb.001"), "hub", &trusted).unwrap();
+    let private = tempfile::tempdir().unwrap();
+    let v = file::verify(
+        &golden("bundle_v1.csb.001"),
+        "hub",
+        &trusted,
+        private.path(),
+    )
+    .unwrap();
     assert_eq!(v.header.seq, 1);
     assert_eq!(v.header.sender, "clinic-a");
     let mut r = v.items(&hub).unwrap();

@@ -270,7 +270,7 @@ fn a_connected_clinic_daemon_is_woken_within_seconds() {
     .unwrap();
     let pw = |name: &str, pass: &str| {
         let p = dir.path().join(format!("{name}.mqtt"));
-        std::fs::write(&p, pass).unwrap();
+        clinicsync::filemode::write_private(&p, pass.as_bytes()).unwrap();
         p
     };
     let mqtt = |user: &str, pass: &str| {

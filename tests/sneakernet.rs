@@ -501,3 +501,180 @@ fn records_sent_both_by_network_and_by_stick_arrive_once() {
     let c = Store::open_existing(&l.clinics[0].store).unwrap();
     assert_eq!(c.counts().unwrap().outbox, 0);
 }
+
+fn audit_rows(store: &Path, action: &str) -> Vec<(String, String)> {
+    let s = Store::open_existing(store).unwrap();
+    let mut stmt = s
+        .conn()
+        .prepare("SELECT record, detail FROM audit WHERE action=?1 ORDER BY n")
+        .unwrap();
+    let rows = stmt
+        .query_map([action], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    rows
+}
+
+fn fails_with(out: Output, words: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "expected a failure: {err}");
+    assert!(err.contains(words), "{err:?} lacks {words:?}");
+    err
+}
+
+#[test]
+fn a_root_hub_refuses_to_trust_a_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = enrolled(dir.path());
+    let (hub, clinic) = (&l.hub.config, &l.clinics[0].config);
+    let clinic_pub = ok(run(clinic, &["keys", "show"]));
+    let before = fingerprint(&l.hub.store);
+    let err = fails_with(
+        run(hub, &["keys", "trust", clinic_pub.trim(), "--parent"]),
+        "root hub",
+    );
+    assert!(
+        err.contains("no [parent]") && err.contains("without --parent"),
+        "{err}"
+    );
+    assert_eq!(fingerprint(&l.hub.store), before);
+    let list = ok(run(hub, &["keys", "list"]));
+    assert!(!list.contains("(parent)"), "{list}");
+}
+
+#[test]
+fn a_different_key_for_a_trusted_node_needs_replace_and_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let stick = dir.path().join("stick");
+    std::fs::create_dir(&stick).unwrap();
+    let l = enrolled(dir.path());
+    let hub = &l.hub.config;
+    let hub_pub = ok(run(hub, &["keys", "show"]));
+    // Someone else's machine calling itself clinic-a, with its own keys.
+    let x =
+        cluster::write_layout(&dir.path().join("x"), 1, &[("clinic-a", "North")], "", "").unwrap();
+    let impostor = &x.clinics[0].config;
+    let impostor_pub = ok(run(impostor, &["keys", "init"]))
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    ok(run(
+        impostor,
+        &["keys", "trust", hub_pub.trim(), "--parent"],
+    ));
+    let recs = write_json(
+        dir.path(),
+        "p.json",
+        json!({"resourceType":"Patient","id":"forged","address":[{"district":"North"}]}),
+    );
+    ok(run(impostor, &["put", recs.to_str().unwrap()]));
+    ok(run(impostor, &["export", stick.to_str().unwrap()]));
+    let forged = parts_in(&stick, "clinic-a-to-hub")[0].clone();
+
+    let before = fingerprint(&l.hub.store);
+    let err = fails_with(
+        run(hub, &["keys", "trust", &impostor_pub]),
+        "already trusted with another key",
+    );
+    assert!(err.contains("--replace"), "{err}");
+    assert_eq!(fingerprint(&l.hub.store), before, "nothing changed");
+    refused(
+        run(hub, &["import", forged.to_str().unwrap()]),
+        "signature does not match",
+    );
+
+    // The same key again changes nothing; --replace (the keys really changed) does.
+    let genuine_pub = ok(run(&l.clinics[0].config, &["keys", "show"]));
+    let out = ok(run(hub, &["keys", "trust", genuine_pub.trim()]));
+    assert!(out.contains("already trusting"), "{out}");
+    let out = ok(run(hub, &["keys", "trust", &impostor_pub, "--replace"]));
+    assert!(out.contains("previous key"), "{out}");
+    let replaced = audit_rows(&l.hub.store, "trust-replace");
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    assert_eq!(replaced[0].0, "clinic-a");
+    assert!(replaced[0].1.contains("replaced by"), "{replaced:?}");
+    assert!(ok(run(hub, &["audit", "verify"])).contains("intact"));
+    ok(run(hub, &["import", forged.to_str().unwrap()]));
+}
+
+#[test]
+fn an_untrusted_node_s_bundles_are_refused_and_the_untrust_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let stick = dir.path().join("stick");
+    std::fs::create_dir(&stick).unwrap();
+    let l = enrolled(dir.path());
+    let (hub, clinic) = (&l.hub.config, &l.clinics[0].config);
+    let recs = write_json(
+        dir.path(),
+        "p.json",
+        json!({"resourceType":"Patient","id":"p","address":[{"district":"North"}]}),
+    );
+    ok(run(clinic, &["put", recs.to_str().unwrap()]));
+    ok(run(clinic, &["export", stick.to_str().unwrap()]));
+    let bundle = parts_in(&stick, "clinic-a-to-hub")[0].clone();
+
+    let out = ok(run(hub, &["keys", "untrust", "clinic-a"]));
+    assert!(out.contains("no longer trusting clinic-a"), "{out}");
+    assert!(!ok(run(hub, &["keys", "list"])).contains("clinic-a"));
+    let untrusted = audit_rows(&l.hub.store, "untrust");
+    assert_eq!(untrusted.len(), 1, "{untrusted:?}");
+    assert_eq!(untrusted[0].0, "clinic-a");
+    let before = fingerprint(&l.hub.store);
+    refused(
+        run(hub, &["import", bundle.to_str().unwrap()]),
+        "which this node does not trust",
+    );
+    assert_eq!(fingerprint(&l.hub.store), before);
+    let out = run(hub, &["keys", "untrust", "clinic-a"]);
+    assert_eq!(out.status.code(), Some(7));
+    fails_with(out, "is not trusted");
+    assert!(ok(run(hub, &["audit", "verify"])).contains("intact"));
+}
+
+#[test]
+fn an_import_with_no_room_for_its_private_copy_is_refused_and_changes_nothing() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stick = dir.path().join("stick");
+    std::fs::create_dir(&stick).unwrap();
+    let l = enrolled(dir.path());
+    let (hub, clinic) = (&l.hub.config, &l.clinics[0].config);
+    let recs = write_json(
+        dir.path(),
+        "a.json",
+        clinicsync::synth::bundle(clinicsync::synth::clinic_records(
+            7, "a", "North", "l", 20, 1, 1,
+        )),
+    );
+    ok(run(clinic, &["put", recs.to_str().unwrap()]));
+    ok(run(clinic, &["export", stick.to_str().unwrap()]));
+    let bundle = parts_in(&stick, "clinic-a-to-hub")[0].clone();
+    let private = l.hub.store.parent().unwrap().join("import-tmp");
+    std::fs::create_dir_all(&private).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&private)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let guard = Unmount(private.clone());
+    let before = fingerprint(&l.hub.store);
+    refused(
+        run(hub, &["import", bundle.to_str().unwrap()]),
+        "not enough free space",
+    );
+    assert_eq!(fingerprint(&l.hub.store), before);
+    drop(guard);
+    ok(run(hub, &["import", bundle.to_str().unwrap()]));
+}

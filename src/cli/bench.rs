@@ -196,7 +196,7 @@ fn add_mqtt(
     as_transport: bool,
 ) -> Result<(), Failure> {
     let pw = config.with_extension("mqtt-password");
-    std::fs::write(&pw, pass).map_err(fail)?;
+    crate::filemode::write_private(&pw, pass.as_bytes()).map_err(fail)?;
     let mut text = std::fs::read_to_string(config).map_err(fail)?;
     let section = format!(
         "\n[mqtt]\nurl = \"{url}\"\nusername = \"{user}\"\npassword_file = \"{}\"\n",

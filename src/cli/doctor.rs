@@ -7,12 +7,16 @@
 //! `https://` URL, an HTTPS hub behind `http://`); when it succeeds it shows the
 //! hub certificate's expiry and pin. A hub with `hub.tls_*` checks its own pair
 //! (readable, key matches, expiry) and prints the pin clinics may use.
+//! Credential files are checked (and refused when others may read them) even when
+//! the parent is out of reach. Details quote peers and EMRs, so the human output
+//! goes through [`crate::textsafe::safe`].
 
 use serde::Serialize;
 
 use super::{Failure, EXIT_FAILURE};
 use crate::config::{Config, TransportKind};
 use crate::store::{wall_ms, Store};
+use crate::textsafe::safe;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Level {
@@ -128,9 +132,10 @@ pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
                 Level::Warn => "WARN",
                 Level::Fail => "FAIL",
             };
-            println!("{level}  {:<10} {}", c.what, c.detail);
+            // Details quote the parent, the broker and the EMR: no escape sequences.
+            println!("{level}  {:<10} {}", c.what, safe(&c.detail));
             if let Some(h) = &c.hint {
-                println!("      {:<10} hint: {h}", "");
+                println!("      {:<10} hint: {}", "", safe(h));
             }
         }
     }
@@ -393,6 +398,20 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
     if cfg.transport.kind == TransportKind::Mqtt {
         return;
     }
+    // The credential file is checked even when the parent is out of reach: a file
+    // others can read is a problem whatever the link does.
+    let token = match crate::config::read_token(&parent.token_file) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            checks.push(check(
+                Level::Fail,
+                "credential",
+                format!("{}: {e}", parent.token_file.display()),
+                None,
+            ));
+            None
+        }
+    };
     let tls = match crate::transport::http::parent_tls(parent) {
         Ok(t) => t,
         Err(e) => {
@@ -487,17 +506,8 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
             }
         }
     }
-    let token = match crate::config::read_token(&parent.token_file) {
-        Ok(t) => t,
-        Err(e) => {
-            checks.push(check(
-                Level::Fail,
-                "credential",
-                format!("{}: {e}", parent.token_file.display()),
-                None,
-            ));
-            return;
-        }
+    let Some(token) = token else {
+        return;
     };
     let client = crate::transport::http::HttpClient::with_tls(
         &parent.url,

@@ -2,6 +2,10 @@
 //! store directly (WAL lets them run beside the daemon) and answer fast; listings
 //! also come as `--json`.
 //!
+//! Every human (non-JSON) output passes text that may come from a peer, an EMR or a
+//! file through [`crate::textsafe::safe`], so no terminal escape sequence or forged
+//! line reaches the technician; `--json` output is escaped by serde_json.
+//!
 //! Exit codes: 0 success · 1 failure · 2 usage error · 3 invalid configuration ·
 //! 4 store problem · 5 parent unreachable or refused · 6 audit chain broken ·
 //! 7 record not found · 8 USB bundle refused (tampered, truncated, untrusted,
@@ -19,6 +23,7 @@ use crate::daemon::{self, PARENT};
 use crate::engine;
 use crate::model::{RecordKey, Snapshot};
 use crate::store::{wall_ms, AuditCheck, Store};
+use crate::textsafe::{safe, safe_display, safe_lines};
 use crate::transport::http::HttpClient;
 use crate::wire::Message;
 
@@ -182,10 +187,17 @@ pub enum KeysCmd {
     /// Trust another node's public key line (a file, or the line itself).
     Trust {
         key: String,
-        /// This node is our parent (the recipient of our exports).
+        /// This node is our parent (the recipient of our exports); refused on a root
+        /// hub, which has no [parent].
         #[arg(long)]
         parent: bool,
+        /// The node is already trusted with another key and its keys really changed:
+        /// replace the old key (audited). Without it, a different key is refused.
+        #[arg(long)]
+        replace: bool,
     },
+    /// Stop trusting a node's keys: its bundles are refused from then on (audited).
+    Untrust { node: String },
     /// List trusted nodes.
     List,
 }
@@ -341,7 +353,8 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("clinicsync: {}", f.message);
+            // Messages can quote a peer, an EMR or a file: no escape sequences.
+            eprintln!("clinicsync: {}", safe_lines(&f.message));
             ExitCode::from(f.code)
         }
     }
@@ -358,7 +371,7 @@ fn dispatch(cli: Cli) -> Out {
             let token = new_token();
             println!("token:        {token}");
             println!("token_sha256: {}", crate::hub::token_hash(&token));
-            println!("\nPut the token in the child's parent.token_file; put the hash in the hub's [[hub.children]].");
+            println!("\nPut the token in the child's parent.token_file (mode 0600, owned by the service user); put the hash in the hub's [[hub.children]].");
             Ok(())
         }
         Command::Config {
@@ -429,17 +442,19 @@ fn config_check(path: &Path) -> Out {
     let cfg = Config::load(path)?;
     if let Some(p) = &cfg.parent {
         // A missing credential is a deployment step still to do, not a bad file.
-        if let Err(e) = config::read_token(&p.token_file) {
-            eprintln!(
+        match config::read_token(&p.token_file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => eprintln!(
                 "warning: parent.token_file {}: {e} (create it before starting the service)",
-                p.token_file.display()
-            );
+                safe_display(p.token_file.display())
+            ),
+            Err(e) => eprintln!("warning: parent.token_file: {}", safe(&e.to_string())),
+            Ok(_) => {}
         }
     }
     println!(
         "{}: ok (node {}, {}{})",
-        path.display(),
-        cfg.node.id,
+        safe_display(path.display()),
+        safe(&cfg.node.id),
         cfg.role(),
         cfg.hub
             .as_ref()
@@ -487,7 +502,7 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
                 );
             } else {
                 for (n, p, r) in &rows {
-                    println!("{n:<24} Patient/{p:<40} {r}");
+                    println!("{:<24} Patient/{:<40} {}", safe(n), safe(p), safe(r));
                 }
                 eprintln!("{} patient(s)", rows.len());
             }
@@ -612,7 +627,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                 &AtomicBool::new(false),
             )?;
             if let Some(e) = &emr_report.error {
-                eprintln!("warning: {e}");
+                eprintln!("warning: {}", safe(e));
             }
             if json {
                 print_json(&report);
@@ -675,10 +690,10 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                 for s in &rows {
                     println!(
                         "{:<50} seq {:<8} origin {:<12} {}{}",
-                        s.version.key().to_string(),
+                        safe_display(s.version.key()),
                         s.seq,
-                        s.version.origin,
-                        s.version.vv,
+                        safe(&s.version.origin),
+                        safe_display(&s.version.vv),
                         if s.version.deleted { " (deleted)" } else { "" }
                     );
                 }
@@ -725,7 +740,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             engine::apply_inbox(&mut store, &cfg.policy(), now)?;
             for r in &resp.results {
                 if let Some(why) = &r.refused {
-                    println!("{}/{}: refused: {why}", r.kind, r.id);
+                    println!("{}/{}: refused: {}", safe(&r.kind), safe(&r.id), safe(why));
                 }
             }
             println!("{n} records fetched");
@@ -745,13 +760,13 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                             println!(
                                 "#{:<5} {:<45} {}  {} {} vs {} {}\n       {}",
                                 c.n,
-                                c.record,
+                                safe(&c.record),
                                 fmt_time(c.detected_ms),
-                                c.local_origin,
-                                c.local_vv,
-                                c.remote_origin,
-                                c.remote_vv,
-                                c.resolution
+                                safe(&c.local_origin),
+                                safe_display(&c.local_vv),
+                                safe(&c.remote_origin),
+                                safe_display(&c.remote_vv),
+                                safe(&c.resolution)
                             );
                         }
                         eprintln!("{} conflicts", list.len());
@@ -784,14 +799,14 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                     println!(
                         "{}  {:<10} from {:<12} via {:<18} vv {:<24} {}{}",
                         fmt_time(e.seen_ms),
-                        e.outcome,
-                        e.origin,
-                        e.source,
-                        e.vv,
+                        safe(&e.outcome),
+                        safe(&e.origin),
+                        safe(&e.source),
+                        safe_display(&e.vv),
                         if e.changed.is_empty() {
                             "no change".to_string()
                         } else {
-                            format!("changed: {}", e.changed.join(", "))
+                            format!("changed: {}", safe(&e.changed.join(", ")))
                         },
                         if e.deleted { " (deleted)" } else { "" }
                     );
@@ -805,7 +820,10 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             let store = open(cfg)?;
             match store.verify_audit()? {
                 AuditCheck::Intact { entries, head } => {
-                    println!("audit chain intact: {entries} entries, head {head}");
+                    println!(
+                        "audit chain intact: {entries} entries, head {}",
+                        safe(&head)
+                    );
                     Ok(())
                 }
                 AuditCheck::Broken { row, problem } => Err(Failure::new(
@@ -834,7 +852,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             } else {
                 println!("bundle #{} with {} records written:", r.seq, r.records);
                 for p in &r.parts {
-                    println!("  {}", p.display());
+                    println!("  {}", safe_display(p.display()));
                 }
             }
             Ok(())
@@ -864,10 +882,10 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                 }
                 println!(
                     "{} bundle from {} imported: {} records applied ({} refused), {} receipts, {} records pulled",
-                    r.kind, r.sender, r.records_applied, r.records_refused, r.receipts, r.pulled
+                    safe(&r.kind), safe(&r.sender), r.records_applied, r.records_refused, r.receipts, r.pulled
                 );
                 for p in &r.return_parts {
-                    println!("return bundle: {}", p.display());
+                    println!("return bundle: {}", safe_display(p.display()));
                 }
             }
             Ok(())
@@ -922,7 +940,7 @@ fn progress_bar(total: u64, unit: &str) -> indicatif::ProgressBar {
 }
 
 fn keys(cfg: &Config, action: KeysCmd) -> Out {
-    use crate::keys::{Identity, PublicKeys};
+    use crate::keys::Identity;
     let dir = cfg.keys_dir();
     let key_failure = |e: crate::keys::KeyError| Failure::new(EXIT_CONFIG, e.to_string());
     match action {
@@ -938,43 +956,149 @@ fn keys(cfg: &Config, action: KeysCmd) -> Out {
                 .public()
                 .line()
         ),
-        KeysCmd::Trust { key, parent } => {
-            let line = match std::fs::read_to_string(&key) {
-                Ok(text) => text,
-                Err(_) => key.clone(),
-            };
-            let public = PublicKeys::parse(line.trim()).map_err(key_failure)?;
-            if public.node == cfg.node.id {
-                return Err(Failure::new(EXIT_FAILURE, "that is this node's own key"));
-            }
+        KeysCmd::Trust {
+            key,
+            parent,
+            replace,
+        } => trust(cfg, &key, parent, replace)?,
+        KeysCmd::Untrust { node } => {
             let mut store = open(cfg)?;
+            let now = wall_ms();
             let mut tx = store.begin()?;
-            tx.trust(&public.node, &public.line(), parent, wall_ms())?;
+            let Some((line, was_parent)) = tx.trusted(&node)? else {
+                return Err(Failure::new(
+                    EXIT_NOT_FOUND,
+                    format!("{} is not trusted by this node", safe(&node)),
+                ));
+            };
+            tx.untrust(&node)?;
             tx.audit(
-                wall_ms(),
+                now,
                 "technician",
-                "trust",
-                &public.node,
+                "untrust",
+                &node,
                 "",
-                if parent { "parent" } else { "peer" },
+                &format!(
+                    "{}; key {}",
+                    if was_parent { "parent" } else { "peer" },
+                    fingerprint(&line)
+                ),
             )?;
             tx.commit()?;
             println!(
-                "now trusting {}{}",
-                public.node,
-                if parent { " as this node's parent" } else { "" }
+                "no longer trusting {}{}",
+                safe(&node),
+                if was_parent {
+                    " (it was this node's parent: exports are refused until a parent key is trusted)"
+                } else {
+                    ""
+                }
             );
         }
         KeysCmd::List => {
             for (node, line, is_parent) in open(cfg)?.trusted_list()? {
                 println!(
-                    "{}{}\n  {line}",
-                    node,
-                    if is_parent { " (parent)" } else { "" }
+                    "{}{}\n  {}",
+                    safe(&node),
+                    if is_parent { " (parent)" } else { "" },
+                    safe(&line)
                 );
             }
         }
     }
+    Ok(())
+}
+
+/// The first 16 hex digits of the signing key in a public key line, to tell keys
+/// apart in messages and the audit log.
+fn fingerprint(line: &str) -> String {
+    line.split_whitespace()
+        .nth(3)
+        .map(|k| k.chars().take(16).collect())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// `keys trust`: a new node is trusted; the same key again changes at most its role;
+/// a different key for a node already trusted needs `--replace`. Every change is
+/// audited in the same transaction that makes it.
+fn trust(cfg: &Config, key: &str, parent: bool, replace: bool) -> Out {
+    use crate::keys::PublicKeys;
+    if parent && cfg.parent.is_none() {
+        return Err(Failure::new(
+            EXIT_FAILURE,
+            format!(
+                "this node ({}) is a root hub: its configuration has no [parent], so there is no parent key to trust; \
+                 trust a child's key without --parent",
+                safe(&cfg.node.id)
+            ),
+        ));
+    }
+    let line = std::fs::read_to_string(key).unwrap_or_else(|_| key.to_string());
+    let public =
+        PublicKeys::parse(line.trim()).map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))?;
+    if public.node == cfg.node.id {
+        return Err(Failure::new(EXIT_FAILURE, "that is this node's own key"));
+    }
+    let (node, new_line) = (public.node.clone(), public.line());
+    let role = if parent { "parent" } else { "peer" };
+    let mut store = open(cfg)?;
+    let old_parent = store.trusted_parent()?.map(|(n, _)| n);
+    let now = wall_ms();
+    let mut tx = store.begin()?;
+    let mut replaced = None;
+    let mut detail = role.to_string();
+    match tx.trusted(&node)? {
+        Some((old, was_parent)) if old == new_line && was_parent == parent => {
+            println!("already trusting {node} with this key");
+            return Ok(());
+        }
+        // The same key in another role (parent or not): audited as a trust.
+        Some((old, _)) if old == new_line => {}
+        Some((old, _)) if !replace => {
+            return Err(Failure::new(
+                EXIT_FAILURE,
+                format!(
+                    "{node} is already trusted with another key ({}); this key ({}) was not trusted. \
+                     If {node}'s keys really changed (reinstalled, new disk), confirm the new key with the \
+                     technician there and run `clinicsync keys trust <key> --replace`; otherwise this key \
+                     may be someone posing as {node}",
+                    fingerprint(&old),
+                    fingerprint(&new_line)
+                ),
+            ))
+        }
+        Some((old, _)) => {
+            detail = format!(
+                "{role}; key {} replaced by {}",
+                fingerprint(&old),
+                fingerprint(&new_line)
+            );
+            replaced = Some(fingerprint(&old));
+        }
+        None => {}
+    }
+    let action = if replaced.is_some() {
+        "trust-replace"
+    } else {
+        "trust"
+    };
+    let displaced = old_parent.filter(|p| parent && *p != node);
+    if let Some(p) = &displaced {
+        detail.push_str(&format!("; replaces {p} as parent"));
+    }
+    tx.trust(&node, &new_line, parent, now)?;
+    tx.audit(now, "technician", action, &node, "", &detail)?;
+    tx.commit()?;
+    println!(
+        "now trusting {node}{}{}{}",
+        if parent { " as this node's parent" } else { "" },
+        replaced
+            .map(|old| format!(" (its previous key {old} is no longer trusted)"))
+            .unwrap_or_default(),
+        displaced
+            .map(|p| format!(" instead of {}", safe(&p)))
+            .unwrap_or_default()
+    );
     Ok(())
 }
 
@@ -1018,12 +1142,12 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
                 for q in &list {
                     println!(
                         "{:<45} {:<5} attempts {:<3} next retry {}  {}: {}",
-                        q.record,
+                        safe(&q.record),
                         q.stage.as_str(),
                         q.attempts,
                         fmt_time(q.next_retry_ms),
                         if q.permanent { "refused" } else { "failed" },
-                        q.reason
+                        safe(&q.reason)
                     );
                 }
                 eprintln!("{} quarantined", list.len());
@@ -1099,16 +1223,16 @@ fn status(cfg: &Config, json: bool) -> Out {
         }));
         return Ok(());
     }
-    println!("node        {} ({})", cfg.node.id, cfg.role());
+    println!("node        {} ({})", safe(&cfg.node.id), cfg.role());
     println!(
         "store       {} (schema {}, {} records, seq {})",
-        cfg.node.store.display(),
+        safe_display(cfg.node.store.display()),
         store.schema_version()?,
         c.records,
         c.head_seq
     );
     if let Some(p) = &cfg.parent {
-        println!("parent      {}", p.url);
+        println!("parent      {}", safe(&p.url));
     }
     println!("outbox      {} waiting to push", c.outbox);
     println!("inbox       {} waiting to apply", c.inbox);
@@ -1128,7 +1252,7 @@ fn status(cfg: &Config, json: bool) -> Out {
                 .unwrap_or_else(|| "never".into())
         );
         if let (Some(e), Some(t)) = (&peer.last_error, peer.last_error_ms) {
-            println!("last error  {} {}", fmt_time(t), e);
+            println!("last error  {} {}", fmt_time(t), safe(e));
         }
         let last_ok = peer
             .last_push_ok_ms
@@ -1180,7 +1304,7 @@ fn status(cfg: &Config, json: bool) -> Out {
             let e = store.peer_state("emr")?;
             println!(
                 "emr         {} — last capture {}, last apply {}",
-                cfg.emr.url,
+                safe(&cfg.emr.url),
                 e.last_pull_ok_ms
                     .map(fmt_time)
                     .unwrap_or_else(|| "never".into()),
@@ -1194,7 +1318,7 @@ fn status(cfg: &Config, json: bool) -> Out {
                     .unwrap_or(0)
                     .min(e.last_push_ok_ms.unwrap_or(0))
                 {
-                    println!("emr error   {} {}", fmt_time(t), err);
+                    println!("emr error   {} {}", fmt_time(t), safe(err));
                 }
             }
         }

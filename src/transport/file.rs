@@ -18,6 +18,16 @@
 //! Invariants
 //! - Nothing is applied before the whole stream's signature is verified against a
 //!   trusted key of the sender, and the header names this node as recipient.
+//! - What is verified is exactly what is applied. [`verify`] reads the parts once,
+//!   hashing each byte as it copies it into a private copy: an unnamed 0600 file in
+//!   a 0700 directory beside the store (`<store dir>/import-tmp/`), bounded by the
+//!   length the trailer declares and checked against the free space first. The
+//!   signature is checked on that hash, the header is parsed again from the copy,
+//!   and [`VerifiedBundle::items`] decrypts only the copy. A stick whose files are
+//!   swapped or rewritten during or after verification changes nothing: bytes
+//!   changed while being copied fail the signature, bytes changed later are never
+//!   read. (age alone authenticates nothing here: anyone can encrypt to a public
+//!   key.) The copy has no name, so it vanishes with the process, even on SIGKILL.
 //! - Export writes parts under `*.tmp` names and renames them only after the trailer
 //!   is written and synced, so a bundle cut short by a full stick is never mistaken
 //!   for a complete one; on failure the parts written so far are removed.
@@ -27,10 +37,10 @@
 //!   record that comes both ways is integrated once, and receipts are idempotent.
 //!
 //! What an error leaves behind: export — no bundle, the outbox untouched. Import —
-//! refused before any write, except an interruption after application began: then
-//! each applied item is committed, progress is kept, and importing again resumes.
-//! (The file is read twice — verify, then apply; a stick altered between the two
-//! passes is caught by age's authenticated encryption, not by the signature.)
+//! refused before any write (`NoRoom` when the private copy does not fit, with the
+//! sizes), except an interruption after application began: then each applied item
+//! is committed, progress is kept, and importing again copies and verifies the
+//! bundle again and resumes.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
@@ -72,6 +82,16 @@ pub enum BundleError {
     Content(String),
     #[error("no space left on {path} after {written} bytes; no bundle was left behind")]
     Full { path: PathBuf, written: u64 },
+    #[error(
+        "not enough free space in {} to check the bundle in private: it needs {need} bytes, {} free; free some space on that filesystem and import again (nothing was applied)",
+        dir.display(),
+        free.map(|f| f.to_string()).unwrap_or_else(|| "an unknown number of bytes".into())
+    )]
+    NoRoom {
+        dir: PathBuf,
+        need: u64,
+        free: Option<u64>,
+    },
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
 }
@@ -417,19 +437,29 @@ impl Read for PartReader {
     }
 }
 
-/// A bundle whose signature has been checked.
+/// A bundle whose signature has been checked, held in a private copy: the bytes
+/// that were hashed are the only bytes [`VerifiedBundle::items`] ever decrypts.
 pub struct VerifiedBundle {
     pub header: BundleHeader,
-    parts: Vec<PathBuf>,
+    /// An unnamed 0600 file in the private directory: no path leads to it, and it
+    /// disappears when the last descriptor closes (also on SIGKILL).
+    copy: File,
     payload_start: u64,
     payload_len: u64,
     pub total_bytes: u64,
 }
 
+/// Room kept free beside the private copy for the store's own writes.
+const STAGING_HEADROOM: u64 = 16 << 20;
+
 /// Reads the header only (to know the sender before choosing a key).
 pub fn read_header(path: &Path) -> Result<(BundleHeader, Vec<PathBuf>, u64), BundleError> {
     let parts = find_parts(path)?;
-    let mut r = PartReader::new(parts.clone());
+    let (header, start) = parse_header(PartReader::new(parts.clone()), path)?;
+    Ok((header, parts, start))
+}
+
+fn parse_header(mut r: impl Read, path: &Path) -> Result<(BundleHeader, u64), BundleError> {
     let mut fixed = [0u8; 10];
     r.read_exact(&mut fixed).map_err(|_| {
         BundleError::Truncated(format!(
@@ -457,15 +487,114 @@ pub fn read_header(path: &Path) -> Result<(BundleHeader, Vec<PathBuf>, u64), Bun
         .map_err(|_| BundleError::Truncated("the header is cut short".into()))?;
     let header: BundleHeader = ciborium::de::from_reader(head.as_slice())
         .map_err(|e| BundleError::Content(format!("unreadable header: {e}")))?;
-    Ok((header, parts, 10 + hlen as u64))
+    Ok((header, 10 + hlen as u64))
 }
 
-/// Checks structure, recipient and signature; reads every byte once.
+/// Checks the trailer's magic and declared length; returns the signature.
+fn check_trailer(
+    trailer: &[u8; TRAILER_LEN as usize],
+    signed_len: u64,
+) -> Result<[u8; 64], BundleError> {
+    if &trailer[..4] != TRAILER_MAGIC {
+        return Err(BundleError::Truncated(
+            "the trailer is missing (was the stick pulled during export, or a part lost?)".into(),
+        ));
+    }
+    let claimed = u64::from_be_bytes(trailer[4..12].try_into().unwrap_or([0; 8]));
+    if claimed != signed_len {
+        return Err(BundleError::Truncated(format!(
+            "trailer says {claimed} bytes, found {signed_len}"
+        )));
+    }
+    Ok(trailer[12..].try_into().unwrap_or([0; 64]))
+}
+
+/// Reads `buf.len()` bytes at `offset` of the stream the parts make up.
+fn read_parts_at(
+    parts: &[PathBuf],
+    sizes: &[u64],
+    mut offset: u64,
+    buf: &mut [u8],
+) -> Result<(), BundleError> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    for (p, &size) in parts.iter().zip(sizes) {
+        if done == buf.len() {
+            break;
+        }
+        if offset >= size {
+            offset -= size;
+            continue;
+        }
+        let want = ((size - offset) as usize).min(buf.len() - done);
+        File::open(p)
+            .and_then(|f| f.read_exact_at(&mut buf[done..done + want], offset))
+            .map_err(|e| BundleError::Truncated(format!("{}: {e}", p.display())))?;
+        done += want;
+        offset = 0;
+    }
+    if done < buf.len() {
+        return Err(BundleError::Truncated("the trailer is cut short".into()));
+    }
+    Ok(())
+}
+
+/// Free bytes for an unprivileged user on the filesystem holding `dir` (statvfs).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statvfs is a valid value; statvfs fills it for a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a live out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Removes copies a process killed between creating and unlinking them may have
+/// left (only where the system lacks unnamed files); recent ones may be in use.
+fn clear_stale_copies(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let stale = e
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(600));
+        if stale && e.file_name().to_string_lossy().starts_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Checks structure, recipient and signature, reading every byte of the parts once
+/// into a private copy in `private_dir` (created 0700) while hashing it; the items
+/// are later decrypted from that copy, never from the parts again.
 pub fn verify(
     path: &Path,
     me: &str,
     trusted: &dyn Fn(&str) -> Option<PublicKeys>,
+    private_dir: &Path,
 ) -> Result<VerifiedBundle, BundleError> {
+    verify_with(path, me, trusted, private_dir, &mut |_| {})
+}
+
+/// [`verify`], calling `after_part(i)` once part `i` has been copied (tests use it
+/// to change the stick under a running verification).
+fn verify_with(
+    path: &Path,
+    me: &str,
+    trusted: &dyn Fn(&str) -> Option<PublicKeys>,
+    private_dir: &Path,
+    after_part: &mut dyn FnMut(usize),
+) -> Result<VerifiedBundle, BundleError> {
+    // Cheap refusals first, from the parts themselves; everything they decided is
+    // checked again on the private copy below.
     let (header, parts, payload_start) = read_header(path)?;
     if header.recipient != me {
         return Err(BundleError::WrongRecipient {
@@ -502,33 +631,80 @@ pub fn verify(
             "only {total} bytes; the trailer is missing"
         )));
     }
+    // The trailer declares the signed length: nothing more than that (and the
+    // trailer) is ever copied.
     let signed_len = total - TRAILER_LEN;
-    let mut r = PartReader::new(parts.clone());
-    let mut hash = Sha256::new();
-    let mut left = signed_len;
-    let mut buf = vec![0u8; 1 << 16];
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        r.read_exact(&mut buf[..want])
-            .map_err(|e| BundleError::Truncated(e.to_string()))?;
-        hash.update(&buf[..want]);
-        left -= want as u64;
-    }
     let mut trailer = [0u8; TRAILER_LEN as usize];
-    r.read_exact(&mut trailer)
-        .map_err(|e| BundleError::Truncated(e.to_string()))?;
-    if &trailer[..4] != TRAILER_MAGIC {
-        return Err(BundleError::Truncated(
-            "the trailer is missing (was the stick pulled during export, or a part lost?)".into(),
+    read_parts_at(&parts, &sizes, signed_len, &mut trailer)?;
+    check_trailer(&trailer, signed_len)?;
+
+    let dir_err = |e: io::Error| BundleError::Io {
+        path: private_dir.to_path_buf(),
+        message: format!("cannot prepare the private import directory: {e}"),
+    };
+    crate::filemode::private_dir(private_dir).map_err(dir_err)?;
+    clear_stale_copies(private_dir);
+    let no_room = |free: Option<u64>| BundleError::NoRoom {
+        dir: private_dir.to_path_buf(),
+        need: total + STAGING_HEADROOM,
+        free,
+    };
+    let free = free_bytes(private_dir);
+    if free.is_some_and(|f| f < total + STAGING_HEADROOM) {
+        return Err(no_room(free));
+    }
+    let copy = tempfile::tempfile_in(private_dir).map_err(dir_err)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        copy.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(dir_err)?;
+    }
+    let mut out = io::BufWriter::with_capacity(1 << 16, &copy);
+    let write_err = |e: io::Error| {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            no_room(free_bytes(private_dir))
+        } else {
+            dir_err(e)
+        }
+    };
+    let mut hash = Sha256::new();
+    let mut at = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    for (i, (p, &size)) in parts.iter().zip(&sizes).enumerate() {
+        let f = File::open(p).map_err(|e| BundleError::io(p, e))?;
+        // Bounded by the size measured above: a part that grows is not read further.
+        let mut r = f.take(size);
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            r.read_exact(&mut buf[..want]).map_err(|e| {
+                BundleError::Truncated(format!(
+                    "{} changed while it was being read: {e}",
+                    p.display()
+                ))
+            })?;
+            let signed = (signed_len.saturating_sub(at)).min(want as u64) as usize;
+            hash.update(&buf[..signed]);
+            out.write_all(&buf[..want]).map_err(write_err)?;
+            at += want as u64;
+            left -= want as u64;
+        }
+        after_part(i);
+    }
+    out.flush().map_err(write_err)?;
+    drop(out);
+
+    // From here on only the private copy is read.
+    use std::os::unix::fs::FileExt;
+    let (again, start_again) = parse_header(CopyReader::new(&copy, 0)?, path)?;
+    if again != header || start_again != payload_start {
+        return Err(BundleError::BadSignature(
+            "the header changed while the bundle was being read".into(),
         ));
     }
-    let claimed = u64::from_be_bytes(trailer[4..12].try_into().unwrap_or([0; 8]));
-    if claimed != signed_len {
-        return Err(BundleError::Truncated(format!(
-            "trailer says {claimed} bytes, found {signed_len}"
-        )));
-    }
-    let sig = ed25519_dalek::Signature::from_bytes(trailer[12..].try_into().unwrap_or(&[0; 64]));
+    copy.read_exact_at(&mut trailer, signed_len)
+        .map_err(|e| BundleError::Truncated(e.to_string()))?;
+    let sig = ed25519_dalek::Signature::from_bytes(&check_trailer(&trailer, signed_len)?);
     let digest: [u8; 32] = hash.finalize().into();
     use ed25519_dalek::Verifier;
     sender.verifying.verify(&digest, &sig).map_err(|_| {
@@ -536,11 +712,37 @@ pub fn verify(
     })?;
     Ok(VerifiedBundle {
         header,
-        parts,
+        copy,
         payload_start,
         payload_len: signed_len - payload_start,
         total_bytes: total,
     })
+}
+
+/// Reads the private copy from an offset, independently of any other reader.
+struct CopyReader {
+    file: File,
+    pos: u64,
+}
+
+impl CopyReader {
+    fn new(file: &File, pos: u64) -> Result<CopyReader, BundleError> {
+        Ok(CopyReader {
+            file: file
+                .try_clone()
+                .map_err(|e| BundleError::Decrypt(format!("private copy: {e}")))?,
+            pos,
+        })
+    }
+}
+
+impl Read for CopyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 /// Bounds one CBOR item read from the decompressed stream.
@@ -565,7 +767,7 @@ impl<R: Read> Read for ItemLimit<R> {
 
 type PayloadReader = zstd::stream::read::Decoder<
     'static,
-    BufReader<age::stream::StreamReader<io::Take<PartReader>>>,
+    BufReader<age::stream::StreamReader<io::Take<BufReader<CopyReader>>>>,
 >;
 
 /// Decrypts and yields items one by one (constant memory).
@@ -576,11 +778,10 @@ pub struct ItemReader {
 }
 
 impl VerifiedBundle {
+    /// Decrypts the payload of the private copy, item by item.
     pub fn items(&self, me: &Identity) -> Result<ItemReader, BundleError> {
-        let mut r = PartReader::new(self.parts.clone());
-        io::copy(&mut (&mut r).take(self.payload_start), &mut io::sink())
-            .map_err(|e| BundleError::Truncated(e.to_string()))?;
-        let payload = r.take(self.payload_len);
+        let r = CopyReader::new(&self.copy, self.payload_start)?;
+        let payload = BufReader::with_capacity(1 << 16, r).take(self.payload_len);
         let dec = age::Decryptor::new(payload).map_err(|e| BundleError::Decrypt(e.to_string()))?;
         let identity: &dyn age::Identity = &me.age;
         let plain = dec
@@ -677,7 +878,7 @@ mod tests {
         let parts = w.finish().unwrap();
         assert!(parts.len() > 1, "{parts:?}");
         let trusted = |n: &str| (n == "a").then(|| a.public());
-        let v = verify(&parts[1], "hub", &trusted).unwrap();
+        let v = verify(&parts[1], "hub", &trusted, &dir.path().join("import-tmp")).unwrap();
         let mut items = v.items(&hub).unwrap();
         let mut n = 0;
         while items.next_item().unwrap().is_some() {
@@ -689,6 +890,177 @@ mod tests {
             .path()
             .to_string_lossy()
             .ends_with(".tmp")));
+    }
+
+    /// Item `i` of a test bundle: numbers zstd cannot shrink, so parts fill up.
+    fn item(i: u64) -> Item {
+        let x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Item::PullState {
+            cursor: Cursor {
+                eff: x,
+                seq: x.rotate_left(17),
+            },
+            include_own: false,
+        }
+    }
+
+    /// A genuine bundle from "a" to "hub" of `n` items, in parts of `part_size`.
+    fn genuine(dir: &Path, n: u64, part_size: u64) -> (Identity, Identity, Vec<PathBuf>) {
+        let a = Identity::init(&dir.join("ka"), "a").unwrap();
+        let hub = Identity::init(&dir.join("kh"), "hub").unwrap();
+        let stick = dir.join("stick");
+        std::fs::create_dir_all(&stick).unwrap();
+        let mut w =
+            BundleWriter::create(&stick.join("b.csb"), header(part_size), &a, &hub.public())
+                .unwrap();
+        for i in 0..n {
+            w.write(&item(i)).unwrap();
+        }
+        (a, hub, w.finish().unwrap())
+    }
+
+    fn all_items(v: &VerifiedBundle, me: &Identity) -> Vec<Item> {
+        let mut r = v.items(me).unwrap();
+        let mut out = Vec::new();
+        while let Some(i) = r.next_item().unwrap() {
+            out.push(i);
+        }
+        out
+    }
+
+    /// The decrypted (still compressed) payload of a bundle's bytes, read as a
+    /// reader that trusts whatever the stick holds would read it.
+    fn plaintext(bytes: &[u8], start: usize, len: usize, me: &Identity) -> Vec<u8> {
+        let dec = age::Decryptor::new(&bytes[start..start + len]).unwrap();
+        let id: &dyn age::Identity = &me.age;
+        let mut out = Vec::new();
+        dec.decrypt(std::iter::once(id))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    /// What anyone can make with the hub's public key alone: `items`, compressed
+    /// and encrypted to the hub, exactly `cipher_len` bytes long (a zstd skippable
+    /// frame pads the plaintext; age's random grease stanza is retried until the
+    /// lengths line up).
+    fn forged_payload(items: &[Item], cipher_len: usize, hub: &PublicKeys) -> Vec<u8> {
+        let mut cbor = Vec::new();
+        for i in items {
+            ciborium::ser::into_writer(i, &mut cbor).unwrap();
+        }
+        let packed = zstd::encode_all(cbor.as_slice(), 3).unwrap();
+        let mut guess = cipher_len / 2;
+        for _ in 0..100_000 {
+            let mut plain = packed.clone();
+            let pad = guess.checked_sub(packed.len() + 8).expect("room to pad");
+            plain.extend(0x184D_2A50u32.to_le_bytes());
+            plain.extend((pad as u32).to_le_bytes());
+            plain.extend(std::iter::repeat(0u8).take(pad));
+            let r: &dyn age::Recipient = &hub.age;
+            let enc = age::Encryptor::with_recipients(std::iter::once(r)).unwrap();
+            let mut out = Vec::new();
+            let mut w = enc.wrap_output(&mut out).unwrap();
+            w.write_all(&plain).unwrap();
+            w.finish().unwrap();
+            if out.len() == cipher_len {
+                return out;
+            }
+            guess = (guess as i64 + cipher_len as i64 - out.len() as i64) as usize;
+        }
+        panic!("could not forge a payload of {cipher_len} bytes");
+    }
+
+    #[test]
+    fn a_bundle_swapped_on_the_stick_after_verification_is_never_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, hub, parts) = genuine(dir.path(), 300, 0);
+        let trusted = |n: &str| (n == "a").then(|| a.public());
+        let bytes = std::fs::read(&parts[0]).unwrap();
+        let v = verify(&parts[0], "hub", &trusted, &dir.path().join("import-tmp")).unwrap();
+        let (start, len) = (v.payload_start as usize, v.payload_len as usize);
+
+        // Between verification and decryption the stick now holds the same header,
+        // then a payload of the same length that anyone could have encrypted to the
+        // hub, then the genuine trailer.
+        let evil = Item::PullState {
+            cursor: Cursor {
+                eff: 666_666,
+                seq: 666_666,
+            },
+            include_own: true,
+        };
+        let forged = forged_payload(&[evil.clone(), Item::End { items: 1 }], len, &hub.public());
+        let mut swapped = bytes[..start].to_vec();
+        swapped.extend(&forged);
+        swapped.extend(&bytes[start + len..]);
+        assert_eq!(swapped.len(), bytes.len());
+        std::fs::write(&parts[0], &swapped).unwrap();
+        // A second pass over the stick would decrypt the forgery without complaint.
+        let forged_plain = plaintext(&swapped, start, len, &hub);
+        let mut z = zstd::stream::read::Decoder::new(forged_plain.as_slice()).unwrap();
+        let first: Item = ciborium::de::from_reader(&mut z).unwrap();
+        assert_eq!(first, evil, "the forgery is valid age to the hub");
+
+        let got = all_items(&v, &hub);
+        assert_eq!(got.len(), 300, "every signed item, and only those");
+        assert!(!got.contains(&evil), "the swapped-in payload was applied");
+        assert_eq!(got[0], item(0));
+        // And the swapped stick verifies no more.
+        assert!(matches!(
+            verify(&parts[0], "hub", &trusted, &dir.path().join("import-tmp")),
+            Err(BundleError::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn a_part_swapped_while_the_bundle_is_being_read_fails_the_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, hub, parts) = genuine(dir.path(), 1000, 4096);
+        assert!(parts.len() >= 3, "{parts:?}");
+        let trusted = |n: &str| (n == "a").then(|| a.public());
+        // The same bundle written again: the same header, another encryption of the
+        // same content (another file key), so its parts are valid age ciphertext to
+        // the hub but not the signed bytes.
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        let mut w =
+            BundleWriter::create(&other.join("b.csb"), header(4096), &a, &hub.public()).unwrap();
+        for i in 0..1000 {
+            w.write(&item(i)).unwrap();
+        }
+        let other_parts = w.finish().unwrap();
+        let private = dir.path().join("import-tmp");
+        let mut swap = |i: usize| {
+            if i == 0 {
+                std::fs::copy(&other_parts[1], &parts[1]).unwrap();
+            }
+        };
+        let r = verify_with(&parts[0], "hub", &trusted, &private, &mut swap);
+        assert!(
+            matches!(r, Err(BundleError::BadSignature(_))),
+            "{:?}",
+            r.err()
+        );
+        // Nothing of the copy is left in the private directory.
+        assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_private_copy_lives_in_a_0700_directory_and_has_no_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, hub, parts) = genuine(dir.path(), 10, 0);
+        let trusted = |n: &str| (n == "a").then(|| a.public());
+        let private = dir.path().join("store-dir/import-tmp");
+        let v = verify(&parts[0], "hub", &trusted, &private).unwrap();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0);
+        let mode = v.copy.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(all_items(&v, &hub).len(), 10);
     }
 
     #[test]

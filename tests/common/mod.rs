@@ -188,7 +188,7 @@ impl TestClinic {
     pub fn new(dir: &Path, id: &str, url: &str, token: &str) -> TestClinic {
         let store_path = dir.join(format!("{id}.db"));
         let token_file = dir.join(format!("{id}.token"));
-        std::fs::write(&token_file, token).unwrap();
+        clinicsync::filemode::write_private(&token_file, token.as_bytes()).unwrap();
         let config = dir.join(format!("{id}.toml"));
         std::fs::write(
             &config,

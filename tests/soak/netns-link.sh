@@ -47,7 +47,7 @@ fi
 
 token=$("$bin" token new | sed -n 's/^token: *//p')
 hash=$(printf '%s' "$token" | sha256sum | cut -d' ' -f1)
-printf '%s\n' "$token" > "$work/token"
+(umask 077; printf '%s\n' "$token" > "$work/token")
 cat > "$work/hub.toml" <<TOML
 [node]
 id = "hub"
