@@ -859,3 +859,38 @@ fn sighup_reloads_children_and_certificate_without_a_restart() {
     assert!(common::get(&h, "Patient/from-a-2").is_some());
     assert!(common::get(&h, "Patient/from-a-3").is_none());
 }
+
+// ---------------------------------------------------------------- shutdown
+
+#[test]
+fn shutdown_stops_accepting_and_lets_the_request_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = cred("a");
+    let mut hub = InProcHub::start(dir.path(), &[&a], ServeOptions::default());
+    let frame = wire::encode(&pull_request("a")).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", hub.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /v1/pull HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        a.token,
+        wire::CONTENT_TYPE,
+        frame.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&frame[..frame.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = hub.stop.take().unwrap().send(());
+    assert!(
+        wait_until(Duration::from_secs(5), || TcpStream::connect((
+            "127.0.0.1",
+            hub.port
+        ))
+        .is_err()),
+        "still accepting after shutdown"
+    );
+    s.write_all(&frame[frame.len() / 2..]).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
