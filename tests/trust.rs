@@ -567,6 +567,30 @@ fn over_mqtt_the_same_boundary_holds_and_only_enrolled_children_are_served() {
     }
     let after = hub.store().counts().unwrap();
     assert_eq!((before.records, before.audit), (after.records, after.audit));
+
+    // A child removed from hub.children (as SIGHUP reloads it) is refused at once,
+    // though its broker account and connection still work.
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(clinicsync::hub::token_hash(&hub.token("b")), &mut hash).unwrap();
+    hub.state.set_children(vec![("b".to_string(), hash)]);
+    match Exchange::exchange(
+        &a,
+        "/v1/pull",
+        &Message::PullRequest(PullRequest {
+            node: "a".into(),
+            cursor: Cursor::default(),
+            max_bytes: 1 << 20,
+            max_records: 10,
+            include_own: false,
+            answer_chunk: 0,
+        }),
+    ) {
+        Err(clinicsync::transport::http::TransportError::Status { status, message }) => {
+            assert_eq!(status, 403, "{message}");
+            assert!(message.contains("not enrolled"), "{message}");
+        }
+        other => panic!("a removed child was served: {other:?}"),
+    }
     std::thread::sleep(Duration::from_millis(10));
 }
 

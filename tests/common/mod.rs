@@ -26,6 +26,8 @@ pub struct TestHub {
     pub store_path: PathBuf,
     pub policy: Policy,
     pub tokens: Vec<(String, String)>,
+    /// The running hub's state (to change its children as a reload would).
+    pub state: Arc<HubState>,
     rt: Option<tokio::runtime::Runtime>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     mqtt_stop: Option<tokio::sync::watch::Sender<bool>>,
@@ -112,7 +114,7 @@ impl TestHub {
             rt.spawn(hub::serve_mqtt(state.clone(), settings, rx));
             mqtt_stop = Some(tx);
         }
-        rt.spawn(hub::serve(listener, state, async move {
+        rt.spawn(hub::serve(listener, state.clone(), async move {
             let _ = rx.await;
         }));
         TestHub {
@@ -121,6 +123,7 @@ impl TestHub {
             store_path,
             policy,
             tokens,
+            state,
             rt: Some(rt),
             stop: Some(tx),
             mqtt_stop,
