@@ -511,12 +511,9 @@ impl Config {
                 }
             }
             for (i, r) in hub.catchment.iter().enumerate() {
-                if !hub.children.iter().any(|c| c.node == r.node) {
-                    p.push(format!(
-                        "hub.catchment[{i}].node {:?} is not one of hub.children",
-                        r.node
-                    ));
-                }
+                // A rule for a node that is not (or no longer) a child is inert, not
+                // an error: revoking a clinic must not need its rules edited first.
+                // `config check` warns about it.
                 if r.path.is_empty() || r.path.split('.').any(|s| s.is_empty()) {
                     p.push(format!(
                         "hub.catchment[{i}].path {:?} must be a dotted field path",
@@ -786,7 +783,7 @@ mod tests {
             token_sha256 = "abc"
             [[hub.catchment]]
             node = "b"
-            path = "address.district"
+            path = "address..district"
             equals = "N"
         "#;
         let err = Config::parse(text, Path::new("c.toml"))
@@ -798,10 +795,28 @@ mod tests {
             "sync.interval_secs",
             "hub.listen",
             "hub.children[0].token_sha256",
-            "hub.catchment[0].node",
+            "hub.catchment[0].path",
         ] {
             assert!(err.contains(needle), "{needle} missing from: {err}");
         }
+    }
+
+    #[test]
+    fn a_rule_for_a_removed_child_is_inert_not_an_error() {
+        // Revoking a clinic = deleting its [[hub.children]] block and reloading;
+        // its catchment rules must not make that reload fail.
+        let text = r#"
+            [node]
+            id = "hub"
+            store = "x.db"
+            [hub]
+            listen = "127.0.0.1:7070"
+            [[hub.catchment]]
+            node = "gone"
+            path = "address.district"
+            equals = "N"
+        "#;
+        assert!(Config::parse(text, Path::new("c.toml")).is_ok());
     }
 
     #[test]

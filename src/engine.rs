@@ -605,6 +605,23 @@ fn authorize(
     v: &Version,
 ) -> std::result::Result<Grant, Refused> {
     let patient = v.snapshot.patient.as_deref().unwrap_or_default();
+    let current = tx.current(v.key()).map_err(store_refusal)?;
+    // The record as the hub holds it must be the child's too: a new body naming one
+    // of the child's own patients cannot take over (or delete) another's record.
+    if let Some(held_by) = current
+        .as_ref()
+        .and_then(|c| c.version.snapshot.patient.clone())
+    {
+        if held_by != patient && !tx.in_catchment(child, &held_by).map_err(store_refusal)? {
+            return Err((
+                format!(
+                    "{} belongs to Patient/{held_by}, which is not in the catchment of {child}: a node cannot move another node's record to its own patient",
+                    v.key()
+                ),
+                true,
+            ));
+        }
+    }
     let grant = if tx.in_catchment(child, patient).map_err(store_refusal)? {
         Grant::Holds
     } else {
@@ -633,7 +650,6 @@ fn authorize(
             }
         }
     };
-    let current = tx.current(v.key()).map_err(store_refusal)?;
     let held = current.map(|c| c.version.vv).unwrap_or_default();
     for (node, &n) in &v.vv.0 {
         let have = held.get(node);

@@ -237,12 +237,31 @@ fn overwriting_deleting_or_moving_another_clinics_patient_is_refused() {
     for i in 0..3 {
         rejected(&resp, i, "");
     }
+    // a's own patient, then b's records rewritten to name it: a hijack by subject.
+    let resp = push(
+        &a.client,
+        "a",
+        vec![
+            forged(patient("pa", "North"), "a", &[("a", 1)], now, false),
+            forged(
+                observation("ob", "pa", "negative"),
+                "a",
+                &[("a", 1), ("b", 1)],
+                now,
+                false,
+            ),
+            forged(encounter("eb", "pa"), "a", &[("a", 1), ("b", 1)], now, true),
+        ],
+    );
+    assert_eq!(resp.results[0].outcome, Outcome::Accepted, "{resp:?}");
+    rejected(&resp, 1, "belongs to Patient/pb");
+    rejected(&resp, 2, "belongs to Patient/pb");
     let s = hub.store();
     assert_eq!(current(&s, "Patient/pb").unwrap(), before_p);
     assert_eq!(current(&s, "Observation/ob").unwrap(), before_o);
     assert!(!current(&s, "Encounter/eb").unwrap().deleted);
     assert_eq!(catchment(&s, "b"), vec!["pb".to_string()]);
-    assert!(catchment(&s, "a").is_empty());
+    assert_eq!(catchment(&s, "a"), vec!["pa".to_string()]);
 }
 
 #[test]

@@ -447,8 +447,29 @@ fn config_check(path: &Path) -> Out {
                 "warning: parent.token_file {}: {e} (create it before starting the service)",
                 safe_display(p.token_file.display())
             ),
+            // Loose permissions are refused by every command that uses the file.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    && crate::filemode::check_credential(&p.token_file).is_err()
+                    && e.to_string().contains("chmod 600") =>
+            {
+                return Err(Failure::new(
+                    EXIT_CONFIG,
+                    format!("parent.token_file: {}", safe(&e.to_string())),
+                ))
+            }
             Err(e) => eprintln!("warning: parent.token_file: {}", safe(&e.to_string())),
             Ok(_) => {}
+        }
+    }
+    if let Some(hub) = &cfg.hub {
+        for r in &hub.catchment {
+            if !hub.children.iter().any(|c| c.node == r.node) {
+                eprintln!(
+                    "warning: a hub.catchment rule names {:?}, which is not one of hub.children (the rule is inert)",
+                    safe(&r.node)
+                );
+            }
         }
     }
     println!(
@@ -572,8 +593,22 @@ fn client(cfg: &Config) -> Result<HttpClient, Failure> {
     HttpClient::for_parent(p, cfg.timeout()).map_err(|e| Failure::new(EXIT_CONFIG, e))
 }
 
+/// Prints JSON with bidirectional-override and other invisible format characters
+/// as `\uXXXX` escapes: still the same JSON value, but one that cannot reorder what a
+/// technician's terminal shows. (JSON itself already escapes control characters.)
 pub(crate) fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let text = serde_json::to_string_pretty(v).unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        // Only inside strings can such characters occur in serialized JSON.
+        if matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+        {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    println!("{out}");
 }
 
 fn with_config(cfg: &Config, cmd: Command) -> Out {
