@@ -100,6 +100,25 @@ fn hostile_hub_conversations_from_the_corpus_never_get_a_500() {
     replay("hub_answer");
 }
 
+/// Found by fuzzing (fhir_json, `regressions/fhir_json/float-canonical-form-walks-*`):
+/// serde_json's default float parser is off by an ulp for many 17-digit decimals, so
+/// intake changed the EMR's value and re-deriving a canonical body could change it
+/// again, giving one version two hashes on two nodes. Numbers now parse exactly.
+#[test]
+fn canonical_json_keeps_every_number_exactly() {
+    for v in [
+        "243.16958599999998",
+        "1.0715660391465826e-75",
+        "1.0080000000000002e-7",
+    ] {
+        let body = format!(
+            r#"{{"id":"o-1","resourceType":"Observation","valueQuantity":{{"value":{v}}}}}"#
+        );
+        let s = clinicsync::model::Snapshot::from_json_bytes(body.as_bytes()).unwrap();
+        assert_eq!(String::from_utf8(s.body).unwrap(), body);
+    }
+}
+
 /// Writes the seed inputs the corpora were grown from (golden files, synthetic
 /// FHIR, the sample config). Not a check: run it by name with `--ignored`.
 #[test]
