@@ -1,0 +1,3 @@
+#![no_main]
+// Harness: clinicsync_fuzz::hub_answer (tests/fuzz/src/lib.rs).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| clinicsync_fuzz::hub_answer(data));
