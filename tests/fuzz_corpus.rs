@@ -437,7 +437,14 @@ mod seeds {
             [&[3u8][..], &golden_bundle].concat(),
         ));
         let trusted = |n: &str| (n == "clinic-a").then(|| a.public());
-        let v = file::verify(&golden().join("bundle_v1.csb.001"), "hub", &trusted).unwrap();
+        let private = tempfile::tempdir().unwrap();
+        let v = file::verify(
+            &golden().join("bundle_v1.csb.001"),
+            "hub",
+            &trusted,
+            private.path(),
+        )
+        .unwrap();
         let mut items = v.items(&hub).unwrap();
         let mut export = Vec::new();
         let mut n = 0;

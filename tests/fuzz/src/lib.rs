@@ -217,7 +217,7 @@ pub fn bundle(data: &[u8]) {
             let first = dir.path().join("b.csb.001");
             let _ = file::find_parts(&base);
             let _ = file::read_header(&first);
-            if let Ok(v) = file::verify(&first, "hub", &trusted) {
+            if let Ok(v) = file::verify(&first, "hub", &trusted, &dir.path().join("private")) {
                 drain(&v, &k.hub);
             }
         }
@@ -238,7 +238,7 @@ pub fn bundle(data: &[u8]) {
             };
             let path = dir.path().join("b.csb.001");
             std::fs::write(&path, signed_bundle(&header, &zstd_stream, k)).expect("write");
-            let v = file::verify(&path, "hub", &trusted)
+            let v = file::verify(&path, "hub", &trusted, &dir.path().join("private"))
                 .expect("a bundle signed by a trusted key verifies");
             assert_eq!(v.header, header);
             drain(&v, &k.hub);
