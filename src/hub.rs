@@ -122,7 +122,10 @@ impl HubState {
             children: RwLock::new(children),
             limits: Limits {
                 max_compressed: max_message_bytes,
-                max_decompressed: max_message_bytes.saturating_mul(8),
+                // A push batch is a few MiB of JSON; what one request may decompress
+                // to is what each request slot may cost in memory (a bomb is
+                // refused at this bound): twice the body limit, at least 32 MiB.
+                max_decompressed: max_message_bytes.saturating_mul(2).max(32 << 20),
                 max_records: 50_000,
             },
             serving,
@@ -323,8 +326,11 @@ impl ServeOptions {
 /// unless the hub is overloaded, and then the client waits again.
 pub const BUSY_RETRY_AFTER_SECS: u64 = 1;
 /// After answering, how long and how much the hub reads and discards before closing.
+/// Discarding costs an 8 KiB buffer and at most two seconds, never memory; 4 MiB lets
+/// a clinic on a fast link that sent an over-limit batch read its 413 (and halve the
+/// batch) instead of a reset, which it could not tell from a cut link.
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
-pub const LINGER_BYTES: usize = 256 << 10;
+pub const LINGER_BYTES: usize = 4 << 20;
 /// hyper's read buffer per connection (request headers must fit in it).
 const READ_BUFFER: usize = 64 << 10;
 
