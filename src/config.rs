@@ -575,12 +575,6 @@ impl Config {
             if e.timeout_secs == 0 || e.retry_secs == 0 {
                 p.push("emr.timeout_secs and emr.retry_secs must be greater than 0".into());
             }
-            if self.parent.is_none() {
-                p.push(
-                    "an external [emr] is for clinics (a node with a [parent]) in this version"
-                        .into(),
-                );
-            }
         }
         if self.parent.is_none() && self.hub.is_none() {
             p.push("a node needs a [parent] section, a [hub] section, or both".into());
@@ -647,6 +641,7 @@ impl Config {
     pub fn policy(&self) -> Policy {
         let mut p = Policy::new(&self.node.id, self.parent.is_some());
         p.external_emr = self.emr.kind != EmrKind::Embedded;
+        p.serves_children = self.hub.is_some();
         p.emr_retry_ms = self.emr.retry_secs * 1000;
         if let Some(hub) = &self.hub {
             p.max_record_bytes = hub.max_record_bytes;

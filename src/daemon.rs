@@ -443,7 +443,17 @@ pub fn emr_step(
     let result = if capture {
         engine::capture_from_emr(store, policy, emr, now).map(|c| report.capture = Some(c))
     } else {
-        engine::apply_inbox_to_emr(store, policy, emr, now).map(|a| report.apply = Some(a))
+        engine::apply_inbox_to_emr(store, policy, emr, now).and_then(|mut a| {
+            if policy.serves_children {
+                // A hub's EMR also gets what its children pushed.
+                let b = engine::apply_replica_to_emr(store, policy, emr, now)?;
+                a.applied.add(&b.applied);
+                a.refused += b.refused;
+                a.blocked += b.blocked;
+            }
+            report.apply = Some(a);
+            Ok(())
+        })
     };
     if let Err(e) = result {
         let msg = format!(
@@ -773,6 +783,14 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(tracing::Instrument::in_current_span(
             sync_loop(store, policy, cfg.clone(), stop.clone(), rx),
         )));
+    } else if cfg.emr.kind != crate::config::EmrKind::Embedded {
+        // The root hub's own EMR (the central OpenMRS): the metadata authority and
+        // the place every clinic's records land. No parent, so no sync round: capture
+        // and apply on the sync interval.
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(tracing::Instrument::in_current_span(
+            root_emr_loop(store, policy, cfg.clone(), rx),
+        )));
     } else {
         drop(store);
     }
@@ -798,6 +816,51 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     wd.abort();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!(node = %cfg.node.id, "stopped");
+    Ok(())
+}
+
+/// A root hub with an external EMR: every `sync.interval_secs`, capture what changed
+/// in it (metadata and clinical records written at the centre) and write into it what
+/// the children pushed. Errors are the EMR's link state (`status`), never fatal.
+async fn root_emr_loop(
+    store: Store,
+    policy: Policy,
+    cfg: Config,
+    mut stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut emr = cfg
+        .emr_adapter()
+        .map_err(|e| anyhow::anyhow!(e))?
+        .ok_or_else(|| anyhow::anyhow!("[emr] has no adapter"))?;
+    let mut store = store;
+    let interval = Duration::from_secs(cfg.sync.interval_secs);
+    loop {
+        let p = policy.clone();
+        let (s, e, report) = tokio::task::spawn_blocking(move || {
+            let mut report = EmrReport::default();
+            emr_step(&mut store, &p, emr.as_mut(), true, &mut report);
+            emr_step(&mut store, &p, emr.as_mut(), false, &mut report);
+            (store, emr, report)
+        })
+        .await?;
+        store = s;
+        emr = e;
+        if report.error.is_none() {
+            let capture = report.capture.as_ref().map(|c| c.captured).unwrap_or(0);
+            let apply = report
+                .apply
+                .as_ref()
+                .map(|a| a.applied.applied)
+                .unwrap_or(0);
+            if capture + apply > 0 {
+                info!(node = %cfg.node.id, peer = "emr", captured = capture, applied = apply, "EMR round");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop_rx.wait_for(|s| *s) => break,
+        }
+    }
     Ok(())
 }
 
