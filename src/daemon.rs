@@ -116,6 +116,7 @@ pub fn sync_with_progress(
     });
     let cache = store.path().map(AnswerStore::new);
     let mut chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
+    chunked.patience = Duration::from_secs(cfg.timeout_secs.max(1));
     chunked.cache = cache
         .as_ref()
         .map(|c| c as &dyn crate::transport::chunked::AnswerCache);
@@ -603,8 +604,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     // Every event of this process carries the node id (journald field NODE).
     let span = tracing::info_span!("clinicsync", node = %cfg.node.id);
     use tracing::Instrument;
-    rt.block_on(run_async(cfg).instrument(span))
+    let result = rt.block_on(run_async(cfg).instrument(span));
+    // A blocking exchange left behind at shutdown must not hold the process.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    result
 }
+
+/// How long a stopping daemon waits for an exchange in flight (well inside systemd's
+/// `TimeoutStopSec`).
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 static LAST_BEAT_MS: AtomicU64 = AtomicU64::new(0);
 static SYNCING: AtomicBool = AtomicBool::new(false);
@@ -810,8 +818,26 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     );
     let stall_ms = 2 * cfg.sync.timeout_secs * 1000 + 60_000;
     let wd = tokio::spawn(watchdog(stall_ms));
-    for t in tasks {
-        t.await??;
+    // Every task ends on its own when asked to stop, except one blocked in an exchange
+    // with a silent parent or EMR: it gets STOP_GRACE, then the process leaves it
+    // behind. That is safe at any point: every state change is one transaction, and
+    // nothing is acknowledged before it is committed.
+    let mut rx = stop_rx.clone();
+    let all = async {
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(())
+    };
+    tokio::pin!(all);
+    tokio::select! {
+        r = &mut all => r?,
+        _ = async {
+            let _ = rx.wait_for(|s| *s).await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => {
+            warn!(node = %cfg.node.id, grace_s = STOP_GRACE.as_secs(), "an exchange was still in flight at shutdown; leaving it (nothing uncommitted is lost)");
+        }
     }
     wd.abort();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

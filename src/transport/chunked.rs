@@ -14,9 +14,15 @@
 //! - large answers: `ChunkGet{offset}` → `ChunkData`. Over HTTP two requests for
 //!   half-chunks stay in flight, so the link does not idle a round trip per piece.
 //!
-//! Within one exchange a cut is retried at once (up to `retries` times) from where it
-//! stopped; the transfer also survives a restart of either side, since the sender
-//! rebuilds the same frame from its outbox and the hub keeps answers for a day.
+//! Within one exchange a cut ([`TransportError::Cut`]: the connection was made, then
+//! dropped or went silent) is retried at once from where it stopped, up to `retries`
+//! times and only while the link moves something: once `patience` passes with no byte
+//! acknowledged, the exchange fails. A parent that cannot be reached at all (refused,
+//! DNS, TLS, an HTTP error) fails the exchange at once — unless it answered through
+//! this client within `patience` (it is restarting: waited for, within `patience`) —
+//! and the daemon's backoff takes over. A transfer whose answer is gone (404/409) starts over
+//! at most twice. The transfer also survives a restart of either side, since the
+//! sender rebuilds the same frame from its outbox and the hub keeps answers for a day.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -49,6 +55,31 @@ pub struct Chunked<'a> {
     pub resent: AtomicU64,
     /// Cuts survived within exchanges.
     pub resumed: AtomicU64,
+    /// How long a cut link may move nothing before the exchange gives up.
+    pub patience: Duration,
+    /// When an exchange through this client last succeeded: a parent that answered a
+    /// moment ago and now refuses connections is restarting, and is waited for
+    /// (within `patience`); one never reached in this sync fails at once.
+    answered: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Chunked<'_> {
+    fn answered_now(&self) {
+        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// Whether to try again after `e`, given when this exchange last moved bytes.
+    fn resumable(&self, e: &TransportError, last_progress: std::time::Instant) -> bool {
+        match e {
+            TransportError::Cut { .. } => last_progress.elapsed() < self.patience,
+            TransportError::Unreachable { .. } => self
+                .answered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() < self.patience),
+            _ => false,
+        }
+    }
 }
 
 impl<'a> Chunked<'a> {
@@ -60,6 +91,8 @@ impl<'a> Chunked<'a> {
             retries: 20,
             resent: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
+            patience: Duration::from_secs(120),
+            answered: std::sync::Mutex::new(None),
         }
     }
 
@@ -278,15 +311,30 @@ impl<'a> Chunked<'a> {
     fn pull(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         let mut traffic = Traffic::default();
         let (mut started, mut buf) = (None, Vec::new());
-        let mut tries = 0;
+        let (mut tries, mut restarts) = (0, 0);
+        let mut last_progress = std::time::Instant::now();
+        let mut moved = 0u64;
         loop {
-            match self.pull_attempt(path, msg, &mut started, &mut buf, &mut traffic) {
-                Ok(m) => return Ok((m, traffic)),
-                Err(e) if tries < self.retries && (e.is_retryable() || conflict(&e)) => {
+            let result = self.pull_attempt(path, msg, &mut started, &mut buf, &mut traffic);
+            if traffic.received + traffic.sent > moved {
+                moved = traffic.received + traffic.sent;
+                last_progress = std::time::Instant::now();
+            }
+            match result {
+                Ok(m) => {
+                    self.answered_now();
+                    return Ok((m, traffic));
+                }
+                Err(e)
+                    if tries < self.retries
+                        && (self.resumable(&e, last_progress)
+                            || (conflict(&e) && started.is_some() && restarts < 2)) =>
+                {
                     tries += 1;
                     self.resumed.fetch_add(1, Ordering::Relaxed);
                     if conflict(&e) {
                         // Corrupted or gone: ask again from the start.
+                        restarts += 1;
                         started = None;
                         buf.clear();
                     }
@@ -321,16 +369,30 @@ impl Exchange for Chunked<'_> {
         let frame = wire::encode(msg)?;
         // Small requests with small answers go as they are.
         if frame.len() <= self.chunk {
-            return self.inner.exchange(path, msg);
+            let r = self.inner.exchange(path, msg);
+            if r.is_ok() {
+                self.answered_now();
+            }
+            return r;
         }
         let id: [u8; 32] = Sha256::digest(&frame).into();
         let mut traffic = Traffic::default();
         let mut answer_buf = Vec::new();
         let mut tries = 0;
+        let mut last_progress = std::time::Instant::now();
+        let mut moved = 0u64;
         loop {
-            match self.attempt(&frame, id, &mut answer_buf, &mut traffic) {
-                Ok(m) => return Ok((m, traffic)),
-                Err(e) if e.is_retryable() && tries < self.retries => {
+            let result = self.attempt(&frame, id, &mut answer_buf, &mut traffic);
+            if traffic.received + traffic.sent > moved {
+                moved = traffic.received + traffic.sent;
+                last_progress = std::time::Instant::now();
+            }
+            match result {
+                Ok(m) => {
+                    self.answered_now();
+                    return Ok((m, traffic));
+                }
+                Err(e) if self.resumable(&e, last_progress) && tries < self.retries => {
                     tries += 1;
                     self.resumed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %e, attempt = tries, "transfer cut; resuming where it stopped");
