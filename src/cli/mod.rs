@@ -339,11 +339,21 @@ impl From<daemon::SyncError> for Failure {
 
 type Out = Result<(), Failure>;
 
+/// Is standard output a pipe (`clinicsync ls | head`)?
+fn stdout_is_a_pipe() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata("/proc/self/fd/1")
+        .map(|m| m.file_type().is_fifo())
+        .unwrap_or(false)
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run) {
-        // A command piped into `head` or `grep -q` should end quietly, as Unix tools
-        // do; the daemon keeps SIGPIPE ignored so a dropped socket never kills it.
+    if !matches!(cli.command, Command::Run) && stdout_is_a_pipe() {
+        // A listing piped into `head` or `grep -q` should end quietly, as Unix tools
+        // do. Only then: elsewhere SIGPIPE stays ignored, so a socket or a pipe other
+        // than our output that closes becomes an error with a message, never a
+        // silent exit 141. The daemon always keeps it ignored.
         // SAFETY: restoring a signal's default disposition before any thread starts.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -510,7 +520,7 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
         let id = p.strip_prefix("Patient/").unwrap_or(p);
         Ok(RecordKey::new("Patient", id)?.id)
     };
-    let mut store = open(cfg)?;
+    let mut store = open_existing(cfg)?;
     match action {
         CatchmentCmd::List { node, json } => {
             let rows = store.catchment_list(node.as_deref())?;
@@ -577,8 +587,76 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
     Ok(())
 }
 
+/// The store, for commands that only read it (or act on what is already there):
+/// never creates one, so a typo in `node.store` is named instead of showing an empty
+/// node.
+fn open_existing(cfg: &Config) -> Result<Store, Failure> {
+    if !cfg.node.store.exists() {
+        return Err(Failure::new(
+            EXIT_STORE,
+            format!(
+                "no store at {}: check node.store in the configuration (the service creates the store on its first start: systemctl start clinicsync)",
+                safe_display(cfg.node.store.display())
+            ),
+        ));
+    }
+    open(cfg)
+}
+
 fn open(cfg: &Config) -> Result<Store, Failure> {
+    refuse_root_on_service_store(&cfg.node.store)?;
     Ok(Store::open(&cfg.node.store, &cfg.node.id)?)
+}
+
+/// Run as root on a node whose store (or its directory) belongs to the service user,
+/// a command would leave root-owned files (the store, its `-wal`/`-shm`) that the
+/// service can no longer write: refused, naming the command to use instead.
+pub(crate) fn refuse_root_on_service_store(store: &Path) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let probe = if store.exists() {
+        store.to_path_buf()
+    } else {
+        match store.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => return Ok(()),
+        }
+    };
+    let Ok(meta) = std::fs::metadata(&probe) else {
+        return Ok(());
+    };
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    let user = user_name(meta.uid()).unwrap_or_else(|| meta.uid().to_string());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    Err(Failure::new(
+        EXIT_STORE,
+        format!(
+            "{} belongs to user {user}, and this command runs as root: files it created would lock the service out. Run it as that user: sudo -u {user} clinicsync {}",
+            safe_display(probe.display()),
+            safe(&args.join(" "))
+        ),
+    ))
+}
+
+/// The login name of `uid`, from the system's user database.
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes into `pwd` and `buf`, both owned here and sized as
+    // passed; `out` is checked before use and `pw_name` points into `buf`.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name is a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 fn key(s: &str) -> Result<RecordKey, Failure> {
@@ -696,7 +774,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             Ok(())
         }
         Command::Get { record } => {
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             let k = key(&record)?;
             let s = store.current(&k)?.ok_or_else(|| {
                 Failure::new(EXIT_NOT_FOUND, format!("{k} is not held by this node"))
@@ -712,7 +790,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             Ok(())
         }
         Command::Ls { kind, json } => {
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             let rows = store.list(kind.as_deref())?;
             if json {
                 let v: Vec<_> = rows
@@ -784,7 +862,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Quarantine { action } => quarantine(cfg, action, now),
         Command::Catchment { action } => catchment(cfg, action, now),
         Command::Conflicts { action } => {
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             match action {
                 ConflictsCmd::List { json } => {
                     let list = store.conflicts_list(false, None)?;
@@ -819,7 +897,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         }
         Command::History { record, json } => {
             let k = key(&record)?;
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             let h = store.history(&k)?;
             if h.is_empty() {
                 return Err(Failure::new(
@@ -852,7 +930,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Audit {
             action: AuditCmd::Verify,
         } => {
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             match store.verify_audit()? {
                 AuditCheck::Intact { entries, head } => {
                     println!(
@@ -1031,7 +1109,7 @@ fn keys(cfg: &Config, action: KeysCmd) -> Out {
             );
         }
         KeysCmd::List => {
-            for (node, line, is_parent) in open(cfg)?.trusted_list()? {
+            for (node, line, is_parent) in open_existing(cfg)?.trusted_list()? {
                 println!(
                     "{}{}\n  {}",
                     safe(&node),
@@ -1167,7 +1245,7 @@ pub fn resources_of(bytes: &[u8]) -> Result<Vec<(Snapshot, bool)>, String> {
 }
 
 fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
-    let mut store = open(cfg)?;
+    let mut store = open_existing(cfg)?;
     match action {
         QuarantineCmd::List { json } => {
             let list = store.quarantine_list()?;
@@ -1239,7 +1317,7 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
 }
 
 fn status(cfg: &Config, json: bool) -> Out {
-    let store = open(cfg)?;
+    let store = open_existing(cfg)?;
     let c = store.counts()?;
     let peer = store.peer_state(PARENT)?;
     let (cursor, head) = store.cursor(PARENT)?;
