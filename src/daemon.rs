@@ -501,6 +501,17 @@ pub fn round(
     let Some(emr) = emr else {
         return sync_once(store, policy, client, cfg, stop).map(|r| (r, er));
     };
+    if store.cursor(PARENT)?.0 == crate::wire::Cursor::default() {
+        // First contact (a new or reinstalled box): learn from the parent what this
+        // node already wrote before capturing anything, so a record the EMR still
+        // holds is recognised, not written again as a new version with counters
+        // restarted at 1 (stale, or in conflict with itself).
+        let sync = sync_once(store, policy, client, cfg, stop);
+        emr_step(store, policy, emr, false, &mut er);
+        let first = sync?;
+        emr_step(store, policy, emr, true, &mut er);
+        return Ok((first, er));
+    }
     emr_step(store, policy, emr, true, &mut er);
     let sync = sync_once(store, policy, client, cfg, stop);
     // Apply what arrived even if the link dropped mid-round: it is in the inbox.

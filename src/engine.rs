@@ -1038,9 +1038,13 @@ pub fn pull_request(
     max_bytes: u64,
 ) -> Result<PullRequest> {
     let (cursor, _) = store.cursor(parent)?;
-    // A store with no cursor and nothing of its own is new or wiped: it needs its
-    // own records back too.
-    let include_own = cursor == crate::wire::Cursor::default() && store.holds_nothing_own()?;
+    // A store that has never pulled may be a wiped box reinstalled under the same id,
+    // with clinicians already writing: it gets back everything the parent holds from
+    // it, over every page of that first pull (`RESTORING` keeps the flag across pages
+    // and restarts). A new node pays for this with its first day's pushes coming back
+    // once, as duplicates.
+    let include_own = cursor == crate::wire::Cursor::default()
+        || store.meta_str(RESTORING)?.as_deref() == Some("1");
     Ok(PullRequest {
         node: store.node_id().to_string(),
         cursor,
@@ -1050,6 +1054,10 @@ pub fn pull_request(
         answer_chunk: 0,
     })
 }
+
+/// Meta key: "1" while the first pull of this store (its own records included) is
+/// under way.
+const RESTORING: &str = "restoring_own";
 
 /// Child side: stores a pulled page in the inbox and advances the cursor, together.
 /// Returns how many records entered the inbox.
@@ -1083,6 +1091,10 @@ pub fn store_pull(
                 )?;
             }
         }
+    }
+    let first = tx.cursor(parent)? == crate::wire::Cursor::default();
+    if first || tx.meta_str(RESTORING)?.as_deref() == Some("1") {
+        tx.set_meta_str(RESTORING, if resp.more { "1" } else { "0" })?;
     }
     tx.set_cursor(parent, resp.next, resp.head, now_ms)?;
     tx.note_peer(

@@ -1328,6 +1328,19 @@ impl Tx<'_> {
         )?)
     }
 
+    pub fn meta_str(&self, key: &str) -> Result<Option<String>> {
+        self.meta(key)
+    }
+
+    /// Files the bundles imported from `node` under its old key (`<node>@<fp>`), so
+    /// the node's new incarnation starts its bundle sequence again.
+    pub fn retire_bundles_of(&mut self, node: &str, old_fp: &str) -> Result<usize> {
+        Ok(self.tx.execute(
+            "UPDATE bundles_in SET sender = sender || '@' || ?2 WHERE sender = ?1",
+            params![node, old_fp],
+        )?)
+    }
+
     pub fn set_meta_str(&mut self, key: &str, value: &str) -> Result<()> {
         self.set_meta(key, value)
     }

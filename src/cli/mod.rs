@@ -1187,6 +1187,15 @@ fn trust(cfg: &Config, key: &str, parent: bool, replace: bool) -> Out {
                 fingerprint(&new_line)
             );
             replaced = Some(fingerprint(&old));
+            // A new key is a new incarnation of that node (a box wiped and
+            // reinstalled): its bundles count from #1 again. Those imported under the
+            // old key stay on record, as `<node>@<old key fingerprint>`.
+            let moved = tx.retire_bundles_of(&node, &fingerprint(&old))?;
+            if moved > 0 {
+                detail.push_str(&format!(
+                    "; its bundle sequence restarts ({moved} earlier bundles kept under the old key)"
+                ));
+            }
         }
         None => {}
     }
