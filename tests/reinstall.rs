@@ -80,10 +80,7 @@ fn a_wiped_clinic_gets_everything_back_and_carries_on() {
     );
     ok(cli(a, &["sync"]));
     ok(cli(a, &["export", stick.to_str().unwrap()]));
-    let first: Vec<_> = std::fs::read_dir(&stick)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let first = exports(&stick);
     ok(cli(hubc, &["import", first[0].to_str().unwrap()]));
     for p in std::fs::read_dir(&stick).unwrap() {
         std::fs::remove_file(p.unwrap().path()).unwrap();
@@ -161,10 +158,7 @@ fn a_wiped_clinic_gets_everything_back_and_carries_on() {
     // Its next USB bundle (#1 of the new incarnation) is accepted.
     put(a, dir.path(), "usb.json", patient("u1", "North"));
     ok(cli(a, &["export", stick.to_str().unwrap()]));
-    let second: Vec<_> = std::fs::read_dir(&stick)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let second = exports(&stick);
     let out = ok(cli(hubc, &["import", second[0].to_str().unwrap()]));
     assert!(out.contains("applied"), "{out}");
     assert!(get(&Store::open_existing(&l.hub.store).unwrap(), "Patient/u1").is_some());
