@@ -746,6 +746,8 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let policy = cfg.policy();
     // Open (and migrate) the store before anything else, so a bad store stops us here.
     let store = Store::open(&cfg.node.store, &cfg.node.id)?;
+    // One daemon per store; `status` and `restore` look for this lock.
+    let _lock = crate::lock::acquire(&cfg.node.store)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     {

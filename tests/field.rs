@@ -93,3 +93,84 @@ fn root_is_refused_on_a_store_owned_by_the_service_user() {
         );
     }
 }
+
+#[test]
+fn backup_while_running_and_restore_when_stopped() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("n.db");
+    let config = embedded_node(dir.path(), &store);
+    let p = dir.path().join("p.json");
+    std::fs::write(&p, patient("p1", "North").to_string()).unwrap();
+    assert!(cli(&config, &["put", p.to_str().unwrap()]).status.success());
+    let mut daemon =
+        clinicsync::cluster::Proc::spawn(std::path::Path::new(BIN), "n", &config, &["run"])
+            .unwrap();
+    assert!(clinicsync::cluster::wait_until(
+        std::time::Duration::from_secs(10),
+        || clinicsync::lock::daemon_running(&store)
+    ));
+    let status = String::from_utf8_lossy(&cli(&config, &["status"]).stdout).to_string();
+    assert!(status.contains("daemon      running"), "{status}");
+
+    let backup = dir.path().join("n.backup");
+    let out = cli(&config, &["backup", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = cli(&config, &["backup", backup.to_str().unwrap()]);
+    assert!(!again.status.success(), "a backup overwrote another");
+
+    std::fs::write(&p, patient("p2", "North").to_string()).unwrap();
+    assert!(cli(&config, &["put", p.to_str().unwrap()]).status.success());
+    let refused = cli(&config, &["restore", backup.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("stop it first"));
+
+    daemon.terminate();
+    let status = String::from_utf8_lossy(&cli(&config, &["status"]).stdout).to_string();
+    assert!(status.contains("NOT RUNNING"), "{status}");
+    let out = cli(&config, &["restore", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = clinicsync::store::Store::open_existing(&store).unwrap();
+    assert!(get(&s, "Patient/p1").is_some());
+    assert!(
+        get(&s, "Patient/p2").is_none(),
+        "the restore kept later writes"
+    );
+    assert!(dir.path().join("n.before-restore").exists());
+
+    // A backup of another node is refused, and nothing changes.
+    let other = dir.path().join("o");
+    std::fs::create_dir(&other).unwrap();
+    let ostore = other.join("o.db");
+    let oconfig = other.join("o.toml");
+    std::fs::write(
+        &oconfig,
+        format!(
+            "[node]\nid = \"o\"\nstore = \"{}\"\n[hub]\nlisten = \"127.0.0.1:0\"\n",
+            ostore.display()
+        ),
+    )
+    .unwrap();
+    assert!(cli(&oconfig, &["put", p.to_str().unwrap()])
+        .status
+        .success());
+    let ob = other.join("o.backup");
+    assert!(cli(&oconfig, &["backup", ob.to_str().unwrap()])
+        .status
+        .success());
+    let wrong = cli(&config, &["restore", ob.to_str().unwrap()]);
+    assert_eq!(wrong.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("not of this node"));
+}

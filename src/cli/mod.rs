@@ -130,6 +130,12 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenCmd,
     },
+    /// Copy the store to FILE while the node runs (SQLite online backup), verified
+    /// (integrity, node id, audit chain) before it is kept; mode 0600.
+    Backup { file: PathBuf },
+    /// Put a backup in place of the store (the daemon must be stopped); the store it
+    /// replaces is kept beside it as `<store>.before-restore`.
+    Restore { file: PathBuf },
     /// At a hub: which patients each child holds, and moving them by hand
     /// (audited). Clinics write only for patients of their catchment.
     Catchment {
@@ -499,6 +505,138 @@ fn config_check(path: &Path) -> Out {
     Ok(())
 }
 
+/// Checks a store file as a restore would take it: intact, this node's, from a
+/// schema this binary reads, audit chain whole. Returns its record count and audit head.
+fn verify_store_file(cfg: &Config, file: &Path) -> Result<(u64, String), Failure> {
+    let bad = |why: String| {
+        Failure::new(
+            EXIT_STORE,
+            format!("{}: {why}", safe_display(file.display())),
+        )
+    };
+    let s = Store::open_existing(file).map_err(|e| bad(e.to_string()))?;
+    if s.node_id() != cfg.node.id {
+        return Err(bad(format!(
+            "is the store of node {:?}, not of this node {:?}",
+            safe(s.node_id()),
+            safe(&cfg.node.id)
+        )));
+    }
+    let integrity = s.integrity_check().map_err(|e| bad(e.to_string()))?;
+    if integrity != "ok" {
+        return Err(bad(format!("integrity check failed: {}", safe(&integrity))));
+    }
+    let head = match s.verify_audit().map_err(|e| bad(e.to_string()))? {
+        AuditCheck::Intact { head, .. } => head,
+        other => return Err(bad(format!("audit chain broken: {other:?}"))),
+    };
+    Ok((s.counts().map_err(|e| bad(e.to_string()))?.records, head))
+}
+
+fn backup(cfg: &Config, file: &Path) -> Out {
+    let store = open_existing(cfg)?;
+    let io = |e: std::io::Error| {
+        Failure::new(
+            EXIT_FAILURE,
+            format!("{}: {e}", safe_display(file.display())),
+        )
+    };
+    if file.exists() {
+        return Err(Failure::new(
+            EXIT_FAILURE,
+            format!(
+                "{} exists; give a new file name (a backup never overwrites)",
+                safe_display(file.display())
+            ),
+        ));
+    }
+    let tmp = file.with_extension("partial");
+    let _ = std::fs::remove_file(&tmp);
+    crate::filemode::write_private(&tmp, b"").map_err(io)?;
+    let copied = (|| -> rusqlite::Result<()> {
+        let mut dst = rusqlite::Connection::open(&tmp)?;
+        let b = rusqlite::backup::Backup::new(store.conn(), &mut dst)?;
+        // Small steps with pauses: the daemon keeps writing meanwhile.
+        b.run_to_completion(512, std::time::Duration::from_millis(2), None)?;
+        Ok(())
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Failure::new(EXIT_STORE, format!("backup failed: {e}")));
+    }
+    let verified = verify_store_file(cfg, &tmp);
+    let (records, head) = match verified {
+        Ok(v) => v,
+        Err(f) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(f);
+        }
+    };
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, file).map_err(io)?;
+    println!(
+        "backup of {} written to {}: {records} records, audit head {head}, verified",
+        safe(&cfg.node.id),
+        safe_display(file.display())
+    );
+    Ok(())
+}
+
+fn restore(cfg: &Config, file: &Path) -> Out {
+    refuse_root_on_service_store(&cfg.node.store)?;
+    if crate::lock::daemon_running(&cfg.node.store) {
+        return Err(Failure::new(
+            EXIT_STORE,
+            "the daemon is running on this store: stop it first (systemctl stop clinicsync), then restore",
+        ));
+    }
+    let (records, head) = verify_store_file(cfg, file)?;
+    let store = &cfg.node.store;
+    let io = |e: std::io::Error| Failure::new(EXIT_FAILURE, format!("restore failed: {e}"));
+    let incoming = store.with_extension("restoring");
+    let _ = std::fs::remove_file(&incoming);
+    std::fs::copy(file, &incoming).map_err(io)?;
+    std::fs::set_permissions(
+        &incoming,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .map_err(io)?;
+    std::fs::File::open(&incoming)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    if store.exists() {
+        // Fold the old store's WAL into it before keeping it aside: a WAL left next
+        // to the restored file would be replayed into it.
+        Store::open_existing(store)
+            .and_then(|s| {
+                s.conn()
+                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                    .map_err(Into::into)
+            })
+            .map_err(|e| Failure::new(EXIT_STORE, format!("the current store: {e}")))?;
+        let aside = store.with_extension("before-restore");
+        std::fs::rename(store, &aside).map_err(io)?;
+        println!(
+            "the store it replaces is kept as {}",
+            safe_display(aside.display())
+        );
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut p = store.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(std::path::PathBuf::from(p));
+    }
+    std::fs::rename(&incoming, store).map_err(io)?;
+    println!(
+        "restored {} from {}: {records} records, audit head {head}; start the daemon (systemctl start clinicsync)",
+        safe(&cfg.node.id),
+        safe_display(file.display())
+    );
+    Ok(())
+}
+
 fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure> {
     let hub = cfg.hub.as_ref().ok_or_else(|| {
         Failure::new(
@@ -861,6 +999,8 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         }
         Command::Quarantine { action } => quarantine(cfg, action, now),
         Command::Catchment { action } => catchment(cfg, action, now),
+        Command::Backup { file } => backup(cfg, &file),
+        Command::Restore { file } => restore(cfg, &file),
         Command::Conflicts { action } => {
             let store = open_existing(cfg)?;
             match action {
@@ -1334,6 +1474,7 @@ fn status(cfg: &Config, json: bool) -> Out {
     if json {
         print_json(&json!({
             "node": cfg.node.id, "role": cfg.role(), "store": cfg.node.store,
+            "daemon_running": crate::lock::daemon_running(&cfg.node.store),
             "schema": store.schema_version()?,
             "parent": cfg.parent.as_ref().map(|p| p.url.clone()),
             "records": c.records, "outbox": c.outbox, "inbox": c.inbox,
@@ -1346,6 +1487,14 @@ fn status(cfg: &Config, json: bool) -> Out {
         return Ok(());
     }
     println!("node        {} ({})", safe(&cfg.node.id), cfg.role());
+    println!(
+        "daemon      {}",
+        if crate::lock::daemon_running(&cfg.node.store) {
+            "running"
+        } else {
+            "NOT RUNNING (start it: systemctl start clinicsync)"
+        }
+    );
     println!(
         "store       {} (schema {}, {} records, seq {})",
         safe_display(cfg.node.store.display()),
