@@ -73,6 +73,9 @@ pub struct SyncReport {
     pub bytes_today: u64,
     /// Why pulls stopped early (budget spent, outside the bulk window).
     pub held_back: Option<String>,
+    /// The round moved records, then the link failed: the reason (the next round
+    /// follows at once).
+    pub interrupted: Option<String>,
     /// Bytes sent again after cuts, and cuts resumed within transfers.
     pub bytes_resent: u64,
     pub resumed: u64,
@@ -115,8 +118,22 @@ pub fn sync_with_progress(
         saved.clamp(MIN_BUDGET, max)
     });
     let cache = store.path().map(AnswerStore::new);
+    // The piece size the link allowed last time, kept as it changes (a kill mid-round
+    // keeps it too).
+    let persist_piece = |size: usize| {
+        if let Some(c) = &cache {
+            c.with("remember the piece size with", |tx| {
+                tx.set_meta_u64(PIECE_KEY, size as u64)
+            });
+        }
+    };
     let mut chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
     chunked.patience = Duration::from_secs(cfg.timeout_secs.max(1));
+    let saved_piece = store.meta_u64(PIECE_KEY)? as usize;
+    if saved_piece > 0 {
+        chunked.set_piece(saved_piece);
+    }
+    chunked.on_piece = Some(&persist_piece);
     chunked.cache = cache
         .as_ref()
         .map(|c| c as &dyn crate::transport::chunked::AnswerCache);
@@ -155,7 +172,15 @@ pub fn sync_with_progress(
     tx.set_meta_u64(TRAFFIC_TODAY, report.bytes_today)?;
     tx.commit()?;
     report.batch_budget = budget.get();
-    result.map(|_| report)
+    match result {
+        // Progress is what was acknowledged: a round that moved records and was then
+        // cut is not a failure; the next round goes on at once.
+        Err(e) if e.is_retryable() && report.pushed.cleared + report.pulled > 0 => {
+            report.interrupted = Some(e.to_string());
+            Ok(report)
+        }
+        other => other.map(|_| report),
+    }
 }
 
 /// The pieces of large pull answers, kept in the node's own store (as transfers
@@ -246,6 +271,8 @@ impl crate::transport::chunked::AnswerCache for AnswerStore {
 }
 
 const BUDGET_KEY: &str = "link_budget_bytes";
+/// Meta key: the resumable-transfer piece size the link last allowed.
+pub const PIECE_KEY: &str = "link_piece_bytes";
 const TRAFFIC_DAY: &str = "traffic_day";
 const TRAFFIC_TODAY: &str = "traffic_today_bytes";
 /// The smallest batch or page budget adaptive sizing goes down to.
@@ -295,8 +322,18 @@ fn sync_rounds(
     // Push first: what the clinic wrote is the most urgent thing on the link. A pass
     // walks the outbox once, building the next batch while the previous one is in
     // flight; a further pass picks up records edited meanwhile.
+    // A push cut short does not keep the pull from trying: on a link that drops
+    // every few KiB each direction takes what it can get.
+    let mut push_failed = None;
     for _pass in 0..3 {
-        let settled = push_pass(store, policy, client, cfg, stop, report, pace)?;
+        let settled = match push_pass(store, policy, client, cfg, stop, report, pace) {
+            Ok(n) => n,
+            Err(e) if e.is_retryable() => {
+                push_failed = Some(e);
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         let due = engine::next_push(store, wall_ms(), 1, usize::MAX)?.is_some();
         if settled == 0 || !due {
             break;
@@ -347,7 +384,10 @@ fn sync_rounds(
             break;
         }
     }
-    Ok(())
+    match push_failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// One pipelined walk over the outbox. Returns how many records were settled
@@ -971,6 +1011,17 @@ async fn sync_loop(
         store = Some(s);
         emr = Some(e);
         let delay = match result {
+            Ok(r) if r.interrupted.is_some() => {
+                delays = backoff(&cfg.sync);
+                let why = r.interrupted.as_deref().unwrap_or_default();
+                let status = format!(
+                    "syncing on a bad link: pushed {}, pulled {}, then: {why}",
+                    r.pushed.cleared, r.pulled
+                );
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
+                info!(node = %shared.0.node_id, pushed = r.pushed.cleared, pulled = r.pulled, error = %why, "sync round cut after progress; going on");
+                Duration::from_secs(cfg.sync.backoff_min_secs)
+            }
             Ok(r) => {
                 delays = backoff(&cfg.sync);
                 let status = format!(
@@ -988,6 +1039,9 @@ async fn sync_loop(
                     .next()
                     .unwrap_or(Duration::from_secs(cfg.sync.backoff_max_secs));
                 warn!(node = %shared.0.node_id, peer = PARENT, error = %e, retry_in_s = d.as_secs(), "sync failed");
+                // systemd's status line follows failures too (`systemctl status`).
+                let status = format!("sync failing (retry in {} s): {e}", d.as_secs());
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
                 d
             }
         };

@@ -49,7 +49,15 @@ pub struct Chunked<'a> {
     pub inner: &'a dyn Exchange,
     /// Keeps a large pull answer's pieces across restarts of this client.
     pub cache: Option<&'a dyn AnswerCache>,
+    /// The largest piece (`sync.chunk_bytes`).
     pub chunk: usize,
+    /// The piece size in use: halved after each cut (down to [`MIN_PIECE`]), doubled
+    /// after each piece that arrives (up to `chunk`), so a link that drops more often
+    /// than every `chunk` bytes still completes pieces.
+    piece: std::sync::atomic::AtomicUsize,
+    /// Called with the new piece size whenever it changes (the daemon persists it, so
+    /// a restart resumes at the size the link allowed).
+    pub on_piece: Option<&'a (dyn Fn(usize) + Sync)>,
     pub retries: u32,
     /// Bytes sent or received again because a connection was cut.
     pub resent: AtomicU64,
@@ -63,7 +71,40 @@ pub struct Chunked<'a> {
     answered: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
+/// The smallest piece adaptive sizing goes down to.
+pub const MIN_PIECE: usize = 2048;
+
 impl Chunked<'_> {
+    /// The piece size in use.
+    pub fn piece(&self) -> usize {
+        self.piece.load(Ordering::Relaxed)
+    }
+
+    /// Starts from a size learnt before (kept across restarts), within bounds.
+    pub fn set_piece(&self, size: usize) {
+        self.piece
+            .store(size.clamp(MIN_PIECE, self.chunk), Ordering::Relaxed);
+    }
+
+    fn resize(&self, size: usize) {
+        let size = size.clamp(MIN_PIECE, self.chunk);
+        if self.piece.swap(size, Ordering::Relaxed) != size {
+            if let Some(f) = self.on_piece {
+                f(size);
+            }
+        }
+    }
+
+    /// A piece arrived: the link can take more.
+    fn piece_done(&self) {
+        self.resize(self.piece().saturating_mul(2));
+    }
+
+    /// A cut: try smaller pieces.
+    fn piece_cut(&self) {
+        self.resize(self.piece() / 2);
+    }
+
     fn answered_now(&self) {
         *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
     }
@@ -87,7 +128,9 @@ impl<'a> Chunked<'a> {
         Chunked {
             inner,
             cache: None,
-            chunk: chunk.max(1024),
+            chunk: chunk.max(MIN_PIECE),
+            piece: std::sync::atomic::AtomicUsize::new(chunk.max(MIN_PIECE)),
+            on_piece: None,
             retries: 20,
             resent: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
@@ -124,9 +167,16 @@ impl<'a> Chunked<'a> {
     ) -> Result<Message, TransportError> {
         let total = frame.len() as u64;
         let mut received =
-            Self::ack(self.call(&Message::ChunkQuery(ChunkRef { id, total }), traffic)?)?;
+            Self::ack(self.call(
+                &Message::ChunkQuery(ChunkRef {
+                    id,
+                    total,
+                    answer_chunk: 0,
+                }),
+                traffic,
+            )?)?;
         while received < total {
-            let end = (received as usize + self.chunk).min(frame.len());
+            let end = (received as usize + self.piece()).min(frame.len());
             let data = frame[received as usize..end].to_vec();
             let sha = Sha256::digest(&data).into();
             let put = Message::ChunkPut(ChunkPut {
@@ -137,7 +187,10 @@ impl<'a> Chunked<'a> {
                 sha,
             });
             let next = match self.call(&put, traffic) {
-                Ok(a) => Self::ack(a)?,
+                Ok(a) => {
+                    self.piece_done();
+                    Self::ack(a)?
+                }
                 Err(e) => {
                     self.resent
                         .fetch_add((end as u64) - received, Ordering::Relaxed);
@@ -152,7 +205,12 @@ impl<'a> Chunked<'a> {
             }
             received = next;
         }
-        match self.call(&Message::ChunkRun(ChunkRef { id, total }), traffic)? {
+        let run = Message::ChunkRun(ChunkRef {
+            id,
+            total,
+            answer_chunk: self.piece() as u64,
+        });
+        match self.call(&run, traffic)? {
             Message::ChunkReady(r) => {
                 self.fetch(r.id, r.received, answer_buf, traffic)?;
                 self.finish(r.id, answer_buf)
@@ -173,9 +231,9 @@ impl<'a> Chunked<'a> {
         traffic: &mut Traffic,
     ) -> Result<(), TransportError> {
         let (window, piece) = if self.inner.parallel() {
-            (2, (self.chunk as u64 / 2).max(1024))
+            (2, (self.piece() as u64 / 2).max(1024))
         } else {
-            (1, self.chunk as u64)
+            (1, self.piece() as u64)
         };
         let inner = self.inner;
         std::thread::scope(|scope| {
@@ -215,6 +273,7 @@ impl<'a> Chunked<'a> {
                             c.append(&id, total, d.offset, &d.data);
                         }
                         buf.extend_from_slice(&d.data);
+                        self.piece_done();
                     }
                     Ok((other, _)) => {
                         return Err(TransportError::Unexpected {
@@ -317,8 +376,11 @@ impl<'a> Chunked<'a> {
         loop {
             let result = self.pull_attempt(path, msg, &mut started, &mut buf, &mut traffic);
             if traffic.received + traffic.sent > moved {
+                // The link moved bytes: the retry count starts over, so a link cut
+                // every few KiB still finishes a large transfer piece by piece.
                 moved = traffic.received + traffic.sent;
                 last_progress = std::time::Instant::now();
+                tries = 0;
             }
             match result {
                 Ok(m) => {
@@ -332,6 +394,9 @@ impl<'a> Chunked<'a> {
                 {
                     tries += 1;
                     self.resumed.fetch_add(1, Ordering::Relaxed);
+                    if matches!(e, TransportError::Cut { .. }) {
+                        self.piece_cut();
+                    }
                     if conflict(&e) {
                         // Corrupted or gone: ask again from the start.
                         restarts += 1;
@@ -363,12 +428,12 @@ impl Exchange for Chunked<'_> {
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         if let Message::PullRequest(req) = msg {
             let mut req = req.clone();
-            req.answer_chunk = self.chunk as u64;
+            req.answer_chunk = self.piece() as u64;
             return self.pull(path, &Message::PullRequest(req));
         }
         let frame = wire::encode(msg)?;
         // Small requests with small answers go as they are.
-        if frame.len() <= self.chunk {
+        if frame.len() <= self.piece() {
             let r = self.inner.exchange(path, msg);
             if r.is_ok() {
                 self.answered_now();
@@ -384,8 +449,11 @@ impl Exchange for Chunked<'_> {
         loop {
             let result = self.attempt(&frame, id, &mut answer_buf, &mut traffic);
             if traffic.received + traffic.sent > moved {
+                // The link moved bytes: the retry count starts over, so a link cut
+                // every few KiB still finishes a large transfer piece by piece.
                 moved = traffic.received + traffic.sent;
                 last_progress = std::time::Instant::now();
+                tries = 0;
             }
             match result {
                 Ok(m) => {
@@ -395,6 +463,9 @@ impl Exchange for Chunked<'_> {
                 Err(e) if self.resumable(&e, last_progress) && tries < self.retries => {
                     tries += 1;
                     self.resumed.fetch_add(1, Ordering::Relaxed);
+                    if matches!(e, TransportError::Cut { .. }) {
+                        self.piece_cut();
+                    }
                     tracing::info!(error = %e, attempt = tries, "transfer cut; resuming where it stopped");
                     std::thread::sleep(Duration::from_millis(200 * tries.min(10) as u64));
                 }
