@@ -715,17 +715,19 @@ impl FhirServer {
         // Keyset continuation needs the server to sort; a server that refuses `_sort`
         // is read through its next links alone.
         let mut sort = true;
-        let query = |from: Option<u64>, sort: bool| {
+        let query = |from: Option<u64>, sort: bool, count: usize| {
             format!(
-                "{}/{kind}?{}{}_count={}",
+                "{}/{kind}?{}{}_count={count}",
                 self.base,
                 from.map(|s| format!("_lastUpdated=ge{}&", instant(s)))
                     .unwrap_or_default(),
                 if sort { "_sort=_lastUpdated&" } else { "" },
-                self.page_size
             )
         };
-        let first = query(since, sort);
+        // Grows while a page is all one instant (a transaction's resources share
+        // it), so the keyset can step past the tie.
+        let mut count = self.page_size;
+        let first = query(since, sort, count);
         let mut url = first.clone();
         let mut server_base = None;
         let mut visited = HashSet::new();
@@ -742,7 +744,7 @@ impl FhirServer {
             let (bundle, time) = match self.get_bundle(&url) {
                 Err(ReadError::Unsupported(_)) if page == 0 && sort => {
                     sort = false;
-                    url = query(since, sort);
+                    url = query(since, sort, count);
                     visited.clear();
                     continue;
                 }
@@ -781,8 +783,12 @@ impl FhirServer {
             }
             let next = next_link(&bundle);
             let total = bundle.get("total").and_then(Value::as_u64);
-            let full =
-                entries.len() >= self.page_size && total.is_none_or(|t| t as usize > entries.len());
+            // More to come: the server's total says so, or, without one, the page is
+            // as long as asked (a server that caps `_count` lower must send a link).
+            let full = match total {
+                Some(t) => t as usize > entries.len(),
+                None => entries.len() >= count.min(self.page_size),
+            };
             if next.is_none() && !full {
                 break;
             }
@@ -793,22 +799,28 @@ impl FhirServer {
             };
             if sort && sorted && progress {
                 position = newest_on_page;
-                url = query(position, sort);
+                count = self.page_size;
+                url = query(position, sort, count);
                 continue;
             }
             match next {
                 Some(n) => url = self.rebase(n, server_base.as_deref()),
+                None if sort && sorted && count < self.page_size * 64 => {
+                    count *= 4;
+                    url = query(position, sort, count);
+                }
                 None => {
                     return Err(ReadError::Emr(EmrError::Unreadable(format!(
                         "{url}: a full page of {} without a next link, and the rest cannot be \
-                         reached by _lastUpdated ({}); capture cannot go on without skipping \
-                         records",
+                         reached by _lastUpdated ({}; newest on the page {}); capture cannot go \
+                         on without skipping records",
                         entries.len(),
                         if sort && sorted {
                             "the whole page has one lastUpdated"
                         } else {
                             "the server does not sort by _lastUpdated"
-                        }
+                        },
+                        newest_on_page.map_or("unknown".to_string(), instant),
                     ))));
                 }
             }
