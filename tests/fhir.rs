@@ -396,6 +396,15 @@ fn fake_oldest_first_type_history_with_offset_links_that_drop_since() {
         history_paging: HistoryPaging::Offset { keeps_since: false },
         ..Shape::default()
     });
+    // An hour of older history: the next links that lost `_since` lead into it, and
+    // only reading the order right keeps the walk from stopping there.
+    let hour_ago = clinicsync::store::wall_ms() - 3_600_000;
+    fake.with_db(|db| {
+        for i in 0..20 {
+            let p = json!({"resourceType": "Patient", "gender": "female", "address": [{"district": "South"}]});
+            db.write_at("Patient", &format!("old-{i}"), Some(p), hour_ago + i);
+        }
+    });
     capture_and_apply_everything_once(&fake.base, adapter(&fake.base), "fake oldest first");
     let log = fake.log();
     assert!(
