@@ -697,7 +697,7 @@ impl FhirServer {
         }
         Ok(all
             .into_iter()
-            .filter(|c| c.updated.is_none_or(|u| u >= since))
+            .filter(|c| c.updated.map_or(true, |u| u >= since))
             .filter(|c| self.types.contains(&c.key.kind))
             .inspect(|c| clock.saw(c.updated))
             .collect())
@@ -989,7 +989,7 @@ impl FhirServer {
 fn tokens_since(changes: &[Change], since: u64) -> Vec<String> {
     let set: BTreeSet<String> = changes
         .iter()
-        .filter(|c| c.updated.is_none_or(|u| u >= since))
+        .filter(|c| c.updated.map_or(true, |u| u >= since))
         .filter_map(|c| c.token.clone())
         .collect();
     set.into_iter().collect()
@@ -1171,7 +1171,7 @@ impl Emr for FhirServer {
                 match Snapshot::from_json_bytes(text.as_bytes()) {
                     Ok(s) => Ok(Fetched::Present(s)),
                     // Servers may answer with no body: read it back.
-                    Err(_) => self.fetch(&key)?.ok_or_else(|| {
+                    Err(_) => self.fetch(key)?.ok_or_else(|| {
                         EmrError::Unreadable(format!("{key} was written but cannot be read back"))
                     }),
                 }

@@ -543,8 +543,8 @@ fn history_list(g: &Inner, kind: Option<&str>, since: Option<u64>) -> Vec<Ver> {
     let mut list: Vec<Ver> =
         g.db.versions
             .iter()
-            .filter(|v| kind.is_none_or(|k| v.kind == k))
-            .filter(|v| since.is_none_or(|s| v.updated >= s))
+            .filter(|v| kind.map_or(true, |k| v.kind == k))
+            .filter(|v| since.map_or(true, |s| v.updated >= s))
             .cloned()
             .collect();
     if g.shape.order == Order::NewestFirst {
@@ -712,7 +712,7 @@ fn search(g: &mut Inner, req: &Request, kind: &str, link_base: &str) -> Answer {
     }
     for id in ids {
         if let Some(v) = g.db.current(kind, id) {
-            if !v.deleted && ge.is_none_or(|t| v.updated >= t) {
+            if !v.deleted && ge.map_or(true, |t| v.updated >= t) {
                 current.push(v.clone());
             }
         }
