@@ -447,6 +447,21 @@ fn fake_without_history_is_read_by_search_and_deletes_are_seen() {
 }
 
 #[test]
+fn fake_search_that_does_not_sort_is_paged_by_its_own_links() {
+    // A keyset over pages in id order would skip; the self link without `_sort`
+    // tells the adapter to follow the server's links instead.
+    let fake = FakeFhir::start(Shape {
+        type_history: false,
+        system_history: false,
+        ignores_sort: true,
+        ..Shape::default()
+    });
+    capture_and_apply_everything_once(&fake.base, adapter(&fake.base), "fake unsorted");
+    let log = fake.log();
+    assert!(log.iter().any(|l| l.contains("_offset=")), "{log:?}");
+}
+
+#[test]
 fn a_version_written_during_a_paged_read_is_captured_by_the_next_round() {
     let fake = FakeFhir::start(Shape {
         order: Order::NewestFirst,

@@ -220,7 +220,7 @@ impl Clock {
 /// Why a read could not be used.
 #[derive(Debug)]
 enum ReadError {
-    /// The server does not offer this interaction (404/400/405/501/403, or a
+    /// The server does not offer this interaction (400/404/405/410/422/501, or a
     /// Bundle that is not what was asked for).
     Unsupported(String),
     Emr(EmrError),
@@ -235,7 +235,7 @@ impl From<EmrError> for ReadError {
 fn unsupported(url: &str, e: EmrError) -> ReadError {
     match e {
         EmrError::Refused {
-            status: status @ (400 | 403 | 404 | 405 | 410 | 422 | 501),
+            status: status @ (400 | 404 | 405 | 410 | 422 | 501),
             message,
         } => ReadError::Unsupported(format!("{url}: HTTP {status}: {message}")),
         EmrError::Unavailable(m) if m.contains("HTTP 501") => ReadError::Unsupported(m),
@@ -727,6 +727,7 @@ impl FhirServer {
         // Grows while a page is all one instant (a transaction's resources share
         // it), so the keyset can step past the tie.
         let mut count = self.page_size;
+        let mut query_received = 0usize;
         let first = query(since, sort, count);
         let mut url = first.clone();
         let mut server_base = None;
@@ -745,6 +746,7 @@ impl FhirServer {
                 Err(ReadError::Unsupported(_)) if page == 0 && sort => {
                     sort = false;
                     url = query(since, sort, count);
+                    query_received = 0;
                     visited.clear();
                     continue;
                 }
@@ -757,8 +759,16 @@ impl FhirServer {
                 )));
             }
             clock.answer(time);
-            if page == 0 {
+            if server_base.is_none() {
                 server_base = Self::server_base(&bundle, kind);
+                // search.html#self: the self link SHALL carry the parameters the
+                // server actually used; one without `_sort` means it did not sort,
+                // and a keyset over unsorted pages would skip.
+                if let Some(own) = link(&bundle, "self") {
+                    if sort && !own.contains("_sort=_lastUpdated") {
+                        sort = false;
+                    }
+                }
             }
             let entries: Vec<&Value> = result_entries(&bundle).collect();
             let mut newest_on_page: Option<u64> = None;
@@ -785,8 +795,10 @@ impl FhirServer {
             let total = bundle.get("total").and_then(Value::as_u64);
             // More to come: the server's total says so, or, without one, the page is
             // as long as asked (a server that caps `_count` lower must send a link).
+            // (The total counts the whole query, which next links continue.)
+            query_received += entries.len();
             let full = match total {
-                Some(t) => t as usize > entries.len(),
+                Some(t) => t as usize > query_received,
                 None => entries.len() >= count.min(self.page_size),
             };
             if next.is_none() && !full {
@@ -801,6 +813,7 @@ impl FhirServer {
                 position = newest_on_page;
                 count = self.page_size;
                 url = query(position, sort, count);
+                query_received = 0;
                 continue;
             }
             match next {
@@ -808,6 +821,7 @@ impl FhirServer {
                 None if sort && sorted && count < self.page_size * 64 => {
                     count *= 4;
                     url = query(position, sort, count);
+                    query_received = 0;
                 }
                 None => {
                     return Err(ReadError::Emr(EmrError::Unreadable(format!(

@@ -73,6 +73,9 @@ pub struct Shape {
     pub system_history: bool,
     /// `_lastUpdated` and `_sort=_lastUpdated` understood in searches.
     pub search_by_last_updated: bool,
+    /// Accepts `_sort=_lastUpdated` but answers in id order (and says so by leaving
+    /// `_sort` out of its self link).
+    pub ignores_sort: bool,
     pub tombstones: bool,
     /// What the server calls its own base in links; `None`: the address it serves.
     pub link_base: Option<String>,
@@ -88,6 +91,7 @@ impl Default for Shape {
             type_history: true,
             system_history: true,
             search_by_last_updated: true,
+            ignores_sort: false,
             tombstones: true,
             link_base: None,
         }
@@ -717,10 +721,19 @@ fn search(g: &mut Inner, req: &Request, kind: &str, link_base: &str) -> Answer {
             }
         }
     }
-    if sort.is_some() {
+    if sort.is_some() && !g.shape.ignores_sort {
         current.sort_by_key(|v| v.updated);
+    } else {
+        current.sort_by(|a, b| a.id.cmp(&b.id));
     }
-    let self_url = format!("{link_base}/{kind}");
+    // search.html#self: the self link carries the parameters actually used.
+    let used: Vec<String> = req
+        .query
+        .iter()
+        .filter(|(k, _)| !(g.shape.ignores_sort && k == "_sort"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let self_url = format!("{link_base}/{kind}?{}", used.join("&"));
     if param(req, "_summary") == Some("count") {
         return Answer {
             status: 200,
