@@ -726,7 +726,7 @@ fn search(g: &mut Inner, req: &Request, kind: &str, link_base: &str) -> Answer {
     } else {
         current.sort_by(|a, b| a.id.cmp(&b.id));
     }
-    // search.html#self: the self link carries the parameters actually used.
+    // search.html "Server Conformance": the self link carries the parameters actually used.
     let used: Vec<String> = req
         .query
         .iter()
