@@ -48,8 +48,9 @@
 //! moves to the end and shifts another, unchanged one over a page boundary, where it
 //! would be lost for good. So a `_lastUpdated` search continues by keyset
 //! (`_lastUpdated=ge<newest on the page>`, duplicates dropped by version) as long as
-//! the server sorts (its `self` link, which search.html "Server Conformance" says carries the
-//! parameters actually used, keeps `_sort=_lastUpdated`, and the page is in order)
+//! the server sorts (its `self` link, which search.html "Server Conformance" says
+//! carries the parameters actually used, keeps `_sort=_lastUpdated`, and the page
+//! is in order)
 //! and that makes progress. A page that is all one instant (a transaction) is asked
 //! again with `_count` four times larger (up to 64 times), then the server's next
 //! link is followed. A full page with no next link (a server
@@ -764,9 +765,9 @@ impl FhirServer {
             clock.answer(time);
             if server_base.is_none() {
                 server_base = Self::server_base(&bundle, kind);
-                // search.html "Server Conformance": the self link SHALL carry the parameters the
-                // server actually used; one without `_sort` means it did not sort,
-                // and a keyset over unsorted pages would skip.
+                // search.html "Server Conformance": the self link SHALL carry the
+                // parameters the server actually used; one without `_sort` means it
+                // did not sort, and a keyset over unsorted pages would skip.
                 if let Some(own) = link(&bundle, "self") {
                     if sort && !own.contains("_sort=_lastUpdated") {
                         sort = false;

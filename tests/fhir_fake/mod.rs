@@ -17,8 +17,10 @@
 //!   to the links"): opaque `_cursor` tokens, `_offset` (optionally losing `_since`,
 //!   as sekmet does), or HAPI-style `_getpages` snapshots at the base URL; the links
 //!   may name another host ([`Shape::link_base`], a server behind a proxy).
-//! - search.html#lastUpdated, #sort, #count, #summary: `_lastUpdated=ge…`,
-//!   `_sort=_lastUpdated`, `_count`, `_summary=count`; a searchset of current,
+//! - search.html (the _lastUpdated, _sort, _count and _summary parameters, and
+//!   "Server Conformance": the self link carries the parameters actually used):
+//!   `_lastUpdated=ge…`, `_sort=_lastUpdated`, `_count`, `_summary=count`; a
+//!   searchset of current,
 //!   non-deleted resources; [`SearchPaging::NoLinks`] truncates at `_count` with no
 //!   next link (as Medplum's in-memory repository does).
 //! - http.html#read, #update, #delete, #versioning: 410 Gone for a deleted resource
@@ -726,7 +728,7 @@ fn search(g: &mut Inner, req: &Request, kind: &str, link_base: &str) -> Answer {
     } else {
         current.sort_by(|a, b| a.id.cmp(&b.id));
     }
-    // search.html "Server Conformance": the self link carries the parameters actually used.
+    // search.html "Server Conformance": the self link carries the parameters used.
     let used: Vec<String> = req
         .query
         .iter()
