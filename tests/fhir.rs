@@ -486,9 +486,10 @@ fn a_version_written_during_a_paged_read_is_captured_by_the_next_round() {
             json!({"resourceType": "Patient", "id": format!("p{i}"), "gender": "male", "address": [{"district": "North"}]}),
         );
     }
-    // While the adapter is on the second page of Patient history: an update commits,
-    // and so does a transaction stamped two seconds before the newest version the
-    // read has already seen (it started earlier and committed later).
+    // While the adapter is on the second page of Patient history (whose cursor was
+    // fixed at the first page): an update commits, and so does a new Patient from a
+    // transaction stamped two seconds before the newest version the read has
+    // already seen (it started earlier and committed later).
     let fired = std::sync::Arc::new(AtomicBool::new(false));
     let f2 = fired.clone();
     fake.set_hook(Box::new(move |db, page| {
@@ -496,9 +497,8 @@ fn a_version_written_during_a_paged_read_is_captured_by_the_next_round() {
             let p0 = json!({"resourceType": "Patient", "gender": "other", "address": [{"district": "North"}]});
             db.write("Patient", "p0", Some(p0));
             let late = clinicsync::store::wall_ms() - 2_000;
-            let enc = json!({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"},
-                "subject": {"reference": "Patient/p1"}});
-            db.write_at("Encounter", "e-late", Some(enc), late);
+            let p = json!({"resourceType": "Patient", "gender": "female", "address": [{"district": "North"}]});
+            db.write_at("Patient", "p-late", Some(p), late);
         }
     }));
     let (_, e) = round(&mut a, &mut emr);
@@ -508,9 +508,17 @@ fn a_version_written_during_a_paged_read_is_captured_by_the_next_round() {
     );
     assert!(e.capture.as_ref().unwrap().captured >= 6, "{e:?}");
     let hs = hub.store();
+    assert!(
+        get(&hs, "Patient/p-late").is_none(),
+        "committed after the read's cursor was fixed: not in this read"
+    );
     round(&mut a, &mut emr);
     assert_eq!(get(&hs, "Patient/p0").unwrap()["gender"], "other");
-    assert_eq!(get(&hs, "Encounter/e-late").unwrap()["status"], "finished");
+    assert_eq!(
+        get(&hs, "Patient/p-late").unwrap()["gender"],
+        "female",
+        "the next round's _since reaches back before it"
+    );
     for i in 1..6 {
         assert_eq!(
             get(&hs, &format!("Patient/p{i}")).unwrap()["gender"],
