@@ -606,3 +606,36 @@ fn resources_sharing_one_instant_are_read_past_a_page_without_links() {
     }
     assert_quiet(&mut a, &mut emr, 2, "fake ties");
 }
+
+#[test]
+fn a_type_added_to_the_configuration_is_loaded_in_full() {
+    let fake = FakeFhir::start(Shape::default());
+    let base = fake.base.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, mut a) = hub_and_clinic(dir.path());
+    put(
+        &base,
+        json!({"resourceType": "Patient", "id": "p1", "gender": "female", "address": [{"district": "North"}]}),
+    );
+    put(
+        &base,
+        json!({"resourceType": "Encounter", "id": "e-old", "status": "finished", "class": {"code": "AMB"}, "subject": {"reference": "Patient/p1"}}),
+    );
+    let mut only_patients = FhirServer::new(
+        &base,
+        None,
+        vec!["Patient".into()],
+        false,
+        Duration::from_secs(10),
+    )
+    .with_page_size(2);
+    round(&mut a, &mut only_patients);
+    let hs = hub.store();
+    assert!(get(&hs, "Encounter/e-old").is_none());
+    // The technician adds Encounter to emr.types: what exists is loaded, once.
+    let mut emr = adapter(&base);
+    let (_, e) = round(&mut a, &mut emr);
+    assert_eq!(e.capture.as_ref().unwrap().captured, 1, "{e:?}");
+    assert_eq!(get(&hs, "Encounter/e-old").unwrap()["status"], "finished");
+    assert_quiet(&mut a, &mut emr, 2, "fake added type");
+}

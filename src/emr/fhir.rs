@@ -92,7 +92,8 @@
 //!
 //! The cursor is JSON: `{"v": 2, "mode": "type-history"|"system-history"|"search",
 //! "search_types": [...], "since": "<UTC instant>", "seen": [...], "present": {type:
-//! [id…]}}`. A version-1 cursor (`{"mode", "since"}`) is read as its `since` with the
+//! [id…]}, "loaded": [type…]}`; a type added to `emr.types` later is not in `loaded`
+//! and gets its initial load (a search, all pages) on its first round. A version-1 cursor (`{"mode", "since"}`) is read as its `since` with the
 //! mode probed again. Every failure leaves the stored cursor as it was (capture commits
 //! the cursor with the records, and an error commits nothing), so the next round
 //! reads the same window again; `status` shows the error as the EMR's last error.
@@ -186,6 +187,10 @@ struct Cursor {
     seen: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     present: BTreeMap<String, Vec<String>>,
+    /// The types whose initial load is done (a type added to `emr.types` later is
+    /// loaded in full on its first round).
+    #[serde(default)]
+    loaded: Vec<String>,
 }
 
 /// One entry of a history or search Bundle.
@@ -997,6 +1002,7 @@ impl FhirServer {
             since: instant(since),
             seen: tokens_since(&seen, since),
             present,
+            loaded: self.types.clone(),
         };
         Ok((keys, cursor))
     }
@@ -1034,7 +1040,7 @@ impl Emr for FhirServer {
                 m
             }
         };
-        let search_types: Vec<String> = match mode {
+        let mut search_types: Vec<String> = match mode {
             CaptureMode::Search => self.types.clone(),
             CaptureMode::SystemHistory => Vec::new(),
             CaptureMode::TypeHistory if self.mode == CaptureMode::TypeHistory => Vec::new(),
@@ -1048,6 +1054,38 @@ impl Emr for FhirServer {
         let mut clock = Clock::default();
         let mut found: Vec<Change> = Vec::new();
         let mut extra: Vec<RecordKey> = Vec::new();
+        // Types configured since the last round get their initial load now (a
+        // version-1 cursor predates the list: its types were read from history).
+        let fresh: Vec<String> = if cur.v < 2 {
+            Vec::new()
+        } else {
+            self.types
+                .iter()
+                .filter(|t| !cur.loaded.contains(t))
+                .cloned()
+                .collect()
+        };
+        for t in &fresh {
+            if mode == CaptureMode::TypeHistory
+                && self.mode == CaptureMode::Auto
+                && !self.has_type_history(t)?
+                && !search_types.contains(t)
+            {
+                search_types.push(t.clone());
+            }
+            let all = match self.read_search(t, None, &mut clock) {
+                Ok(all) => all,
+                Err(ReadError::Unsupported(m)) => {
+                    return Err(self.cannot_proceed(&format!("the initial load of {t}"), m))
+                }
+                Err(ReadError::Emr(e)) => return Err(e),
+            };
+            if search_types.contains(t) {
+                let ids = all.iter().map(|c| c.key.id.clone()).collect();
+                cur.present.insert(t.clone(), ids);
+            }
+            found.extend(all);
+        }
         let history_err = |what: String, m: String| self.cannot_proceed(&what, m);
         match mode {
             CaptureMode::SystemHistory => match self.read_history("_history", since, &mut clock) {
@@ -1058,7 +1096,11 @@ impl Emr for FhirServer {
                 Err(ReadError::Emr(e)) => return Err(e),
             },
             _ => {
-                for t in self.types.iter().filter(|t| !search_types.contains(t)) {
+                let read_by_history = self
+                    .types
+                    .iter()
+                    .filter(|t| !search_types.contains(t) && !fresh.contains(t));
+                for t in read_by_history {
                     match self.read_history(&format!("{t}/_history"), since, &mut clock) {
                         Ok(v) => found.extend(v),
                         Err(ReadError::Unsupported(m)) => {
@@ -1071,6 +1113,12 @@ impl Emr for FhirServer {
         }
         let mut present_next = BTreeMap::new();
         for t in &search_types {
+            if fresh.contains(t) {
+                if let Some(ids) = cur.present.get(t) {
+                    present_next.insert(t.clone(), ids.clone());
+                }
+                continue;
+            }
             let v = match self.read_search(t, Some(since), &mut clock) {
                 Ok(v) => v,
                 Err(ReadError::Unsupported(m)) => {
@@ -1136,6 +1184,7 @@ impl Emr for FhirServer {
             since: instant(next_since),
             seen: tokens_since(&found, next_since),
             present: present_next,
+            loaded: self.types.clone(),
         };
         self.listed = handed;
         Ok((keys, serde_json::to_string(&next).unwrap_or_default()))
