@@ -325,10 +325,16 @@ fn sync_rounds(
     // A push cut short does not keep the pull from trying: on a link that drops
     // every few KiB each direction takes what it can get.
     let mut push_failed = None;
+    let pushing = Instant::now();
     for _pass in 0..3 {
         let settled = match push_pass(store, policy, client, cfg, stop, report, pace) {
+            // A parent silent for the whole timeout would be as silent to the pull:
+            // the round ends within one timeout, not two.
             Ok(n) => n,
-            Err(e) if e.is_retryable() => {
+            Err(e)
+                if e.is_retryable()
+                    && pushing.elapsed() < Duration::from_secs(cfg.timeout_secs) =>
+            {
                 push_failed = Some(e);
                 break;
             }

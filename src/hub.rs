@@ -100,7 +100,16 @@ pub struct HubState {
     limits: Limits,
     serving: ServeOptions,
     gate: Gate,
+    /// Large answers of uploads already run, by (child, upload id): a `ChunkRun`
+    /// repeated after a cut gets the same answer to go on fetching, instead of a
+    /// re-run whose answer differs (its records are now duplicates) and would make
+    /// the child start fetching over — on a link cut every few KiB, forever. Bounded;
+    /// losing an entry (or a restart) only costs a harmless re-run.
+    ran: Mutex<std::collections::VecDeque<(String, [u8; 32], Message)>>,
 }
+
+/// Answers of runs kept for repeated `ChunkRun`s.
+const RAN_KEPT: usize = 256;
 
 impl HubState {
     /// `children` pairs each child node id with the SHA-256 of its credential.
@@ -130,6 +139,7 @@ impl HubState {
             },
             serving,
             gate,
+            ran: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -1045,13 +1055,48 @@ impl HubState {
                 "a transfer cannot carry another transfer",
             ));
         }
+        if let Some(ready) = self.ran_before(child, &r.id) {
+            return Ok(ready);
+        }
         let answer = self.answer(child, &frame, None)?;
         let inline = if r.answer_chunk == 0 {
             MAX_CHUNK
         } else {
             r.answer_chunk.clamp(1024, MAX_CHUNK)
         };
-        self.as_transfer(child, answer, inline, false)
+        let answer = self.as_transfer(child, answer, inline, false)?;
+        if matches!(answer, Message::ChunkReady(_)) {
+            let mut ran = self.ran.lock().unwrap_or_else(|p| p.into_inner());
+            if ran.len() >= RAN_KEPT {
+                ran.pop_front();
+            }
+            ran.push_back((child.to_string(), r.id, answer.clone()));
+        }
+        Ok(answer)
+    }
+
+    /// The `ChunkReady` of an upload this child already ran, if its answer is still
+    /// held for fetching.
+    fn ran_before(&self, child: &str, id: &[u8; 32]) -> Option<Message> {
+        let found = {
+            let ran = self.ran.lock().unwrap_or_else(|p| p.into_inner());
+            ran.iter()
+                .find(|(c, i, _)| c == child && i == id)
+                .map(|(_, _, m)| m.clone())?
+        };
+        let Message::ChunkReady(ready) = &found else {
+            return None;
+        };
+        let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = store.begin().ok()?;
+        let held = tx
+            .transfer_state(&TransferKey {
+                node: child,
+                id: &ready.id,
+                dir: "down",
+            })
+            .ok()??;
+        (held.0 == ready.received).then_some(found)
     }
 
     /// An answer of at most `chunk` bytes as it is; a larger one stored as a transfer

@@ -422,6 +422,8 @@ fn a_black_holed_link_times_out_and_recovers() {
         clinicsync::config::Secret::new(hub.token("a")),
         Duration::from_secs(1),
     );
+    // The exchange timeout the daemon gives both its client and its resumption.
+    a.sync_cfg.timeout_secs = 1;
     a.put(vec![patient("p-bh", "North")]);
     let t0 = std::time::Instant::now();
     let err = a.sync().unwrap_err();

@@ -84,10 +84,18 @@ fn a_link_cut_every_5_to_60_kb_still_delivers_everything_each_way_once() {
         &format!("http://127.0.0.1:{}", proxy.port),
         &hub.token("a"),
     );
+    a.sync_cfg.timeout_secs = 10;
     a.put(mine);
     let started = Instant::now();
     let mut rounds = 0;
-    while started.elapsed() < Duration::from_secs(std::env::var("WL_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(180)) {
+    while started.elapsed()
+        < Duration::from_secs(
+            std::env::var("WL_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(180),
+        )
+    {
         rounds += 1;
         let t0 = Instant::now();
         match a.sync() {

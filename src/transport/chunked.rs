@@ -51,9 +51,9 @@ pub struct Chunked<'a> {
     pub cache: Option<&'a dyn AnswerCache>,
     /// The largest piece (`sync.chunk_bytes`).
     pub chunk: usize,
-    /// The piece size in use: halved after each cut (down to [`MIN_PIECE`]), doubled
-    /// after each piece that arrives (up to `chunk`), so a link that drops more often
-    /// than every `chunk` bytes still completes pieces.
+    /// The piece size in use: halved after each cut (down to [`MIN_PIECE`]), grown by
+    /// an eighth (at least 1 KiB) after each piece that arrives (up to `chunk`), so a
+    /// link that drops more often than every `chunk` bytes still completes pieces.
     piece: std::sync::atomic::AtomicUsize,
     /// Called with the new piece size whenever it changes (the daemon persists it, so
     /// a restart resumes at the size the link allowed).
@@ -95,9 +95,13 @@ impl Chunked<'_> {
         }
     }
 
-    /// A piece arrived: the link can take more.
+    /// A piece arrived: the link can take a little more. Growth is additive and the
+    /// cut halves (as TCP's window): doubling after each piece would be back at the
+    /// size that fails after a handful of pieces, and a link cut every few KiB would
+    /// spend its life failing at it.
     fn piece_done(&self) {
-        self.resize(self.piece().saturating_mul(2));
+        let p = self.piece();
+        self.resize(p.saturating_add((p / 8).max(1024)));
     }
 
     /// A cut: try smaller pieces.
@@ -166,15 +170,14 @@ impl<'a> Chunked<'a> {
         traffic: &mut Traffic,
     ) -> Result<Message, TransportError> {
         let total = frame.len() as u64;
-        let mut received =
-            Self::ack(self.call(
-                &Message::ChunkQuery(ChunkRef {
-                    id,
-                    total,
-                    answer_chunk: 0,
-                }),
-                traffic,
-            )?)?;
+        let mut received = Self::ack(self.call(
+            &Message::ChunkQuery(ChunkRef {
+                id,
+                total,
+                answer_chunk: 0,
+            }),
+            traffic,
+        )?)?;
         while received < total {
             let end = (received as usize + self.piece()).min(frame.len());
             let data = frame[received as usize..end].to_vec();
