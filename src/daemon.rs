@@ -498,6 +498,12 @@ pub fn emr_step(
                 a.refused += b.refused;
                 a.blocked += b.blocked;
             }
+            // A first-contact round applies twice: the report adds them up.
+            if let Some(before) = report.apply.take() {
+                a.applied.add(&before.applied);
+                a.refused += before.refused;
+                a.blocked += before.blocked;
+            }
             report.apply = Some(a);
             Ok(())
         })
@@ -547,7 +553,7 @@ pub fn round(
     let Some(emr) = emr else {
         return sync_once(store, policy, client, cfg, stop).map(|r| (r, er));
     };
-    if store.cursor(PARENT)?.0 == crate::wire::Cursor::default() {
+    if !engine::first_contact_done(store, PARENT)? {
         // First contact (a new or reinstalled box): learn from the parent what this
         // node already wrote before capturing anything, so a record the EMR still
         // holds is recognised, not written again as a new version with counters
@@ -555,8 +561,16 @@ pub fn round(
         let sync = sync_once(store, policy, client, cfg, stop);
         emr_step(store, policy, emr, false, &mut er);
         let first = sync?;
+        // Then the usual round, in the same call: what the EMR holds goes up now.
         emr_step(store, policy, emr, true, &mut er);
-        return Ok((first, er));
+        let mut second = sync_once(store, policy, client, cfg, stop)?;
+        emr_step(store, policy, emr, false, &mut er);
+        second.pulled += first.pulled;
+        second.applied.add(&first.applied);
+        second.bytes_sent += first.bytes_sent;
+        second.bytes_received += first.bytes_received;
+        second.elapsed_ms += first.elapsed_ms;
+        return Ok((second, er));
     }
     emr_step(store, policy, emr, true, &mut er);
     let sync = sync_once(store, policy, client, cfg, stop);

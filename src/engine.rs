@@ -1056,8 +1056,15 @@ pub fn pull_request(
 }
 
 /// Meta key: "1" while the first pull of this store (its own records included) is
-/// under way.
+/// under way, "0" once it completed.
 const RESTORING: &str = "restoring_own";
+
+/// Whether this store has completed a pull from its parent (first contact): until
+/// then a node learns what it already wrote before writing anything from its EMR.
+pub fn first_contact_done(store: &Store, parent: &str) -> Result<bool> {
+    Ok(store.cursor(parent)?.0 != crate::wire::Cursor::default()
+        || store.meta_str(RESTORING)?.as_deref() == Some("0"))
+}
 
 /// Child side: stores a pulled page in the inbox and advances the cursor, together.
 /// Returns how many records entered the inbox.
