@@ -99,6 +99,14 @@ pub struct EmrSection {
     pub timeout_secs: u64,
     /// First retry of a record the EMR refused; doubles per attempt, up to a day.
     pub retry_secs: u64,
+    /// How the fhir adapter reads changes: "auto" (probe: type history, else system
+    /// history, else `_lastUpdated` search), "type-history", "system-history" or
+    /// "search" (see `emr::fhir`).
+    pub fhir_capture: String,
+    /// Taken off the FHIR server's clock at the start of a read to make the next
+    /// `_since`: longer than any write transaction and any clock step between the
+    /// server's nodes. Versions read twice in that window are recognised.
+    pub fhir_since_margin_secs: u64,
 }
 
 impl Default for EmrSection {
@@ -133,6 +141,8 @@ impl Default for EmrSection {
             start: "beginning".into(),
             timeout_secs: 30,
             retry_secs: 300,
+            fhir_capture: "auto".into(),
+            fhir_since_margin_secs: 300,
         }
     }
 }
@@ -610,6 +620,12 @@ impl Config {
             if e.kind == EmrKind::Fhir && e.types.is_empty() {
                 p.push("emr.types must list at least one resource type".into());
             }
+            if crate::emr::fhir::CaptureMode::parse(&e.fhir_capture).is_none() {
+                p.push(format!(
+                    "emr.fhir_capture {:?} must be \"auto\", \"type-history\", \"system-history\" or \"search\"",
+                    e.fhir_capture
+                ));
+            }
             if e.start != "beginning" && e.start != "now" {
                 p.push(format!(
                     "emr.start {:?} must be \"beginning\" or \"now\"",
@@ -618,12 +634,6 @@ impl Config {
             }
             if e.timeout_secs == 0 || e.retry_secs == 0 {
                 p.push("emr.timeout_secs and emr.retry_secs must be greater than 0".into());
-            }
-            if self.parent.is_none() {
-                p.push(
-                    "an external [emr] is for clinics (a node with a [parent]) in this version"
-                        .into(),
-                );
             }
         }
         if self.parent.is_none() && self.hub.is_none() {
@@ -661,13 +671,19 @@ impl Config {
                 } else {
                     Some(credentials()?)
                 };
-                Ok(Some(Box::new(crate::emr::fhir::FhirServer::new(
-                    &e.url,
-                    creds,
-                    e.types.clone(),
-                    e.start == "now",
-                    timeout,
-                ))))
+                let capture = crate::emr::fhir::CaptureMode::parse(&e.fhir_capture)
+                    .ok_or_else(|| format!("emr.fhir_capture {:?} is not known", e.fhir_capture))?;
+                Ok(Some(Box::new(
+                    crate::emr::fhir::FhirServer::new(
+                        &e.url,
+                        creds,
+                        e.types.clone(),
+                        e.start == "now",
+                        timeout,
+                    )
+                    .with_capture(capture)
+                    .with_since_margin(Duration::from_secs(e.fhir_since_margin_secs)),
+                )))
             }
             EmrKind::Openmrs => {
                 let (user, pass) = credentials()?;
@@ -699,6 +715,7 @@ impl Config {
     pub fn policy(&self) -> Policy {
         let mut p = Policy::new(&self.node.id, self.parent.is_some());
         p.external_emr = self.emr.kind != EmrKind::Embedded;
+        p.serves_children = self.hub.is_some();
         p.emr_retry_ms = self.emr.retry_secs * 1000;
         if let Some(hub) = &self.hub {
             p.max_record_bytes = hub.max_record_bytes;
@@ -850,6 +867,35 @@ mod tests {
             "hub.catchment[0].path",
         ] {
             assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn the_fhir_capture_mode_is_checked() {
+        let text = |mode: &str| {
+            format!(
+                r#"
+            [node]
+            id = "a"
+            store = "x.db"
+            [parent]
+            url = "http://hub:7070"
+            token_file = "t"
+            [emr]
+            kind = "fhir"
+            url = "http://fhir:8080/fhir"
+            fhir_capture = "{mode}"
+            fhir_since_margin_secs = 60
+        "#
+            )
+        };
+        let err = Config::parse(&text("history"), Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("emr.fhir_capture"), "{err}");
+        for mode in ["auto", "type-history", "system-history", "search"] {
+            let cfg = Config::parse(&text(mode), Path::new("c.toml")).unwrap();
+            assert_eq!(cfg.emr.fhir_since_margin_secs, 60);
         }
     }
 

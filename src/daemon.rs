@@ -73,6 +73,9 @@ pub struct SyncReport {
     pub bytes_today: u64,
     /// Why pulls stopped early (budget spent, outside the bulk window).
     pub held_back: Option<String>,
+    /// The round moved records, then the link failed: the reason (the next round
+    /// follows at once).
+    pub interrupted: Option<String>,
     /// Bytes sent again after cuts, and cuts resumed within transfers.
     pub bytes_resent: u64,
     pub resumed: u64,
@@ -115,7 +118,22 @@ pub fn sync_with_progress(
         saved.clamp(MIN_BUDGET, max)
     });
     let cache = store.path().map(AnswerStore::new);
+    // The piece size the link allowed last time, kept as it changes (a kill mid-round
+    // keeps it too).
+    let persist_piece = |size: usize| {
+        if let Some(c) = &cache {
+            c.with("remember the piece size with", |tx| {
+                tx.set_meta_u64(PIECE_KEY, size as u64)
+            });
+        }
+    };
     let mut chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
+    chunked.patience = Duration::from_secs(cfg.timeout_secs.max(1));
+    let saved_piece = store.meta_u64(PIECE_KEY)? as usize;
+    if saved_piece > 0 {
+        chunked.set_piece(saved_piece);
+    }
+    chunked.on_piece = Some(&persist_piece);
     chunked.cache = cache
         .as_ref()
         .map(|c| c as &dyn crate::transport::chunked::AnswerCache);
@@ -154,7 +172,15 @@ pub fn sync_with_progress(
     tx.set_meta_u64(TRAFFIC_TODAY, report.bytes_today)?;
     tx.commit()?;
     report.batch_budget = budget.get();
-    result.map(|_| report)
+    match result {
+        // Progress is what was acknowledged: a round that moved records and was then
+        // cut is not a failure; the next round goes on at once.
+        Err(e) if e.is_retryable() && report.pushed.cleared + report.pulled > 0 => {
+            report.interrupted = Some(e.to_string());
+            Ok(report)
+        }
+        other => other.map(|_| report),
+    }
 }
 
 /// The pieces of large pull answers, kept in the node's own store (as transfers
@@ -245,6 +271,8 @@ impl crate::transport::chunked::AnswerCache for AnswerStore {
 }
 
 const BUDGET_KEY: &str = "link_budget_bytes";
+/// Meta key: the resumable-transfer piece size the link last allowed.
+pub const PIECE_KEY: &str = "link_piece_bytes";
 const TRAFFIC_DAY: &str = "traffic_day";
 const TRAFFIC_TODAY: &str = "traffic_today_bytes";
 /// The smallest batch or page budget adaptive sizing goes down to.
@@ -294,8 +322,18 @@ fn sync_rounds(
     // Push first: what the clinic wrote is the most urgent thing on the link. A pass
     // walks the outbox once, building the next batch while the previous one is in
     // flight; a further pass picks up records edited meanwhile.
+    // A push cut short does not keep the pull from trying: on a link that drops
+    // every few KiB each direction takes what it can get.
+    let mut push_failed = None;
     for _pass in 0..3 {
-        let settled = push_pass(store, policy, client, cfg, stop, report, pace)?;
+        let settled = match push_pass(store, policy, client, cfg, stop, report, pace) {
+            Ok(n) => n,
+            Err(e) if e.is_retryable() => {
+                push_failed = Some(e);
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         let due = engine::next_push(store, wall_ms(), 1, usize::MAX)?.is_some();
         if settled == 0 || !due {
             break;
@@ -346,7 +384,10 @@ fn sync_rounds(
             break;
         }
     }
-    Ok(())
+    match push_failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// One pipelined walk over the outbox. Returns how many records were settled
@@ -443,7 +484,17 @@ pub fn emr_step(
     let result = if capture {
         engine::capture_from_emr(store, policy, emr, now).map(|c| report.capture = Some(c))
     } else {
-        engine::apply_inbox_to_emr(store, policy, emr, now).map(|a| report.apply = Some(a))
+        engine::apply_inbox_to_emr(store, policy, emr, now).and_then(|mut a| {
+            if policy.serves_children {
+                // A hub's EMR also gets what its children pushed.
+                let b = engine::apply_replica_to_emr(store, policy, emr, now)?;
+                a.applied.add(&b.applied);
+                a.refused += b.refused;
+                a.blocked += b.blocked;
+            }
+            report.apply = Some(a);
+            Ok(())
+        })
     };
     if let Err(e) = result {
         let msg = format!(
@@ -490,6 +541,17 @@ pub fn round(
     let Some(emr) = emr else {
         return sync_once(store, policy, client, cfg, stop).map(|r| (r, er));
     };
+    if store.cursor(PARENT)?.0 == crate::wire::Cursor::default() {
+        // First contact (a new or reinstalled box): learn from the parent what this
+        // node already wrote before capturing anything, so a record the EMR still
+        // holds is recognised, not written again as a new version with counters
+        // restarted at 1 (stale, or in conflict with itself).
+        let sync = sync_once(store, policy, client, cfg, stop);
+        emr_step(store, policy, emr, false, &mut er);
+        let first = sync?;
+        emr_step(store, policy, emr, true, &mut er);
+        return Ok((first, er));
+    }
     emr_step(store, policy, emr, true, &mut er);
     let sync = sync_once(store, policy, client, cfg, stop);
     // Apply what arrived even if the link dropped mid-round: it is in the inbox.
@@ -593,8 +655,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     // Every event of this process carries the node id (journald field NODE).
     let span = tracing::info_span!("clinicsync", node = %cfg.node.id);
     use tracing::Instrument;
-    rt.block_on(run_async(cfg).instrument(span))
+    let result = rt.block_on(run_async(cfg).instrument(span));
+    // A blocking exchange left behind at shutdown must not hold the process.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    result
 }
+
+/// How long a stopping daemon waits for an exchange in flight (well inside systemd's
+/// `TimeoutStopSec`).
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 static LAST_BEAT_MS: AtomicU64 = AtomicU64::new(0);
 static SYNCING: AtomicBool = AtomicBool::new(false);
@@ -717,6 +786,8 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let policy = cfg.policy();
     // Open (and migrate) the store before anything else, so a bad store stops us here.
     let store = Store::open(&cfg.node.store, &cfg.node.id)?;
+    // One daemon per store; `status` and `restore` look for this lock.
+    let _lock = crate::lock::acquire(&cfg.node.store)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     {
@@ -773,6 +844,14 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(tracing::Instrument::in_current_span(
             sync_loop(store, policy, cfg.clone(), stop.clone(), rx),
         )));
+    } else if cfg.emr.kind != crate::config::EmrKind::Embedded {
+        // The root hub's own EMR (the central OpenMRS): the metadata authority and
+        // the place every clinic's records land. No parent, so no sync round: capture
+        // and apply on the sync interval.
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(tracing::Instrument::in_current_span(
+            root_emr_loop(store, policy, cfg.clone(), rx),
+        )));
     } else {
         drop(store);
     }
@@ -792,12 +871,75 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     );
     let stall_ms = 2 * cfg.sync.timeout_secs * 1000 + 60_000;
     let wd = tokio::spawn(watchdog(stall_ms));
-    for t in tasks {
-        t.await??;
+    // Every task ends on its own when asked to stop, except one blocked in an exchange
+    // with a silent parent or EMR: it gets STOP_GRACE, then the process leaves it
+    // behind. That is safe at any point: every state change is one transaction, and
+    // nothing is acknowledged before it is committed.
+    let mut rx = stop_rx.clone();
+    let all = async {
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(())
+    };
+    tokio::pin!(all);
+    tokio::select! {
+        r = &mut all => r?,
+        _ = async {
+            let _ = rx.wait_for(|s| *s).await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => {
+            warn!(node = %cfg.node.id, grace_s = STOP_GRACE.as_secs(), "an exchange was still in flight at shutdown; leaving it (nothing uncommitted is lost)");
+        }
     }
     wd.abort();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!(node = %cfg.node.id, "stopped");
+    Ok(())
+}
+
+/// A root hub with an external EMR: every `sync.interval_secs`, capture what changed
+/// in it (metadata and clinical records written at the centre) and write into it what
+/// the children pushed. Errors are the EMR's link state (`status`), never fatal.
+async fn root_emr_loop(
+    store: Store,
+    policy: Policy,
+    cfg: Config,
+    mut stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut emr = cfg
+        .emr_adapter()
+        .map_err(|e| anyhow::anyhow!(e))?
+        .ok_or_else(|| anyhow::anyhow!("[emr] has no adapter"))?;
+    let mut store = store;
+    let interval = Duration::from_secs(cfg.sync.interval_secs);
+    loop {
+        let p = policy.clone();
+        let (s, e, report) = tokio::task::spawn_blocking(move || {
+            let mut report = EmrReport::default();
+            emr_step(&mut store, &p, emr.as_mut(), true, &mut report);
+            emr_step(&mut store, &p, emr.as_mut(), false, &mut report);
+            (store, emr, report)
+        })
+        .await?;
+        store = s;
+        emr = e;
+        if report.error.is_none() {
+            let capture = report.capture.as_ref().map(|c| c.captured).unwrap_or(0);
+            let apply = report
+                .apply
+                .as_ref()
+                .map(|a| a.applied.applied)
+                .unwrap_or(0);
+            if capture + apply > 0 {
+                info!(node = %cfg.node.id, peer = "emr", captured = capture, applied = apply, "EMR round");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop_rx.wait_for(|s| *s) => break,
+        }
+    }
     Ok(())
 }
 
@@ -869,6 +1011,17 @@ async fn sync_loop(
         store = Some(s);
         emr = Some(e);
         let delay = match result {
+            Ok(r) if r.interrupted.is_some() => {
+                delays = backoff(&cfg.sync);
+                let why = r.interrupted.as_deref().unwrap_or_default();
+                let status = format!(
+                    "syncing on a bad link: pushed {}, pulled {}, then: {why}",
+                    r.pushed.cleared, r.pulled
+                );
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
+                info!(node = %shared.0.node_id, pushed = r.pushed.cleared, pulled = r.pulled, error = %why, "sync round cut after progress; going on");
+                Duration::from_secs(cfg.sync.backoff_min_secs)
+            }
             Ok(r) => {
                 delays = backoff(&cfg.sync);
                 let status = format!(
@@ -886,6 +1039,9 @@ async fn sync_loop(
                     .next()
                     .unwrap_or(Duration::from_secs(cfg.sync.backoff_max_secs));
                 warn!(node = %shared.0.node_id, peer = PARENT, error = %e, retry_in_s = d.as_secs(), "sync failed");
+                // systemd's status line follows failures too (`systemctl status`).
+                let status = format!("sync failing (retry in {} s): {e}", d.as_secs());
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
                 d
             }
         };

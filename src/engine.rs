@@ -115,6 +115,9 @@ pub struct Policy {
     pub emr_retry_ms: u64,
     /// Records from a child stamped further than this ahead of `now` are refused.
     pub max_clock_ahead_ms: u64,
+    /// This node serves children (`[hub]`): with an external EMR, what children push
+    /// is written into it too (`apply_replica_to_emr`).
+    pub serves_children: bool,
     /// For district hubs among the children: the nodes below each whose records it
     /// may forward (besides its own). Children not listed forward only their own.
     pub descendants: std::collections::HashMap<String, Vec<String>>,
@@ -137,6 +140,7 @@ impl Policy {
             external_emr: false,
             emr_retry_ms: 5 * 60_000,
             max_clock_ahead_ms: 300_000,
+            serves_children: false,
             descendants: std::collections::HashMap::new(),
         }
     }
@@ -1034,9 +1038,13 @@ pub fn pull_request(
     max_bytes: u64,
 ) -> Result<PullRequest> {
     let (cursor, _) = store.cursor(parent)?;
-    // A store with no cursor and nothing of its own is new or wiped: it needs its
-    // own records back too.
-    let include_own = cursor == crate::wire::Cursor::default() && store.holds_nothing_own()?;
+    // A store that has never pulled may be a wiped box reinstalled under the same id,
+    // with clinicians already writing: it gets back everything the parent holds from
+    // it, over every page of that first pull (`RESTORING` keeps the flag across pages
+    // and restarts). A new node pays for this with its first day's pushes coming back
+    // once, as duplicates.
+    let include_own = cursor == crate::wire::Cursor::default()
+        || store.meta_str(RESTORING)?.as_deref() == Some("1");
     Ok(PullRequest {
         node: store.node_id().to_string(),
         cursor,
@@ -1046,6 +1054,10 @@ pub fn pull_request(
         answer_chunk: 0,
     })
 }
+
+/// Meta key: "1" while the first pull of this store (its own records included) is
+/// under way.
+const RESTORING: &str = "restoring_own";
 
 /// Child side: stores a pulled page in the inbox and advances the cursor, together.
 /// Returns how many records entered the inbox.
@@ -1079,6 +1091,10 @@ pub fn store_pull(
                 )?;
             }
         }
+    }
+    let first = tx.cursor(parent)? == crate::wire::Cursor::default();
+    if first || tx.meta_str(RESTORING)?.as_deref() == Some("1") {
+        tx.set_meta_str(RESTORING, if resp.more { "1" } else { "0" })?;
     }
     tx.set_cursor(parent, resp.next, resp.head, now_ms)?;
     tx.note_peer(
@@ -1382,14 +1398,23 @@ pub fn apply_inbox_to_emr(
                         tx.remove_from_inbox(&key)?;
                         tx.commit()?;
                     }
-                    Err(e @ EmrError::Refused { .. }) => {
+                    Err(e @ (EmrError::Refused { .. } | EmrError::Unreadable(_))) => {
+                        // A refusal, or an unreadable answer to this one write: this
+                        // record waits (the second kind retryably), the pass goes on.
+                        let permanent = matches!(e, EmrError::Refused { .. });
                         let mut tx = store.begin()?;
                         let base = policy.emr_retry_ms;
-                        let attempts =
-                            tx.quarantine(&key, Stage::Apply, &e.to_string(), true, now_ms, |n| {
+                        let attempts = tx.quarantine(
+                            &key,
+                            Stage::Apply,
+                            &e.to_string(),
+                            permanent,
+                            now_ms,
+                            |n| {
                                 base.saturating_mul(1u64 << n.saturating_sub(1).min(16))
                                     .min(24 * 3_600_000)
-                            })?;
+                            },
+                        )?;
                         tx.audit(
                             now_ms,
                             "emr",
@@ -1410,6 +1435,165 @@ pub fn apply_inbox_to_emr(
                 tx.remove_from_inbox(&key)?;
                 tx.commit()?;
             }
+        }
+    }
+    Ok(summary)
+}
+
+const EMR_OUT_CURSOR: &str = "emr_out_cursor";
+
+/// What applying one version to the EMR came to.
+enum EmrWrite {
+    Done,
+    Refused,
+    Waiting,
+}
+
+/// Writes one replica version into the EMR (a hub with its own EMR): the version is
+/// already integrated, so only the EMR side and its quarantine change here.
+fn write_replica_version(
+    store: &mut Store,
+    policy: &Policy,
+    emr: &mut dyn crate::emr::Emr,
+    v: &Version,
+    now_ms: u64,
+) -> std::result::Result<EmrWrite, EmrFlowError> {
+    use crate::emr::{EmrError, Fetched};
+    let key = v.key().clone();
+    // Already what the EMR holds (captured from it, or written before): an echo.
+    if store.emr_state(&key)? == Some((Some(v.snapshot.hash), v.deleted))
+        || (v.deleted && matches!(store.emr_state(&key)?, Some((_, true))))
+    {
+        let mut tx = store.begin()?;
+        tx.release(&key, Stage::Apply)?;
+        tx.commit()?;
+        return Ok(EmrWrite::Done);
+    }
+    let mut waits_for = blocker(store, v)?;
+    if waits_for.is_none() && key.kind != "Patient" {
+        // The patient arrived here but is not in the EMR yet (refused, or behind).
+        if let Some(p) = &v.snapshot.patient {
+            let pk = RecordKey {
+                kind: "Patient".into(),
+                id: p.clone(),
+            };
+            if store.current(&pk)?.is_some() && store.emr_state(&pk)?.is_none() {
+                waits_for = Some((pk, "not in the EMR yet".into()));
+            }
+        }
+    }
+    if let Some((dep, why)) = waits_for {
+        let mut tx = store.begin()?;
+        let reason = format!(
+            "waiting for {dep}: {}",
+            why.trim_start_matches("waiting for ")
+        );
+        tx.quarantine(&key, Stage::Apply, &reason, false, now_ms, |_| {
+            policy.emr_retry_ms
+        })?;
+        tx.commit()?;
+        return Ok(EmrWrite::Waiting);
+    }
+    match emr.apply(v) {
+        Ok(state) => {
+            let mut tx = store.begin()?;
+            match &state {
+                Fetched::Present(s) => tx.set_emr_state(&key, Some(&s.hash), false, now_ms)?,
+                Fetched::Gone => tx.set_emr_state(&key, None, true, now_ms)?,
+            }
+            if tx.release(&key, Stage::Apply)? {
+                tx.audit(
+                    now_ms,
+                    "emr",
+                    "release",
+                    &key.to_string(),
+                    &v.snapshot.hash.short(),
+                    "applied to the EMR",
+                )?;
+            }
+            tx.release_blocked_by(&key, now_ms)?;
+            tx.commit()?;
+            Ok(EmrWrite::Done)
+        }
+        Err(e @ (EmrError::Refused { .. } | EmrError::Unreadable(_))) => {
+            // Refused: this record's fault, backoff from emr.retry_secs. Unreadable
+            // answer to one write: retried the same way, and the pass goes on.
+            let permanent = matches!(e, EmrError::Refused { .. });
+            let mut tx = store.begin()?;
+            let base = policy.emr_retry_ms;
+            let attempts =
+                tx.quarantine(&key, Stage::Apply, &e.to_string(), permanent, now_ms, |n| {
+                    base.saturating_mul(1u64 << n.saturating_sub(1).min(16))
+                        .min(24 * 3_600_000)
+                })?;
+            tx.audit(
+                now_ms,
+                "emr",
+                "quarantine",
+                &key.to_string(),
+                &v.snapshot.hash.short(),
+                &format!("attempt {attempts}: {e}"),
+            )?;
+            tx.commit()?;
+            Ok(EmrWrite::Refused)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// At a hub with its own EMR (the central OpenMRS, or a district's): writes into the
+/// EMR every version that reached the replica by any way but the EMR itself —
+/// records pushed by children, conflict resolutions, local writes — in change order
+/// (a push batch stores Patients first), after any due retries. Records the EMR
+/// refuses wait in the apply quarantine with its message, records referencing them
+/// wait behind them, everything else flows. When the EMR is unavailable the pass
+/// stops where it is (the cursor is kept per record) and the error is returned.
+/// Versions pulled from a parent take `apply_inbox_to_emr` instead (they reach the
+/// replica only once the EMR holds them, so they are echoes here).
+pub fn apply_replica_to_emr(
+    store: &mut Store,
+    policy: &Policy,
+    emr: &mut dyn crate::emr::Emr,
+    now_ms: u64,
+) -> std::result::Result<EmrApplySummary, EmrFlowError> {
+    let mut summary = EmrApplySummary::default();
+    let tally = |w: EmrWrite, s: &mut EmrApplySummary| match w {
+        EmrWrite::Done => s.applied.applied += 1,
+        EmrWrite::Refused => s.refused += 1,
+        EmrWrite::Waiting => s.blocked += 1,
+    };
+    for key in store.apply_due_outside_inbox(now_ms, 500)? {
+        match store.current(&key)? {
+            Some(c) => {
+                let w = write_replica_version(store, policy, emr, &c.version, now_ms)?;
+                tally(w, &mut summary);
+            }
+            None => {
+                let mut tx = store.begin()?;
+                tx.release(&key, Stage::Apply)?;
+                tx.commit()?;
+            }
+        }
+    }
+    let mut cursor = store.meta_u64(EMR_OUT_CURSOR)?;
+    loop {
+        let batch = store.changed_after(cursor, 500)?;
+        if batch.is_empty() {
+            break;
+        }
+        for (seq, key) in batch {
+            if let Some(c) = store.current(&key)? {
+                // A record whose current version is newer than this change is met
+                // again at its own seq.
+                if c.seq == seq {
+                    let w = write_replica_version(store, policy, emr, &c.version, now_ms)?;
+                    tally(w, &mut summary);
+                }
+            }
+            cursor = seq;
+            let mut tx = store.begin()?;
+            tx.set_meta_u64(EMR_OUT_CURSOR, cursor)?;
+            tx.commit()?;
         }
     }
     Ok(summary)

@@ -1046,7 +1046,12 @@ impl HubState {
             ));
         }
         let answer = self.answer(child, &frame, None)?;
-        self.as_transfer(child, answer, MAX_CHUNK, false)
+        let inline = if r.answer_chunk == 0 {
+            MAX_CHUNK
+        } else {
+            r.answer_chunk.clamp(1024, MAX_CHUNK)
+        };
+        self.as_transfer(child, answer, inline, false)
     }
 
     /// An answer of at most `chunk` bytes as it is; a larger one stored as a transfer

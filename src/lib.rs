@@ -11,6 +11,7 @@ pub mod filemode;
 pub mod hub;
 pub mod keys;
 pub mod linksim;
+pub mod lock;
 pub mod model;
 pub mod sneakernet;
 pub mod store;

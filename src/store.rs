@@ -1004,6 +1004,41 @@ impl Store {
             .optional()?)
     }
 
+    /// Records quarantined at the apply stage whose retry is due and that do not wait
+    /// in the inbox (at a hub with an EMR: versions from children the EMR refused).
+    pub fn apply_due_outside_inbox(&self, now_ms: u64, limit: usize) -> Result<Vec<RecordKey>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT q.kind, q.id FROM quarantine q
+              WHERE q.stage='apply' AND q.next_retry_ms <= ?1
+                AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.kind=q.kind AND i.id=q.id)
+              ORDER BY q.next_retry_ms LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms as i64, limit as i64], |r| {
+            Ok(RecordKey {
+                kind: r.get(0)?,
+                id: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Replica records changed after `seq`, in change order: (seq, key).
+    pub fn changed_after(&self, seq: u64, limit: usize) -> Result<Vec<(u64, RecordKey)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, kind, id FROM replica WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                RecordKey {
+                    kind: r.get(1)?,
+                    id: r.get(2)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
     pub fn integrity_check(&self) -> Result<String> {
         Ok(self
             .conn
@@ -1290,6 +1325,19 @@ impl Tx<'_> {
         Ok(self.tx.execute(
             "DELETE FROM transfers WHERE created_ms < ?1",
             [before_ms as i64],
+        )?)
+    }
+
+    pub fn meta_str(&self, key: &str) -> Result<Option<String>> {
+        self.meta(key)
+    }
+
+    /// Files the bundles imported from `node` under its old key (`<node>@<fp>`), so
+    /// the node's new incarnation starts its bundle sequence again.
+    pub fn retire_bundles_of(&mut self, node: &str, old_fp: &str) -> Result<usize> {
+        Ok(self.tx.execute(
+            "UPDATE bundles_in SET sender = sender || '@' || ?2 WHERE sender = ?1",
+            params![node, old_fp],
         )?)
     }
 

@@ -301,6 +301,12 @@ pub struct ChunkRef {
     #[serde(with = "serde_bytes_array")]
     pub id: [u8; 32],
     pub total: u64,
+    /// On a `ChunkRun`: an answer larger than this comes as `ChunkReady` (fetched in
+    /// pieces) rather than inline, so a link that drops every few KiB still gets it.
+    /// Zero (and absent, as older clients send it): the hub's own piece size. Added
+    /// in 0.3 within v1, omitted when zero, so earlier messages encode unchanged.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub answer_chunk: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -390,6 +390,7 @@ mod seeds {
             Message::ChunkQuery(ChunkRef {
                 id: [1; 32],
                 total: 30,
+                answer_chunk: 0,
             }),
             Message::ChunkPut(ChunkPut {
                 id: [1; 32],
@@ -408,6 +409,7 @@ mod seeds {
             Message::ChunkRun(ChunkRef {
                 id: [1; 32],
                 total: 30,
+                answer_chunk: 0,
             }),
             Message::ChunkGet(ChunkGet {
                 id: [1; 32],

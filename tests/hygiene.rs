@@ -47,7 +47,10 @@ fn a_new_store_is_0600_with_its_wal_and_shm_in_a_0750_directory() {
         ),
     )
     .unwrap();
-    ok(run(&config, &["status"]));
+    // The first write creates the store (`status` never does).
+    let loc = dir.path().join("loc.json");
+    std::fs::write(&loc, r#"{"resourceType":"Location","id":"l1"}"#).unwrap();
+    ok(run(&config, &["put", loc.to_str().unwrap()]));
     assert_eq!(mode_of(&store).unwrap(), 0o600, "store file");
     assert_eq!(mode_of(&dir.path().join("fresh/data")).unwrap(), 0o750);
     assert_eq!(mode_of(&dir.path().join("fresh")).unwrap(), 0o750);

@@ -96,6 +96,18 @@ fn live(store: &clinicsync::store::Store, kind: &str) -> Vec<String> {
         .collect()
 }
 
+/// A hub whose rules put the North district in these clinics' catchments, holding
+/// one Location: a clinic's first rounds pull before they capture until its cursor
+/// has moved (daemon::round's first contact), so tests begin with something to pull.
+fn seeded_hub(dir: &std::path::Path, clinics: &[&str]) -> TestHub {
+    let rules: Vec<(&str, &str)> = clinics.iter().map(|c| (*c, "North")).collect();
+    let hub = TestHub::start(dir, 0, hub_policy(&rules), clinics, 8 << 20);
+    hub.put(vec![
+        json!({"resourceType": "Location", "id": "seed", "name": "Seed"}),
+    ]);
+    hub
+}
+
 /// Two clinics, each with its own OpenMRS (simulated), and a hub whose rules put
 /// the North district in both catchments.
 struct Pair {
@@ -111,23 +123,20 @@ struct Pair {
 
 fn pair() -> Pair {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(
-        dir.path(),
-        0,
-        hub_policy(&[("a", "North"), ("b", "North")]),
-        &["a", "b"],
-        8 << 20,
-    );
+    let hub = seeded_hub(dir.path(), &["a", "b"]);
     let (sim_a, sim_b) = (
         OpenMrsSim::start("admin", "Admin123").unwrap(),
         OpenMrsSim::start("admin", "Admin123").unwrap(),
     );
-    let (ea, eb) = (
+    let (mut ea, mut eb) = (
         adapter(&sim_a, Duration::from_secs(5)),
         adapter(&sim_b, Duration::from_secs(5)),
     );
-    let a = clinic(dir.path(), "a", &hub);
-    let b = clinic(dir.path(), "b", &hub);
+    let mut a = clinic(dir.path(), "a", &hub);
+    let mut b = clinic(dir.path(), "b", &hub);
+    // First contact: both clinics pull the seed (and write it into their OpenMRS).
+    round(&mut a, &mut ea);
+    round(&mut b, &mut eb);
     Pair {
         dir,
         hub,
@@ -296,13 +305,7 @@ fn a_patient_openmrs_refuses_waits_with_its_encounters_and_retries_by_itself() {
 #[test]
 fn broken_feeds_garbage_and_hangs_are_reported_and_nothing_stops() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(
-        dir.path(),
-        0,
-        hub_policy(&[("a", "North")]),
-        &["a"],
-        8 << 20,
-    );
+    let hub = seeded_hub(dir.path(), &["a"]);
     let sim = OpenMrsSim::start("admin", "Admin123").unwrap();
     let mut emr = adapter(&sim, Duration::from_secs(1));
     let mut a = clinic(dir.path(), "a", &hub);
@@ -399,13 +402,7 @@ fn broken_feeds_garbage_and_hangs_are_reported_and_nothing_stops() {
 #[test]
 fn a_clinic_cloned_from_another_starts_its_feeds_at_now() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(
-        dir.path(),
-        0,
-        hub_policy(&[("a", "North")]),
-        &["a"],
-        8 << 20,
-    );
+    let hub = seeded_hub(dir.path(), &["a"]);
     let sim = OpenMrsSim::start("admin", "Admin123").unwrap();
     // The database this clinic was cloned from already holds history.
     for i in 0..7 {
@@ -488,13 +485,7 @@ fn the_fhir_adapter_falls_back_to_last_updated_search_without_history() {
     // capture by `_lastUpdated` search instead.
     use clinicsync::emr::fhir::FhirServer;
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(
-        dir.path(),
-        0,
-        hub_policy(&[("a", "North")]),
-        &["a"],
-        8 << 20,
-    );
+    let hub = seeded_hub(dir.path(), &["a"]);
     let sim = OpenMrsSim::start("admin", "Admin123").unwrap();
     let mut emr = FhirServer::new(
         &format!("{}/openmrs/ws/fhir2/R4", sim.url),
@@ -679,13 +670,7 @@ fn start_now_on_an_empty_feed_captures_what_comes_next() {
 #[test]
 fn a_wrong_password_is_the_emr_unavailable_nothing_is_quarantined_and_the_account_is_spared() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(
-        dir.path(),
-        0,
-        hub_policy(&[("a", "North")]),
-        &["a"],
-        8 << 20,
-    );
+    let hub = seeded_hub(dir.path(), &["a"]);
     let sim = OpenMrsSim::start("admin", "Admin123").unwrap();
     sim.save(patient_om("p-w", "North", "male"));
     hub.put(vec![

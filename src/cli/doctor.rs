@@ -149,51 +149,67 @@ pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
 }
 
 fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
-    match Store::open(&cfg.node.store, &cfg.node.id) {
-        Ok(store) => {
-            match store.integrity_check() {
-                Ok(r) if r == "ok" => checks.push(check(
-                    Level::Ok,
-                    "store",
-                    format!(
-                        "{} intact (schema {})",
-                        cfg.node.store.display(),
-                        store.schema_version().unwrap_or(0)
-                    ),
-                    None,
-                )),
-                Ok(r) => checks.push(check(
-                    Level::Fail,
-                    "store",
-                    format!("integrity check: {r}"),
-                    Some("restore the store from a backup; keep the damaged file for analysis"),
-                )),
-                Err(e) => checks.push(check(Level::Fail, "store", e.to_string(), None)),
-            }
-            if let Ok(c) = store.counts() {
-                let level = if c.quarantine > 0 {
-                    Level::Warn
-                } else {
-                    Level::Ok
-                };
-                checks.push(check(
-                    level,
-                    "queues",
-                    format!(
-                        "{} to push, {} to apply, {} quarantined, {} conflicts",
-                        c.outbox, c.inbox, c.quarantine, c.conflicts
-                    ),
-                    (c.quarantine > 0)
-                        .then_some("`clinicsync quarantine list` shows why each record waits"),
-                ));
-            }
-        }
-        Err(e) => checks.push(check(
-            Level::Fail,
+    let opened = if !cfg.node.store.exists() {
+        checks.push(check(
+            Level::Warn,
             "store",
-            e.to_string(),
-            Some("check node.store and its directory's permissions"),
-        )),
+            format!("no store yet at {}", cfg.node.store.display()),
+            Some("the service creates it on its first start (systemctl start clinicsync); if it has run, check node.store"),
+        ));
+        None
+    } else if let Err(f) = super::refuse_root_on_service_store(&cfg.node.store) {
+        checks.push(check(Level::Fail, "store", f.message, None));
+        None
+    } else {
+        Some(Store::open(&cfg.node.store, &cfg.node.id))
+    };
+    if let Some(opened) = opened {
+        match opened {
+            Ok(store) => {
+                match store.integrity_check() {
+                    Ok(r) if r == "ok" => checks.push(check(
+                        Level::Ok,
+                        "store",
+                        format!(
+                            "{} intact (schema {})",
+                            cfg.node.store.display(),
+                            store.schema_version().unwrap_or(0)
+                        ),
+                        None,
+                    )),
+                    Ok(r) => checks.push(check(
+                        Level::Fail,
+                        "store",
+                        format!("integrity check: {r}"),
+                        Some("restore the store from a backup; keep the damaged file for analysis"),
+                    )),
+                    Err(e) => checks.push(check(Level::Fail, "store", e.to_string(), None)),
+                }
+                if let Ok(c) = store.counts() {
+                    let level = if c.quarantine > 0 {
+                        Level::Warn
+                    } else {
+                        Level::Ok
+                    };
+                    checks.push(check(
+                        level,
+                        "queues",
+                        format!(
+                            "{} to push, {} to apply, {} quarantined, {} conflicts",
+                            c.outbox, c.inbox, c.quarantine, c.conflicts
+                        ),
+                        (c.quarantine > 0)
+                            .then_some("`clinicsync quarantine list` shows why each record waits"),
+                    ));
+                }
+            }
+            Err(e) => checks.push(check(
+                Level::Fail,
+                "store",
+                e.to_string(),
+                Some("check node.store and its directory's permissions"),
+            )),
+        }
     }
     match free_bytes(&cfg.node.store) {
         Some(b) if b < 50 << 20 => checks.push(check(

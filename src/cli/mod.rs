@@ -130,6 +130,12 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenCmd,
     },
+    /// Copy the store to FILE while the node runs (SQLite online backup), verified
+    /// (integrity, node id, audit chain) before it is kept; mode 0600.
+    Backup { file: PathBuf },
+    /// Put a backup in place of the store (the daemon must be stopped); the store it
+    /// replaces is kept beside it as `<store>.before-restore`.
+    Restore { file: PathBuf },
     /// At a hub: which patients each child holds, and moving them by hand
     /// (audited). Clinics write only for patients of their catchment.
     Catchment {
@@ -339,11 +345,21 @@ impl From<daemon::SyncError> for Failure {
 
 type Out = Result<(), Failure>;
 
+/// Is standard output a pipe (`clinicsync ls | head`)?
+fn stdout_is_a_pipe() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata("/proc/self/fd/1")
+        .map(|m| m.file_type().is_fifo())
+        .unwrap_or(false)
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run) {
-        // A command piped into `head` or `grep -q` should end quietly, as Unix tools
-        // do; the daemon keeps SIGPIPE ignored so a dropped socket never kills it.
+    if !matches!(cli.command, Command::Run) && stdout_is_a_pipe() {
+        // A listing piped into `head` or `grep -q` should end quietly, as Unix tools
+        // do. Only then: elsewhere SIGPIPE stays ignored, so a socket or a pipe other
+        // than our output that closes becomes an error with a message, never a
+        // silent exit 141. The daemon always keeps it ignored.
         // SAFETY: restoring a signal's default disposition before any thread starts.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -489,6 +505,138 @@ fn config_check(path: &Path) -> Out {
     Ok(())
 }
 
+/// Checks a store file as a restore would take it: intact, this node's, from a
+/// schema this binary reads, audit chain whole. Returns its record count and audit head.
+fn verify_store_file(cfg: &Config, file: &Path) -> Result<(u64, String), Failure> {
+    let bad = |why: String| {
+        Failure::new(
+            EXIT_STORE,
+            format!("{}: {why}", safe_display(file.display())),
+        )
+    };
+    let s = Store::open_existing(file).map_err(|e| bad(e.to_string()))?;
+    if s.node_id() != cfg.node.id {
+        return Err(bad(format!(
+            "is the store of node {:?}, not of this node {:?}",
+            safe(s.node_id()),
+            safe(&cfg.node.id)
+        )));
+    }
+    let integrity = s.integrity_check().map_err(|e| bad(e.to_string()))?;
+    if integrity != "ok" {
+        return Err(bad(format!("integrity check failed: {}", safe(&integrity))));
+    }
+    let head = match s.verify_audit().map_err(|e| bad(e.to_string()))? {
+        AuditCheck::Intact { head, .. } => head,
+        other => return Err(bad(format!("audit chain broken: {other:?}"))),
+    };
+    Ok((s.counts().map_err(|e| bad(e.to_string()))?.records, head))
+}
+
+fn backup(cfg: &Config, file: &Path) -> Out {
+    let store = open_existing(cfg)?;
+    let io = |e: std::io::Error| {
+        Failure::new(
+            EXIT_FAILURE,
+            format!("{}: {e}", safe_display(file.display())),
+        )
+    };
+    if file.exists() {
+        return Err(Failure::new(
+            EXIT_FAILURE,
+            format!(
+                "{} exists; give a new file name (a backup never overwrites)",
+                safe_display(file.display())
+            ),
+        ));
+    }
+    let tmp = file.with_extension("partial");
+    let _ = std::fs::remove_file(&tmp);
+    crate::filemode::write_private(&tmp, b"").map_err(io)?;
+    let copied = (|| -> rusqlite::Result<()> {
+        let mut dst = rusqlite::Connection::open(&tmp)?;
+        let b = rusqlite::backup::Backup::new(store.conn(), &mut dst)?;
+        // Small steps with pauses: the daemon keeps writing meanwhile.
+        b.run_to_completion(512, std::time::Duration::from_millis(2), None)?;
+        Ok(())
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Failure::new(EXIT_STORE, format!("backup failed: {e}")));
+    }
+    let verified = verify_store_file(cfg, &tmp);
+    let (records, head) = match verified {
+        Ok(v) => v,
+        Err(f) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(f);
+        }
+    };
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, file).map_err(io)?;
+    println!(
+        "backup of {} written to {}: {records} records, audit head {head}, verified",
+        safe(&cfg.node.id),
+        safe_display(file.display())
+    );
+    Ok(())
+}
+
+fn restore(cfg: &Config, file: &Path) -> Out {
+    refuse_root_on_service_store(&cfg.node.store)?;
+    if crate::lock::daemon_running(&cfg.node.store) {
+        return Err(Failure::new(
+            EXIT_STORE,
+            "the daemon is running on this store: stop it first (systemctl stop clinicsync), then restore",
+        ));
+    }
+    let (records, head) = verify_store_file(cfg, file)?;
+    let store = &cfg.node.store;
+    let io = |e: std::io::Error| Failure::new(EXIT_FAILURE, format!("restore failed: {e}"));
+    let incoming = store.with_extension("restoring");
+    let _ = std::fs::remove_file(&incoming);
+    std::fs::copy(file, &incoming).map_err(io)?;
+    std::fs::set_permissions(
+        &incoming,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .map_err(io)?;
+    std::fs::File::open(&incoming)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    if store.exists() {
+        // Fold the old store's WAL into it before keeping it aside: a WAL left next
+        // to the restored file would be replayed into it.
+        Store::open_existing(store)
+            .and_then(|s| {
+                s.conn()
+                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                    .map_err(Into::into)
+            })
+            .map_err(|e| Failure::new(EXIT_STORE, format!("the current store: {e}")))?;
+        let aside = store.with_extension("before-restore");
+        std::fs::rename(store, &aside).map_err(io)?;
+        println!(
+            "the store it replaces is kept as {}",
+            safe_display(aside.display())
+        );
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut p = store.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(std::path::PathBuf::from(p));
+    }
+    std::fs::rename(&incoming, store).map_err(io)?;
+    println!(
+        "restored {} from {}: {records} records, audit head {head}; start the daemon (systemctl start clinicsync)",
+        safe(&cfg.node.id),
+        safe_display(file.display())
+    );
+    Ok(())
+}
+
 fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure> {
     let hub = cfg.hub.as_ref().ok_or_else(|| {
         Failure::new(
@@ -510,7 +658,7 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
         let id = p.strip_prefix("Patient/").unwrap_or(p);
         Ok(RecordKey::new("Patient", id)?.id)
     };
-    let mut store = open(cfg)?;
+    let mut store = open_existing(cfg)?;
     match action {
         CatchmentCmd::List { node, json } => {
             let rows = store.catchment_list(node.as_deref())?;
@@ -577,8 +725,76 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
     Ok(())
 }
 
+/// The store, for commands that only read it (or act on what is already there):
+/// never creates one, so a typo in `node.store` is named instead of showing an empty
+/// node.
+fn open_existing(cfg: &Config) -> Result<Store, Failure> {
+    if !cfg.node.store.exists() {
+        return Err(Failure::new(
+            EXIT_STORE,
+            format!(
+                "no store at {}: check node.store in the configuration (the service creates the store on its first start: systemctl start clinicsync)",
+                safe_display(cfg.node.store.display())
+            ),
+        ));
+    }
+    open(cfg)
+}
+
 fn open(cfg: &Config) -> Result<Store, Failure> {
+    refuse_root_on_service_store(&cfg.node.store)?;
     Ok(Store::open(&cfg.node.store, &cfg.node.id)?)
+}
+
+/// Run as root on a node whose store (or its directory) belongs to the service user,
+/// a command would leave root-owned files (the store, its `-wal`/`-shm`) that the
+/// service can no longer write: refused, naming the command to use instead.
+pub(crate) fn refuse_root_on_service_store(store: &Path) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let probe = if store.exists() {
+        store.to_path_buf()
+    } else {
+        match store.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => return Ok(()),
+        }
+    };
+    let Ok(meta) = std::fs::metadata(&probe) else {
+        return Ok(());
+    };
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    let user = user_name(meta.uid()).unwrap_or_else(|| meta.uid().to_string());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    Err(Failure::new(
+        EXIT_STORE,
+        format!(
+            "{} belongs to user {user}, and this command runs as root: files it created would lock the service out. Run it as that user: sudo -u {user} clinicsync {}",
+            safe_display(probe.display()),
+            safe(&args.join(" "))
+        ),
+    ))
+}
+
+/// The login name of `uid`, from the system's user database.
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes into `pwd` and `buf`, both owned here and sized as
+    // passed; `out` is checked before use and `pw_name` points into `buf`.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name is a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 fn key(s: &str) -> Result<RecordKey, Failure> {
@@ -696,7 +912,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             Ok(())
         }
         Command::Get { record } => {
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             let k = key(&record)?;
             let s = store.current(&k)?.ok_or_else(|| {
                 Failure::new(EXIT_NOT_FOUND, format!("{k} is not held by this node"))
@@ -712,7 +928,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             Ok(())
         }
         Command::Ls { kind, json } => {
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             let rows = store.list(kind.as_deref())?;
             if json {
                 let v: Vec<_> = rows
@@ -783,8 +999,10 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         }
         Command::Quarantine { action } => quarantine(cfg, action, now),
         Command::Catchment { action } => catchment(cfg, action, now),
+        Command::Backup { file } => backup(cfg, &file),
+        Command::Restore { file } => restore(cfg, &file),
         Command::Conflicts { action } => {
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             match action {
                 ConflictsCmd::List { json } => {
                     let list = store.conflicts_list(false, None)?;
@@ -819,7 +1037,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         }
         Command::History { record, json } => {
             let k = key(&record)?;
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             let h = store.history(&k)?;
             if h.is_empty() {
                 return Err(Failure::new(
@@ -852,7 +1070,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Audit {
             action: AuditCmd::Verify,
         } => {
-            let store = open(cfg)?;
+            let store = open_existing(cfg)?;
             match store.verify_audit()? {
                 AuditCheck::Intact { entries, head } => {
                     println!(
@@ -1031,7 +1249,7 @@ fn keys(cfg: &Config, action: KeysCmd) -> Out {
             );
         }
         KeysCmd::List => {
-            for (node, line, is_parent) in open(cfg)?.trusted_list()? {
+            for (node, line, is_parent) in open_existing(cfg)?.trusted_list()? {
                 println!(
                     "{}{}\n  {}",
                     safe(&node),
@@ -1109,6 +1327,15 @@ fn trust(cfg: &Config, key: &str, parent: bool, replace: bool) -> Out {
                 fingerprint(&new_line)
             );
             replaced = Some(fingerprint(&old));
+            // A new key is a new incarnation of that node (a box wiped and
+            // reinstalled): its bundles count from #1 again. Those imported under the
+            // old key stay on record, as `<node>@<old key fingerprint>`.
+            let moved = tx.retire_bundles_of(&node, &fingerprint(&old))?;
+            if moved > 0 {
+                detail.push_str(&format!(
+                    "; its bundle sequence restarts ({moved} earlier bundles kept under the old key)"
+                ));
+            }
         }
         None => {}
     }
@@ -1167,7 +1394,7 @@ pub fn resources_of(bytes: &[u8]) -> Result<Vec<(Snapshot, bool)>, String> {
 }
 
 fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
-    let mut store = open(cfg)?;
+    let mut store = open_existing(cfg)?;
     match action {
         QuarantineCmd::List { json } => {
             let list = store.quarantine_list()?;
@@ -1239,7 +1466,7 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
 }
 
 fn status(cfg: &Config, json: bool) -> Out {
-    let store = open(cfg)?;
+    let store = open_existing(cfg)?;
     let c = store.counts()?;
     let peer = store.peer_state(PARENT)?;
     let (cursor, head) = store.cursor(PARENT)?;
@@ -1247,6 +1474,7 @@ fn status(cfg: &Config, json: bool) -> Out {
     if json {
         print_json(&json!({
             "node": cfg.node.id, "role": cfg.role(), "store": cfg.node.store,
+            "daemon_running": crate::lock::daemon_running(&cfg.node.store),
             "schema": store.schema_version()?,
             "parent": cfg.parent.as_ref().map(|p| p.url.clone()),
             "records": c.records, "outbox": c.outbox, "inbox": c.inbox,
@@ -1259,6 +1487,14 @@ fn status(cfg: &Config, json: bool) -> Out {
         return Ok(());
     }
     println!("node        {} ({})", safe(&cfg.node.id), cfg.role());
+    println!(
+        "daemon      {}",
+        if crate::lock::daemon_running(&cfg.node.store) {
+            "running"
+        } else {
+            "NOT RUNNING (start it: systemctl start clinicsync)"
+        }
+    );
     println!(
         "store       {} (schema {}, {} records, seq {})",
         safe_display(cfg.node.store.display()),

@@ -14,9 +14,15 @@
 //! - large answers: `ChunkGet{offset}` → `ChunkData`. Over HTTP two requests for
 //!   half-chunks stay in flight, so the link does not idle a round trip per piece.
 //!
-//! Within one exchange a cut is retried at once (up to `retries` times) from where it
-//! stopped; the transfer also survives a restart of either side, since the sender
-//! rebuilds the same frame from its outbox and the hub keeps answers for a day.
+//! Within one exchange a cut ([`TransportError::Cut`]: the connection was made, then
+//! dropped or went silent) is retried at once from where it stopped, up to `retries`
+//! times and only while the link moves something: once `patience` passes with no byte
+//! acknowledged, the exchange fails. A parent that cannot be reached at all (refused,
+//! DNS, TLS, an HTTP error) fails the exchange at once — unless it answered through
+//! this client within `patience` (it is restarting: waited for, within `patience`) —
+//! and the daemon's backoff takes over. A transfer whose answer is gone (404/409) starts over
+//! at most twice. The transfer also survives a restart of either side, since the
+//! sender rebuilds the same frame from its outbox and the hub keeps answers for a day.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -43,12 +49,78 @@ pub struct Chunked<'a> {
     pub inner: &'a dyn Exchange,
     /// Keeps a large pull answer's pieces across restarts of this client.
     pub cache: Option<&'a dyn AnswerCache>,
+    /// The largest piece (`sync.chunk_bytes`).
     pub chunk: usize,
+    /// The piece size in use: halved after each cut (down to [`MIN_PIECE`]), doubled
+    /// after each piece that arrives (up to `chunk`), so a link that drops more often
+    /// than every `chunk` bytes still completes pieces.
+    piece: std::sync::atomic::AtomicUsize,
+    /// Called with the new piece size whenever it changes (the daemon persists it, so
+    /// a restart resumes at the size the link allowed).
+    pub on_piece: Option<&'a (dyn Fn(usize) + Sync)>,
     pub retries: u32,
     /// Bytes sent or received again because a connection was cut.
     pub resent: AtomicU64,
     /// Cuts survived within exchanges.
     pub resumed: AtomicU64,
+    /// How long a cut link may move nothing before the exchange gives up.
+    pub patience: Duration,
+    /// When an exchange through this client last succeeded: a parent that answered a
+    /// moment ago and now refuses connections is restarting, and is waited for
+    /// (within `patience`); one never reached in this sync fails at once.
+    answered: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// The smallest piece adaptive sizing goes down to.
+pub const MIN_PIECE: usize = 2048;
+
+impl Chunked<'_> {
+    /// The piece size in use.
+    pub fn piece(&self) -> usize {
+        self.piece.load(Ordering::Relaxed)
+    }
+
+    /// Starts from a size learnt before (kept across restarts), within bounds.
+    pub fn set_piece(&self, size: usize) {
+        self.piece
+            .store(size.clamp(MIN_PIECE, self.chunk), Ordering::Relaxed);
+    }
+
+    fn resize(&self, size: usize) {
+        let size = size.clamp(MIN_PIECE, self.chunk);
+        if self.piece.swap(size, Ordering::Relaxed) != size {
+            if let Some(f) = self.on_piece {
+                f(size);
+            }
+        }
+    }
+
+    /// A piece arrived: the link can take more.
+    fn piece_done(&self) {
+        self.resize(self.piece().saturating_mul(2));
+    }
+
+    /// A cut: try smaller pieces.
+    fn piece_cut(&self) {
+        self.resize(self.piece() / 2);
+    }
+
+    fn answered_now(&self) {
+        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// Whether to try again after `e`, given when this exchange last moved bytes.
+    fn resumable(&self, e: &TransportError, last_progress: std::time::Instant) -> bool {
+        match e {
+            TransportError::Cut { .. } => last_progress.elapsed() < self.patience,
+            TransportError::Unreachable { .. } => self
+                .answered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() < self.patience),
+            _ => false,
+        }
+    }
 }
 
 impl<'a> Chunked<'a> {
@@ -56,10 +128,14 @@ impl<'a> Chunked<'a> {
         Chunked {
             inner,
             cache: None,
-            chunk: chunk.max(1024),
+            chunk: chunk.max(MIN_PIECE),
+            piece: std::sync::atomic::AtomicUsize::new(chunk.max(MIN_PIECE)),
+            on_piece: None,
             retries: 20,
             resent: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
+            patience: Duration::from_secs(120),
+            answered: std::sync::Mutex::new(None),
         }
     }
 
@@ -90,10 +166,16 @@ impl<'a> Chunked<'a> {
         traffic: &mut Traffic,
     ) -> Result<Message, TransportError> {
         let total = frame.len() as u64;
-        let mut received =
-            Self::ack(self.call(&Message::ChunkQuery(ChunkRef { id, total }), traffic)?)?;
+        let mut received = Self::ack(self.call(
+            &Message::ChunkQuery(ChunkRef {
+                id,
+                total,
+                answer_chunk: 0,
+            }),
+            traffic,
+        )?)?;
         while received < total {
-            let end = (received as usize + self.chunk).min(frame.len());
+            let end = (received as usize + self.piece()).min(frame.len());
             let data = frame[received as usize..end].to_vec();
             let sha = Sha256::digest(&data).into();
             let put = Message::ChunkPut(ChunkPut {
@@ -104,7 +186,10 @@ impl<'a> Chunked<'a> {
                 sha,
             });
             let next = match self.call(&put, traffic) {
-                Ok(a) => Self::ack(a)?,
+                Ok(a) => {
+                    self.piece_done();
+                    Self::ack(a)?
+                }
                 Err(e) => {
                     self.resent
                         .fetch_add((end as u64) - received, Ordering::Relaxed);
@@ -119,7 +204,12 @@ impl<'a> Chunked<'a> {
             }
             received = next;
         }
-        match self.call(&Message::ChunkRun(ChunkRef { id, total }), traffic)? {
+        let run = Message::ChunkRun(ChunkRef {
+            id,
+            total,
+            answer_chunk: self.piece() as u64,
+        });
+        match self.call(&run, traffic)? {
             Message::ChunkReady(r) => {
                 self.fetch(r.id, r.received, answer_buf, traffic)?;
                 self.finish(r.id, answer_buf)
@@ -140,9 +230,9 @@ impl<'a> Chunked<'a> {
         traffic: &mut Traffic,
     ) -> Result<(), TransportError> {
         let (window, piece) = if self.inner.parallel() {
-            (2, (self.chunk as u64 / 2).max(1024))
+            (2, (self.piece() as u64 / 2).max(1024))
         } else {
-            (1, self.chunk as u64)
+            (1, self.piece() as u64)
         };
         let inner = self.inner;
         std::thread::scope(|scope| {
@@ -182,6 +272,7 @@ impl<'a> Chunked<'a> {
                             c.append(&id, total, d.offset, &d.data);
                         }
                         buf.extend_from_slice(&d.data);
+                        self.piece_done();
                     }
                     Ok((other, _)) => {
                         return Err(TransportError::Unexpected {
@@ -278,15 +369,36 @@ impl<'a> Chunked<'a> {
     fn pull(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         let mut traffic = Traffic::default();
         let (mut started, mut buf) = (None, Vec::new());
-        let mut tries = 0;
+        let (mut tries, mut restarts) = (0, 0);
+        let mut last_progress = std::time::Instant::now();
+        let mut moved = 0u64;
         loop {
-            match self.pull_attempt(path, msg, &mut started, &mut buf, &mut traffic) {
-                Ok(m) => return Ok((m, traffic)),
-                Err(e) if tries < self.retries && (e.is_retryable() || conflict(&e)) => {
+            let result = self.pull_attempt(path, msg, &mut started, &mut buf, &mut traffic);
+            if traffic.received + traffic.sent > moved {
+                // The link moved bytes: the retry count starts over, so a link cut
+                // every few KiB still finishes a large transfer piece by piece.
+                moved = traffic.received + traffic.sent;
+                last_progress = std::time::Instant::now();
+                tries = 0;
+            }
+            match result {
+                Ok(m) => {
+                    self.answered_now();
+                    return Ok((m, traffic));
+                }
+                Err(e)
+                    if tries < self.retries
+                        && (self.resumable(&e, last_progress)
+                            || (conflict(&e) && started.is_some() && restarts < 2)) =>
+                {
                     tries += 1;
                     self.resumed.fetch_add(1, Ordering::Relaxed);
+                    if matches!(e, TransportError::Cut { .. }) {
+                        self.piece_cut();
+                    }
                     if conflict(&e) {
                         // Corrupted or gone: ask again from the start.
+                        restarts += 1;
                         started = None;
                         buf.clear();
                     }
@@ -315,24 +427,44 @@ impl Exchange for Chunked<'_> {
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         if let Message::PullRequest(req) = msg {
             let mut req = req.clone();
-            req.answer_chunk = self.chunk as u64;
+            req.answer_chunk = self.piece() as u64;
             return self.pull(path, &Message::PullRequest(req));
         }
         let frame = wire::encode(msg)?;
         // Small requests with small answers go as they are.
-        if frame.len() <= self.chunk {
-            return self.inner.exchange(path, msg);
+        if frame.len() <= self.piece() {
+            let r = self.inner.exchange(path, msg);
+            if r.is_ok() {
+                self.answered_now();
+            }
+            return r;
         }
         let id: [u8; 32] = Sha256::digest(&frame).into();
         let mut traffic = Traffic::default();
         let mut answer_buf = Vec::new();
         let mut tries = 0;
+        let mut last_progress = std::time::Instant::now();
+        let mut moved = 0u64;
         loop {
-            match self.attempt(&frame, id, &mut answer_buf, &mut traffic) {
-                Ok(m) => return Ok((m, traffic)),
-                Err(e) if e.is_retryable() && tries < self.retries => {
+            let result = self.attempt(&frame, id, &mut answer_buf, &mut traffic);
+            if traffic.received + traffic.sent > moved {
+                // The link moved bytes: the retry count starts over, so a link cut
+                // every few KiB still finishes a large transfer piece by piece.
+                moved = traffic.received + traffic.sent;
+                last_progress = std::time::Instant::now();
+                tries = 0;
+            }
+            match result {
+                Ok(m) => {
+                    self.answered_now();
+                    return Ok((m, traffic));
+                }
+                Err(e) if self.resumable(&e, last_progress) && tries < self.retries => {
                     tries += 1;
                     self.resumed.fetch_add(1, Ordering::Relaxed);
+                    if matches!(e, TransportError::Cut { .. }) {
+                        self.piece_cut();
+                    }
                     tracing::info!(error = %e, attempt = tries, "transfer cut; resuming where it stopped");
                     std::thread::sleep(Duration::from_millis(200 * tries.min(10) as u64));
                 }

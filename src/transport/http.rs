@@ -24,8 +24,14 @@ use crate::wire::{self, Limits, Message, WireError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// No connection could be made (refused, DNS, bad address): trying again within
+    /// the same exchange cannot help; the daemon backs off.
     #[error("cannot reach parent at {url}: {message}")]
     Unreachable { url: String, message: String },
+    /// The connection was made, then dropped or went silent mid-exchange: a bad link,
+    /// resumed within the exchange while it makes progress.
+    #[error("link to parent at {url} dropped mid-exchange: {message}")]
+    Cut { url: String, message: String },
     #[error("parent answered HTTP {status}: {message}")]
     Status { status: u16, message: String },
     #[error("parent's answer is unreadable: {0}")]
@@ -51,7 +57,9 @@ pub enum TransportError {
 impl TransportError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            TransportError::Unreachable { .. } | TransportError::Busy { .. } => true,
+            TransportError::Unreachable { .. }
+            | TransportError::Cut { .. }
+            | TransportError::Busy { .. } => true,
             TransportError::Status { status, .. } => *status >= 500 || *status == 429,
             TransportError::Wire(_)
             | TransportError::Unexpected { .. }
@@ -139,6 +147,10 @@ impl HttpClient {
                 url: self.base.clone(),
                 problem,
             },
+            None if t.kind() == ureq::ErrorKind::Io => TransportError::Cut {
+                url: self.base.clone(),
+                message: t.to_string(),
+            },
             None => TransportError::Unreachable {
                 url: self.base.clone(),
                 message: t.to_string(),
@@ -203,7 +215,7 @@ impl HttpClient {
         resp.into_reader()
             .take(self.limits.max_compressed as u64 + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| TransportError::Unreachable {
+            .map_err(|e| TransportError::Cut {
                 url: self.base.clone(),
                 message: format!("connection lost while reading the answer: {e}"),
             })?;

@@ -398,7 +398,9 @@ impl MqttClient {
             .insert(corr, tx);
         let payload = Envelope::Request { corr, frame }.encode();
         let sent = payload.len() as u64;
-        let unreachable = |message: String| TransportError::Unreachable {
+        // Connected already: a lost broker or a silent hub here is a cut, resumed
+        // within the exchange while it makes progress.
+        let unreachable = |message: String| TransportError::Cut {
             url: self.url.clone(),
             message,
         };

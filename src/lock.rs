@@ -1,0 +1,71 @@
+//! The daemon's claim on its store: `clinicsync run` holds an exclusive advisory
+//! lock (flock) on `<store>.lock` for as long as it runs, so a second daemon on the
+//! same store refuses to start, `status` can tell a running daemon from a stopped
+//! one, and `restore` never swaps a store out from under a running daemon. The
+//! kernel drops the lock when the process ends, however it ends (SIGKILL included):
+//! a stale lock file means nothing.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The lock file beside a store.
+pub fn path_for(store: &Path) -> PathBuf {
+    let mut p = store.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// Held by the running daemon; released when dropped or when the process ends.
+#[derive(Debug)]
+pub struct DaemonLock {
+    _file: File,
+}
+
+/// Takes the store's lock for the daemon, or says who holds it.
+pub fn acquire(store: &Path) -> io::Result<DaemonLock> {
+    let path = path_for(store);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    // SAFETY: flock on a descriptor we own, for the life of `file`.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another clinicsync daemon is running on this store ({} is locked)",
+                    path.display()
+                ),
+            ));
+        }
+        return Err(e);
+    }
+    use std::io::Write;
+    let _ = file.set_len(0);
+    let mut f = &file;
+    let _ = f.write_all(format!("{}\n", std::process::id()).as_bytes());
+    Ok(DaemonLock { _file: file })
+}
+
+/// Whether a daemon holds the store now (never creates the lock file).
+pub fn daemon_running(store: &Path) -> bool {
+    let Ok(file) = File::open(path_for(store)) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; a shared lock taken is released at once.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if rc == 0 {
+        // SAFETY: as above.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+        return false;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}

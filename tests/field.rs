@@ -1,0 +1,176 @@
+//! Field-proofing as a technician meets it over SSH: commands that only read never
+//! create a store, and root never leaves files the service user cannot write.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::*;
+
+fn embedded_node(dir: &Path, store: &Path) -> std::path::PathBuf {
+    let config = dir.join("n.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"n\"\nstore = \"{}\"\n[hub]\nlisten = \"127.0.0.1:0\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn a_typo_in_the_store_path_is_named_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("clinicsnyc.db");
+    let config = embedded_node(dir.path(), &typo);
+    for args in [
+        &["status"][..],
+        &["ls"],
+        &["history", "Patient/p1"],
+        &["quarantine", "list"],
+        &["audit", "verify"],
+    ] {
+        let out = cli(&config, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {err}");
+        assert!(
+            err.contains("no store at") && err.contains("node.store"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = cli(&config, &["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no store yet"), "{text}");
+    assert!(!typo.exists(), "a read command created the store");
+}
+
+#[test]
+fn root_is_refused_on_a_store_owned_by_the_service_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let store = data.join("n.db");
+    let config = embedded_node(dir.path(), &store);
+    let p = dir.path().join("p.json");
+    std::fs::write(&p, patient("p1", "North").to_string()).unwrap();
+    assert!(cli(&config, &["put", p.to_str().unwrap()]).status.success());
+    // The service user (nobody here) owns its directory and store, as after install.
+    for f in [&data, &store] {
+        std::os::unix::fs::chown(f, Some(65534), Some(65534)).unwrap();
+    }
+    for extra in ["n.db-wal", "n.db-shm"] {
+        let _ = std::fs::remove_file(data.join(extra));
+    }
+    let before: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let out = cli(&config, &["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("sudo -u nobody clinicsync"), "{err}");
+    let out = cli(&config, &["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("sudo -u nobody"), "{text}");
+    let after: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(before, after, "root left files behind");
+    for f in after {
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().uid(),
+            65534,
+            "{f:?} is root's"
+        );
+    }
+}
+
+#[test]
+fn backup_while_running_and_restore_when_stopped() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("n.db");
+    let config = embedded_node(dir.path(), &store);
+    let p = dir.path().join("p.json");
+    std::fs::write(&p, patient("p1", "North").to_string()).unwrap();
+    assert!(cli(&config, &["put", p.to_str().unwrap()]).status.success());
+    let mut daemon =
+        clinicsync::cluster::Proc::spawn(std::path::Path::new(BIN), "n", &config, &["run"])
+            .unwrap();
+    assert!(clinicsync::cluster::wait_until(
+        std::time::Duration::from_secs(10),
+        || clinicsync::lock::daemon_running(&store)
+    ));
+    let status = String::from_utf8_lossy(&cli(&config, &["status"]).stdout).to_string();
+    assert!(status.contains("daemon      running"), "{status}");
+
+    let backup = dir.path().join("n.backup");
+    let out = cli(&config, &["backup", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = cli(&config, &["backup", backup.to_str().unwrap()]);
+    assert!(!again.status.success(), "a backup overwrote another");
+
+    std::fs::write(&p, patient("p2", "North").to_string()).unwrap();
+    assert!(cli(&config, &["put", p.to_str().unwrap()]).status.success());
+    let refused = cli(&config, &["restore", backup.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("stop it first"));
+
+    daemon.terminate();
+    let status = String::from_utf8_lossy(&cli(&config, &["status"]).stdout).to_string();
+    assert!(status.contains("NOT RUNNING"), "{status}");
+    let out = cli(&config, &["restore", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = clinicsync::store::Store::open_existing(&store).unwrap();
+    assert!(get(&s, "Patient/p1").is_some());
+    assert!(
+        get(&s, "Patient/p2").is_none(),
+        "the restore kept later writes"
+    );
+    assert!(dir.path().join("n.before-restore").exists());
+
+    // A backup of another node is refused, and nothing changes.
+    let other = dir.path().join("o");
+    std::fs::create_dir(&other).unwrap();
+    let ostore = other.join("o.db");
+    let oconfig = other.join("o.toml");
+    std::fs::write(
+        &oconfig,
+        format!(
+            "[node]\nid = \"o\"\nstore = \"{}\"\n[hub]\nlisten = \"127.0.0.1:0\"\n",
+            ostore.display()
+        ),
+    )
+    .unwrap();
+    assert!(cli(&oconfig, &["put", p.to_str().unwrap()])
+        .status
+        .success());
+    let ob = other.join("o.backup");
+    assert!(cli(&oconfig, &["backup", ob.to_str().unwrap()])
+        .status
+        .success());
+    let wrong = cli(&config, &["restore", ob.to_str().unwrap()]);
+    assert_eq!(wrong.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("not of this node"));
+}
