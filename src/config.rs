@@ -871,6 +871,50 @@ mod tests {
     }
 
     #[test]
+    fn the_openmrs_keys_default_to_openmrs_defaults_and_are_checked() {
+        let text = |extra: &str| {
+            format!(
+                r#"
+            [node]
+            id = "a"
+            store = "x.db"
+            [parent]
+            url = "http://hub:7070"
+            token_file = "t"
+            [emr]
+            kind = "openmrs"
+            url = "http://emr:8080"
+            credentials_file = "c"
+            {extra}
+        "#
+            )
+        };
+        let cfg = Config::parse(&text(""), Path::new("c.toml")).unwrap();
+        assert!(cfg.emr.categories.iter().any(|c| c == "observation"));
+        assert!(!cfg
+            .emr
+            .categories
+            .iter()
+            .any(|c| c == "obs" || c == "concept"));
+        assert_eq!(cfg.emr.sweep_types, vec!["Condition", "MedicationDispense"]);
+        assert!(!cfg.emr.keep_narrative);
+        let err = Config::parse(
+            &text("sweep_types = [\"openmrs:concept\", \"condition\"]\nauth_retry_secs = 0\ncategories = [\"patient/x\"]"),
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "emr.sweep_types: \"openmrs:concept\"",
+            "emr.sweep_types: \"condition\"",
+            "emr.auth_retry_secs",
+            "emr.categories: \"patient/x\"",
+        ] {
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
     fn the_fhir_capture_mode_is_checked() {
         let text = |mode: &str| {
             format!(

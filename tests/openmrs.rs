@@ -903,6 +903,24 @@ fn what_only_fhir2_post_can_create_is_mapped_not_duplicated() {
     let in_b = sim_b.ids("AllergyIntolerance");
     assert_eq!(in_b.len(), 1);
     assert_ne!(in_b[0], "a-1", "FHIR2 POST assigned its own uuid");
+    // The mapping is offered for storing with the apply, once.
+    let state = eb.identity_state().expect("a new mapping");
+    assert!(
+        state.contains("AllergyIntolerance/a-1") && state.contains(&in_b[0]),
+        "{state}"
+    );
+    assert!(
+        eb.identity_state().is_none(),
+        "offered only when it changed"
+    );
+    // A restarted adapter given it back finds B's copy under the network id.
+    let mut restarted = adapter(&sim_b, Duration::from_secs(5));
+    restarted.restore_identity(&state);
+    let k = key("AllergyIntolerance/a-1");
+    match restarted.fetch(&k).unwrap() {
+        Some(Fetched::Present(s)) => assert_eq!(s.key, k),
+        other => panic!("{other:?}"),
+    }
     for _ in 0..10 {
         for (c, e) in [(&mut a, &mut ea), (&mut b, &mut eb)] {
             let (_, rep) = round(c, e);
@@ -1025,6 +1043,12 @@ fn doctor_names_the_account_clock_modules_feeds_and_how_creates_keep_their_uuid(
     )
     .with_sweep(vec!["Condition".into()], Duration::from_secs(600));
     let checks = emr.diagnose();
+    assert!(
+        checks
+            .iter()
+            .any(|c| c.what == "emr" && c.level == CheckLevel::Ok && c.detail.contains("as sync")),
+        "{checks:?}"
+    );
     let find = |what: &str| {
         checks
             .iter()

@@ -55,6 +55,16 @@ pub trait Emr: Send {
     fn apply(&mut self, version: &Version) -> Result<Fetched, EmrError>;
     /// A short health probe for `doctor`.
     fn probe(&mut self) -> Result<String, EmrError>;
+    /// The adapter's identity state — which EMR id holds which network record, where
+    /// the EMR assigned its own — if it changed since the last call; `None` when
+    /// unchanged or when the adapter keeps none. The caller stores it in the same
+    /// transaction as what changed it (a capture, an applied version) and hands it
+    /// back with [`Emr::restore_identity`] after a restart.
+    fn identity_state(&mut self) -> Option<String> {
+        None
+    }
+    /// Restores what [`Emr::identity_state`] returned last, before any other call.
+    fn restore_identity(&mut self, _state: &str) {}
     /// Problems that did not stop the last call (one feed category unreadable while
     /// the others were read), drained: the caller records them as the EMR's last
     /// error so `status` shows them. Adapters that never degrade return nothing.

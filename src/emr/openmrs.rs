@@ -57,8 +57,14 @@
 //!
 //! The id map is kept in the cursor text (`{"v":2,"feeds":{…},"ids":{"head":{…},
 //! "member":{…}},"sweep":{…}}`), which the engine stores with each capture; the
-//! adapter holds it in memory between captures. A version-1 cursor (a plain map of
-//! category markers) is read as such.
+//! adapter holds it in memory between captures. [`Emr::identity_state`] offers it
+//! to the engine after every change (an apply that created or amended under a new
+//! id), so it can be stored in the transaction of that apply and handed back with
+//! [`Emr::restore_identity`]; until the engine does so, a mapping made by an apply
+//! reaches the store with the next capture's cursor. Losing it is harmless for
+//! observations (the chain walk finds the network id again) and for everything
+//! REST creates (no mapping at all); only FHIR2-POST-created records depend on it.
+//! A version-1 cursor (a plain map of category markers) is read as such.
 //!
 //! # Errors
 //! 401 (a wrong password, a locked account) and 403, 5xx, timeouts: the EMR is
@@ -394,6 +400,9 @@ struct IdMap {
     /// under another id (old obs of an amendment chain included).
     #[serde(default)]
     member: BTreeMap<String, String>,
+    /// Changes made since construction (not stored).
+    #[serde(skip)]
+    changes: u64,
 }
 
 impl IdMap {
@@ -413,17 +422,20 @@ impl IdMap {
     }
 
     fn set_head(&mut self, kind: &str, net: &str, emr: &str) {
-        if net == emr {
-            self.head.remove(&format!("{kind}/{net}"));
+        let changed = if net == emr {
+            self.head.remove(&format!("{kind}/{net}")).is_some()
         } else {
-            self.head.insert(format!("{kind}/{net}"), emr.to_string());
-            self.member.insert(format!("{kind}/{emr}"), net.to_string());
-        }
+            let h = self.head.insert(format!("{kind}/{net}"), emr.to_string());
+            let m = self.member.insert(format!("{kind}/{emr}"), net.to_string());
+            h.as_deref() != Some(emr) || m.as_deref() != Some(net)
+        };
+        self.changes += u64::from(changed);
     }
 
     fn add_member(&mut self, kind: &str, emr: &str, net: &str) {
         if emr != net {
-            self.member.insert(format!("{kind}/{emr}"), net.to_string());
+            let m = self.member.insert(format!("{kind}/{emr}"), net.to_string());
+            self.changes += u64::from(m.as_deref() != Some(net));
         }
     }
 }
@@ -492,8 +504,12 @@ pub struct OpenMrs {
     keep_narrative: bool,
     auth_retry_ms: u64,
     ids: IdMap,
+    /// `ids.changes` when [`Emr::identity_state`] last answered.
+    ids_reported: u64,
     sweep: SweepState,
-    loaded: bool,
+    /// Whether the id map / sweep state came from the cursor or `restore_identity`.
+    ids_loaded: bool,
+    sweep_loaded: bool,
     warnings: Vec<String>,
     /// After a 401: when, and what OpenMRS said.
     refused_at: Option<(u64, String)>,
@@ -534,8 +550,10 @@ impl OpenMrs {
             keep_narrative: false,
             auth_retry_ms: 600_000,
             ids: IdMap::default(),
+            ids_reported: 0,
             sweep: SweepState::default(),
-            loaded: false,
+            ids_loaded: false,
+            sweep_loaded: false,
             warnings: Vec::new(),
             refused_at: None,
             prefetched: HashMap::new(),
@@ -1432,10 +1450,13 @@ pub fn http_date_ms(s: &str) -> Option<u64> {
 impl Emr for OpenMrs {
     fn changes(&mut self, cursor: Option<&str>) -> Result<(Vec<RecordKey>, String), EmrError> {
         let mut cur = parse_cursor(cursor);
-        if !self.loaded {
+        if !self.ids_loaded {
             self.ids = std::mem::take(&mut cur.ids);
+            self.ids_loaded = true;
+        }
+        if !self.sweep_loaded {
             self.sweep = std::mem::take(&mut cur.sweep);
-            self.loaded = true;
+            self.sweep_loaded = true;
         }
         self.check_refused()?;
         self.prefetched.clear();
@@ -1566,6 +1587,21 @@ impl Emr for OpenMrs {
         std::mem::take(&mut self.warnings)
     }
 
+    fn identity_state(&mut self) -> Option<String> {
+        if self.ids.changes == self.ids_reported {
+            return None;
+        }
+        self.ids_reported = self.ids.changes;
+        serde_json::to_string(&self.ids).ok()
+    }
+
+    fn restore_identity(&mut self, state: &str) {
+        if let Ok(ids) = serde_json::from_str::<IdMap>(state) {
+            self.ids = ids;
+            self.ids_loaded = true;
+        }
+    }
+
     fn diagnose(&mut self) -> Vec<EmrCheck> {
         diagnose(self)
     }
@@ -1618,6 +1654,16 @@ fn diagnose(om: &mut OpenMrs) -> Vec<EmrCheck> {
         return out;
     }
     let user = &session["user"];
+    out.push(EmrCheck::new(
+        Ok,
+        "emr",
+        format!(
+            "{} answers (OpenMRS REST session as {})",
+            om.base,
+            user["username"].as_str().unwrap_or("?")
+        ),
+        None,
+    ));
     let roles: Vec<&str> = user["roles"]
         .as_array()
         .into_iter()

@@ -610,3 +610,47 @@ fn events_wait_in_the_publisher_queue_when_held() {
     s.with(|st| st.publish());
     assert!(!s.events().is_empty());
 }
+
+#[test]
+fn every_attempt_on_a_locked_account_restarts_its_lock() {
+    let s = sim();
+    s.with(|st| {
+        st.allowed_failed_logins = 1;
+        st.unlock_ms = 400;
+    });
+    let url = format!("{}/openmrs/ws/fhir2/R4/Patient/p-1", s.url);
+    for _ in 0..2 {
+        call_as("GET", &url, None, Some((USER, "wrong")), &[]);
+    }
+    assert!(s.locked(USER));
+    // Retrying more often than the unlock time keeps it locked, right password or not.
+    for _ in 0..4 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let (code, _) = call("GET", &url, None);
+        assert_eq!(code, 401);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (code, _) = call("GET", &url, None);
+    assert_eq!(
+        code, 404,
+        "unlocked once left alone: the patient is simply unknown"
+    );
+}
+
+#[test]
+fn fhir2_delete_voids_and_a_voided_record_reads_as_gone() {
+    let s = sim();
+    s.save(patient("p-1"));
+    let url = format!("{}/openmrs/ws/fhir2/R4/Patient/p-1", s.url);
+    let before = s.events().len();
+    let (code, _) = call("DELETE", &url, None);
+    assert_eq!(code, 200);
+    let (code, r) = call("GET", &url, None);
+    assert_eq!(code, 410);
+    assert!(text(r).contains("is gone/deleted"));
+    let terms: Vec<String> = s.events()[before..]
+        .iter()
+        .map(|e| e.terms[0].clone())
+        .collect();
+    assert_eq!(terms, vec!["UPDATED", "VOIDED"]);
+}
