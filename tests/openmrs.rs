@@ -1067,7 +1067,7 @@ fn doctor_names_the_account_clock_modules_feeds_and_how_creates_keep_their_uuid(
     let modules = find("emr-modules");
     assert_eq!(modules.level, CheckLevel::Ok);
     assert!(
-        modules.detail.contains("fhir2 2.2.0") && modules.detail.contains("atomfeed"),
+        modules.detail.contains("fhir2 4.2.0") && modules.detail.contains("atomfeed"),
         "{}",
         modules.detail
     );
@@ -1126,5 +1126,64 @@ fn doctor_names_the_account_clock_modules_feeds_and_how_creates_keep_their_uuid(
     assert!(
         checks[0].detail.contains("refuses our credentials"),
         "{checks:?}"
+    );
+}
+
+/// A clinic's day (400 patients, each with an encounter and 3 observations: 2,000
+/// resources) captured from one simulated OpenMRS and applied into another: HTTP
+/// requests per record against each EMR, and the time each side took. Run with
+/// `cargo test --test openmrs -- --ignored --nocapture a_clinics_day`.
+#[test]
+#[ignore]
+fn a_clinics_day_requests_per_record() {
+    let Pair {
+        dir: _dir,
+        hub: _hub,
+        sim_a,
+        sim_b,
+        mut ea,
+        mut eb,
+        mut a,
+        mut b,
+    } = pair();
+    let patients = 400;
+    for i in 0..patients {
+        let p = format!("p-{i}");
+        let e = format!("e-{i}");
+        sim_a.save(patient_om(&p, "North", "female"));
+        sim_a.save(encounter_om(&e, &p));
+        for j in 0..3 {
+            sim_a.save(obs_om(&format!("o-{i}-{j}"), &p, &e, 60.0 + j as f64));
+        }
+    }
+    let records = patients * 5;
+    let (req_a, t) = (sim_a.requests(), Instant::now());
+    let mut captured = 0;
+    for _ in 0..20 {
+        let (r, rep) = round(&mut a, &mut ea);
+        captured += rep.capture.map(|c| c.captured).unwrap_or(0);
+        if r.pushed.sent == 0 && a.store.counts().unwrap().outbox == 0 && captured >= records {
+            break;
+        }
+    }
+    let (capture_requests, capture_s) = (sim_a.requests() - req_a, t.elapsed().as_secs_f64());
+    assert_eq!(captured, records);
+    let (req_b, t) = (sim_b.requests(), Instant::now());
+    for _ in 0..50 {
+        round(&mut b, &mut eb);
+        if sim_b.ids("Observation").len() == patients * 3 && b.store.counts().unwrap().inbox == 0 {
+            break;
+        }
+    }
+    let (apply_requests, apply_s) = (sim_b.requests() - req_b, t.elapsed().as_secs_f64());
+    assert_eq!(sim_b.ids("Patient").len(), patients);
+    assert_eq!(sim_b.ids("Observation").len(), patients * 3);
+    eprintln!(
+        "capture: {records} records, {capture_requests} requests ({:.2}/record), {capture_s:.1} s ({:.0} records/s)\n\
+         apply:   {records} records, {apply_requests} requests ({:.2}/record), {apply_s:.1} s ({:.0} records/s)",
+        capture_requests as f64 / records as f64,
+        records as f64 / capture_s,
+        apply_requests as f64 / records as f64,
+        records as f64 / apply_s,
     );
 }

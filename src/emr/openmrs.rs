@@ -767,9 +767,10 @@ impl OpenMrs {
             return Ok(net);
         }
         let state = self.get_fhir(OBS, uuid)?;
-        // A new obs (CREATED) may be an amendment whatever its status (a FHIR2 PUT
-        // may set `final` on the copy of an amended obs); without an action term
-        // (Bahmni) the status tells: OpenMRS makes the copy of a final obs amended.
+        // A new obs (CREATED, with an obs VOIDED in the same capture) may be an
+        // amendment whatever its status (a FHIR2 PUT may set `final` on the copy of
+        // an amended obs); without action terms (Bahmni) the status tells: OpenMRS
+        // makes the copy of a final obs amended.
         let needs_walk = match &state {
             FhirState::Present(v) => {
                 created || v.get("status").and_then(|s| s.as_str()) != Some("final")
@@ -823,12 +824,19 @@ impl OpenMrs {
     }
 
     /// The network keys one feed link stands for.
-    fn resolve(&mut self, link: &Link, terms: &[String]) -> Result<Vec<RecordKey>, EmrError> {
+    /// `amending`: the same capture saw an obs VOIDED, so a CREATED obs may be the
+    /// amendment of it (OpenMRS writes both events in the one transaction).
+    fn resolve(
+        &mut self,
+        link: &Link,
+        terms: &[String],
+        amending: bool,
+    ) -> Result<Vec<RecordKey>, EmrError> {
         let kind = link.key.kind.as_str();
         let id = link.key.id.as_str();
         let mut out = Vec::new();
         if kind == OBS {
-            let created = terms.iter().any(|t| t == "CREATED");
+            let created = terms.iter().any(|t| t == "CREATED") && amending;
             let net = self.resolve_obs(id, created)?;
             out.push(RecordKey::new(OBS, &net).map_err(|e| EmrError::Unreadable(e.to_string()))?);
             return Ok(out);
@@ -1490,8 +1498,14 @@ impl Emr for OpenMrs {
             }
         }
         let mut keys: Vec<RecordKey> = Vec::new();
+        // An amendment voids the old obs in the transaction that creates the new one,
+        // so both events are read together: without a VOIDED obs, no CREATED obs
+        // needs its previousVersion looked up.
+        let amending = links
+            .iter()
+            .any(|(l, terms)| l.key.kind == OBS && terms.iter().any(|t| t == "VOIDED"));
         for (l, terms) in &links {
-            for k in self.resolve(l, terms)? {
+            for k in self.resolve(l, terms, amending)? {
                 if !keys.contains(&k) {
                     keys.push(k);
                 }

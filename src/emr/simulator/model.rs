@@ -207,8 +207,10 @@ impl SimState {
             unlock_ms: 5 * 60_000,
             hold_events: false,
             modules: vec![
-                module("webservices.rest", "Rest Web Services OMOD", "2.44.0"),
-                module("fhir2", "FHIR2", "2.2.0"),
+                // The latest releases: webservices.rest 3.4.1, fhir2 4.2.0 (needs
+                // core 2.4+), atomfeed 1.0.13.
+                module("webservices.rest", "Rest Web Services OMOD", "3.4.1"),
+                module("fhir2", "FHIR2", "4.2.0"),
                 module("atomfeed", "Atomfeed", "1.0.13"),
                 module("legacyui", "Legacy UI Module", "1.16.0"),
             ],
