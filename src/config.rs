@@ -78,8 +78,19 @@ pub struct EmrSection {
     pub url: String,
     /// File holding `user:password` for HTTP Basic (never logged).
     pub credentials_file: PathBuf,
-    /// Atom feed categories to capture (openmrs).
+    /// Atom feed categories to capture (openmrs); the default is what the atomfeed
+    /// module's shipped configuration publishes.
     pub categories: Vec<String>,
+    /// FHIR2 types no feed announces, captured by a `_lastUpdated` sweep (openmrs).
+    pub sweep_types: Vec<String>,
+    /// How often the sweep runs (openmrs).
+    pub sweep_secs: u64,
+    /// Keep the server-generated narrative (`text`) in captured records (openmrs);
+    /// by default it is dropped, since each server writes its own.
+    pub keep_narrative: bool,
+    /// After OpenMRS refuses our credentials, leave it alone this long (openmrs):
+    /// every login attempt on a locked account restarts its 5-minute lock.
+    pub auth_retry_secs: u64,
     /// Resource types to capture (fhir).
     pub types: Vec<String>,
     /// First run: read the feeds from the "beginning", or from "now" (a clinic
@@ -104,10 +115,17 @@ impl Default for EmrSection {
             kind: EmrKind::Embedded,
             url: String::new(),
             credentials_file: PathBuf::new(),
-            categories: ["location", "concept", "patient", "encounter", "obs"]
+            categories: crate::emr::openmrs::SHIPPED_CATEGORIES
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            sweep_types: ["Condition", "MedicationDispense"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            sweep_secs: 600,
+            keep_narrative: false,
+            auth_retry_secs: 600,
             types: [
                 "Location",
                 "Practitioner",
@@ -573,6 +591,32 @@ impl Config {
             if e.kind == EmrKind::Openmrs && e.categories.is_empty() {
                 p.push("emr.categories must list at least one atom feed category".into());
             }
+            if e.kind == EmrKind::Openmrs {
+                for c in &e.categories {
+                    if c.is_empty()
+                        || !c
+                            .chars()
+                            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+                    {
+                        p.push(format!(
+                            "emr.categories: {c:?} is not an atom feed category (letters, digits, _ and - only)"
+                        ));
+                    }
+                }
+                for t in &e.sweep_types {
+                    if t.starts_with("openmrs:") || crate::model::RecordKey::new(t, "x").is_err() {
+                        p.push(format!(
+                            "emr.sweep_types: {t:?} is not a FHIR resource type (e.g. \"Condition\")"
+                        ));
+                    }
+                }
+                if !e.sweep_types.is_empty() && e.sweep_secs == 0 {
+                    p.push("emr.sweep_secs must be greater than 0".into());
+                }
+                if e.auth_retry_secs == 0 {
+                    p.push("emr.auth_retry_secs must be greater than 0 (OpenMRS locks an account that retries too often)".into());
+                }
+            }
             if e.kind == EmrKind::Fhir && e.types.is_empty() {
                 p.push("emr.types must list at least one resource type".into());
             }
@@ -648,14 +692,22 @@ impl Config {
                 } else {
                     crate::emr::openmrs::Start::Beginning
                 };
-                Ok(Some(Box::new(crate::emr::openmrs::OpenMrs::new(
-                    &e.url,
-                    &user,
-                    &pass,
-                    e.categories.clone(),
-                    start,
-                    timeout,
-                ))))
+                Ok(Some(Box::new(
+                    crate::emr::openmrs::OpenMrs::new(
+                        &e.url,
+                        &user,
+                        &pass,
+                        e.categories.clone(),
+                        start,
+                        timeout,
+                    )
+                    .with_sweep(
+                        e.sweep_types.clone(),
+                        Duration::from_secs(e.sweep_secs.max(1)),
+                    )
+                    .keep_narrative(e.keep_narrative)
+                    .auth_retry(Duration::from_secs(e.auth_retry_secs.max(1))),
+                )))
             }
         }
     }
@@ -815,6 +867,50 @@ mod tests {
             "hub.catchment[0].path",
         ] {
             assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn the_openmrs_keys_default_to_openmrs_defaults_and_are_checked() {
+        let text = |extra: &str| {
+            format!(
+                r#"
+            [node]
+            id = "a"
+            store = "x.db"
+            [parent]
+            url = "http://hub:7070"
+            token_file = "t"
+            [emr]
+            kind = "openmrs"
+            url = "http://emr:8080"
+            credentials_file = "c"
+            {extra}
+        "#
+            )
+        };
+        let cfg = Config::parse(&text(""), Path::new("c.toml")).unwrap();
+        assert!(cfg.emr.categories.iter().any(|c| c == "observation"));
+        assert!(!cfg
+            .emr
+            .categories
+            .iter()
+            .any(|c| c == "obs" || c == "concept"));
+        assert_eq!(cfg.emr.sweep_types, vec!["Condition", "MedicationDispense"]);
+        assert!(!cfg.emr.keep_narrative);
+        let err = Config::parse(
+            &text("sweep_types = [\"openmrs:concept\", \"condition\"]\nauth_retry_secs = 0\ncategories = [\"patient/x\"]"),
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "emr.sweep_types: \"openmrs:concept\"",
+            "emr.sweep_types: \"condition\"",
+            "emr.auth_retry_secs",
+            "emr.categories: \"patient/x\"",
+        ] {
+            assert!(err.contains(key), "{key}: {err}");
         }
     }
 

@@ -253,15 +253,24 @@ fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
             "embedded: this node's store is its EMR",
             None,
         )),
-        Ok(Some(mut emr)) => match emr.probe() {
-            Ok(what) => checks.push(check(Level::Ok, "emr", what, None)),
-            Err(e) => checks.push(check(
-                Level::Fail,
-                "emr",
-                e.to_string(),
-                Some("check emr.url, the credentials file and that OpenMRS runs"),
-            )),
-        },
+        // The adapter's own checks: for OpenMRS the account and its privileges,
+        // clock skew, modules, feed categories, the sweep and how creates keep the
+        // network's uuid (crate::emr::openmrs::diagnose).
+        Ok(Some(mut emr)) => {
+            for c in emr.diagnose() {
+                let level = match c.level {
+                    crate::emr::CheckLevel::Ok => Level::Ok,
+                    crate::emr::CheckLevel::Warn => Level::Warn,
+                    crate::emr::CheckLevel::Fail => Level::Fail,
+                };
+                checks.push(Check {
+                    level,
+                    what: c.what,
+                    detail: c.detail,
+                    hint: c.hint,
+                });
+            }
+        }
         Err(e) => checks.push(check(Level::Fail, "emr", e, None)),
     }
     if let Some(parent) = &cfg.parent {
