@@ -931,6 +931,7 @@ async fn root_emr_loop(
         .emr_adapter()
         .map_err(|e| anyhow::anyhow!(e))?
         .ok_or_else(|| anyhow::anyhow!("[emr] has no adapter"))?;
+    engine::prepare_emr(&store, emr.as_mut())?;
     let mut store = store;
     let interval = Duration::from_secs(cfg.sync.interval_secs);
     loop {
@@ -983,6 +984,9 @@ async fn sync_loop(
     let shared = Arc::new((policy, cfg.sync.clone(), cfg.clone()));
     let mut store = Some(store);
     let mut emr = Some(cfg.emr_adapter().map_err(|e| anyhow::anyhow!(e))?);
+    if let (Some(Some(e)), Some(s)) = (emr.as_mut(), store.as_ref()) {
+        engine::prepare_emr(s, e.as_mut())?;
+    }
     let mut link: Option<Arc<ParentLink>> = None;
     let mut delays = backoff(&cfg.sync);
     let interval = Duration::from_secs(cfg.sync.interval_secs);

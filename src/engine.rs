@@ -1213,6 +1213,25 @@ impl From<StoreError> for EmrFlowError {
 }
 
 const EMR_CURSOR: &str = "emr_cursor";
+/// Meta key: the adapter's identity map (network id ↔ the EMR's own), kept in the
+/// same transaction as whatever changed it.
+const EMR_IDS: &str = "emr_ids";
+
+/// Hands a freshly made adapter what it learnt before a restart (its identity map).
+pub fn prepare_emr(store: &Store, emr: &mut dyn crate::emr::Emr) -> Result<()> {
+    if let Some(state) = store.meta_str(EMR_IDS)? {
+        emr.restore_identity(&state);
+    }
+    Ok(())
+}
+
+/// Keeps the adapter's identity map if it changed, inside `tx`.
+fn keep_identity(tx: &mut Tx<'_>, emr: &mut dyn crate::emr::Emr) -> Result<()> {
+    if let Some(state) = emr.identity_state() {
+        tx.set_meta_str(EMR_IDS, &state)?;
+    }
+    Ok(())
+}
 
 /// Captures what clinicians changed in the EMR since the last capture, as local
 /// writes. Our own writes into the EMR come back as feed events; they are
@@ -1228,6 +1247,9 @@ pub fn capture_from_emr(
     use crate::emr::Fetched;
     let cursor = store.meta_str(EMR_CURSOR)?;
     let (keys, next) = emr.changes(cursor.as_deref())?;
+    // Problems that did not stop the read (one feed category unreadable): `status`
+    // shows them as the EMR's last error while the rest is captured.
+    let warnings = emr.take_warnings();
     let mut summary = CaptureSummary {
         events: keys.len(),
         ..CaptureSummary::default()
@@ -1278,6 +1300,7 @@ pub fn capture_from_emr(
         }
     }
     tx.set_meta_str(EMR_CURSOR, &next)?;
+    keep_identity(&mut tx, emr)?;
     tx.note_peer(
         "emr",
         PeerEvent::PullOk {
@@ -1286,6 +1309,11 @@ pub fn capture_from_emr(
         },
         now_ms,
     )?;
+    if !warnings.is_empty() {
+        let text = format!("capture went on, but: {}", warnings.join("; "));
+        tracing::warn!(peer = "emr", warning = %text, "EMR capture degraded");
+        tx.note_peer("emr", PeerEvent::Error(&text), now_ms)?;
+    }
     tx.commit()?;
     Ok(summary)
 }
@@ -1403,6 +1431,7 @@ pub fn apply_inbox_to_emr(
                         }
                         tx.release_blocked_by(&key, now_ms)?;
                         tx.remove_from_inbox(&key)?;
+                        keep_identity(&mut tx, emr)?;
                         tx.commit()?;
                     }
                     Err(e @ (EmrError::Refused { .. } | EmrError::Unreadable(_))) => {
@@ -1519,6 +1548,7 @@ fn write_replica_version(
                 )?;
             }
             tx.release_blocked_by(&key, now_ms)?;
+            keep_identity(&mut tx, emr)?;
             tx.commit()?;
             Ok(EmrWrite::Done)
         }

@@ -869,6 +869,9 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             let mut emr = cfg
                 .emr_adapter()
                 .map_err(|e| Failure::new(EXIT_CONFIG, e))?;
+            if let Some(e) = emr.as_mut() {
+                engine::prepare_emr(&store, e.as_mut())?;
+            }
             let (report, emr_report) = daemon::round(
                 &mut store,
                 &cfg.policy(),
@@ -1465,6 +1468,34 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
     Ok(())
 }
 
+/// The EMR's lines of `status` (a clinic's, or a hub's own central OpenMRS).
+fn emr_status(cfg: &Config, store: &Store) -> Out {
+    if cfg.emr.kind == config::EmrKind::Embedded {
+        return Ok(());
+    }
+    let e = store.peer_state("emr")?;
+    println!(
+        "emr         {} — last capture {}, last apply {}",
+        safe(&cfg.emr.url),
+        e.last_pull_ok_ms
+            .map(fmt_time)
+            .unwrap_or_else(|| "never".into()),
+        e.last_push_ok_ms
+            .map(fmt_time)
+            .unwrap_or_else(|| "never".into())
+    );
+    if let (Some(err), Some(t)) = (&e.last_error, e.last_error_ms) {
+        if t >= e
+            .last_pull_ok_ms
+            .unwrap_or(0)
+            .min(e.last_push_ok_ms.unwrap_or(0))
+        {
+            println!("emr error   {} {}", fmt_time(t), safe(err));
+        }
+    }
+    Ok(())
+}
+
 fn status(cfg: &Config, json: bool) -> Out {
     let store = open_existing(cfg)?;
     let c = store.counts()?;
@@ -1522,8 +1553,15 @@ fn status(cfg: &Config, json: bool) -> Out {
                 .map(fmt_time)
                 .unwrap_or_else(|| "never".into())
         );
+        // An error older than the last success is history, not the link's state.
+        let last_ok_ms = peer
+            .last_push_ok_ms
+            .unwrap_or(0)
+            .max(peer.last_pull_ok_ms.unwrap_or(0));
         if let (Some(e), Some(t)) = (&peer.last_error, peer.last_error_ms) {
-            println!("last error  {} {}", fmt_time(t), safe(e));
+            if t >= last_ok_ms {
+                println!("last error  {} {}", fmt_time(t), safe(e));
+            }
         }
         let last_ok = peer
             .last_push_ok_ms
@@ -1571,32 +1609,14 @@ fn status(cfg: &Config, json: bool) -> Out {
             println!("next sync   {when} (when the daemon runs)");
         }
         println!("cursor      {cursor} (parent head {head}, lag {lag})");
-        if cfg.emr.kind != config::EmrKind::Embedded {
-            let e = store.peer_state("emr")?;
-            println!(
-                "emr         {} — last capture {}, last apply {}",
-                safe(&cfg.emr.url),
-                e.last_pull_ok_ms
-                    .map(fmt_time)
-                    .unwrap_or_else(|| "never".into()),
-                e.last_push_ok_ms
-                    .map(fmt_time)
-                    .unwrap_or_else(|| "never".into())
-            );
-            if let (Some(err), Some(t)) = (&e.last_error, e.last_error_ms) {
-                if t >= e
-                    .last_pull_ok_ms
-                    .unwrap_or(0)
-                    .min(e.last_push_ok_ms.unwrap_or(0))
-                {
-                    println!("emr error   {} {}", fmt_time(t), safe(err));
-                }
-            }
-        }
+        emr_status(cfg, &store)?;
         println!(
             "traffic     {} bytes sent, {} received",
             peer.bytes_sent, peer.bytes_received
         );
+    } else {
+        // A root hub's own EMR (the central OpenMRS).
+        emr_status(cfg, &store)?;
     }
     Ok(())
 }
