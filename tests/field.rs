@@ -174,3 +174,30 @@ fn backup_while_running_and_restore_when_stopped() {
     assert_eq!(wrong.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("not of this node"));
 }
+
+#[test]
+fn doctor_fails_a_hub_that_is_not_listening_and_runs_every_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = clinicsync::cluster::free_port().unwrap();
+    let config = dir.path().join("h.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"h\"\nstore = \"{}\"\n[hub]\nlisten = \"127.0.0.1:{port}\"\n",
+            dir.path().join("h.db").display()
+        ),
+    )
+    .unwrap();
+    let out = cli(&config, &["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("nothing listens on"), "{text}");
+    // The other checks still ran.
+    for name in ["store", "disk", "keys", "emr", "hub"] {
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(name)),
+            "{name} missing: {text}"
+        );
+    }
+}

@@ -232,7 +232,27 @@ fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
         )),
         None => checks.push(check(Level::Warn, "disk", "free space unknown", None)),
     }
+    let parent_key = || {
+        if cfg.parent.is_none()
+            || !cfg.node.store.exists()
+            || super::refuse_root_on_service_store(&cfg.node.store).is_err()
+        {
+            return None;
+        }
+        Store::open_existing(&cfg.node.store)
+            .ok()
+            .map(|s| s.trusted_parent().ok().flatten().is_some())
+    };
     match crate::keys::Identity::load(&cfg.keys_dir(), &cfg.node.id) {
+        Ok(_) if parent_key() == Some(false) => checks.push(check(
+            Level::Warn,
+            "keys",
+            format!(
+                "bundle keys in {}, but no parent key is trusted: USB export has no one to encrypt to",
+                cfg.keys_dir().display()
+            ),
+            Some("on the hub `clinicsync keys show > hub.pub`; here `clinicsync keys trust hub.pub --parent`"),
+        )),
         Ok(_) => checks.push(check(
             Level::Ok,
             "keys",
@@ -301,6 +321,36 @@ fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
     }
     if let Some(hub) = &cfg.hub {
         hub_tls_check(hub, checks);
+        // Is the service actually serving? (Checked from here, on loopback for a
+        // wildcard address.)
+        if let Ok(addr) = hub.listen.parse::<std::net::SocketAddr>() {
+            let mut probe = addr;
+            if probe.ip().is_unspecified() {
+                probe.set_ip(if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            if probe.port() != 0
+                && std::net::TcpStream::connect_timeout(&probe, std::time::Duration::from_secs(2))
+                    .is_err()
+            {
+                checks.push(check(
+                    Level::Fail,
+                    "listen",
+                    format!("nothing listens on {}: children cannot reach this hub", hub.listen),
+                    Some("start the service (systemctl start clinicsync) and read `journalctl -u clinicsync`"),
+                ));
+            } else if probe.port() != 0 {
+                checks.push(check(
+                    Level::Ok,
+                    "listen",
+                    format!("{} accepts connections", hub.listen),
+                    None,
+                ));
+            }
+        }
         let level = if hub.children.is_empty() {
             Level::Warn
         } else {
@@ -467,7 +517,13 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
             ));
             if let Some(remote) = resp.header("Date").and_then(http_date_ms) {
                 let local = t0 + rtt / 2;
-                let skew = (local as i64 - remote as i64).abs() / 1000;
+                let diff = local as i64 - remote as i64;
+                let skew = diff.abs() / 1000;
+                let words = format!(
+                    "this node's clock is {} {} the parent's",
+                    crate::model::words_for_ms(diff.unsigned_abs()),
+                    if diff >= 0 { "ahead of" } else { "behind" }
+                );
                 let (level, hint) = match skew {
                     s if s > 3600 => (
                         Level::Fail,
@@ -484,7 +540,11 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
                 checks.push(check(
                     level,
                     "clock",
-                    format!("{skew} s from the parent's clock"),
+                    if skew <= 1 {
+                        "in step with the parent's clock".to_string()
+                    } else {
+                        words
+                    },
                     hint,
                 ));
             }
