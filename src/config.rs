@@ -541,7 +541,8 @@ pub fn parse_window(w: &str) -> Option<(u32, u32)> {
     let minutes = |t: &str| -> Option<u32> {
         let (h, m) = t.trim().split_once(':')?;
         let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-        (h < 24 && m < 60).then_some(h * 60 + m)
+        // Lazily: `then_some` would compute `h * 60` (and overflow) for any hour given.
+        (h < 24 && m < 60).then(|| h * 60 + m)
     };
     Some((minutes(a)?, minutes(b)?))
 }
