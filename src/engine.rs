@@ -416,6 +416,10 @@ fn write_one(
     Ok(true)
 }
 
+/// Largest version vector counter accepted from a child (2^53: no node writes that
+/// often, and it leaves room for every +1 conflict resolution adds).
+const MAX_VV_COUNTER: u64 = 1 << 53;
+
 /// Why a pushed record is refused, before it touches the store.
 fn validate(
     policy: &Policy,
@@ -443,6 +447,14 @@ fn validate(
     }
     if rec.vv.0.is_empty() || rec.origin.is_empty() {
         return Err(("record has no version vector or origin".into(), true));
+    }
+    // A counter counts one node's writes; a larger one is hostile, and resolving a
+    // conflict adds one to it (`VersionVector::bumped` would overflow at u64::MAX).
+    if let Some((node, n)) = rec.vv.0.iter().find(|(_, &n)| n > MAX_VV_COUNTER) {
+        return Err((
+            format!("version vector counter {node}:{n} is over {MAX_VV_COUNTER}"),
+            true,
+        ));
     }
     let version = rec
         .into_version()
