@@ -486,7 +486,7 @@ impl Config {
     pub fn policy(&self) -> Policy {
         let mut p = Policy::new(&self.node.id, self.parent.is_some());
         p.external_emr = self.emr.kind != EmrKind::Embedded;
-        p.emr_retry_ms = self.emr.retry_secs * 1000;
+        p.emr_retry_ms = self.emr.retry_secs.saturating_mul(1000);
         if let Some(hub) = &self.hub {
             p.max_record_bytes = hub.max_record_bytes;
             p.catchment = hub.catchment.clone();
