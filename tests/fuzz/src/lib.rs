@@ -34,8 +34,11 @@ use clinicsync::transport::Exchange;
 use clinicsync::wire::{self, FetchRequest, Limits, Message, Outcome, PullRequest, WireRecord};
 use sha2::{Digest, Sha256};
 
+/// A harness: arbitrary bytes in, a panic for any broken property.
+pub type Harness = fn(&[u8]);
+
 /// Every target: name (as in `tests/fuzz/Cargo.toml` and `corpus/<name>/`) and harness.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("wire", wire),
     ("bundle", bundle),
     ("mqtt_envelope", mqtt_envelope),
