@@ -889,7 +889,11 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             sd_notify::NotifyState::Status("running"),
         ],
     );
-    let stall_ms = 2 * cfg.sync.timeout_secs * 1000 + 60_000;
+    let stall_ms = cfg
+        .sync
+        .timeout_secs
+        .saturating_mul(2000)
+        .saturating_add(60_000);
     let wd = tokio::spawn(watchdog(stall_ms));
     // Every task ends on its own when asked to stop, except one blocked in an exchange
     // with a silent parent or EMR: it gets STOP_GRACE, then the process leaves it

@@ -71,6 +71,9 @@ pub struct Chunked<'a> {
     answered: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
+/// The largest answer fetched in pieces (as large as the decoder accepts).
+const MAX_ANSWER: u64 = 256 << 20;
+
 /// The smallest piece adaptive sizing goes down to.
 pub const MIN_PIECE: usize = 2048;
 
@@ -233,6 +236,16 @@ impl<'a> Chunked<'a> {
         buf: &mut Vec<u8>,
         traffic: &mut Traffic,
     ) -> Result<(), TransportError> {
+        // The same bound as the decoder applies to the reassembled answer: a parent
+        // announcing more is refused before a byte is fetched.
+        if total > MAX_ANSWER {
+            return Err(TransportError::Status {
+                status: 413,
+                message: format!(
+                    "the parent announced an answer of {total} bytes (limit {MAX_ANSWER})"
+                ),
+            });
+        }
         let (window, piece) = if self.inner.parallel() {
             (2, (self.piece() as u64 / 2).max(1024))
         } else {

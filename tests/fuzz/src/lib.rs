@@ -34,7 +34,7 @@ use clinicsync::transport::Exchange;
 use clinicsync::wire::{self, FetchRequest, Limits, Message, Outcome, PullRequest, WireRecord};
 use sha2::{Digest, Sha256};
 
-/// A fuzz harness: any bytes in, a panic only for a bug.
+/// A harness: arbitrary bytes in, a panic for any broken property.
 pub type Harness = fn(&[u8]);
 
 /// Every target: name (as in `tests/fuzz/Cargo.toml` and `corpus/<name>/`) and harness.
