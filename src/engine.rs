@@ -1225,6 +1225,63 @@ pub fn prepare_emr(store: &Store, emr: &mut dyn crate::emr::Emr) -> Result<()> {
     Ok(())
 }
 
+/// The EMR holds `written` now (as `state`): note what it holds, release its
+/// quarantine and whatever waited for it, keep the adapter's identity map. One place
+/// for the clinic's inbox path and the hub's replica path.
+fn emr_accepted(
+    tx: &mut Tx<'_>,
+    emr: &mut dyn crate::emr::Emr,
+    written: &Version,
+    state: &crate::emr::Fetched,
+    now_ms: u64,
+) -> Result<()> {
+    let key = written.key();
+    match state {
+        crate::emr::Fetched::Present(s) => tx.set_emr_state(key, Some(&s.hash), false, now_ms)?,
+        crate::emr::Fetched::Gone => tx.set_emr_state(key, None, true, now_ms)?,
+    }
+    if tx.release(key, Stage::Apply)? {
+        tx.audit(
+            now_ms,
+            "emr",
+            "release",
+            &key.to_string(),
+            &written.snapshot.hash.short(),
+            "applied to the EMR",
+        )?;
+    }
+    tx.release_blocked_by(key, now_ms)?;
+    keep_identity(tx, emr)
+}
+
+/// The EMR refused `written` (or answered this one write unreadably): it waits in
+/// the apply quarantine with the EMR's message, retried from `emr.retry_secs`
+/// doubling; returns the attempt number.
+fn emr_refused(
+    tx: &mut Tx<'_>,
+    policy: &Policy,
+    written: &Version,
+    e: &crate::emr::EmrError,
+    now_ms: u64,
+) -> Result<u32> {
+    let key = written.key();
+    let permanent = matches!(e, crate::emr::EmrError::Refused { .. });
+    let base = policy.emr_retry_ms;
+    let attempts = tx.quarantine(key, Stage::Apply, &e.to_string(), permanent, now_ms, |n| {
+        base.saturating_mul(1u64 << n.saturating_sub(1).min(16))
+            .min(24 * 3_600_000)
+    })?;
+    tx.audit(
+        now_ms,
+        "emr",
+        "quarantine",
+        &key.to_string(),
+        &written.snapshot.hash.short(),
+        &format!("attempt {attempts}: {e}"),
+    )?;
+    Ok(attempts)
+}
+
 /// Keeps the adapter's identity map if it changed, inside `tx`.
 fn keep_identity(tx: &mut Tx<'_>, emr: &mut dyn crate::emr::Emr) -> Result<()> {
     if let Some(state) = emr.identity_state() {
@@ -1367,7 +1424,7 @@ pub fn apply_inbox_to_emr(
     emr: &mut dyn crate::emr::Emr,
     now_ms: u64,
 ) -> std::result::Result<EmrApplySummary, EmrFlowError> {
-    use crate::emr::{EmrError, Fetched};
+    use crate::emr::EmrError;
     let mut summary = EmrApplySummary::default();
     loop {
         let batch = store.inbox_batch(now_ms, 200)?;
@@ -1413,52 +1470,15 @@ pub fn apply_inbox_to_emr(
                             &mut summary.applied,
                             now_ms,
                         )?;
-                        match &state {
-                            Fetched::Present(s) => {
-                                tx.set_emr_state(&key, Some(&s.hash), false, now_ms)?
-                            }
-                            Fetched::Gone => tx.set_emr_state(&key, None, true, now_ms)?,
-                        }
-                        if tx.release(&key, Stage::Apply)? {
-                            tx.audit(
-                                now_ms,
-                                "emr",
-                                "release",
-                                &key.to_string(),
-                                &w.snapshot.hash.short(),
-                                "applied to the EMR",
-                            )?;
-                        }
-                        tx.release_blocked_by(&key, now_ms)?;
+                        emr_accepted(&mut tx, emr, w, &state, now_ms)?;
                         tx.remove_from_inbox(&key)?;
-                        keep_identity(&mut tx, emr)?;
                         tx.commit()?;
                     }
                     Err(e @ (EmrError::Refused { .. } | EmrError::Unreadable(_))) => {
                         // A refusal, or an unreadable answer to this one write: this
                         // record waits (the second kind retryably), the pass goes on.
-                        let permanent = matches!(e, EmrError::Refused { .. });
                         let mut tx = store.begin()?;
-                        let base = policy.emr_retry_ms;
-                        let attempts = tx.quarantine(
-                            &key,
-                            Stage::Apply,
-                            &e.to_string(),
-                            permanent,
-                            now_ms,
-                            |n| {
-                                base.saturating_mul(1u64 << n.saturating_sub(1).min(16))
-                                    .min(24 * 3_600_000)
-                            },
-                        )?;
-                        tx.audit(
-                            now_ms,
-                            "emr",
-                            "quarantine",
-                            &key.to_string(),
-                            &w.snapshot.hash.short(),
-                            &format!("attempt {attempts}: {e}"),
-                        )?;
+                        emr_refused(&mut tx, policy, w, &e, now_ms)?;
                         tx.commit()?;
                         summary.refused += 1;
                     }
@@ -1494,7 +1514,7 @@ fn write_replica_version(
     v: &Version,
     now_ms: u64,
 ) -> std::result::Result<EmrWrite, EmrFlowError> {
-    use crate::emr::{EmrError, Fetched};
+    use crate::emr::EmrError;
     let key = v.key().clone();
     // Already what the EMR holds (captured from it, or written before): an echo.
     if store.emr_state(&key)? == Some((Some(v.snapshot.hash), v.deleted))
@@ -1533,44 +1553,15 @@ fn write_replica_version(
     match emr.apply(v) {
         Ok(state) => {
             let mut tx = store.begin()?;
-            match &state {
-                Fetched::Present(s) => tx.set_emr_state(&key, Some(&s.hash), false, now_ms)?,
-                Fetched::Gone => tx.set_emr_state(&key, None, true, now_ms)?,
-            }
-            if tx.release(&key, Stage::Apply)? {
-                tx.audit(
-                    now_ms,
-                    "emr",
-                    "release",
-                    &key.to_string(),
-                    &v.snapshot.hash.short(),
-                    "applied to the EMR",
-                )?;
-            }
-            tx.release_blocked_by(&key, now_ms)?;
-            keep_identity(&mut tx, emr)?;
+            emr_accepted(&mut tx, emr, v, &state, now_ms)?;
             tx.commit()?;
             Ok(EmrWrite::Done)
         }
         Err(e @ (EmrError::Refused { .. } | EmrError::Unreadable(_))) => {
             // Refused: this record's fault, backoff from emr.retry_secs. Unreadable
             // answer to one write: retried the same way, and the pass goes on.
-            let permanent = matches!(e, EmrError::Refused { .. });
             let mut tx = store.begin()?;
-            let base = policy.emr_retry_ms;
-            let attempts =
-                tx.quarantine(&key, Stage::Apply, &e.to_string(), permanent, now_ms, |n| {
-                    base.saturating_mul(1u64 << n.saturating_sub(1).min(16))
-                        .min(24 * 3_600_000)
-                })?;
-            tx.audit(
-                now_ms,
-                "emr",
-                "quarantine",
-                &key.to_string(),
-                &v.snapshot.hash.short(),
-                &format!("attempt {attempts}: {e}"),
-            )?;
+            emr_refused(&mut tx, policy, v, &e, now_ms)?;
             tx.commit()?;
             Ok(EmrWrite::Refused)
         }
