@@ -51,36 +51,6 @@ fn round(c: &mut TestClinic, emr: &mut OpenMrs) -> (SyncReport, EmrReport) {
     .unwrap()
 }
 
-fn patient_om(id: &str, district: &str, gender: &str) -> serde_json::Value {
-    json!({
-        "resourceType": "Patient", "id": id, "active": true, "gender": gender,
-        "identifier": [{"use": "official", "type": {"coding": [{"code": "05a29f94-c0ed-11e2-94be-8c13b969e334"}], "text": "OpenMRS ID"}, "value": "10001-2",
-            "extension": [{"url": "http://fhir.openmrs.org/ext/patient/identifier#location", "valueReference": {"reference": "Location/loc-a"}}]}],
-        "name": [{"family": "Otieno", "given": ["Amina"]}],
-        "address": [{"district": district}]
-    })
-}
-
-fn encounter_om(id: &str, patient: &str) -> serde_json::Value {
-    json!({
-        "resourceType": "Encounter", "id": id, "status": "unknown",
-        "type": [{"coding": [{"system": "http://fhir.openmrs.org/code-system/encounter-type", "code": "67a71486-1a54-468f-ac3e-7091a9a79584", "display": "Vitals"}]}],
-        "subject": {"reference": format!("Patient/{patient}"), "type": "Patient"},
-        "period": {"start": "2026-11-26T10:00:00+00:00"}
-    })
-}
-
-fn obs_om(id: &str, patient: &str, encounter: &str, kg: f64) -> serde_json::Value {
-    json!({
-        "resourceType": "Observation", "id": id, "status": "final",
-        "code": {"coding": [{"code": "5089AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "display": "Weight (kg)"}]},
-        "subject": {"reference": format!("Patient/{patient}"), "type": "Patient"},
-        "encounter": {"reference": format!("Encounter/{encounter}"), "type": "Encounter"},
-        "effectiveDateTime": "2026-11-26T10:00:00+00:00",
-        "valueQuantity": {"value": kg, "unit": "kg"}
-    })
-}
-
 fn key(r: &str) -> RecordKey {
     RecordKey::parse(r).unwrap()
 }

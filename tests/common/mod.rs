@@ -16,7 +16,7 @@ use clinicsync::store::{wall_ms, Store};
 use clinicsync::transport::http::HttpClient;
 use clinicsync::transport::mqtt::{MqttClient, MqttSettings};
 use clinicsync::transport::Exchange;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_clinicsync");
 
@@ -302,4 +302,37 @@ pub fn patient(id: &str, district: &str) -> Value {
 
 pub fn encounter(id: &str, patient: &str) -> Value {
     serde_json::json!({"resourceType":"Encounter","id":id,"status":"finished","subject":{"reference":format!("Patient/{patient}")}})
+}
+
+/// A Patient as OpenMRS's FHIR2 renders one (OpenMRS ID at a location).
+pub fn patient_om(id: &str, district: &str, gender: &str) -> serde_json::Value {
+    json!({
+        "resourceType": "Patient", "id": id, "active": true, "gender": gender,
+        "identifier": [{"use": "official", "type": {"coding": [{"code": "05a29f94-c0ed-11e2-94be-8c13b969e334"}], "text": "OpenMRS ID"}, "value": "10001-2",
+            "extension": [{"url": "http://fhir.openmrs.org/ext/patient/identifier#location", "valueReference": {"reference": "Location/loc-a"}}]}],
+        "name": [{"family": "Otieno", "given": ["Amina"]}],
+        "address": [{"district": district}]
+    })
+}
+
+/// An Encounter as FHIR2 renders one (its type in OpenMRS's code system).
+pub fn encounter_om(id: &str, patient: &str) -> serde_json::Value {
+    json!({
+        "resourceType": "Encounter", "id": id, "status": "unknown",
+        "type": [{"coding": [{"system": "http://fhir.openmrs.org/code-system/encounter-type", "code": "67a71486-1a54-468f-ac3e-7091a9a79584", "display": "Vitals"}]}],
+        "subject": {"reference": format!("Patient/{patient}"), "type": "Patient"},
+        "period": {"start": "2026-11-26T10:00:00+00:00"}
+    })
+}
+
+/// A weight Observation as FHIR2 renders one.
+pub fn obs_om(id: &str, patient: &str, encounter: &str, kg: f64) -> serde_json::Value {
+    json!({
+        "resourceType": "Observation", "id": id, "status": "final",
+        "code": {"coding": [{"code": "5089AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "display": "Weight (kg)"}]},
+        "subject": {"reference": format!("Patient/{patient}"), "type": "Patient"},
+        "encounter": {"reference": format!("Encounter/{encounter}"), "type": "Encounter"},
+        "effectiveDateTime": "2026-11-26T10:00:00+00:00",
+        "valueQuantity": {"value": kg, "unit": "kg"}
+    })
 }

@@ -43,7 +43,7 @@ pub(super) struct FeedConf {
     pub fhir: Option<&'static str>,
 }
 
-const fn conf(
+pub(super) const fn conf(
     class: &'static str,
     title: &'static str,
     category: &'static str,
@@ -332,7 +332,7 @@ pub(super) fn events_for(st: &SimState, e: &Entity, action: &str, ms: u64) -> Ve
     }
     // EventManager.serveEvent: the configuration entry for the object's class;
     // DefaultFeedWriter.writeFeed: nothing if it is disabled.
-    let confs = config(st.feed_style);
+    let confs = st.feed_config();
     let Some(c) = confs.iter().find(|c| c.class == e.class) else {
         return Vec::new();
     };

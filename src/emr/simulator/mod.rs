@@ -331,6 +331,24 @@ impl OpenMrsSim {
         });
     }
 
+    /// Adds an enabled entry to the loaded feed configuration, as an implementer does
+    /// on the atomfeed module's admin page (its JSON names any `openmrsClass`), e.g.
+    /// `("org.openmrs.EncounterType", "EncounterType", "encountertype",
+    /// "/ws/rest/v1/encountertype/{uuid}?v=full")` for the central OpenMRS to publish
+    /// encounter types, which the shipped configuration does not.
+    pub fn add_feed_entry(
+        &self,
+        class: &'static str,
+        title: &'static str,
+        category: &'static str,
+        rest: &'static str,
+    ) {
+        self.with(|s| {
+            s.added_entries
+                .push(feed::conf(class, title, category, true, rest, None))
+        });
+    }
+
     /// The global property `fhir2.upsert.supported.resources`.
     pub fn set_upsert(&self, types: &str) {
         self.with(|s| s.upsert_resources = types.to_string());

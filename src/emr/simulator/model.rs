@@ -159,6 +159,9 @@ pub struct SimState {
     pub feed_style: FeedStyle,
     /// Categories switched on or off against the loaded configuration.
     pub(super) category_override: BTreeMap<String, bool>,
+    /// Entries an implementer added to the loaded configuration (the atomfeed
+    /// module's admin page edits the same JSON; any `openmrsClass` may be named).
+    pub(super) added_entries: Vec<feed::FeedConf>,
     /// Global property `fhir2.upsert.supported.resources` (empty by default).
     pub upsert_resources: String,
     /// Global property `webservices.rest.uriPrefix` (unset by default).
@@ -200,6 +203,7 @@ impl SimState {
             accounts: BTreeMap::from([(user.to_string(), Account::superuser(password))]),
             feed_style: FeedStyle::Shipped,
             category_override: BTreeMap::new(),
+            added_entries: Vec::new(),
             upsert_resources: String::new(),
             uri_prefix: None,
             fhir_uri_prefix: None,
@@ -330,12 +334,19 @@ impl SimState {
         Some(body)
     }
 
+    /// The loaded feed configuration with the entries added to it.
+    pub(super) fn feed_config(&self) -> Vec<feed::FeedConf> {
+        let mut c = feed::config(self.feed_style);
+        c.extend(self.added_entries.iter().copied());
+        c
+    }
+
     /// Whether feed `category` is enabled in the loaded configuration.
     pub(super) fn category_enabled(&self, category: &str) -> Option<bool> {
         if let Some(on) = self.category_override.get(category) {
             return Some(*on);
         }
-        feed::config(self.feed_style)
+        self.feed_config()
             .iter()
             .find(|c| c.category == category)
             .map(|c| c.enabled)
