@@ -332,7 +332,8 @@ impl OpenMrsSim {
     }
 
     /// Adds an enabled entry to the loaded feed configuration, as an implementer does
-    /// on the atomfeed module's admin page (its JSON names any `openmrsClass`), e.g.
+    /// on the atomfeed module's admin page (its JSON names any `openMrsClass`:
+    /// atomfeed `FeedConfigurationServiceImpl.saveConfig`), e.g.
     /// `("org.openmrs.EncounterType", "EncounterType", "encountertype",
     /// "/ws/rest/v1/encountertype/{uuid}?v=full")` for the central OpenMRS to publish
     /// encounter types, which the shipped configuration does not.
