@@ -491,13 +491,16 @@ pub fn emr_step(
         engine::capture_from_emr(store, policy, emr, now).map(|c| report.capture = Some(c))
     } else {
         engine::apply_inbox_to_emr(store, policy, emr, now).and_then(|mut a| {
-            if policy.serves_children {
-                // A hub's EMR also gets what its children pushed.
-                let b = engine::apply_replica_to_emr(store, policy, emr, now)?;
-                a.applied.add(&b.applied);
-                a.refused += b.refused;
-                a.blocked += b.blocked;
-            }
+            // A hub's EMR also gets what its children pushed; a clinic's, a
+            // reviewed conflict's resolution.
+            let b = if policy.serves_children {
+                engine::apply_replica_to_emr(store, policy, emr, now)?
+            } else {
+                engine::apply_due_to_emr(store, policy, emr, now)?
+            };
+            a.applied.add(&b.applied);
+            a.refused += b.refused;
+            a.blocked += b.blocked;
             // A first-contact round applies twice: the report adds them up.
             if let Some(before) = report.apply.take() {
                 a.applied.add(&before.applied);

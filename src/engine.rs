@@ -44,6 +44,8 @@ pub enum EngineError {
     Forbidden(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl EngineError {
@@ -445,6 +447,185 @@ fn write_one(
         tx.release(&key, Stage::Push)?;
     }
     Ok(true)
+}
+
+/// What a person keeps when reviewing a conflict (`conflicts resolve`).
+#[derive(Debug, Clone)]
+pub enum Keep {
+    /// What the policy kept (the current version, if nothing changed since).
+    Winner,
+    /// The side the policy did not keep.
+    Other,
+    /// This node's side as it was when the conflict was detected.
+    Local,
+    /// The other node's side.
+    Remote,
+    /// A corrected resource written by the reviewer.
+    Content(Snapshot),
+}
+
+/// What a review did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reviewed {
+    pub conflict: i64,
+    pub record: String,
+    /// What was kept, in words (also the audit entry's detail).
+    pub kept: String,
+    /// The new version's vector, if the review wrote one (keeping what the policy
+    /// kept writes nothing: the current version already supersedes both sides).
+    pub new_vv: Option<String>,
+}
+
+/// A person's review of conflict `n`: keeps one side, the other or new content.
+/// The result is a new version that supersedes both sides (and any later edit, with
+/// `force`), written, audited and queued like any local edit; the conflict is marked
+/// reviewed. Refused (nothing changed) for an unknown or already reviewed conflict,
+/// content for another record, or — without `force` — a record edited since.
+pub fn review_conflict(
+    store: &mut Store,
+    policy: &Policy,
+    n: i64,
+    keep: Keep,
+    force: bool,
+    actor: &str,
+    now_ms: u64,
+) -> Result<Reviewed> {
+    let mut tx = store.begin()?;
+    let c = tx
+        .conflict(n)?
+        .ok_or_else(|| EngineError::NotFound(format!("no conflict #{n}")))?;
+    if let Some((at, what)) = &c.reviewed {
+        return Err(EngineError::Invalid(format!(
+            "conflict #{n} was already resolved at {}: {what}",
+            crate::cli::fmt_time(*at)
+        )));
+    }
+    let key = c.key.clone();
+    let current = tx.current(&key)?.ok_or_else(|| {
+        EngineError::Invalid(format!("{key} is no longer held here; nothing to resolve"))
+    })?;
+    if current.version.vv != c.result_vv && !force {
+        return Err(EngineError::Invalid(format!(
+            "{key} was edited after conflict #{n} (now {}, the conflict left {}): look at it with `get {key}` and `history {key}`, then resolve with --force to replace that edit",
+            current.version.vv, c.result_vv
+        )));
+    }
+    let kept_hash = tx
+        .version_by_vv(&key, &c.result_vv)?
+        .map(|v| v.snapshot.hash)
+        .unwrap_or(current.version.snapshot.hash);
+    let (kept, snapshot) = match keep {
+        Keep::Winner => {
+            let what = format!("kept what the policy kept (vector {})", c.result_vv);
+            if current.version.vv == c.result_vv {
+                tx.mark_conflict_reviewed(n, now_ms, &what)?;
+                tx.audit(
+                    now_ms,
+                    actor,
+                    "resolve",
+                    &key.to_string(),
+                    &kept_hash.short(),
+                    &format!("conflict #{n}: {what}"),
+                )?;
+                tx.commit()?;
+                return Ok(Reviewed {
+                    conflict: n,
+                    record: key.to_string(),
+                    kept: what,
+                    new_vv: None,
+                });
+            }
+            let v = tx.version_by_vv(&key, &c.result_vv)?.ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "the version conflict #{n} left ({}) is not in this node's history",
+                    c.result_vv
+                ))
+            })?;
+            (what, v.snapshot)
+        }
+        Keep::Other => {
+            let l = c.local.snapshot.hash == kept_hash;
+            let r = c.remote.snapshot.hash == kept_hash;
+            let side = match (l, r) {
+                (true, false) => &c.remote,
+                (false, true) => &c.local,
+                _ => {
+                    return Err(EngineError::Invalid(format!(
+                        "conflict #{n} was {} — there is no single other side: keep local, remote, or a file",
+                        if l { "between two identical contents" } else { "resolved by merging both sides' fields" }
+                    )))
+                }
+            };
+            (
+                format!("kept the other side: {}'s version {}", side.origin, side.vv),
+                side.snapshot.clone(),
+            )
+        }
+        Keep::Local => (
+            format!("kept {}'s version {}", c.local.origin, c.local.vv),
+            c.local.snapshot.clone(),
+        ),
+        Keep::Remote => (
+            format!("kept {}'s version {}", c.remote.origin, c.remote.vv),
+            c.remote.snapshot.clone(),
+        ),
+        Keep::Content(s) => {
+            if s.key != key {
+                return Err(EngineError::Invalid(format!(
+                    "the file holds {}, but conflict #{n} is about {key}",
+                    s.key
+                )));
+            }
+            (format!("kept new content {}", s.hash.short()), s)
+        }
+    };
+    // A new version over whatever is current: it supersedes both sides.
+    let vv = current
+        .version
+        .vv
+        .join(&c.result_vv)
+        .bumped(&policy.node_id);
+    let hlc = tx.tick(now_ms)?;
+    let version = Version {
+        snapshot,
+        origin: policy.node_id.clone(),
+        hlc,
+        vv: vv.clone(),
+        deleted: false,
+    };
+    store_version(&mut tx, &version, actor, None, "resolved", now_ms)?;
+    update_catchment(&mut tx, policy, &version, true)?;
+    if policy.has_parent {
+        tx.enqueue(&key, now_ms)?;
+        tx.release(&key, Stage::Push)?;
+    }
+    if policy.external_emr && !policy.serves_children {
+        // A clinic's EMR gets it on its next round (a hub's reads the replica).
+        tx.quarantine(
+            &key,
+            Stage::Apply,
+            &format!("resolution of conflict #{n} to be written into the EMR"),
+            false,
+            now_ms,
+            |_| 0,
+        )?;
+    }
+    tx.mark_conflict_reviewed(n, now_ms, &kept)?;
+    tx.audit(
+        now_ms,
+        actor,
+        "resolve",
+        &key.to_string(),
+        &version.snapshot.hash.short(),
+        &format!("conflict #{n}: {kept}"),
+    )?;
+    tx.commit()?;
+    Ok(Reviewed {
+        conflict: n,
+        record: key.to_string(),
+        kept,
+        new_vv: Some(vv.to_string()),
+    })
 }
 
 /// Most entries a pushed version vector may have: one per node that ever wrote the
@@ -1498,6 +1679,40 @@ pub fn apply_inbox_to_emr(
 
 const EMR_OUT_CURSOR: &str = "emr_out_cursor";
 
+fn tally(w: EmrWrite, s: &mut EmrApplySummary) {
+    match w {
+        EmrWrite::Done => s.applied.applied += 1,
+        EmrWrite::Refused => s.refused += 1,
+        EmrWrite::Waiting => s.blocked += 1,
+    }
+}
+
+/// Writes into the EMR the replica's current version of every record due in the
+/// apply quarantine that is not in the inbox: a hub's refused or waiting records,
+/// and a reviewed conflict's resolution (`review_conflict`) at any node.
+pub fn apply_due_to_emr(
+    store: &mut Store,
+    policy: &Policy,
+    emr: &mut dyn crate::emr::Emr,
+    now_ms: u64,
+) -> std::result::Result<EmrApplySummary, EmrFlowError> {
+    let mut summary = EmrApplySummary::default();
+    for key in store.apply_due_outside_inbox(now_ms, 500)? {
+        match store.current(&key)? {
+            Some(c) => {
+                let w = write_replica_version(store, policy, emr, &c.version, now_ms)?;
+                tally(w, &mut summary);
+            }
+            None => {
+                let mut tx = store.begin()?;
+                tx.release(&key, Stage::Apply)?;
+                tx.commit()?;
+            }
+        }
+    }
+    Ok(summary)
+}
+
 /// What applying one version to the EMR came to.
 enum EmrWrite {
     Done,
@@ -1584,25 +1799,7 @@ pub fn apply_replica_to_emr(
     emr: &mut dyn crate::emr::Emr,
     now_ms: u64,
 ) -> std::result::Result<EmrApplySummary, EmrFlowError> {
-    let mut summary = EmrApplySummary::default();
-    let tally = |w: EmrWrite, s: &mut EmrApplySummary| match w {
-        EmrWrite::Done => s.applied.applied += 1,
-        EmrWrite::Refused => s.refused += 1,
-        EmrWrite::Waiting => s.blocked += 1,
-    };
-    for key in store.apply_due_outside_inbox(now_ms, 500)? {
-        match store.current(&key)? {
-            Some(c) => {
-                let w = write_replica_version(store, policy, emr, &c.version, now_ms)?;
-                tally(w, &mut summary);
-            }
-            None => {
-                let mut tx = store.begin()?;
-                tx.release(&key, Stage::Apply)?;
-                tx.commit()?;
-            }
-        }
-    }
+    let mut summary = apply_due_to_emr(store, policy, emr, now_ms)?;
     let mut cursor = store.meta_u64(EMR_OUT_CURSOR)?;
     loop {
         let batch = store.changed_after(cursor, 500)?;

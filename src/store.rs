@@ -185,6 +185,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE replica ADD COLUMN sender TEXT;
     UPDATE replica SET sender = origin;
     "#,
+    // 6: a person's review of a conflict (`conflicts resolve`): when, and what was
+    // kept. NULL: open (resolved by policy, not yet reviewed).
+    r#"
+    ALTER TABLE conflicts ADD COLUMN reviewed_ms INTEGER;
+    ALTER TABLE conflicts ADD COLUMN review TEXT;
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -234,6 +240,25 @@ pub struct QuarantineEntry {
     pub next_retry_ms: u64,
 }
 
+/// One side of a stored conflict.
+#[derive(Debug, Clone)]
+pub struct ConflictSide {
+    pub origin: String,
+    pub vv: VersionVector,
+    pub snapshot: Snapshot,
+}
+
+/// A conflict as stored, for a review (`engine::review_conflict`).
+#[derive(Debug, Clone)]
+pub struct StoredConflict {
+    pub key: RecordKey,
+    pub local: ConflictSide,
+    pub remote: ConflictSide,
+    pub result_vv: VersionVector,
+    /// When and how a person reviewed it.
+    pub reviewed: Option<(u64, String)>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ConflictEntry {
     pub n: i64,
@@ -245,6 +270,10 @@ pub struct ConflictEntry {
     pub remote_vv: String,
     pub resolution: String,
     pub result_vv: String,
+    /// When a person reviewed it (`conflicts resolve`); `None`: still open.
+    pub reviewed_ms: Option<u64>,
+    /// What the review kept.
+    pub review: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_body: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -575,7 +604,7 @@ impl Store {
         record: Option<i64>,
     ) -> Result<Vec<ConflictEntry>> {
         let mut stmt = self.conn.prepare(
-            "SELECT n, kind, id, detected_ms, local_origin, local_vv, remote_origin, remote_vv, resolution, result_vv, local_body, remote_body
+            "SELECT n, kind, id, detected_ms, local_origin, local_vv, remote_origin, remote_vv, resolution, result_vv, local_body, remote_body, reviewed_ms, review
              FROM conflicts WHERE (?1 IS NULL OR n = ?1) ORDER BY n",
         )?;
         let rows = stmt.query_map(params![record], |r| {
@@ -587,6 +616,8 @@ impl Store {
                 Ok(serde_json::from_slice(&b).ok())
             };
             Ok(ConflictEntry {
+                reviewed_ms: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
+                review: r.get(13)?,
                 n: r.get(0)?,
                 record: format!("{}/{}", r.get::<_, String>(1)?, r.get::<_, String>(2)?),
                 detected_ms: r.get::<_, i64>(3)? as u64,
@@ -1770,6 +1801,60 @@ impl Tx<'_> {
                 resolution,
                 result_vv.to_json()
             ])?;
+        Ok(())
+    }
+
+    /// Both sides of conflict `n` as they were stored: (record, local, remote, the
+    /// result's vector, the review if any). `None`: no such conflict.
+    pub fn conflict(&self, n: i64) -> Result<Option<StoredConflict>> {
+        let row = self
+            .tx
+            .prepare_cached(
+                "SELECT kind, id, local_origin, local_vv, local_body, remote_origin, remote_vv, remote_body, result_vv, reviewed_ms, review
+                 FROM conflicts WHERE n = ?1",
+            )?
+            .query_row(params![n], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    (r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, Vec<u8>>(4)?),
+                    (r.get::<_, String>(5)?, r.get::<_, String>(6)?, r.get::<_, Vec<u8>>(7)?),
+                    r.get::<_, String>(8)?,
+                    r.get::<_, Option<i64>>(9)?,
+                    r.get::<_, Option<String>>(10)?,
+                ))
+            })
+            .optional()?;
+        let Some((kind, id, local, remote, result_vv, reviewed_ms, review)) = row else {
+            return Ok(None);
+        };
+        let key = RecordKey { kind, id };
+        let corrupt =
+            |what: &str, e: String| StoreError::Corrupt(format!("conflict #{n} {what}: {e}"));
+        let side =
+            |(origin, vv, body): (String, String, Vec<u8>), what: &str| -> Result<ConflictSide> {
+                Ok(ConflictSide {
+                    origin,
+                    vv: VersionVector::from_json(&vv).map_err(|e| corrupt(what, e.to_string()))?,
+                    snapshot: Snapshot::for_key(&key, &body)
+                        .map_err(|e| corrupt(what, e.to_string()))?,
+                })
+            };
+        Ok(Some(StoredConflict {
+            local: side(local, "local side")?,
+            remote: side(remote, "remote side")?,
+            result_vv: VersionVector::from_json(&result_vv)
+                .map_err(|e| corrupt("result", e.to_string()))?,
+            reviewed: reviewed_ms.map(|ms| (ms as u64, review.unwrap_or_default())),
+            key,
+        }))
+    }
+
+    /// Records a person's review of conflict `n`.
+    pub fn mark_conflict_reviewed(&mut self, n: i64, now_ms: u64, review: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE conflicts SET reviewed_ms=?2, review=?3 WHERE n=?1")?
+            .execute(params![n, now_ms as i64, review])?;
         Ok(())
     }
 

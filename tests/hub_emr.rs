@@ -272,3 +272,79 @@ fn a_root_hub_may_have_an_emr() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The same in-memory EMR as a clinic's: a conflict found while applying a pulled
+/// version, then reviewed at the clinic, ends in the clinic's EMR and at the hub.
+#[test]
+fn a_conflict_reviewed_at_a_clinic_with_an_emr_is_written_into_it_and_sent_up() {
+    use clinicsync::wire::{Cursor, Message, PullRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
+    a.policy.external_emr = true;
+    a.policy.emr_retry_ms = 1;
+    let mut emr = FakeEmr::default();
+    let p = |gender: &str| json!({"resourceType": "Patient", "id": "p1", "gender": gender, "address": [{"district": "North"}]});
+    emr.save(p("male"));
+    engine::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    a.sync().unwrap();
+    // A clinician edits in the clinic's EMR; before that goes up, the hub's later
+    // edit of the same field arrives: a conflict at the clinic, the later clock wins.
+    emr.save(p("female"));
+    engine::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    hub.put(vec![p("unknown")]);
+    let msg = Message::PullRequest(PullRequest {
+        node: "a".into(),
+        cursor: Cursor::default(),
+        max_bytes: 1 << 20,
+        max_records: 1000,
+        include_own: false,
+        answer_chunk: 0,
+    });
+    let Message::PullResponse(page) = a.client.exchange("/v1/pull", &msg).unwrap().0 else {
+        panic!("expected a pull response")
+    };
+    engine::store_pull(&mut a.store, "parent", &page, (0, 0), wall_ms()).unwrap();
+    engine::apply_inbox_to_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    assert_eq!(emr.get("Patient/p1").unwrap()["gender"], "unknown");
+    let conflicts = a.store.conflicts_list(false, None).unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    // The clinic's data manager keeps the clinic's side.
+    let r = engine::review_conflict(
+        &mut a.store,
+        &a.policy,
+        conflicts[0].n,
+        engine::Keep::Local,
+        false,
+        "local",
+        wall_ms(),
+    )
+    .unwrap();
+    assert!(r.new_vv.is_some());
+    assert_eq!(
+        emr.get("Patient/p1").unwrap()["gender"],
+        "unknown",
+        "not yet"
+    );
+    let due = engine::apply_due_to_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    assert_eq!(due.applied.applied, 1, "{due:?}");
+    assert_eq!(emr.get("Patient/p1").unwrap()["gender"], "female");
+    assert!(a.store.quarantine_list().unwrap().is_empty());
+    // Its own write comes back from the EMR's feed as an echo, not a new edit.
+    let c = engine::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    assert_eq!(c.captured, 0, "{c:?}");
+    let rep = a.sync().unwrap();
+    assert_eq!(
+        (rep.pushed.accepted, rep.pushed.conflict),
+        (1, 0),
+        "{rep:?}"
+    );
+    assert_eq!(get(&hub.store(), "Patient/p1").unwrap()["gender"], "female");
+}

@@ -250,12 +250,32 @@ pub enum QuarantineCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum ConflictsCmd {
+    /// Every conflict, open (resolved by policy, not yet reviewed) and resolved.
     List {
+        /// Only the open ones.
+        #[arg(long)]
+        open: bool,
         #[arg(long)]
         json: bool,
     },
     /// Both versions of one conflict, by its number.
     Show { n: i64 },
+    /// Review conflict N: keep one side or new content. The result is a new version
+    /// that supersedes both sides, syncs like any edit and is audited.
+    #[command(
+        after_help = "KEEP:\n  winner   what the policy kept (writes nothing new if the record is unchanged since)\n  other    the side the policy did not keep\n  local    this node's side as it was when the conflict was detected\n  remote   the other node's side\n  FILE     a JSON file with the corrected resource (same type and id)\n\nExamples:\n  clinicsync conflicts list --open\n  clinicsync conflicts show 3\n  clinicsync conflicts resolve 3 --keep other\n  clinicsync conflicts resolve 3 --keep corrected-patient.json"
+    )]
+    Resolve {
+        n: i64,
+        /// winner | other | local | remote | FILE.json
+        #[arg(long)]
+        keep: String,
+        /// Replace an edit made to the record after the conflict.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -317,6 +337,7 @@ impl From<engine::EngineError> for Failure {
     fn from(e: engine::EngineError) -> Self {
         match e {
             engine::EngineError::Store(s) => s.into(),
+            engine::EngineError::NotFound(m) => Failure::new(EXIT_NOT_FOUND, m),
             other => Failure::new(EXIT_FAILURE, other.to_string()),
         }
     }
@@ -1005,10 +1026,13 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Backup { file } => backup(cfg, &file),
         Command::Restore { file } => restore(cfg, &file),
         Command::Conflicts { action } => {
-            let store = open_existing(cfg)?;
+            let mut store = open_existing(cfg)?;
             match action {
-                ConflictsCmd::List { json } => {
-                    let list = store.conflicts_list(false, None)?;
+                ConflictsCmd::List { open, json } => {
+                    let mut list = store.conflicts_list(false, None)?;
+                    if open {
+                        list.retain(|c| c.reviewed_ms.is_none());
+                    }
                     if json {
                         print_json(&list);
                     } else {
@@ -1024,8 +1048,67 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                                 safe_display(&c.remote_vv),
                                 safe(&c.resolution)
                             );
+                            match (c.reviewed_ms, &c.review) {
+                                (Some(at), review) => println!(
+                                    "       resolved {}: {}",
+                                    fmt_time(at),
+                                    safe(review.as_deref().unwrap_or_default())
+                                ),
+                                (None, _) => println!(
+                                    "       open: review with `conflicts show {n}`, then `conflicts resolve {n} --keep …`",
+                                    n = c.n
+                                ),
+                            }
                         }
-                        eprintln!("{} conflicts", list.len());
+                        let open = list.iter().filter(|c| c.reviewed_ms.is_none()).count();
+                        eprintln!("{} conflicts, {open} open", list.len());
+                    }
+                }
+                ConflictsCmd::Resolve {
+                    n,
+                    keep,
+                    force,
+                    json,
+                } => {
+                    let keep = match keep.as_str() {
+                        "winner" => engine::Keep::Winner,
+                        "other" => engine::Keep::Other,
+                        "local" => engine::Keep::Local,
+                        "remote" => engine::Keep::Remote,
+                        file => {
+                            let bytes = std::fs::read(file).map_err(|e| {
+                                Failure::new(
+                                    2,
+                                    format!("--keep {file:?}: not winner, other, local or remote, and not a readable file: {e}"),
+                                )
+                            })?;
+                            let snapshot = Snapshot::from_json_bytes(&bytes)
+                                .map_err(|e| Failure::new(EXIT_FAILURE, format!("{file}: {e}")))?;
+                            engine::Keep::Content(snapshot)
+                        }
+                    };
+                    let r = engine::review_conflict(
+                        &mut store,
+                        &cfg.policy(),
+                        n,
+                        keep,
+                        force,
+                        "local",
+                        now,
+                    )?;
+                    if json {
+                        print_json(&r);
+                    } else {
+                        println!(
+                            "conflict #{} on {}: {}{}",
+                            r.conflict,
+                            safe(&r.record),
+                            safe(&r.kept),
+                            match &r.new_vv {
+                                Some(vv) => format!("; new version {vv}, sent with the next sync"),
+                                None => "; nothing new to send".into(),
+                            }
+                        );
                     }
                 }
                 ConflictsCmd::Show { n } => {
