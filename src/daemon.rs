@@ -346,10 +346,18 @@ fn sync_rounds(
         }
     }
     let mut pages = 0;
+    let mut health_mark = None;
     while !stop.load(Ordering::Relaxed) && may_pull(cfg, pace, pages, report) {
         pages += 1;
         let page_bytes = (cfg.pull_page_bytes as usize).min(budget.get()) as u64;
-        let req = engine::pull_request(store, PARENT, cfg.pull_page_records, page_bytes)?;
+        let mut req = engine::pull_request(store, PARENT, cfg.pull_page_records, page_bytes)?;
+        if pages == 1 {
+            // The first page of a round carries this node's health (and a district's
+            // children's): the parent learns it with every exchange.
+            let (reports, mark) = crate::health::outgoing(store, PARENT, wall_ms())?;
+            req.health = reports;
+            health_mark = Some(mark);
+        }
         let (answer, traffic) = client.exchange("/v1/pull", &Message::PullRequest(req))?;
         let Message::PullResponse(resp) = answer else {
             return Err(TransportError::Unexpected {
@@ -358,6 +366,9 @@ fn sync_rounds(
             }
             .into());
         };
+        if let Some(mark) = health_mark.take() {
+            crate::health::sent(store, mark)?;
+        }
         let n = engine::store_pull(
             store,
             PARENT,

@@ -1233,6 +1233,7 @@ pub fn pull_request(
         max_records,
         include_own,
         answer_chunk: 0,
+        health: Vec::new(),
     })
 }
 

@@ -877,6 +877,27 @@ impl HubState {
                 Ok(Message::PushResponse(resp))
             }
             Message::PullRequest(req) => {
+                if !req.health.is_empty() {
+                    let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                    let below = self
+                        .policy
+                        .descendants
+                        .get(child)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    let dropped = crate::health::receive(
+                        &mut store,
+                        child,
+                        below,
+                        &req.health,
+                        self.policy.max_clock_ahead_ms,
+                        wall_ms(),
+                    )
+                    .map_err(|e| engine_refusal(e.into()))?;
+                    if dropped > 0 {
+                        tracing::warn!(peer = %child, dropped, "health reports for nodes that are not this child or below it were dropped");
+                    }
+                }
                 let resp = {
                     let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
                     engine::handle_pull(&store, &self.policy, child, &req)

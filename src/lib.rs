@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod emr;
 pub mod engine;
 pub mod filemode;
+pub mod health;
 pub mod hub;
 pub mod keys;
 pub mod linksim;

@@ -132,6 +132,8 @@ pub fn export(
     w.write(&Item::PullState {
         cursor: pull.cursor,
         include_own: pull.include_own,
+        // The hub learns this node's state from the stick as from a network pull.
+        health: crate::health::outgoing(store, crate::daemon::PARENT, wall_ms())?.0,
     })?;
     let parts = w.finish()?;
     let now = wall_ms();
@@ -285,7 +287,23 @@ fn import_export(
             Item::PullState {
                 cursor,
                 include_own,
-            } => pull_state = Some((cursor, include_own)),
+                health,
+            } => {
+                pull_state = Some((cursor, include_own));
+                let below = policy
+                    .descendants
+                    .get(&h.sender)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                crate::health::receive(
+                    store,
+                    &h.sender,
+                    below,
+                    &health,
+                    policy.max_clock_ahead_ms,
+                    wall_ms(),
+                )?;
+            }
             other => {
                 return Err(BundleError::Content(format!(
                     "unexpected item in an export bundle: {other:?}"
@@ -302,6 +320,7 @@ fn import_export(
             max_records: 2_000,
             include_own,
             answer_chunk: 0,
+            health: Vec::new(),
         };
         loop {
             let page = engine::handle_pull(store, policy, &h.sender, &req)?;

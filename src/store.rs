@@ -191,6 +191,17 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE conflicts ADD COLUMN reviewed_ms INTEGER;
     ALTER TABLE conflicts ADD COLUMN review TEXT;
     "#,
+    // 7: health reports of the nodes below a hub (`health`): the latest per node,
+    // which child delivered it (`via`), when the nearest hub heard the node
+    // (`heard_ms`) and when it arrived here (`received_ms`, for passing it up once).
+    r#"
+    CREATE TABLE health (
+        node TEXT PRIMARY KEY, via TEXT NOT NULL,
+        heard_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+        report TEXT NOT NULL
+    );
+    CREATE INDEX health_received ON health(received_ms);
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -596,6 +607,86 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Entries in the audit chain and the hex of the last one's hash.
+    pub fn audit_head(&self) -> Result<(u64, String)> {
+        let row = self
+            .conn
+            .prepare_cached("SELECT n, entry FROM audit ORDER BY n DESC LIMIT 1")?
+            .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .optional()?;
+        Ok(row
+            .map(|(n, e)| (n as u64, hex::encode(e)))
+            .unwrap_or((0, String::new())))
+    }
+
+    /// The most common quarantine reasons, most records first.
+    pub fn quarantine_reasons(&self, limit: usize) -> Result<Vec<(String, u64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT reason, COUNT(*) AS c FROM quarantine GROUP BY reason ORDER BY c DESC, reason LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Conflicts no person has reviewed yet.
+    pub fn open_conflicts(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM conflicts WHERE reviewed_ms IS NULL")?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Health reports that arrived after `received_ms`, oldest arrival first, with
+    /// their arrival time.
+    pub fn health_received_after(
+        &self,
+        received_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, crate::health::HealthReport)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT node, received_ms, report FROM health WHERE received_ms > ?1 ORDER BY received_ms, node LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![received_ms as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (node, at, text) = row?;
+            let report = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("health report of {node}: {e}")))?;
+            out.push((at, report));
+        }
+        Ok(out)
+    }
+
+    /// Every node's latest health report with the child that delivered it.
+    pub fn health_all(&self) -> Result<Vec<(String, crate::health::HealthReport)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT node, via, report FROM health ORDER BY node")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (node, via, text) = row?;
+            let report = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("health report of {node}: {e}")))?;
+            out.push((via, report));
+        }
+        Ok(out)
     }
 
     pub fn conflicts_list(
@@ -1848,6 +1939,33 @@ impl Tx<'_> {
             reviewed: reviewed_ms.map(|ms| (ms as u64, review.unwrap_or_default())),
             key,
         }))
+    }
+
+    /// Keeps `r` as the latest report of its node unless a report heard later is
+    /// already held (a node that moved between districts, an old one forwarded late).
+    pub fn put_health(
+        &mut self,
+        r: &crate::health::HealthReport,
+        via: &str,
+        received_ms: u64,
+    ) -> Result<()> {
+        let text = serde_json::to_string(r)
+            .map_err(|e| StoreError::Corrupt(format!("health report of {}: {e}", r.node)))?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO health(node, via, heard_ms, received_ms, report) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(node) DO UPDATE SET via=excluded.via, heard_ms=excluded.heard_ms,
+                   received_ms=excluded.received_ms, report=excluded.report
+                 WHERE excluded.heard_ms >= health.heard_ms",
+            )?
+            .execute(params![
+                r.node,
+                via,
+                r.heard_ms.unwrap_or(received_ms) as i64,
+                received_ms as i64,
+                text
+            ])?;
+        Ok(())
     }
 
     /// Records a person's review of conflict `n`.

@@ -224,6 +224,11 @@ pub struct PullRequest {
     /// older hub ignores the field and answers in one piece.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub answer_chunk: u64,
+    /// The sender's health report and, from a district hub, those of the nodes
+    /// below it that arrived since its last pull (`crate::health`). Added in 0.2
+    /// within v1: absent from older clients, ignored by older hubs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<crate::health::HealthReport>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -494,6 +499,7 @@ mod tests {
             max_records: 500,
             include_own: false,
             answer_chunk: 0,
+            health: Vec::new(),
         })
     }
 

@@ -235,6 +235,7 @@ mod seeds {
             max_records: 1000,
             include_own: true,
             answer_chunk: 0,
+            health: Vec::new(),
         }
     }
 

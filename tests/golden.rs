@@ -84,6 +84,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 max_records: 500,
                 include_own: false,
                 answer_chunk: 0,
+                health: Vec::new(),
             }),
         ),
         (
@@ -96,6 +97,24 @@ fn messages() -> Vec<(&'static str, Message)> {
                 max_records: 5_000,
                 include_own: false,
                 answer_chunk: 65_536,
+                health: Vec::new(),
+            }),
+        ),
+        (
+            // Since 0.2: the sender's health report (and a district's nodes') rides
+            // on its first pull of a round.
+            "pull_request_health",
+            Message::PullRequest(PullRequest {
+                node: "district".into(),
+                cursor: Cursor { eff: 10, seq: 7 },
+                max_bytes: 4 << 20,
+                max_records: 5_000,
+                include_own: false,
+                answer_chunk: 0,
+                health: vec![
+                    health_report("district", None),
+                    health_report("clinic-a", Some(1_764_000_000_000)),
+                ],
             }),
         ),
         (
@@ -188,6 +207,7 @@ fn a_frozen_v1_bundle_still_verifies_and_decodes() {
         Item::PullState {
             cursor: Cursor { eff: 3, seq: 2 },
             include_own: false,
+            health: Vec::new(),
         },
     ];
     if !golden("bundle_v1.csb.001").exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
@@ -229,4 +249,35 @@ fn a_frozen_v1_bundle_still_verifies_and_decodes() {
         got.push(i);
     }
     assert_eq!(got, items);
+}
+
+/// A fixed health report (`clinicsync::health`), as a district forwards it.
+fn health_report(node: &str, heard_ms: Option<u64>) -> clinicsync::health::HealthReport {
+    clinicsync::health::HealthReport {
+        v: 1,
+        node: node.into(),
+        version: "0.2.0".into(),
+        schema: 7,
+        made_ms: 1_764_000_000_000,
+        heard_ms,
+        uptime_s: Some(86_400),
+        records: 5_000,
+        outbox: 3,
+        inbox: 0,
+        quarantine: 1,
+        top_quarantine: vec![clinicsync::health::ReasonCount {
+            reason: "Invalid Submission: identifier is required".into(),
+            count: 1,
+        }],
+        conflicts_open: 0,
+        pull_lag: 12,
+        last_sync_ms: Some(1_763_999_990_000),
+        link_error: None,
+        emr_error: Some("EMR unavailable: 401".into()),
+        bytes_today: 123_456,
+        disk_free: Some(8 << 30),
+        clock_skew_ms: Some(-1_500),
+        audit_entries: 42,
+        audit_head: "ab".repeat(32),
+    }
 }

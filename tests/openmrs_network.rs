@@ -11,10 +11,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use clinicsync::cluster::{free_port, wait_healthy, wait_until, Proc};
+use clinicsync::cluster::{free_port, wait_healthy, wait_until};
 use clinicsync::emr::openmrs::SHIPPED_CATEGORIES;
 use clinicsync::emr::simulator::OpenMrsSim;
 use common::*;
@@ -26,62 +26,6 @@ const PASS: &str = "Admin123";
 /// Waits for a condition the daemons should bring about, or fails naming it.
 fn eventually(what: &str, cond: impl FnMut() -> bool) {
     assert!(wait_until(Duration::from_secs(60), cond), "{what}");
-}
-
-struct Node {
-    id: &'static str,
-    config: PathBuf,
-    proc: Option<Proc>,
-}
-
-impl Node {
-    fn start(&mut self) {
-        self.proc = Some(Proc::spawn(Path::new(BIN), self.id, &self.config, &["run"]).unwrap());
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = cli(&self.config, args);
-        assert!(
-            out.status.success(),
-            "{} {args:?}: {}",
-            self.id,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Live records of a kind this node's store holds.
-    fn live(&self, kind: &str) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .json(&["ls", kind, "--json"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["deleted"] != true)
-            .map(|r| {
-                r["record"]
-                    .as_str()
-                    .unwrap()
-                    .split_once('/')
-                    .unwrap()
-                    .1
-                    .to_string()
-            })
-            .collect();
-        ids.sort();
-        ids
-    }
-
-    fn quarantine(&self) -> Vec<Value> {
-        self.json(&["quarantine", "list", "--json"])
-            .as_array()
-            .unwrap()
-            .clone()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
-    }
 }
 
 struct Network {
@@ -96,12 +40,6 @@ struct Network {
     b: Node,
 }
 
-fn credential(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    clinicsync::filemode::write_private(&p, format!("{text}\n").as_bytes()).unwrap();
-    p
-}
-
 /// `[emr]` for a node whose OpenMRS is `sim`, reading `categories`.
 fn emr_section(dir: &Path, id: &str, sim: &OpenMrsSim, categories: &[&str]) -> String {
     let creds = credential(dir, &format!("{id}.emr"), &format!("{USER}:{PASS}"));
@@ -111,35 +49,6 @@ fn emr_section(dir: &Path, id: &str, sim: &OpenMrsSim, categories: &[&str]) -> S
         sim.url,
         creds.display(),
         cats.join(", ")
-    )
-}
-
-fn child(dir: &Path, id: &str, district: &str, descendants: &[&str]) -> (String, PathBuf) {
-    let token = clinicsync::cli::new_token();
-    let file = credential(dir, &format!("{id}.token"), &token);
-    let desc: Vec<String> = descendants.iter().map(|d| format!("{d:?}")).collect();
-    (
-        format!(
-            "[[hub.children]]\nnode = \"{id}\"\ntoken_sha256 = \"{}\"\ndescendants = [{}]\n\n[[hub.catchment]]\nnode = \"{id}\"\npath = \"address.district\"\nequals = \"{district}\"\n\n",
-            clinicsync::hub::token_hash(&token),
-            desc.join(", ")
-        ),
-        file,
-    )
-}
-
-fn node_section(dir: &Path, id: &str) -> String {
-    format!(
-        "[node]\nid = \"{id}\"\nstore = \"{}\"\nkeys_dir = \"{}\"\n\n[sync]\ninterval_secs = 1\nbackoff_min_secs = 1\nbackoff_max_secs = 2\n\n",
-        dir.join(format!("{id}.db")).display(),
-        dir.join(format!("{id}.keys")).display()
-    )
-}
-
-fn parent_section(url: &str, token: &Path) -> String {
-    format!(
-        "[parent]\nurl = \"{url}\"\ntoken_file = \"{}\"\n\n",
-        token.display()
     )
 }
 
@@ -186,15 +95,7 @@ fn network() -> Network {
             emr_section(d, id, sim, SHIPPED_CATEGORIES)
         )
     };
-    let write = |id: &'static str, text: String| {
-        let config = d.join(format!("{id}.toml"));
-        std::fs::write(&config, text).unwrap();
-        Node {
-            id,
-            config,
-            proc: None,
-        }
-    };
+    let write = |id: &'static str, text: String| node(d, id, text);
     let mut net = Network {
         national: write("national", national_toml),
         district: write("district", district_toml),

@@ -94,6 +94,7 @@ fn pull_all(link: &dyn Exchange, node: &str) -> Vec<WireRecord> {
             max_records: 1000,
             include_own: true,
             answer_chunk: 0,
+            health: Vec::new(),
         });
         let Message::PullResponse(p) = link.exchange("/v1/pull", &msg).unwrap().0 else {
             panic!("expected a pull response")
@@ -508,6 +509,7 @@ fn pulls_leave_out_what_the_authenticated_sender_pushed_not_what_origin_claims()
         max_records: 100,
         include_own: false,
         answer_chunk: 0,
+        health: Vec::new(),
     });
     let Message::PullResponse(p) = d.client.exchange("/v1/pull", &msg).unwrap().0 else {
         panic!()
@@ -602,6 +604,7 @@ fn over_mqtt_the_same_boundary_holds_and_only_enrolled_children_are_served() {
             max_records: 10,
             include_own: false,
             answer_chunk: 0,
+            health: Vec::new(),
         }),
     ) {
         Err(clinicsync::transport::http::TransportError::Status { status, message }) => {

@@ -195,6 +195,7 @@ fn pull_request(node: &str) -> Message {
         max_records: 100,
         include_own: false,
         answer_chunk: 0,
+        health: Vec::new(),
     })
 }
 

@@ -46,25 +46,6 @@ fn check(level: Level, what: &'static str, detail: impl Into<String>, hint: Opti
     }
 }
 
-/// Free bytes on the filesystem holding `path` (statvfs).
-fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let dir = if path.is_dir() { path } else { path.parent()? };
-    let dir = if dir.as_os_str().is_empty() {
-        std::path::Path::new(".")
-    } else {
-        dir
-    };
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: zeroed statvfs is a valid value; statvfs fills it for a NUL-terminated path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid C string and st a live out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 /// Parses an HTTP Date header (`Thu, 26 Nov 2026 10:00:00 GMT`) to epoch ms.
 fn http_date_ms(s: &str) -> Option<u64> {
     let parts: Vec<&str> = s.split_whitespace().collect();
@@ -211,7 +192,7 @@ fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
             )),
         }
     }
-    match free_bytes(&cfg.node.store) {
+    match crate::health::free_bytes(&cfg.node.store) {
         Some(b) if b < 50 << 20 => checks.push(check(
             Level::Fail,
             "disk",
@@ -610,6 +591,7 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
         max_records: 1,
         include_own: false,
         answer_chunk: 0,
+        health: Vec::new(),
     });
     match client.exchange("/v1/pull", &probe) {
         Ok(_) => checks.push(check(Level::Ok, "credential", "accepted by the parent", None)),

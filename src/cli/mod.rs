@@ -9,7 +9,8 @@
 //! Exit codes: 0 success · 1 failure · 2 usage error · 3 invalid configuration ·
 //! 4 store problem · 5 parent unreachable or refused · 6 audit chain broken ·
 //! 7 record not found · 8 USB bundle refused (tampered, truncated, untrusted,
-//! not for this node, replayed) or could not be written.
+//! not for this node, replayed) or could not be written · 9 `fleet`: a node needs
+//! attention.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,6 +31,7 @@ use crate::wire::Message;
 pub mod bench;
 pub mod demo;
 pub mod doctor;
+pub mod fleet;
 pub mod linkbench;
 
 pub const EXIT_FAILURE: u8 = 1;
@@ -39,6 +41,8 @@ pub const EXIT_LINK: u8 = 5;
 pub const EXIT_AUDIT: u8 = 6;
 pub const EXIT_NOT_FOUND: u8 = 7;
 pub const EXIT_BUNDLE: u8 = 8;
+/// `fleet`: a node below this hub needs a person.
+pub const EXIT_ATTENTION: u8 = 9;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,6 +67,18 @@ pub enum Command {
     Status {
         #[arg(long)]
         json: bool,
+    },
+    /// Hub: every node below it (grandchildren too), worst first, with what is wrong
+    /// in words; exit code 9 when one needs a person.
+    #[command(
+        after_help = "Each exchange carries the node's health report (outbox, quarantine and its top reasons, open conflicts, EMR and link errors, disk, clock skew, version); a district hub passes its nodes' reports up.\n\nExamples:\n  clinicsync fleet\n  clinicsync fleet --silent-after 6h --json"
+    )]
+    Fleet {
+        #[arg(long)]
+        json: bool,
+        /// A node not heard from for longer than this is flagged: 90s, 30m, 24h, 2d.
+        #[arg(long, default_value = "24h", value_parser = fleet::parse_duration_ms)]
+        silent_after: u64,
     },
     /// Check config, store, disk, keys, parent, credential, clock and broker.
     Doctor {
@@ -327,6 +343,16 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// An exit code whose reason the command has already printed.
+    pub fn quiet(code: u8) -> Failure {
+        Failure {
+            code,
+            message: String::new(),
+        }
+    }
+}
+
 impl From<crate::store::StoreError> for Failure {
     fn from(e: crate::store::StoreError) -> Self {
         Failure::new(EXIT_STORE, e.to_string())
@@ -391,7 +417,9 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             // Messages can quote a peer, an EMR or a file: no escape sequences.
-            eprintln!("clinicsync: {}", safe_lines(&f.message));
+            if !f.message.is_empty() {
+                eprintln!("clinicsync: {}", safe_lines(&f.message));
+            }
             ExitCode::from(f.code)
         }
     }
@@ -852,6 +880,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
     let now = wall_ms();
     match cmd {
         Command::Status { json } => status(cfg, json),
+        Command::Fleet { json, silent_after } => fleet::run(cfg, json, silent_after, now),
         Command::Sync { json, bootstrap } => {
             let mut store = open(cfg)?;
             let link = daemon::connect_parent(cfg).map_err(|e| Failure::new(EXIT_LINK, e))?;

@@ -133,7 +133,14 @@ pub enum Item {
     /// Export: a batch of outbox records, exactly as a network push.
     Push(PushRequest),
     /// Export: where the child's pull cursor stands.
-    PullState { cursor: Cursor, include_own: bool },
+    /// `health` (added in 0.2 within v1; absent from older bundles): the sender's
+    /// health report and its descendants' (`crate::health`).
+    PullState {
+        cursor: Cursor,
+        include_own: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        health: Vec<crate::health::HealthReport>,
+    },
     /// Return: the parent's answers for pushed records.
     Receipts(Vec<Receipt>),
     /// Return: a pull page from the child's cursor.
@@ -872,6 +879,7 @@ mod tests {
             w.write(&Item::PullState {
                 cursor: Cursor { eff: i, seq: i },
                 include_own: false,
+                health: Vec::new(),
             })
             .unwrap();
         }
@@ -901,6 +909,7 @@ mod tests {
                 seq: x.rotate_left(17),
             },
             include_own: false,
+            health: Vec::new(),
         }
     }
 
@@ -990,6 +999,7 @@ mod tests {
                 seq: 666_666,
             },
             include_own: true,
+            health: Vec::new(),
         };
         let forged = forged_payload(&[evil.clone(), Item::End { items: 1 }], len, &hub.public());
         let mut swapped = bytes[..start].to_vec();
@@ -1073,6 +1083,7 @@ mod tests {
         w.write(&Item::PullState {
             cursor: Cursor::default(),
             include_own: true,
+            health: Vec::new(),
         })
         .unwrap();
         drop(w);

@@ -336,3 +336,115 @@ pub fn obs_om(id: &str, patient: &str, encounter: &str, kg: f64) -> serde_json::
         "valueQuantity": {"value": kg, "unit": "kg"}
     })
 }
+
+// ---------------------------------------------------------------- trees of real nodes
+
+/// A credential file, 0600 as a node requires.
+pub fn credential(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    clinicsync::filemode::write_private(&p, format!("{text}\n").as_bytes()).unwrap();
+    p
+}
+
+/// `[[hub.children]]` and a catchment rule for `id` (its district), and the token
+/// file the child reads.
+pub fn child(dir: &Path, id: &str, district: &str, descendants: &[&str]) -> (String, PathBuf) {
+    let token = clinicsync::cli::new_token();
+    let file = credential(dir, &format!("{id}.token"), &token);
+    let desc: Vec<String> = descendants.iter().map(|d| format!("{d:?}")).collect();
+    (
+        format!(
+            "[[hub.children]]\nnode = \"{id}\"\ntoken_sha256 = \"{}\"\ndescendants = [{}]\n\n[[hub.catchment]]\nnode = \"{id}\"\npath = \"address.district\"\nequals = \"{district}\"\n\n",
+            clinicsync::hub::token_hash(&token),
+            desc.join(", ")
+        ),
+        file,
+    )
+}
+
+/// `[node]` and a `[sync]` that rounds every second.
+pub fn node_section(dir: &Path, id: &str) -> String {
+    format!(
+        "[node]\nid = \"{id}\"\nstore = \"{}\"\nkeys_dir = \"{}\"\n\n[sync]\ninterval_secs = 1\nbackoff_min_secs = 1\nbackoff_max_secs = 2\n\n",
+        dir.join(format!("{id}.db")).display(),
+        dir.join(format!("{id}.keys")).display()
+    )
+}
+
+pub fn parent_section(url: &str, token: &Path) -> String {
+    format!(
+        "[parent]\nurl = \"{url}\"\ntoken_file = \"{}\"\n\n",
+        token.display()
+    )
+}
+
+/// A node run as a real `clinicsync run` process, looked at through the CLI.
+pub struct Node {
+    pub id: &'static str,
+    pub config: PathBuf,
+    pub proc: Option<clinicsync::cluster::Proc>,
+}
+
+impl Node {
+    pub fn start(&mut self) {
+        self.proc = Some(
+            clinicsync::cluster::Proc::spawn(Path::new(BIN), self.id, &self.config, &["run"])
+                .unwrap(),
+        );
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = cli(&self.config, args);
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}",
+            self.id,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Live records of a kind this node's store holds.
+    pub fn live(&self, kind: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .json(&["ls", kind, "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["deleted"] != true)
+            .map(|r| {
+                r["record"]
+                    .as_str()
+                    .unwrap()
+                    .split_once('/')
+                    .unwrap()
+                    .1
+                    .to_string()
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn quarantine(&self) -> Vec<Value> {
+        self.json(&["quarantine", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
+    }
+}
+
+/// Writes `text` as `<id>.toml` in `dir`: a node ready to start.
+pub fn node(dir: &Path, id: &'static str, text: String) -> Node {
+    let config = dir.join(format!("{id}.toml"));
+    std::fs::write(&config, text).unwrap();
+    Node {
+        id,
+        config,
+        proc: None,
+    }
+}

@@ -434,6 +434,7 @@ pub fn handle_push(data: &[u8]) {
             max_records: 1000,
             include_own,
             answer_chunk: 0,
+            health: Vec::new(),
         };
         let page = engine::handle_pull(&store, &policy, node, &pull)
             .unwrap_or_else(|e| panic!("handle_pull after a hostile push: {e:?}"));
