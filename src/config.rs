@@ -53,8 +53,21 @@ pub struct Config {
     #[serde(default)]
     pub emr: EmrSection,
     pub mqtt: Option<MqttSection>,
+    pub metrics: Option<MetricsSection>,
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// A Prometheus `/metrics` endpoint (`crate::metrics`), on any node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// e.g. `127.0.0.1:9464`. Any other address needs `token_sha256`.
+    pub listen: String,
+    /// SHA-256 (hex) of the bearer token scrapers send (`clinicsync token new`
+    /// makes one); without it only loopback scrapers can reach the endpoint.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
 }
 
 /// Which EMR the node serves.
@@ -471,6 +484,24 @@ impl Config {
         }
         if s.backoff_max_secs < s.backoff_min_secs {
             p.push("sync.backoff_max_secs must not be below sync.backoff_min_secs".into());
+        }
+        if let Some(m) = &self.metrics {
+            match m.listen.parse::<SocketAddr>() {
+                Err(_) => p.push(format!(
+                    "metrics.listen {:?} must be an address such as 127.0.0.1:9464",
+                    m.listen
+                )),
+                Ok(a) if !a.ip().is_loopback() && m.token_sha256.is_none() => p.push(format!(
+                    "metrics.listen {} is reachable from other machines: set metrics.token_sha256 (run `clinicsync token new`) or listen on 127.0.0.1",
+                    m.listen
+                )),
+                Ok(_) => {}
+            }
+            if let Some(t) = &m.token_sha256 {
+                if t.len() != 64 || hex::decode(t).is_err() {
+                    p.push("metrics.token_sha256 must be 64 hex characters (run `clinicsync token new`)".into());
+                }
+            }
         }
         if let Some(hub) = &self.hub {
             if hub.listen.parse::<SocketAddr>().is_err() {

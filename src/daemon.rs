@@ -873,6 +873,21 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             .map_err(anyhow::Error::from)
         }));
     }
+    if let Some(m) = &cfg.metrics {
+        let listener = tokio::net::TcpListener::bind(&m.listen).await?;
+        info!(node = %cfg.node.id, listen = %listener.local_addr()?, token = m.token_sha256.is_some(), "serving /metrics");
+        let own = Store::open(&cfg.node.store, &cfg.node.id)?;
+        let token = m.token_sha256.clone();
+        let hub = hub_state.clone();
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            crate::metrics::serve(listener, own, token.as_deref(), hub, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(anyhow::Error::from)
+        }));
+    }
     if cfg.parent.is_some() {
         let rx = stop_rx.clone();
         tasks.push(tokio::spawn(tracing::Instrument::in_current_span(

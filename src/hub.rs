@@ -106,6 +106,8 @@ pub struct HubState {
     /// the child start fetching over — on a link cut every few KiB, forever. Bounded;
     /// losing an entry (or a restart) only costs a harmless re-run.
     ran: Mutex<std::collections::VecDeque<(String, [u8; 32], Message)>>,
+    /// What it has served (`/metrics`).
+    pub counters: crate::metrics::Counters,
 }
 
 /// Answers of runs kept for repeated `ChunkRun`s.
@@ -140,6 +142,7 @@ impl HubState {
             serving,
             gate,
             ran: Mutex::new(std::collections::VecDeque::new()),
+            counters: crate::metrics::Counters::default(),
         })
     }
 
@@ -249,7 +252,7 @@ pub fn children_of(hub: &HubSection) -> Result<Vec<(String, [u8; 32])>, String> 
         .collect()
 }
 
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter()
         .zip(b.iter())
         .fold(0u8, |acc, (x, y)| acc | (x ^ y))
@@ -874,6 +877,10 @@ impl HubState {
                     .filter(|r| matches!(r.outcome, wire::Outcome::Rejected { .. }))
                     .count();
                 tracing::info!(peer = %child, direction = "push", records = n, rejected, bytes = frame.len(), "push applied");
+                let c = &self.counters;
+                crate::metrics::Counters::add(&c.push_requests, 1);
+                crate::metrics::Counters::add(&c.records_received, n as u64);
+                crate::metrics::Counters::add(&c.records_rejected, rejected as u64);
                 Ok(Message::PushResponse(resp))
             }
             Message::PullRequest(req) => {
@@ -904,6 +911,11 @@ impl HubState {
                         .map_err(engine_refusal)?
                 };
                 tracing::debug!(peer = %child, direction = "pull", records = resp.records.len(), cursor = %resp.next, "pull served");
+                crate::metrics::Counters::add(&self.counters.pull_requests, 1);
+                crate::metrics::Counters::add(
+                    &self.counters.records_served,
+                    resp.records.len() as u64,
+                );
                 let answer = Message::PullResponse(resp);
                 if req.answer_chunk == 0 {
                     return Ok(answer);
@@ -1293,6 +1305,15 @@ async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes,
 /// One request: credential, declared length, buffer budget, body, request slot,
 /// then the engine (see the module header for the order and why).
 async fn endpoint(state: Arc<HubState>, req: Request, expect: &'static str) -> Response {
+    let counted = state.clone();
+    let r = answer_request(state, req, expect).await;
+    if r.status().is_client_error() || r.status().is_server_error() {
+        crate::metrics::Counters::add(&counted.counters.refusals, 1);
+    }
+    r
+}
+
+async fn answer_request(state: Arc<HubState>, req: Request, expect: &'static str) -> Response {
     let (parts, body) = req.into_parts();
     let peer = parts.extensions.get::<Peer>().copied();
     // Connection tasks are spawned by us: name the node explicitly (journald NODE).

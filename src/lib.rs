@@ -13,6 +13,7 @@ pub mod hub;
 pub mod keys;
 pub mod linksim;
 pub mod lock;
+pub mod metrics;
 pub mod model;
 pub mod sneakernet;
 pub mod store;
