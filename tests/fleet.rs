@@ -189,3 +189,63 @@ fn a_child_cannot_report_for_a_sibling_and_a_report_is_clipped() {
     assert!(r.link_error.as_ref().unwrap().chars().count() <= 161);
     assert!(r.heard_ms.unwrap() <= clinicsync::store::wall_ms());
 }
+
+/// BENCHMARKS.md: `fleet` over 1,000 nodes, through the real binary.
+/// `cargo test --release --test fleet fleet_over_a_thousand_nodes -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn fleet_over_a_thousand_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = d.join("hub.toml");
+    let store_path = d.join("hub.db");
+    let mut children = String::new();
+    for i in 0..10 {
+        let below: Vec<String> = (0..99).map(|j| format!("\"c{i}-{j}\"")).collect();
+        children.push_str(&format!(
+            "[[hub.children]]\nnode = \"d{i}\"\ntoken_sha256 = \"{}\"\ndescendants = [{}]\n\n",
+            "ab".repeat(32),
+            below.join(", ")
+        ));
+    }
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"hub\"\nstore = \"{}\"\n[hub]\nlisten = \"127.0.0.1:0\"\n\n{children}",
+            store_path.display()
+        ),
+    )
+    .unwrap();
+    let mut store = clinicsync::store::Store::open(&store_path, "hub").unwrap();
+    let now = clinicsync::store::wall_ms();
+    let base = clinicsync::health::report(&store, "parent", now).unwrap();
+    let mut tx = store.begin().unwrap();
+    for i in 0..10u64 {
+        for j in 0..100u64 {
+            let mut r = base.clone();
+            r.node = if j == 99 {
+                format!("d{i}")
+            } else {
+                format!("c{i}-{j}")
+            };
+            r.heard_ms = Some(now - (i * 100 + j) * 60_000);
+            r.quarantine = (i * j) % 7;
+            tx.put_health(&r, &format!("d{i}"), now).unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    drop(store);
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let t = std::time::Instant::now();
+        let out = cli(&config, &["fleet", "--json"]);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.as_array().unwrap().len(), 1_001);
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "fleet --json over 1,000 nodes (+ the hub): median {:.0} ms, min {:.0} ms, max {:.0} ms (7 runs, process start included)",
+        times[3], times[0], times[6]
+    );
+}
