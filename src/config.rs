@@ -209,6 +209,14 @@ pub struct NodeSection {
     /// Where this node's USB-bundle keys live (default: `keys/` beside the store).
     #[serde(default)]
     pub keys_dir: Option<PathBuf>,
+    /// Run orders the parent sends (`clinicsync remote` at the hub): quarantine
+    /// retry/drop, resync, diagnostics. `false`: each is answered "refused".
+    #[serde(default = "yes")]
+    pub remote_orders: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Deserialize)]
@@ -748,6 +756,7 @@ impl Config {
         p.external_emr = self.emr.kind != EmrKind::Embedded;
         p.serves_children = self.hub.is_some();
         p.emr_retry_ms = self.emr.retry_secs.saturating_mul(1000);
+        p.accept_remote_orders = self.node.remote_orders;
         if let Some(hub) = &self.hub {
             p.max_record_bytes = hub.max_record_bytes;
             p.catchment = hub.catchment.clone();

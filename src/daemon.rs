@@ -356,7 +356,8 @@ fn sync_rounds(
             // children's): the parent learns it with every exchange.
             let (reports, mark) = crate::health::outgoing(store, PARENT, wall_ms())?;
             req.health = reports;
-            health_mark = Some(mark);
+            req.order_results = crate::remote::outgoing(store)?;
+            health_mark = Some((mark, req.order_results.clone()));
         }
         let (answer, traffic) = client.exchange("/v1/pull", &Message::PullRequest(req))?;
         let Message::PullResponse(resp) = answer else {
@@ -366,8 +367,9 @@ fn sync_rounds(
             }
             .into());
         };
-        if let Some(mark) = health_mark.take() {
+        if let Some((mark, results)) = health_mark.take() {
             crate::health::sent(store, mark)?;
+            crate::remote::reported(store, &results)?;
         }
         let n = engine::store_pull(
             store,
@@ -376,6 +378,8 @@ fn sync_rounds(
             (traffic.sent, traffic.received),
             wall_ms(),
         )?;
+        // The parent's orders, each run once (`crate::remote`).
+        crate::remote::execute(store, policy, &resp.orders, wall_ms())?;
         beat();
         progress(resp.next.eff, resp.head);
         report.pulled += n;

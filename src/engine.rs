@@ -123,6 +123,8 @@ pub struct Policy {
     /// For district hubs among the children: the nodes below each whose records it
     /// may forward (besides its own). Children not listed forward only their own.
     pub descendants: std::collections::HashMap<String, Vec<String>>,
+    /// Run orders from the parent (`crate::remote`); `node.remote_orders`.
+    pub accept_remote_orders: bool,
 }
 
 impl Policy {
@@ -144,6 +146,7 @@ impl Policy {
             max_clock_ahead_ms: 300_000,
             serves_children: false,
             descendants: std::collections::HashMap::new(),
+            accept_remote_orders: true,
         }
     }
 
@@ -992,6 +995,8 @@ pub fn handle_pull(
         next: page.next,
         more: page.more,
         head: page.head,
+        // Orders from this hub ride on every answer until their results come back.
+        orders: store.pending_orders(child, crate::remote::MAX_ORDERS)?,
     })
 }
 
@@ -1234,12 +1239,19 @@ pub fn pull_request(
         include_own,
         answer_chunk: 0,
         health: Vec::new(),
+        order_results: Vec::new(),
     })
 }
 
 /// Meta key: "1" while the first pull of this store (its own records included) is
 /// under way, "0" once it completed.
 const RESTORING: &str = "restoring_own";
+
+/// A resync (remote order): the next pull starts over and brings this node's own
+/// records too, over every page, like a first pull.
+pub fn mark_restoring(tx: &mut Tx<'_>) -> std::result::Result<(), crate::store::StoreError> {
+    tx.set_meta_str(RESTORING, "1")
+}
 
 /// Whether this store has completed a pull from its parent (first contact): until
 /// then a node learns what it already wrote before writing anything from its EMR.

@@ -905,6 +905,16 @@ impl HubState {
                         tracing::warn!(peer = %child, dropped, "health reports for nodes that are not this child or below it were dropped");
                     }
                 }
+                if !req.order_results.is_empty() {
+                    let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                    crate::remote::receive_results(
+                        &mut store,
+                        child,
+                        &req.order_results,
+                        wall_ms(),
+                    )
+                    .map_err(|e| engine_refusal(e.into()))?;
+                }
                 let resp = {
                     let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
                     engine::handle_pull(&store, &self.policy, child, &req)

@@ -15,6 +15,7 @@ pub mod linksim;
 pub mod lock;
 pub mod metrics;
 pub mod model;
+pub mod remote;
 pub mod sneakernet;
 pub mod store;
 pub mod synth;

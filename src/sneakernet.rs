@@ -134,6 +134,9 @@ pub fn export(
         include_own: pull.include_own,
         // The hub learns this node's state from the stick as from a network pull.
         health: crate::health::outgoing(store, crate::daemon::PARENT, wall_ms())?.0,
+        // Results of orders the hub sent; repeated until a network pull reports
+        // them (the hub ignores a result it already has).
+        order_results: crate::remote::outgoing(store)?,
     })?;
     let parts = w.finish()?;
     let now = wall_ms();
@@ -288,7 +291,9 @@ fn import_export(
                 cursor,
                 include_own,
                 health,
+                order_results,
             } => {
+                crate::remote::receive_results(store, &h.sender, &order_results, wall_ms())?;
                 pull_state = Some((cursor, include_own));
                 let below = policy
                     .descendants
@@ -321,6 +326,7 @@ fn import_export(
             include_own,
             answer_chunk: 0,
             health: Vec::new(),
+            order_results: Vec::new(),
         };
         loop {
             let page = engine::handle_pull(store, policy, &h.sender, &req)?;
@@ -377,6 +383,7 @@ fn import_return(
             }
             Item::Page(page) => {
                 summary.pulled += engine::store_pull(store, parent, &page, (0, 0), now)?;
+                crate::remote::execute(store, policy, &page.orders, now)?;
                 // With an external EMR the inbox waits for the daemon's next round,
                 // which writes it into the EMR first (`apply_inbox_to_emr`).
                 if !policy.external_emr {

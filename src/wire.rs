@@ -229,6 +229,10 @@ pub struct PullRequest {
     /// within v1: absent from older clients, ignored by older hubs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub health: Vec<crate::health::HealthReport>,
+    /// Results of the parent's orders this node ran (`crate::remote`). Added in 0.2
+    /// within v1, like `health`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub order_results: Vec<crate::remote::OrderResult>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -243,6 +247,10 @@ pub struct PullResponse {
     pub more: bool,
     /// The parent's newest sequence number, so the child can show its lag.
     pub head: u64,
+    /// Orders from the parent (`crate::remote`), sent until their results come
+    /// back. Added in 0.2 within v1: absent when none, ignored by older children.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orders: Vec<crate::remote::Order>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -500,6 +508,7 @@ mod tests {
             include_own: false,
             answer_chunk: 0,
             health: Vec::new(),
+            order_results: Vec::new(),
         })
     }
 

@@ -369,6 +369,7 @@ fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() 
         include_own: false,
         answer_chunk: 32 << 10,
         health: Vec::new(),
+        order_results: Vec::new(),
     };
     match direct
         .exchange("/v1/pull", &Message::PullRequest(req.clone()))

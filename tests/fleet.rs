@@ -180,6 +180,7 @@ fn a_child_cannot_report_for_a_sibling_and_a_report_is_clipped() {
         include_own: false,
         answer_chunk: 0,
         health: vec![mine, forged],
+        order_results: Vec::new(),
     });
     a.client.exchange("/v1/pull", &req).unwrap();
     let held = hub.store().health_all().unwrap();

@@ -236,6 +236,7 @@ mod seeds {
             include_own: true,
             answer_chunk: 0,
             health: Vec::new(),
+            order_results: Vec::new(),
         }
     }
 
@@ -480,6 +481,7 @@ mod seeds {
             next: Cursor { eff: 4, seq: 4 },
             more: false,
             head: 4,
+            orders: Vec::new(),
         })));
         ret.extend(cbor(&Item::End { items: 2 }));
         out.push(("bundle", "return-items".into(), [&[2u8][..], &ret].concat()));

@@ -85,6 +85,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 include_own: false,
                 answer_chunk: 0,
                 health: Vec::new(),
+                order_results: Vec::new(),
             }),
         ),
         (
@@ -98,6 +99,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 include_own: false,
                 answer_chunk: 65_536,
                 health: Vec::new(),
+                order_results: Vec::new(),
             }),
         ),
         (
@@ -115,6 +117,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                     health_report("district", None),
                     health_report("clinic-a", Some(1_764_000_000_000)),
                 ],
+                order_results: Vec::new(),
             }),
         ),
         (
@@ -124,6 +127,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 next: Cursor { eff: 11, seq: 11 },
                 more: true,
                 head: 40,
+                orders: Vec::new(),
             }),
         ),
         (
@@ -208,6 +212,7 @@ fn a_frozen_v1_bundle_still_verifies_and_decodes() {
             cursor: Cursor { eff: 3, seq: 2 },
             include_own: false,
             health: Vec::new(),
+            order_results: Vec::new(),
         },
     ];
     if !golden("bundle_v1.csb.001").exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {

@@ -308,6 +308,7 @@ fn a_conflict_reviewed_at_a_clinic_with_an_emr_is_written_into_it_and_sent_up() 
         include_own: false,
         answer_chunk: 0,
         health: Vec::new(),
+        order_results: Vec::new(),
     });
     let Message::PullResponse(page) = a.client.exchange("/v1/pull", &msg).unwrap().0 else {
         panic!("expected a pull response")

@@ -95,6 +95,7 @@ fn pull_all(link: &dyn Exchange, node: &str) -> Vec<WireRecord> {
             include_own: true,
             answer_chunk: 0,
             health: Vec::new(),
+            order_results: Vec::new(),
         });
         let Message::PullResponse(p) = link.exchange("/v1/pull", &msg).unwrap().0 else {
             panic!("expected a pull response")
@@ -510,6 +511,7 @@ fn pulls_leave_out_what_the_authenticated_sender_pushed_not_what_origin_claims()
         include_own: false,
         answer_chunk: 0,
         health: Vec::new(),
+        order_results: Vec::new(),
     });
     let Message::PullResponse(p) = d.client.exchange("/v1/pull", &msg).unwrap().0 else {
         panic!()
@@ -605,6 +607,7 @@ fn over_mqtt_the_same_boundary_holds_and_only_enrolled_children_are_served() {
             include_own: false,
             answer_chunk: 0,
             health: Vec::new(),
+            order_results: Vec::new(),
         }),
     ) {
         Err(clinicsync::transport::http::TransportError::Status { status, message }) => {

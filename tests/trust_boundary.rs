@@ -196,6 +196,7 @@ fn pull_request(node: &str) -> Message {
         include_own: false,
         answer_chunk: 0,
         health: Vec::new(),
+        order_results: Vec::new(),
     })
 }
 

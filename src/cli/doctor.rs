@@ -592,6 +592,7 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
         include_own: false,
         answer_chunk: 0,
         health: Vec::new(),
+        order_results: Vec::new(),
     });
     match client.exchange("/v1/pull", &probe) {
         Ok(_) => checks.push(check(Level::Ok, "credential", "accepted by the parent", None)),

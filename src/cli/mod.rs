@@ -80,6 +80,17 @@ pub enum Command {
         #[arg(long, default_value = "24h", value_parser = fleet::parse_duration_ms)]
         silent_after: u64,
     },
+    /// Hub: fix a child from here. The order travels down with the child's next
+    /// pull (or USB return bundle), runs there once, and its result comes back.
+    #[command(
+        after_help = "Examples:\n  clinicsync remote clinic-a quarantine retry Patient/9f2c…\n  clinicsync remote clinic-a quarantine retry --all\n  clinicsync remote clinic-a quarantine drop Observation/77ab…\n  clinicsync remote clinic-a resync\n  clinicsync remote clinic-a diagnostics\n  clinicsync remote clinic-a list\n  clinicsync remote clinic-a show <order-id>\n\nA clinic with node.remote_orders = false answers every order \"refused\"."
+    )]
+    Remote {
+        /// A child of this hub (a node further down: order it at its district hub).
+        node: String,
+        #[command(subcommand)]
+        action: RemoteCmd,
+    },
     /// Check config, store, disk, keys, parent, credential, clock and broker.
     Doctor {
         #[arg(long)]
@@ -307,6 +318,38 @@ pub enum CatchmentCmd {
     /// Take a patient from a child (a matching rule gives it back on the patient's
     /// next version; records the clinic already holds stay there).
     Remove { node: String, patient: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RemoteCmd {
+    /// Retry (make due now) or drop a record in the child's quarantine.
+    Quarantine {
+        #[command(subcommand)]
+        action: RemoteQuarantineCmd,
+    },
+    /// The child pulls everything again from the start (its own records included).
+    Resync,
+    /// The child sends up its status, quarantine and recent log lines.
+    Diagnostics,
+    /// Orders given to this child: pending, done, refused or failed, newest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One order with its full result (diagnostics arrive here).
+    Show { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RemoteQuarantineCmd {
+    Retry {
+        record: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    Drop {
+        record: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -881,6 +924,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
     match cmd {
         Command::Status { json } => status(cfg, json),
         Command::Fleet { json, silent_after } => fleet::run(cfg, json, silent_after, now),
+        Command::Remote { node, action } => remote(cfg, &node, action, now),
         Command::Sync { json, bootstrap } => {
             let mut store = open(cfg)?;
             let link = daemon::connect_parent(cfg).map_err(|e| Failure::new(EXIT_LINK, e))?;
@@ -1506,6 +1550,103 @@ pub fn resources_of(bytes: &[u8]) -> Result<Vec<(Snapshot, bool)>, String> {
             false,
         )])
     }
+}
+
+fn remote(cfg: &Config, node: &str, action: RemoteCmd, now: u64) -> Out {
+    use crate::remote::OrderKind;
+    let Some(hub) = &cfg.hub else {
+        return Err(Failure::new(
+            2,
+            "remote orders are given at a hub; this node has no [hub] section",
+        ));
+    };
+    if !hub.children.iter().any(|c| c.node == node) {
+        let via = hub
+            .children
+            .iter()
+            .find(|c| c.descendants.iter().any(|d| d == node));
+        return Err(Failure::new(
+            2,
+            match via {
+                Some(c) => format!(
+                    "{} is below {}: only a node's parent orders it — run this at {}'s hub",
+                    safe(node),
+                    safe(&c.node),
+                    safe(&c.node)
+                ),
+                None => format!("{} is not a child of this hub (hub.children)", safe(node)),
+            },
+        ));
+    }
+    let mut store = open_existing(cfg)?;
+    let kind = match action {
+        RemoteCmd::List { json } => {
+            let rows = store.orders_out(Some(node))?;
+            if json {
+                print_json(&rows);
+            } else {
+                for o in &rows {
+                    println!(
+                        "{}  {}  {:<8} {}{}",
+                        safe(&o.id),
+                        fmt_time(o.issued_ms),
+                        safe(&o.state),
+                        safe(&o.order),
+                        o.result
+                            .as_deref()
+                            .and_then(|r| r.lines().next())
+                            .map(|r| format!(" — {}", safe(r)))
+                            .unwrap_or_default()
+                    );
+                }
+                eprintln!("{} orders", rows.len());
+            }
+            return Ok(());
+        }
+        RemoteCmd::Show { id } => {
+            let rows = store.orders_out(Some(node))?;
+            let o = rows.iter().find(|o| o.id == id).ok_or_else(|| {
+                Failure::new(
+                    EXIT_NOT_FOUND,
+                    format!("no order {} for {}", safe(&id), safe(node)),
+                )
+            })?;
+            println!(
+                "order {}: {} for {}, given {}, {}",
+                safe(&o.id),
+                safe(&o.order),
+                safe(&o.node),
+                fmt_time(o.issued_ms),
+                safe(&o.state)
+            );
+            if let Some(r) = &o.result {
+                println!("{}", safe_lines(r));
+            }
+            return Ok(());
+        }
+        RemoteCmd::Resync => OrderKind::Resync,
+        RemoteCmd::Diagnostics => OrderKind::Diagnostics,
+        RemoteCmd::Quarantine { action } => match action {
+            RemoteQuarantineCmd::Retry { record, all } => match (record, all) {
+                (Some(r), false) => OrderKind::QuarantineRetry {
+                    record: Some(key(&r)?.to_string()),
+                },
+                (None, true) => OrderKind::QuarantineRetry { record: None },
+                _ => return Err(Failure::new(2, "give a record or --all")),
+            },
+            RemoteQuarantineCmd::Drop { record } => OrderKind::QuarantineDrop {
+                record: key(&record)?.to_string(),
+            },
+        },
+    };
+    let id = crate::remote::issue(&mut store, node, &kind, now)?;
+    println!(
+        "order {id} for {}: {} — sent with its next pull; `clinicsync remote {} list` shows the result",
+        safe(node),
+        kind.describe(),
+        safe(node)
+    );
+    Ok(())
 }
 
 fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {

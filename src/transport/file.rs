@@ -140,6 +140,9 @@ pub enum Item {
         include_own: bool,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         health: Vec<crate::health::HealthReport>,
+        /// Results of the parent's orders (`crate::remote`), like `health`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        order_results: Vec<crate::remote::OrderResult>,
     },
     /// Return: the parent's answers for pushed records.
     Receipts(Vec<Receipt>),
@@ -880,6 +883,7 @@ mod tests {
                 cursor: Cursor { eff: i, seq: i },
                 include_own: false,
                 health: Vec::new(),
+                order_results: Vec::new(),
             })
             .unwrap();
         }
@@ -910,6 +914,7 @@ mod tests {
             },
             include_own: false,
             health: Vec::new(),
+            order_results: Vec::new(),
         }
     }
 
@@ -1000,6 +1005,7 @@ mod tests {
             },
             include_own: true,
             health: Vec::new(),
+            order_results: Vec::new(),
         };
         let forged = forged_payload(&[evil.clone(), Item::End { items: 1 }], len, &hub.public());
         let mut swapped = bytes[..start].to_vec();
@@ -1084,6 +1090,7 @@ mod tests {
             cursor: Cursor::default(),
             include_own: true,
             health: Vec::new(),
+            order_results: Vec::new(),
         })
         .unwrap();
         drop(w);

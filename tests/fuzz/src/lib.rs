@@ -435,6 +435,7 @@ pub fn handle_push(data: &[u8]) {
             include_own,
             answer_chunk: 0,
             health: Vec::new(),
+            order_results: Vec::new(),
         };
         let page = engine::handle_pull(&store, &policy, node, &pull)
             .unwrap_or_else(|e| panic!("handle_pull after a hostile push: {e:?}"));
