@@ -387,6 +387,57 @@ pub struct Child {
     /// `origin` must be the child itself or one of these.
     #[serde(default)]
     pub descendants: Vec<String>,
+    /// During a credential rotation (`clinicsync child rotate`): the hash of the
+    /// credential being replaced, accepted until `previous_token_expires`.
+    #[serde(default)]
+    pub previous_token_sha256: Option<String>,
+    /// When the previous credential stops being accepted: UTC, `2026-11-25T10:00:00Z`.
+    #[serde(default)]
+    pub previous_token_expires: Option<String>,
+}
+
+impl Child {
+    /// The previous credential's hash and the end of its overlap (epoch ms), if any.
+    pub fn previous(&self) -> Option<(&str, u64)> {
+        let hash = self.previous_token_sha256.as_deref()?;
+        let until = parse_utc(self.previous_token_expires.as_deref()?)?;
+        Some((hash, until))
+    }
+}
+
+/// `2026-11-25T10:00:00Z` (UTC, whole seconds) as epoch milliseconds.
+pub fn parse_utc(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000).ok()
 }
 
 impl Config {
@@ -514,6 +565,24 @@ impl Config {
                     p.push(format!(
                         "hub.children[{i}].token_sha256 must be 64 hex characters (run `clinicsync token new`)"
                     ));
+                }
+                match (&c.previous_token_sha256, &c.previous_token_expires) {
+                    (None, None) => {}
+                    (Some(h), Some(t)) => {
+                        if h.len() != 64 || hex::decode(h).is_err() {
+                            p.push(format!(
+                                "hub.children[{i}].previous_token_sha256 must be 64 hex characters"
+                            ));
+                        }
+                        if parse_utc(t).is_none() {
+                            p.push(format!(
+                                "hub.children[{i}].previous_token_expires {t:?} must be a UTC time such as \"2026-11-25T10:00:00Z\""
+                            ));
+                        }
+                    }
+                    _ => p.push(format!(
+                        "hub.children[{i}]: previous_token_sha256 and previous_token_expires go together (an overlap must end)"
+                    )),
                 }
                 if hub.children.iter().filter(|o| o.node == c.node).count() > 1 {
                     p.push(format!("hub.children: node {:?} is listed twice", c.node));

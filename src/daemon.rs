@@ -825,6 +825,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     if let Some(hub) = &cfg.hub {
         let children = crate::hub::children_of(hub).map_err(|e| anyhow::anyhow!(e))?;
+        let previous = crate::hub::previous_tokens_of(hub).map_err(|e| anyhow::anyhow!(e))?;
         let serving = crate::hub::ServeOptions::from_config(hub)?;
         check_open_files(serving.max_connections);
         let state = Arc::new(
@@ -836,6 +837,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             )?
             .with_serving(serving),
         );
+        state.set_previous_tokens(previous);
         hub_state = Some(state.clone());
         let listener = tokio::net::TcpListener::bind(&hub.listen).await?;
         let s = state.serving();

@@ -58,7 +58,15 @@ impl Node {
             .unwrap()
             .iter()
             .filter(|r| r["deleted"] != true)
-            .map(|r| r["record"].as_str().unwrap().split_once('/').unwrap().1.to_string())
+            .map(|r| {
+                r["record"]
+                    .as_str()
+                    .unwrap()
+                    .split_once('/')
+                    .unwrap()
+                    .1
+                    .to_string()
+            })
             .collect();
         ids.sort();
         ids
@@ -139,7 +147,9 @@ fn parent_section(url: &str, token: &Path) -> String {
 fn network() -> Network {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let sims: Vec<OpenMrsSim> = (0..4).map(|_| OpenMrsSim::start(USER, PASS).unwrap()).collect();
+    let sims: Vec<OpenMrsSim> = (0..4)
+        .map(|_| OpenMrsSim::start(USER, PASS).unwrap())
+        .collect();
     let [central, district_emr, emr_a, emr_b]: [OpenMrsSim; 4] = sims.try_into().ok().unwrap();
     // The central OpenMRS publishes the metadata the network shares: `concept`
     // switched on, and an entry for encounter types added on the atomfeed admin page.
@@ -252,10 +262,13 @@ fn concept(id: &str, name: &str) -> Value {
 fn metadata_from_the_central_openmrs_reaches_every_openmrs_below_it() {
     let net = network();
     net.central.save(concept("c-weight", "Weight (kg)"));
-    net.central.save(json!({"resourceType": "Location", "id": "loc-north",
+    net.central
+        .save(json!({"resourceType": "Location", "id": "loc-north",
         "name": "North District Hospital", "status": "active"}));
-    net.central.save(json!({"resourceType": "openmrs:encountertype", "id": "et-adult",
-        "name": "Adult Return", "description": "A return visit"}));
+    net.central.save(
+        json!({"resourceType": "openmrs:encountertype", "id": "et-adult",
+        "name": "Adult Return", "description": "A return visit"}),
+    );
     eventually(
         &format!(
             "the concept, location and encounter type reach both clinics' OpenMRS\n{}",
@@ -274,11 +287,14 @@ fn metadata_from_the_central_openmrs_reaches_every_openmrs_below_it() {
         assert_eq!(et["name"], "Adult Return", "{name}");
     }
     // The central OpenMRS renames the location: the change follows the same path.
-    net.central.save(json!({"resourceType": "Location", "id": "loc-north",
+    net.central
+        .save(json!({"resourceType": "Location", "id": "loc-north",
         "name": "North County Hospital", "status": "active"}));
     eventually("the renamed location reaches the clinics", || {
         net.emrs().iter().all(|(_, s)| {
-            s.get("Location", "loc-north").flatten().map(|l| l["name"].clone())
+            s.get("Location", "loc-north")
+                .flatten()
+                .map(|l| l["name"].clone())
                 == Some(json!("North County Hospital"))
         })
     });
@@ -286,7 +302,8 @@ fn metadata_from_the_central_openmrs_reaches_every_openmrs_below_it() {
     // A clinic's technician creates a location in the clinic's OpenMRS: only the
     // root defines metadata, so the district refuses it; the clinic quarantines it
     // once, with the reason, and does not send it again and again.
-    net.emr_a.save(json!({"resourceType": "Location", "id": "loc-shed",
+    net.emr_a
+        .save(json!({"resourceType": "Location", "id": "loc-shed",
         "name": "Storage shed", "status": "active"}));
     eventually("the clinic's metadata write is quarantined", || {
         net.a
@@ -300,7 +317,10 @@ fn metadata_from_the_central_openmrs_reaches_every_openmrs_below_it() {
     assert_eq!(q[0]["attempts"], 1, "tried once, not every round: {q:?}");
     assert_eq!(q[0]["permanent"], true);
     let reason = q[0]["reason"].as_str().unwrap();
-    assert!(reason.contains("metadata is authoritative at the root"), "{reason}");
+    assert!(
+        reason.contains("metadata is authoritative at the root"),
+        "{reason}"
+    );
     assert!(net.district.live("Location") == ["loc-north"]);
     assert_eq!(net.district_emr.ids("Location"), ["loc-north"]);
     assert_eq!(net.emr_b.ids("Location"), ["loc-north"]);
@@ -341,13 +361,21 @@ fn a_patient_registered_at_a_clinic_reaches_every_openmrs_once_with_its_uuids() 
     });
     std::thread::sleep(Duration::from_secs(3));
     let after: Vec<u64> = net.emrs().iter().map(|(_, s)| s.writes()).collect();
-    assert_eq!(writes, after, "no OpenMRS was written again\n{}", net.logs());
+    assert_eq!(
+        writes,
+        after,
+        "no OpenMRS was written again\n{}",
+        net.logs()
+    );
     for (kind, id) in [
         ("Patient", "p-1"),
         ("Encounter", "e-1"),
         ("Observation", "o-1"),
     ] {
-        assert!(net.every_emr_holds(kind, &[id]), "one {kind} in every OpenMRS");
+        assert!(
+            net.every_emr_holds(kind, &[id]),
+            "one {kind} in every OpenMRS"
+        );
         for n in net.nodes() {
             assert_eq!(n.live(kind), [id], "{}: one {kind}", n.id);
         }
@@ -359,7 +387,9 @@ fn a_patient_registered_at_a_clinic_reaches_every_openmrs_once_with_its_uuids() 
     net.emr_a.edit_name("p-1", "Amina", "Odhiambo");
     eventually("the corrected name reaches every OpenMRS", || {
         net.emrs().iter().all(|(_, s)| {
-            s.get("Patient", "p-1").flatten().map(|p| p["name"][0]["family"].clone())
+            s.get("Patient", "p-1")
+                .flatten()
+                .map(|p| p["name"][0]["family"].clone())
                 == Some(json!("Odhiambo"))
         })
     });
@@ -388,7 +418,11 @@ fn an_obs_corrected_in_the_central_openmrs_is_one_logical_record_everywhere() {
     };
     eventually(
         &format!("the correction reaches every OpenMRS\n{}", net.logs()),
-        || net.emrs().iter().all(|(_, s)| value(s) == Some(json!(66.0))),
+        || {
+            net.emrs()
+                .iter()
+                .all(|(_, s)| value(s) == Some(json!(66.0)))
+        },
     );
     for (name, s) in net.emrs() {
         assert_eq!(s.ids("Observation").len(), 1, "{name}: one live obs");

@@ -28,6 +28,7 @@ use crate::transport::http::HttpClient;
 use crate::wire::Message;
 
 pub mod bench;
+pub mod children;
 pub mod demo;
 pub mod doctor;
 pub mod linkbench;
@@ -124,6 +125,11 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigCmd,
+    },
+    /// At a hub: enrol, remove, list and re-key children without a restart.
+    Child {
+        #[command(subcommand)]
+        action: children::ChildCmd,
     },
     /// Credentials for children.
     Token {
@@ -1001,6 +1007,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             Ok(())
         }
         Command::Quarantine { action } => quarantine(cfg, action, now),
+        Command::Child { action } => children::run(&cfg.path, cfg, action),
         Command::Catchment { action } => catchment(cfg, action, now),
         Command::Backup { file } => backup(cfg, &file),
         Command::Restore { file } => restore(cfg, &file),
