@@ -105,6 +105,10 @@ pub struct HubState {
     /// When each child's contact was last written to `peer_state` (`child:<node>`):
     /// at most once a minute per child, so pulls stay read-only most of the time.
     contact: Mutex<std::collections::HashMap<String, u64>>,
+    /// Added to the system clock for everything this hub stamps or compares (the
+    /// engine's `now`, the `Date` of its answers). Zero in service; tests set it to
+    /// play a hub (or, seen from a clinic, a clinic) whose clock is off.
+    clock_offset_ms: std::sync::atomic::AtomicI64,
     limits: Limits,
     serving: ServeOptions,
     gate: Gate,
@@ -140,6 +144,7 @@ impl HubState {
             children: RwLock::new(children),
             previous: RwLock::new(Vec::new()),
             contact: Mutex::new(std::collections::HashMap::new()),
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             limits: Limits {
                 max_compressed: max_message_bytes,
                 // A push batch is a few MiB of JSON; what one request may decompress
@@ -175,6 +180,18 @@ impl HubState {
     /// accepted until, epoch ms).
     pub fn set_previous_tokens(&self, previous: Vec<(String, [u8; 32], u64)>) {
         *self.previous.write().unwrap_or_else(|p| p.into_inner()) = previous;
+    }
+
+    /// Moves this hub's clock by `ms` (see the field; for tests).
+    pub fn set_clock_offset(&self, ms: i64) {
+        self.clock_offset_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// This hub's clock, epoch ms.
+    pub fn now(&self) -> u64 {
+        (wall_ms() as i64)
+            .saturating_add(self.clock_offset_ms.load(Ordering::Relaxed))
+            .max(0) as u64
     }
 
     /// The policy in force now.
@@ -492,6 +509,16 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/v1/chunk", post(|State(s), r| endpoint(s, r, "chunk")))
         // Our own reader enforces the limit (see `read_body`).
         .layer(DefaultBodyLimit::disable())
+        // Every answer carries the hub's clock: clinics compare theirs with it.
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            |State(s): State<Arc<HubState>>, mut r: Response| async move {
+                if let Ok(v) = HeaderValue::from_str(&crate::transport::http::http_date(s.now())) {
+                    r.headers_mut().insert(header::DATE, v);
+                }
+                r
+            },
+        ))
         .with_state(state)
 }
 
@@ -1079,7 +1106,7 @@ impl HubState {
             Message::PushRequest(req) => {
                 let n = req.records.len();
                 let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                let resp = engine::handle_push(&mut store, &self.policy(), child, req, wall_ms())
+                let resp = engine::handle_push(&mut store, &self.policy(), child, req, self.now())
                     .map_err(engine_refusal)?;
                 self.note_contact(&mut store, child, true, frame.len() as u64, true);
                 let rejected = resp

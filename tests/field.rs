@@ -201,3 +201,60 @@ fn doctor_fails_a_hub_that_is_not_listening_and_runs_every_check() {
         );
     }
 }
+
+#[test]
+fn a_clinic_two_days_fast_is_told_by_sync_and_status_and_changes_nothing_at_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["hub", "a"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    let hub = TestHub::start(
+        &dir.path().join("hub"),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    // The hub's clock two days behind is, seen from the clinic, the clinic two days
+    // fast: its stamps are two days ahead of the hub's clock.
+    const DAY: i64 = 86_400_000;
+    hub.state.set_clock_offset(-2 * DAY);
+    let clinic = TestClinic::new(&dir.path().join("a"), "a", &hub.url, &hub.token("a"));
+    let p = dir.path().join("p.json");
+    std::fs::write(&p, patient("fast", "North").to_string()).unwrap();
+    assert!(clinic.cli(&["put", p.to_str().unwrap()]).status.success());
+
+    let out = clinic.cli(&["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("this node's clock is 2 days ahead of the parent's"),
+        "{err}"
+    );
+    assert!(err.contains("refuses"), "{err}");
+    let h = hub.store();
+    assert!(
+        get(&h, "Patient/fast").is_none(),
+        "a record stamped two days ahead reached the hub"
+    );
+    let status = String::from_utf8_lossy(&clinic.cli(&["status"]).stdout).to_string();
+    assert!(
+        status.contains("clock       this node's clock is 2 days ahead of the parent's"),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&clinic.cli(&["status", "--json"]).stdout).unwrap();
+    let skew = json["parent_clock_skew_ms"].as_i64().unwrap();
+    assert!((skew - 2 * DAY).abs() < 5_000, "{skew}");
+
+    // The clock set right (here: the hub's), the next sync says nothing and delivers.
+    hub.state.set_clock_offset(0);
+    let q = clinic.cli(&["quarantine", "retry", "--all"]);
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let out = clinic.cli(&["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("clock"), "{err}");
+    assert!(get(&hub.store(), "Patient/fast").is_some());
+    let status = String::from_utf8_lossy(&clinic.cli(&["status"]).stdout).to_string();
+    assert!(status.contains("clock       in step"), "{status}");
+}

@@ -65,33 +65,7 @@ fn free_bytes(path: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-/// Parses an HTTP Date header (`Thu, 26 Nov 2026 10:00:00 GMT`) to epoch ms.
-fn http_date_ms(s: &str) -> Option<u64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [_, day, mon, year, time, _] = parts.as_slice() else {
-        return None;
-    };
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == mon)? as i64
-        + 1;
-    let (d, y): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
-    let t: Vec<i64> = time.split(':').filter_map(|x| x.parse().ok()).collect();
-    if t.len() != 3 {
-        return None;
-    }
-    // Days from civil (Howard Hinnant).
-    let y2 = if month <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000) as u64)
-}
+use crate::transport::http::http_date_ms;
 
 pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
     let mut checks = Vec::new();

@@ -857,6 +857,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                     &shown,
                 );
                 bar.finish_and_clear();
+                warn_skew(client.clock_skew_ms());
                 let r = r?;
                 println!(
                     "bootstrap: {} records pulled ({} bytes received), {} pushed, in {} ms{}",
@@ -878,14 +879,16 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             if let Some(e) = emr.as_mut() {
                 engine::prepare_emr(&store, e.as_mut())?;
             }
-            let (report, emr_report) = daemon::round(
+            let result = daemon::round(
                 &mut store,
                 &cfg.policy(),
                 client,
                 &cfg.sync,
                 emr.as_deref_mut(),
                 &AtomicBool::new(false),
-            )?;
+            );
+            warn_skew(client.clock_skew_ms());
+            let (report, emr_report) = result?;
             if let Some(e) = &emr_report.error {
                 eprintln!("warning: {}", safe(e));
             }
@@ -1163,6 +1166,24 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             unreachable!("dispatched before the configuration is loaded")
         }
     }
+}
+
+/// After a sync: says so when this node's clock is off from its parent's by more
+/// than [`crate::transport::http::CLOCK_SKEW_REPORTED_MS`].
+fn warn_skew(skew_ms: Option<i64>) {
+    use crate::transport::http::{skew_words, CLOCK_SKEW_REPORTED_MS};
+    let Some(skew) = skew_ms.filter(|s| s.unsigned_abs() > CLOCK_SKEW_REPORTED_MS) else {
+        return;
+    };
+    let consequence = if skew > 0 && skew.unsigned_abs() > 300_000 {
+        ": the parent refuses what this node writes while its clock is that far ahead (the records wait in quarantine and go once the clock is right)"
+    } else {
+        ""
+    };
+    eprintln!(
+        "warning: {}{consequence}; set the clock (enable NTP, or `date -s`)",
+        skew_words(skew)
+    );
 }
 
 /// This node's bundle keys.
@@ -1521,6 +1542,8 @@ fn status(cfg: &Config, json: bool) -> Out {
             "emr": store.peer_state("emr")?,
             "link_budget_bytes": store.meta_u64("link_budget_bytes")?,
             "next_sync_ms": store.meta_u64("next_sync_ms")?,
+            "parent_clock_skew_ms": clock_skew(&store)?.map(|(s, _)| s),
+            "parent_clock_seen_ms": clock_skew(&store)?.map(|(_, t)| t),
         }));
         return Ok(());
     }
@@ -1616,6 +1639,19 @@ fn status(cfg: &Config, json: bool) -> Out {
             println!("next sync   {when} (when the daemon runs)");
         }
         println!("cursor      {cursor} (parent head {head}, lag {lag})");
+        match clock_skew(&store)? {
+            Some((skew, at))
+                if skew.unsigned_abs() > crate::transport::http::CLOCK_SKEW_REPORTED_MS =>
+            {
+                println!(
+                    "clock       {} (seen {}): set the clock (NTP, or `date -s`)",
+                    crate::transport::http::skew_words(skew),
+                    fmt_time(at)
+                )
+            }
+            Some(_) => println!("clock       in step with the parent's"),
+            None => {}
+        }
         emr_status(cfg, &store)?;
         println!(
             "traffic     {} bytes sent, {} received",
@@ -1626,6 +1662,14 @@ fn status(cfg: &Config, json: bool) -> Out {
         emr_status(cfg, &store)?;
     }
     Ok(())
+}
+
+/// This node's clock minus its parent's (ms) and when it was seen, from the last sync.
+fn clock_skew(store: &Store) -> Result<Option<(i64, u64)>, Failure> {
+    let skew = store
+        .meta_str(daemon::CLOCK_SKEW_KEY)?
+        .and_then(|s| s.parse::<i64>().ok());
+    Ok(skew.map(|s| (s, store.meta_u64(daemon::CLOCK_SEEN_KEY).unwrap_or(0))))
 }
 
 /// `2026-11-26T10:00:00Z` from epoch milliseconds (UTC, no time zone database needed).
