@@ -258,3 +258,70 @@ fn a_clinic_two_days_fast_is_told_by_sync_and_status_and_changes_nothing_at_the_
     let status = String::from_utf8_lossy(&clinic.cli(&["status"]).stdout).to_string();
     assert!(status.contains("clock       in step"), "{status}");
 }
+
+#[test]
+fn a_clinic_whose_edit_lost_at_the_hub_shows_the_lost_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["hub", "a"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    let hub = TestHub::start(
+        &dir.path().join("hub"),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let clinic = TestClinic::new(&dir.path().join("a"), "a", &hub.url, &hub.token("a"));
+    let p = dir.path().join("p.json");
+    let put = |body: serde_json::Value| {
+        std::fs::write(&p, body.to_string()).unwrap();
+        let out = clinic.cli(&["put", p.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    put(patient("p1", "North"));
+    assert!(clinic.cli(&["sync"]).status.success());
+
+    // The same field edited at the clinic, then (later clock: it wins) at the hub.
+    let mut mine = patient("p1", "North");
+    mine["gender"] = "other".into();
+    put(mine);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut theirs = patient("p1", "North");
+    theirs["gender"] = "male".into();
+    hub.put(vec![theirs]);
+
+    let out = clinic.cli(&["sync"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&clinic.cli(&["status", "--json"]).stdout).unwrap();
+    assert!(
+        json["conflicts_lost"].as_u64().unwrap() >= 1,
+        "no lost conflict shown: {json}"
+    );
+    let status = String::from_utf8_lossy(&clinic.cli(&["status"]).stdout).to_string();
+    assert!(status.contains("lost at the parent"), "{status}");
+    let list = String::from_utf8_lossy(&clinic.cli(&["conflicts", "list"]).stdout).to_string();
+    assert!(
+        list.contains("Patient/p1") && list.contains("lost at parent"),
+        "{list}"
+    );
+    // The winner arrived, and the losing version is kept for review.
+    let s = clinicsync::store::Store::open_existing(&dir.path().join("a").join("a.db")).unwrap();
+    assert_eq!(get(&s, "Patient/p1").unwrap()["gender"], "male");
+    let lost = &s.conflicts_list(true, None).unwrap()[0];
+    assert_eq!(lost.local_body.as_ref().unwrap()["gender"], "other");
+    // Syncing again records nothing twice.
+    assert!(clinic.cli(&["sync"]).status.success());
+    let again: serde_json::Value =
+        serde_json::from_slice(&clinic.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(again["conflicts_lost"], json["conflicts_lost"]);
+}

@@ -1023,6 +1023,18 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                         print_json(&list);
                     } else {
                         for c in &list {
+                            if !c.lost_at.is_empty() {
+                                println!(
+                                    "#{:<5} {:<45} {}  this node's version {} lost at {}\n       {}",
+                                    c.n,
+                                    safe(&c.record),
+                                    fmt_time(c.detected_ms),
+                                    safe_display(&c.local_vv),
+                                    safe(&c.lost_at),
+                                    safe(&c.resolution)
+                                );
+                                continue;
+                            }
                             println!(
                                 "#{:<5} {:<45} {}  {} {} vs {} {}\n       {}",
                                 c.n,
@@ -1537,7 +1549,7 @@ fn status(cfg: &Config, json: bool) -> Out {
             "schema": store.schema_version()?,
             "parent": cfg.parent.as_ref().map(|p| p.url.clone()),
             "records": c.records, "outbox": c.outbox, "inbox": c.inbox,
-            "quarantine": c.quarantine, "conflicts": c.conflicts, "audit_entries": c.audit, "head_seq": c.head_seq,
+            "quarantine": c.quarantine, "conflicts": c.conflicts, "conflicts_lost": c.conflicts_lost, "audit_entries": c.audit, "head_seq": c.head_seq,
             "link": peer, "cursor": {"eff": cursor.eff, "seq": cursor.seq, "parent_head": head, "lag": lag},
             "emr": store.peer_state("emr")?,
             "link_budget_bytes": store.meta_u64("link_budget_bytes")?,
@@ -1569,7 +1581,14 @@ fn status(cfg: &Config, json: bool) -> Out {
     println!("outbox      {} waiting to push", c.outbox);
     println!("inbox       {} waiting to apply", c.inbox);
     println!("quarantine  {}", c.quarantine);
-    println!("conflicts   {}", c.conflicts);
+    if c.conflicts_lost > 0 {
+        println!(
+            "conflicts   {} ({} lost at the parent: another edit won; clinicsync conflicts list)",
+            c.conflicts, c.conflicts_lost
+        );
+    } else {
+        println!("conflicts   {}", c.conflicts);
+    }
     if cfg.parent.is_some() {
         println!(
             "last push   {}",
