@@ -465,6 +465,61 @@ impl Config {
         Ok(cfg)
     }
 
+    /// What can still be used of a file that does not load, for `doctor` to run
+    /// every check it can: each section that does not parse, or that has a problem,
+    /// is left out (or at its default), and named in the second value. `None` when
+    /// the file is not TOML or `[node]` itself is unusable.
+    pub fn salvage(path: &Path) -> Option<(Config, Vec<&'static str>)> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut table: toml::Table = toml::from_str(&text).ok()?;
+        let mut broken: Vec<&'static str> = Vec::new();
+        const SECTIONS: [&str; 6] = ["parent", "sync", "hub", "transport", "emr", "mqtt"];
+        for name in SECTIONS {
+            let Some(v) = table.get(name).cloned() else {
+                continue;
+            };
+            let ok = match name {
+                "parent" => v.try_into::<ParentSection>().is_ok(),
+                "sync" => v.try_into::<SyncSection>().is_ok(),
+                "hub" => v.try_into::<HubSection>().is_ok(),
+                "transport" => v.try_into::<TransportSection>().is_ok(),
+                "emr" => v.try_into::<EmrSection>().is_ok(),
+                _ => v.try_into::<MqttSection>().is_ok(),
+            };
+            if !ok {
+                table.remove(name);
+                broken.push(name);
+            }
+        }
+        // Keys that belong to no section are dropped; [node] must parse.
+        table.retain(|k, _| k == "node" || SECTIONS.iter().any(|s| *s == k));
+        let mut cfg: Config = toml::Value::Table(table).try_into().ok()?;
+        cfg.path = path.to_path_buf();
+        for problem in cfg.problems() {
+            let section = SECTIONS
+                .into_iter()
+                .find(|s| problem.starts_with(&format!("{s}.")));
+            match section {
+                Some(s) if !broken.contains(&s) => broken.push(s),
+                _ => {}
+            }
+        }
+        for s in &broken {
+            match *s {
+                "parent" => cfg.parent = None,
+                "sync" => cfg.sync = SyncSection::default(),
+                "hub" => cfg.hub = None,
+                "transport" => cfg.transport = TransportSection::default(),
+                "emr" => cfg.emr = EmrSection::default(),
+                _ => cfg.mqtt = None,
+            }
+        }
+        if cfg.transport.kind != TransportKind::Http && cfg.mqtt.is_none() {
+            cfg.transport = TransportSection::default();
+        }
+        Some((cfg, broken))
+    }
+
     /// Everything wrong with the configuration, each naming its key.
     fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();

@@ -325,3 +325,43 @@ fn a_clinic_whose_edit_lost_at_the_hub_shows_the_lost_conflict() {
         serde_json::from_slice(&clinic.cli(&["status", "--json"]).stdout).unwrap();
     assert_eq!(again["conflicts_lost"], json["conflicts_lost"]);
 }
+
+#[test]
+fn doctor_runs_every_other_check_when_the_emr_section_is_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["hub", "a"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    let hub = TestHub::start(
+        &dir.path().join("hub"),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let clinic = TestClinic::new(&dir.path().join("a"), "a", &hub.url, &hub.token("a"));
+    let good = std::fs::read_to_string(&clinic.config).unwrap();
+    for broken_emr in [
+        "[emr]\nkind = \"mysql\"\n", // does not parse
+        "[emr]\nkind = \"openmrs\"\nurl = \"ftp://emr.local\"\n", // does not validate
+    ] {
+        std::fs::write(&clinic.config, format!("{good}{broken_emr}")).unwrap();
+        let out = clinic.cli(&["doctor"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.split_whitespace().nth(1) == Some(name))
+                .unwrap_or_else(|| panic!("no {name} check: {text}"))
+                .to_string()
+        };
+        assert!(line("config").starts_with("FAIL"), "{text}");
+        assert!(line("emr").contains("not checked"), "{text}");
+        for ok in ["store", "parent", "clock"] {
+            assert!(line(ok).starts_with("OK"), "{ok}: {text}");
+        }
+        for ran in ["disk", "keys"] {
+            line(ran);
+        }
+    }
+}

@@ -94,8 +94,30 @@ pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
             None
         }
     };
-    if let Some(cfg) = &cfg {
-        diagnose(cfg, &mut checks);
+    match &cfg {
+        Some(cfg) => diagnose(cfg, &[], &mut checks),
+        // Whatever still loads is checked: a bad [emr] must not hide a dead link.
+        None => {
+            match Config::salvage(path) {
+                Some((cfg, broken)) => {
+                    for section in &broken {
+                        checks.push(check(
+                        Level::Warn,
+                        check_name(section),
+                        format!("not checked: the [{section}] section is invalid (see config above)"),
+                        None,
+                    ));
+                    }
+                    diagnose(&cfg, &broken, &mut checks);
+                }
+                None => checks.push(check(
+                    Level::Warn,
+                    "store",
+                    "not checked: the file is not TOML, or its [node] section is unusable",
+                    None,
+                )),
+            }
+        }
     }
     if json {
         super::print_json(&checks);
@@ -122,7 +144,21 @@ pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
+/// The check that covers a configuration section.
+fn check_name(section: &str) -> &'static str {
+    match section {
+        "parent" => "parent",
+        "hub" => "hub",
+        "emr" => "emr",
+        "mqtt" => "broker",
+        "sync" => "sync",
+        _ => "transport",
+    }
+}
+
+/// Every check `cfg` allows; sections named in `broken` (invalid, left out of `cfg`)
+/// are not checked.
+fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
     let opened = if !cfg.node.store.exists() {
         checks.push(check(
             Level::Warn,
@@ -241,6 +277,7 @@ fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
         )),
     }
     match cfg.emr_adapter() {
+        _ if broken.contains(&"emr") => {}
         Ok(None) => checks.push(check(
             Level::Ok,
             "emr",
