@@ -492,7 +492,7 @@ impl Config {
             }
         }
         // Keys that belong to no section are dropped; [node] must parse.
-        table.retain(|k, _| k == "node" || SECTIONS.iter().any(|s| *s == k));
+        table.retain(|k, _| k == "node" || SECTIONS.contains(&k));
         let mut cfg: Config = toml::Value::Table(table).try_into().ok()?;
         cfg.path = path.to_path_buf();
         for problem in cfg.problems() {
