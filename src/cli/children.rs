@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{fmt_time, print_json, Failure, Out, EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_FOUND};
+use super::{
+    fmt_time, print_json, Failure, Out, EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_USAGE,
+};
 use crate::config::Config;
 use crate::engine::CatchmentRule;
 use crate::model::valid_node_id;
@@ -112,7 +114,7 @@ pub fn run(path: &Path, cfg: &Config, action: ChildCmd) -> Out {
         } => {
             if !valid_node_id(&node) {
                 return Err(Failure::new(
-                    2,
+                    EXIT_USAGE,
                     format!(
                         "{:?} is not a valid node id (1-64 characters of a-z A-Z 0-9 - _ .); nothing changed",
                         safe(&node)
@@ -121,7 +123,7 @@ pub fn run(path: &Path, cfg: &Config, action: ChildCmd) -> Out {
             }
             if node == cfg.node.id {
                 return Err(Failure::new(
-                    2,
+                    EXIT_USAGE,
                     format!("{node} is this hub's own node id; nothing changed"),
                 ));
             }
@@ -140,7 +142,7 @@ pub fn run(path: &Path, cfg: &Config, action: ChildCmd) -> Out {
             for d in &descendant {
                 if !valid_node_id(d) {
                     return Err(Failure::new(
-                        2,
+                        EXIT_USAGE,
                         format!(
                             "--descendant {:?} is not a valid node id; nothing changed",
                             safe(d)
@@ -431,7 +433,7 @@ fn list(cfg: &Config, json: bool) -> Out {
 fn parse_rule(node: &str, s: &str) -> Result<CatchmentRule, Failure> {
     let bad = || {
         Failure::new(
-            2,
+            EXIT_USAGE,
             format!(
                 "--catchment {:?}: expected PATH=VALUE on the Patient, e.g. address.district=Kakamega; nothing changed",
                 safe(s)
