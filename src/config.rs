@@ -408,6 +408,57 @@ pub struct Child {
     /// `origin` must be the child itself or one of these.
     #[serde(default)]
     pub descendants: Vec<String>,
+    /// During a credential rotation (`clinicsync child rotate`): the hash of the
+    /// credential being replaced, accepted until `previous_token_expires`.
+    #[serde(default)]
+    pub previous_token_sha256: Option<String>,
+    /// When the previous credential stops being accepted: UTC, `2026-11-25T10:00:00Z`.
+    #[serde(default)]
+    pub previous_token_expires: Option<String>,
+}
+
+impl Child {
+    /// The previous credential's hash and the end of its overlap (epoch ms), if any.
+    pub fn previous(&self) -> Option<(&str, u64)> {
+        let hash = self.previous_token_sha256.as_deref()?;
+        let until = parse_utc(self.previous_token_expires.as_deref()?)?;
+        Some((hash, until))
+    }
+}
+
+/// `2026-11-25T10:00:00Z` (UTC, whole seconds) as epoch milliseconds.
+pub fn parse_utc(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000).ok()
 }
 
 impl Config {
@@ -433,6 +484,61 @@ impl Config {
             });
         }
         Ok(cfg)
+    }
+
+    /// What can still be used of a file that does not load, for `doctor` to run
+    /// every check it can: each section that does not parse, or that has a problem,
+    /// is left out (or at its default), and named in the second value. `None` when
+    /// the file is not TOML or `[node]` itself is unusable.
+    pub fn salvage(path: &Path) -> Option<(Config, Vec<&'static str>)> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut table: toml::Table = toml::from_str(&text).ok()?;
+        let mut broken: Vec<&'static str> = Vec::new();
+        const SECTIONS: [&str; 6] = ["parent", "sync", "hub", "transport", "emr", "mqtt"];
+        for name in SECTIONS {
+            let Some(v) = table.get(name).cloned() else {
+                continue;
+            };
+            let ok = match name {
+                "parent" => v.try_into::<ParentSection>().is_ok(),
+                "sync" => v.try_into::<SyncSection>().is_ok(),
+                "hub" => v.try_into::<HubSection>().is_ok(),
+                "transport" => v.try_into::<TransportSection>().is_ok(),
+                "emr" => v.try_into::<EmrSection>().is_ok(),
+                _ => v.try_into::<MqttSection>().is_ok(),
+            };
+            if !ok {
+                table.remove(name);
+                broken.push(name);
+            }
+        }
+        // Keys that belong to no section are dropped; [node] must parse.
+        table.retain(|k, _| k == "node" || SECTIONS.contains(&k));
+        let mut cfg: Config = toml::Value::Table(table).try_into().ok()?;
+        cfg.path = path.to_path_buf();
+        for problem in cfg.problems() {
+            let section = SECTIONS
+                .into_iter()
+                .find(|s| problem.starts_with(&format!("{s}.")));
+            match section {
+                Some(s) if !broken.contains(&s) => broken.push(s),
+                _ => {}
+            }
+        }
+        for s in &broken {
+            match *s {
+                "parent" => cfg.parent = None,
+                "sync" => cfg.sync = SyncSection::default(),
+                "hub" => cfg.hub = None,
+                "transport" => cfg.transport = TransportSection::default(),
+                "emr" => cfg.emr = EmrSection::default(),
+                _ => cfg.mqtt = None,
+            }
+        }
+        if cfg.transport.kind != TransportKind::Http && cfg.mqtt.is_none() {
+            cfg.transport = TransportSection::default();
+        }
+        Some((cfg, broken))
     }
 
     /// Everything wrong with the configuration, each naming its key.
@@ -553,6 +659,24 @@ impl Config {
                     p.push(format!(
                         "hub.children[{i}].token_sha256 must be 64 hex characters (run `clinicsync token new`)"
                     ));
+                }
+                match (&c.previous_token_sha256, &c.previous_token_expires) {
+                    (None, None) => {}
+                    (Some(h), Some(t)) => {
+                        if h.len() != 64 || hex::decode(h).is_err() {
+                            p.push(format!(
+                                "hub.children[{i}].previous_token_sha256 must be 64 hex characters"
+                            ));
+                        }
+                        if parse_utc(t).is_none() {
+                            p.push(format!(
+                                "hub.children[{i}].previous_token_expires {t:?} must be a UTC time such as \"2026-11-25T10:00:00Z\""
+                            ));
+                        }
+                    }
+                    _ => p.push(format!(
+                        "hub.children[{i}]: previous_token_sha256 and previous_token_expires go together (an overlap must end)"
+                    )),
                 }
                 if hub.children.iter().filter(|o| o.node == c.node).count() > 1 {
                     p.push(format!("hub.children: node {:?} is listed twice", c.node));

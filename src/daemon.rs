@@ -79,7 +79,14 @@ pub struct SyncReport {
     /// Bytes sent again after cuts, and cuts resumed within transfers.
     pub bytes_resent: u64,
     pub resumed: u64,
+    /// This node's clock minus the parent's (ms), from the parent's last answer.
+    pub clock_skew_ms: Option<i64>,
 }
+
+/// Meta keys: this node's clock minus the parent's (ms, signed, as text) and when it
+/// was measured.
+pub const CLOCK_SKEW_KEY: &str = "parent_clock_skew_ms";
+pub const CLOCK_SEEN_KEY: &str = "parent_clock_seen_ms";
 
 /// One push-then-pull round with the parent, until the outbox is drained (or only
 /// quarantined records remain) and the parent has nothing more for us.
@@ -166,6 +173,18 @@ pub fn sync_with_progress(
             budget.set((budget.get() / 2).max(MIN_BUDGET));
         }
         tx.note_peer(PARENT, PeerEvent::Error(&e.to_string()), wall_ms())?;
+    }
+    report.clock_skew_ms = client.clock_skew_ms();
+    if let Some(skew) = report.clock_skew_ms {
+        tx.set_meta_str(CLOCK_SKEW_KEY, &skew.to_string())?;
+        tx.set_meta_u64(CLOCK_SEEN_KEY, wall_ms())?;
+        if skew.unsigned_abs() > crate::transport::http::CLOCK_SKEW_REPORTED_MS {
+            warn!(
+                skew_ms = skew,
+                "{}",
+                crate::transport::http::skew_words(skew)
+            );
+        }
     }
     tx.set_meta_u64(BUDGET_KEY, budget.get() as u64)?;
     tx.set_meta_u64(TRAFFIC_DAY, day)?;
@@ -843,6 +862,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     if let Some(hub) = &cfg.hub {
         let children = crate::hub::children_of(hub).map_err(|e| anyhow::anyhow!(e))?;
+        let previous = crate::hub::previous_tokens_of(hub).map_err(|e| anyhow::anyhow!(e))?;
         let serving = crate::hub::ServeOptions::from_config(hub)?;
         check_open_files(serving.max_connections);
         let state = Arc::new(
@@ -854,6 +874,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
             )?
             .with_serving(serving),
         );
+        state.set_previous_tokens(previous);
         hub_state = Some(state.clone());
         let listener = tokio::net::TcpListener::bind(&hub.listen).await?;
         let s = state.serving();

@@ -185,6 +185,9 @@ pub enum Integrated {
     Conflict {
         resolution: String,
         result: Box<Version>,
+        /// The incoming version's content did not survive (the local one won, kept
+        /// for review): a child that pushed it is told so.
+        incoming_lost: bool,
     },
 }
 
@@ -220,7 +223,8 @@ fn integrate(
             Ok(Integrated::Stale)
         }
         Causality::Same | Causality::Concurrent => {
-            let (resolution, result) = resolve(tx, &local, incoming, from_upstream, now_ms)?;
+            let (resolution, result, incoming_lost) =
+                resolve(tx, &local, incoming, from_upstream, now_ms)?;
             tx.remember(incoming, source, "conflict", now_ms)?;
             if result.vv != local.vv || result.snapshot.hash != local.snapshot.hash {
                 // A resolution is this node's new write: every child gets it,
@@ -239,6 +243,7 @@ fn integrate(
             Ok(Integrated::Conflict {
                 resolution,
                 result: Box::new(result),
+                incoming_lost,
             })
         }
     }
@@ -275,7 +280,7 @@ fn resolve(
     remote: &Version,
     from_upstream: bool,
     now_ms: u64,
-) -> Result<(String, Version)> {
+) -> Result<(String, Version, bool)> {
     let me = tx.node_id().to_string();
     let join = local.vv.join(&remote.vv);
     if local.snapshot.class == Class::Metadata {
@@ -284,11 +289,13 @@ fn resolve(
             (
                 "metadata: the parent's version wins (root authority)".into(),
                 remote.clone(),
+                false,
             )
         } else {
             (
                 "metadata: this node's version wins (root authority)".into(),
                 local.clone(),
+                true,
             )
         });
     }
@@ -324,13 +331,15 @@ fn resolve(
                         vv: join.bumped(&me),
                         deleted: false,
                     },
+                    false,
                 ));
             }
         }
     }
     // Deterministic winner: later clock, then node id, then content hash.
     let rank = |v: &Version| (v.hlc, v.origin.clone(), v.snapshot.hash);
-    let (winner, loser) = if rank(remote) > rank(local) {
+    let remote_wins = rank(remote) > rank(local);
+    let (winner, loser) = if remote_wins {
         (remote, local)
     } else {
         (local, remote)
@@ -354,6 +363,7 @@ fn resolve(
             vv,
             deleted: winner.deleted,
         },
+        !remote_wins,
     ))
 }
 
@@ -935,7 +945,14 @@ pub fn handle_push(
                     Integrated::Accepted => Outcome::Accepted,
                     Integrated::Duplicate => Outcome::Duplicate,
                     Integrated::Stale => Outcome::Stale,
-                    Integrated::Conflict { resolution, .. } => Outcome::Conflict { resolution },
+                    Integrated::Conflict {
+                        resolution,
+                        incoming_lost,
+                        ..
+                    } => Outcome::Conflict {
+                        resolution,
+                        lost: incoming_lost,
+                    },
                 }
             }
         };
@@ -1094,6 +1111,8 @@ pub struct PushSummary {
     pub rejected: usize,
     /// Outbox entries cleared (a record edited meanwhile stays queued).
     pub cleared: usize,
+    /// Conflicts in which this node's version lost at the parent (newly recorded).
+    pub lost: usize,
 }
 
 impl PushSummary {
@@ -1105,6 +1124,7 @@ impl PushSummary {
         self.conflict += o.conflict;
         self.rejected += o.rejected;
         self.cleared += o.cleared;
+        self.lost += o.lost;
     }
 }
 
@@ -1187,6 +1207,27 @@ fn settle_all(
                 )?;
             }
             other => {
+                if let Outcome::Conflict {
+                    resolution,
+                    lost: true,
+                } = other
+                {
+                    // This node's version lost at the parent: its winner comes with
+                    // the next pull, and the technician sees the loss here.
+                    if let Some(mine) = tx.version_by_vv(&key, &r.vv)? {
+                        if tx.add_lost_conflict(&key, &mine, parent, resolution, now_ms)? {
+                            summary.lost += 1;
+                            tx.audit(
+                                now_ms,
+                                &actor,
+                                "conflict-lost",
+                                &key.to_string(),
+                                &mine.snapshot.hash.short(),
+                                resolution,
+                            )?;
+                        }
+                    }
+                }
                 match other {
                     Outcome::Accepted => summary.accepted += 1,
                     Outcome::Duplicate => summary.duplicate += 1,

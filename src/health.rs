@@ -137,9 +137,6 @@ pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-/// Meta key: the node's clock minus its parent's, in ms, as last measured.
-pub const CLOCK_SKEW_KEY: &str = "clock_skew_ms";
-
 /// This node's report, from its store.
 pub fn report(store: &Store, parent: &str, now_ms: u64) -> Result<HealthReport, StoreError> {
     let c = store.counts()?;
@@ -157,7 +154,9 @@ pub fn report(store: &Store, parent: &str, now_ms: u64) -> Result<HealthReport, 
         .clone()
         .filter(|_| newer(emr.last_error_ms, emr.last_push_ok_ms));
     let (audit_entries, audit_head) = store.audit_head()?;
-    let skew = store.meta_str(CLOCK_SKEW_KEY)?.and_then(|s| s.parse().ok());
+    let skew = store
+        .meta_str(crate::daemon::CLOCK_SKEW_KEY)?
+        .and_then(|s| s.parse().ok());
     Ok(HealthReport {
         v: HEALTH_V,
         node: store.node_id().to_string(),

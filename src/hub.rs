@@ -95,8 +95,20 @@ const TRANSFER_TTL_MS: u64 = 24 * 3_600_000;
 pub struct HubState {
     writer: Mutex<Store>,
     reader: Mutex<Store>,
-    policy: Policy,
+    node_id: String,
+    /// Replaced on reload (catchment rules, descendants); each request uses the one
+    /// in force when it started.
+    policy: RwLock<Arc<Policy>>,
     children: RwLock<Vec<(String, [u8; 32])>>,
+    /// Credentials being replaced (`child rotate`): child, hash, accepted until (ms).
+    previous: RwLock<Vec<(String, [u8; 32], u64)>>,
+    /// When each child's contact was last written to `peer_state` (`child:<node>`):
+    /// at most once a minute per child, so pulls stay read-only most of the time.
+    contact: Mutex<std::collections::HashMap<String, u64>>,
+    /// Added to the system clock for everything this hub stamps or compares (the
+    /// engine's `now`, the `Date` of its answers). Zero in service; tests set it to
+    /// play a hub (or, seen from a clinic, a clinic) whose clock is off.
+    clock_offset_ms: std::sync::atomic::AtomicI64,
     limits: Limits,
     serving: ServeOptions,
     gate: Gate,
@@ -129,8 +141,12 @@ impl HubState {
         Ok(HubState {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
-            policy,
+            node_id: policy.node_id.clone(),
+            policy: RwLock::new(Arc::new(policy)),
             children: RwLock::new(children),
+            previous: RwLock::new(Vec::new()),
+            contact: Mutex::new(std::collections::HashMap::new()),
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             limits: Limits {
                 max_compressed: max_message_bytes,
                 // A push batch is a few MiB of JSON; what one request may decompress
@@ -163,6 +179,36 @@ impl HubState {
         *self.children.write().unwrap_or_else(|p| p.into_inner()) = children;
     }
 
+    /// Replaces the credentials accepted during a rotation's overlap: (child, hash,
+    /// accepted until, epoch ms).
+    pub fn set_previous_tokens(&self, previous: Vec<(String, [u8; 32], u64)>) {
+        *self.previous.write().unwrap_or_else(|p| p.into_inner()) = previous;
+    }
+
+    /// Moves this hub's clock by `ms` (see the field; for tests).
+    pub fn set_clock_offset(&self, ms: i64) {
+        self.clock_offset_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// This hub's clock, epoch ms.
+    pub fn now(&self) -> u64 {
+        (wall_ms() as i64)
+            .saturating_add(self.clock_offset_ms.load(Ordering::Relaxed))
+            .max(0) as u64
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
     /// Whether `node` is one of this hub's children now.
     pub fn is_child(&self, node: &str) -> bool {
         self.children
@@ -172,20 +218,68 @@ impl HubState {
             .any(|(n, _)| n == node)
     }
 
-    fn authenticate(&self, headers: &HeaderMap) -> Option<String> {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<String, Credential> {
         let token = headers
-            .get(header::AUTHORIZATION)?
-            .to_str()
-            .ok()?
-            .strip_prefix("Bearer ")?
-            .trim();
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(Credential::Unknown)?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.children
+        let current = self
+            .children
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|(_, h)| constant_time_eq(h, &digest))
-            .map(|(n, _)| n.clone())
+            .map(|(n, _)| n.clone());
+        if let Some(node) = current {
+            return Ok(node);
+        }
+        let previous = self
+            .previous
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, h, _)| constant_time_eq(h, &digest))
+            .map(|(n, _, until)| (n.clone(), *until));
+        match previous {
+            Some((node, until)) if wall_ms() < until => Ok(node),
+            Some((node, until)) => Err(Credential::Replaced { node, until }),
+            None => Err(Credential::Unknown),
+        }
+    }
+
+    /// Notes that `child` was served (peer `child:<node>` in `peer_state`), at most
+    /// once a minute per child and direction unless `always`.
+    fn note_contact(&self, store: &mut Store, child: &str, push: bool, bytes: u64, always: bool) {
+        let now = wall_ms();
+        if !always && !self.contact_due(child, push, now) {
+            return;
+        }
+        self.contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(contact_slot(child, push), now);
+        let peer = format!("{CHILD_PEER_PREFIX}{child}");
+        let event = if push {
+            crate::store::PeerEvent::PushOk {
+                sent: 0,
+                received: bytes,
+            }
+        } else {
+            crate::store::PeerEvent::PullOk {
+                sent: 0,
+                received: bytes,
+            }
+        };
+        let noted = store.begin().and_then(|mut tx| {
+            tx.note_peer(&peer, event, now)?;
+            tx.commit()
+        });
+        if let Err(error) = noted {
+            tracing::debug!(%error, peer = %child, "could not note the child's contact");
+        }
     }
 
     /// A request slot, or a 503 refusal when `max_concurrent_requests` are in
@@ -214,10 +308,23 @@ impl HubState {
         self.answer(child, frame, expect)
     }
 
-    /// Applies the reloadable part of a re-read `[hub]`: the children and the TLS
-    /// files. All or nothing: on error nothing changed. Returns what was applied.
+    fn contact_due(&self, child: &str, push: bool, now: u64) -> bool {
+        !self
+            .contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&contact_slot(child, push))
+            .is_some_and(|t| now.saturating_sub(*t) < 60_000)
+    }
+
+    /// Applies the reloadable part of a re-read `[hub]`: the children (with the
+    /// credentials of rotations in progress), their catchment rules and descendants,
+    /// and the TLS files. All or nothing: on error nothing changed. A rule that is new
+    /// is applied to the Patients already held (so a clinic enrolled without a restart
+    /// gets its patients); the change of children is audited. Returns what was applied.
     pub fn reload(&self, hub: &HubSection) -> Result<String, String> {
         let children = children_of(hub)?;
+        let previous = previous_tokens_of(hub)?;
         let tls = match (&self.serving.tls, &hub.tls_cert_file, &hub.tls_key_file) {
             (Some(tls), Some(cert), Some(key)) => {
                 tls.reload_from(cert, key).map_err(|e| e.to_string())?;
@@ -229,10 +336,133 @@ impl HubState {
                 String::new()
             }
         };
-        let n = children.len();
+        let old_policy = self.policy();
+        let mut policy = (*old_policy).clone();
+        policy.catchment = hub.catchment.clone();
+        policy.descendants = hub
+            .children
+            .iter()
+            .filter(|c| !c.descendants.is_empty())
+            .map(|c| (c.node.clone(), c.descendants.clone()))
+            .collect();
+        let new_rules: Vec<_> = policy
+            .catchment
+            .iter()
+            .filter(|r| !old_policy.catchment.contains(r))
+            .cloned()
+            .collect();
+        let (before, n) = {
+            let old = self.children.read().unwrap_or_else(|p| p.into_inner());
+            (
+                old.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+                children.len(),
+            )
+        };
+        let added: Vec<&str> = children
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !before.iter().any(|b| b == n))
+            .collect();
+        let removed: Vec<&str> = before
+            .iter()
+            .map(String::as_str)
+            .filter(|b| !children.iter().any(|(n, _)| n == b))
+            .collect();
+        let mut detail = Vec::new();
+        if !added.is_empty() {
+            detail.push(format!("added {}", added.join(",")));
+        }
+        if !removed.is_empty() {
+            detail.push(format!("removed {}", removed.join(",")));
+        }
+        let backfilled = self
+            .apply_new_rules(&new_rules, &detail.join("; "))
+            .map_err(|e| format!("applying the new catchment rules: {e}"))?;
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        self.set_previous_tokens(previous);
         self.set_children(children);
-        Ok(format!("{n} children{tls}"))
+        let mut applied = format!("{n} children");
+        if !detail.is_empty() {
+            applied.push_str(&format!(" ({})", detail.join("; ")));
+        }
+        if backfilled > 0 {
+            applied.push_str(&format!(
+                ", {backfilled} patients entered catchments by new rules"
+            ));
+        }
+        Ok(format!("{applied}{tls}"))
     }
+
+    /// Puts the Patients already held that match `rules` into those catchments, and
+    /// audits the change of children (`detail`, if any), in one transaction.
+    fn apply_new_rules(
+        &self,
+        rules: &[engine::CatchmentRule],
+        detail: &str,
+    ) -> Result<usize, crate::store::StoreError> {
+        if rules.is_empty() && detail.is_empty() {
+            return Ok(0);
+        }
+        let patients = if rules.is_empty() {
+            Vec::new()
+        } else {
+            self.reader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .list(Some("Patient"))?
+        };
+        let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tx = store.begin()?;
+        let mut added = 0;
+        for p in patients.iter().filter(|p| !p.version.deleted) {
+            let body = p.version.snapshot.json();
+            for r in rules.iter().filter(|r| r.matches(&body)) {
+                if tx.add_to_catchment(&r.node, &p.version.key().id, "rule")? {
+                    added += 1;
+                }
+            }
+        }
+        if !detail.is_empty() {
+            tx.audit(wall_ms(), "reload", "children", "hub.children", "", detail)?;
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+}
+
+fn contact_slot(child: &str, push: bool) -> String {
+    format!("{}{child}", if push { "push:" } else { "pull:" })
+}
+
+/// Peer names under which a hub keeps its children's last contact in `peer_state`.
+pub const CHILD_PEER_PREFIX: &str = "child:";
+
+/// Why a credential was not accepted.
+pub enum Credential {
+    Unknown,
+    /// It was a child's previous credential, and its overlap ended.
+    Replaced {
+        node: String,
+        until: u64,
+    },
+}
+
+/// The credentials of rotations in progress: (child, hash, accepted until, epoch ms).
+pub fn previous_tokens_of(hub: &HubSection) -> Result<Vec<(String, [u8; 32], u64)>, String> {
+    hub.children
+        .iter()
+        .filter_map(|c| c.previous().map(|(h, until)| (c, h, until)))
+        .map(|(c, hash, until)| {
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(hash, &mut h).map_err(|_| {
+                format!(
+                    "hub.children {:?}: previous_token_sha256 is not 64 hex characters",
+                    c.node
+                )
+            })?;
+            Ok((c.node.clone(), h, until))
+        })
+        .collect()
 }
 
 /// The children `[hub]` lists, with their credential hashes decoded.
@@ -282,6 +512,16 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/v1/chunk", post(|State(s), r| endpoint(s, r, "chunk")))
         // Our own reader enforces the limit (see `read_body`).
         .layer(DefaultBodyLimit::disable())
+        // Every answer carries the hub's clock: clinics compare theirs with it.
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            |State(s): State<Arc<HubState>>, mut r: Response| async move {
+                if let Ok(v) = HeaderValue::from_str(&crate::transport::http::http_date(s.now())) {
+                    r.headers_mut().insert(header::DATE, v);
+                }
+                r
+            },
+        ))
         .with_state(state)
 }
 
@@ -403,7 +643,7 @@ pub async fn serve(
             Ok(slot) => slot,
             Err(_) => {
                 if warned.map_or(true, |t: Instant| t.elapsed() > Duration::from_secs(60)) {
-                    tracing::warn!(node = %state.policy.node_id, max_connections = max,
+                    tracing::warn!(node = %state.node_id, max_connections = max,
                         "connection cap reached; new connections wait in the accept queue");
                     warned = Some(Instant::now());
                 }
@@ -435,7 +675,7 @@ pub async fn serve(
             closing_rx.clone(),
             slot,
         );
-        let span = tracing::debug_span!("hub", node = %state.policy.node_id);
+        let span = tracing::debug_span!("hub", node = %state.node_id);
         tokio::spawn(tracing::Instrument::instrument(conn, span));
     }
     drop(listener);
@@ -869,8 +1109,9 @@ impl HubState {
             Message::PushRequest(req) => {
                 let n = req.records.len();
                 let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                let resp = engine::handle_push(&mut store, &self.policy, child, req, wall_ms())
+                let resp = engine::handle_push(&mut store, &self.policy(), child, req, self.now())
                     .map_err(engine_refusal)?;
+                self.note_contact(&mut store, child, true, frame.len() as u64, true);
                 let rejected = resp
                     .results
                     .iter()
@@ -886,8 +1127,8 @@ impl HubState {
             Message::PullRequest(req) => {
                 if !req.health.is_empty() {
                     let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                    let below = self
-                        .policy
+                    let policy = self.policy();
+                    let below = policy
                         .descendants
                         .get(child)
                         .map(Vec::as_slice)
@@ -897,8 +1138,8 @@ impl HubState {
                         child,
                         below,
                         &req.health,
-                        self.policy.max_clock_ahead_ms,
-                        wall_ms(),
+                        policy.max_clock_ahead_ms,
+                        self.now(),
                     )
                     .map_err(|e| engine_refusal(e.into()))?;
                     if dropped > 0 {
@@ -917,9 +1158,13 @@ impl HubState {
                 }
                 let resp = {
                     let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-                    engine::handle_pull(&store, &self.policy, child, &req)
+                    engine::handle_pull(&store, &self.policy(), child, &req)
                         .map_err(engine_refusal)?
                 };
+                if self.contact_due(child, false, wall_ms()) {
+                    let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                    self.note_contact(&mut store, child, false, frame.len() as u64, false);
+                }
                 tracing::debug!(peer = %child, direction = "pull", records = resp.records.len(), cursor = %resp.next, "pull served");
                 crate::metrics::Counters::add(&self.counters.pull_requests, 1);
                 crate::metrics::Counters::add(
@@ -1250,13 +1495,27 @@ fn authenticate(
     headers: &HeaderMap,
     peer: Option<Peer>,
 ) -> Result<String, Response> {
-    state.authenticate(headers).ok_or_else(|| {
+    state.authenticate(headers).map_err(|why| {
         let peer = peer.map(|p| p.0.to_string()).unwrap_or_default();
-        tracing::warn!(%peer, "request with a missing or unknown credential");
-        closing(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown credential (Authorization: Bearer <token>)",
-        )
+        match why {
+            Credential::Unknown => {
+                tracing::warn!(%peer, "request with a missing or unknown credential");
+                closing(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or unknown credential (Authorization: Bearer <token>)",
+                )
+            }
+            Credential::Replaced { node, until } => {
+                tracing::warn!(%peer, child = %node, "request with a credential whose rotation overlap ended");
+                closing(
+                    StatusCode::UNAUTHORIZED,
+                    format!(
+                        "this credential of {node} was replaced and stopped being accepted at {}: put the new token in parent.token_file",
+                        crate::cli::fmt_time(until)
+                    ),
+                )
+            }
+        }
     })
 }
 
@@ -1327,7 +1586,7 @@ async fn answer_request(state: Arc<HubState>, req: Request, expect: &'static str
     let (parts, body) = req.into_parts();
     let peer = parts.extensions.get::<Peer>().copied();
     // Connection tasks are spawned by us: name the node explicitly (journald NODE).
-    let span = tracing::info_span!("hub", node = %state.policy.node_id);
+    let span = tracing::info_span!("hub", node = %state.node_id);
     let authenticated = {
         let _entered = span.enter();
         authenticate(&state, &parts.headers, peer)
@@ -1396,7 +1655,7 @@ pub async fn serve_mqtt(
     use crate::transport::mqtt::{child_of_up, down_topic, Envelope, PREFIX};
     use rumqttc::{Event, Packet, QoS};
     let (client, mut events) = rumqttc::AsyncClient::new(
-        settings.options(&format!("clinicsync-{}", state.policy.node_id)),
+        settings.options(&format!("clinicsync-{}", state.node_id)),
         256,
     );
     let mut head = tokio::task::spawn_blocking({
@@ -1435,7 +1694,7 @@ pub async fn serve_mqtt(
                     let (state, client) = (state.clone(), client.clone());
                     tokio::spawn(tracing::Instrument::in_current_span(async move {
                         let c = child.clone();
-                        let span = tracing::info_span!("hub", node = %state.policy.node_id);
+                        let span = tracing::info_span!("hub", node = %state.node_id);
                         let answer = tokio::task::spawn_blocking(move || span.in_scope(|| state.answer_limited(&c, &frame, None))).await;
                         let env = match answer {
                             Ok(Ok(msg)) => match wire::encode(&msg) {

@@ -69,3 +69,13 @@ pub fn daemon_running(store: &Path) -> bool {
     }
     io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
 }
+
+/// The pid of the daemon holding the store, as it wrote it into the lock file
+/// (`None` when no daemon holds it, or the file does not name one).
+pub fn daemon_pid(store: &Path) -> Option<i32> {
+    if !daemon_running(store) {
+        return None;
+    }
+    let text = std::fs::read_to_string(path_for(store)).ok()?;
+    text.trim().parse().ok().filter(|p: &i32| *p > 1)
+}

@@ -218,6 +218,11 @@ const MIGRATIONS: &[&str] = &[
         reported INTEGER NOT NULL
     );
     "#,
+    // 9: conflicts this node's version lost at a peer (its parent's push answer said
+    // so): the peer's name; '' for conflicts resolved here.
+    r#"
+    ALTER TABLE conflicts ADD COLUMN lost_at TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -313,6 +318,9 @@ pub struct ConflictEntry {
     pub reviewed_ms: Option<u64>,
     /// What the review kept.
     pub review: Option<String>,
+    /// The peer at which this node's version lost ('' for a conflict resolved here).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub lost_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_body: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -352,6 +360,8 @@ pub struct Counts {
     pub inbox: u64,
     pub quarantine: u64,
     pub conflicts: u64,
+    /// Of `conflicts`: this node's version lost at its parent.
+    pub conflicts_lost: u64,
     pub audit: u64,
     pub head_seq: u64,
 }
@@ -529,6 +539,7 @@ impl Store {
             inbox: q("SELECT COUNT(*) FROM inbox")?,
             quarantine: q("SELECT COUNT(*) FROM quarantine")?,
             conflicts: q("SELECT COUNT(*) FROM conflicts")?,
+            conflicts_lost: q("SELECT COUNT(*) FROM conflicts WHERE lost_at != ''")?,
             audit: q("SELECT COUNT(*) FROM audit")?,
             head_seq: q(
                 "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'), 0)",
@@ -804,7 +815,7 @@ impl Store {
         record: Option<i64>,
     ) -> Result<Vec<ConflictEntry>> {
         let mut stmt = self.conn.prepare(
-            "SELECT n, kind, id, detected_ms, local_origin, local_vv, remote_origin, remote_vv, resolution, result_vv, local_body, remote_body, reviewed_ms, review
+            "SELECT n, kind, id, detected_ms, local_origin, local_vv, remote_origin, remote_vv, resolution, result_vv, local_body, remote_body, reviewed_ms, review, lost_at
              FROM conflicts WHERE (?1 IS NULL OR n = ?1) ORDER BY n",
         )?;
         let rows = stmt.query_map(params![record], |r| {
@@ -829,6 +840,7 @@ impl Store {
                 result_vv: r.get(9)?,
                 local_body: body(10)?,
                 remote_body: body(11)?,
+                lost_at: r.get(14)?,
             })
         })?;
         Ok(rows.collect::<std::result::Result<_, _>>()?)
@@ -1974,6 +1986,47 @@ impl Tx<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Records that `mine` lost a conflict at `peer` (its push answer said so), once
+    /// per version: the other side is not known here (it arrives with a pull), so it
+    /// is stored empty. Returns whether a row was added.
+    pub fn add_lost_conflict(
+        &mut self,
+        key: &RecordKey,
+        mine: &Version,
+        peer: &str,
+        resolution: &str,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let vv = mine.vv.to_json();
+        let known = self
+            .tx
+            .prepare_cached(
+                "SELECT 1 FROM conflicts WHERE kind=?1 AND id=?2 AND local_vv=?3 AND lost_at=?4",
+            )?
+            .query_row(params![key.kind, key.id, vv, peer], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if known {
+            return Ok(false);
+        }
+        self.tx
+            .prepare_cached(
+                "INSERT INTO conflicts(kind, id, detected_ms, local_origin, local_vv, local_body, remote_origin, remote_vv, remote_body, resolution, result_vv, lost_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '{}', x'', ?8, '{}', ?7)",
+            )?
+            .execute(params![
+                key.kind,
+                key.id,
+                now_ms as i64,
+                mine.origin,
+                vv,
+                mine.snapshot.body,
+                peer,
+                resolution
+            ])?;
+        Ok(true)
+    }
+
     pub fn add_conflict(
         &mut self,
         key: &RecordKey,

@@ -144,8 +144,14 @@ pub enum Outcome {
     Duplicate,
     /// The hub holds a newer version that includes this one.
     Stale,
-    /// Concurrent with the hub's version; resolved by policy, both kept.
-    Conflict { resolution: String },
+    /// Concurrent with the hub's version; resolved by policy, both kept. `lost`: the
+    /// sender's content did not survive (the hub's won); since 0.2, omitted when
+    /// false, so older peers read it and every frozen message is unchanged.
+    Conflict {
+        resolution: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        lost: bool,
+    },
     /// Refused; the record goes to the sender's quarantine.
     Rejected { reason: String, permanent: bool },
 }

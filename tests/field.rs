@@ -201,3 +201,167 @@ fn doctor_fails_a_hub_that_is_not_listening_and_runs_every_check() {
         );
     }
 }
+
+#[test]
+fn a_clinic_two_days_fast_is_told_by_sync_and_status_and_changes_nothing_at_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["hub", "a"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    let hub = TestHub::start(
+        &dir.path().join("hub"),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    // The hub's clock two days behind is, seen from the clinic, the clinic two days
+    // fast: its stamps are two days ahead of the hub's clock.
+    const DAY: i64 = 86_400_000;
+    hub.state.set_clock_offset(-2 * DAY);
+    let clinic = TestClinic::new(&dir.path().join("a"), "a", &hub.url, &hub.token("a"));
+    let p = dir.path().join("p.json");
+    std::fs::write(&p, patient("fast", "North").to_string()).unwrap();
+    assert!(clinic.cli(&["put", p.to_str().unwrap()]).status.success());
+
+    let out = clinic.cli(&["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("this node's clock is 2 days ahead of the parent's"),
+        "{err}"
+    );
+    assert!(err.contains("refuses"), "{err}");
+    let h = hub.store();
+    assert!(
+        get(&h, "Patient/fast").is_none(),
+        "a record stamped two days ahead reached the hub"
+    );
+    let status = String::from_utf8_lossy(&clinic.cli(&["status"]).stdout).to_string();
+    assert!(
+        status.contains("clock       this node's clock is 2 days ahead of the parent's"),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&clinic.cli(&["status", "--json"]).stdout).unwrap();
+    let skew = json["parent_clock_skew_ms"].as_i64().unwrap();
+    assert!((skew - 2 * DAY).abs() < 5_000, "{skew}");
+
+    // The clock set right (here: the hub's), the next sync says nothing and delivers.
+    hub.state.set_clock_offset(0);
+    let q = clinic.cli(&["quarantine", "retry", "--all"]);
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let out = clinic.cli(&["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("clock"), "{err}");
+    assert!(get(&hub.store(), "Patient/fast").is_some());
+    let status = String::from_utf8_lossy(&clinic.cli(&["status"]).stdout).to_string();
+    assert!(status.contains("clock       in step"), "{status}");
+}
+
+#[test]
+fn a_clinic_whose_edit_lost_at_the_hub_shows_the_lost_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["hub", "a"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    let hub = TestHub::start(
+        &dir.path().join("hub"),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let clinic = TestClinic::new(&dir.path().join("a"), "a", &hub.url, &hub.token("a"));
+    let p = dir.path().join("p.json");
+    let put = |body: serde_json::Value| {
+        std::fs::write(&p, body.to_string()).unwrap();
+        let out = clinic.cli(&["put", p.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    put(patient("p1", "North"));
+    assert!(clinic.cli(&["sync"]).status.success());
+
+    // The same field edited at the clinic, then (later clock: it wins) at the hub.
+    let mut mine = patient("p1", "North");
+    mine["gender"] = "other".into();
+    put(mine);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut theirs = patient("p1", "North");
+    theirs["gender"] = "male".into();
+    hub.put(vec![theirs]);
+
+    let out = clinic.cli(&["sync"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&clinic.cli(&["status", "--json"]).stdout).unwrap();
+    assert!(
+        json["conflicts_lost"].as_u64().unwrap() >= 1,
+        "no lost conflict shown: {json}"
+    );
+    let status = String::from_utf8_lossy(&clinic.cli(&["status"]).stdout).to_string();
+    assert!(status.contains("lost at the parent"), "{status}");
+    let list = String::from_utf8_lossy(&clinic.cli(&["conflicts", "list"]).stdout).to_string();
+    assert!(
+        list.contains("Patient/p1") && list.contains("lost at parent"),
+        "{list}"
+    );
+    // The winner arrived, and the losing version is kept for review.
+    let s = clinicsync::store::Store::open_existing(&dir.path().join("a").join("a.db")).unwrap();
+    assert_eq!(get(&s, "Patient/p1").unwrap()["gender"], "male");
+    let lost = &s.conflicts_list(true, None).unwrap()[0];
+    assert_eq!(lost.local_body.as_ref().unwrap()["gender"], "other");
+    // Syncing again records nothing twice.
+    assert!(clinic.cli(&["sync"]).status.success());
+    let again: serde_json::Value =
+        serde_json::from_slice(&clinic.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(again["conflicts_lost"], json["conflicts_lost"]);
+}
+
+#[test]
+fn doctor_runs_every_other_check_when_the_emr_section_is_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["hub", "a"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    let hub = TestHub::start(
+        &dir.path().join("hub"),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let clinic = TestClinic::new(&dir.path().join("a"), "a", &hub.url, &hub.token("a"));
+    let good = std::fs::read_to_string(&clinic.config).unwrap();
+    for broken_emr in [
+        "[emr]\nkind = \"mysql\"\n", // does not parse
+        "[emr]\nkind = \"openmrs\"\nurl = \"ftp://emr.local\"\n", // does not validate
+    ] {
+        std::fs::write(&clinic.config, format!("{good}{broken_emr}")).unwrap();
+        let out = clinic.cli(&["doctor"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.split_whitespace().nth(1) == Some(name))
+                .unwrap_or_else(|| panic!("no {name} check: {text}"))
+                .to_string()
+        };
+        assert!(line("config").starts_with("FAIL"), "{text}");
+        assert!(line("emr").contains("not checked"), "{text}");
+        for ok in ["store", "parent", "clock"] {
+            assert!(line(ok).starts_with("OK"), "{ok}: {text}");
+        }
+        for ran in ["disk", "keys"] {
+            line(ran);
+        }
+    }
+}

@@ -474,6 +474,7 @@ mod seeds {
             vv: rec.vv.clone(),
             outcome: Outcome::Conflict {
                 resolution: "merged".into(),
+                lost: false,
             },
         }]));
         ret.extend(cbor(&Item::Page(PullResponse {

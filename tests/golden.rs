@@ -70,6 +70,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                         vv: record().vv,
                         outcome: Outcome::Conflict {
                             resolution: "merged".into(),
+                            lost: false,
                         },
                     },
                 ],

@@ -46,33 +46,7 @@ fn check(level: Level, what: &'static str, detail: impl Into<String>, hint: Opti
     }
 }
 
-/// Parses an HTTP Date header (`Thu, 26 Nov 2026 10:00:00 GMT`) to epoch ms.
-fn http_date_ms(s: &str) -> Option<u64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [_, day, mon, year, time, _] = parts.as_slice() else {
-        return None;
-    };
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == mon)? as i64
-        + 1;
-    let (d, y): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
-    let t: Vec<i64> = time.split(':').filter_map(|x| x.parse().ok()).collect();
-    if t.len() != 3 {
-        return None;
-    }
-    // Days from civil (Howard Hinnant).
-    let y2 = if month <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000) as u64)
-}
+use crate::transport::http::http_date_ms;
 
 pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
     let mut checks = Vec::new();
@@ -101,8 +75,30 @@ pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
             None
         }
     };
-    if let Some(cfg) = &cfg {
-        diagnose(cfg, &mut checks);
+    match &cfg {
+        Some(cfg) => diagnose(cfg, &[], &mut checks),
+        // Whatever still loads is checked: a bad [emr] must not hide a dead link.
+        None => {
+            match Config::salvage(path) {
+                Some((cfg, broken)) => {
+                    for section in &broken {
+                        checks.push(check(
+                        Level::Warn,
+                        check_name(section),
+                        format!("not checked: the [{section}] section is invalid (see config above)"),
+                        None,
+                    ));
+                    }
+                    diagnose(&cfg, &broken, &mut checks);
+                }
+                None => checks.push(check(
+                    Level::Warn,
+                    "store",
+                    "not checked: the file is not TOML, or its [node] section is unusable",
+                    None,
+                )),
+            }
+        }
     }
     if json {
         super::print_json(&checks);
@@ -129,7 +125,21 @@ pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
+/// The check that covers a configuration section.
+fn check_name(section: &str) -> &'static str {
+    match section {
+        "parent" => "parent",
+        "hub" => "hub",
+        "emr" => "emr",
+        "mqtt" => "broker",
+        "sync" => "sync",
+        _ => "transport",
+    }
+}
+
+/// Every check `cfg` allows; sections named in `broken` (invalid, left out of `cfg`)
+/// are not checked.
+fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
     let opened = if !cfg.node.store.exists() {
         checks.push(check(
             Level::Warn,
@@ -248,6 +258,7 @@ fn diagnose(cfg: &Config, checks: &mut Vec<Check>) {
         )),
     }
     match cfg.emr_adapter() {
+        _ if broken.contains(&"emr") => {}
         Ok(None) => checks.push(check(
             Level::Ok,
             "emr",

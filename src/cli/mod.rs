@@ -6,11 +6,8 @@
 //! file through [`crate::textsafe::safe`], so no terminal escape sequence or forged
 //! line reaches the technician; `--json` output is escaped by serde_json.
 //!
-//! Exit codes: 0 success · 1 failure · 2 usage error · 3 invalid configuration ·
-//! 4 store problem · 5 parent unreachable or refused · 6 audit chain broken ·
-//! 7 record not found · 8 USB bundle refused (tampered, truncated, untrusted,
-//! not for this node, replayed) or could not be written · 9 `fleet`: a node needs
-//! attention.
+//! Exit codes: [`EXIT_CODES`] is the one list; `--help` ([`exit_codes_help`]) and
+//! the README's table ([`exit_codes_markdown`], checked by a test) come from it.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,12 +26,15 @@ use crate::transport::http::HttpClient;
 use crate::wire::Message;
 
 pub mod bench;
+pub mod children;
 pub mod demo;
 pub mod doctor;
 pub mod fleet;
 pub mod linkbench;
 
+pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_CONFIG: u8 = 3;
 pub const EXIT_STORE: u8 = 4;
 pub const EXIT_LINK: u8 = 5;
@@ -44,12 +44,48 @@ pub const EXIT_BUNDLE: u8 = 8;
 /// `fleet`: a node below this hub needs a person.
 pub const EXIT_ATTENTION: u8 = 9;
 
+/// Every exit code and what it means: the source of `--help`'s list and the
+/// README's table.
+pub const EXIT_CODES: &[(u8, &str)] = &[
+    (EXIT_OK, "success"),
+    (EXIT_FAILURE, "failure (the message says what; `doctor` found a FAIL)"),
+    (EXIT_USAGE, "usage: an unknown command or option, or a bad argument"),
+    (EXIT_CONFIG, "invalid configuration (or a missing key or credential file)"),
+    (EXIT_STORE, "store problem: missing (typo in node.store), owned by another user, corrupt, from a newer version, busy"),
+    (EXIT_LINK, "parent unreachable or refused (link, DNS, TLS, credential, HTTP error)"),
+    (EXIT_AUDIT, "audit chain broken"),
+    (EXIT_NOT_FOUND, "not found (record, conflict, child, quarantined record)"),
+    (EXIT_BUNDLE, "USB bundle refused (tampered, truncated, untrusted, not for this node, replayed) or not writable"),
+    (EXIT_ATTENTION, "`fleet`: a node below this hub needs a person"),
+];
+
+/// The exit codes for `--help`.
+pub fn exit_codes_help() -> String {
+    let mut s = String::from("Exit codes:\n");
+    for (code, meaning) in EXIT_CODES {
+        s.push_str(&format!("  {code}  {meaning}\n"));
+    }
+    s.push_str(
+        "\nEach command has examples: clinicsync help <command>, or man clinicsync-<command>.",
+    );
+    s
+}
+
+/// The exit codes as the README's Markdown table.
+pub fn exit_codes_markdown() -> String {
+    let mut s = String::from("| code | meaning |\n|---|---|\n");
+    for (code, meaning) in EXIT_CODES {
+        s.push_str(&format!("| {code} | {meaning} |\n"));
+    }
+    s
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "clinicsync",
     version,
     about = "Store-and-forward sync of OpenMRS/FHIR records between clinics and hubs",
-    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid config, 4 store problem, 5 parent unreachable/refused, 6 audit chain broken, 7 not found"
+    after_help = exit_codes_help()
 )]
 pub struct Cli {
     /// Configuration file.
@@ -64,6 +100,9 @@ pub enum Command {
     /// Run the node: serve children and/or sync with the parent until SIGTERM.
     Run,
     /// Queue depths, quarantine and conflict counts, last push/pull, cursor lag.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync status          # every field is explained in the README
+  sudo -u clinicsync clinicsync status --json | jq .conflicts_lost")]
     Status {
         #[arg(long)]
         json: bool,
@@ -92,6 +131,9 @@ pub enum Command {
         action: RemoteCmd,
     },
     /// Check config, store, disk, keys, parent, credential, clock and broker.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync doctor          # OK/WARN/FAIL per check, with hints; exit 1 on a FAIL
+  sudo -u clinicsync clinicsync doctor --json")]
     Doctor {
         #[arg(long)]
         json: bool,
@@ -99,11 +141,14 @@ pub enum Command {
     /// Write the man page or shell completions (used when packaging).
     #[command(hide = true)]
     Generate {
-        /// `man` or `completions`
+        /// `man`, `completions` or `exit-codes` (the README's table)
         what: String,
         dir: PathBuf,
     },
     /// Push and pull once now, and print what moved.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync sync            # one round now; the daemon may keep running
+  sudo -u clinicsync clinicsync sync --bootstrap  # first pull of a new or wiped clinic, with a progress bar")]
     Sync {
         #[arg(long)]
         json: bool,
@@ -127,11 +172,18 @@ pub enum Command {
     /// Ask the parent for records on demand (refused outside this node's catchment).
     Fetch { records: Vec<String> },
     /// Records that could not be delivered or applied.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync quarantine list
+  sudo -u clinicsync clinicsync quarantine show Patient/5b0c…
+  sudo -u clinicsync clinicsync quarantine retry --all")]
     Quarantine {
         #[command(subcommand)]
         action: QuarantineCmd,
     },
     /// Concurrent edits and how they were resolved.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync conflicts list  # includes edits of this clinic that lost at the hub
+  sudo -u clinicsync clinicsync conflicts show 3")]
     Conflicts {
         #[command(subcommand)]
         action: ConflictsCmd,
@@ -152,6 +204,16 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigCmd,
     },
+    /// At a hub: enrol, remove, list and re-key children without a restart.
+    #[command(after_long_help = "Examples:
+  sudo clinicsync child add clinic-a --catchment address.district=Kakamega --token-file /root/clinic-a.token
+  sudo -u clinicsync clinicsync child list      # last contact of each clinic
+  sudo clinicsync child rotate clinic-a --overlap 7d
+  sudo clinicsync child remove clinic-a         # refused by the running hub at once")]
+    Child {
+        #[command(subcommand)]
+        action: children::ChildCmd,
+    },
     /// Credentials for children.
     Token {
         #[command(subcommand)]
@@ -159,9 +221,15 @@ pub enum Command {
     },
     /// Copy the store to FILE while the node runs (SQLite online backup), verified
     /// (integrity, node id, audit chain) before it is kept; mode 0600.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync backup /var/lib/clinicsync/backup-$(date +%F).db")]
     Backup { file: PathBuf },
     /// Put a backup in place of the store (the daemon must be stopped); the store it
     /// replaces is kept beside it as `<store>.before-restore`.
+    #[command(after_long_help = "Examples:
+  sudo systemctl stop clinicsync
+  sudo -u clinicsync clinicsync restore /var/lib/clinicsync/backup-2026-11-20.db
+  sudo systemctl start clinicsync")]
     Restore { file: PathBuf },
     /// At a hub: which patients each child holds, and moving them by hand
     /// (audited). Clinics write only for patients of their catchment.
@@ -523,6 +591,10 @@ fn generate(what: &str, dir: &Path) -> Out {
             clap_mangen::Man::new(cmd).render(&mut out).map_err(io)?;
             std::fs::write(dir.join("clinicsync.1"), out).map_err(io)?;
         }
+        // The README's exit code table (a test checks the README holds it).
+        "exit-codes" => {
+            std::fs::write(dir.join("exit-codes.md"), exit_codes_markdown()).map_err(io)?;
+        }
         "completions" => {
             use clap_complete::Shell;
             for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
@@ -531,8 +603,8 @@ fn generate(what: &str, dir: &Path) -> Out {
         }
         other => {
             return Err(Failure::new(
-                2,
-                format!("generate {other:?}: expected man or completions"),
+                EXIT_USAGE,
+                format!("generate {other:?}: expected man, completions or exit-codes"),
             ))
         }
     }
@@ -945,6 +1017,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                     &shown,
                 );
                 bar.finish_and_clear();
+                warn_skew(client.clock_skew_ms());
                 let r = r?;
                 println!(
                     "bootstrap: {} records pulled ({} bytes received), {} pushed, in {} ms{}",
@@ -966,14 +1039,16 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             if let Some(e) = emr.as_mut() {
                 engine::prepare_emr(&store, e.as_mut())?;
             }
-            let (report, emr_report) = daemon::round(
+            let result = daemon::round(
                 &mut store,
                 &cfg.policy(),
                 client,
                 &cfg.sync,
                 emr.as_deref_mut(),
                 &AtomicBool::new(false),
-            )?;
+            );
+            warn_skew(client.clock_skew_ms());
+            let (report, emr_report) = result?;
             if let Some(e) = &emr_report.error {
                 eprintln!("warning: {}", safe(e));
             }
@@ -991,7 +1066,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         }
         Command::Put { files } => {
             if files.is_empty() {
-                return Err(Failure::new(2, "put needs at least one JSON file"));
+                return Err(Failure::new(EXIT_USAGE, "put needs at least one JSON file"));
             }
             let mut items = Vec::new();
             for f in &files {
@@ -1095,6 +1170,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             Ok(())
         }
         Command::Quarantine { action } => quarantine(cfg, action, now),
+        Command::Child { action } => children::run(&cfg.path, cfg, action),
         Command::Catchment { action } => catchment(cfg, action, now),
         Command::Backup { file } => backup(cfg, &file),
         Command::Restore { file } => restore(cfg, &file),
@@ -1110,6 +1186,18 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                         print_json(&list);
                     } else {
                         for c in &list {
+                            if !c.lost_at.is_empty() {
+                                println!(
+                                    "#{:<5} {:<45} {}  this node's version {} lost at {}\n       {}",
+                                    c.n,
+                                    safe(&c.record),
+                                    fmt_time(c.detected_ms),
+                                    safe_display(&c.local_vv),
+                                    safe(&c.lost_at),
+                                    safe(&c.resolution)
+                                );
+                                continue;
+                            }
                             println!(
                                 "#{:<5} {:<45} {}  {} {} vs {} {}\n       {}",
                                 c.n,
@@ -1312,6 +1400,24 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             unreachable!("dispatched before the configuration is loaded")
         }
     }
+}
+
+/// After a sync: says so when this node's clock is off from its parent's by more
+/// than [`crate::transport::http::CLOCK_SKEW_REPORTED_MS`].
+fn warn_skew(skew_ms: Option<i64>) {
+    use crate::transport::http::{skew_words, CLOCK_SKEW_REPORTED_MS};
+    let Some(skew) = skew_ms.filter(|s| s.unsigned_abs() > CLOCK_SKEW_REPORTED_MS) else {
+        return;
+    };
+    let consequence = if skew > 0 && skew.unsigned_abs() > 300_000 {
+        ": the parent refuses what this node writes while its clock is that far ahead (the records wait in quarantine and go once the clock is right)"
+    } else {
+        ""
+    };
+    eprintln!(
+        "warning: {}{consequence}; set the clock (enable NTP, or `date -s`)",
+        skew_words(skew)
+    );
 }
 
 /// This node's bundle keys.
@@ -1685,7 +1791,7 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
             let k = match (record, all) {
                 (Some(r), false) => Some(key(&r)?),
                 (None, true) => None,
-                _ => return Err(Failure::new(2, "give a record or --all")),
+                _ => return Err(Failure::new(EXIT_USAGE, "give a record or --all")),
             };
             let mut tx = store.begin()?;
             let n = tx.retry_now(k.as_ref(), now)?;
@@ -1762,11 +1868,13 @@ fn status(cfg: &Config, json: bool) -> Out {
             "schema": store.schema_version()?,
             "parent": cfg.parent.as_ref().map(|p| p.url.clone()),
             "records": c.records, "outbox": c.outbox, "inbox": c.inbox,
-            "quarantine": c.quarantine, "conflicts": c.conflicts, "audit_entries": c.audit, "head_seq": c.head_seq,
+            "quarantine": c.quarantine, "conflicts": c.conflicts, "conflicts_lost": c.conflicts_lost, "audit_entries": c.audit, "head_seq": c.head_seq,
             "link": peer, "cursor": {"eff": cursor.eff, "seq": cursor.seq, "parent_head": head, "lag": lag},
             "emr": store.peer_state("emr")?,
             "link_budget_bytes": store.meta_u64("link_budget_bytes")?,
             "next_sync_ms": store.meta_u64("next_sync_ms")?,
+            "parent_clock_skew_ms": clock_skew(&store)?.map(|(s, _)| s),
+            "parent_clock_seen_ms": clock_skew(&store)?.map(|(_, t)| t),
         }));
         return Ok(());
     }
@@ -1792,7 +1900,14 @@ fn status(cfg: &Config, json: bool) -> Out {
     println!("outbox      {} waiting to push", c.outbox);
     println!("inbox       {} waiting to apply", c.inbox);
     println!("quarantine  {}", c.quarantine);
-    println!("conflicts   {}", c.conflicts);
+    if c.conflicts_lost > 0 {
+        println!(
+            "conflicts   {} ({} lost at the parent: another edit won; clinicsync conflicts list)",
+            c.conflicts, c.conflicts_lost
+        );
+    } else {
+        println!("conflicts   {}", c.conflicts);
+    }
     if cfg.parent.is_some() {
         println!(
             "last push   {}",
@@ -1862,6 +1977,19 @@ fn status(cfg: &Config, json: bool) -> Out {
             println!("next sync   {when} (when the daemon runs)");
         }
         println!("cursor      {cursor} (parent head {head}, lag {lag})");
+        match clock_skew(&store)? {
+            Some((skew, at))
+                if skew.unsigned_abs() > crate::transport::http::CLOCK_SKEW_REPORTED_MS =>
+            {
+                println!(
+                    "clock       {} (seen {}): set the clock (NTP, or `date -s`)",
+                    crate::transport::http::skew_words(skew),
+                    fmt_time(at)
+                )
+            }
+            Some(_) => println!("clock       in step with the parent's"),
+            None => {}
+        }
         emr_status(cfg, &store)?;
         println!(
             "traffic     {} bytes sent, {} received",
@@ -1872,6 +2000,14 @@ fn status(cfg: &Config, json: bool) -> Out {
         emr_status(cfg, &store)?;
     }
     Ok(())
+}
+
+/// This node's clock minus its parent's (ms) and when it was seen, from the last sync.
+fn clock_skew(store: &Store) -> Result<Option<(i64, u64)>, Failure> {
+    let skew = store
+        .meta_str(daemon::CLOCK_SKEW_KEY)?
+        .and_then(|s| s.parse::<i64>().ok());
+    Ok(skew.map(|s| (s, store.meta_u64(daemon::CLOCK_SEEN_KEY).unwrap_or(0))))
 }
 
 /// `2026-11-26T10:00:00Z` from epoch milliseconds (UTC, no time zone database needed).
@@ -1900,6 +2036,35 @@ pub fn fmt_time(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readme_exit_code_table_matches_the_consts() {
+        let readme = include_str!("../../README.md");
+        let table = exit_codes_markdown();
+        assert!(
+            readme.contains(&table),
+            "README.md's exit code table is out of step with EXIT_CODES; it must read:\n{table}"
+        );
+        // Every EXIT_* constant is in the list, once.
+        for code in [
+            EXIT_OK,
+            EXIT_FAILURE,
+            EXIT_USAGE,
+            EXIT_CONFIG,
+            EXIT_STORE,
+            EXIT_LINK,
+            EXIT_AUDIT,
+            EXIT_NOT_FOUND,
+            EXIT_BUNDLE,
+        ] {
+            assert_eq!(
+                EXIT_CODES.iter().filter(|(c, _)| *c == code).count(),
+                1,
+                "{code}"
+            );
+        }
+        assert!(exit_codes_help().contains("  5  parent unreachable"));
+    }
 
     #[test]
     fn times_print_as_utc() {

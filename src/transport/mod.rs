@@ -21,6 +21,11 @@ pub trait Exchange: Sync {
     fn parallel(&self) -> bool {
         false
     }
+    /// This node's clock minus the parent's, as the last answer showed it (HTTP's
+    /// `Date`); `None` when the transport does not tell.
+    fn clock_skew_ms(&self) -> Option<i64> {
+        None
+    }
 }
 
 impl Exchange for HttpClient {
@@ -29,6 +34,9 @@ impl Exchange for HttpClient {
     }
     fn parallel(&self) -> bool {
         true
+    }
+    fn clock_skew_ms(&self) -> Option<i64> {
+        HttpClient::clock_skew_ms(self)
     }
 }
 
@@ -53,5 +61,8 @@ impl Exchange for MqttThenHttp {
             }
             other => other,
         }
+    }
+    fn clock_skew_ms(&self) -> Option<i64> {
+        self.http.clock_skew_ms()
     }
 }
