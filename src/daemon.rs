@@ -695,12 +695,33 @@ pub fn init_logging(default_level: &str) {
     let _ = registry
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                // Colours only for a person at a terminal, never into log files.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                // No colours: every line passes through `textsafe`, so a value from a
+                // peer or an EMR (a feed URL, an id) cannot put escape sequences or
+                // bidi overrides into a terminal or a log file.
+                .with_writer(|| SafeStderr)
+                .with_ansi(false)
                 .with_target(false),
         )
         .try_init();
+}
+
+/// A formatted log line as it may be written: `textsafe::safe_lines`.
+fn safe_log(buf: &[u8]) -> String {
+    crate::textsafe::safe_lines(&String::from_utf8_lossy(buf)).into_owned()
+}
+
+/// Standard error with control characters and bidi overrides rendered visibly
+/// (`textsafe::safe_lines`); line breaks stay.
+struct SafeStderr;
+
+impl std::io::Write for SafeStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stderr().write_all(safe_log(buf).as_bytes())?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// `clinicsync run`: serves children and/or syncs with the parent until a signal.
@@ -1144,4 +1165,21 @@ async fn sync_loop(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_log_line_carries_no_escape_sequence_from_a_peer() {
+        let line = b"WARN skipping a feed entry entry=http://emr/ws/rest/v1/patient/p-\x1b[31mred\xe2\x80\xae\n";
+        let out = super::safe_log(line);
+        assert!(
+            !out.contains('\u{1b}') && !out.contains('\u{202e}'),
+            "{out:?}"
+        );
+        assert!(
+            out.contains("\\x1b[31mred") && out.ends_with('\n'),
+            "{out:?}"
+        );
+    }
 }

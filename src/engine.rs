@@ -1731,7 +1731,8 @@ pub fn apply_inbox_to_emr(
     Ok(summary)
 }
 
-const EMR_OUT_CURSOR: &str = "emr_out_cursor";
+/// Meta key: the replica seq up to which a hub's EMR pass has gone.
+pub const EMR_OUT_CURSOR: &str = "emr_out_cursor";
 
 fn tally(w: EmrWrite, s: &mut EmrApplySummary) {
     match w {

@@ -227,6 +227,9 @@ const MIGRATIONS: &[&str] = &[
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// Longest quarantine reason kept, in characters.
+pub const MAX_REASON_CHARS: usize = 2_000;
+
 /// A stored version and where it sits in this node's change sequence.
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -1266,6 +1269,15 @@ impl Store {
     }
 
     /// Replica records changed after `seq`, in change order: (seq, key).
+    /// Replica records changed after `seq` (a hub's records not yet offered to its
+    /// EMR, counted for `status`).
+    pub fn count_changed_after(&self, seq: u64) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM replica WHERE seq > ?1")?
+            .query_row(params![seq as i64], |r| r.get::<_, i64>(0))? as u64)
+    }
+
     pub fn changed_after(&self, seq: u64, limit: usize) -> Result<Vec<(u64, RecordKey)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, kind, id FROM replica WHERE seq > ?1 ORDER BY seq LIMIT ?2",
@@ -1918,6 +1930,18 @@ impl Tx<'_> {
         now_ms: u64,
         retry_after_ms: impl Fn(u32) -> u64,
     ) -> Result<u32> {
+        // An EMR's answer can be a whole error page or stack trace: keep the head.
+        let clipped;
+        let reason = if reason.chars().count() > MAX_REASON_CHARS {
+            clipped = format!(
+                "{}… ({} more characters)",
+                reason.chars().take(MAX_REASON_CHARS).collect::<String>(),
+                reason.chars().count() - MAX_REASON_CHARS
+            );
+            clipped.as_str()
+        } else {
+            reason
+        };
         let attempts: u32 = self
             .tx
             .prepare_cached("SELECT attempts FROM quarantine WHERE kind=?1 AND id=?2 AND stage=?3")?
@@ -2372,6 +2396,25 @@ pub enum PeerEvent<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_quarantine_reason_is_kept_to_its_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s.db"), "a").unwrap();
+        let key = RecordKey::parse("Patient/p1").unwrap();
+        let page = "<html>".to_string() + &"x".repeat(200_000);
+        let mut tx = store.begin().unwrap();
+        tx.quarantine(&key, Stage::Apply, &page, true, 1, |_| 1)
+            .unwrap();
+        tx.commit().unwrap();
+        let q = store.quarantine_list().unwrap();
+        assert!(q[0].reason.starts_with("<html>xxx"));
+        assert!(
+            q[0].reason.ends_with("(198006 more characters)"),
+            "{}",
+            &q[0].reason[1990..]
+        );
+    }
 
     fn temp_store(node: &str) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();

@@ -80,6 +80,11 @@ fn root_is_refused_on_a_store_owned_by_the_service_user() {
     let out = cli(&config, &["doctor"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("sudo -u nobody"), "{text}");
+    // Keys made by root beside the service's store would be unreadable to it.
+    let out = cli(&config, &["keys", "init"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("sudo -u nobody clinicsync"), "{err}");
     let after: Vec<_> = std::fs::read_dir(&data)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -364,4 +369,37 @@ fn doctor_runs_every_other_check_when_the_emr_section_is_invalid() {
             line(ran);
         }
     }
+}
+
+#[test]
+fn config_check_refuses_an_emr_credential_others_may_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("openmrs.credentials");
+    std::fs::write(&creds, "sync:secret\n").unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"a\"\nstore = \"{}\"\n[emr]\nkind = \"openmrs\"\nurl = \"http://127.0.0.1:9\"\ncredentials_file = \"{}\"\n",
+            dir.path().join("a.db").display(),
+            creds.display()
+        ),
+    )
+    .unwrap();
+    let out = cli(&config, &["config", "check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("emr.credentials_file") && err.contains("chmod 600"),
+        "{err}"
+    );
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = cli(&config, &["config", "check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -642,6 +642,32 @@ fn config_check(path: &Path) -> Out {
             Ok(_) => {}
         }
     }
+    if cfg.emr.kind != config::EmrKind::Embedded && !cfg.emr.credentials_file.as_os_str().is_empty()
+    {
+        // The same check `run` makes before it reads the file: a credential open to
+        // other users is refused here, not only when the service starts.
+        match crate::filemode::check_credential(&cfg.emr.credentials_file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => eprintln!(
+                "warning: emr.credentials_file {}: {e} (create it, user:password on one line, mode 0600, before starting the service)",
+                safe_display(cfg.emr.credentials_file.display())
+            ),
+            Err(e) if e.to_string().contains("chmod 600") => {
+                return Err(Failure::new(
+                    EXIT_CONFIG,
+                    format!("emr.credentials_file: {}", safe(&e.to_string())),
+                ))
+            }
+            Err(e) => eprintln!("warning: emr.credentials_file: {}", safe(&e.to_string())),
+            Ok(()) => {
+                if let Err(e) = std::fs::read_to_string(&cfg.emr.credentials_file) {
+                    eprintln!(
+                        "warning: emr.credentials_file {}: {e} (the service user must be able to read it)",
+                        safe_display(cfg.emr.credentials_file.display())
+                    );
+                }
+            }
+        }
+    }
     if let Some(hub) = &cfg.hub {
         for r in &hub.catchment {
             if !hub.children.iter().any(|c| c.node == r.node) {
@@ -1463,6 +1489,9 @@ fn keys(cfg: &Config, action: KeysCmd) -> Out {
     let key_failure = |e: crate::keys::KeyError| Failure::new(EXIT_CONFIG, e.to_string());
     match action {
         KeysCmd::Init => {
+            // Keys root made here would be unreadable to the service: refused like
+            // every other command that writes beside a service-owned store.
+            refuse_root_on_service_store(&cfg.node.store)?;
             let id = Identity::init(&dir, &cfg.node.id).map_err(key_failure)?;
             println!("keys written to {}", dir.display());
             println!("{}", id.public().line());
@@ -1861,8 +1890,16 @@ fn status(cfg: &Config, json: bool) -> Out {
     let peer = store.peer_state(PARENT)?;
     let (cursor, head) = store.cursor(PARENT)?;
     let lag = head.saturating_sub(cursor.eff);
+    // A hub with its own EMR: changes not yet written into it (children's pushes,
+    // resolutions), from the EMR pass's cursor. A clinic's wait in its inbox.
+    let to_emr = if cfg.hub.is_some() && cfg.emr.kind != config::EmrKind::Embedded {
+        Some(store.count_changed_after(store.meta_u64(engine::EMR_OUT_CURSOR)?)?)
+    } else {
+        None
+    };
     if json {
         print_json(&json!({
+            "to_emr": to_emr,
             "node": cfg.node.id, "role": cfg.role(), "store": cfg.node.store,
             "daemon_running": crate::lock::daemon_running(&cfg.node.store),
             "schema": store.schema_version()?,
@@ -1899,6 +1936,9 @@ fn status(cfg: &Config, json: bool) -> Out {
     }
     println!("outbox      {} waiting to push", c.outbox);
     println!("inbox       {} waiting to apply", c.inbox);
+    if let Some(n) = to_emr {
+        println!("to EMR      {n} changed since the last pass into the EMR (children's records, resolutions; echoes included)");
+    }
     println!("quarantine  {}", c.quarantine);
     if c.conflicts_lost > 0 {
         println!(
