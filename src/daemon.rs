@@ -366,6 +366,8 @@ fn sync_rounds(
     }
     let mut pages = 0;
     let mut health_mark = None;
+    // Bytes and time of this round's pull answers: the link's download rate.
+    let mut pull_timed = (0u64, Duration::ZERO);
     while !stop.load(Ordering::Relaxed) && may_pull(cfg, pace, pages, report) {
         pages += 1;
         let page_bytes = (cfg.pull_page_bytes as usize).min(budget.get()) as u64;
@@ -378,7 +380,10 @@ fn sync_rounds(
             req.order_results = crate::remote::outgoing(store)?;
             health_mark = Some((mark, req.order_results.clone()));
         }
+        let asked = Instant::now();
         let (answer, traffic) = client.exchange("/v1/pull", &Message::PullRequest(req))?;
+        pull_timed.0 += traffic.received;
+        pull_timed.1 += asked.elapsed();
         let Message::PullResponse(resp) = answer else {
             return Err(TransportError::Unexpected {
                 sent: "pull_request",
@@ -423,6 +428,12 @@ fn sync_rounds(
         if !resp.more {
             break;
         }
+    }
+    if pull_timed.0 >= 16 << 10 && !pull_timed.1.is_zero() {
+        let bps = (pull_timed.0 as f64 * 8.0 / pull_timed.1.as_secs_f64()) as u64;
+        let mut tx = store.begin()?;
+        tx.set_meta_u64(crate::health::LINK_RATE_KEY, bps)?;
+        tx.commit()?;
     }
     match push_failed {
         Some(e) => Err(e),

@@ -73,7 +73,14 @@ pub struct HealthReport {
     pub audit_entries: u64,
     /// Hex of the audit chain's last entry hash (empty when there is none).
     pub audit_head: String,
+    /// Download rate from its parent as last measured over a pull of at least
+    /// 16 KiB, in bits per second (`catchment preview` estimates a bootstrap with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_rate_bps: Option<u64>,
 }
+
+/// Meta key: the last measured download rate from the parent (bits per second).
+pub const LINK_RATE_KEY: &str = "link_rate_bps";
 
 fn clip(s: &str) -> String {
     let mut out: String = s.chars().take(MAX_TEXT).collect();
@@ -184,6 +191,7 @@ pub fn report(store: &Store, parent: &str, now_ms: u64) -> Result<HealthReport, 
         clock_skew_ms: skew,
         audit_entries,
         audit_head,
+        link_rate_bps: Some(store.meta_u64(LINK_RATE_KEY)?).filter(|r| *r > 0),
     }
     .bounded())
 }

@@ -38,6 +38,9 @@ pub enum OrderKind {
     Resync,
     /// Send up status, quarantine and recent log lines.
     Diagnostics,
+    /// A patient moved to another clinic (`catchment move --purge`): remove its
+    /// records here, except what has not been pushed yet.
+    Purge { patient: String },
 }
 
 impl OrderKind {
@@ -48,6 +51,7 @@ impl OrderKind {
             OrderKind::QuarantineDrop { record } => format!("quarantine drop {record}"),
             OrderKind::Resync => "resync".into(),
             OrderKind::Diagnostics => "diagnostics".into(),
+            OrderKind::Purge { patient } => format!("purge Patient/{patient}"),
         }
     }
 }
@@ -200,6 +204,27 @@ pub fn execute(
                     )
                 }
                 OrderKind::Diagnostics => ("done", diagnostics.clone().unwrap_or_default()),
+                OrderKind::Purge { patient } => {
+                    let (purged, kept) = tx.purge_patient(patient)?;
+                    let emr = if policy.external_emr {
+                        " This node's EMR keeps its own copy: void it there if the policy asks."
+                    } else {
+                        ""
+                    };
+                    if kept == 0 {
+                        (
+                            "done",
+                            format!("Patient/{patient}: {purged} record(s) purged.{emr}"),
+                        )
+                    } else {
+                        (
+                            "failed",
+                            format!(
+                                "Patient/{patient}: {purged} record(s) purged, {kept} kept: not yet pushed (or quarantined); they go up first — order the purge again once they have.{emr}"
+                            ),
+                        )
+                    }
+                }
             }
         };
         let detail = bounded(detail);

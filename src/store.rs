@@ -967,11 +967,28 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
+    /// The live records of `patient` and the metadata (`None`): their bodies, for a
+    /// catchment preview.
+    pub fn bodies(&self, patient: Option<&str>, mut f: impl FnMut(&[u8])) -> Result<u64> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT body FROM replica WHERE deleted=0 AND ((?1 IS NULL AND class='metadata') OR patient=?1)",
+        )?;
+        let mut rows = stmt.query([patient])?;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            let b: Vec<u8> = r.get(0)?;
+            f(&b);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Whether `node` may read `patient`'s records (a patient moved away is not).
     pub fn in_catchment(&self, node: &str, patient: &str) -> Result<bool> {
         Ok(self
             .conn
             .query_row(
-                "SELECT 1 FROM catchment WHERE node=?1 AND patient=?2",
+                "SELECT 1 FROM catchment WHERE node=?1 AND patient=?2 AND reason <> 'moved'",
                 [node, patient],
                 |_| Ok(()),
             )
@@ -998,12 +1015,12 @@ impl Store {
                   WHERE r.class='metadata' AND r.seq >= ?2
                 UNION ALL
                 SELECT MAX(r.seq, c.added_seq) AS eff, r.seq, r.kind, r.id, r.sender FROM replica r
-                  JOIN catchment c ON c.node = ?1 AND c.patient = r.patient
+                  JOIN catchment c ON c.node = ?1 AND c.patient = r.patient AND c.reason <> 'moved'
                   WHERE r.class='clinical' AND r.seq >= ?2
                 UNION ALL
                 SELECT c.added_seq AS eff, r.seq, r.kind, r.id, r.sender FROM catchment c
                   JOIN replica r ON r.patient = c.patient
-                  WHERE c.node = ?1 AND c.added_seq >= ?2 AND r.seq < ?2 AND r.class='clinical'
+                  WHERE c.node = ?1 AND c.reason <> 'moved' AND c.added_seq >= ?2 AND r.seq < ?2 AND r.class='clinical'
              ) WHERE (eff > ?2 OR (eff = ?2 AND seq > ?3)) AND (?5 OR sender IS NULL OR sender <> ?1)
              ORDER BY eff, seq LIMIT ?4",
         )?;
@@ -1078,7 +1095,7 @@ impl Store {
             .optional()?
             .is_some();
         let mut stmt = self.conn.prepare_cached(
-            "SELECT c.node FROM replica r JOIN catchment c ON c.patient = r.patient
+            "SELECT c.node FROM replica r JOIN catchment c ON c.patient = r.patient AND c.reason <> 'moved'
                WHERE r.seq > ?1 AND r.class='clinical' AND (r.sender IS NULL OR r.sender <> c.node)
              UNION SELECT node FROM catchment WHERE added_seq > ?1 AND reason <> 'registered'",
         )?;
@@ -1734,7 +1751,9 @@ impl Tx<'_> {
         current_in(&self.tx, key)
     }
 
-    /// Is `patient` in `node`'s catchment (inside this transaction)?
+    /// May `node` write for `patient` (inside this transaction)? A clinic a patient
+    /// moved away from still may: what it wrote before the move and had not yet
+    /// pushed is accepted, never lost (`catchment move`).
     pub fn in_catchment(&self, node: &str, patient: &str) -> Result<bool> {
         Ok(self
             .tx
@@ -2308,6 +2327,17 @@ impl Tx<'_> {
             .optional()?
             .is_some();
         if exists {
+            // A patient moved away and granted back by hand: visible again, backfilled.
+            if reason == "granted" {
+                let seq = self.next_seq()?;
+                let n = self
+                    .tx
+                    .prepare_cached(
+                        "UPDATE catchment SET reason='granted', added_seq=?3 WHERE node=?1 AND patient=?2 AND reason='moved'",
+                    )?
+                    .execute(params![node, patient, seq as i64])?;
+                return Ok(n > 0);
+            }
             return Ok(false);
         }
         let seq = self.next_seq()?;
@@ -2317,6 +2347,51 @@ impl Tx<'_> {
             )?
             .execute(params![node, patient, seq as i64, reason])?;
         Ok(true)
+    }
+
+    /// A patient moved away from `node`: it no longer receives or reads the record,
+    /// may still push what it wrote before, and no rule gives it back (the row
+    /// stays, as `moved`, until `catchment remove` or a grant).
+    pub fn mark_moved(&mut self, node: &str, patient: &str) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("UPDATE catchment SET reason='moved' WHERE node=?1 AND patient=?2")?
+            .execute([node, patient])?
+            > 0)
+    }
+
+    /// Child: removes a patient's records that have nothing left to push (after a
+    /// move, by the parent's order). Returns (purged, kept because not yet pushed).
+    pub fn purge_patient(&mut self, patient: &str) -> Result<(u64, u64)> {
+        let keys: Vec<(String, String)> = self
+            .tx
+            .prepare_cached("SELECT kind, id FROM replica WHERE patient=?1")?
+            .query_map([patient], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<_, _>>()?;
+        let (mut purged, mut kept) = (0, 0);
+        for (kind, id) in keys {
+            let pending: bool = self
+                .tx
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM outbox WHERE kind=?1 AND id=?2)
+                         OR EXISTS(SELECT 1 FROM quarantine WHERE kind=?1 AND id=?2)",
+                )?
+                .query_row([&kind, &id], |r| r.get(0))?;
+            if pending {
+                kept += 1;
+                continue;
+            }
+            for sql in [
+                "DELETE FROM replica WHERE kind=?1 AND id=?2",
+                "DELETE FROM versions WHERE kind=?1 AND id=?2",
+                "DELETE FROM inbox WHERE kind=?1 AND id=?2",
+                "DELETE FROM emr_state WHERE kind=?1 AND id=?2",
+            ] {
+                self.tx.prepare_cached(sql)?.execute([&kind, &id])?;
+            }
+            purged += 1;
+        }
+        Ok((purged, kept))
     }
 
     /// Takes a patient out of a node's catchment, whatever put it there.

@@ -378,12 +378,15 @@ fn config_check_refuses_an_emr_credential_others_may_read() {
     let creds = dir.path().join("openmrs.credentials");
     std::fs::write(&creds, "sync:secret\n").unwrap();
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let token = dir.path().join("parent.token");
+    clinicsync::filemode::write_private(&token, b"t0123456789\n").unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(
         &config,
         format!(
-            "[node]\nid = \"a\"\nstore = \"{}\"\n[emr]\nkind = \"openmrs\"\nurl = \"http://127.0.0.1:9\"\ncredentials_file = \"{}\"\n",
+            "[node]\nid = \"a\"\nstore = \"{}\"\n[parent]\nurl = \"http://127.0.0.1:9\"\ntoken_file = \"{}\"\n[emr]\nkind = \"openmrs\"\nurl = \"http://127.0.0.1:9\"\ncredentials_file = \"{}\"\n",
             dir.path().join("a.db").display(),
+            token.display(),
             creds.display()
         ),
     )

@@ -285,5 +285,6 @@ fn health_report(node: &str, heard_ms: Option<u64>) -> clinicsync::health::Healt
         clock_skew_ms: Some(-1_500),
         audit_entries: 42,
         audit_head: "ab".repeat(32),
+        link_rate_bps: None,
     }
 }

@@ -282,6 +282,7 @@ mod tests {
             clock_skew_ms: None,
             audit_entries: 1,
             audit_head: String::new(),
+            link_rate_bps: None,
         }
     }
 

@@ -26,6 +26,7 @@ use crate::transport::http::HttpClient;
 use crate::wire::Message;
 
 pub mod bench;
+pub mod catchment;
 pub mod children;
 pub mod demo;
 pub mod doctor;
@@ -386,6 +387,37 @@ pub enum CatchmentCmd {
     /// Take a patient from a child (a matching rule gives it back on the patient's
     /// next version; records the clinic already holds stay there).
     Remove { node: String, patient: String },
+    /// What a rule gives a child before it is enabled: patients, records, bytes and
+    /// the bootstrap time at the child's measured link rate. Without --path and
+    /// --equals: the child's rules as configured.
+    #[command(
+        after_help = "Examples:\n  clinicsync catchment preview clinic-c --path address.district --equals Vihiga\n  clinicsync catchment preview clinic-a --rate-kbit 64 --json"
+    )]
+    Preview {
+        node: String,
+        #[arg(long, requires = "equals")]
+        path: Option<String>,
+        #[arg(long, requires = "path")]
+        equals: Option<String>,
+        /// Link rate for the estimate when the child has measured none.
+        #[arg(long)]
+        rate_kbit: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A patient moves between clinics: the new one receives the whole record, the
+    /// old one no more of it (what it has not pushed yet is still accepted). With
+    /// --purge the old clinic is ordered to remove its copies, except unpushed ones.
+    #[command(
+        after_help = "Example:\n  clinicsync catchment move Patient/5b0c… clinic-a clinic-b --purge"
+    )]
+    Move {
+        patient: String,
+        from: String,
+        to: String,
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -848,8 +880,47 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
         let id = p.strip_prefix("Patient/").unwrap_or(p);
         Ok(RecordKey::new("Patient", id)?.id)
     };
+    match action {
+        CatchmentCmd::Preview {
+            node,
+            path,
+            equals,
+            rate_kbit,
+            json,
+        } => {
+            let proposed = match (path, equals) {
+                (Some(path), Some(equals)) => {
+                    let rule = engine::CatchmentRule {
+                        node: node.clone(),
+                        path,
+                        equals,
+                    };
+                    if rule.path.is_empty() || rule.path.split('.').any(|s| s.is_empty()) {
+                        return Err(Failure::new(
+                            2,
+                            format!(
+                                "--path {:?} must be a dotted field path such as address.district",
+                                rule.path
+                            ),
+                        ));
+                    }
+                    Some(rule)
+                }
+                _ => None,
+            };
+            return catchment::preview(cfg, &node, proposed, rate_kbit, json);
+        }
+        CatchmentCmd::Move {
+            patient,
+            from,
+            to,
+            purge,
+        } => return catchment::move_patient(cfg, &patient, &from, &to, purge, now),
+        _ => {}
+    }
     let mut store = open_existing(cfg)?;
     match action {
+        CatchmentCmd::Preview { .. } | CatchmentCmd::Move { .. } => {}
         CatchmentCmd::List { node, json } => {
             let rows = store.catchment_list(node.as_deref())?;
             if json {
