@@ -1009,6 +1009,7 @@ fn doctor_names_the_account_clock_modules_feeds_and_how_creates_keep_their_uuid(
     let mut cats = shipped();
     cats.retain(|c| c != "form");
     cats.push("concept".into());
+    cats.push("locations".into());
     let mut emr = OpenMrs::new(
         &sim.url,
         "sync",
@@ -1052,8 +1053,9 @@ fn doctor_names_the_account_clock_modules_feeds_and_how_creates_keep_their_uuid(
     assert!(
         feeds
             .detail
-            .contains("concept: empty, and the shipped configuration disables it")
-            && feeds.detail.contains("not read: form"),
+            .contains("concept: no events yet — the shipped configuration disables this category")
+            && feeds.detail.contains("not read: form")
+            && feeds.detail.contains("locations: no events yet, and no shipped or Bahmni configuration has this category (a typo"),
         "{}",
         feeds.detail
     );

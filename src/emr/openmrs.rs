@@ -1801,7 +1801,14 @@ fn diagnose(om: &mut OpenMrs) -> Vec<EmrCheck> {
                 } else if SHIPPED_DISABLED.contains(&cat.as_str()) {
                     level = Warn;
                     notes.push(format!(
-                        "{cat}: empty, and the shipped configuration disables it"
+                        "{cat}: no events yet — the shipped configuration disables this category: check it is enabled at this OpenMRS"
+                    ));
+                } else if !SHIPPED_CATEGORIES.contains(&cat.as_str())
+                    && !["encountertype", "Encounter"].contains(&cat.as_str())
+                {
+                    level = Warn;
+                    notes.push(format!(
+                        "{cat}: no events yet, and no shipped or Bahmni configuration has this category (a typo, or an entry you added?)"
                     ));
                 } else {
                     notes.push(format!("{cat}: no events yet"));
