@@ -1671,13 +1671,7 @@ pub fn apply_inbox_to_emr(
             let source = format!("pull:{peer}");
             if let Some((dep, why)) = blocker(store, v)? {
                 let mut tx = store.begin()?;
-                let reason = format!(
-                    "waiting for {dep}: {}",
-                    why.trim_start_matches("waiting for ")
-                );
-                tx.quarantine(&key, Stage::Apply, &reason, false, now_ms, |_| {
-                    24 * 3_600_000
-                })?;
+                tx.quarantine_waiting(&key, &dep, &why, now_ms, 24 * 3_600_000)?;
                 tx.commit()?;
                 summary.blocked += 1;
                 continue;
@@ -1810,13 +1804,7 @@ fn write_replica_version(
     }
     if let Some((dep, why)) = waits_for {
         let mut tx = store.begin()?;
-        let reason = format!(
-            "waiting for {dep}: {}",
-            why.trim_start_matches("waiting for ")
-        );
-        tx.quarantine(&key, Stage::Apply, &reason, false, now_ms, |_| {
-            policy.emr_retry_ms
-        })?;
+        tx.quarantine_waiting(&key, &dep, &why, now_ms, policy.emr_retry_ms)?;
         tx.commit()?;
         return Ok(EmrWrite::Waiting);
     }

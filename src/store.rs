@@ -223,6 +223,15 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE conflicts ADD COLUMN lost_at TEXT NOT NULL DEFAULT '';
     "#,
+    // 10: the record a quarantined record waits for (`Kind/id`), so it is released
+    // by that column when the blocker succeeds, not by matching its reason's text.
+    // Rows from before take it from their "waiting for Kind/id: …" reason.
+    r#"
+    ALTER TABLE quarantine ADD COLUMN blocked_by TEXT;
+    UPDATE quarantine SET blocked_by = substr(reason, 13, instr(reason, ': ') - 13)
+      WHERE stage = 'apply' AND reason LIKE 'waiting for %: %';
+    CREATE INDEX quarantine_blocked ON quarantine(blocked_by) WHERE blocked_by IS NOT NULL;
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1636,9 +1645,31 @@ impl Tx<'_> {
     /// Makes records blocked behind `key` due now.
     pub fn release_blocked_by(&mut self, key: &RecordKey, now_ms: u64) -> Result<usize> {
         Ok(self.tx.execute(
-            "UPDATE quarantine SET next_retry_ms=?1 WHERE stage='apply' AND reason LIKE ?2",
-            params![now_ms as i64, format!("waiting for {key}:%")],
+            "UPDATE quarantine SET next_retry_ms=?1 WHERE stage='apply' AND blocked_by=?2",
+            params![now_ms as i64, key.to_string()],
         )?)
+    }
+
+    /// Quarantines `key` (apply stage) until `dep` succeeds or `retry_ms` passes.
+    pub fn quarantine_waiting(
+        &mut self,
+        key: &RecordKey,
+        dep: &RecordKey,
+        why: &str,
+        now_ms: u64,
+        retry_ms: u64,
+    ) -> Result<u32> {
+        let reason = format!(
+            "waiting for {dep}: {}",
+            why.trim_start_matches("waiting for ")
+        );
+        let n = self.quarantine(key, Stage::Apply, &reason, false, now_ms, |_| retry_ms)?;
+        self.tx
+            .prepare_cached(
+                "UPDATE quarantine SET blocked_by=?3 WHERE kind=?1 AND id=?2 AND stage='apply'",
+            )?
+            .execute(params![key.kind, key.id, dep.to_string()])?;
+        Ok(n)
     }
 
     pub fn set_meta_u64(&mut self, key: &str, value: u64) -> Result<()> {
@@ -1976,7 +2007,8 @@ impl Tx<'_> {
                 "INSERT INTO quarantine(kind, id, stage, reason, permanent, attempts, first_ms, last_ms, next_retry_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)
                  ON CONFLICT(kind, id, stage) DO UPDATE SET reason=excluded.reason, permanent=excluded.permanent,
-                   attempts=excluded.attempts, last_ms=excluded.last_ms, next_retry_ms=excluded.next_retry_ms",
+                   attempts=excluded.attempts, last_ms=excluded.last_ms, next_retry_ms=excluded.next_retry_ms,
+                   blocked_by=NULL",
             )?
             .execute(params![key.kind, key.id, stage.as_str(), reason, permanent, attempts as i64, now_ms as i64, next as i64])?;
         Ok(attempts)
@@ -2518,6 +2550,61 @@ mod tests {
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(store.counts().unwrap().head_seq, 41);
         assert!(store.trusted_list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn records_waiting_before_migration_10_are_still_released_by_their_blocker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            // A store at schema 9, with a record waiting for its Patient.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL);").unwrap();
+            for (i, m) in MIGRATIONS[..9].iter().enumerate() {
+                conn.execute_batch(m).unwrap();
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?1, 0)",
+                    [i as i64 + 1],
+                )
+                .unwrap();
+            }
+            conn.execute("INSERT INTO meta VALUES ('node_id', 'a')", [])
+                .unwrap();
+            conn.execute(
+                "INSERT INTO quarantine VALUES ('Encounter', 'e1', 'apply', 'waiting for Patient/p1: not in the EMR yet', 0, 1, 0, 0, 999999999999)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(&path, "a").unwrap();
+        let mut tx = store.begin().unwrap();
+        let p1 = RecordKey::parse("Patient/p1").unwrap();
+        assert_eq!(
+            tx.release_blocked_by(&RecordKey::parse("Patient/p10").unwrap(), 5)
+                .unwrap(),
+            0
+        );
+        assert_eq!(tx.release_blocked_by(&p1, 5).unwrap(), 1);
+        // New waits carry the column; a reason that merely mentions a record does not.
+        let e2 = RecordKey::parse("Encounter/e2").unwrap();
+        tx.quarantine_waiting(&e2, &p1, "waiting for Patient/p1: refused", 1, 1_000_000)
+            .unwrap();
+        let e3 = RecordKey::parse("Encounter/e3").unwrap();
+        tx.quarantine(
+            &e3,
+            Stage::Apply,
+            "waiting for Patient/p1: typed by hand",
+            false,
+            1,
+            |_| 1_000_000,
+        )
+        .unwrap();
+        assert_eq!(
+            tx.release_blocked_by(&p1, 7).unwrap(),
+            2,
+            "e1 and e2, not e3"
+        );
+        tx.commit().unwrap();
     }
 
     #[test]

@@ -6,6 +6,8 @@ CREATE INDEX health_received ON health(received_ms);
 CREATE INDEX orders_out_pending ON orders_out(node, state);
 -- index outbox_order
 CREATE INDEX outbox_order ON outbox(oseq);
+-- index quarantine_blocked
+CREATE INDEX quarantine_blocked ON quarantine(blocked_by) WHERE blocked_by IS NOT NULL;
 -- index replica_patient
 CREATE INDEX replica_patient ON replica(patient, seq) WHERE patient IS NOT NULL;
 -- table audit
@@ -93,7 +95,7 @@ CREATE TABLE quarantine (
         kind TEXT NOT NULL, id TEXT NOT NULL, stage TEXT NOT NULL,
         reason TEXT NOT NULL, permanent INTEGER NOT NULL,
         attempts INTEGER NOT NULL, first_ms INTEGER NOT NULL,
-        last_ms INTEGER NOT NULL, next_retry_ms INTEGER NOT NULL,
+        last_ms INTEGER NOT NULL, next_retry_ms INTEGER NOT NULL, blocked_by TEXT,
         PRIMARY KEY (kind, id, stage)
     );
 -- table replica
