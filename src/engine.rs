@@ -214,9 +214,109 @@ fn integrate(
         local.snapshot.hash == incoming.snapshot.hash && local.deleted == incoming.deleted;
     match incoming.vv.compare(&local.vv) {
         Causality::Same if same_content => Ok(Integrated::Duplicate),
+        Causality::Newer
+            if from_upstream
+                && !same_content
+                && local.origin == tx.node_id()
+                && tx.in_outbox(&key)?
+                && restoring(tx, source)? =>
+        {
+            // This node's own unpushed write is dominated by what its parent holds:
+            // its counters restarted (a box wiped and reinstalled, written to before
+            // its first pull). Not an older version but a concurrent edit: resolved by
+            // the usual policy, never dropped as stale.
+            // No field merge: the vectors name different versions on either side of
+            // the restart, so no common ancestor can be found by them. The later
+            // clock wins, as for any conflict that cannot be merged.
+            let me = tx.node_id().to_string();
+            let rank = |v: &Version| (v.hlc, v.origin.clone(), v.snapshot.hash);
+            let local_wins = rank(&local) > rank(incoming);
+            let result = if local_wins {
+                Version {
+                    snapshot: local.snapshot.clone(),
+                    origin: me.clone(),
+                    hlc: tx.tick(now_ms)?,
+                    // It must dominate the parent's vector, or the parent calls it stale.
+                    vv: incoming.vv.join(&local.vv).bumped(&me),
+                    deleted: local.deleted,
+                }
+            } else {
+                incoming.clone()
+            };
+            let incoming_lost = local_wins;
+            let resolution = format!(
+                "{} kept (later clock); this node's edit was written before its first sync after a reinstall, when its counters restarted",
+                if local_wins { "this node's edit" } else { "the parent's version" }
+            );
+            tx.remember(incoming, source, "conflict", now_ms)?;
+            store_version(tx, &result, source, None, "resolved", now_ms)?;
+            tx.add_conflict(&key, &local, incoming, &resolution, &result.vv, now_ms)?;
+            tx.audit(
+                now_ms,
+                source,
+                "conflict",
+                &key.to_string(),
+                &result.snapshot.hash.short(),
+                &resolution,
+            )?;
+            Ok(Integrated::Conflict {
+                resolution,
+                result: Box::new(result),
+                incoming_lost,
+            })
+        }
         Causality::Newer => {
             store_version(tx, incoming, source, sender, "accepted", now_ms)?;
             Ok(Integrated::Accepted)
+        }
+        Causality::Older
+            if sender.is_some()
+                && tx
+                    .version_by_vv(&key, &incoming.vv)?
+                    .is_some_and(|h| h.snapshot.hash != incoming.snapshot.hash) =>
+        {
+            // The vector names other content in this node's history: the child wrote
+            // this under counters that restarted (a box wiped and reinstalled). Not
+            // an old copy but a new edit, concurrent with what is held here.
+            let me = tx.node_id().to_string();
+            let rank = |v: &Version| (v.hlc, v.origin.clone(), v.snapshot.hash);
+            let incoming_wins = rank(incoming) > rank(&local);
+            let result = Version {
+                snapshot: if incoming_wins {
+                    incoming.snapshot.clone()
+                } else {
+                    local.snapshot.clone()
+                },
+                origin: me.clone(),
+                hlc: tx.tick(now_ms)?,
+                vv: local.vv.join(&incoming.vv).bumped(&me),
+                deleted: if incoming_wins {
+                    incoming.deleted
+                } else {
+                    local.deleted
+                },
+            };
+            let resolution = format!(
+                "{} kept (later clock); {}'s edit reused a version vector it had written before (its counters restarted after a reinstall)",
+                if incoming_wins { format!("{}'s new edit", incoming.origin) } else { "the version held here".to_string() },
+                incoming.origin
+            );
+            tx.remember(incoming, source, "conflict", now_ms)?;
+            store_version(tx, &result, source, None, "resolved", now_ms)?;
+            tx.add_conflict(&key, &local, incoming, &resolution, &result.vv, now_ms)?;
+            tx.audit(
+                now_ms,
+                source,
+                "conflict",
+                &key.to_string(),
+                &result.snapshot.hash.short(),
+                &resolution,
+            )?;
+            Ok(Integrated::Conflict {
+                resolution,
+                result: Box::new(result),
+                incoming_lost: !incoming_wins,
+            })
         }
         Causality::Older => {
             tx.remember(incoming, source, "stale", now_ms)?;
@@ -247,6 +347,14 @@ fn integrate(
             })
         }
     }
+}
+
+/// Whether a child is still on its first pull from `source`'s parent (new or
+/// reinstalled: its own records are coming back).
+fn restoring(tx: &Tx<'_>, source: &str) -> Result<bool> {
+    let parent = source.strip_prefix("pull:").unwrap_or(source);
+    Ok(tx.cursor(parent)? == crate::wire::Cursor::default()
+        || tx.meta_str(RESTORING)?.as_deref() == Some("1"))
 }
 
 fn store_version(

@@ -79,6 +79,14 @@ fn a_wiped_clinic_gets_everything_back_and_carries_on() {
         json!({"resourceType":"Bundle","type":"collection","entry":entries}),
     );
     ok(cli(a, &["sync"]));
+    // p3 is edited once more before the box dies: the hub holds clinic-a's 2nd write.
+    put(
+        a,
+        dir.path(),
+        "p3-second.json",
+        json!({"resourceType":"Patient","id":"p3","gender":"female","birthDate":"1980-01-01","address":[{"district":"North"}]}),
+    );
+    ok(cli(a, &["sync"]));
     ok(cli(a, &["export", stick.to_str().unwrap()]));
     let first = exports(&stick);
     ok(cli(hubc, &["import", first[0].to_str().unwrap()]));
@@ -110,7 +118,8 @@ fn a_wiped_clinic_gets_everything_back_and_carries_on() {
     );
     ok(cli(hubc, &["keys", "trust", &new_pub, "--replace"]));
 
-    // Clinicians start work before the first sync.
+    // Clinicians start work before the first sync: three new patients, and an edit
+    // of one this clinic wrote before the wipe (its counters restarted at 1).
     for i in 0..3 {
         put(
             a,
@@ -119,7 +128,32 @@ fn a_wiped_clinic_gets_everything_back_and_carries_on() {
             patient(&format!("n{i}"), "North"),
         );
     }
+    put(
+        a,
+        dir.path(),
+        "early-edit.json",
+        json!({"resourceType":"Patient","id":"p3","gender":"female","birthDate":"1990-03-03","address":[{"district":"North"}]}),
+    );
     ok(cli(a, &["sync"]));
+    ok(cli(a, &["sync"]));
+    eprintln!(
+        "HUB {}",
+        String::from_utf8_lossy(&cli(hubc, &["history", "Patient/p3"]).stdout)
+    );
+    eprintln!(
+        "CLINIC {}",
+        String::from_utf8_lossy(&cli(a, &["history", "Patient/p3"]).stdout)
+    );
+    // The early edit is neither stale nor lost: it is the record everywhere.
+    let early = |s: &Store| get(s, "Patient/p3").unwrap()["birthDate"].clone();
+    assert_eq!(
+        early(&Store::open_existing(&l.clinics[0].store).unwrap()),
+        "1990-03-03"
+    );
+    assert_eq!(
+        early(&Store::open_existing(&l.hub.store).unwrap()),
+        "1990-03-03"
+    );
     let c = Store::open_existing(&l.clinics[0].store).unwrap();
     assert_eq!(c.counts().unwrap().records, 503, "not everything came back");
     assert!(get(&c, "Encounter/e249").is_some());
@@ -144,10 +178,19 @@ fn a_wiped_clinic_gets_everything_back_and_carries_on() {
         "male",
         "the edit was judged stale"
     );
+    // The one conflict is the edit made before the first sync: it reused the vector
+    // of this clinic's own pre-wipe write of p3, so the hub resolved it as a new edit
+    // (kept, by the later clock) and kept both for review. None for edits after it.
+    let conflicts = h.conflicts_list(false, None).unwrap();
     assert_eq!(
-        h.counts().unwrap().conflicts,
-        0,
-        "the node conflicted with itself"
+        conflicts.len(),
+        1,
+        "the node conflicted with itself: {conflicts:?}"
+    );
+    assert_eq!(conflicts[0].record, "Patient/p3");
+    assert!(
+        conflicts[0].resolution.contains("counters restarted"),
+        "{conflicts:?}"
     );
     let p7 = h
         .current(&RecordKey::parse("Patient/p7").unwrap())
