@@ -1152,6 +1152,19 @@ async fn sync_loop(
                 let d = delays
                     .next()
                     .unwrap_or(Duration::from_secs(cfg.sync.backoff_max_secs));
+                if matches!(
+                    e,
+                    SyncError::Transport(TransportError::Status {
+                        status: 401 | 403,
+                        ..
+                    })
+                ) {
+                    // The credential was refused: the next round connects again and
+                    // so re-reads the token file (a rotated token installed at the
+                    // clinic takes effect without a restart).
+                    link = None;
+                    info!(node = %shared.0.node_id, peer = PARENT, "credential refused: the token file is read again before the next round");
+                }
                 warn!(node = %shared.0.node_id, peer = PARENT, error = %e, retry_in_s = d.as_secs(), "sync failed");
                 // systemd's status line follows failures too (`systemctl status`).
                 let status = format!("sync failing (retry in {} s): {e}", d.as_secs());

@@ -302,3 +302,52 @@ fn a_rotated_credential_overlaps_then_the_old_one_is_refused() {
     assert!(cli(&a2, &["sync"]).status.success());
     assert_eq!(net.hub.pid(), pid);
 }
+
+#[test]
+fn a_running_clinic_takes_a_rotated_token_from_its_file_without_a_restart() {
+    let net = start();
+    // The clinic runs as a daemon, rounding every second.
+    let text_cfg = std::fs::read_to_string(&net.a_config).unwrap();
+    std::fs::write(
+        &net.a_config,
+        text_cfg.replace(
+            "[sync]\n",
+            "[sync]\ninterval_secs = 1\nbackoff_min_secs = 1\nbackoff_max_secs = 1\n",
+        ),
+    )
+    .unwrap();
+    let mut clinic = Proc::spawn(Path::new(BIN), "a", &net.a_config, &["run"]).unwrap();
+    let new_token = net.dir.join("a.token.rotated");
+    let out = cli(
+        &net.hub_config,
+        &[
+            "child",
+            "rotate",
+            "a",
+            "--overlap",
+            "0s",
+            "--token-file",
+            new_token.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let p = net.dir.join("after-rotation.json");
+    std::fs::write(&p, patient("rot", "North").to_string()).unwrap();
+    assert!(cli(&net.a_config, &["put", p.to_str().unwrap()])
+        .status
+        .success());
+    let at_hub = || {
+        String::from_utf8_lossy(&cli(&net.hub_config, &["ls", "Patient", "--json"]).stdout)
+            .contains("Patient/rot")
+    };
+    // With the old token the record cannot go up…
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!at_hub(), "the old token was still accepted");
+    // …the technician installs the new one (runbook): the running daemon uses it.
+    std::fs::copy(&new_token, net.dir.join("a.token")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), at_hub),
+        "the running clinic never used the new token"
+    );
+    clinic.terminate();
+}
