@@ -112,6 +112,15 @@ pub fn sync_with_progress(
 ) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     let mut report = SyncReport::default();
+    {
+        // A record too large for any message is set aside, never sent to block
+        // everything behind it.
+        let mut tx = store.begin()?;
+        for (key, size) in tx.quarantine_oversized(wall_ms())? {
+            warn!(node = %policy.node_id, record = %key, mib = size >> 20, "record too large to carry: quarantined");
+        }
+        tx.commit()?;
+    }
     SYNCING.store(true, Ordering::Relaxed);
     beat();
     // Adaptive sizing: the byte budget of a batch or page halves after a failed

@@ -513,6 +513,17 @@ pub fn write_local(
     items: Vec<(Snapshot, bool)>,
     now_ms: u64,
 ) -> Result<Vec<LocalWrite>> {
+    if let Some((s, _)) = items
+        .iter()
+        .find(|(s, _)| s.body.len() > crate::store::MAX_RECORD_BYTES)
+    {
+        return Err(EngineError::Invalid(format!(
+            "{} is {} MiB: the largest record clinicsync carries is {} MiB (attachments belong in a document store); nothing was written",
+            s.key,
+            s.body.len() >> 20,
+            crate::store::MAX_RECORD_BYTES >> 20
+        )));
+    }
     let mut tx = store.begin()?;
     let mut out = Vec::with_capacity(items.len());
     for (snapshot, deleted) in items {

@@ -236,6 +236,12 @@ const MIGRATIONS: &[&str] = &[
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// The largest record body clinicsync carries (canonical JSON). A larger one would
+/// make every message it rides in too large for any hub; it is refused when written
+/// and, if it is in the outbox already (captured from an EMR), quarantined instead of
+/// sent (`Tx::quarantine_oversized`), so it never blocks the queue.
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
+
 /// Longest quarantine reason kept, in characters.
 pub const MAX_REASON_CHARS: usize = 2_000;
 
@@ -616,7 +622,7 @@ impl Store {
     ) -> Result<(Vec<Stored>, u64)> {
         let sql = format!(
             "SELECT {REPLICA_COLS_R}, o.oseq FROM outbox o JOIN replica r ON r.kind=o.kind AND r.id=o.id
-             WHERE o.oseq > ?3 AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.kind=o.kind AND q.id=o.id
+             WHERE o.oseq > ?3 AND length(r.body) <= {MAX_RECORD_BYTES} AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.kind=o.kind AND q.id=o.id
                                AND q.stage='push' AND q.next_retry_ms > ?1)
              ORDER BY o.oseq LIMIT ?2"
         );
@@ -1648,6 +1654,38 @@ impl Tx<'_> {
             "UPDATE quarantine SET next_retry_ms=?1 WHERE stage='apply' AND blocked_by=?2",
             params![now_ms as i64, key.to_string()],
         )?)
+    }
+
+    /// Quarantines (push stage, permanent) every queued record over
+    /// [`MAX_RECORD_BYTES`] that is not already held there; returns them with sizes.
+    pub fn quarantine_oversized(&mut self, now_ms: u64) -> Result<Vec<(RecordKey, u64)>> {
+        let big: Vec<(RecordKey, u64)> = self
+            .tx
+            .prepare_cached(&format!(
+                "SELECT o.kind, o.id, length(r.body) FROM outbox o JOIN replica r ON r.kind=o.kind AND r.id=o.id
+                 WHERE length(r.body) > {MAX_RECORD_BYTES} AND NOT EXISTS (SELECT 1 FROM quarantine q
+                   WHERE q.kind=o.kind AND q.id=o.id AND q.stage='push' AND q.next_retry_ms > ?1)"
+            ))?
+            .query_map([now_ms as i64], |r| {
+                Ok((
+                    RecordKey {
+                        kind: r.get(0)?,
+                        id: r.get(1)?,
+                    },
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?
+            .collect::<std::result::Result<_, _>>()?;
+        for (key, size) in &big {
+            let reason = format!(
+                "{key} is {} MiB; the largest record clinicsync carries is {} MiB: make it smaller at its source (attachments belong in a document store), then `quarantine retry`, or `quarantine drop` it",
+                size >> 20,
+                MAX_RECORD_BYTES >> 20
+            );
+            // Not sent while it is this large: re-checked every round.
+            self.quarantine(key, Stage::Push, &reason, true, now_ms, |_| 3_600_000)?;
+        }
+        Ok(big)
     }
 
     /// Quarantines `key` (apply stage) until `dep` succeeds or `retry_ms` passes.

@@ -406,3 +406,63 @@ fn config_check_refuses_an_emr_credential_others_may_read() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_record_too_large_to_carry_is_refused_or_set_aside_and_never_blocks_the_queue() {
+    use clinicsync::model::{Snapshot, Version, VersionVector};
+    use clinicsync::store::wall_ms;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
+    let huge = serde_json::json!({"resourceType": "Patient", "id": "big",
+        "address": [{"district": "North"}], "name": [{"family": "x".repeat(20 << 20)}]});
+    // Written by hand: refused, nothing written.
+    let file = dir.path().join("big.json");
+    std::fs::write(&file, huge.to_string()).unwrap();
+    let out = a.cli(&["put", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Patient/big is 20 MiB") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(a.store.counts().unwrap().records, 0);
+    // Already queued (as a capture from an EMR would queue it), ahead of a normal one.
+    {
+        let snapshot = Snapshot::from_json_value(huge).unwrap();
+        let key = snapshot.key.clone();
+        let mut tx = a.store.begin().unwrap();
+        let hlc = tx.tick(wall_ms()).unwrap();
+        let v = Version {
+            snapshot,
+            origin: "a".into(),
+            hlc,
+            vv: VersionVector::default().bumped("a"),
+            deleted: false,
+        };
+        tx.put_current(&v, None, wall_ms()).unwrap();
+        tx.enqueue(&key, wall_ms()).unwrap();
+        tx.commit().unwrap();
+    }
+    a.put(vec![patient("small", "North")]);
+    let rep = a.sync().unwrap();
+    assert_eq!(rep.pushed.accepted, 1, "{rep:?}");
+    assert!(get(&hub.store(), "Patient/small").is_some());
+    let q = a.store.quarantine_list().unwrap();
+    assert_eq!(q.len(), 1);
+    assert!(
+        q[0].reason.contains("Patient/big is 20 MiB") && q[0].permanent,
+        "{q:?}"
+    );
+    // Retried by hand while still too large: set aside again, never sent.
+    assert!(a.cli(&["quarantine", "retry", "--all"]).status.success());
+    a.sync().unwrap();
+    assert_eq!(a.store.quarantine_list().unwrap().len(), 1);
+    assert!(get(&hub.store(), "Patient/big").is_none());
+}
