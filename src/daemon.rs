@@ -86,6 +86,11 @@ pub struct SyncReport {
 /// Meta keys: this node's clock minus the parent's (ms, signed, as text) and when it
 /// was measured.
 pub const CLOCK_SKEW_KEY: &str = "parent_clock_skew_ms";
+
+/// How far this node's logical clock may run ahead of its wall clock before a round
+/// puts it back ([`crate::store::Tx::rebase_clock`]): well inside a hub's
+/// `max_clock_ahead_secs` (300 s by default).
+pub const CLOCK_REBASE_MS: u64 = 60_000;
 pub const CLOCK_SEEN_KEY: &str = "parent_clock_seen_ms";
 
 /// One push-then-pull round with the parent, until the outbox is drained (or only
@@ -118,6 +123,21 @@ pub fn sync_with_progress(
         let mut tx = store.begin()?;
         for (key, size) in tx.quarantine_oversized(wall_ms())? {
             warn!(node = %policy.node_id, record = %key, mib = size >> 20, "record too large to carry: quarantined");
+        }
+        // A clock that ran fast and was set right: this node's clock comes back, and
+        // its unpushed writes stamped in the future are stamped again, so its parent
+        // takes them now instead of in days.
+        let restamped = tx.rebase_clock(wall_ms(), CLOCK_REBASE_MS)?;
+        if !restamped.is_empty() {
+            warn!(node = %policy.node_id, records = restamped.len(), "this node's clock had run ahead of the wall clock (set right since): unpushed writes stamped again");
+            tx.audit(
+                wall_ms(),
+                "local",
+                "clock-rebase",
+                "",
+                "",
+                &format!("{} unpushed record(s) stamped again", restamped.len()),
+            )?;
         }
         tx.commit()?;
     }

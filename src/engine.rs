@@ -868,7 +868,7 @@ fn validate(
         // and the reason tells the technician to fix the clock meanwhile.
         return Err((
             format!(
-                "record is stamped {} ahead of this hub's clock (limit {}): {}'s clock is wrong; fix it (NTP) — this record is retried and accepted once the hub's time reaches its stamp",
+                "record is stamped {} ahead of this hub's clock (limit {}): {}'s clock is wrong; fix it (NTP) — once it is right the node stamps its unpushed records again and they are accepted (else when the hub's time reaches the stamp)",
                 crate::model::words_for_ms(ahead),
                 crate::model::words_for_ms(policy.max_clock_ahead_ms),
                 rec.origin

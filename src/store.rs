@@ -1789,6 +1789,69 @@ impl Tx<'_> {
         Ok(h)
     }
 
+    /// This node's clock ran far ahead of the wall clock (a clock that was fast and is
+    /// now set right): put it back to `now_ms`, and re-stamp this node's own versions
+    /// still waiting to be pushed whose stamps are more than `limit_ms` ahead — no
+    /// peer has them yet, so their stamp is this node's to change, and a parent
+    /// refuses records stamped too far ahead. Returns the re-stamped records.
+    /// Versions already pushed keep their stamps.
+    pub fn rebase_clock(&mut self, now_ms: u64, limit_ms: u64) -> Result<Vec<RecordKey>> {
+        let last = self.last_hlc()?;
+        if last.wall_ms <= now_ms.saturating_add(limit_ms) {
+            return Ok(Vec::new());
+        }
+        self.hlc = Some(Hlc {
+            wall_ms: now_ms,
+            counter: 0,
+        });
+        let ahead: Vec<(RecordKey, String, Vec<u8>)> = self
+            .tx
+            .prepare_cached(
+                "SELECT r.kind, r.id, r.vv, r.hash FROM outbox o JOIN replica r ON r.kind=o.kind AND r.id=o.id
+                 WHERE r.origin=?1 AND r.hlc_wall > ?2",
+            )?
+            .query_map(
+                params![self.node_id, now_ms.saturating_add(limit_ms) as i64],
+                |r| {
+                    Ok((
+                        RecordKey {
+                            kind: r.get(0)?,
+                            id: r.get(1)?,
+                        },
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
+            )?
+            .collect::<std::result::Result<_, _>>()?;
+        let mut out = Vec::new();
+        for (key, vv, hash) in ahead {
+            let h = self.tick(now_ms)?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE replica SET hlc_wall=?3, hlc_ctr=?4 WHERE kind=?1 AND id=?2",
+                )?
+                .execute(params![
+                    key.kind,
+                    key.id,
+                    h.wall_ms as i64,
+                    h.counter as i64
+                ])?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE versions SET hlc_wall=?5, hlc_ctr=?6 WHERE kind=?1 AND id=?2 AND vv=?3 AND hash=?4",
+                )?
+                .execute(params![key.kind, key.id, vv, hash, h.wall_ms as i64, h.counter as i64])?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE quarantine SET next_retry_ms=?3 WHERE kind=?1 AND id=?2 AND stage='push'",
+                )?
+                .execute(params![key.kind, key.id, now_ms as i64])?;
+            out.push(key);
+        }
+        Ok(out)
+    }
+
     /// Moves the node's clock past a stamp received from a peer.
     pub fn observe(&mut self, remote: Hlc, now_ms: u64) -> Result<()> {
         let last = self.last_hlc()?;

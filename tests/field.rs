@@ -466,3 +466,55 @@ fn a_record_too_large_to_carry_is_refused_or_set_aside_and_never_blocks_the_queu
     assert_eq!(a.store.quarantine_list().unwrap().len(), 1);
     assert!(get(&hub.store(), "Patient/big").is_none());
 }
+
+#[test]
+fn writes_stamped_while_the_clock_was_fast_go_up_once_the_clock_is_set_right() {
+    use clinicsync::model::Snapshot;
+    use clinicsync::store::wall_ms;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
+    // Written while the clinic's clock was two days fast (the stamps say so)…
+    let two_days = 2 * 86_400_000;
+    let items = vec![(
+        Snapshot::from_json_value(patient("fast", "North")).unwrap(),
+        false,
+    )];
+    clinicsync::engine::write_local(&mut a.store, &a.policy, items, wall_ms() + two_days).unwrap();
+    // …then the clock is set right, before the next sync: the writes go up now,
+    // not in two days, and the node's clock is back with the wall clock.
+    let rep = a.sync().unwrap();
+    assert_eq!(
+        rep.pushed.accepted,
+        1,
+        "{rep:?}: {:?}",
+        a.store.quarantine_list()
+    );
+    let held = hub
+        .store()
+        .current(&clinicsync::model::RecordKey::parse("Patient/fast").unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(
+        held.version.hlc.wall_ms <= wall_ms() + 1_000,
+        "{:?}",
+        held.version.hlc
+    );
+    a.put(vec![patient("later", "North")]);
+    assert_eq!(a.sync().unwrap().pushed.accepted, 1);
+    let db = rusqlite::Connection::open(dir.path().join("a.db")).unwrap();
+    let rebased: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM audit WHERE action = 'clock-rebase'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rebased, 1);
+}
