@@ -603,9 +603,10 @@ pub struct Reviewed {
     pub record: String,
     /// What was kept, in words (also the audit entry's detail).
     pub kept: String,
-    /// The new version's vector, if the review wrote one (keeping what the policy
-    /// kept writes nothing: the current version already supersedes both sides).
-    pub new_vv: Option<String>,
+    /// The new version's vector (JSON, as `conflicts show` has it), if the review
+    /// wrote one (keeping what the policy kept writes nothing: the current version
+    /// already supersedes both sides).
+    pub new_vv: Option<serde_json::Value>,
 }
 
 /// A person's review of conflict `n`: keeps one side, the other or new content.
@@ -756,7 +757,7 @@ pub fn review_conflict(
         conflict: n,
         record: key.to_string(),
         kept,
-        new_vv: Some(vv.to_string()),
+        new_vv: serde_json::from_str(&vv.to_json()).ok(),
     })
 }
 
@@ -934,6 +935,19 @@ fn authorize(
                 format!(
                     "{} belongs to Patient/{held_by}, which is not in the catchment of {child}: a node cannot move another node's record to its own patient",
                     v.key()
+                ),
+                true,
+            ));
+        }
+    }
+    if let Some(moved) = tx.moved_at(child, patient).map_err(store_refusal)? {
+        // The patient moved away from this child: what it wrote before the move still
+        // comes up (nothing is lost); nothing it stamps after.
+        if v.hlc.wall_ms > moved {
+            return Err((
+                format!(
+                    "Patient/{patient} moved from {child} to another clinic at {}: {child} may send only what it wrote before the move",
+                    crate::cli::fmt_time(moved)
                 ),
                 true,
             ));

@@ -44,6 +44,18 @@ pub enum OrderKind {
 }
 
 impl OrderKind {
+    /// What a technician at the node types to do the same.
+    pub fn local_equivalent(&self) -> String {
+        match self {
+            OrderKind::QuarantineRetry { record: Some(r) } => format!("`clinicsync quarantine retry {r}`"),
+            OrderKind::QuarantineRetry { record: None } => "`clinicsync quarantine retry --all`".into(),
+            OrderKind::QuarantineDrop { record } => format!("`clinicsync quarantine drop {record}`"),
+            OrderKind::Resync => "`clinicsync sync --bootstrap` after moving the store aside (README: Reinstall)".into(),
+            OrderKind::Diagnostics => "`clinicsync status`, `clinicsync quarantine list` and `clinicsync doctor`".into(),
+            OrderKind::Purge { patient } => format!("a purge of Patient/{patient} by hand (not offered there: leave it, or allow remote orders)"),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             OrderKind::QuarantineRetry { record: Some(r) } => format!("quarantine retry {r}"),
@@ -163,9 +175,9 @@ pub fn execute(
             (
                 "refused",
                 format!(
-                    "{} does not accept remote orders (node.remote_orders = false): run `clinicsync {}` there",
+                    "{} does not accept remote orders (node.remote_orders = false): someone there must run {}",
                     policy.node_id,
-                    o.kind.describe()
+                    o.kind.local_equivalent()
                 ),
             )
         } else {

@@ -232,6 +232,11 @@ const MIGRATIONS: &[&str] = &[
       WHERE stage = 'apply' AND reason LIKE 'waiting for %: %';
     CREATE INDEX quarantine_blocked ON quarantine(blocked_by) WHERE blocked_by IS NOT NULL;
     "#,
+    // 11: when a patient moved away from a node (`catchment move`): that node may
+    // still push what it wrote before, nothing stamped after.
+    r#"
+    ALTER TABLE catchment ADD COLUMN moved_ms INTEGER;
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -2485,12 +2490,27 @@ impl Tx<'_> {
     /// A patient moved away from `node`: it no longer receives or reads the record,
     /// may still push what it wrote before, and no rule gives it back (the row
     /// stays, as `moved`, until `catchment remove` or a grant).
-    pub fn mark_moved(&mut self, node: &str, patient: &str) -> Result<bool> {
+    pub fn mark_moved(&mut self, node: &str, patient: &str, now_ms: u64) -> Result<bool> {
         Ok(self
             .tx
-            .prepare_cached("UPDATE catchment SET reason='moved' WHERE node=?1 AND patient=?2")?
-            .execute([node, patient])?
+            .prepare_cached(
+                "UPDATE catchment SET reason='moved', moved_ms=?3 WHERE node=?1 AND patient=?2",
+            )?
+            .execute(params![node, patient, now_ms as i64])?
             > 0)
+    }
+
+    /// When `patient` moved away from `node`, if it did (`None`: held, or never).
+    pub fn moved_at(&self, node: &str, patient: &str) -> Result<Option<u64>> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "SELECT moved_ms FROM catchment WHERE node=?1 AND patient=?2 AND reason='moved'",
+            )?
+            .query_row([node, patient], |r| r.get::<_, Option<i64>>(0))
+            .optional()?
+            .flatten()
+            .map(|v| v as u64))
     }
 
     /// Child: removes a patient's records that have nothing left to push (after a

@@ -343,6 +343,8 @@ pub enum TlsProblem {
     },
     /// The far end does not speak TLS (a plain-HTTP hub behind an `https://` URL).
     NotTls,
+    /// The hub presents a CA certificate as its own (what `openssl req -x509` makes).
+    CaAsServer,
     /// Anything else rustls reported.
     Other(String),
 }
@@ -365,6 +367,9 @@ impl std::fmt::Display for TlsProblem {
             TlsProblem::NotTls => {
                 f.write_str("the hub did not answer in TLS: it serves plain HTTP at that address")
             }
+            TlsProblem::CaAsServer => f.write_str(
+                "the hub's certificate is a CA certificate (basicConstraints CA:TRUE, as `openssl req -x509` makes), which cannot be a server's own certificate",
+            ),
             TlsProblem::Other(m) => write!(f, "TLS handshake failed: {m}"),
         }
     }
@@ -390,6 +395,9 @@ impl TlsProblem {
             TlsProblem::NotTls => {
                 "use an http:// parent.url, or give the hub hub.tls_cert_file and hub.tls_key_file"
             }
+            TlsProblem::CaAsServer => {
+                "give the hub a server certificate signed by that CA (README: certificates) and the CA's certificate to parent.ca_file"
+            }
             TlsProblem::Other(_) => "check the hub's TLS setup and parent.url",
         }
     }
@@ -413,6 +421,10 @@ impl TlsProblem {
                         Some(p) => TlsProblem::PinMismatch {
                             presented: p.presented.clone(),
                         },
+                        // webpki's error, reported through rustls as an opaque one.
+                        None if format!("{inner:?}").contains("CaUsedAsEndEntity") => {
+                            TlsProblem::CaAsServer
+                        }
                         None => TlsProblem::Other(e.to_string()),
                     }
                 }

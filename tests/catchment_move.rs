@@ -216,6 +216,19 @@ fn a_patient_moves_with_its_whole_record_and_nothing_unpushed_is_lost() {
     assert!(held(&b.store, "Observation").contains(&"o2".to_string()));
     let (_, rows, _) = run(&cfg, &["catchment", "list", "a", "--json"]);
     assert!(rows.contains("\"moved\""), "{rows}");
+    // Something A writes for p1 after the move (its OpenMRS kept a copy) is refused
+    // with the reason and kept in A's quarantine — never taken, never silently lost.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    a.put(vec![obs("o9", "p1", "written at A after the move")]);
+    let rep = a.sync().unwrap();
+    assert_eq!(rep.pushed.rejected, 1, "{rep:?}");
+    let q = a.store.quarantine_list().unwrap();
+    assert!(
+        q.iter()
+            .any(|e| e.record == "Observation/o9" && e.reason.contains("moved from a")),
+        "{q:?}"
+    );
+    assert!(get(&hub.store(), "Observation/o9").is_none());
     // Audited.
     let db = rusqlite::Connection::open(&hub.store_path).unwrap();
     let moves: i64 = db

@@ -153,7 +153,16 @@ fn backup_while_running_and_restore_when_stopped() {
         get(&s, "Patient/p2").is_none(),
         "the restore kept later writes"
     );
-    assert!(dir.path().join("n.before-restore").exists());
+    assert!(dir.path().join("n.db.before-restore").exists());
+    // A second restore keeps the first one's safety copy.
+    let out = cli(&config, &["restore", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("n.db.before-restore").exists());
+    assert!(dir.path().join("n.db.before-restore.2").exists());
 
     // A backup of another node is refused, and nothing changes.
     let other = dir.path().join("o");

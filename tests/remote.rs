@@ -247,13 +247,13 @@ fn diagnostics_and_resync_come_back_and_bad_orders_are_refused_at_the_hub() {
     // The hub refuses what cannot be ordered, and changes nothing.
     let before = orders(&cfg, "a").len();
     let (code, _, err) = run(&cfg, &["remote", "far", "resync"]);
-    assert_eq!(code, 2);
+    assert_eq!(code, 7);
     assert!(
         err.contains("far is below district") && err.contains("district's hub"),
         "{err}"
     );
     let (code, _, err) = run(&cfg, &["remote", "nobody", "resync"]);
-    assert_eq!(code, 2);
+    assert_eq!(code, 7);
     assert!(err.contains("not a child of this hub"), "{err}");
     let (code, _, err) = run(&cfg, &["remote", "a", "quarantine", "drop", "not-a-record"]);
     assert_ne!(code, 0);

@@ -744,6 +744,20 @@ fn certificate_problems_are_named() {
     let problem = tls_problem(c.exchange("/v1/pull", &pull_request("a")));
     assert_eq!(problem, TlsProblem::NotTls);
     assert!(problem.hint().contains("http://"), "{}", problem.hint());
+    // The CA's own certificate served as the hub's (one `openssl req -x509` cert for
+    // both): named in words, not as a library's error code.
+    let sub = dir.path().join("ca-as-server");
+    std::fs::create_dir_all(&sub).unwrap();
+    let ca_key = sub.join("ca.key");
+    std::fs::write(&ca_key, pki.ca_key.serialize_pem()).unwrap();
+    let hub = InProcHub::start(&sub, &[&a], tls_serving(&pki.ca_file(), &ca_key));
+    let c = tls_client(&hub.url, &a.token, Some(&pki.ca_file()), None);
+    let problem = tls_problem(c.exchange("/v1/pull", &pull_request("a")));
+    assert_eq!(problem, TlsProblem::CaAsServer);
+    assert!(
+        problem.to_string().contains("openssl req -x509"),
+        "{problem}"
+    );
 }
 
 #[test]

@@ -206,17 +206,38 @@ pub fn move_patient(
         .ok_or_else(|| Failure::new(2, "catchment move runs at a hub ([hub])"))?;
     for n in [from, to] {
         if !hub.children.iter().any(|c| c.node == n) {
+            let via = hub
+                .children
+                .iter()
+                .find(|c| c.descendants.iter().any(|d| d == n));
             return Err(Failure::new(
                 EXIT_NOT_FOUND,
-                format!(
-                    "{} is not one of this hub's children (hub.children)",
-                    safe(n)
-                ),
+                match via {
+                    Some(c) => format!(
+                        "{} is below {}: its catchment is kept at {}'s hub — run this there",
+                        safe(n),
+                        safe(&c.node),
+                        safe(&c.node)
+                    ),
+                    None => format!(
+                        "{} is not one of this hub's children (hub.children)",
+                        safe(n)
+                    ),
+                },
             ));
         }
     }
     if from == to {
         return Err(Failure::new(2, "the patient would move to where it is"));
+    }
+    if patient.contains('/') && !patient.starts_with("Patient/") {
+        return Err(Failure::new(
+            2,
+            format!(
+                "{}: a catchment holds patients; give Patient/<id> (its records move with it)",
+                safe(patient)
+            ),
+        ));
     }
     let id = patient.strip_prefix("Patient/").unwrap_or(patient);
     let key = RecordKey::new("Patient", id)?;
@@ -240,7 +261,7 @@ pub fn move_patient(
     }
     let mut tx = store.begin()?;
     tx.add_to_catchment(to, &key.id, "granted")?;
-    tx.mark_moved(from, &key.id)?;
+    tx.mark_moved(from, &key.id, now)?;
     tx.audit(
         now,
         "cli",

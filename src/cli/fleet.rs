@@ -59,7 +59,17 @@ pub fn rows(
     now_ms: u64,
 ) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
+    let enrolled = |node: &str| {
+        children
+            .iter()
+            .any(|(c, below)| c == node || below.iter().any(|b| b == node))
+    };
     for (via, r) in reports {
+        // A node no longer enrolled (removed with `child remove`) is not this hub's
+        // to watch: its last report stays in the store, not in the fleet.
+        if via != "(this hub)" && !enrolled(&r.node) {
+            continue;
+        }
         rows.push(Row {
             node: r.node.clone(),
             via,
@@ -89,6 +99,30 @@ pub fn rows(
     }
     for row in &mut rows {
         judge(row, silent_ms);
+    }
+    // A node below a silent district is silent because of it: say where to start.
+    let silent: Vec<(String, u64)> = rows
+        .iter()
+        .filter(|r| r.problems.iter().any(|p| p.starts_with("silent for")))
+        .map(|r| (r.node.clone(), r.score))
+        .collect();
+    for row in &mut rows {
+        let Some((_, via_score)) = silent.iter().find(|(n, _)| *n == row.via && *n != row.node)
+        else {
+            continue;
+        };
+        if let Some(p) = row
+            .problems
+            .iter_mut()
+            .find(|p| p.starts_with("silent for"))
+        {
+            p.push_str(&format!(
+                " — reached through {}, which is silent too: start there",
+                row.via
+            ));
+            // The district comes first.
+            row.score = row.score.min(via_score.saturating_sub(1));
+        }
     }
     rows.sort_by(|a, b| {
         b.score
@@ -299,8 +333,11 @@ mod tests {
         old.version = "0.0.1".into();
         let mut skewed = report("skew", now - 1_000);
         skewed.clock_skew_ms = Some(-2 * 86_400_000);
+        let below = ["never", "silent", "q", "old", "skew"]
+            .map(String::from)
+            .to_vec();
         let rows = rows(
-            &[("d".into(), vec!["never".into()])],
+            &[("d".into(), below), ("fine".into(), vec![])],
             vec![
                 ("fine".into(), report("fine", now - 1_000)),
                 ("d".into(), report("silent", now - 3 * 86_400_000)),
@@ -323,6 +360,27 @@ mod tests {
         assert!(rows[4].problems[0].starts_with("runs 0.0.1"));
         assert!(!rows[5].needs_attention && !rows[6].needs_attention);
         assert!(rows[..5].iter().all(|r| r.needs_attention));
+    }
+
+    #[test]
+    fn a_silent_district_comes_before_its_clinics_and_removed_nodes_are_gone() {
+        let now = 10 * 86_400_000;
+        let rows = rows(
+            &[("d".into(), vec!["c1".into(), "c2".into()])],
+            vec![
+                ("d".into(), report("d", now - 2 * 3_600_000)),
+                ("d".into(), report("c1", now - 30 * 3_600_000)),
+                ("d".into(), report("c2", now - 1_000)),
+                ("gone".into(), report("gone", now - 9 * 86_400_000)),
+            ],
+            3_600_000,
+            now,
+        );
+        let order: Vec<&str> = rows.iter().map(|r| r.node.as_str()).collect();
+        assert_eq!(order, ["d", "c1", "c2"], "{rows:?}");
+        assert!(
+            rows[1].problems[0].ends_with("reached through d, which is silent too: start there")
+        );
     }
 
     #[test]

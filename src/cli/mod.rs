@@ -838,7 +838,14 @@ fn restore(cfg: &Config, file: &Path) -> Out {
                     .map_err(Into::into)
             })
             .map_err(|e| Failure::new(EXIT_STORE, format!("the current store: {e}")))?;
-        let aside = store.with_extension("before-restore");
+        // `<store>.before-restore`, or `.before-restore.2`, … : an earlier restore's
+        // safety copy is never overwritten.
+        let mut aside = std::path::PathBuf::from(format!("{}.before-restore", store.display()));
+        let mut n = 1;
+        while aside.exists() {
+            n += 1;
+            aside = std::path::PathBuf::from(format!("{}.before-restore.{n}", store.display()));
+        }
         std::fs::rename(store, &aside).map_err(io)?;
         println!(
             "the store it replaces is kept as {}",
@@ -1363,7 +1370,10 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                             safe(&r.record),
                             safe(&r.kept),
                             match &r.new_vv {
-                                Some(vv) => format!("; new version {vv}, sent with the next sync"),
+                                Some(vv) => format!(
+                                    "; new version {}, sent with the next sync",
+                                    safe(&vv.to_string())
+                                ),
                                 None => "; nothing new to send".into(),
                             }
                         );
@@ -1772,7 +1782,7 @@ fn remote(cfg: &Config, node: &str, action: RemoteCmd, now: u64) -> Out {
             .iter()
             .find(|c| c.descendants.iter().any(|d| d == node));
         return Err(Failure::new(
-            2,
+            EXIT_NOT_FOUND,
             match via {
                 Some(c) => format!(
                     "{} is below {}: only a node's parent orders it — run this at {}'s hub",

@@ -26,7 +26,7 @@ CREATE TABLE bundles_in (
 -- table catchment
 CREATE TABLE catchment (
         node TEXT NOT NULL, patient TEXT NOT NULL,
-        added_seq INTEGER NOT NULL, reason TEXT NOT NULL,
+        added_seq INTEGER NOT NULL, reason TEXT NOT NULL, moved_ms INTEGER,
         PRIMARY KEY (node, patient)
     );
 -- table conflicts
