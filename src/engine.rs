@@ -1147,6 +1147,7 @@ pub fn handle_pull(
         head: page.head,
         // Orders from this hub ride on every answer until their results come back.
         orders: store.pending_orders(child, crate::remote::MAX_ORDERS)?,
+        bundle_seq: store.last_bundle_seq(child)?.unwrap_or(0),
     })
 }
 
@@ -1417,6 +1418,10 @@ pub fn pull_request(
     })
 }
 
+/// Meta key: the last USB bundle of ours the parent says it imported (a reinstalled
+/// box numbers its next export after it).
+pub const BUNDLE_SEQ_AT_PARENT: &str = "bundle_seq_at_parent";
+
 /// Meta key: "1" while the first pull of this store (its own records included) is
 /// under way, "0" once it completed.
 const RESTORING: &str = "restoring_own";
@@ -1470,6 +1475,13 @@ pub fn store_pull(
     let first = tx.cursor(parent)? == crate::wire::Cursor::default();
     if first || tx.meta_str(RESTORING)?.as_deref() == Some("1") {
         tx.set_meta_str(RESTORING, if resp.more { "1" } else { "0" })?;
+    }
+    let known: u64 = tx
+        .meta_str(BUNDLE_SEQ_AT_PARENT)?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if resp.bundle_seq > known {
+        tx.set_meta_u64(BUNDLE_SEQ_AT_PARENT, resp.bundle_seq)?;
     }
     tx.set_cursor(parent, resp.next, resp.head, now_ms)?;
     tx.note_peer(

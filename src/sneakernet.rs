@@ -106,7 +106,12 @@ pub fn export(
         )
     })?;
     let to = PublicKeys::parse(&line).map_err(SneakerError::Keys)?;
-    let seq = store.meta_u64(&seq_key(&parent))? + 1;
+    // After the last one we wrote, or the last the parent says it imported from us
+    // (a box reinstalled with its old keys starts its count again otherwise).
+    let seq = store
+        .meta_u64(&seq_key(&parent))?
+        .max(store.meta_u64(engine::BUNDLE_SEQ_AT_PARENT)?)
+        + 1;
     let header = BundleHeader {
         id: file::new_id(),
         kind: "export".into(),

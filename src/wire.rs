@@ -257,6 +257,11 @@ pub struct PullResponse {
     /// back. Added in 0.2 within v1: absent when none, ignored by older children.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub orders: Vec<crate::remote::Order>,
+    /// The last USB bundle this parent imported from the child (0: none), so a child
+    /// reinstalled with its old keys numbers its next bundle after it. Added in 0.2
+    /// within v1, omitted when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bundle_seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

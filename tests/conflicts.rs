@@ -93,7 +93,10 @@ fn keeping_the_side_the_policy_did_not_keep_reaches_the_clinic_and_is_audited() 
     assert_eq!(code, 0, "{err}");
     let r: Value = serde_json::from_str(&out).unwrap();
     assert!(r["kept"].as_str().unwrap().contains("a's version"), "{r}");
-    assert!(r["new_vv"]["hub"].is_u64() && r["new_vv"]["a"].is_u64(), "{r}");
+    assert!(
+        r["new_vv"]["hub"].is_u64() && r["new_vv"]["a"].is_u64(),
+        "{r}"
+    );
     assert_eq!(get(&hub.store(), "Patient/p1").unwrap()["gender"], "female");
     // It syncs like any edit: the clinic takes it as newer, no new conflict.
     let rep = a.sync().unwrap();

@@ -483,6 +483,7 @@ mod seeds {
             more: false,
             head: 4,
             orders: Vec::new(),
+            bundle_seq: 0,
         })));
         ret.extend(cbor(&Item::End { items: 2 }));
         out.push(("bundle", "return-items".into(), [&[2u8][..], &ret].concat()));

@@ -129,6 +129,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 more: true,
                 head: 40,
                 orders: Vec::new(),
+                bundle_seq: 0,
             }),
         ),
         (

@@ -205,5 +205,30 @@ fn a_wiped_clinic_gets_everything_back_and_carries_on() {
     let out = ok(cli(hubc, &["import", second[0].to_str().unwrap()]));
     assert!(out.contains("applied"), "{out}");
     assert!(get(&Store::open_existing(&l.hub.store).unwrap(), "Patient/u1").is_some());
+    for p in std::fs::read_dir(&stick).unwrap() {
+        std::fs::remove_file(p.unwrap().path()).unwrap();
+    }
+
+    // Wiped again, but the keys survive this time (only the store was lost): its
+    // first sync tells it which bundle the hub imported last, so the next one is
+    // numbered after it instead of being refused as a replay.
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let p = f.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("clinic-a.db")
+        {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    ok(cli(a, &["keys", "trust", &hub_pub, "--parent"]));
+    ok(cli(a, &["sync"]));
+    put(a, dir.path(), "usb2.json", patient("u2", "North"));
+    ok(cli(a, &["export", stick.to_str().unwrap()]));
+    let third = exports(&stick);
+    let out = ok(cli(hubc, &["import", third[0].to_str().unwrap()]));
+    assert!(out.contains("applied"), "{out}");
+    assert!(get(&Store::open_existing(&l.hub.store).unwrap(), "Patient/u2").is_some());
     hub.terminate();
 }
