@@ -256,6 +256,20 @@ fn a_rotated_credential_overlaps_then_the_old_one_is_refused() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("accepted until"), "{}", text(&out));
     let started = std::time::Instant::now();
+    // A second rotation inside the overlap would cut off the token the clinic uses.
+    let before = std::fs::read(&net.hub_config).unwrap();
+    let again = cli(&net.hub_config, &["child", "rotate", "a"]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(
+        text(&again).contains("still in the overlap") && text(&again).contains("--force"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(
+        std::fs::read(&net.hub_config).unwrap(),
+        before,
+        "nothing changed"
+    );
     // The clinic still has the old token: accepted during the overlap…
     let put = |id: &str| {
         let p = net.dir.join("p.json");

@@ -71,6 +71,11 @@ pub enum ChildCmd {
         /// Write the new token to this new file (0600) instead of printing it.
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// Rotate again while an earlier rotation's overlap runs: the credential
+        /// before the current one stops working at once (a clinic still using it is
+        /// locked out).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -272,6 +277,7 @@ pub fn run(path: &Path, cfg: &Config, action: ChildCmd) -> Out {
             node,
             overlap,
             token_file,
+            force,
         } => {
             let Some(child) = hub.children.iter().find(|c| c.node == node) else {
                 return Err(Failure::new(
@@ -282,6 +288,18 @@ pub fn run(path: &Path, cfg: &Config, action: ChildCmd) -> Out {
                     ),
                 ));
             };
+            if let Some((_, t)) = child.previous().filter(|(_, t)| *t > wall_ms()) {
+                if !force {
+                    return Err(Failure::new(
+                        2,
+                        format!(
+                            "{} is still in the overlap of its last rotation (the credential before the current one is accepted until {}): rotating again would stop that one at once, and a clinic not yet moved to the current token would be locked out. Wait, or add --force; nothing changed",
+                            safe(&node),
+                            fmt_time(t)
+                        ),
+                    ));
+                }
+            }
             refuse_existing(token_file.as_deref())?;
             let text = read(path)?;
             let block = blocks(&text)
