@@ -295,6 +295,18 @@ pub struct QuarantineEntry {
     pub next_retry_ms: u64,
 }
 
+/// One audit entry (`audit list`).
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRow {
+    pub n: i64,
+    pub at_ms: u64,
+    pub actor: String,
+    pub action: String,
+    pub record: String,
+    pub hash: String,
+    pub detail: String,
+}
+
 /// An order a hub gave (`remote list`).
 #[derive(Debug, Clone, Serialize)]
 pub struct OrderRow {
@@ -666,6 +678,32 @@ impl Store {
                 first_ms: r.get::<_, i64>(6)? as u64,
                 last_ms: r.get::<_, i64>(7)? as u64,
                 next_retry_ms: r.get::<_, i64>(8)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// The newest audit entries, newest first, optionally of one record and action.
+    pub fn audit_list(
+        &self,
+        record: Option<&str>,
+        action: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT n, at_ms, actor, action, record, hash, detail FROM audit
+             WHERE (?1 IS NULL OR record = ?1) AND (?2 IS NULL OR action = ?2)
+             ORDER BY n DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![record, action, limit as i64], |r| {
+            Ok(AuditRow {
+                n: r.get(0)?,
+                at_ms: r.get::<_, i64>(1)? as u64,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                record: r.get(4)?,
+                hash: r.get(5)?,
+                detail: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<std::result::Result<_, _>>()?)

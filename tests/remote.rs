@@ -138,6 +138,20 @@ fn a_hub_retries_and_drops_a_clinics_quarantined_record_with_nothing_typed_there
     assert_eq!(at_hub.iter().filter(|a| *a == "order-result").count(), 2);
     let at_clinic = actions(&dir.path().join("a.db"));
     assert_eq!(at_clinic.iter().filter(|a| *a == "remote-order").count(), 2);
+    // And listable by a person, not only verifiable.
+    let (code, out, err) = run(&cfg, &["audit", "list", "--action", "order", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert!(
+        listed[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("quarantine drop Location/shed"),
+        "{listed}"
+    );
+    let (_, text, _) = run(&cfg, &["audit", "list", "--record", "a", "--limit", "1"]);
+    assert_eq!(text.lines().count(), 1, "{text}");
     // Nothing more travels: both orders are done.
     assert!(hub.store().pending_orders("a", 16).unwrap().is_empty());
 }

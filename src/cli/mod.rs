@@ -456,6 +456,22 @@ pub enum RemoteQuarantineCmd {
 pub enum AuditCmd {
     /// Recompute the hash chain; fails naming the first altered or missing row.
     Verify,
+    /// The newest entries, newest first: when, who, what, which record.
+    #[command(
+        after_help = "Examples:\n  clinicsync audit list --limit 20\n  clinicsync audit list --record Patient/5b0c…\n  clinicsync audit list --action order --json"
+    )]
+    List {
+        /// Only entries about this record (or node, for orders and catchment moves).
+        #[arg(long)]
+        record: Option<String>,
+        /// Only this action (write, delete, conflict, quarantine, resolve, order, …).
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1438,6 +1454,35 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                     format!("audit chain broken at row {row}: {problem}"),
                 )),
             }
+        }
+        Command::Audit {
+            action:
+                AuditCmd::List {
+                    record,
+                    action,
+                    limit,
+                    json,
+                },
+        } => {
+            let store = open_existing(cfg)?;
+            let rows = store.audit_list(record.as_deref(), action.as_deref(), limit)?;
+            if json {
+                print_json(&rows);
+            } else {
+                for r in &rows {
+                    println!(
+                        "#{:<7} {}  {:<14} {:<14} {:<40} {}",
+                        r.n,
+                        fmt_time(r.at_ms),
+                        safe(&r.actor),
+                        safe(&r.action),
+                        safe(&r.record),
+                        safe(&r.detail)
+                    );
+                }
+                eprintln!("{} entries", rows.len());
+            }
+            Ok(())
         }
         Command::Keys { action } => keys(cfg, action),
         Command::Export {
