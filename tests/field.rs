@@ -527,3 +527,22 @@ fn writes_stamped_while_the_clock_was_fast_go_up_once_the_clock_is_set_right() {
         .unwrap();
     assert_eq!(rebased, 1);
 }
+
+#[test]
+fn sync_without_its_credential_file_is_a_configuration_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"a\"\nstore = \"{}\"\n[parent]\nurl = \"http://127.0.0.1:9\"\ntoken_file = \"{}\"\n",
+            dir.path().join("a.db").display(),
+            dir.path().join("missing.token").display()
+        ),
+    )
+    .unwrap();
+    let out = cli(&config, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("parent.token_file"), "{err}");
+}

@@ -1119,7 +1119,14 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Remote { node, action } => remote(cfg, &node, action, now),
         Command::Sync { json, bootstrap } => {
             let mut store = open(cfg)?;
-            let link = daemon::connect_parent(cfg).map_err(|e| Failure::new(EXIT_LINK, e))?;
+            let link = daemon::connect_parent(cfg).map_err(|e| {
+                // A credential file missing, unreadable or open to others is this
+                // node's configuration, not the link (exit 3, as `config check`).
+                let local = ["parent.token_file", "mqtt.password_file", "parent.ca_file"]
+                    .iter()
+                    .any(|k| e.starts_with(k));
+                Failure::new(if local { EXIT_CONFIG } else { EXIT_LINK }, e)
+            })?;
             let client = link.exchange.as_ref();
             if bootstrap {
                 let (start, _) = store.cursor(PARENT)?;
