@@ -1,6 +1,6 @@
 //! `clinicsync demo`: a hub and two clinics as separate processes on 127.0.0.1,
 //! each with its own embedded store, synthetic OpenMRS-shaped data, a sync, and
-//! every node's status.
+//! every node's status, then the hub's `fleet` view built from its clinics' health reports.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -144,6 +144,14 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
             .map_err(fail)?;
         println!("--- {}\n{}", node.id, String::from_utf8_lossy(&out.stdout));
     }
+    println!("5. the hub's view of its clinics (from the health reports they sent)\n");
+    let out = std::process::Command::new(&exe)
+        .arg("--config")
+        .arg(&layout.hub.config)
+        .arg("fleet")
+        .output()
+        .map_err(fail)?;
+    println!("{}", String::from_utf8_lossy(&out.stdout));
     if !converged {
         return Err(fail(format!(
             "nodes did not converge within 60 s; logs are in {}",
@@ -154,6 +162,10 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
     println!(
         "Try: clinicsync --config {} history Patient/a-p0",
         a.config.display()
+    );
+    println!(
+        "     clinicsync --config {} fleet --json",
+        layout.hub.config.display()
     );
     Ok(())
 }
