@@ -224,14 +224,12 @@ fn integrate(
             // This node's own unpushed write is dominated by what its parent holds:
             // its counters restarted (a box wiped and reinstalled, written to before
             // its first pull). Not an older version but a concurrent edit: resolved by
-            // the usual policy, never dropped as stale.
-            // No field merge: the vectors name different versions on either side of
-            // the restart, so no common ancestor can be found by them. The later
-            // clock wins, as for any conflict that cannot be merged.
-            let me = tx.node_id().to_string();
-            let rank = |v: &Version| (v.hlc, v.origin.clone(), v.snapshot.hash);
+            // the later clock, never dropped as stale. (No field merge: the vectors
+            // name different versions on either side of the restart, so no common
+            // ancestor can be found by them.)
             let local_wins = rank(&local) > rank(incoming);
             let result = if local_wins {
+                let me = tx.node_id().to_string();
                 Version {
                     snapshot: local.snapshot.clone(),
                     origin: me.clone(),
@@ -243,27 +241,13 @@ fn integrate(
             } else {
                 incoming.clone()
             };
-            let incoming_lost = local_wins;
             let resolution = format!(
                 "{} kept (later clock); this node's edit was written before its first sync after a reinstall, when its counters restarted",
                 if local_wins { "this node's edit" } else { "the parent's version" }
             );
-            tx.remember(incoming, source, "conflict", now_ms)?;
-            store_version(tx, &result, source, None, "resolved", now_ms)?;
-            tx.add_conflict(&key, &local, incoming, &resolution, &result.vv, now_ms)?;
-            tx.audit(
-                now_ms,
-                source,
-                "conflict",
-                &key.to_string(),
-                &result.snapshot.hash.short(),
-                &resolution,
-            )?;
-            Ok(Integrated::Conflict {
-                resolution,
-                result: Box::new(result),
-                incoming_lost,
-            })
+            record_conflict(
+                tx, &local, incoming, result, resolution, local_wins, source, now_ms,
+            )
         }
         Causality::Newer => {
             store_version(tx, incoming, source, sender, "accepted", now_ms)?;
@@ -278,45 +262,31 @@ fn integrate(
             // The vector names other content in this node's history: the child wrote
             // this under counters that restarted (a box wiped and reinstalled). Not
             // an old copy but a new edit, concurrent with what is held here.
-            let me = tx.node_id().to_string();
-            let rank = |v: &Version| (v.hlc, v.origin.clone(), v.snapshot.hash);
             let incoming_wins = rank(incoming) > rank(&local);
+            let winner = if incoming_wins { incoming } else { &local };
+            let me = tx.node_id().to_string();
             let result = Version {
-                snapshot: if incoming_wins {
-                    incoming.snapshot.clone()
-                } else {
-                    local.snapshot.clone()
-                },
+                snapshot: winner.snapshot.clone(),
                 origin: me.clone(),
                 hlc: tx.tick(now_ms)?,
                 vv: local.vv.join(&incoming.vv).bumped(&me),
-                deleted: if incoming_wins {
-                    incoming.deleted
-                } else {
-                    local.deleted
-                },
+                deleted: winner.deleted,
             };
             let resolution = format!(
                 "{} kept (later clock); {}'s edit reused a version vector it had written before (its counters restarted after a reinstall)",
                 if incoming_wins { format!("{}'s new edit", incoming.origin) } else { "the version held here".to_string() },
                 incoming.origin
             );
-            tx.remember(incoming, source, "conflict", now_ms)?;
-            store_version(tx, &result, source, None, "resolved", now_ms)?;
-            tx.add_conflict(&key, &local, incoming, &resolution, &result.vv, now_ms)?;
-            tx.audit(
-                now_ms,
-                source,
-                "conflict",
-                &key.to_string(),
-                &result.snapshot.hash.short(),
-                &resolution,
-            )?;
-            Ok(Integrated::Conflict {
+            record_conflict(
+                tx,
+                &local,
+                incoming,
+                result,
                 resolution,
-                result: Box::new(result),
-                incoming_lost: !incoming_wins,
-            })
+                !incoming_wins,
+                source,
+                now_ms,
+            )
         }
         Causality::Older => {
             tx.remember(incoming, source, "stale", now_ms)?;
@@ -325,28 +295,59 @@ fn integrate(
         Causality::Same | Causality::Concurrent => {
             let (resolution, result, incoming_lost) =
                 resolve(tx, &local, incoming, from_upstream, now_ms)?;
-            tx.remember(incoming, source, "conflict", now_ms)?;
-            if result.vv != local.vv || result.snapshot.hash != local.snapshot.hash {
-                // A resolution is this node's new write: every child gets it,
-                // the sender of the other side included.
-                store_version(tx, &result, source, None, "resolved", now_ms)?;
-            }
-            tx.add_conflict(&key, &local, incoming, &resolution, &result.vv, now_ms)?;
-            tx.audit(
-                now_ms,
-                source,
-                "conflict",
-                &key.to_string(),
-                &result.snapshot.hash.short(),
-                &resolution,
-            )?;
-            Ok(Integrated::Conflict {
+            record_conflict(
+                tx,
+                &local,
+                incoming,
+                result,
                 resolution,
-                result: Box::new(result),
                 incoming_lost,
-            })
+                source,
+                now_ms,
+            )
         }
     }
+}
+
+/// The order of the later-clock rule: stamp, then node id, then content hash.
+fn rank(v: &Version) -> (crate::model::Hlc, String, crate::model::ContentHash) {
+    (v.hlc, v.origin.clone(), v.snapshot.hash)
+}
+
+/// Records a conflict the one way: the incoming side in history, the result as this
+/// node's new write when it differs from what is held, both sides kept, audited.
+#[allow(clippy::too_many_arguments)]
+fn record_conflict(
+    tx: &mut Tx<'_>,
+    local: &Version,
+    incoming: &Version,
+    result: Version,
+    resolution: String,
+    incoming_lost: bool,
+    source: &str,
+    now_ms: u64,
+) -> Result<Integrated> {
+    let key = local.key().clone();
+    tx.remember(incoming, source, "conflict", now_ms)?;
+    if result.vv != local.vv || result.snapshot.hash != local.snapshot.hash {
+        // A resolution is this node's new write: every child gets it, the sender of
+        // the other side included.
+        store_version(tx, &result, source, None, "resolved", now_ms)?;
+    }
+    tx.add_conflict(&key, local, incoming, &resolution, &result.vv, now_ms)?;
+    tx.audit(
+        now_ms,
+        source,
+        "conflict",
+        &key.to_string(),
+        &result.snapshot.hash.short(),
+        &resolution,
+    )?;
+    Ok(Integrated::Conflict {
+        resolution,
+        result: Box::new(result),
+        incoming_lost,
+    })
 }
 
 /// Whether a child is still on its first pull from `source`'s parent (new or
@@ -445,7 +446,6 @@ fn resolve(
         }
     }
     // Deterministic winner: later clock, then node id, then content hash.
-    let rank = |v: &Version| (v.hlc, v.origin.clone(), v.snapshot.hash);
     let remote_wins = rank(remote) > rank(local);
     let (winner, loser) = if remote_wins {
         (remote, local)

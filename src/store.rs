@@ -422,6 +422,12 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// A stored health report; one that does not parse is corruption, not a default.
+fn health_report(node: &str, text: &str) -> Result<crate::health::HealthReport> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("health report of {node}: {e}")))
+}
+
 fn now_hlc_key() -> &'static str {
     "hlc"
 }
@@ -757,14 +763,11 @@ impl Store {
                 r.get::<_, String>(2)?,
             ))
         })?;
-        let mut out = Vec::new();
-        for row in rows {
+        rows.map(|row| {
             let (node, at, text) = row?;
-            let report = serde_json::from_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("health report of {node}: {e}")))?;
-            out.push((at, report));
-        }
-        Ok(out)
+            Ok((at, health_report(&node, &text)?))
+        })
+        .collect()
     }
 
     /// Every node's latest health report with the child that delivered it.
@@ -779,14 +782,11 @@ impl Store {
                 r.get::<_, String>(2)?,
             ))
         })?;
-        let mut out = Vec::new();
-        for row in rows {
+        rows.map(|row| {
             let (node, via, text) = row?;
-            let report = serde_json::from_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("health report of {node}: {e}")))?;
-            out.push((via, report));
-        }
-        Ok(out)
+            Ok((via, health_report(&node, &text)?))
+        })
+        .collect()
     }
 
     /// Hub: orders still waiting for `node`'s result, oldest first.

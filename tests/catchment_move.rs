@@ -27,15 +27,6 @@ fn hub_config(dir: &Path, hub: &TestHub) -> PathBuf {
     p
 }
 
-fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = cli(config, args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn obs(id: &str, patient: &str, value: &str) -> Value {
     json!({"resourceType": "Observation", "id": id, "status": "final",
            "subject": {"reference": format!("Patient/{patient}")}, "valueString": value})

@@ -43,15 +43,6 @@ fn crossed(dir: &Path, a_side: Value, hub_side: Value) -> (TestHub, TestClinic, 
     (hub, a, cfg)
 }
 
-fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = cli(config, args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn list(config: &Path, open: bool) -> Vec<Value> {
     let mut args = vec!["conflicts", "list", "--json"];
     if open {

@@ -33,15 +33,6 @@ fn hub_config(dir: &Path, hub: &TestHub) -> PathBuf {
     p
 }
 
-fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = cli(config, args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn orders(config: &Path, node: &str) -> Vec<Value> {
     let (code, out, err) = run(config, &["remote", node, "list", "--json"]);
     assert_eq!(code, 0, "{err}");

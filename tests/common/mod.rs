@@ -280,6 +280,16 @@ pub fn mqtt_client(
     )
 }
 
+/// The binary's exit code, stdout and stderr for `args` against `config`.
+pub fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = cli(config, args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn cli(config: &Path, args: &[&str]) -> Output {
     std::process::Command::new(BIN)
         .arg("--config")
