@@ -50,12 +50,12 @@ pub fn write_layout(
     );
     let mut out = Vec::new();
     for (id, district) in clinics {
-        let token = crate::cli::new_token();
+        let token = crate::auth::new_token();
         let token_file = dir.join(format!("{id}.token"));
         crate::filemode::write_private(&token_file, format!("{token}\n").as_bytes())?;
         hub_toml.push_str(&format!(
             "\n[[hub.children]]\nnode = \"{id}\"\ntoken_sha256 = \"{}\"\n\n[[hub.catchment]]\nnode = \"{id}\"\npath = \"address.district\"\nequals = \"{district}\"\n",
-            crate::hub::token_hash(&token)
+            crate::auth::token_hash(&token)
         ));
         let store = dir.join(format!("{id}.db"));
         let config = dir.join(format!("{id}.toml"));
@@ -453,7 +453,7 @@ impl FaultProxy {
             stop.clone(),
         );
         std::thread::spawn(move || {
-            let mut seed = crate::store::wall_ms() | 1;
+            let mut seed = crate::time::wall_ms() | 1;
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
                     break;

@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::read_token;
 use crate::engine::{CatchmentRule, Policy};
+use crate::model::valid_node_id;
+use crate::secret::Secret;
 
 pub const DEFAULT_PATH: &str = "/etc/clinicsync/clinicsync.toml";
 
@@ -823,7 +826,7 @@ impl Config {
                     e.credentials_file.display()
                 )
             })?;
-            Ok((user.to_string(), Secret(pass.to_string())))
+            Ok((user.to_string(), Secret::new(pass.to_string())))
         };
         let timeout = Duration::from_secs(e.timeout_secs);
         match e.kind {
@@ -958,42 +961,6 @@ pub fn in_window(window: (u32, u32), ms: u64) -> bool {
         minute >= start || minute < end
     }
 }
-
-/// Reads a credential file: the first line, trimmed. Never logged. A file with any
-/// group or world permission bits is refused ([`crate::filemode::check_credential`]).
-pub fn read_token(path: &Path) -> Result<Secret, std::io::Error> {
-    crate::filemode::check_credential(path)?;
-    let text = std::fs::read_to_string(path)?;
-    let token = text.lines().next().unwrap_or("").trim().to_string();
-    if token.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} is empty", path.display()),
-        ));
-    }
-    Ok(Secret(token))
-}
-
-/// A credential that never shows in `Debug` or logs.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: String) -> Secret {
-        Secret(s)
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-pub use crate::model::valid_node_id;
 
 #[cfg(test)]
 mod tests {
@@ -1202,10 +1169,5 @@ mod tests {
         assert!(in_window(w, at(23, 30)) && in_window(w, at(2, 0)));
         assert!(!in_window(w, at(12, 0)) && !in_window(w, at(6, 0)));
         assert!(parse_window("25:00-01:00").is_none() && parse_window("night").is_none());
-    }
-
-    #[test]
-    fn secrets_do_not_show_in_debug() {
-        assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(***)");
     }
 }

@@ -630,7 +630,7 @@ pub fn review_conflict(
     if let Some((at, what)) = &c.reviewed {
         return Err(EngineError::Invalid(format!(
             "conflict #{n} was already resolved at {}: {what}",
-            crate::cli::fmt_time(*at)
+            crate::time::fmt_time(*at)
         )));
     }
     let key = c.key.clone();
@@ -870,8 +870,8 @@ fn validate(
         return Err((
             format!(
                 "record is stamped {} ahead of this hub's clock (limit {}): {}'s clock is wrong; fix it (NTP) — once it is right the node stamps its unpushed records again and they are accepted (else when the hub's time reaches the stamp)",
-                crate::model::words_for_ms(ahead),
-                crate::model::words_for_ms(policy.max_clock_ahead_ms),
+                crate::time::words_for_ms(ahead),
+                crate::time::words_for_ms(policy.max_clock_ahead_ms),
                 rec.origin
             ),
             false,
@@ -947,7 +947,7 @@ fn authorize(
             return Err((
                 format!(
                     "Patient/{patient} moved from {child} to another clinic at {}: {child} may send only what it wrote before the move",
-                    crate::cli::fmt_time(moved)
+                    crate::time::fmt_time(moved)
                 ),
                 true,
             ));

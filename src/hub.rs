@@ -74,11 +74,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::auth::constant_time_eq;
 use crate::config::HubSection;
 use crate::tls::{ServerTls, TlsError};
 
 use crate::engine::{self, EngineError, Policy};
-use crate::store::{wall_ms, Store, TransferKey};
+use crate::store::{Store, TransferKey};
+use crate::time::wall_ms;
 use crate::wire::{self, Limits, Message, WireError};
 
 /// Chunk size of answers, and the largest chunk fetch served.
@@ -482,18 +484,6 @@ pub fn children_of(hub: &HubSection) -> Result<Vec<(String, [u8; 32])>, String> 
         .collect()
 }
 
-pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
-/// The hex SHA-256 of a credential, as it goes into `hub.children`.
-pub fn token_hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
 pub fn router(state: Arc<HubState>) -> Router {
     Router::new()
         .route("/v1/health", get(|| async { "ok\n" }))
@@ -516,7 +506,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         .layer(axum::middleware::map_response_with_state(
             state.clone(),
             |State(s): State<Arc<HubState>>, mut r: Response| async move {
-                if let Ok(v) = HeaderValue::from_str(&crate::transport::http::http_date(s.now())) {
+                if let Ok(v) = HeaderValue::from_str(&crate::time::http_date(s.now())) {
                     r.headers_mut().insert(header::DATE, v);
                 }
                 r
@@ -1511,7 +1501,7 @@ fn authenticate(
                     StatusCode::UNAUTHORIZED,
                     format!(
                         "this credential of {node} was replaced and stopped being accepted at {}: put the new token in parent.token_file",
-                        crate::cli::fmt_time(until)
+                        crate::time::fmt_time(until)
                     ),
                 )
             }

@@ -81,7 +81,7 @@ impl PublicKeys {
         let ["clinicsync-node", "v1", node, sig, age_pub] = parts.as_slice() else {
             return Err(bad());
         };
-        if !crate::config::valid_node_id(node) {
+        if !crate::model::valid_node_id(node) {
             return Err(bad());
         }
         let mut bytes = [0u8; 32];

@@ -1,6 +1,7 @@
 //! clinicsync: store-and-forward sync of OpenMRS/FHIR records between rural clinics
 //! and their hubs. See ARCHITECTURE.md for the modules and the path of a record.
 
+pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -16,10 +17,12 @@ pub mod lock;
 pub mod metrics;
 pub mod model;
 pub mod remote;
+pub mod secret;
 pub mod sneakernet;
 pub mod store;
 pub mod synth;
 pub mod textsafe;
+pub mod time;
 pub mod tls;
 pub mod transport;
 pub mod wire;

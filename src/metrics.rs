@@ -279,7 +279,7 @@ async fn scrape(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
-        if !given.is_some_and(|g| crate::hub::constant_time_eq(&g, want)) {
+        if !given.is_some_and(|g| crate::auth::constant_time_eq(&g, want)) {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -294,7 +294,7 @@ async fn scrape(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response {
         render(
             &store,
             s2.hub.as_deref().map(|h| &h.counters),
-            crate::store::wall_ms(),
+            crate::time::wall_ms(),
         )
     })
     .await;

@@ -182,18 +182,6 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
 }
 
-/// A duration for people: "3 s", "12 min", "5 h", "2 days".
-pub fn words_for_ms(ms: u64) -> String {
-    let s = (ms + 500) / 1000;
-    let round = |unit: u64| (s + unit / 2) / unit;
-    match s {
-        0..=119 => format!("{s} s"),
-        120..=7_199 => format!("{} min", round(60)),
-        7_200..=169_199 => format!("{} h", round(3600)),
-        _ => format!("{} days", round(86_400)),
-    }
-}
-
 /// A node id: 1-64 of `a-z A-Z 0-9 - _ .` (it names topics, files and log fields).
 pub fn valid_node_id(id: &str) -> bool {
     !id.is_empty()

@@ -21,7 +21,8 @@ use serde::Serialize;
 
 use crate::engine::{self, Policy};
 use crate::keys::{Identity, PublicKeys};
-use crate::store::{wall_ms, BundleIn, Store};
+use crate::store::{BundleIn, Store};
+use crate::time::wall_ms;
 use crate::transport::file::{self, BundleError, BundleHeader, BundleWriter, Item};
 
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +183,7 @@ pub fn import(
             h.seq,
             h.sender,
             finished
-                .map(|t| format!(" at {}", crate::cli::fmt_time(t)))
+                .map(|t| format!(" at {}", crate::time::fmt_time(t)))
                 .unwrap_or_default()
         )));
     }

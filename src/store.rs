@@ -34,6 +34,7 @@
 //! without commit), leaving the store as it was. `Busy` is retryable; everything else
 //! needs a person (disk full, corruption, a newer schema, the wrong node id).
 
+use crate::time::wall_ms;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -1468,15 +1469,6 @@ impl AuditFields {
         }
         h.finalize().to_vec()
     }
-}
-
-/// Milliseconds since the Unix epoch; only the edges (daemon, CLI) call this and pass
-/// the value in.
-pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// One write transaction. Holds the change sequence, audit head and clock in memory

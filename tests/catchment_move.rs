@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use clinicsync::remote::{Order, OrderKind};
-use clinicsync::store::wall_ms;
+use clinicsync::time::wall_ms;
 use common::*;
 use serde_json::{json, Value};
 
@@ -20,7 +20,7 @@ fn hub_config(dir: &Path, hub: &TestHub) -> PathBuf {
     for ((node, token), district) in hub.tokens.iter().zip(["North", "South"]) {
         text.push_str(&format!(
             "[[hub.children]]\nnode = \"{node}\"\ntoken_sha256 = \"{}\"\n[[hub.catchment]]\nnode = \"{node}\"\npath = \"address.district\"\nequals = \"{district}\"\n",
-            clinicsync::hub::token_hash(token)
+            clinicsync::auth::token_hash(token)
         ));
     }
     std::fs::write(&p, text).unwrap();

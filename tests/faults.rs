@@ -8,7 +8,8 @@ use std::time::Duration;
 use clinicsync::cluster::{self, Proc};
 use clinicsync::engine::{self, Policy};
 use clinicsync::model::Snapshot;
-use clinicsync::store::{wall_ms, Store};
+use clinicsync::store::Store;
+use clinicsync::time::wall_ms;
 use clinicsync::wire::{self, Message, PushRequest, WireRecord};
 use common::*;
 
@@ -358,7 +359,7 @@ fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() 
     use clinicsync::wire::{Cursor, Message, PullRequest};
     let direct = clinicsync::transport::http::HttpClient::new(
         &hub.url,
-        clinicsync::config::Secret::new(hub.token("b")),
+        clinicsync::secret::Secret::new(hub.token("b")),
         std::time::Duration::from_secs(60),
     );
     let mut req = PullRequest {
@@ -421,7 +422,7 @@ fn a_black_holed_link_times_out_and_recovers() {
     );
     a.client = clinicsync::transport::http::HttpClient::new(
         &format!("http://127.0.0.1:{}", proxy.port),
-        clinicsync::config::Secret::new(hub.token("a")),
+        clinicsync::secret::Secret::new(hub.token("a")),
         Duration::from_secs(1),
     );
     // The exchange timeout the daemon gives both its client and its resumption.

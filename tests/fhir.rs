@@ -325,7 +325,7 @@ fn capture_and_apply_everything_once(base: &str, mut emr: FhirServer, server: &s
         &mut s,
         &hub.policy,
         vec![(enc.version.snapshot.clone(), true)],
-        clinicsync::store::wall_ms(),
+        clinicsync::time::wall_ms(),
     )
     .unwrap();
     round(&mut a, &mut emr);
@@ -398,7 +398,7 @@ fn fake_oldest_first_type_history_with_offset_links_that_drop_since() {
     });
     // An hour of older history: the next links that lost `_since` lead into it, and
     // only reading the order right keeps the walk from stopping there.
-    let hour_ago = clinicsync::store::wall_ms() - 3_600_000;
+    let hour_ago = clinicsync::time::wall_ms() - 3_600_000;
     fake.with_db(|db| {
         for i in 0..20 {
             let p = json!({"resourceType": "Patient", "gender": "female", "address": [{"district": "South"}]});
@@ -496,7 +496,7 @@ fn a_version_written_during_a_paged_read_is_captured_by_the_next_round() {
         if page == 1 && !f2.swap(true, std::sync::atomic::Ordering::SeqCst) {
             let p0 = json!({"resourceType": "Patient", "gender": "other", "address": [{"district": "North"}]});
             db.write("Patient", "p0", Some(p0));
-            let late = clinicsync::store::wall_ms() - 2_000;
+            let late = clinicsync::time::wall_ms() - 2_000;
             let p = json!({"resourceType": "Patient", "gender": "female", "address": [{"district": "North"}]});
             db.write_at("Patient", "p-late", Some(p), late);
         }
@@ -579,7 +579,7 @@ fn resources_sharing_one_instant_are_read_past_a_page_without_links() {
     let dir = tempfile::tempdir().unwrap();
     let (hub, mut a) = hub_and_clinic(dir.path());
     let mut emr = adapter(&fake.base);
-    let at = clinicsync::store::wall_ms();
+    let at = clinicsync::time::wall_ms();
     fake.with_db(|db| {
         for i in 0..7 {
             let p = json!({"resourceType": "Patient", "gender": "female", "address": [{"district": "North"}]});

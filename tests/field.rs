@@ -419,7 +419,7 @@ fn config_check_refuses_an_emr_credential_others_may_read() {
 #[test]
 fn a_record_too_large_to_carry_is_refused_or_set_aside_and_never_blocks_the_queue() {
     use clinicsync::model::{Snapshot, Version, VersionVector};
-    use clinicsync::store::wall_ms;
+    use clinicsync::time::wall_ms;
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(
         dir.path(),
@@ -479,7 +479,7 @@ fn a_record_too_large_to_carry_is_refused_or_set_aside_and_never_blocks_the_queu
 #[test]
 fn writes_stamped_while_the_clock_was_fast_go_up_once_the_clock_is_set_right() {
     use clinicsync::model::Snapshot;
-    use clinicsync::store::wall_ms;
+    use clinicsync::time::wall_ms;
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(
         dir.path(),

@@ -188,7 +188,7 @@ fn a_child_cannot_report_for_a_sibling_and_a_report_is_clipped() {
     let (via, r) = &held[0];
     assert_eq!((via.as_str(), r.node.as_str()), ("a", "a"));
     assert!(r.link_error.as_ref().unwrap().chars().count() <= 161);
-    assert!(r.heard_ms.unwrap() <= clinicsync::store::wall_ms());
+    assert!(r.heard_ms.unwrap() <= clinicsync::time::wall_ms());
 }
 
 /// BENCHMARKS.md: `fleet` over 1,000 nodes, through the real binary.
@@ -218,7 +218,7 @@ fn fleet_over_a_thousand_nodes() {
     )
     .unwrap();
     let mut store = clinicsync::store::Store::open(&store_path, "hub").unwrap();
-    let now = clinicsync::store::wall_ms();
+    let now = clinicsync::time::wall_ms();
     let base = clinicsync::health::report(&store, "parent", now).unwrap();
     let mut tx = store.begin().unwrap();
     for i in 0..10u64 {

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use clinicsync::emr::{Emr, EmrError, Fetched};
 use clinicsync::engine::{self, Policy};
 use clinicsync::model::{RecordKey, Snapshot, Version};
-use clinicsync::store::{wall_ms, Store};
+use clinicsync::store::Store;
+use clinicsync::time::wall_ms;
 use common::*;
 use serde_json::{json, Value};
 

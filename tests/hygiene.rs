@@ -11,7 +11,8 @@ use std::process::Output;
 use clinicsync::cluster;
 use clinicsync::filemode::mode_of;
 use clinicsync::model::RecordKey;
-use clinicsync::store::{wall_ms, Stage, Store};
+use clinicsync::store::{Stage, Store};
+use clinicsync::time::wall_ms;
 
 fn run(config: &Path, args: &[&str]) -> Output {
     common::cli(config, args)

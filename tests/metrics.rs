@@ -69,7 +69,7 @@ fn a_real_prometheus_reads_a_childs_quarantine_from_the_hub() {
         free_port().unwrap(),
         free_port().unwrap(),
     );
-    let scrape_token = clinicsync::cli::new_token();
+    let scrape_token = clinicsync::auth::new_token();
     let token_file = credential(d, "scrape.token", &scrape_token);
     let (block_a, token_a) = child(d, "a", "North", &[]);
     let (block_b, token_b) = child(d, "b", "South", &[]);
@@ -79,7 +79,7 @@ fn a_real_prometheus_reads_a_childs_quarantine_from_the_hub() {
         format!(
             "{}[hub]\nlisten = \"127.0.0.1:{port}\"\n\n{block_a}{block_b}[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\ntoken_sha256 = \"{}\"\n",
             node_section(d, "hub"),
-            clinicsync::hub::token_hash(&scrape_token)
+            clinicsync::auth::token_hash(&scrape_token)
         ),
     );
     hub.start();

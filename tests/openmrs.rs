@@ -8,12 +8,12 @@ mod common;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use clinicsync::config::Secret;
 use clinicsync::daemon::{self, EmrReport, SyncReport};
 use clinicsync::emr::openmrs::{OpenMrs, Start, SHIPPED_CATEGORIES};
 use clinicsync::emr::simulator::{FeedStyle, OpenMrsSim};
 use clinicsync::emr::{CheckLevel, Emr, Fetched};
 use clinicsync::model::RecordKey;
+use clinicsync::secret::Secret;
 use common::*;
 use serde_json::json;
 

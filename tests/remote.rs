@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use clinicsync::remote::{Order, OrderKind};
-use clinicsync::store::wall_ms;
+use clinicsync::time::wall_ms;
 use common::*;
 use serde_json::{json, Value};
 
@@ -18,7 +18,7 @@ fn hub_config(dir: &Path, hub: &TestHub) -> PathBuf {
     for (node, token) in &hub.tokens {
         children.push_str(&format!(
             "[[hub.children]]\nnode = \"{node}\"\ntoken_sha256 = \"{}\"\n",
-            clinicsync::hub::token_hash(token)
+            clinicsync::auth::token_hash(token)
         ));
     }
     std::fs::write(

@@ -11,7 +11,8 @@ use std::time::Duration;
 use clinicsync::cluster::{self, Broker};
 use clinicsync::engine::CatchmentRule;
 use clinicsync::model::{Hlc, RecordKey, Snapshot, Version, VersionVector};
-use clinicsync::store::{wall_ms, Store};
+use clinicsync::store::Store;
+use clinicsync::time::wall_ms;
 use clinicsync::transport::Exchange;
 use clinicsync::wire::{
     Cursor, FetchRequest, Message, Outcome, PullRequest, PushRequest, PushResponse, WireRecord,
@@ -594,7 +595,7 @@ fn over_mqtt_the_same_boundary_holds_and_only_enrolled_children_are_served() {
     // A child removed from hub.children (as SIGHUP reloads it) is refused at once,
     // though its broker account and connection still work.
     let mut hash = [0u8; 32];
-    hex::decode_to_slice(clinicsync::hub::token_hash(&hub.token("b")), &mut hash).unwrap();
+    hex::decode_to_slice(clinicsync::auth::token_hash(&hub.token("b")), &mut hash).unwrap();
     hub.state.set_children(vec![("b".to_string(), hash)]);
     match Exchange::exchange(
         &a,
@@ -749,7 +750,7 @@ fn a_patient_moves_to_another_clinic_only_by_the_hubs_audited_command() {
     for n in ["a", "b"] {
         text.push_str(&format!(
             "[[hub.children]]\nnode = \"{n}\"\ntoken_sha256 = \"{}\"\n",
-            clinicsync::hub::token_hash(&hub.token(n))
+            clinicsync::auth::token_hash(&hub.token(n))
         ));
     }
     std::fs::write(&config, text).unwrap();

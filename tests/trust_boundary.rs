@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clinicsync::config::Secret;
 use clinicsync::hub::{self, HubState, ServeOptions};
+use clinicsync::secret::Secret;
 use clinicsync::store::Store;
 use clinicsync::tls::{self, TlsProblem};
 use clinicsync::transport::http::{HttpClient, TransportError};
@@ -144,7 +144,7 @@ struct Cred {
 fn cred(node: &str) -> Cred {
     Cred {
         node: node.into(),
-        token: clinicsync::cli::new_token(),
+        token: clinicsync::auth::new_token(),
     }
 }
 
@@ -158,7 +158,7 @@ fn hub_toml(dir: &Path, port: u16, children: &[&Cred], extra: &str) -> String {
         t.push_str(&format!(
             "\n[[hub.children]]\nnode = \"{}\"\ntoken_sha256 = \"{}\"\n",
             c.node,
-            hub::token_hash(&c.token)
+            clinicsync::auth::token_hash(&c.token)
         ));
     }
     t
@@ -215,7 +215,7 @@ impl InProcHub {
             .iter()
             .map(|c| {
                 let mut h = [0u8; 32];
-                hex::decode_to_slice(hub::token_hash(&c.token), &mut h).unwrap();
+                hex::decode_to_slice(clinicsync::auth::token_hash(&c.token), &mut h).unwrap();
                 (c.node.clone(), h)
             })
             .collect();

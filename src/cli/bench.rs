@@ -13,8 +13,9 @@ use super::{Failure, EXIT_FAILURE};
 use crate::cluster::{self, Proc};
 use crate::engine;
 use crate::model::Snapshot;
-use crate::store::{wall_ms, Store};
+use crate::store::Store;
 use crate::synth;
+use crate::time::wall_ms;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {

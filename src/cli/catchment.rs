@@ -15,8 +15,9 @@ use serde::Serialize;
 use super::{open_existing, print_json, Failure, Out, EXIT_NOT_FOUND};
 use crate::config::Config;
 use crate::engine::CatchmentRule;
-use crate::model::{words_for_ms, RecordKey};
+use crate::model::RecordKey;
 use crate::textsafe::safe;
+use crate::time::words_for_ms;
 
 /// What a rule would give a node.
 #[derive(Debug, Serialize)]

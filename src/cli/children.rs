@@ -22,19 +22,18 @@
 //! new token before the clinic has it; past the overlap the hub refuses the old one
 //! with a message saying it was replaced.
 
+use crate::time::fmt_time;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{
-    fmt_time, print_json, Failure, Out, EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_USAGE,
-};
+use super::{print_json, Failure, Out, EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_USAGE};
 use crate::config::Config;
 use crate::engine::CatchmentRule;
 use crate::model::valid_node_id;
-use crate::store::wall_ms;
 use crate::textsafe::{safe, safe_display};
+use crate::time::wall_ms;
 
 #[derive(Subcommand, Debug)]
 pub enum ChildCmd {
@@ -157,8 +156,8 @@ pub fn run(path: &Path, cfg: &Config, action: ChildCmd) -> Out {
             }
             refuse_existing(token_file.as_deref())?;
             let text = read(path)?;
-            let token = super::new_token();
-            let hash = crate::hub::token_hash(&token);
+            let token = crate::auth::new_token();
+            let hash = crate::auth::token_hash(&token);
             let mut block = format!(
                 "\n# clinicsync child add {node}, {}\n[[hub.children]]\nnode = {}\ntoken_sha256 = \"{hash}\"\n",
                 fmt_time(wall_ms()),
@@ -306,8 +305,8 @@ pub fn run(path: &Path, cfg: &Config, action: ChildCmd) -> Out {
                 .into_iter()
                 .find(|b| b.header == "hub.children" && b.node.as_deref() == Some(node.as_str()))
                 .ok_or_else(|| unexpected(path))?;
-            let token = super::new_token();
-            let hash = crate::hub::token_hash(&token);
+            let token = crate::auth::new_token();
+            let hash = crate::auth::token_hash(&token);
             let until = wall_ms().saturating_add(overlap);
             let until_text = fmt_time(until);
             // The block's lines, with the credential lines replaced.

@@ -15,8 +15,9 @@ use serde::Serialize;
 
 use super::{Failure, EXIT_FAILURE};
 use crate::config::{Config, TransportKind};
-use crate::store::{wall_ms, Store};
+use crate::store::Store;
 use crate::textsafe::safe;
+use crate::time::wall_ms;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Level {
@@ -46,7 +47,7 @@ fn check(level: Level, what: &'static str, detail: impl Into<String>, hint: Opti
     }
 }
 
-use crate::transport::http::http_date_ms;
+use crate::time::http_date_ms;
 
 pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
     let mut checks = Vec::new();
@@ -467,7 +468,7 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
     }
     // The credential file is checked even when the parent is out of reach: a file
     // others can read is a problem whatever the link does.
-    let token = match crate::config::read_token(&parent.token_file) {
+    let token = match crate::auth::read_token(&parent.token_file) {
         Ok(t) => Some(t),
         Err(e) => {
             checks.push(check(
@@ -513,7 +514,7 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
                 let skew = diff.abs() / 1000;
                 let words = format!(
                     "this node's clock is {} {} the parent's",
-                    crate::model::words_for_ms(diff.unsigned_abs()),
+                    crate::time::words_for_ms(diff.unsigned_abs()),
                     if diff >= 0 { "ahead of" } else { "behind" }
                 );
                 let (level, hint) = match skew {

@@ -12,8 +12,8 @@ use serde::Serialize;
 use super::{open_existing, Failure, Out, EXIT_ATTENTION};
 use crate::config::Config;
 use crate::health::HealthReport;
-use crate::model::words_for_ms;
 use crate::textsafe::safe;
+use crate::time::words_for_ms;
 
 /// Free disk below this is a problem; below a fifth of it, an urgent one.
 const LOW_DISK: u64 = 1 << 30;

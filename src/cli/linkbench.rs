@@ -20,8 +20,9 @@ use super::{Failure, EXIT_FAILURE};
 use crate::cluster::{self, Proc};
 use crate::engine;
 use crate::linksim::{Link, LinkSpec};
-use crate::store::{wall_ms, Store};
+use crate::store::Store;
 use crate::synth;
+use crate::time::wall_ms;
 
 #[derive(clap::Args, Debug)]
 pub struct LinkArgs {

@@ -9,6 +9,7 @@
 //! Exit codes: [`EXIT_CODES`] is the one list; `--help` ([`exit_codes_help`]) and
 //! the README's table ([`exit_codes_markdown`], checked by a test) come from it.
 
+use crate::time::fmt_time;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -20,8 +21,9 @@ use crate::config::{self, Config};
 use crate::daemon::{self, PARENT};
 use crate::engine;
 use crate::model::{RecordKey, Snapshot};
-use crate::store::{wall_ms, AuditCheck, Store};
+use crate::store::{AuditCheck, Store};
 use crate::textsafe::{safe, safe_display, safe_lines};
+use crate::time::wall_ms;
 use crate::transport::http::HttpClient;
 use crate::wire::Message;
 
@@ -592,9 +594,9 @@ fn dispatch(cli: Cli) -> Out {
         Command::Token {
             action: TokenCmd::New,
         } => {
-            let token = new_token();
+            let token = crate::auth::new_token();
             println!("token:        {token}");
-            println!("token_sha256: {}", crate::hub::token_hash(&token));
+            println!("token_sha256: {}", crate::auth::token_hash(&token));
             println!("\nPut the token in the child's parent.token_file (mode 0600, owned by the service user); put the hash in the hub's [[hub.children]].");
             Ok(())
         }
@@ -659,18 +661,11 @@ fn generate(what: &str, dir: &Path) -> Out {
     Ok(())
 }
 
-pub fn new_token() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    hex::encode(b)
-}
-
 fn config_check(path: &Path) -> Out {
     let cfg = Config::load(path)?;
     if let Some(p) = &cfg.parent {
         // A missing credential is a deployment step still to do, not a bad file.
-        match config::read_token(&p.token_file) {
+        match crate::auth::read_token(&p.token_file) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => eprintln!(
                 "warning: parent.token_file {}: {e} (create it before starting the service)",
                 safe_display(p.token_file.display())
@@ -2181,29 +2176,6 @@ fn clock_skew(store: &Store) -> Result<Option<(i64, u64)>, Failure> {
         .meta_str(daemon::CLOCK_SKEW_KEY)?
         .and_then(|s| s.parse::<i64>().ok());
     Ok(skew.map(|s| (s, store.meta_u64(daemon::CLOCK_SEEN_KEY).unwrap_or(0))))
-}
-
-/// `2026-11-26T10:00:00Z` from epoch milliseconds (UTC, no time zone database needed).
-pub fn fmt_time(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]

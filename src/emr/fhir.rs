@@ -113,8 +113,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{classify, Emr, EmrError, Fetched};
-use crate::config::Secret;
 use crate::model::{RecordKey, Snapshot, Version};
+use crate::secret::Secret;
 
 /// Pages one read may follow before it is called endless.
 pub const MAX_PAGES: usize = 20_000;
@@ -254,19 +254,8 @@ fn unsupported(url: &str, e: EmrError) -> ReadError {
 
 /// `2026-11-26T10:00:00.000Z` for epoch milliseconds.
 fn instant(ms: u64) -> String {
-    let s = crate::cli::fmt_time(ms);
+    let s = crate::time::fmt_time(ms);
     format!("{}.{:03}Z", s.trim_end_matches('Z'), ms % 1000)
-}
-
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// A FHIR `instant` (`YYYY-MM-DDThh:mm:ss[.fff…](Z|±hh:mm)`) as epoch ms, digits
@@ -318,28 +307,9 @@ fn parse_instant(s: &str) -> Option<u64> {
         }
         _ => return None,
     };
-    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
+    let secs = crate::time::days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec
+        - offset_min * 60;
     u64::try_from(secs * 1000 + millis).ok()
-}
-
-/// An HTTP `Date` (IMF-fixdate, `Wed, 02 Dec 2026 03:48:11 GMT`) as epoch ms.
-fn parse_http_date(s: &str) -> Option<u64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [_, d, mon, y, hms, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    let mo = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == mon)? as i64
-        + 1;
-    let d: i64 = d.parse().ok()?;
-    let y: i64 = y.parse().ok()?;
-    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
-    let (h, mi, sec) = (t.next()??, t.next()??, t.next()??);
-    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec;
-    u64::try_from(secs * 1000).ok()
 }
 
 /// `scheme://host[:port]` of a URL.
@@ -558,7 +528,7 @@ impl FhirServer {
     /// body's `meta.lastUpdated` and the `Date` header).
     fn get_json(&self, url: &str) -> Result<(Value, Option<u64>), EmrError> {
         let resp = self.req("GET", url).call().map_err(|e| classify(url, e))?;
-        let date = resp.header("Date").and_then(parse_http_date);
+        let date = resp.header("Date").and_then(crate::time::http_date_ms);
         let text = resp
             .into_string()
             .map_err(|e| EmrError::Unavailable(format!("{url}: {e}")))?;
@@ -988,11 +958,11 @@ impl FhirServer {
         let since = match (self.start_now, clock.start.or(clock.newest)) {
             // From "now" means from the server's clock now, with no margin back: what
             // was written before is not this clinic's to capture.
-            (true, _) => self.server_now().unwrap_or_else(crate::store::wall_ms),
+            (true, _) => self.server_now().unwrap_or_else(crate::time::wall_ms),
             (false, Some(start)) => start.saturating_sub(self.margin_ms),
             (false, None) => self
                 .server_now()
-                .unwrap_or_else(crate::store::wall_ms)
+                .unwrap_or_else(crate::time::wall_ms)
                 .saturating_sub(self.margin_ms),
         };
         let cursor = Cursor {
@@ -1311,10 +1281,13 @@ mod tests {
     #[test]
     fn http_dates_parse() {
         assert_eq!(
-            parse_http_date("Wed, 18 Nov 2026 11:06:40 GMT"),
+            crate::time::http_date_ms("Wed, 18 Nov 2026 11:06:40 GMT"),
             Some(1_795_000_000_000)
         );
-        assert_eq!(parse_http_date("Wed, 18 Nov 2026 11:06:40 UTC"), None);
+        assert_eq!(
+            crate::time::http_date_ms("Wed, 18 Nov 2026 11:06:40 UTC"),
+            None
+        );
     }
 
     #[test]

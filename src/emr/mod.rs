@@ -158,15 +158,7 @@ pub fn parse_instant(s: &str) -> Option<u64> {
     if d.len() != 3 || t.len() < 2 {
         return None;
     }
-    let (y, m) = if d[1] <= 2 {
-        (d[0] - 1, d[1] + 9)
-    } else {
-        (d[0], d[1] - 3)
-    };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + (153 * m + 2) / 5 + d[2] - 1;
-    let days = era * 146_097 + doe - 719_468;
+    let days = crate::time::days_from_civil(d[0], d[1], d[2]);
     let secs = days * 86_400 + t[0] * 3600 + t[1] * 60 + t.get(2).copied().unwrap_or(0);
     let ms: u64 = format!("{:0<3}", &millis[..millis.len().min(3)])
         .parse()

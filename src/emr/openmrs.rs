@@ -84,8 +84,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{classify, CheckLevel, Emr, EmrCheck, EmrError, Fetched};
-use crate::config::Secret;
 use crate::model::{RecordKey, Snapshot, Version};
+use crate::secret::Secret;
 
 /// The categories the atomfeed module's shipped `defaultAtomfeedConfig.json`
 /// publishes that carry records we sync (it also publishes `cohort`, `privilege`
@@ -580,7 +580,7 @@ impl OpenMrs {
     }
 
     fn now_ms() -> u64 {
-        crate::store::wall_ms()
+        crate::time::wall_ms()
     }
 
     /// Our base URL with the path and query of a link OpenMRS made (an absolute URL
@@ -615,7 +615,7 @@ impl OpenMrs {
             if Self::now_ms() < until {
                 return Err(EmrError::Unavailable(format!(
                     "{why}; not calling OpenMRS again for {} (every attempt while an account is locked restarts its lock; restart after fixing the credentials)",
-                    crate::model::words_for_ms(until - Self::now_ms())
+                    crate::time::words_for_ms(until - Self::now_ms())
                 )));
             }
         }
@@ -904,7 +904,7 @@ impl OpenMrs {
     fn server_now(&mut self) -> Option<u64> {
         let url = self.rest_url("session");
         let resp = self.raw("GET", &url, None).ok()?;
-        resp.header("Date").and_then(http_date_ms)
+        resp.header("Date").and_then(crate::time::http_date_ms)
     }
 
     /// The `_lastUpdated` sweep of the kinds no feed announces, when due.
@@ -914,7 +914,7 @@ impl OpenMrs {
             return Ok(Vec::new());
         }
         let server_now = self.server_now().unwrap_or(now);
-        let next_mark = crate::cli::fmt_time(server_now.saturating_sub(60_000));
+        let next_mark = crate::time::fmt_time(server_now.saturating_sub(60_000));
         let mut keys = Vec::new();
         for t in self.sweep_types.clone() {
             let mark = match self.sweep.marks.get(&t) {
@@ -1439,22 +1439,6 @@ fn rewrite_references(v: &mut Value, map: &dyn Fn(&str, &str) -> Option<String>)
     }
 }
 
-/// Parses an HTTP `Date` (`Thu, 26 Nov 2026 10:00:00 GMT`) to epoch ms.
-pub fn http_date_ms(s: &str) -> Option<u64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [_, day, mon, year, time, _] = parts.as_slice() else {
-        return None;
-    };
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == mon)?
-        + 1;
-    let iso = format!("{year}-{month:02}-{day:0>2}T{time}Z");
-    super::parse_instant(&iso)
-}
-
 impl Emr for OpenMrs {
     fn changes(&mut self, cursor: Option<&str>) -> Result<(Vec<RecordKey>, String), EmrError> {
         let mut cur = parse_cursor(cursor);
@@ -1634,7 +1618,7 @@ fn diagnose(om: &mut OpenMrs) -> Vec<EmrCheck> {
     let url = om.rest_url("session");
     let (session, date) = match om.raw("GET", &url, None) {
         Result::Ok(resp) => {
-            let date = resp.header("Date").and_then(http_date_ms);
+            let date = resp.header("Date").and_then(crate::time::http_date_ms);
             match OpenMrs::json(&url, resp) {
                 Result::Ok(v) => (v, date),
                 Err(e) => {
@@ -1853,7 +1837,7 @@ fn diagnose(om: &mut OpenMrs) -> Vec<EmrCheck> {
         format!(
             "{} swept by _lastUpdated every {} (no atomfeed configuration announces them; diagnoses are not in FHIR2)",
             om.sweep_types.join(", "),
-            crate::model::words_for_ms(om.sweep_every_ms)
+            crate::time::words_for_ms(om.sweep_every_ms)
         )
     };
     out.push(EmrCheck::new(
@@ -2131,7 +2115,10 @@ mod tests {
     fn version_one_cursors_are_read() {
         let c = parse_cursor(Some(r#"{"patient":"tag:atomfeed.ict4h.org:1"}"#));
         assert_eq!(c.feeds["patient"], "tag:atomfeed.ict4h.org:1");
-        assert_eq!(http_date_ms("Thu, 01 Jan 1970 00:01:00 GMT"), Some(60_000));
+        assert_eq!(
+            crate::time::http_date_ms("Thu, 01 Jan 1970 00:01:00 GMT"),
+            Some(60_000)
+        );
     }
 
     #[test]

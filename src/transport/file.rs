@@ -139,10 +139,10 @@ pub enum Item {
         cursor: Cursor,
         include_own: bool,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        health: Vec<crate::health::HealthReport>,
+        health: Vec<crate::wire::health::HealthReport>,
         /// Results of the parent's orders (`crate::remote`), like `health`.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        order_results: Vec<crate::remote::OrderResult>,
+        order_results: Vec<crate::wire::orders::OrderResult>,
     },
     /// Return: the parent's answers for pushed records.
     Receipts(Vec<Receipt>),

@@ -16,10 +16,11 @@
 //! any failed round. Waiting here rather than in the daemon keeps a round's pipelined
 //! batches and resumable transfers going instead of starting the round over.
 
+use crate::time::http_date_ms;
 use std::io::Read;
 use std::time::Duration;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::wire::{self, Limits, Message, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +139,7 @@ impl HttpClient {
         parent: &crate::config::ParentSection,
         timeout: Duration,
     ) -> Result<HttpClient, String> {
-        let token = crate::config::read_token(&parent.token_file)
+        let token = crate::auth::read_token(&parent.token_file)
             .map_err(|e| format!("parent.token_file {}: {e}", parent.token_file.display()))?;
         let tls = parent_tls(parent)?;
         Ok(HttpClient::with_tls(&parent.url, token, timeout, tls))
@@ -239,7 +240,7 @@ impl HttpClient {
     /// Notes the parent's clock from an answer's `Date` header.
     fn note_date(&self, resp: &ureq::Response) {
         if let Some(parent) = resp.header("Date").and_then(http_date_ms) {
-            let skew = crate::store::wall_ms() as i64 - parent as i64;
+            let skew = crate::time::wall_ms() as i64 - parent as i64;
             *self.skew_ms.lock().unwrap_or_else(|p| p.into_inner()) = Some(skew);
         }
     }
@@ -291,60 +292,6 @@ pub fn parent_tls(
         .map_err(|e| format!("parent.ca_file: {e}"))
 }
 
-/// Parses an HTTP Date header (`Thu, 26 Nov 2026 10:00:00 GMT`) to epoch ms.
-pub fn http_date_ms(s: &str) -> Option<u64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [_, day, mon, year, time, _] = parts.as_slice() else {
-        return None;
-    };
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == mon)? as i64
-        + 1;
-    let (d, y): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
-    let t: Vec<i64> = time.split(':').filter_map(|x| x.parse().ok()).collect();
-    if t.len() != 3 {
-        return None;
-    }
-    // Days from civil (Howard Hinnant).
-    let y2 = if month <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000) as u64)
-}
-
-/// Epoch ms as an HTTP Date header (`Thu, 26 Nov 2026 10:00:00 GMT`).
-pub fn http_date(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ][(m - 1) as usize];
-    format!(
-        "{weekday}, {d:02} {month} {y} {:02}:{:02}:{:02} GMT",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// How far this node's clock is from its parent's, beyond which `sync` and `status`
 /// say so (the `Date` header has whole seconds, and the answer takes a while).
 pub const CLOCK_SKEW_REPORTED_MS: u64 = 60_000;
@@ -354,23 +301,7 @@ pub const CLOCK_SKEW_REPORTED_MS: u64 = 60_000;
 pub fn skew_words(skew_ms: i64) -> String {
     format!(
         "this node's clock is {} {} the parent's",
-        crate::model::words_for_ms(skew_ms.unsigned_abs()),
+        crate::time::words_for_ms(skew_ms.unsigned_abs()),
         if skew_ms >= 0 { "ahead of" } else { "behind" }
     )
-}
-
-#[cfg(test)]
-mod date_tests {
-    use super::*;
-
-    #[test]
-    fn http_dates_round_trip() {
-        for ms in [0u64, 1_795_000_000_000, 951_782_400_000, 4_102_444_799_000] {
-            assert_eq!(http_date_ms(&http_date(ms)), Some(ms), "{}", http_date(ms));
-        }
-        assert_eq!(
-            http_date(1_795_000_000_000),
-            "Wed, 18 Nov 2026 11:06:40 GMT"
-        );
-    }
 }

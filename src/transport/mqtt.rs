@@ -37,7 +37,7 @@ use std::time::Duration;
 use rumqttc::{Event, MqttOptions, Packet, QoS};
 
 use super::http::{Traffic, TransportError};
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::wire::{self, Limits, Message};
 
 pub const PREFIX: &str = "clinicsync/v1";

@@ -7,12 +7,14 @@ use std::process::Output;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use clinicsync::config::{Secret, SyncSection};
+use clinicsync::config::SyncSection;
 use clinicsync::daemon::{self, SyncError, SyncReport};
 use clinicsync::engine::{self, CatchmentRule, Policy};
 use clinicsync::hub::{self, HubState};
 use clinicsync::model::{RecordKey, Snapshot};
-use clinicsync::store::{wall_ms, Store};
+use clinicsync::secret::Secret;
+use clinicsync::store::Store;
+use clinicsync::time::wall_ms;
 use clinicsync::transport::http::HttpClient;
 use clinicsync::transport::mqtt::{MqttClient, MqttSettings};
 use clinicsync::transport::Exchange;
@@ -91,7 +93,7 @@ impl TestHub {
             .iter()
             .map(|(n, t)| {
                 let mut h = [0u8; 32];
-                hex::decode_to_slice(hub::token_hash(t), &mut h).unwrap();
+                hex::decode_to_slice(clinicsync::auth::token_hash(t), &mut h).unwrap();
                 (n.clone(), h)
             })
             .collect();
@@ -359,13 +361,13 @@ pub fn credential(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// `[[hub.children]]` and a catchment rule for `id` (its district), and the token
 /// file the child reads.
 pub fn child(dir: &Path, id: &str, district: &str, descendants: &[&str]) -> (String, PathBuf) {
-    let token = clinicsync::cli::new_token();
+    let token = clinicsync::auth::new_token();
     let file = credential(dir, &format!("{id}.token"), &token);
     let desc: Vec<String> = descendants.iter().map(|d| format!("{d:?}")).collect();
     (
         format!(
             "[[hub.children]]\nnode = \"{id}\"\ntoken_sha256 = \"{}\"\ndescendants = [{}]\n\n[[hub.catchment]]\nnode = \"{id}\"\npath = \"address.district\"\nequals = \"{district}\"\n\n",
-            clinicsync::hub::token_hash(&token),
+            clinicsync::auth::token_hash(&token),
             desc.join(", ")
         ),
         file,

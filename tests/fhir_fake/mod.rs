@@ -118,16 +118,16 @@ pub struct Db {
 }
 
 fn now_ms() -> u64 {
-    clinicsync::store::wall_ms()
+    clinicsync::time::wall_ms()
 }
 
 fn instant(ms: u64) -> String {
-    let s = clinicsync::cli::fmt_time(ms);
+    let s = clinicsync::time::fmt_time(ms);
     format!("{}.{:03}Z", s.trim_end_matches('Z'), ms % 1000)
 }
 
 fn http_date(ms: u64) -> String {
-    let s = clinicsync::cli::fmt_time(ms); // 2026-11-18T11:06:40Z
+    let s = clinicsync::time::fmt_time(ms); // 2026-11-18T11:06:40Z
     let (y, mo, d) = (&s[0..4], &s[5..7], &s[8..10]);
     let days = ms / 86_400_000;
     let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];

@@ -536,7 +536,7 @@ pub(super) fn page(
         .iter()
         .map(|e| e.ms)
         .max()
-        .unwrap_or_else(|| crate::store::wall_ms() / 86_400_000 * 86_400_000);
+        .unwrap_or_else(|| crate::time::wall_ms() / 86_400_000 * 86_400_000);
     // atomfeed.properties of the omod: feed title, author, generator, id prefix.
     let mut xml = String::from(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<feed xmlns=\"http://www.w3.org/2005/Atom\">\n  <title>OpenMRS Feed Publisher for Sync2.0</title>\n",
@@ -550,10 +550,10 @@ pub(super) fn page(
     xml.push_str("  <author>\n    <name>SolDevelo</name>\n  </author>\n");
     xml.push_str(&format!(
         "  <id>a2ad93fd-8a7f-405f-bbc1-da4535e6d05c+{id}</id>\n  <generator uri=\"https://github.com/ICT4H/atomfeed\">OpenMRS Feed Publisher</generator>\n  <updated>{}</updated>\n",
-        crate::cli::fmt_time(updated)
+        crate::time::fmt_time(updated)
     ));
     for e in shown {
-        let when = crate::cli::fmt_time(e.ms);
+        let when = crate::time::fmt_time(e.ms);
         xml.push_str(&format!(
             "  <entry>\n    <title>{}</title>\n",
             escape(&e.title)

@@ -131,7 +131,7 @@ async fn atom(
 
 /// `Thu, 26 Nov 2026 10:00:00 GMT`.
 fn http_date(ms: u64) -> String {
-    let iso = crate::cli::fmt_time(ms);
+    let iso = crate::time::fmt_time(ms);
     let days = ms / 86_400_000;
     let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
     let month = [
@@ -148,7 +148,7 @@ fn http_date(ms: u64) -> String {
 /// The server's clock in its `Date` header, with the skew lever applied.
 async fn date_header(State(s): State<Shared>, mut resp: Response) -> Response {
     let skew = lock(&s).clock_skew_ms;
-    let now = (crate::store::wall_ms() as i64 + skew).max(0) as u64;
+    let now = (crate::time::wall_ms() as i64 + skew).max(0) as u64;
     if let Ok(v) = http_date(now).parse() {
         resp.headers_mut().insert(header::DATE, v);
     }
@@ -382,7 +382,7 @@ impl OpenMrsSim {
         self.with(|s| {
             s.account(user)
                 .and_then(|a| a.locked_at)
-                .is_some_and(|at| crate::store::wall_ms().saturating_sub(at) <= s.unlock_ms)
+                .is_some_and(|at| crate::time::wall_ms().saturating_sub(at) <= s.unlock_ms)
         })
     }
 

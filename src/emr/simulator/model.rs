@@ -231,7 +231,7 @@ impl SimState {
     }
 
     pub(super) fn tick(&mut self) -> u64 {
-        let now = crate::store::wall_ms().max(self.clock_ms + 1);
+        let now = crate::time::wall_ms().max(self.clock_ms + 1);
         self.clock_ms = now;
         now
     }
@@ -261,7 +261,7 @@ impl SimState {
         let Some((user, password)) = decoded.split_once(':') else {
             return Login::Failed;
         };
-        let now = crate::store::wall_ms();
+        let now = crate::time::wall_ms();
         let (allowed, unlock) = (self.allowed_failed_logins, self.unlock_ms);
         let Some(acct) = self.accounts.get_mut(user) else {
             return Login::Failed;
@@ -739,7 +739,7 @@ fn sub_entity(class: &'static str, element: &Value, owner: &str) -> Entity {
 pub(super) fn instant(ms: u64) -> String {
     format!(
         "{}.{:03}Z",
-        crate::cli::fmt_time(ms).trim_end_matches('Z'),
+        crate::time::fmt_time(ms).trim_end_matches('Z'),
         ms % 1000
     )
 }

@@ -675,7 +675,7 @@ fn create_fhir_backed(
             let mut e = json!({"resourceType": "Encounter", "status": "unknown",
                 "type": [{"coding": [{"system": system, "code": t}]}],
                 "subject": {"reference": format!("Patient/{patient}"), "type": "Patient"},
-                "period": {"start": s(&v, when_prop).map(str::to_string).unwrap_or_else(|| super::model::instant(crate::store::wall_ms()))}});
+                "period": {"start": s(&v, when_prop).map(str::to_string).unwrap_or_else(|| super::model::instant(crate::time::wall_ms()))}});
             if let Some(l) = uuid_prop(&v, "location") {
                 e["location"] = json!([{"location": {"reference": format!("Location/{l}"), "type": "Location"}}]);
             }

@@ -597,8 +597,8 @@ fn modules_settings_and_session_answer_as_openmrs_does() {
     // The Date header carries the server's clock (skewed on request).
     s.with(|st| st.clock_skew_ms = 3_600_000);
     let (_, r) = call("GET", &format!("{rest}/session"), None);
-    let remote = crate::emr::openmrs::http_date_ms(r.header("Date").unwrap()).unwrap();
-    assert!(remote > crate::store::wall_ms() + 3_500_000);
+    let remote = crate::time::http_date_ms(r.header("Date").unwrap()).unwrap();
+    assert!(remote > crate::time::wall_ms() + 3_500_000);
 }
 
 #[test]

@@ -364,7 +364,8 @@ pub fn config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    use clinicsync::config::{self, Config, Secret};
+    use clinicsync::config::{self, Config};
+    use clinicsync::secret::Secret;
     for line in text.lines() {
         let _ = PublicKeys::parse(line);
     }

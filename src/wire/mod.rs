@@ -31,6 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector};
 
+pub mod health;
+pub mod orders;
+
 pub const MAGIC: &[u8; 4] = b"CSYN";
 pub const PROTOCOL_VERSION: u16 = 1;
 const HEADER_LEN: usize = 6;
@@ -234,11 +237,11 @@ pub struct PullRequest {
     /// below it that arrived since its last pull (`crate::health`). Added in 0.2
     /// within v1: absent from older clients, ignored by older hubs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub health: Vec<crate::health::HealthReport>,
+    pub health: Vec<health::HealthReport>,
     /// Results of the parent's orders this node ran (`crate::remote`). Added in 0.2
     /// within v1, like `health`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub order_results: Vec<crate::remote::OrderResult>,
+    pub order_results: Vec<orders::OrderResult>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -256,7 +259,7 @@ pub struct PullResponse {
     /// Orders from the parent (`crate::remote`), sent until their results come
     /// back. Added in 0.2 within v1: absent when none, ignored by older children.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub orders: Vec<crate::remote::Order>,
+    pub orders: Vec<orders::Order>,
     /// The last USB bundle this parent imported from the child (0: none), so a child
     /// reinstalled with its old keys numbers its next bundle after it. Added in 0.2
     /// within v1, omitted when 0.
