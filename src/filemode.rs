@@ -95,6 +95,45 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// A file with no name in `dir`, readable only by this user (0600), gone when it is
+/// closed or the process dies: Linux `O_TMPFILE` where the filesystem has it (USB
+/// sticks with vfat do not), else a `.tmp<random>` name unlinked at once (a crash in
+/// between leaves a `.tmp` file that the next import clears after ten minutes).
+pub fn unnamed_file_in(dir: &Path) -> io::Result<std::fs::File> {
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    {
+        Ok(f) => return Ok(f),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+            ) => {}
+        Err(e) => return Err(e),
+    }
+    loop {
+        let name = dir.join(format!(".tmp{:016x}", rand::random::<u64>()));
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&name)
+        {
+            Ok(f) => {
+                std::fs::remove_file(&name)?;
+                return Ok(f);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Before SQLite opens `path`: creates its directory (0750) and the file (0600) if
 /// they do not exist, so SQLite never creates the database, its WAL or its shared
 /// memory file with the umask's mode; removes world bits from an existing store.

@@ -3,16 +3,17 @@
 
 pub mod auth;
 pub mod cli;
-pub mod cluster;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "devkit")]
+pub mod devkit;
 pub mod emr;
 pub mod engine;
 pub mod filemode;
 pub mod health;
 pub mod hub;
 pub mod keys;
-pub mod linksim;
+pub mod localnet;
 pub mod lock;
 pub mod metrics;
 pub mod model;

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clinicsync::cluster::{free_port, wait_healthy, wait_until, write_layout, Proc};
+use clinicsync::devkit::cluster::{free_port, wait_healthy, wait_until, write_layout, Proc};
 use common::*;
 
 struct Net {

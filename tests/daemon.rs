@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clinicsync::cluster;
+use clinicsync::devkit::cluster;
 use clinicsync::store::Store;
 use common::BIN;
 

@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clinicsync::cluster::{self, Proc};
+use clinicsync::devkit::cluster::{self, Proc};
 use common::*;
 
 /// A clinic config whose parent is `url`, with a given exchange timeout.

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use clinicsync::cluster::{self, Proc};
+use clinicsync::devkit::cluster::{self, Proc};
 use clinicsync::engine::{self, Policy};
 use clinicsync::model::Snapshot;
 use clinicsync::store::Store;
@@ -227,7 +227,7 @@ fn a_clinic_killed_mid_sync_of_5000_records_delivers_each_exactly_once() {
 
 #[test]
 fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() {
-    use clinicsync::cluster::{FaultProxy, Faults};
+    use clinicsync::devkit::cluster::{FaultProxy, Faults};
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(
         dir.path(),
@@ -396,7 +396,7 @@ fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() 
 
 #[test]
 fn a_black_holed_link_times_out_and_recovers() {
-    use clinicsync::cluster::{FaultProxy, Faults};
+    use clinicsync::devkit::cluster::{FaultProxy, Faults};
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(
         dir.path(),
@@ -560,7 +560,7 @@ fn a_bootstrap_killed_on_either_side_resumes_where_it_was() {
 
 #[test]
 fn a_clinic_killed_in_the_middle_of_a_large_page_continues_that_page_after_a_restart() {
-    use clinicsync::cluster::{FaultProxy, Faults};
+    use clinicsync::devkit::cluster::{FaultProxy, Faults};
     let dir = tempfile::tempdir().unwrap();
     let items = clinicsync::synth::clinic_records(13, "h", "North", "loc-1", 400, 2, 5)
         .into_iter()

@@ -23,8 +23,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use clinicsync::cluster;
 use clinicsync::daemon::{self, EmrReport, SyncReport};
+use clinicsync::devkit::cluster;
 use clinicsync::emr::fhir::{CaptureMode, FhirServer};
 use clinicsync::model::RecordKey;
 use common::*;

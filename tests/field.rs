@@ -109,9 +109,9 @@ fn backup_while_running_and_restore_when_stopped() {
     std::fs::write(&p, patient("p1", "North").to_string()).unwrap();
     assert!(cli(&config, &["put", p.to_str().unwrap()]).status.success());
     let mut daemon =
-        clinicsync::cluster::Proc::spawn(std::path::Path::new(BIN), "n", &config, &["run"])
+        clinicsync::devkit::cluster::Proc::spawn(std::path::Path::new(BIN), "n", &config, &["run"])
             .unwrap();
-    assert!(clinicsync::cluster::wait_until(
+    assert!(clinicsync::devkit::cluster::wait_until(
         std::time::Duration::from_secs(10),
         || clinicsync::lock::daemon_running(&store)
     ));
@@ -192,7 +192,7 @@ fn backup_while_running_and_restore_when_stopped() {
 #[test]
 fn doctor_fails_a_hub_that_is_not_listening_and_runs_every_check() {
     let dir = tempfile::tempdir().unwrap();
-    let port = clinicsync::cluster::free_port().unwrap();
+    let port = clinicsync::devkit::cluster::free_port().unwrap();
     let config = dir.path().join("h.toml");
     std::fs::write(
         &config,

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use clinicsync::cluster::{free_port, wait_healthy, wait_until};
+use clinicsync::devkit::cluster::{free_port, wait_healthy, wait_until};
 use clinicsync::health::HealthReport;
 use clinicsync::wire::{Message, PullRequest};
 use common::*;

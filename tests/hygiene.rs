@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
 
-use clinicsync::cluster;
+use clinicsync::devkit::cluster;
 use clinicsync::filemode::mode_of;
 use clinicsync::model::RecordKey;
 use clinicsync::store::{Stage, Store};

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use clinicsync::cluster::{free_port, wait_healthy, wait_until};
+use clinicsync::devkit::cluster::{free_port, wait_healthy, wait_until};
 use common::*;
 use serde_json::{json, Value};
 

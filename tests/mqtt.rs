@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use clinicsync::cluster::{self, Broker, Proc};
+use clinicsync::devkit::cluster::{self, Broker, Proc};
 use clinicsync::store::Store;
 use clinicsync::transport::http::TransportError;
 use clinicsync::wire::{Message, PushRequest};

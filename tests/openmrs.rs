@@ -9,8 +9,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use clinicsync::daemon::{self, EmrReport, SyncReport};
+use clinicsync::devkit::openmrs_sim::{FeedStyle, OpenMrsSim};
 use clinicsync::emr::openmrs::{OpenMrs, Start, SHIPPED_CATEGORIES};
-use clinicsync::emr::simulator::{FeedStyle, OpenMrsSim};
 use clinicsync::emr::{CheckLevel, Emr, Fetched};
 use clinicsync::model::RecordKey;
 use clinicsync::secret::Secret;

@@ -14,9 +14,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use clinicsync::cluster::{free_port, wait_healthy, wait_until};
+use clinicsync::devkit::cluster::{free_port, wait_healthy, wait_until};
+use clinicsync::devkit::openmrs_sim::OpenMrsSim;
 use clinicsync::emr::openmrs::SHIPPED_CATEGORIES;
-use clinicsync::emr::simulator::OpenMrsSim;
 use common::*;
 use serde_json::{json, Value};
 

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use clinicsync::cluster::{self, Proc};
+use clinicsync::devkit::cluster::{self, Proc};
 use clinicsync::model::RecordKey;
 use clinicsync::store::Store;
 use common::*;

@@ -2,7 +2,7 @@
 
 mod common;
 
-use clinicsync::cluster;
+use clinicsync::devkit::cluster;
 use clinicsync::wire::Outcome;
 use common::*;
 use serde_json::json;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use clinicsync::cluster::{self, Layout, Proc};
+use clinicsync::devkit::cluster::{self, Layout, Proc};
 use clinicsync::store::Store;
 use common::BIN;
 use serde_json::json;

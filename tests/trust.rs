@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use clinicsync::cluster::{self, Broker};
+use clinicsync::devkit::cluster::{self, Broker};
 use clinicsync::engine::CatchmentRule;
 use clinicsync::model::{Hlc, RecordKey, Snapshot, Version, VersionVector};
 use clinicsync::store::Store;

@@ -165,7 +165,7 @@ fn hub_toml(dir: &Path, port: u16, children: &[&Cred], extra: &str) -> String {
 }
 
 fn start_hub(dir: &Path, children: &[&Cred], extra: &str, nofile: Option<u64>) -> (HubProc, u16) {
-    let port = clinicsync::cluster::free_port().unwrap();
+    let port = clinicsync::devkit::cluster::free_port().unwrap();
     let config = dir.join("hub.toml");
     std::fs::write(&config, hub_toml(dir, port, children, extra)).unwrap();
     let hub = HubProc::spawn(&config, nofile);
@@ -173,8 +173,11 @@ fn start_hub(dir: &Path, children: &[&Cred], extra: &str, nofile: Option<u64>) -
 }
 
 fn wait_healthy(port: u16) {
-    clinicsync::cluster::wait_healthy(&format!("http://127.0.0.1:{port}"), Duration::from_secs(20))
-        .unwrap();
+    clinicsync::devkit::cluster::wait_healthy(
+        &format!("http://127.0.0.1:{port}"),
+        Duration::from_secs(20),
+    )
+    .unwrap();
 }
 
 /// Sends raw bytes and reads the answer until the server closes (or 10 s).

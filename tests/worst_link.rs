@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use clinicsync::cluster::{self, FaultProxy, Faults, Proc};
+use clinicsync::devkit::cluster::{self, FaultProxy, Faults, Proc};
 use clinicsync::store::Store;
 use common::*;
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{Failure, EXIT_FAILURE};
-use crate::cluster::{self, Proc};
+use crate::cli::{Failure, EXIT_FAILURE};
+use crate::localnet::{self, Proc};
 use crate::store::Store;
 use crate::synth;
 
@@ -44,21 +44,30 @@ fn put(
     Ok(())
 }
 
+/// The demo's own directory, removed when the demo ends (unless `--dir` named one).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
-    let tmp;
+    let mut _cleanup = None;
     let dir = match dir {
         Some(d) => d,
         None => {
-            tmp = tempfile::Builder::new()
-                .prefix("clinicsync-demo-")
-                .tempdir()
-                .map_err(fail)?;
-            tmp.path().to_path_buf()
+            let d =
+                std::env::temp_dir().join(format!("clinicsync-demo-{:08x}", rand::random::<u32>()));
+            crate::filemode::private_dir(&d).map_err(fail)?;
+            _cleanup = Some(RemoveOnDrop(d.clone()));
+            d
         }
     };
     let exe = std::env::current_exe().map_err(fail)?;
-    let port = cluster::free_port().map_err(fail)?;
-    let layout = cluster::write_layout(
+    let port = localnet::free_port().map_err(fail)?;
+    let layout = localnet::write_layout(
         &dir,
         port,
         &[("clinic-a", "Kakamega"), ("clinic-b", "Bungoma")],
@@ -107,7 +116,7 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
 
     println!("2. start the hub and both clinics (separate processes)");
     let mut hub = Proc::spawn(&exe, "hub", &layout.hub.config, &["run"]).map_err(fail)?;
-    cluster::wait_healthy(&layout.hub_url, Duration::from_secs(20)).map_err(fail)?;
+    localnet::wait_healthy(&layout.hub_url, Duration::from_secs(20)).map_err(fail)?;
     let mut procs: Vec<Proc> = layout
         .clinics
         .iter()
@@ -117,7 +126,7 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
 
     println!("3. wait until both clinics have pushed everything and pulled their catchment");
     let expected_hub = 3 + 1 + 2 * patients * (1 + 2 * 4);
-    let converged = cluster::wait_until(Duration::from_secs(60), || {
+    let converged = localnet::wait_until(Duration::from_secs(60), || {
         let count = |p: &Path| Store::open_existing(p).and_then(|s| s.counts()).ok();
         let (Some(h), Some(ca), Some(cb)) =
             (count(&layout.hub.store), count(&a.store), count(&b.store))

@@ -27,13 +27,11 @@ use crate::time::wall_ms;
 use crate::transport::http::HttpClient;
 use crate::wire::Message;
 
-pub mod bench;
 pub mod catchment;
 pub mod children;
 pub mod demo;
 pub mod doctor;
 pub mod fleet;
-pub mod linkbench;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
@@ -274,11 +272,6 @@ pub enum Command {
         /// Patients registered at each clinic.
         #[arg(long, default_value_t = 20)]
         patients: usize,
-    },
-    /// Reproducible benchmarks (figures for BENCHMARKS.md).
-    Bench {
-        #[command(subcommand)]
-        action: bench::BenchCmd,
     },
 }
 
@@ -590,7 +583,6 @@ fn dispatch(cli: Cli) -> Out {
     let path = cli.config.clone();
     match cli.command {
         Command::Demo { dir, patients } => demo::run(dir, patients),
-        Command::Bench { action } => bench::run(action),
         Command::Token {
             action: TokenCmd::New,
         } => {
@@ -1546,7 +1538,6 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         }
         Command::Run
         | Command::Demo { .. }
-        | Command::Bench { .. }
         | Command::Token { .. }
         | Command::Doctor { .. }
         | Command::Generate { .. }

@@ -7,12 +7,11 @@
 //! nothing of the sync protocol.
 //!
 //! Adapters: `embedded` (the store is the EMR; no adapter object), [`openmrs`]
-//! (atom feed + FHIR2 + REST v1), and a simulator of OpenMRS for tests and demos
-//! ([`simulator`]).
+//! (atom feed + FHIR2 + REST v1) and [`fhir`] (any FHIR R4 server). The OpenMRS
+//! simulator the tests run against is test kit (`devkit::openmrs_sim`).
 
 pub mod fhir;
 pub mod openmrs;
-pub mod simulator;
 
 use crate::model::{RecordKey, Snapshot, Version};
 

@@ -663,12 +663,7 @@ fn verify_with(
     if free.is_some_and(|f| f < total + STAGING_HEADROOM) {
         return Err(no_room(free));
     }
-    let copy = tempfile::tempfile_in(private_dir).map_err(dir_err)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        copy.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(dir_err)?;
-    }
+    let copy = crate::filemode::unnamed_file_in(private_dir).map_err(dir_err)?;
     let mut out = io::BufWriter::with_capacity(1 << 16, &copy);
     let write_err = |e: io::Error| {
         if e.raw_os_error() == Some(libc::ENOSPC) {

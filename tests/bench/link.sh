@@ -2,7 +2,7 @@
 # The link benchmark of BENCHMARKS.md in one command: installs the peers it measures
 # against when missing (sekmet-fhir from PyPI, pouchdb-server 4.2.0 and pouchdb 9.0.0
 # from npm, carebundle from PyPI for third-party synthetic FHIR), builds clinicsync,
-# and runs `clinicsync bench link` with all rows. Takes about half an hour; the link
+# and runs `clinicsync-bench link` with all rows. Takes about half an hour; the link
 # is emulated in user space (src/linksim.rs), so it needs no root.
 #   Usage: tests/bench/link.sh [extra `bench link` flags, e.g. --runs 5]
 set -euo pipefail
@@ -27,6 +27,6 @@ trap 'rm -rf "$third"' EXIT
 # About a day's work of a busy clinic: 60 patients, ~2,700 resources of 8 kinds.
 "$peers/py/bin/carebundle" generate --profile mixed --count 60 --seed 42 --sex mixed \
     --format ndjson --out "$third" >/dev/null
-cargo build --release --quiet
+cargo build --release --features devkit --quiet
 CLINICSYNC_BENCH_NODE=$peers SEKMET_BIN=$sekmet \
-    ./target/release/clinicsync bench link --third-party "$third" "$@"
+    ./target/release/clinicsync-bench link --third-party "$third" "$@"

@@ -64,7 +64,7 @@ impl TestHub {
         dir: &Path,
         policy: Policy,
         clinics: &[&str],
-        broker: &clinicsync::cluster::Broker,
+        broker: &clinicsync::devkit::cluster::Broker,
     ) -> TestHub {
         let settings = MqttSettings::from_url(
             &broker.url(),
@@ -228,7 +228,7 @@ impl TestClinic {
     }
 
     /// Uses MQTT (user = node id, password `<id>-pass`) instead of HTTP from now on.
-    pub fn use_mqtt(&mut self, broker: &clinicsync::cluster::Broker, timeout_secs: u64) {
+    pub fn use_mqtt(&mut self, broker: &clinicsync::devkit::cluster::Broker, timeout_secs: u64) {
         self.mqtt = Some(
             mqtt_client(broker, &self.id, &format!("{}-pass", self.id), timeout_secs).unwrap(),
         );
@@ -262,7 +262,7 @@ impl TestClinic {
 }
 
 pub fn mqtt_client(
-    broker: &clinicsync::cluster::Broker,
+    broker: &clinicsync::devkit::cluster::Broker,
     user: &str,
     password: &str,
     timeout_secs: u64,
@@ -394,14 +394,19 @@ pub fn parent_section(url: &str, token: &Path) -> String {
 pub struct Node {
     pub id: &'static str,
     pub config: PathBuf,
-    pub proc: Option<clinicsync::cluster::Proc>,
+    pub proc: Option<clinicsync::devkit::cluster::Proc>,
 }
 
 impl Node {
     pub fn start(&mut self) {
         self.proc = Some(
-            clinicsync::cluster::Proc::spawn(Path::new(BIN), self.id, &self.config, &["run"])
-                .unwrap(),
+            clinicsync::devkit::cluster::Proc::spawn(
+                Path::new(BIN),
+                self.id,
+                &self.config,
+                &["run"],
+            )
+            .unwrap(),
         );
     }
 

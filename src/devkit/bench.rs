@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
-use super::{Failure, EXIT_FAILURE};
-use crate::cluster::{self, Proc};
+use crate::cli::{Failure, EXIT_FAILURE};
+use crate::devkit::cluster::{self, Proc};
 use crate::engine;
 use crate::model::Snapshot;
 use crate::store::Store;
@@ -58,6 +58,21 @@ pub enum BenchCmd {
 
 fn fail(e: impl std::fmt::Display) -> Failure {
     Failure::new(EXIT_FAILURE, format!("bench: {e}"))
+}
+
+/// The `clinicsync` binary the benchmark starts as hub and clinics: the one beside
+/// this benchmark binary (both come out of the same `cargo build`).
+pub fn node_exe() -> Result<std::path::PathBuf, Failure> {
+    let exe = std::env::current_exe()
+        .map_err(fail)?
+        .with_file_name("clinicsync");
+    if !exe.exists() {
+        return Err(fail(format!(
+            "{} not found: build both binaries together (cargo build --release --features devkit)",
+            exe.display()
+        )));
+    }
+    Ok(exe)
 }
 
 struct Run {
@@ -219,7 +234,7 @@ fn mqtt(writes: usize, records: usize, runs: usize) -> Result<(), Failure> {
         .prefix("clinicsync-bench-")
         .tempdir()
         .map_err(fail)?;
-    let exe = std::env::current_exe().map_err(fail)?;
+    let exe = node_exe()?;
     let mut latencies = Vec::new();
     let mut http_bytes = Vec::new();
     let mut mqtt_bytes = Vec::new();
@@ -338,7 +353,7 @@ fn usb(records: usize, runs: usize, dir: Option<PathBuf>) -> Result<(), Failure>
         .tempdir()
         .map_err(fail)?;
     let base = dir.unwrap_or_else(|| tmp.path().to_path_buf());
-    let exe = std::env::current_exe().map_err(fail)?;
+    let exe = node_exe()?;
     let mut rows: Vec<[f64; 7]> = Vec::new();
     for i in 0..runs.max(1) {
         let d = base.join(format!("usb{i}"));
@@ -449,7 +464,7 @@ fn usb(records: usize, runs: usize, dir: Option<PathBuf>) -> Result<(), Failure>
 }
 
 fn one_run(dir: &std::path::Path, records: usize) -> Result<Run, Failure> {
-    let exe = std::env::current_exe().map_err(fail)?;
+    let exe = node_exe()?;
     let port = cluster::free_port().map_err(fail)?;
     let layout = cluster::write_layout(
         dir,

@@ -1,5 +1,5 @@
 //! `clinicsync bench link`: clinicsync against the ways others move the same records,
-//! side by side over the same emulated bad link ([`crate::linksim`]: 128 kbit/s,
+//! side by side over the same emulated bad link ([`crate::devkit::linksim`]: 128 kbit/s,
 //! 600 ms round trip, 2 % loss, a cut every 60 s), for two workloads — a day's clinic
 //! work pushed to the hub, and the bootstrap of a new clinic pulled from it.
 //!
@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Failure, EXIT_FAILURE};
-use crate::cluster::{self, Proc};
+use crate::cli::{Failure, EXIT_FAILURE};
+use crate::devkit::cluster::{self, Proc};
+use crate::devkit::linksim::{Link, LinkSpec};
 use crate::engine;
-use crate::linksim::{Link, LinkSpec};
 use crate::store::Store;
 use crate::synth;
 use crate::time::wall_ms;
@@ -163,7 +163,7 @@ fn floor(resources: &[Value], spec: &LinkSpec) -> Result<Row, Failure> {
 /// clinicsync: a real hub process, and `clinicsync sync` (or `sync --bootstrap`) run
 /// until it succeeds, as the daemon would, one second after a failure.
 fn clinicsync_row(dir: &Path, resources: &[Value], bootstrap: bool) -> Result<Row, Failure> {
-    let exe = std::env::current_exe().map_err(fail)?;
+    let exe = super::bench::node_exe()?;
     let port = cluster::free_port().map_err(fail)?;
     let layout =
         cluster::write_layout(dir, port, &[("clinic-a", "Kakamega")], "", "").map_err(fail)?;

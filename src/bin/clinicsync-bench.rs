@@ -1,0 +1,27 @@
+//! The benchmarks behind BENCHMARKS.md, apart from the product binary (test kit,
+//! `devkit` feature): `cargo build --release --features devkit`, then
+//! `target/release/clinicsync-bench push|usb|mqtt|link …`. The nodes they start are
+//! the real `clinicsync` binary from the same directory.
+
+use clap::Parser;
+
+/// Reproducible benchmarks of clinicsync (figures for BENCHMARKS.md).
+#[derive(Parser, Debug)]
+#[command(name = "clinicsync-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    action: clinicsync::devkit::bench::BenchCmd,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match clinicsync::devkit::bench::run(cli.action) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("{}", f.message);
+            }
+            std::process::ExitCode::from(f.code)
+        }
+    }
+}
