@@ -17,6 +17,15 @@ pub fn new_token() -> String {
     hex::encode(b)
 }
 
+/// A fresh random identifier (bundles, remote orders): 16 bytes from the OS, in hex.
+/// Not a credential: it names a thing, it grants nothing.
+pub fn new_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
 /// Equality of two digests without an early exit on the first differing byte.
 pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter()

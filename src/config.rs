@@ -962,6 +962,38 @@ pub fn in_window(window: (u32, u32), ms: u64) -> bool {
     }
 }
 
+impl ParentSection {
+    /// The client this section describes: its URL, credential file, `ca_file` and
+    /// pin. The error names the key to fix.
+    pub fn http_client(
+        &self,
+        timeout: Duration,
+    ) -> Result<crate::transport::http::HttpClient, String> {
+        let token = crate::auth::read_token(&self.token_file)
+            .map_err(|e| format!("parent.token_file {}: {e}", self.token_file.display()))?;
+        let tls = self.tls()?;
+        Ok(crate::transport::http::HttpClient::with_tls(
+            &self.url, token, timeout, tls,
+        ))
+    }
+
+    /// The TLS client config `[parent]` asks for, or `None` for the defaults.
+    pub fn tls(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+        if self.ca_file.is_none() && self.pin_sha256.is_none() {
+            return Ok(None);
+        }
+        let pins = match &self.pin_sha256 {
+            Some(p) => p.parse().ok_or(
+                "self.pin_sha256 must be 64 hex digits or 44 characters of base64 (or a list of them)",
+            )?,
+            None => Vec::new(),
+        };
+        crate::tls::client_config(self.ca_file.as_deref(), &pins)
+            .map(Some)
+            .map_err(|e| format!("self.ca_file: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

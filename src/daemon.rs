@@ -23,18 +23,14 @@ use tracing::{info, warn};
 
 use crate::config::TransportKind;
 use crate::config::{Config, SyncSection};
-use crate::engine::{self, ApplySummary, EngineError, Policy, PushSummary};
+use crate::engine::{self, ApplySummary, EngineError, Policy, PushSummary, PARENT};
 use crate::hub::HubState;
 use crate::store::{PeerEvent, Store};
 use crate::time::wall_ms;
-use crate::transport::http::HttpClient;
 use crate::transport::http::{Traffic, TransportError};
 use crate::transport::mqtt::MqttClient;
 use crate::transport::{Exchange, MqttThenHttp};
 use crate::wire::{Message, PushRequest};
-
-/// The peer name a child keeps its parent's cursor and link state under.
-pub const PARENT: &str = "parent";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -546,8 +542,8 @@ fn push_pass(
 /// What the EMR side of a round did; errors are reported, never fatal to the round.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EmrReport {
-    pub capture: Option<engine::CaptureSummary>,
-    pub apply: Option<engine::EmrApplySummary>,
+    pub capture: Option<crate::emr::flow::CaptureSummary>,
+    pub apply: Option<crate::emr::flow::EmrApplySummary>,
     pub error: Option<String>,
 }
 
@@ -563,15 +559,16 @@ pub fn emr_step(
 ) {
     let now = wall_ms();
     let result = if capture {
-        engine::capture_from_emr(store, policy, emr, now).map(|c| report.capture = Some(c))
+        crate::emr::flow::capture_from_emr(store, policy, emr, now)
+            .map(|c| report.capture = Some(c))
     } else {
-        engine::apply_inbox_to_emr(store, policy, emr, now).and_then(|mut a| {
+        crate::emr::flow::apply_inbox_to_emr(store, policy, emr, now).and_then(|mut a| {
             // A hub's EMR also gets what its children pushed; a clinic's, a
             // reviewed conflict's resolution.
             let b = if policy.serves_children {
-                engine::apply_replica_to_emr(store, policy, emr, now)?
+                crate::emr::flow::apply_replica_to_emr(store, policy, emr, now)?
             } else {
-                engine::apply_due_to_emr(store, policy, emr, now)?
+                crate::emr::flow::apply_due_to_emr(store, policy, emr, now)?
             };
             a.applied.add(&b.applied);
             a.refused += b.refused;
@@ -671,7 +668,7 @@ pub fn connect_parent(cfg: &Config) -> Result<ParentLink, String> {
         .parent
         .as_ref()
         .ok_or("this node has no [parent] to sync with")?;
-    let http = || HttpClient::for_parent(parent, cfg.timeout());
+    let http = || parent.http_client(cfg.timeout());
     let mqtt = || -> Result<MqttClient, String> {
         let settings = cfg.mqtt_settings()?;
         MqttClient::connect(
@@ -1051,7 +1048,7 @@ async fn root_emr_loop(
         .emr_adapter()
         .map_err(|e| anyhow::anyhow!(e))?
         .ok_or_else(|| anyhow::anyhow!("[emr] has no adapter"))?;
-    engine::prepare_emr(&store, emr.as_mut())?;
+    crate::emr::flow::prepare_emr(&store, emr.as_mut())?;
     let mut store = store;
     let interval = Duration::from_secs(cfg.sync.interval_secs);
     loop {
@@ -1105,7 +1102,7 @@ async fn sync_loop(
     let mut store = Some(store);
     let mut emr = Some(cfg.emr_adapter().map_err(|e| anyhow::anyhow!(e))?);
     if let (Some(Some(e)), Some(s)) = (emr.as_mut(), store.as_ref()) {
-        engine::prepare_emr(s, e.as_mut())?;
+        crate::emr::flow::prepare_emr(s, e.as_mut())?;
     }
     let mut link: Option<Arc<ParentLink>> = None;
     let mut delays = backoff(&cfg.sync);

@@ -68,7 +68,7 @@ pub fn render(store: &Store, hub: Option<&Counters>, now_ms: u64) -> Result<Stri
     let mut out = String::new();
     let mut f = Family { out: &mut out };
     let me = store.node_id().to_string();
-    let own = crate::health::report(store, crate::daemon::PARENT, now_ms)?;
+    let own = crate::health::report(store, crate::engine::PARENT, now_ms)?;
     f.head(
         "clinicsync_build_info",
         "gauge",

@@ -34,7 +34,7 @@ pub fn issue(
     {
         RecordKey::parse(r).map_err(|e| StoreError::Corrupt(format!("order for {r}: {e}")))?;
     }
-    let id = crate::transport::file::new_id();
+    let id = crate::auth::new_id();
     let mut tx = store.begin()?;
     tx.put_order_out(&id, node, kind, now_ms)?;
     tx.audit(now_ms, "local", "order", node, &id, &kind.describe())?;
@@ -130,7 +130,7 @@ pub fn execute(
                     }
                 },
                 OrderKind::Resync => {
-                    tx.reset_cursor(crate::daemon::PARENT)?;
+                    tx.reset_cursor(crate::engine::PARENT)?;
                     crate::engine::mark_restoring(&mut tx)?;
                     (
                         "done",
@@ -180,7 +180,7 @@ pub fn execute(
 
 /// What a technician would look at first: status, quarantine, recent log lines.
 fn diagnostics(store: &Store, now_ms: u64) -> Result<String, StoreError> {
-    let report = crate::health::report(store, crate::daemon::PARENT, now_ms)?;
+    let report = crate::health::report(store, crate::engine::PARENT, now_ms)?;
     let quarantine: Vec<_> = store.quarantine_list()?.into_iter().take(50).collect();
     // The unit's journal, when this process may read it (systemd-journal group or
     // the unit's own user with a persistent journal); otherwise said so.

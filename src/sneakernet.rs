@@ -114,7 +114,7 @@ pub fn export(
         .max(store.meta_u64(engine::BUNDLE_SEQ_AT_PARENT)?)
         + 1;
     let header = BundleHeader {
-        id: file::new_id(),
+        id: crate::auth::new_id(),
         kind: "export".into(),
         sender: me.node.clone(),
         recipient: parent.clone(),
@@ -134,12 +134,12 @@ pub fn export(
         w.write(&Item::Push(req))?;
         progress(records as u64);
     }
-    let pull = engine::pull_request(store, crate::daemon::PARENT, 0, 0)?;
+    let pull = engine::pull_request(store, crate::engine::PARENT, 0, 0)?;
     w.write(&Item::PullState {
         cursor: pull.cursor,
         include_own: pull.include_own,
         // The hub learns this node's state from the stick as from a network pull.
-        health: crate::health::outgoing(store, crate::daemon::PARENT, wall_ms())?.0,
+        health: crate::health::outgoing(store, crate::engine::PARENT, wall_ms())?.0,
         // Results of orders the hub sent; repeated until a network pull reports
         // them (the hub ignores a result it already has).
         order_results: crate::remote::outgoing(store)?,
@@ -261,7 +261,7 @@ fn import_export(
     let dir = path.parent().unwrap_or(Path::new("."));
     let ret_path = dir.join(format!("{}-to-{}-{seq:06}.csb", me.node, h.sender));
     let header = BundleHeader {
-        id: file::new_id(),
+        id: crate::auth::new_id(),
         kind: "return".into(),
         sender: me.node.clone(),
         recipient: h.sender.clone(),
@@ -375,7 +375,7 @@ fn import_return(
     progress: &dyn Fn(u64),
 ) -> Result<(), SneakerError> {
     let mut n = 0u64;
-    let parent = crate::daemon::PARENT;
+    let parent = crate::engine::PARENT;
     while let Some(item) = items.next_item()? {
         n += 1;
         if n <= resume_from {

@@ -108,10 +108,10 @@ fn root_policy() -> Policy {
 }
 
 /// One EMR round at the root, as its daemon runs it: capture, then apply.
-fn central_round(hub: &TestHub, emr: &mut FakeEmr) -> engine::EmrApplySummary {
+fn central_round(hub: &TestHub, emr: &mut FakeEmr) -> clinicsync::emr::flow::EmrApplySummary {
     let mut s: Store = hub.store();
-    engine::capture_from_emr(&mut s, &hub.policy, emr, wall_ms()).unwrap();
-    engine::apply_replica_to_emr(&mut s, &hub.policy, emr, wall_ms()).unwrap()
+    clinicsync::emr::flow::capture_from_emr(&mut s, &hub.policy, emr, wall_ms()).unwrap();
+    clinicsync::emr::flow::apply_replica_to_emr(&mut s, &hub.policy, emr, wall_ms()).unwrap()
 }
 
 fn obs(id: &str, patient: &str, enc: &str) -> Value {
@@ -239,7 +239,8 @@ fn an_unavailable_central_emr_stops_the_pass_quarantines_nothing_and_resumes() {
     central.with(|c| c.down = true);
     let mut s = hub.store();
     let err =
-        engine::apply_replica_to_emr(&mut s, &hub.policy, &mut central, wall_ms()).unwrap_err();
+        clinicsync::emr::flow::apply_replica_to_emr(&mut s, &hub.policy, &mut central, wall_ms())
+            .unwrap_err();
     assert!(err.to_string().contains("unavailable"), "{err}");
     assert!(
         s.quarantine_list().unwrap().is_empty(),
@@ -293,12 +294,12 @@ fn a_conflict_reviewed_at_a_clinic_with_an_emr_is_written_into_it_and_sent_up() 
     let mut emr = FakeEmr::default();
     let p = |gender: &str| json!({"resourceType": "Patient", "id": "p1", "gender": gender, "address": [{"district": "North"}]});
     emr.save(p("male"));
-    engine::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    clinicsync::emr::flow::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
     a.sync().unwrap();
     // A clinician edits in the clinic's EMR; before that goes up, the hub's later
     // edit of the same field arrives: a conflict at the clinic, the later clock wins.
     emr.save(p("female"));
-    engine::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    clinicsync::emr::flow::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(5));
     hub.put(vec![p("unknown")]);
     let msg = Message::PullRequest(PullRequest {
@@ -315,7 +316,8 @@ fn a_conflict_reviewed_at_a_clinic_with_an_emr_is_written_into_it_and_sent_up() 
         panic!("expected a pull response")
     };
     engine::store_pull(&mut a.store, "parent", &page, (0, 0), wall_ms()).unwrap();
-    engine::apply_inbox_to_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    clinicsync::emr::flow::apply_inbox_to_emr(&mut a.store, &a.policy, &mut emr, wall_ms())
+        .unwrap();
     assert_eq!(emr.get("Patient/p1").unwrap()["gender"], "unknown");
     let conflicts = a.store.conflicts_list(false, None).unwrap();
     assert_eq!(conflicts.len(), 1, "{conflicts:?}");
@@ -336,12 +338,14 @@ fn a_conflict_reviewed_at_a_clinic_with_an_emr_is_written_into_it_and_sent_up() 
         "unknown",
         "not yet"
     );
-    let due = engine::apply_due_to_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    let due = clinicsync::emr::flow::apply_due_to_emr(&mut a.store, &a.policy, &mut emr, wall_ms())
+        .unwrap();
     assert_eq!(due.applied.applied, 1, "{due:?}");
     assert_eq!(emr.get("Patient/p1").unwrap()["gender"], "female");
     assert!(a.store.quarantine_list().unwrap().is_empty());
     // Its own write comes back from the EMR's feed as an echo, not a new edit.
-    let c = engine::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
+    let c = clinicsync::emr::flow::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms())
+        .unwrap();
     assert_eq!(c.captured, 0, "{c:?}");
     let rep = a.sync().unwrap();
     assert_eq!(

@@ -480,7 +480,7 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
             None
         }
     };
-    let tls = match crate::transport::http::parent_tls(parent) {
+    let tls = match parent.tls() {
         Ok(t) => t,
         Err(e) => {
             checks.push(check(

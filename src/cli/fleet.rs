@@ -245,7 +245,7 @@ pub fn run(cfg: &Config, json: bool, silent_after_ms: u64, now_ms: u64) -> Out {
         .map(|c| (c.node.clone(), c.descendants.clone()))
         .collect();
     // This hub's own state first in the list it is judged with.
-    let mut own = crate::health::report(&store, crate::daemon::PARENT, now_ms)?;
+    let mut own = crate::health::report(&store, crate::engine::PARENT, now_ms)?;
     own.heard_ms = Some(now_ms);
     let mut reports = vec![("(this hub)".to_string(), own)];
     reports.extend(store.health_all()?);

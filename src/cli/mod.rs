@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use crate::config::{self, Config};
-use crate::daemon::{self, PARENT};
-use crate::engine;
+use crate::daemon;
+use crate::engine::{self, PARENT};
 use crate::model::{RecordKey, Snapshot};
 use crate::store::{AuditCheck, Store};
 use crate::textsafe::{safe, safe_display, safe_lines};
@@ -1077,7 +1077,8 @@ fn client(cfg: &Config) -> Result<HttpClient, Failure> {
         .parent
         .as_ref()
         .ok_or_else(|| Failure::new(EXIT_CONFIG, "this node has no [parent] to sync with"))?;
-    HttpClient::for_parent(p, cfg.timeout()).map_err(|e| Failure::new(EXIT_CONFIG, e))
+    p.http_client(cfg.timeout())
+        .map_err(|e| Failure::new(EXIT_CONFIG, e))
 }
 
 /// Prints JSON with bidirectional-override and other invisible format characters
@@ -1151,7 +1152,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                 .emr_adapter()
                 .map_err(|e| Failure::new(EXIT_CONFIG, e))?;
             if let Some(e) = emr.as_mut() {
-                engine::prepare_emr(&store, e.as_mut())?;
+                crate::emr::flow::prepare_emr(&store, e.as_mut())?;
             }
             let result = daemon::round(
                 &mut store,
@@ -2012,7 +2013,7 @@ fn status(cfg: &Config, json: bool) -> Out {
     // A hub with its own EMR: changes not yet written into it (children's pushes,
     // resolutions), from the EMR pass's cursor. A clinic's wait in its inbox.
     let to_emr = if cfg.hub.is_some() && cfg.emr.kind != config::EmrKind::Embedded {
-        Some(store.count_changed_after(store.meta_u64(engine::EMR_OUT_CURSOR)?)?)
+        Some(store.count_changed_after(store.meta_u64(crate::emr::flow::EMR_OUT_CURSOR)?)?)
     } else {
         None
     };

@@ -505,7 +505,7 @@ fn one_run(dir: &std::path::Path, records: usize) -> Result<Run, Failure> {
     }
     let peer = Store::open_existing(&clinic.store)
         .map_err(fail)?
-        .peer_state(crate::daemon::PARENT)
+        .peer_state(crate::engine::PARENT)
         .map_err(fail)?;
     Ok(Run {
         secs,

@@ -11,6 +11,7 @@
 //! simulator the tests run against is test kit (`devkit::openmrs_sim`).
 
 pub mod fhir;
+pub mod flow;
 pub mod openmrs;
 
 use crate::model::{RecordKey, Snapshot, Version};

@@ -842,14 +842,6 @@ impl ItemReader {
     }
 }
 
-/// A fresh random bundle id.
-pub fn new_id() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    hex::encode(b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

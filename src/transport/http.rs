@@ -133,18 +133,6 @@ impl HttpClient {
         }
     }
 
-    /// The client `[parent]` describes: its URL, credential file, `ca_file` and pin.
-    /// The error names the key to fix.
-    pub fn for_parent(
-        parent: &crate::config::ParentSection,
-        timeout: Duration,
-    ) -> Result<HttpClient, String> {
-        let token = crate::auth::read_token(&parent.token_file)
-            .map_err(|e| format!("parent.token_file {}: {e}", parent.token_file.display()))?;
-        let tls = parent_tls(parent)?;
-        Ok(HttpClient::with_tls(&parent.url, token, timeout, tls))
-    }
-
     fn transport_error(&self, t: ureq::Transport) -> TransportError {
         match crate::tls::TlsProblem::find(&t) {
             Some(problem) => TransportError::Tls {
@@ -272,24 +260,6 @@ impl HttpClient {
 fn retry_after(resp: &ureq::Response) -> Option<Duration> {
     let secs: u64 = resp.header("Retry-After")?.trim().parse().ok()?;
     Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
-}
-
-/// The TLS client config `[parent]` asks for, or `None` for the defaults.
-pub fn parent_tls(
-    parent: &crate::config::ParentSection,
-) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
-    if parent.ca_file.is_none() && parent.pin_sha256.is_none() {
-        return Ok(None);
-    }
-    let pins = match &parent.pin_sha256 {
-        Some(p) => p.parse().ok_or(
-            "parent.pin_sha256 must be 64 hex digits or 44 characters of base64 (or a list of them)",
-        )?,
-        None => Vec::new(),
-    };
-    crate::tls::client_config(parent.ca_file.as_deref(), &pins)
-        .map(Some)
-        .map_err(|e| format!("parent.ca_file: {e}"))
 }
 
 /// How far this node's clock is from its parent's, beyond which `sync` and `status`
