@@ -1149,7 +1149,7 @@ pub fn handle_pull(
         more: page.more,
         head: page.head,
         // Orders from this hub ride on every answer until their results come back.
-        orders: store.pending_orders(child, crate::remote::MAX_ORDERS)?,
+        orders: store.pending_orders(child, crate::wire::orders::MAX_ORDERS)?,
         bundle_seq: store.last_bundle_seq(child)?.unwrap_or(0),
     })
 }

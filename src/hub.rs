@@ -121,7 +121,7 @@ pub struct HubState {
     /// losing an entry (or a restart) only costs a harmless re-run.
     ran: Mutex<std::collections::VecDeque<(String, [u8; 32], Message)>>,
     /// What it has served (`/metrics`).
-    pub counters: crate::metrics::Counters,
+    pub counters: Counters,
 }
 
 /// Answers of runs kept for repeated `ChunkRun`s.
@@ -160,7 +160,7 @@ impl HubState {
             serving,
             gate,
             ran: Mutex::new(std::collections::VecDeque::new()),
-            counters: crate::metrics::Counters::default(),
+            counters: Counters::default(),
         })
     }
 
@@ -482,6 +482,23 @@ pub fn children_of(hub: &HubSection) -> Result<Vec<(String, [u8; 32])>, String> 
             Ok((c.node.clone(), h))
         })
         .collect()
+}
+
+/// What a hub has served since it started (`/metrics` renders them).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub push_requests: AtomicU64,
+    pub pull_requests: AtomicU64,
+    pub records_received: AtomicU64,
+    pub records_rejected: AtomicU64,
+    pub records_served: AtomicU64,
+    pub refusals: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 pub fn router(state: Arc<HubState>) -> Router {
@@ -1109,9 +1126,9 @@ impl HubState {
                     .count();
                 tracing::info!(peer = %child, direction = "push", records = n, rejected, bytes = frame.len(), "push applied");
                 let c = &self.counters;
-                crate::metrics::Counters::add(&c.push_requests, 1);
-                crate::metrics::Counters::add(&c.records_received, n as u64);
-                crate::metrics::Counters::add(&c.records_rejected, rejected as u64);
+                Counters::add(&c.push_requests, 1);
+                Counters::add(&c.records_received, n as u64);
+                Counters::add(&c.records_rejected, rejected as u64);
                 Ok(Message::PushResponse(resp))
             }
             Message::PullRequest(req) => {
@@ -1156,8 +1173,8 @@ impl HubState {
                     self.note_contact(&mut store, child, false, frame.len() as u64, false);
                 }
                 tracing::debug!(peer = %child, direction = "pull", records = resp.records.len(), cursor = %resp.next, "pull served");
-                crate::metrics::Counters::add(&self.counters.pull_requests, 1);
-                crate::metrics::Counters::add(
+                Counters::add(&self.counters.pull_requests, 1);
+                Counters::add(
                     &self.counters.records_served,
                     resp.records.len() as u64,
                 );
@@ -1567,7 +1584,7 @@ async fn endpoint(state: Arc<HubState>, req: Request, expect: &'static str) -> R
     let counted = state.clone();
     let r = answer_request(state, req, expect).await;
     if r.status().is_client_error() || r.status().is_server_error() {
-        crate::metrics::Counters::add(&counted.counters.refusals, 1);
+        Counters::add(&counted.counters.refusals, 1);
     }
     r
 }

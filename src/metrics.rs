@@ -22,23 +22,6 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{Store, StoreError};
 
-/// What a hub has served since it started.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub push_requests: AtomicU64,
-    pub pull_requests: AtomicU64,
-    pub records_received: AtomicU64,
-    pub records_rejected: AtomicU64,
-    pub records_served: AtomicU64,
-    pub refusals: AtomicU64,
-}
-
-impl Counters {
-    pub fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
 /// A label value: backslash, quote and newline escaped, as the format requires.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -64,7 +47,7 @@ impl Family<'_> {
 }
 
 /// The exposition text for this node (and, at a hub, every node below it).
-pub fn render(store: &Store, hub: Option<&Counters>, now_ms: u64) -> Result<String, StoreError> {
+pub fn render(store: &Store, hub: Option<&crate::hub::Counters>, now_ms: u64) -> Result<String, StoreError> {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
     let me = store.node_id().to_string();
