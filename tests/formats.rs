@@ -1,7 +1,8 @@
 //! Formats a user or a peer depends on, frozen beside the wire goldens
 //! (`tests/golden.rs`): the MQTT envelope, the SQLite schema, the shape of
-//! `status --json` and `doctor --json`, and the example configuration, which must
-//! parse with every block uncommented. `CLINICSYNC_BLESS=1` writes missing files.
+//! `status --json` and `doctor --json`, the public key line, and the example
+//! configuration, which must parse with every block uncommented.
+//! `CLINICSYNC_BLESS=1` writes missing files.
 
 mod common;
 
@@ -212,4 +213,68 @@ fn the_example_configuration_parses_with_every_block_uncommented() {
     assert!(!hub.children.is_empty() && !hub.catchment.is_empty());
     assert_ne!(cfg.emr.kind, clinicsync::config::EmrKind::Embedded);
     assert!(!cfg.node.remote_orders || text.contains("remote_orders = true"));
+}
+
+/// The public key line (`clinicsync-node v1 <node> <ed25519 hex> <age1…>`) a node
+/// prints (`keys init`, `keys show`, its `node.pub`) and another reads (`keys trust`,
+/// a file or the line itself), frozen for the test keys committed with the bundle
+/// goldens: the line is what technicians carry between nodes, so a node must keep
+/// reading the lines older nodes printed.
+#[test]
+fn the_public_key_line_is_frozen() {
+    use clinicsync::keys::{Identity, PublicKeys};
+    let keys = golden("bundle-keys");
+    let nodes = ["clinic-a", "hub"];
+    let ids: Vec<Identity> = nodes
+        .iter()
+        .map(|n| Identity::load(&keys.join(n), n).unwrap())
+        .collect();
+    let text: String = ids.iter().map(|id| id.public().line() + "\n").collect();
+    check_text("key_lines.v1.txt", &text);
+    let frozen = std::fs::read_to_string(golden("key_lines.v1.txt")).unwrap();
+    for (line, id) in frozen.lines().zip(&ids) {
+        let parsed = PublicKeys::parse(line)
+            .unwrap_or_else(|e| panic!("the frozen key line no longer parses: {e}"));
+        assert_eq!(parsed, id.public(), "{line}");
+        assert_eq!(parsed.line(), line, "parsing and printing again changes it");
+    }
+
+    // `node.pub` is the line and a newline.
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = Identity::init(&dir.path().join("fresh"), "clinic-b").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("fresh/node.pub")).unwrap(),
+        fresh.public().line() + "\n"
+    );
+
+    // The binary prints the frozen line for the committed keys…
+    let a_keys = dir.path().join("clinic-a.keys");
+    std::fs::create_dir(&a_keys).unwrap();
+    for f in ["signing.key", "age.key"] {
+        std::fs::copy(keys.join("clinic-a").join(f), a_keys.join(f)).unwrap();
+    }
+    let token = credential(dir.path(), "clinic-a.token", &"ab".repeat(32));
+    let clinic =
+        |node: &str| node_section(dir.path(), node) + &parent_section("http://127.0.0.1:9", &token);
+    let a_cfg = dir.path().join("clinic-a.toml");
+    std::fs::write(&a_cfg, clinic("clinic-a")).unwrap();
+    let (code, out, err) = run(&a_cfg, &["keys", "show"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, frozen.lines().next().unwrap().to_string() + "\n");
+    // …and another node trusts the frozen line, from a file as from the argument.
+    let hub_cfg = dir.path().join("hub.toml");
+    let hub = node_section(dir.path(), "hub") + "[hub]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(&hub_cfg, hub).unwrap();
+    let file = dir.path().join("clinic-a.pub");
+    std::fs::write(&file, format!("{}\n", frozen.lines().next().unwrap())).unwrap();
+    let (code, _, err) = run(&hub_cfg, &["keys", "trust", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(&hub_cfg, &["keys", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(frozen.lines().next().unwrap()), "{out}");
+    let b_cfg = dir.path().join("clinic-b.toml");
+    std::fs::write(&b_cfg, clinic("clinic-b")).unwrap();
+    let hub_line = frozen.lines().nth(1).unwrap();
+    let (code, _, err) = run(&b_cfg, &["keys", "trust", hub_line, "--parent"]);
+    assert_eq!(code, 0, "{err}");
 }

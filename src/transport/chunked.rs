@@ -65,6 +65,9 @@ pub struct Chunked<'a> {
     pub resumed: AtomicU64,
     /// How long a cut link may move nothing before the exchange gives up.
     pub patience: Duration,
+    /// The pause before trying again after a cut, times the attempt (up to 10).
+    /// Tests that cut an in-memory link hundreds of times set it to zero.
+    pub retry_pause: Duration,
     /// When an exchange through this client last succeeded: a parent that answered a
     /// moment ago and now refuses connections is restarting, and is waited for
     /// (within `patience`); one never reached in this sync fails at once.
@@ -142,6 +145,7 @@ impl<'a> Chunked<'a> {
             resent: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
             patience: Duration::from_secs(120),
+            retry_pause: Duration::from_millis(200),
             answered: std::sync::Mutex::new(None),
         }
     }
@@ -420,7 +424,7 @@ impl<'a> Chunked<'a> {
                         buf.clear();
                     }
                     tracing::info!(error = %e, attempt = tries, fetched = buf.len(), "pull cut; resuming where it stopped");
-                    std::thread::sleep(Duration::from_millis(200 * tries.min(10) as u64));
+                    std::thread::sleep(self.retry_pause * tries.min(10));
                 }
                 Err(e) => return Err(e),
             }
@@ -483,7 +487,7 @@ impl Exchange for Chunked<'_> {
                         self.piece_cut();
                     }
                     tracing::info!(error = %e, attempt = tries, "transfer cut; resuming where it stopped");
-                    std::thread::sleep(Duration::from_millis(200 * tries.min(10) as u64));
+                    std::thread::sleep(self.retry_pause * tries.min(10));
                 }
                 Err(e) => return Err(e),
             }
