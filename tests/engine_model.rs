@@ -734,7 +734,7 @@ impl World {
         plan: Plan,
     ) -> Option<Message> {
         let hub = self.served.as_ref().expect("cutting world");
-        hub.set_clock_offset(self.now as i64 - clinicsync::store::wall_ms() as i64);
+        hub.set_clock_offset(self.now as i64 - clinicsync::time::wall_ms() as i64);
         let link = Link::new(hub, &self.path(HUB), NAMES[clinic], loss, plan);
         link.state.lock().unwrap().script = std::mem::take(&mut self.script).into();
         let mut chunked = Chunked::new(&link, self.chunk);
