@@ -1,0 +1,188 @@
+//! Room `orders`: remote orders (migration 8, [`crate::remote`]).
+//!
+//! Tables
+//! ```text
+//! orders_out(id, node, kind, issued_ms, state, result, done_ms)   at a hub
+//! orders_in(id, by, kind, received_ms, state, result, reported)    at a child
+//! ```
+//! `kind` is the order's JSON ([`crate::remote::OrderKind`]); `state` is `pending`
+//! (hub, until the result returns), `done`, `refused` or `failed`.
+//!
+//! Invariants
+//! - A hub's order stays `pending` until its own child reports it (another child's
+//!   result for it changes nothing).
+//! - A child runs each order once (`orders_in` keyed by id) and keeps its result
+//!   until reported up (`reported`).
+//!
+//! Errors: a failure rolls the transaction back; the order is as before.
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use super::{Result, Store, StoreError, Tx};
+
+/// An order a hub gave (`remote list`).
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderRow {
+    pub id: String,
+    pub node: String,
+    pub order: String,
+    pub issued_ms: u64,
+    pub state: String,
+    pub result: Option<String>,
+    pub done_ms: Option<u64>,
+}
+
+impl Store {
+    /// Hub: orders still waiting for `node`'s result, oldest first.
+    pub fn pending_orders(&self, node: &str, limit: usize) -> Result<Vec<crate::remote::Order>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, issued_ms, kind FROM orders_out WHERE node=?1 AND state='pending' ORDER BY issued_ms, id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![node, limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, issued_ms, kind) = row?;
+            let kind = serde_json::from_str(&kind)
+                .map_err(|e| StoreError::Corrupt(format!("order {id}: {e}")))?;
+            out.push(crate::remote::Order {
+                id,
+                issued_ms,
+                by: self.node_id().to_string(),
+                kind,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Hub: the orders given to `node` (all nodes: `None`), newest first.
+    pub fn orders_out(&self, node: Option<&str>) -> Result<Vec<OrderRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, node, kind, issued_ms, state, result, done_ms FROM orders_out
+             WHERE (?1 IS NULL OR node = ?1) ORDER BY issued_ms DESC, id",
+        )?;
+        let rows = stmt.query_map(params![node], |r| {
+            Ok(OrderRow {
+                id: r.get(0)?,
+                node: r.get(1)?,
+                order: r.get::<_, String>(2)?,
+                issued_ms: r.get::<_, i64>(3)? as u64,
+                state: r.get(4)?,
+                result: r.get(5)?,
+                done_ms: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+            })
+        })?;
+        let mut out: Vec<OrderRow> = rows.collect::<std::result::Result<_, _>>()?;
+        for o in &mut out {
+            if let Ok(k) = serde_json::from_str::<crate::remote::OrderKind>(&o.order) {
+                o.order = k.describe();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Child: whether order `id` already ran here.
+    pub fn order_in_seen(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM orders_in WHERE id=?1")?
+            .query_row([id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Child: results not yet reported to the parent.
+    pub fn order_results_unreported(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::remote::OrderResult>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, state, result FROM orders_in WHERE reported=0 ORDER BY received_ms, id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64], |r| {
+            Ok(crate::remote::OrderResult {
+                id: r.get(0)?,
+                state: r.get(1)?,
+                detail: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+}
+
+impl Tx<'_> {
+    /// Hub: a new pending order.
+    pub fn put_order_out(
+        &mut self,
+        id: &str,
+        node: &str,
+        kind: &crate::remote::OrderKind,
+        now_ms: u64,
+    ) -> Result<()> {
+        let kind = serde_json::to_string(kind)
+            .map_err(|e| StoreError::Corrupt(format!("order {id}: {e}")))?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO orders_out(id, node, kind, issued_ms, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
+            )?
+            .execute(params![id, node, kind, now_ms as i64])?;
+        Ok(())
+    }
+
+    /// Hub: a pending order of `child` gets its result. False if there is no such
+    /// pending order for that child.
+    pub fn finish_order_out(
+        &mut self,
+        id: &str,
+        child: &str,
+        state: &str,
+        result: &str,
+        now_ms: u64,
+    ) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "UPDATE orders_out SET state=?3, result=?4, done_ms=?5 WHERE id=?1 AND node=?2 AND state='pending'",
+            )?
+            .execute(params![id, child, state, result, now_ms as i64])?
+            > 0)
+    }
+
+    /// Child: an order ran, with its result to report.
+    pub fn put_order_in(
+        &mut self,
+        o: &crate::remote::Order,
+        state: &str,
+        result: &str,
+        now_ms: u64,
+    ) -> Result<()> {
+        let kind = serde_json::to_string(&o.kind)
+            .map_err(|e| StoreError::Corrupt(format!("order {}: {e}", o.id)))?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO orders_in(id, by, kind, received_ms, state, result, reported) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+            )?
+            .execute(params![o.id, o.by, kind, now_ms as i64, state, result])?;
+        Ok(())
+    }
+
+    pub fn report_order_in_again(&mut self, id: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE orders_in SET reported=0 WHERE id=?1")?
+            .execute([id])?;
+        Ok(())
+    }
+
+    pub fn mark_order_in_reported(&mut self, id: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE orders_in SET reported=1 WHERE id=?1")?
+            .execute([id])?;
+        Ok(())
+    }
+}

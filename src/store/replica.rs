@@ -1,0 +1,468 @@
+//! Room `replica`: the latest version of every record, its history, and the clock.
+//!
+//! Tables
+//! ```text
+//! replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class,
+//!         patient, body, updated_ms, sender)
+//!           the latest version of every record this node holds; `seq` is this
+//!           node's change sequence at the write; `sender` is the child that pushed
+//!           it (NULL: written here, pulled, or a resolution)
+//! versions(n, kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body,
+//!          seen_ms, source, outcome)
+//!           every version this node has seen, once per (record, vv, hash)
+//! ```
+//! and the hybrid logical clock, kept in `meta` (`hlc`) and held in the [`Tx`].
+//!
+//! Invariants
+//! - A replica row's `seq` is unique (the change sequence, [`Tx::next_seq`]): a
+//!   record written again moves to the head, so "changed after seq" is a scan.
+//! - History is append-only except for [`Tx::rebase_clock`] (re-stamping this node's
+//!   own unpushed versions) and [`Tx::purge_patient`] (records that moved away).
+//! - The clock only moves forward within a transaction: [`Tx::tick`] for a local
+//!   event, [`Tx::observe`] past a peer's stamp; [`Tx::commit`] writes it back.
+//!
+//! Errors: a failure rolls the whole transaction back: no replica row, history row
+//! or clock change survives alone.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::{Result, Store, StoreError, Tx};
+use crate::model::{Class, ContentHash, Hlc, RecordKey, Snapshot, Version, VersionVector};
+
+/// A stored version and where it sits in this node's change sequence.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub version: Version,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub seen_ms: u64,
+    pub origin: String,
+    pub source: String,
+    pub outcome: String,
+    pub vv: String,
+    pub hlc: String,
+    pub hash: String,
+    pub deleted: bool,
+    pub changed: Vec<String>,
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+pub(super) const REPLICA_COLS: &str =
+    "kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body";
+
+pub(super) const REPLICA_COLS_R: &str =
+    "r.kind, r.id, r.seq, r.hash, r.origin, r.hlc_wall, r.hlc_ctr, r.vv, r.deleted, r.class, r.patient, r.body";
+
+pub(super) fn parse_vv(s: &str) -> Result<VersionVector> {
+    VersionVector::from_json(s)
+        .map_err(|e| StoreError::Corrupt(format!("bad version vector {s:?}: {e}")))
+}
+
+pub(super) fn stored_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
+    let kind: String = r.get(0)?;
+    let id: String = r.get(1)?;
+    let hash: Vec<u8> = r.get(3)?;
+    let vv: String = r.get(7)?;
+    let class: String = r.get(9)?;
+    let bad = |what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("{what} in replica row {kind}/{id}").into(),
+        )
+    };
+    let snapshot = Snapshot {
+        class: Class::parse(&class).ok_or_else(|| bad("bad class"))?,
+        patient: r.get(10)?,
+        body: r.get(11)?,
+        hash: ContentHash::from_slice(&hash).ok_or_else(|| bad("bad hash"))?,
+        key: RecordKey {
+            kind: kind.clone(),
+            id: id.clone(),
+        },
+    };
+    Ok(Stored {
+        seq: r.get::<_, i64>(2)? as u64,
+        version: Version {
+            snapshot,
+            origin: r.get(4)?,
+            hlc: Hlc {
+                wall_ms: r.get::<_, i64>(5)? as u64,
+                counter: r.get::<_, i64>(6)? as u32,
+            },
+            vv: VersionVector::from_json(&vv).map_err(|_| bad("bad version vector"))?,
+            deleted: r.get(8)?,
+        },
+    })
+}
+
+pub(super) fn current_in(conn: &Connection, key: &RecordKey) -> Result<Option<Stored>> {
+    let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE kind=?1 AND id=?2");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    Ok(stmt
+        .query_row(params![key.kind, key.id], stored_from_row)
+        .optional()?)
+}
+
+pub(super) fn now_hlc_key() -> &'static str {
+    "hlc"
+}
+
+impl Store {
+    pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
+        current_in(&self.conn, key)
+    }
+
+    pub fn list(&self, kind: Option<&str>) -> Result<Vec<Stored>> {
+        let sql = format!(
+            "SELECT {REPLICA_COLS} FROM replica WHERE (?1 IS NULL OR kind = ?1) ORDER BY kind, id"
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![kind], stored_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Every version of `key` this node has seen, oldest first, with the top-level
+    /// fields each changed against the one before it.
+    pub fn history(&self, key: &RecordKey) -> Result<Vec<HistoryEntry>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seen_ms, origin, source, outcome, vv, hlc_wall, hlc_ctr, hash, deleted, body FROM versions
+             WHERE kind=?1 AND id=?2 ORDER BY n",
+        )?;
+        let rows = stmt.query_map(params![key.kind, key.id], |r| {
+            let hash: Vec<u8> = r.get(7)?;
+            Ok(HistoryEntry {
+                seen_ms: r.get::<_, i64>(0)? as u64,
+                origin: r.get(1)?,
+                source: r.get(2)?,
+                outcome: r.get(3)?,
+                vv: r.get(4)?,
+                hlc: Hlc {
+                    wall_ms: r.get::<_, i64>(5)? as u64,
+                    counter: r.get::<_, i64>(6)? as u32,
+                }
+                .to_string(),
+                hash: hex::encode(&hash[..6.min(hash.len())]),
+                deleted: r.get(8)?,
+                changed: Vec::new(),
+                body: r.get(9)?,
+            })
+        })?;
+        let mut out: Vec<HistoryEntry> = rows.collect::<std::result::Result<_, _>>()?;
+        let mut prev = serde_json::Value::Null;
+        for e in &mut out {
+            let cur: serde_json::Value =
+                serde_json::from_slice(&e.body).unwrap_or(serde_json::Value::Null);
+            e.changed = crate::model::changed_fields(&prev, &cur);
+            prev = cur;
+        }
+        Ok(out)
+    }
+
+    /// Records of one patient (for on-demand fetch and tests).
+    pub fn patient_records(&self, patient: &str) -> Result<Vec<Stored>> {
+        let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE patient=?1 ORDER BY seq");
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([patient], stored_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// True when this node holds no version it wrote itself (new or wiped).
+    pub fn holds_nothing_own(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM replica WHERE origin=?1 LIMIT 1",
+                [&self.node_id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_none())
+    }
+
+    /// The live records of `patient` and the metadata (`None`): their bodies, for a
+    /// catchment preview.
+    pub fn bodies(&self, patient: Option<&str>, mut f: impl FnMut(&[u8])) -> Result<u64> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT body FROM replica WHERE deleted=0 AND ((?1 IS NULL AND class='metadata') OR patient=?1)",
+        )?;
+        let mut rows = stmt.query([patient])?;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            let b: Vec<u8> = r.get(0)?;
+            f(&b);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn head_seq(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'), 0)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// Replica records changed after `seq`, in change order: (seq, key).
+    /// Replica records changed after `seq` (a hub's records not yet offered to its
+    /// EMR, counted for `status`).
+    pub fn count_changed_after(&self, seq: u64) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM replica WHERE seq > ?1")?
+            .query_row(params![seq as i64], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    pub fn changed_after(&self, seq: u64, limit: usize) -> Result<Vec<(u64, RecordKey)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, kind, id FROM replica WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                RecordKey {
+                    kind: r.get(1)?,
+                    id: r.get(2)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+}
+
+impl Tx<'_> {
+    pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
+        current_in(&self.tx, key)
+    }
+
+    /// Makes `v` the current version of its record, with a new change sequence.
+    /// `sender` is the child it was pushed by (its pulls leave it out), else `None`.
+    pub fn put_current(&mut self, v: &Version, sender: Option<&str>, now_ms: u64) -> Result<u64> {
+        let seq = self.next_seq()?;
+        let s = &v.snapshot;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms, sender)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT(kind, id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash, origin=excluded.origin,
+                   hlc_wall=excluded.hlc_wall, hlc_ctr=excluded.hlc_ctr, vv=excluded.vv, deleted=excluded.deleted,
+                   class=excluded.class, patient=excluded.patient, body=excluded.body, updated_ms=excluded.updated_ms,
+                   sender=excluded.sender",
+            )?
+            .execute(params![
+                s.key.kind,
+                s.key.id,
+                seq as i64,
+                &s.hash.0[..],
+                v.origin,
+                v.hlc.wall_ms as i64,
+                v.hlc.counter as i64,
+                v.vv.to_json(),
+                v.deleted,
+                s.class.as_str(),
+                s.patient,
+                s.body,
+                now_ms as i64,
+                sender
+            ])?;
+        Ok(seq)
+    }
+
+    /// Adds `v` to the record's history (no-op if this exact version was seen before).
+    pub fn remember(
+        &mut self,
+        v: &Version,
+        source: &str,
+        outcome: &str,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let s = &v.snapshot;
+        let n = self
+            .tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO versions(kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body, seen_ms, source, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                s.key.kind,
+                s.key.id,
+                &s.hash.0[..],
+                v.origin,
+                v.hlc.wall_ms as i64,
+                v.hlc.counter as i64,
+                v.vv.to_json(),
+                v.deleted,
+                s.body,
+                now_ms as i64,
+                source,
+                outcome
+            ])?;
+        Ok(n > 0)
+    }
+
+    /// Finds a version in history by its vector (the common ancestor of a conflict).
+    pub fn version_by_vv(&self, key: &RecordKey, vv: &VersionVector) -> Result<Option<Version>> {
+        let row = self
+            .tx
+            .prepare_cached(
+                "SELECT origin, hlc_wall, hlc_ctr, deleted, body FROM versions WHERE kind=?1 AND id=?2 AND vv=?3 ORDER BY n LIMIT 1",
+            )?
+            .query_row(params![key.kind, key.id, vv.to_json()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, Vec<u8>>(4)?))
+            })
+            .optional()?;
+        let Some((origin, wall, ctr, deleted, body)) = row else {
+            return Ok(None);
+        };
+        let snapshot = Snapshot::for_key(key, &body)
+            .map_err(|e| StoreError::Corrupt(format!("history of {key}: {e}")))?;
+        Ok(Some(Version {
+            snapshot,
+            origin,
+            hlc: Hlc {
+                wall_ms: wall as u64,
+                counter: ctr as u32,
+            },
+            vv: vv.clone(),
+            deleted,
+        }))
+    }
+
+    /// The node's clock after a local event at `now_ms`.
+    pub fn tick(&mut self, now_ms: u64) -> Result<Hlc> {
+        let last = self.last_hlc()?;
+        let h = Hlc::tick(last, now_ms);
+        self.hlc = Some(h);
+        Ok(h)
+    }
+
+    /// This node's clock ran far ahead of the wall clock (a clock that was fast and is
+    /// now set right): put it back to `now_ms`, and re-stamp this node's own versions
+    /// still waiting to be pushed whose stamps are more than `limit_ms` ahead — no
+    /// peer has them yet, so their stamp is this node's to change, and a parent
+    /// refuses records stamped too far ahead. Returns the re-stamped records.
+    /// Versions already pushed keep their stamps.
+    pub fn rebase_clock(&mut self, now_ms: u64, limit_ms: u64) -> Result<Vec<RecordKey>> {
+        let last = self.last_hlc()?;
+        if last.wall_ms <= now_ms.saturating_add(limit_ms) {
+            return Ok(Vec::new());
+        }
+        self.hlc = Some(Hlc {
+            wall_ms: now_ms,
+            counter: 0,
+        });
+        let ahead: Vec<(RecordKey, String, Vec<u8>)> = self
+            .tx
+            .prepare_cached(
+                "SELECT r.kind, r.id, r.vv, r.hash FROM outbox o JOIN replica r ON r.kind=o.kind AND r.id=o.id
+                 WHERE r.origin=?1 AND r.hlc_wall > ?2",
+            )?
+            .query_map(
+                params![self.node_id, now_ms.saturating_add(limit_ms) as i64],
+                |r| {
+                    Ok((
+                        RecordKey {
+                            kind: r.get(0)?,
+                            id: r.get(1)?,
+                        },
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
+            )?
+            .collect::<std::result::Result<_, _>>()?;
+        let mut out = Vec::new();
+        for (key, vv, hash) in ahead {
+            let h = self.tick(now_ms)?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE replica SET hlc_wall=?3, hlc_ctr=?4 WHERE kind=?1 AND id=?2",
+                )?
+                .execute(params![
+                    key.kind,
+                    key.id,
+                    h.wall_ms as i64,
+                    h.counter as i64
+                ])?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE versions SET hlc_wall=?5, hlc_ctr=?6 WHERE kind=?1 AND id=?2 AND vv=?3 AND hash=?4",
+                )?
+                .execute(params![key.kind, key.id, vv, hash, h.wall_ms as i64, h.counter as i64])?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE quarantine SET next_retry_ms=?3 WHERE kind=?1 AND id=?2 AND stage='push'",
+                )?
+                .execute(params![key.kind, key.id, now_ms as i64])?;
+            out.push(key);
+        }
+        Ok(out)
+    }
+
+    /// Moves the node's clock past a stamp received from a peer.
+    pub fn observe(&mut self, remote: Hlc, now_ms: u64) -> Result<()> {
+        let last = self.last_hlc()?;
+        if remote > last {
+            self.hlc = Some(Hlc::observe(last, remote, now_ms));
+        }
+        Ok(())
+    }
+
+    fn last_hlc(&mut self) -> Result<Hlc> {
+        if let Some(h) = self.hlc {
+            return Ok(h);
+        }
+        let h = self
+            .meta(now_hlc_key())?
+            .and_then(|v| {
+                let (w, c) = v.split_once(' ')?;
+                Some(Hlc {
+                    wall_ms: w.parse().ok()?,
+                    counter: c.parse().ok()?,
+                })
+            })
+            .unwrap_or_default();
+        self.hlc = Some(h);
+        Ok(h)
+    }
+
+    /// Child: removes a patient's records that have nothing left to push (after a
+    /// move, by the parent's order). Returns (purged, kept because not yet pushed).
+    pub fn purge_patient(&mut self, patient: &str) -> Result<(u64, u64)> {
+        let keys: Vec<(String, String)> = self
+            .tx
+            .prepare_cached("SELECT kind, id FROM replica WHERE patient=?1")?
+            .query_map([patient], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<_, _>>()?;
+        let (mut purged, mut kept) = (0, 0);
+        for (kind, id) in keys {
+            let pending: bool = self
+                .tx
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM outbox WHERE kind=?1 AND id=?2)
+                         OR EXISTS(SELECT 1 FROM quarantine WHERE kind=?1 AND id=?2)",
+                )?
+                .query_row([&kind, &id], |r| r.get(0))?;
+            if pending {
+                kept += 1;
+                continue;
+            }
+            for sql in [
+                "DELETE FROM replica WHERE kind=?1 AND id=?2",
+                "DELETE FROM versions WHERE kind=?1 AND id=?2",
+                "DELETE FROM inbox WHERE kind=?1 AND id=?2",
+                "DELETE FROM emr_state WHERE kind=?1 AND id=?2",
+            ] {
+                self.tx.prepare_cached(sql)?.execute([&kind, &id])?;
+            }
+            purged += 1;
+        }
+        Ok((purged, kept))
+    }
+}
