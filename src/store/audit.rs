@@ -23,7 +23,7 @@ use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{Result, Store, Tx};
+use super::{shown_blob, Result, Store, StoreError, Tx};
 
 /// One audit entry (`audit list`).
 #[derive(Debug, Clone, Serialize)]
@@ -177,13 +177,30 @@ impl Tx<'_> {
     ) -> Result<()> {
         let (last_n, prev) = match self.audit_head {
             Some(h) => h,
-            None => self
-                .tx
-                .prepare_cached("SELECT n, entry FROM audit ORDER BY n DESC LIMIT 1")?
-                .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
-                .optional()?
-                .map(|(n, e)| (n, <[u8; 32]>::try_from(e.as_slice()).unwrap_or([0; 32])))
-                .unwrap_or((0, [0; 32])),
+            None => {
+                let head = self
+                    .tx
+                    .prepare_cached("SELECT n, entry FROM audit ORDER BY n DESC LIMIT 1")?
+                    .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+                    .optional()?;
+                match head {
+                    // The first entry links to 32 zero bytes.
+                    None => (0, [0; 32]),
+                    // Chaining onto a head that is not a hash would hide the break.
+                    Some((n, e)) => (
+                        n,
+                        <[u8; 32]>::try_from(e.as_slice()).map_err(|_| {
+                            StoreError::bad_value(
+                                "audit",
+                                "entry",
+                                format!("#{n}"),
+                                shown_blob(&e),
+                                "not 32 bytes",
+                            )
+                        })?,
+                    ),
+                }
+            }
         };
         let fields = AuditFields {
             n: last_n + 1,
@@ -254,5 +271,25 @@ mod tests {
             store.verify_audit().unwrap(),
             AuditCheck::Broken { row: 2, .. }
         ));
+    }
+
+    #[test]
+    fn a_head_that_is_not_a_hash_is_corruption_not_a_new_chain() {
+        let (_d, mut store) = temp_store("a");
+        let mut tx = store.begin().unwrap();
+        tx.audit(1, "local", "write", "Patient/p", "", "").unwrap();
+        tx.commit().unwrap();
+        store
+            .conn()
+            .execute("UPDATE audit SET entry=x'00' WHERE n=1", [])
+            .unwrap();
+        let mut tx = store.begin().unwrap();
+        let err = tx
+            .audit(2, "local", "write", "Patient/p", "", "")
+            .unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("audit.entry of #1"),
+            "{err}"
+        );
     }
 }

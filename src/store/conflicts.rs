@@ -17,7 +17,7 @@
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
-use super::{Result, Store, StoreError, Tx};
+use super::{shown_blob, shown_text, Result, Store, StoreError, Tx};
 use crate::model::{RecordKey, Snapshot, Version, VersionVector};
 
 /// One side of a stored conflict.
@@ -73,18 +73,27 @@ impl Store {
             "SELECT n, kind, id, detected_ms, local_origin, local_vv, remote_origin, remote_vv, resolution, result_vv, local_body, remote_body, reviewed_ms, review, lost_at
              FROM conflicts WHERE (?1 IS NULL OR n = ?1) ORDER BY n",
         )?;
-        let rows = stmt.query_map(params![record], |r| {
-            let body = |i: usize| -> rusqlite::Result<Option<serde_json::Value>> {
+        let mut rows = stmt.query(params![record])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let n: i64 = r.get(0)?;
+            // A side never known here (a conflict lost at the parent) is empty: `None`.
+            let body = |i: usize, column: &'static str| -> Result<Option<serde_json::Value>> {
                 if !with_bodies {
                     return Ok(None);
                 }
                 let b: Vec<u8> = r.get(i)?;
-                Ok(serde_json::from_slice(&b).ok())
+                if b.is_empty() {
+                    return Ok(None);
+                }
+                serde_json::from_slice(&b).map(Some).map_err(|e| {
+                    StoreError::bad_value("conflicts", column, format!("#{n}"), shown_blob(&b), e)
+                })
             };
-            Ok(ConflictEntry {
+            out.push(ConflictEntry {
                 reviewed_ms: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
                 review: r.get(13)?,
-                n: r.get(0)?,
+                n,
                 record: format!("{}/{}", r.get::<_, String>(1)?, r.get::<_, String>(2)?),
                 detected_ms: r.get::<_, i64>(3)? as u64,
                 local_origin: r.get(4)?,
@@ -93,12 +102,12 @@ impl Store {
                 remote_vv: r.get(7)?,
                 resolution: r.get(8)?,
                 result_vv: r.get(9)?,
-                local_body: body(10)?,
-                remote_body: body(11)?,
+                local_body: body(10, "local_body")?,
+                remote_body: body(11, "remote_body")?,
                 lost_at: r.get(14)?,
-            })
-        })?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+            });
+        }
+        Ok(out)
     }
 
     /// Conflicts no person has reviewed yet.
@@ -208,23 +217,40 @@ impl Tx<'_> {
             return Ok(None);
         };
         let key = RecordKey { kind, id };
-        let corrupt =
-            |what: &str, e: String| StoreError::Corrupt(format!("conflict #{n} {what}: {e}"));
-        let side =
-            |(origin, vv, body): (String, String, Vec<u8>), what: &str| -> Result<ConflictSide> {
-                Ok(ConflictSide {
-                    origin,
-                    vv: VersionVector::from_json(&vv).map_err(|e| corrupt(what, e.to_string()))?,
-                    snapshot: Snapshot::for_key(&key, &body)
-                        .map_err(|e| corrupt(what, e.to_string()))?,
-                })
-            };
+        let row = format!("#{n} ({key})");
+        let bad = |column: &'static str, value: String, e: &dyn std::fmt::Display| {
+            StoreError::bad_value("conflicts", column, &row, value, e)
+        };
+        let vector = |column: &'static str, vv: &str| {
+            VersionVector::from_json(vv).map_err(|e| bad(column, shown_text(vv), &e))
+        };
+        let side = |(origin, vv, body): (String, String, Vec<u8>),
+                    vv_column: &'static str,
+                    body_column: &'static str|
+         -> Result<ConflictSide> {
+            Ok(ConflictSide {
+                origin,
+                vv: vector(vv_column, &vv)?,
+                snapshot: Snapshot::for_key(&key, &body)
+                    .map_err(|e| bad(body_column, shown_blob(&body), &e))?,
+            })
+        };
+        let reviewed = match (reviewed_ms, review) {
+            (None, _) => None,
+            (Some(ms), Some(review)) => Some((ms as u64, review)),
+            (Some(_), None) => {
+                return Err(bad(
+                    "review",
+                    "NULL".into(),
+                    &"a reviewed conflict always records what the review kept",
+                ))
+            }
+        };
         Ok(Some(StoredConflict {
-            local: side(local, "local side")?,
-            remote: side(remote, "remote side")?,
-            result_vv: VersionVector::from_json(&result_vv)
-                .map_err(|e| corrupt("result", e.to_string()))?,
-            reviewed: reviewed_ms.map(|ms| (ms as u64, review.unwrap_or_default())),
+            local: side(local, "local_vv", "local_body")?,
+            remote: side(remote, "remote_vv", "remote_body")?,
+            result_vv: vector("result_vv", &result_vv)?,
+            reviewed,
             key,
         }))
     }
@@ -235,5 +261,45 @@ impl Tx<'_> {
             .prepare_cached("UPDATE conflicts SET reviewed_ms=?2, review=?3 WHERE n=?1")?
             .execute(params![n, now_ms as i64, review])?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{temp_store, test_version};
+    use serde_json::json;
+
+    #[test]
+    fn a_side_never_known_lists_as_none_but_a_body_that_does_not_parse_is_corruption() {
+        let (_d, mut store) = temp_store("a");
+        let mine = test_version("a", json!({"resourceType": "Patient", "id": "p1"}));
+        let mut tx = store.begin().unwrap();
+        assert!(tx
+            .add_lost_conflict(mine.key(), &mine, "hub", "the hub's version kept", 1)
+            .unwrap());
+        tx.commit().unwrap();
+        let listed = store.conflicts_list(true, None).unwrap();
+        assert_eq!(
+            listed[0].local_body,
+            Some(json!({"resourceType": "Patient", "id": "p1"}))
+        );
+        assert_eq!(
+            listed[0].remote_body, None,
+            "the winner is not known here yet"
+        );
+        store
+            .conn()
+            .execute("UPDATE conflicts SET local_body=x'7b'", [])
+            .unwrap();
+        let err = store.conflicts_list(true, None).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("conflicts.local_body of #1"),
+            "{err}"
+        );
+        assert_eq!(
+            store.conflicts_list(false, None).unwrap().len(),
+            1,
+            "bodies not asked for"
+        );
     }
 }

@@ -14,12 +14,12 @@
 
 use rusqlite::params;
 
-use super::{Result, Store, StoreError, Tx};
+use super::{shown_text, Result, Store, StoreError, Tx};
 
 /// A stored health report; one that does not parse is corruption, not a default.
 fn health_report(node: &str, text: &str) -> Result<crate::health::HealthReport> {
     serde_json::from_str(text)
-        .map_err(|e| StoreError::Corrupt(format!("health report of {node}: {e}")))
+        .map_err(|e| StoreError::bad_value("health", "report", node, shown_text(text), e))
 }
 
 impl Store {

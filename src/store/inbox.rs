@@ -16,7 +16,7 @@
 use rusqlite::params;
 
 use super::replica::parse_vv;
-use super::{Result, Store, StoreError, Tx};
+use super::{shown_blob, Result, Store, StoreError, Tx};
 use crate::model::{Hlc, RecordKey, Snapshot, Version};
 
 impl Store {
@@ -53,7 +53,7 @@ impl Store {
             let (kind, id, peer, origin, wall, ctr, vv, deleted, body) = row?;
             let key = RecordKey { kind, id };
             let snapshot = Snapshot::for_key(&key, &body)
-                .map_err(|e| StoreError::Corrupt(format!("inbox row {key}: {e}")))?;
+                .map_err(|e| StoreError::bad_value("inbox", "body", &key, shown_blob(&body), e))?;
             out.push((
                 peer,
                 Version {
@@ -63,7 +63,7 @@ impl Store {
                         wall_ms: wall as u64,
                         counter: ctr as u32,
                     },
-                    vv: parse_vv(&vv)?,
+                    vv: parse_vv("inbox", &key, &vv)?,
                     deleted,
                 },
             ));

@@ -36,8 +36,13 @@
 //!   `-shm` follow) in a 0750 directory if it must create one ([`crate::filemode`]).
 //!
 //! Errors: a failed statement rolls back the whole transaction (the `Tx` is dropped
-//! without commit), leaving the store as it was. `Busy` is retryable; everything else
-//! needs a person (disk full, corruption, a newer schema, the wrong node id).
+//! without commit), leaving the store as it was. `Busy` is retryable
+//! ([`StoreError::is_retryable`]). A value read from disk that clinicsync cannot have
+//! written — a hash that is not 32 bytes, a vector or JSON that does not parse, a text
+//! outside its column's closed set — is corruption ([`StoreError::is_corruption`]:
+//! [`StoreError::BadValue`] names table, column, row and value), never read as a
+//! default; reading stops there and writes nothing. The rest needs a person (disk
+//! full, a newer schema, the wrong node id).
 
 use std::path::{Path, PathBuf};
 
@@ -84,16 +89,85 @@ pub enum StoreError {
     NewerSchema { found: i64, known: i64 },
     #[error("store belongs to node {stored:?} but the configuration says {configured:?}")]
     NodeMismatch { stored: String, configured: String },
+    /// No store file where the configuration says (the node never ran there).
+    #[error("no store at {} (has the node run yet?)", .0.display())]
+    Missing(PathBuf),
     #[error("store is corrupt: {0}")]
     Corrupt(String),
+    /// A value read from disk that clinicsync cannot have written there: `column` of
+    /// `table`, in the row named `row`, holds `value` (shown bounded). Never
+    /// defaulted: a record read wrong would be sent, applied or compared wrong.
+    #[error("store is corrupt: {table}.{column} of {row} holds {value}: {problem}")]
+    BadValue {
+        table: &'static str,
+        column: &'static str,
+        row: String,
+        value: String,
+        problem: String,
+    },
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
 }
 
 impl StoreError {
+    /// Worth trying again as it is: another writer held the file.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
             if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+    }
+
+    /// The file holds what clinicsync cannot have written, or SQLite found it
+    /// damaged: retrying will not help and going on would spread the damage (a
+    /// record read wrong is sent, applied or compared wrong). A person restores a
+    /// backup (`clinicsync restore`) or looks at the value named.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            StoreError::Corrupt(_) | StoreError::BadValue { .. } => true,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+            ),
+            _ => false,
+        }
+    }
+
+    /// A value of `table.column` in row `row` that does not decode.
+    fn bad_value(
+        table: &'static str,
+        column: &'static str,
+        row: impl std::fmt::Display,
+        value: String,
+        problem: impl std::fmt::Display,
+    ) -> StoreError {
+        StoreError::BadValue {
+            table,
+            column,
+            row: row.to_string(),
+            value,
+            problem: problem.to_string(),
+        }
+    }
+}
+
+/// A stored text as an error shows it: quoted, its first 64 characters.
+fn shown_text(s: &str) -> String {
+    const MAX: usize = 64;
+    let n = s.chars().count();
+    if n <= MAX {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head:?}… ({n} characters)")
+    }
+}
+
+/// A stored blob as an error shows it: its length and first bytes in hex.
+fn shown_blob(b: &[u8]) -> String {
+    const MAX: usize = 16;
+    if b.len() <= MAX {
+        format!("{} bytes x'{}'", b.len(), hex::encode(b))
+    } else {
+        format!("{} bytes x'{}…'", b.len(), hex::encode(&b[..MAX]))
     }
 }
 
@@ -168,18 +242,26 @@ impl Store {
     /// Opens an existing store without knowing its node id (CLI reads).
     pub fn open_existing(path: &Path) -> Result<Store> {
         if !path.exists() {
-            return Err(StoreError::Corrupt(format!(
-                "no store at {} (has the node run yet?)",
-                path.display()
-            )));
+            return Err(StoreError::Missing(path.to_path_buf()));
         }
         let conn = Connection::open(path)?;
-        let node: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| {
+        // Any other failure (busy, not a database) is what it is, not "no node id".
+        let has_meta = conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let node: Option<String> = if has_meta {
+            conn.query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| {
                 r.get(0)
             })
-            .optional()
-            .unwrap_or(None);
+            .optional()?
+        } else {
+            None
+        };
         let node =
             node.ok_or_else(|| StoreError::Corrupt(format!("{} has no node id", path.display())))?;
         Store::init(conn, &node)
@@ -327,6 +409,21 @@ impl Tx<'_> {
     }
 }
 
+/// A version of `json` as `node`'s first write (tests).
+#[cfg(test)]
+fn test_version(node: &str, json: serde_json::Value) -> crate::model::Version {
+    crate::model::Version {
+        snapshot: crate::model::Snapshot::from_json_value(json).unwrap(),
+        origin: node.into(),
+        hlc: Hlc {
+            wall_ms: 1,
+            counter: 0,
+        },
+        vv: crate::model::VersionVector::default().bumped(node),
+        deleted: false,
+    }
+}
+
 /// A new store in a temporary directory (tests).
 #[cfg(test)]
 fn temp_store(node: &str) -> (tempfile::TempDir, Store) {
@@ -377,5 +474,39 @@ mod tests {
         }
         let c = store.counts().unwrap();
         assert_eq!((c.audit, c.outbox, c.head_seq), (0, 0, 0));
+    }
+
+    #[test]
+    fn errors_say_whether_they_are_retryable_or_corruption() {
+        let sqlite = |code| {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        let busy = sqlite(rusqlite::ffi::SQLITE_BUSY);
+        assert!(busy.is_retryable() && !busy.is_corruption());
+        let damaged = sqlite(rusqlite::ffi::SQLITE_CORRUPT);
+        assert!(damaged.is_corruption() && !damaged.is_retryable());
+        let full = sqlite(rusqlite::ffi::SQLITE_FULL);
+        assert!(!full.is_corruption() && !full.is_retryable());
+        let other = StoreError::NodeMismatch {
+            stored: "a".into(),
+            configured: "b".into(),
+        };
+        assert!(!other.is_corruption() && !other.is_retryable());
+        assert!(!StoreError::Missing(PathBuf::from("/x")).is_corruption());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_store_is_reported_as_corruption_not_as_missing_node_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = Store::open_existing(&path).unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+        assert!(!err.to_string().contains("node id"), "{err}");
+        let missing = Store::open_existing(&dir.path().join("none.db")).unwrap_err();
+        assert!(matches!(missing, StoreError::Missing(_)), "{missing}");
     }
 }

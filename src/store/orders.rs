@@ -19,7 +19,13 @@
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
-use super::{Result, Store, StoreError, Tx};
+use super::{shown_text, Result, Store, StoreError, Tx};
+
+/// An order's kind as this hub stored it (`orders_out.kind`, JSON).
+fn order_kind(id: &str, text: &str) -> Result<crate::remote::OrderKind> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::bad_value("orders_out", "kind", id, shown_text(text), e))
+}
 
 /// An order a hub gave (`remote list`).
 #[derive(Debug, Clone, Serialize)]
@@ -49,8 +55,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (id, issued_ms, kind) = row?;
-            let kind = serde_json::from_str(&kind)
-                .map_err(|e| StoreError::Corrupt(format!("order {id}: {e}")))?;
+            let kind = order_kind(&id, &kind)?;
             out.push(crate::remote::Order {
                 id,
                 issued_ms,
@@ -67,22 +72,20 @@ impl Store {
             "SELECT id, node, kind, issued_ms, state, result, done_ms FROM orders_out
              WHERE (?1 IS NULL OR node = ?1) ORDER BY issued_ms DESC, id",
         )?;
-        let rows = stmt.query_map(params![node], |r| {
-            Ok(OrderRow {
-                id: r.get(0)?,
+        let mut rows = stmt.query(params![node])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let id: String = r.get(0)?;
+            let order = order_kind(&id, &r.get::<_, String>(2)?)?.describe();
+            out.push(OrderRow {
                 node: r.get(1)?,
-                order: r.get::<_, String>(2)?,
+                order,
                 issued_ms: r.get::<_, i64>(3)? as u64,
                 state: r.get(4)?,
                 result: r.get(5)?,
                 done_ms: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
-            })
-        })?;
-        let mut out: Vec<OrderRow> = rows.collect::<std::result::Result<_, _>>()?;
-        for o in &mut out {
-            if let Ok(k) = serde_json::from_str::<crate::remote::OrderKind>(&o.order) {
-                o.order = k.describe();
-            }
+                id,
+            });
         }
         Ok(out)
     }

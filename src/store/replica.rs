@@ -27,7 +27,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::{Result, Store, StoreError, Tx};
+use super::{shown_blob, shown_text, Result, Store, StoreError, Tx};
 use crate::model::{Class, ContentHash, Hlc, RecordKey, Snapshot, Version, VersionVector};
 
 /// A stored version and where it sits in this node's change sequence.
@@ -58,55 +58,77 @@ pub(super) const REPLICA_COLS: &str =
 pub(super) const REPLICA_COLS_R: &str =
     "r.kind, r.id, r.seq, r.hash, r.origin, r.hlc_wall, r.hlc_ctr, r.vv, r.deleted, r.class, r.patient, r.body";
 
-pub(super) fn parse_vv(s: &str) -> Result<VersionVector> {
+/// A version vector read from `table.vv` of record `row`.
+pub(super) fn parse_vv(table: &'static str, row: &RecordKey, s: &str) -> Result<VersionVector> {
     VersionVector::from_json(s)
-        .map_err(|e| StoreError::Corrupt(format!("bad version vector {s:?}: {e}")))
+        .map_err(|e| StoreError::bad_value(table, "vv", row, shown_text(s), e))
 }
 
-pub(super) fn stored_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
-    let kind: String = r.get(0)?;
-    let id: String = r.get(1)?;
+/// A content hash read from `table.hash` of record `row`.
+pub(super) fn parse_hash(table: &'static str, row: &RecordKey, b: &[u8]) -> Result<ContentHash> {
+    ContentHash::from_slice(b)
+        .ok_or_else(|| StoreError::bad_value(table, "hash", row, shown_blob(b), "not 32 bytes"))
+}
+
+/// Decodes a row selected with [`REPLICA_COLS`] (or `_R`). A class, hash or vector
+/// this version cannot have written is corruption, never a default.
+pub(super) fn stored_from_row(r: &rusqlite::Row<'_>) -> Result<Stored> {
+    let key = RecordKey {
+        kind: r.get(0)?,
+        id: r.get(1)?,
+    };
     let hash: Vec<u8> = r.get(3)?;
     let vv: String = r.get(7)?;
     let class: String = r.get(9)?;
-    let bad = |what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(
-            0,
-            rusqlite::types::Type::Text,
-            format!("{what} in replica row {kind}/{id}").into(),
+    let class = Class::parse(&class).ok_or_else(|| {
+        StoreError::bad_value(
+            "replica",
+            "class",
+            &key,
+            shown_text(&class),
+            "not metadata or clinical",
         )
-    };
-    let snapshot = Snapshot {
-        class: Class::parse(&class).ok_or_else(|| bad("bad class"))?,
-        patient: r.get(10)?,
-        body: r.get(11)?,
-        hash: ContentHash::from_slice(&hash).ok_or_else(|| bad("bad hash"))?,
-        key: RecordKey {
-            kind: kind.clone(),
-            id: id.clone(),
-        },
-    };
+    })?;
+    let hash = parse_hash("replica", &key, &hash)?;
+    let vv = parse_vv("replica", &key, &vv)?;
     Ok(Stored {
         seq: r.get::<_, i64>(2)? as u64,
         version: Version {
-            snapshot,
             origin: r.get(4)?,
             hlc: Hlc {
                 wall_ms: r.get::<_, i64>(5)? as u64,
                 counter: r.get::<_, i64>(6)? as u32,
             },
-            vv: VersionVector::from_json(&vv).map_err(|_| bad("bad version vector"))?,
+            vv,
             deleted: r.get(8)?,
+            snapshot: Snapshot {
+                class,
+                patient: r.get(10)?,
+                body: r.get(11)?,
+                hash,
+                key,
+            },
         },
     })
+}
+
+/// Every row of `stmt` run with `params`, decoded by [`stored_from_row`].
+pub(super) fn stored_rows(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Stored>> {
+    let mut rows = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(stored_from_row(r)?);
+    }
+    Ok(out)
 }
 
 pub(super) fn current_in(conn: &Connection, key: &RecordKey) -> Result<Option<Stored>> {
     let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE kind=?1 AND id=?2");
     let mut stmt = conn.prepare_cached(&sql)?;
-    Ok(stmt
-        .query_row(params![key.kind, key.id], stored_from_row)
-        .optional()?)
+    Ok(stored_rows(&mut stmt, params![key.kind, key.id])?.pop())
 }
 
 pub(super) fn now_hlc_key() -> &'static str {
@@ -122,9 +144,7 @@ impl Store {
         let sql = format!(
             "SELECT {REPLICA_COLS} FROM replica WHERE (?1 IS NULL OR kind = ?1) ORDER BY kind, id"
         );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map(params![kind], stored_from_row)?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        stored_rows(&mut self.conn.prepare(&sql)?, params![kind])
     }
 
     /// Every version of `key` this node has seen, oldest first, with the top-level
@@ -134,9 +154,16 @@ impl Store {
             "SELECT seen_ms, origin, source, outcome, vv, hlc_wall, hlc_ctr, hash, deleted, body FROM versions
              WHERE kind=?1 AND id=?2 ORDER BY n",
         )?;
-        let rows = stmt.query_map(params![key.kind, key.id], |r| {
+        let mut rows = stmt.query(params![key.kind, key.id])?;
+        let mut out = Vec::new();
+        let mut prev = serde_json::Value::Null;
+        while let Some(r) = rows.next()? {
             let hash: Vec<u8> = r.get(7)?;
-            Ok(HistoryEntry {
+            let body: Vec<u8> = r.get(9)?;
+            let cur: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                StoreError::bad_value("versions", "body", key, shown_blob(&body), e)
+            })?;
+            out.push(HistoryEntry {
                 seen_ms: r.get::<_, i64>(0)? as u64,
                 origin: r.get(1)?,
                 source: r.get(2)?,
@@ -147,18 +174,11 @@ impl Store {
                     counter: r.get::<_, i64>(6)? as u32,
                 }
                 .to_string(),
-                hash: hex::encode(&hash[..6.min(hash.len())]),
+                hash: parse_hash("versions", key, &hash)?.short(),
                 deleted: r.get(8)?,
-                changed: Vec::new(),
-                body: r.get(9)?,
-            })
-        })?;
-        let mut out: Vec<HistoryEntry> = rows.collect::<std::result::Result<_, _>>()?;
-        let mut prev = serde_json::Value::Null;
-        for e in &mut out {
-            let cur: serde_json::Value =
-                serde_json::from_slice(&e.body).unwrap_or(serde_json::Value::Null);
-            e.changed = crate::model::changed_fields(&prev, &cur);
+                changed: crate::model::changed_fields(&prev, &cur),
+                body,
+            });
             prev = cur;
         }
         Ok(out)
@@ -167,9 +187,7 @@ impl Store {
     /// Records of one patient (for on-demand fetch and tests).
     pub fn patient_records(&self, patient: &str) -> Result<Vec<Stored>> {
         let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE patient=?1 ORDER BY seq");
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map([patient], stored_from_row)?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        stored_rows(&mut self.conn.prepare(&sql)?, [patient])
     }
 
     /// True when this node holds no version it wrote itself (new or wiped).
@@ -321,7 +339,7 @@ impl Tx<'_> {
             return Ok(None);
         };
         let snapshot = Snapshot::for_key(key, &body)
-            .map_err(|e| StoreError::Corrupt(format!("history of {key}: {e}")))?;
+            .map_err(|e| StoreError::bad_value("versions", "body", key, shown_blob(&body), e))?;
         Ok(Some(Version {
             snapshot,
             origin,
@@ -464,5 +482,91 @@ impl Tx<'_> {
             purged += 1;
         }
         Ok((purged, kept))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{temp_store, test_version};
+    use serde_json::json;
+
+    fn holding_p1() -> (tempfile::TempDir, Store, Version) {
+        let (dir, mut store) = temp_store("a");
+        let v = test_version("a", json!({"resourceType": "Patient", "id": "p1"}));
+        let mut tx = store.begin().unwrap();
+        tx.put_current(&v, None, 1).unwrap();
+        tx.remember(&v, "local", "written", 1).unwrap();
+        tx.commit().unwrap();
+        (dir, store, v)
+    }
+
+    #[test]
+    fn a_replica_hash_that_is_not_32_bytes_is_corruption_naming_table_column_and_value() {
+        let (_d, store, v) = holding_p1();
+        store
+            .conn()
+            .execute("UPDATE replica SET hash=x'0102'", [])
+            .unwrap();
+        let err = store.current(v.key()).unwrap_err();
+        assert!(err.is_corruption() && !err.is_retryable(), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("replica.hash")
+                && text.contains("Patient/p1")
+                && text.contains("x'0102'"),
+            "{text}"
+        );
+        assert!(store.list(None).unwrap_err().is_corruption());
+    }
+
+    #[test]
+    fn an_unknown_class_or_vector_in_the_replica_is_corruption_not_a_default() {
+        let (_d, store, v) = holding_p1();
+        store
+            .conn()
+            .execute("UPDATE replica SET class='secret'", [])
+            .unwrap();
+        let err = store.current(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption()
+                && err
+                    .to_string()
+                    .contains(r#"replica.class of Patient/p1 holds "secret""#),
+            "{err}"
+        );
+        store
+            .conn()
+            .execute("UPDATE replica SET class='clinical', vv='{\"a\":'", [])
+            .unwrap();
+        let err = store.current(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("replica.vv"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_history_body_or_hash_that_does_not_decode_is_corruption() {
+        let (_d, store, v) = holding_p1();
+        assert_eq!(store.history(v.key()).unwrap().len(), 1);
+        store
+            .conn()
+            .execute("UPDATE versions SET body=x'7b22'", [])
+            .unwrap();
+        let err = store.history(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("versions.body"),
+            "{err}"
+        );
+        store
+            .conn()
+            .execute("UPDATE versions SET body=x'7b7d', hash=x''", [])
+            .unwrap();
+        let err = store.history(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("versions.hash"),
+            "{err}"
+        );
     }
 }

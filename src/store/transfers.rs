@@ -19,7 +19,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{Result, StoreError, Tx};
+use super::{shown_blob, Result, StoreError, Tx};
 
 /// A resumable transfer: whose, which (SHA-256 of the whole), and which way
 /// (`up`: received from the node; `down`: an answer for the node to fetch).
@@ -140,9 +140,9 @@ impl Tx<'_> {
         let mut out = Vec::new();
         for row in rows {
             let (id, n) = row?;
-            let id: [u8; 32] = id
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("a transfer id is not 32 bytes".into()))?;
+            let id: [u8; 32] = id.as_slice().try_into().map_err(|_| {
+                StoreError::bad_value("transfers", "id", node, shown_blob(&id), "not 32 bytes")
+            })?;
             out.push((id, n));
         }
         Ok(out)
