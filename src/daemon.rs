@@ -294,7 +294,7 @@ fn answer_key(id: &[u8; 32]) -> crate::store::TransferKey<'_> {
     crate::store::TransferKey {
         node: PARENT,
         id,
-        dir: "down",
+        dir: crate::store::TransferDir::Down,
     }
 }
 

@@ -29,7 +29,7 @@ use crate::model::{
     merge_fields, Causality, Class, ContentHash, ModelError, RecordKey, Snapshot, Version,
     VersionVector,
 };
-use crate::store::{PeerEvent, Stage, Store, StoreError, Tx};
+use crate::store::{CatchmentReason, PeerEvent, Stage, Store, StoreError, Tx, VersionOutcome};
 use crate::wire::Receipt;
 use crate::wire::{
     FetchRequest, FetchResponse, FetchResult, Outcome, PullRequest, PullResponse, PushRequest,
@@ -206,7 +206,14 @@ fn integrate(
     tx.observe(incoming.hlc, now_ms)?;
     let key = incoming.key().clone();
     let Some(current) = tx.current(&key)? else {
-        store_version(tx, incoming, source, sender, "accepted", now_ms)?;
+        store_version(
+            tx,
+            incoming,
+            source,
+            sender,
+            VersionOutcome::Accepted,
+            now_ms,
+        )?;
         return Ok(Integrated::Accepted);
     };
     let local = current.version;
@@ -250,7 +257,14 @@ fn integrate(
             )
         }
         Causality::Newer => {
-            store_version(tx, incoming, source, sender, "accepted", now_ms)?;
+            store_version(
+                tx,
+                incoming,
+                source,
+                sender,
+                VersionOutcome::Accepted,
+                now_ms,
+            )?;
             Ok(Integrated::Accepted)
         }
         Causality::Older
@@ -289,7 +303,7 @@ fn integrate(
             )
         }
         Causality::Older => {
-            tx.remember(incoming, source, "stale", now_ms)?;
+            tx.remember(incoming, source, VersionOutcome::Stale, now_ms)?;
             Ok(Integrated::Stale)
         }
         Causality::Same | Causality::Concurrent => {
@@ -328,11 +342,11 @@ fn record_conflict(
     now_ms: u64,
 ) -> Result<Integrated> {
     let key = local.key().clone();
-    tx.remember(incoming, source, "conflict", now_ms)?;
+    tx.remember(incoming, source, VersionOutcome::Conflict, now_ms)?;
     if result.vv != local.vv || result.snapshot.hash != local.snapshot.hash {
         // A resolution is this node's new write: every child gets it, the sender of
         // the other side included.
-        store_version(tx, &result, source, None, "resolved", now_ms)?;
+        store_version(tx, &result, source, None, VersionOutcome::Resolved, now_ms)?;
     }
     tx.add_conflict(&key, local, incoming, &resolution, &result.vv, now_ms)?;
     tx.audit(
@@ -363,7 +377,7 @@ fn store_version(
     v: &Version,
     source: &str,
     sender: Option<&str>,
-    outcome: &str,
+    outcome: VersionOutcome,
     now_ms: u64,
 ) -> Result<u64> {
     let seq = tx.put_current(v, sender, now_ms)?;
@@ -491,7 +505,7 @@ fn update_catchment(tx: &mut Tx<'_>, policy: &Policy, v: &Version, prune: bool) 
         .collect();
     matched.dedup();
     for node in &matched {
-        tx.add_to_catchment(node, &v.key().id, "rule")?;
+        tx.add_to_catchment(node, &v.key().id, CatchmentReason::Rule)?;
     }
     if prune {
         tx.prune_rule_catchment(&v.key().id, &matched)?;
@@ -571,7 +585,7 @@ fn write_one(
         vv,
         deleted,
     };
-    store_version(tx, &version, "local", None, "written", now_ms)?;
+    store_version(tx, &version, "local", None, VersionOutcome::Written, now_ms)?;
     update_catchment(tx, policy, &version, true)?;
     if policy.has_parent {
         tx.enqueue(&key, now_ms)?;
@@ -726,7 +740,14 @@ pub fn review_conflict(
         vv: vv.clone(),
         deleted: false,
     };
-    store_version(&mut tx, &version, actor, None, "resolved", now_ms)?;
+    store_version(
+        &mut tx,
+        &version,
+        actor,
+        None,
+        VersionOutcome::Resolved,
+        now_ms,
+    )?;
     update_catchment(&mut tx, policy, &version, true)?;
     if policy.has_parent {
         tx.enqueue(&key, now_ms)?;
@@ -1068,7 +1089,7 @@ pub fn handle_push(
                     // never takes it out of one: moving patients is the hub's call.
                     update_catchment(&mut tx, policy, v, false)?;
                     if grant == Grant::Registers {
-                        tx.add_to_catchment(child, &v.key().id, "registered")?;
+                        tx.add_to_catchment(child, &v.key().id, CatchmentReason::Registered)?;
                     }
                     if policy.has_parent {
                         tx.enqueue(v.key(), now_ms)?;

@@ -20,7 +20,7 @@ use crate::config::{self, Config};
 use crate::daemon::{self, PARENT};
 use crate::engine;
 use crate::model::{RecordKey, Snapshot};
-use crate::store::{wall_ms, AuditCheck, Store};
+use crate::store::{wall_ms, AuditCheck, CatchmentReason, Store};
 use crate::textsafe::{safe, safe_display, safe_lines};
 use crate::transport::http::HttpClient;
 use crate::wire::Message;
@@ -955,7 +955,7 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
                 );
             } else {
                 for (n, p, r) in &rows {
-                    println!("{:<24} Patient/{:<40} {}", safe(n), safe(p), safe(r));
+                    println!("{:<24} Patient/{:<40} {}", safe(n), safe(p), r);
                 }
                 eprintln!("{} patient(s)", rows.len());
             }
@@ -964,7 +964,7 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
             child(&node)?;
             let p = patient_id(&patient)?;
             let mut tx = store.begin()?;
-            let added = tx.add_to_catchment(&node, &p, "granted")?;
+            let added = tx.add_to_catchment(&node, &p, CatchmentReason::Granted)?;
             if added {
                 tx.audit(
                     now,
@@ -1429,7 +1429,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                     println!(
                         "{}  {:<10} from {:<12} via {:<18} vv {:<24} {}{}",
                         fmt_time(e.seen_ms),
-                        safe(&e.outcome),
+                        e.outcome,
                         safe(&e.origin),
                         safe(&e.source),
                         safe_display(&e.vv),
@@ -1858,7 +1858,7 @@ fn remote(cfg: &Config, node: &str, action: RemoteCmd, now: u64) -> Out {
                         "{}  {}  {:<8} {}{}",
                         safe(&o.id),
                         fmt_time(o.issued_ms),
-                        safe(&o.state),
+                        o.state,
                         safe(&o.order),
                         o.result
                             .as_deref()
@@ -1885,7 +1885,7 @@ fn remote(cfg: &Config, node: &str, action: RemoteCmd, now: u64) -> Out {
                 safe(&o.order),
                 safe(&o.node),
                 fmt_time(o.issued_ms),
-                safe(&o.state)
+                o.state
             );
             if let Some(r) = &o.result {
                 println!("{}", safe_lines(r));

@@ -23,6 +23,21 @@ use super::{Result, Store, Stored, Tx};
 use crate::model::RecordKey;
 use crate::wire::Cursor;
 
+text_enum! {
+    /// Why a patient is in a node's catchment (`catchment.reason`). The feed's SQL
+    /// names these texts too.
+    pub enum CatchmentReason {
+        /// A `[[hub.catchment]]` rule matched the Patient (recomputed on each version).
+        Rule = "rule",
+        /// The child pushed a Patient the hub had never seen.
+        Registered = "registered",
+        /// The operator added it (`catchment add`, or the receiving end of a move).
+        Granted = "granted",
+        /// It moved away (`catchment move`): neither fed nor readable any more.
+        Moved = "moved",
+    }
+}
+
 pub struct FeedPage {
     pub records: Vec<Stored>,
     pub next: Cursor,
@@ -33,12 +48,23 @@ pub struct FeedPage {
 
 impl Store {
     /// (node, patient, reason) rows of the catchment, of one node or all.
-    pub fn catchment_list(&self, node: Option<&str>) -> Result<Vec<(String, String, String)>> {
+    pub fn catchment_list(
+        &self,
+        node: Option<&str>,
+    ) -> Result<Vec<(String, String, CatchmentReason)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT node, patient, reason FROM catchment WHERE ?1 IS NULL OR node=?1 ORDER BY node, patient",
         )?;
-        let rows = stmt.query_map([node], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        let mut rows = stmt.query([node])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let (node, patient): (String, String) = (r.get(0)?, r.get(1)?);
+            let row = format!("{node} Patient/{patient}");
+            let reason =
+                CatchmentReason::decode("catchment", "reason", row, &r.get::<_, String>(2)?)?;
+            out.push((node, patient, reason));
+        }
+        Ok(out)
     }
 
     /// Whether `node` may read `patient`'s records (a patient moved away is not).
@@ -178,7 +204,12 @@ impl Tx<'_> {
     }
 
     /// Adds a patient to a child's catchment; returns true if it was not there before.
-    pub fn add_to_catchment(&mut self, node: &str, patient: &str, reason: &str) -> Result<bool> {
+    pub fn add_to_catchment(
+        &mut self,
+        node: &str,
+        patient: &str,
+        reason: CatchmentReason,
+    ) -> Result<bool> {
         let exists = self
             .tx
             .prepare_cached("SELECT 1 FROM catchment WHERE node=?1 AND patient=?2")?
@@ -187,7 +218,7 @@ impl Tx<'_> {
             .is_some();
         if exists {
             // A patient moved away and granted back by hand: visible again, backfilled.
-            if reason == "granted" {
+            if reason == CatchmentReason::Granted {
                 let seq = self.next_seq()?;
                 let n = self
                     .tx
@@ -204,7 +235,7 @@ impl Tx<'_> {
             .prepare_cached(
                 "INSERT INTO catchment(node, patient, added_seq, reason) VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![node, patient, seq as i64, reason])?;
+            .execute(params![node, patient, seq as i64, reason.as_str()])?;
         Ok(true)
     }
 
@@ -260,5 +291,45 @@ impl Tx<'_> {
                 .execute([node, patient])?;
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+    use crate::store::temp_store;
+
+    #[test]
+    fn catchment_reasons_round_trip_and_an_unknown_one_is_corruption() {
+        let (_d, mut store) = temp_store("hub");
+        let mut tx = store.begin().unwrap();
+        for (i, r) in CatchmentReason::ALL.iter().enumerate() {
+            assert!(tx.add_to_catchment("c", &format!("p{i}"), *r).unwrap());
+        }
+        tx.commit().unwrap();
+        let listed: Vec<CatchmentReason> = store
+            .catchment_list(Some("c"))
+            .unwrap()
+            .into_iter()
+            .map(|(_, _, r)| r)
+            .collect();
+        assert_eq!(listed, CatchmentReason::ALL);
+        assert!(
+            !store.in_catchment("c", "p3").unwrap(),
+            "p3 was added as moved"
+        );
+        store
+            .conn()
+            .execute("UPDATE catchment SET reason='rules' WHERE patient='p0'", [])
+            .unwrap();
+        let err = store.catchment_list(None).unwrap_err();
+        assert!(
+            err.is_corruption()
+                && err
+                    .to_string()
+                    .contains(r#"catchment.reason of c Patient/p0 holds "rules""#),
+            "{err}"
+        );
     }
 }

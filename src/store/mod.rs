@@ -53,6 +53,74 @@ use crate::model::Hlc;
 use migrations::MIGRATIONS;
 use replica::now_hlc_key;
 
+/// A closed set of texts one column holds, as an enum: `as_str` (the text stored),
+/// `parse`, `ALL`, `Display` (padded) and `Serialize` as that text, and `decode`,
+/// which reads a stored value and reports any other text as corruption
+/// ([`StoreError::BadValue`]), never as a default.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* pub enum $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The text stored for this value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// The value stored as `text`, if it is one.
+            pub fn parse(text: &str) -> Option<$name> {
+                match text {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+
+            /// A value read from `table.column` of `row`.
+            #[allow(dead_code)] // not every column is read back
+            fn decode(
+                table: &'static str,
+                column: &'static str,
+                row: impl std::fmt::Display,
+                text: &str,
+            ) -> $crate::store::Result<$name> {
+                $name::parse(text).ok_or_else(|| {
+                    let known: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+                    $crate::store::StoreError::bad_value(
+                        table,
+                        column,
+                        row,
+                        $crate::store::shown_text(text),
+                        format!("not one of {}", known.join(", ")),
+                    )
+                })
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
 mod audit;
 mod bundles;
 mod catchment;
@@ -71,15 +139,15 @@ mod transfers;
 
 pub use audit::{AuditCheck, AuditRow};
 pub use bundles::BundleIn;
-pub use catchment::FeedPage;
+pub use catchment::{CatchmentReason, FeedPage};
 pub use conflicts::{ConflictEntry, ConflictSide, StoredConflict};
 pub use migrations::SCHEMA_VERSION;
-pub use orders::OrderRow;
+pub use orders::{OrderRow, OrderState};
 pub use outbox::MAX_RECORD_BYTES;
 pub use peers::{PeerEvent, PeerState};
 pub use quarantine::{QuarantineEntry, Stage, MAX_REASON_CHARS};
-pub use replica::{HistoryEntry, Stored};
-pub use transfers::TransferKey;
+pub use replica::{HistoryEntry, Stored, VersionOutcome};
+pub use transfers::{TransferDir, TransferKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

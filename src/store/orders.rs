@@ -27,6 +27,20 @@ fn order_kind(id: &str, text: &str) -> Result<crate::remote::OrderKind> {
         .map_err(|e| StoreError::bad_value("orders_out", "kind", id, shown_text(text), e))
 }
 
+text_enum! {
+    /// How far an order went (`orders_out.state`, `orders_in.state`).
+    pub enum OrderState {
+        /// Given by the hub, its result not back yet (hub only).
+        Pending = "pending",
+        /// Ran, and did what it says.
+        Done = "done",
+        /// Not run: the child does not accept remote orders.
+        Refused = "refused",
+        /// Ran, and could not do it (the result says why).
+        Failed = "failed",
+    }
+}
+
 /// An order a hub gave (`remote list`).
 #[derive(Debug, Clone, Serialize)]
 pub struct OrderRow {
@@ -34,7 +48,7 @@ pub struct OrderRow {
     pub node: String,
     pub order: String,
     pub issued_ms: u64,
-    pub state: String,
+    pub state: OrderState,
     pub result: Option<String>,
     pub done_ms: Option<u64>,
 }
@@ -43,15 +57,18 @@ impl Store {
     /// Hub: orders still waiting for `node`'s result, oldest first.
     pub fn pending_orders(&self, node: &str, limit: usize) -> Result<Vec<crate::remote::Order>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, issued_ms, kind FROM orders_out WHERE node=?1 AND state='pending' ORDER BY issued_ms, id LIMIT ?2",
+            "SELECT id, issued_ms, kind FROM orders_out WHERE node=?1 AND state=?3 ORDER BY issued_ms, id LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![node, limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
+        let rows = stmt.query_map(
+            params![node, limit as i64, OrderState::Pending.as_str()],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, String>(2)?,
+                ))
+            },
+        )?;
         let mut out = Vec::new();
         for row in rows {
             let (id, issued_ms, kind) = row?;
@@ -81,7 +98,7 @@ impl Store {
                 node: r.get(1)?,
                 order,
                 issued_ms: r.get::<_, i64>(3)? as u64,
-                state: r.get(4)?,
+                state: OrderState::decode("orders_out", "state", &id, &r.get::<_, String>(4)?)?,
                 result: r.get(5)?,
                 done_ms: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
                 id,
@@ -108,14 +125,18 @@ impl Store {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, state, result FROM orders_in WHERE reported=0 ORDER BY received_ms, id LIMIT ?1",
         )?;
-        let rows = stmt.query_map(params![limit as i64], |r| {
-            Ok(crate::remote::OrderResult {
-                id: r.get(0)?,
-                state: r.get(1)?,
+        let mut rows = stmt.query(params![limit as i64])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let id: String = r.get(0)?;
+            let state = OrderState::decode("orders_in", "state", &id, &r.get::<_, String>(1)?)?;
+            out.push(crate::remote::OrderResult {
+                id,
+                state: state.as_str().to_string(),
                 detail: r.get(2)?,
-            })
-        })?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -132,9 +153,9 @@ impl Tx<'_> {
             .map_err(|e| StoreError::Corrupt(format!("order {id}: {e}")))?;
         self.tx
             .prepare_cached(
-                "INSERT INTO orders_out(id, node, kind, issued_ms, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
+                "INSERT INTO orders_out(id, node, kind, issued_ms, state) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![id, node, kind, now_ms as i64])?;
+            .execute(params![id, node, kind, now_ms as i64, OrderState::Pending.as_str()])?;
         Ok(())
     }
 
@@ -144,16 +165,23 @@ impl Tx<'_> {
         &mut self,
         id: &str,
         child: &str,
-        state: &str,
+        state: OrderState,
         result: &str,
         now_ms: u64,
     ) -> Result<bool> {
         Ok(self
             .tx
             .prepare_cached(
-                "UPDATE orders_out SET state=?3, result=?4, done_ms=?5 WHERE id=?1 AND node=?2 AND state='pending'",
+                "UPDATE orders_out SET state=?3, result=?4, done_ms=?5 WHERE id=?1 AND node=?2 AND state=?6",
             )?
-            .execute(params![id, child, state, result, now_ms as i64])?
+            .execute(params![
+                id,
+                child,
+                state.as_str(),
+                result,
+                now_ms as i64,
+                OrderState::Pending.as_str()
+            ])?
             > 0)
     }
 
@@ -161,7 +189,7 @@ impl Tx<'_> {
     pub fn put_order_in(
         &mut self,
         o: &crate::remote::Order,
-        state: &str,
+        state: OrderState,
         result: &str,
         now_ms: u64,
     ) -> Result<()> {
@@ -171,7 +199,7 @@ impl Tx<'_> {
             .prepare_cached(
                 "INSERT INTO orders_in(id, by, kind, received_ms, state, result, reported) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
             )?
-            .execute(params![o.id, o.by, kind, now_ms as i64, state, result])?;
+            .execute(params![o.id, o.by, kind, now_ms as i64, state.as_str(), result])?;
         Ok(())
     }
 
@@ -187,5 +215,61 @@ impl Tx<'_> {
             .prepare_cached("UPDATE orders_in SET reported=1 WHERE id=?1")?
             .execute([id])?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+    use crate::remote::OrderKind;
+    use crate::store::temp_store;
+
+    #[test]
+    fn an_order_keeps_its_state_and_an_unknown_state_or_kind_is_corruption() {
+        let (_d, mut store) = temp_store("hub");
+        let mut tx = store.begin().unwrap();
+        tx.put_order_out("o1", "c", &OrderKind::Resync, 1).unwrap();
+        tx.put_order_out("o2", "c", &OrderKind::Diagnostics, 2)
+            .unwrap();
+        assert!(!tx
+            .finish_order_out("o1", "other", OrderState::Done, "", 3)
+            .unwrap());
+        assert!(tx
+            .finish_order_out("o1", "c", OrderState::Done, "ok", 3)
+            .unwrap());
+        assert!(!tx
+            .finish_order_out("o1", "c", OrderState::Failed, "again", 4)
+            .unwrap());
+        tx.commit().unwrap();
+        let rows = store.orders_out(Some("c")).unwrap();
+        let states: Vec<(&str, OrderState)> =
+            rows.iter().map(|o| (o.id.as_str(), o.state)).collect();
+        assert_eq!(
+            states,
+            [("o2", OrderState::Pending), ("o1", OrderState::Done)]
+        );
+        assert_eq!(store.pending_orders("c", 10).unwrap().len(), 1);
+        store
+            .conn()
+            .execute("UPDATE orders_out SET state='lost' WHERE id='o1'", [])
+            .unwrap();
+        let err = store.orders_out(None).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("orders_out.state of o1"),
+            "{err}"
+        );
+        store
+            .conn()
+            .execute(
+                "UPDATE orders_out SET state='done', kind='{\"bogus\":1}' WHERE id='o1'",
+                [],
+            )
+            .unwrap();
+        let err = store.orders_out(None).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("orders_out.kind of o1"),
+            "{err}"
+        );
     }
 }

@@ -24,29 +24,13 @@ use crate::model::RecordKey;
 /// Longest quarantine reason kept, in characters.
 pub const MAX_REASON_CHARS: usize = 2_000;
 
-/// Where a quarantined record is stuck.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// The parent refused it on push.
-    Push,
-    /// It could not be applied locally after a pull.
-    Apply,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Push => "push",
-            Stage::Apply => "apply",
-        }
-    }
-    fn parse(s: &str) -> Stage {
-        if s == "apply" {
-            Stage::Apply
-        } else {
-            Stage::Push
-        }
+text_enum! {
+    /// Where a quarantined record is stuck (`quarantine.stage`).
+    pub enum Stage {
+        /// The parent refused it on push.
+        Push = "push",
+        /// It could not be applied locally after a pull.
+        Apply = "apply",
     }
 }
 
@@ -67,19 +51,22 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT kind, id, stage, reason, permanent, attempts, first_ms, last_ms, next_retry_ms FROM quarantine ORDER BY first_ms, kind, id",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(QuarantineEntry {
-                record: format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?),
-                stage: Stage::parse(&r.get::<_, String>(2)?),
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let record = format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?);
+            out.push(QuarantineEntry {
+                stage: Stage::decode("quarantine", "stage", &record, &r.get::<_, String>(2)?)?,
+                record,
                 reason: r.get(3)?,
                 permanent: r.get(4)?,
                 attempts: r.get::<_, i64>(5)? as u32,
                 first_ms: r.get::<_, i64>(6)? as u64,
                 last_ms: r.get::<_, i64>(7)? as u64,
                 next_retry_ms: r.get::<_, i64>(8)? as u64,
-            })
-        })?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+            });
+        }
+        Ok(out)
     }
 
     /// The most common quarantine reasons, most records first.
@@ -267,5 +254,36 @@ mod tests {
             "{}",
             &q[0].reason[1990..]
         );
+    }
+
+    #[test]
+    fn an_unknown_stage_is_corruption_not_push() {
+        let (_d, mut store) = crate::store::temp_store("a");
+        let key = RecordKey::parse("Patient/p1").unwrap();
+        let mut tx = store.begin().unwrap();
+        tx.quarantine(&key, Stage::Apply, "refused", false, 1, |_| 1)
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(store.quarantine_list().unwrap()[0].stage, Stage::Apply);
+        store
+            .conn()
+            .execute("UPDATE quarantine SET stage='later'", [])
+            .unwrap();
+        let err = store.quarantine_list().unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+        assert_eq!(
+            err.to_string(),
+            r#"store is corrupt: quarantine.stage of Patient/p1 holds "later": not one of push, apply"#
+        );
+    }
+
+    #[test]
+    fn every_stage_is_stored_and_shown_as_its_text() {
+        for s in Stage::ALL {
+            assert_eq!(Stage::parse(s.as_str()), Some(*s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(format!("{s:<6}|"), format!("{:<6}|", s.as_str()));
+        }
+        assert_eq!(Stage::parse("Push"), None, "stored texts are exact");
     }
 }

@@ -37,12 +37,28 @@ pub struct Stored {
     pub seq: u64,
 }
 
+text_enum! {
+    /// What became of a version when this node saw it (`versions.outcome`).
+    pub enum VersionOutcome {
+        /// Written here (a local write or a capture from the EMR).
+        Written = "written",
+        /// Taken from a peer as the new current version.
+        Accepted = "accepted",
+        /// The result of a conflict, written here.
+        Resolved = "resolved",
+        /// Older than what this node held: kept in history only.
+        Stale = "stale",
+        /// One side of a conflict (the incoming one): kept in history only.
+        Conflict = "conflict",
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryEntry {
     pub seen_ms: u64,
     pub origin: String,
     pub source: String,
-    pub outcome: String,
+    pub outcome: VersionOutcome,
     pub vv: String,
     pub hlc: String,
     pub hash: String,
@@ -167,7 +183,12 @@ impl Store {
                 seen_ms: r.get::<_, i64>(0)? as u64,
                 origin: r.get(1)?,
                 source: r.get(2)?,
-                outcome: r.get(3)?,
+                outcome: VersionOutcome::decode(
+                    "versions",
+                    "outcome",
+                    key,
+                    &r.get::<_, String>(3)?,
+                )?,
                 vv: r.get(4)?,
                 hlc: Hlc {
                     wall_ms: r.get::<_, i64>(5)? as u64,
@@ -297,7 +318,7 @@ impl Tx<'_> {
         &mut self,
         v: &Version,
         source: &str,
-        outcome: &str,
+        outcome: VersionOutcome,
         now_ms: u64,
     ) -> Result<bool> {
         let s = &v.snapshot;
@@ -319,7 +340,7 @@ impl Tx<'_> {
                 s.body,
                 now_ms as i64,
                 source,
-                outcome
+                outcome.as_str()
             ])?;
         Ok(n > 0)
     }
@@ -496,7 +517,8 @@ mod tests {
         let v = test_version("a", json!({"resourceType": "Patient", "id": "p1"}));
         let mut tx = store.begin().unwrap();
         tx.put_current(&v, None, 1).unwrap();
-        tx.remember(&v, "local", "written", 1).unwrap();
+        tx.remember(&v, "local", VersionOutcome::Written, 1)
+            .unwrap();
         tx.commit().unwrap();
         (dir, store, v)
     }
@@ -566,6 +588,27 @@ mod tests {
         let err = store.history(v.key()).unwrap_err();
         assert!(
             err.is_corruption() && err.to_string().contains("versions.hash"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_history_outcome_is_corruption() {
+        let (_d, store, v) = holding_p1();
+        assert_eq!(
+            store.history(v.key()).unwrap()[0].outcome,
+            VersionOutcome::Written
+        );
+        store
+            .conn()
+            .execute("UPDATE versions SET outcome='kept'", [])
+            .unwrap();
+        let err = store.history(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption()
+                && err
+                    .to_string()
+                    .contains(r#"versions.outcome of Patient/p1 holds "kept""#),
             "{err}"
         );
     }

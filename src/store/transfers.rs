@@ -21,12 +21,21 @@ use rusqlite::{params, OptionalExtension};
 
 use super::{shown_blob, Result, StoreError, Tx};
 
-/// A resumable transfer: whose, which (SHA-256 of the whole), and which way
-/// (`up`: received from the node; `down`: an answer for the node to fetch).
+text_enum! {
+    /// Which way a transfer goes (`transfers.dir`, `transfer_chunks.dir`).
+    pub enum TransferDir {
+        /// Received from the node (a chunked push).
+        Up = "up",
+        /// An answer for the node to fetch (at a clinic: one it is fetching).
+        Down = "down",
+    }
+}
+
+/// A resumable transfer: whose, which (SHA-256 of the whole), and which way.
 pub struct TransferKey<'a> {
     pub node: &'a str,
     pub id: &'a [u8; 32],
-    pub dir: &'a str,
+    pub dir: TransferDir,
 }
 
 impl Tx<'_> {
@@ -37,7 +46,7 @@ impl Tx<'_> {
             .prepare_cached(
                 "SELECT total, received FROM transfers WHERE node=?1 AND id=?2 AND dir=?3",
             )?
-            .query_row(params![t.node, &t.id[..], t.dir], |r| {
+            .query_row(params![t.node, &t.id[..], t.dir.as_str()], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
             })
             .optional()?)
@@ -58,7 +67,7 @@ impl Tx<'_> {
             None => {
                 self.tx.execute(
                     "INSERT INTO transfers(node, id, dir, total, received, created_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
-                    params![t.node, &t.id[..], t.dir, total as i64, now_ms as i64],
+                    params![t.node, &t.id[..], t.dir.as_str(), total as i64, now_ms as i64],
                 )?;
                 0
             }
@@ -68,11 +77,11 @@ impl Tx<'_> {
         }
         self.tx
             .prepare_cached("INSERT INTO transfer_chunks(node, id, dir, offset, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![t.node, &t.id[..], t.dir, offset as i64, data])?;
+            .execute(params![t.node, &t.id[..], t.dir.as_str(), offset as i64, data])?;
         let now = received + data.len() as u64;
         self.tx
             .prepare_cached("UPDATE transfers SET received=?4 WHERE node=?1 AND id=?2 AND dir=?3")?
-            .execute(params![t.node, &t.id[..], t.dir, now as i64])?;
+            .execute(params![t.node, &t.id[..], t.dir.as_str(), now as i64])?;
         Ok(now)
     }
 
@@ -81,7 +90,7 @@ impl Tx<'_> {
         let mut stmt = self.tx.prepare_cached(
             "SELECT offset, data FROM transfer_chunks WHERE node=?1 AND id=?2 AND dir=?3 ORDER BY offset",
         )?;
-        let mut rows = stmt.query(params![t.node, &t.id[..], t.dir])?;
+        let mut rows = stmt.query(params![t.node, &t.id[..], t.dir.as_str()])?;
         let mut out = Vec::new();
         let end = offset.saturating_add(max);
         while let Some(r) = rows.next()? {
@@ -122,18 +131,18 @@ impl Tx<'_> {
         for table in ["transfer_chunks", "transfers"] {
             self.tx.execute(
                 &format!("DELETE FROM {table} WHERE node=?1 AND id=?2 AND dir=?3"),
-                params![t.node, &t.id[..], t.dir],
+                params![t.node, &t.id[..], t.dir.as_str()],
             )?;
         }
         Ok(())
     }
 
     /// A node's transfers in one direction, oldest first: (id, bytes held).
-    pub fn transfers_of(&self, node: &str, dir: &str) -> Result<Vec<([u8; 32], u64)>> {
+    pub fn transfers_of(&self, node: &str, dir: TransferDir) -> Result<Vec<([u8; 32], u64)>> {
         let mut stmt = self.tx.prepare_cached(
             "SELECT id, received FROM transfers WHERE node=?1 AND dir=?2 ORDER BY created_ms, rowid",
         )?;
-        let rows = stmt.query_map([node, dir], |r| {
+        let rows = stmt.query_map([node, dir.as_str()], |r| {
             let id: Vec<u8> = r.get(0)?;
             Ok((id, r.get::<_, i64>(1)? as u64))
         })?;
