@@ -29,7 +29,9 @@ use crate::model::{
     merge_fields, Causality, Class, ContentHash, ModelError, RecordKey, Snapshot, Version,
     VersionVector,
 };
-use crate::store::{CatchmentReason, PeerEvent, Stage, Store, StoreError, Tx, VersionOutcome};
+use crate::store::{
+    meta, CatchmentReason, PeerEvent, Stage, Store, StoreError, Tx, VersionOutcome,
+};
 use crate::wire::Receipt;
 use crate::wire::{
     FetchRequest, FetchResponse, FetchResult, Outcome, PullRequest, PullResponse, PushRequest,
@@ -369,7 +371,7 @@ fn record_conflict(
 fn restoring(tx: &Tx<'_>, source: &str) -> Result<bool> {
     let parent = source.strip_prefix("pull:").unwrap_or(source);
     Ok(tx.cursor(parent)? == crate::wire::Cursor::default()
-        || tx.meta_str(RESTORING)?.as_deref() == Some("1"))
+        || tx.meta(&meta::RESTORING_OWN)? == Some(true))
 }
 
 fn store_version(
@@ -1422,11 +1424,11 @@ pub fn pull_request(
     let (cursor, _) = store.cursor(parent)?;
     // A store that has never pulled may be a wiped box reinstalled under the same id,
     // with clinicians already writing: it gets back everything the parent holds from
-    // it, over every page of that first pull (`RESTORING` keeps the flag across pages
+    // it, over every page of that first pull (`RESTORING_OWN` keeps the flag across pages
     // and restarts). A new node pays for this with its first day's pushes coming back
     // once, as duplicates.
-    let include_own = cursor == crate::wire::Cursor::default()
-        || store.meta_str(RESTORING)?.as_deref() == Some("1");
+    let include_own =
+        cursor == crate::wire::Cursor::default() || store.meta(&meta::RESTORING_OWN)? == Some(true);
     Ok(PullRequest {
         node: store.node_id().to_string(),
         cursor,
@@ -1439,25 +1441,17 @@ pub fn pull_request(
     })
 }
 
-/// Meta key: the last USB bundle of ours the parent says it imported (a reinstalled
-/// box numbers its next export after it).
-pub const BUNDLE_SEQ_AT_PARENT: &str = "bundle_seq_at_parent";
-
-/// Meta key: "1" while the first pull of this store (its own records included) is
-/// under way, "0" once it completed.
-const RESTORING: &str = "restoring_own";
-
 /// A resync (remote order): the next pull starts over and brings this node's own
 /// records too, over every page, like a first pull.
 pub fn mark_restoring(tx: &mut Tx<'_>) -> std::result::Result<(), crate::store::StoreError> {
-    tx.set_meta_str(RESTORING, "1")
+    tx.set_meta(&meta::RESTORING_OWN, true)
 }
 
 /// Whether this store has completed a pull from its parent (first contact): until
 /// then a node learns what it already wrote before writing anything from its EMR.
 pub fn first_contact_done(store: &Store, parent: &str) -> Result<bool> {
     Ok(store.cursor(parent)?.0 != crate::wire::Cursor::default()
-        || store.meta_str(RESTORING)?.as_deref() == Some("0"))
+        || store.meta(&meta::RESTORING_OWN)? == Some(false))
 }
 
 /// Child side: stores a pulled page in the inbox and advances the cursor, together.
@@ -1494,15 +1488,12 @@ pub fn store_pull(
         }
     }
     let first = tx.cursor(parent)? == crate::wire::Cursor::default();
-    if first || tx.meta_str(RESTORING)?.as_deref() == Some("1") {
-        tx.set_meta_str(RESTORING, if resp.more { "1" } else { "0" })?;
+    if first || tx.meta(&meta::RESTORING_OWN)? == Some(true) {
+        tx.set_meta(&meta::RESTORING_OWN, resp.more)?;
     }
-    let known: u64 = tx
-        .meta_str(BUNDLE_SEQ_AT_PARENT)?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let known = tx.meta(&meta::BUNDLE_SEQ_AT_PARENT)?.unwrap_or(0);
     if resp.bundle_seq > known {
-        tx.set_meta_u64(BUNDLE_SEQ_AT_PARENT, resp.bundle_seq)?;
+        tx.set_meta(&meta::BUNDLE_SEQ_AT_PARENT, resp.bundle_seq)?;
     }
     tx.set_cursor(parent, resp.next, resp.head, now_ms)?;
     tx.note_peer(
@@ -1613,14 +1604,9 @@ impl From<StoreError> for EmrFlowError {
     }
 }
 
-const EMR_CURSOR: &str = "emr_cursor";
-/// Meta key: the adapter's identity map (network id ↔ the EMR's own), kept in the
-/// same transaction as whatever changed it.
-const EMR_IDS: &str = "emr_ids";
-
 /// Hands a freshly made adapter what it learnt before a restart (its identity map).
 pub fn prepare_emr(store: &Store, emr: &mut dyn crate::emr::Emr) -> Result<()> {
-    if let Some(state) = store.meta_str(EMR_IDS)? {
+    if let Some(state) = store.meta(&meta::EMR_IDS)? {
         emr.restore_identity(&state);
     }
     Ok(())
@@ -1686,7 +1672,7 @@ fn emr_refused(
 /// Keeps the adapter's identity map if it changed, inside `tx`.
 fn keep_identity(tx: &mut Tx<'_>, emr: &mut dyn crate::emr::Emr) -> Result<()> {
     if let Some(state) = emr.identity_state() {
-        tx.set_meta_str(EMR_IDS, &state)?;
+        tx.set_meta(&meta::EMR_IDS, state)?;
     }
     Ok(())
 }
@@ -1703,7 +1689,7 @@ pub fn capture_from_emr(
     now_ms: u64,
 ) -> std::result::Result<CaptureSummary, EmrFlowError> {
     use crate::emr::Fetched;
-    let cursor = store.meta_str(EMR_CURSOR)?;
+    let cursor = store.meta(&meta::EMR_CURSOR)?;
     let (keys, next) = emr.changes(cursor.as_deref())?;
     // Problems that did not stop the read (one feed category unreadable): `status`
     // shows them as the EMR's last error while the rest is captured.
@@ -1757,7 +1743,7 @@ pub fn capture_from_emr(
             }
         }
     }
-    tx.set_meta_str(EMR_CURSOR, &next)?;
+    tx.set_meta(&meta::EMR_CURSOR, next)?;
     keep_identity(&mut tx, emr)?;
     tx.note_peer(
         "emr",
@@ -1891,9 +1877,6 @@ pub fn apply_inbox_to_emr(
     Ok(summary)
 }
 
-/// Meta key: the replica seq up to which a hub's EMR pass has gone.
-pub const EMR_OUT_CURSOR: &str = "emr_out_cursor";
-
 fn tally(w: EmrWrite, s: &mut EmrApplySummary) {
     match w {
         EmrWrite::Done => s.applied.applied += 1,
@@ -2009,7 +1992,7 @@ pub fn apply_replica_to_emr(
     now_ms: u64,
 ) -> std::result::Result<EmrApplySummary, EmrFlowError> {
     let mut summary = apply_due_to_emr(store, policy, emr, now_ms)?;
-    let mut cursor = store.meta_u64(EMR_OUT_CURSOR)?;
+    let mut cursor = store.meta(&meta::EMR_OUT_CURSOR)?.unwrap_or(0);
     loop {
         let batch = store.changed_after(cursor, 500)?;
         if batch.is_empty() {
@@ -2026,7 +2009,7 @@ pub fn apply_replica_to_emr(
             }
             cursor = seq;
             let mut tx = store.begin()?;
-            tx.set_meta_u64(EMR_OUT_CURSOR, cursor)?;
+            tx.set_meta(&meta::EMR_OUT_CURSOR, cursor)?;
             tx.commit()?;
         }
     }

@@ -20,7 +20,7 @@ use crate::config::{self, Config};
 use crate::daemon::{self, PARENT};
 use crate::engine;
 use crate::model::{RecordKey, Snapshot};
-use crate::store::{wall_ms, AuditCheck, CatchmentReason, Store};
+use crate::store::{meta, wall_ms, AuditCheck, CatchmentReason, Store};
 use crate::textsafe::{safe, safe_display, safe_lines};
 use crate::transport::http::HttpClient;
 use crate::wire::Message;
@@ -2026,7 +2026,7 @@ fn status(cfg: &Config, json: bool) -> Out {
     // A hub with its own EMR: changes not yet written into it (children's pushes,
     // resolutions), from the EMR pass's cursor. A clinic's wait in its inbox.
     let to_emr = if cfg.hub.is_some() && cfg.emr.kind != config::EmrKind::Embedded {
-        Some(store.count_changed_after(store.meta_u64(engine::EMR_OUT_CURSOR)?)?)
+        Some(store.count_changed_after(store.meta(&meta::EMR_OUT_CURSOR)?.unwrap_or(0))?)
     } else {
         None
     };
@@ -2041,8 +2041,8 @@ fn status(cfg: &Config, json: bool) -> Out {
             "quarantine": c.quarantine, "conflicts": c.conflicts, "conflicts_lost": c.conflicts_lost, "audit_entries": c.audit, "head_seq": c.head_seq,
             "link": peer, "cursor": {"eff": cursor.eff, "seq": cursor.seq, "parent_head": head, "lag": lag},
             "emr": store.peer_state("emr")?,
-            "link_budget_bytes": store.meta_u64("link_budget_bytes")?,
-            "next_sync_ms": store.meta_u64("next_sync_ms")?,
+            "link_budget_bytes": store.meta(&meta::LINK_BUDGET_BYTES)?.unwrap_or(0),
+            "next_sync_ms": store.meta(&meta::NEXT_SYNC_MS)?.unwrap_or(0),
             "parent_clock_skew_ms": clock_skew(&store)?.map(|(s, _)| s),
             "parent_clock_seen_ms": clock_skew(&store)?.map(|(_, t)| t),
         }));
@@ -2108,7 +2108,7 @@ fn status(cfg: &Config, json: bool) -> Out {
             .last_push_ok_ms
             .unwrap_or(0)
             .max(peer.last_pull_ok_ms.unwrap_or(0));
-        let budget = store.meta_u64("link_budget_bytes")? as usize;
+        let budget = store.meta(&meta::LINK_BUDGET_BYTES)?.unwrap_or(0) as usize;
         let full = cfg
             .sync
             .push_batch_bytes
@@ -2123,8 +2123,8 @@ fn status(cfg: &Config, json: bool) -> Out {
             _ => "up".to_string(),
         };
         println!("link        {link}");
-        let today = if store.meta_u64("traffic_day")? == wall_ms() / 86_400_000 {
-            store.meta_u64("traffic_today_bytes")?
+        let today = if store.meta(&meta::TRAFFIC_DAY)? == Some(wall_ms() / 86_400_000) {
+            store.meta(&meta::TRAFFIC_TODAY_BYTES)?.unwrap_or(0)
         } else {
             0
         };
@@ -2139,7 +2139,7 @@ fn status(cfg: &Config, json: bool) -> Out {
                 }
             ),
         }
-        let next = store.meta_u64("next_sync_ms")?;
+        let next = store.meta(&meta::NEXT_SYNC_MS)?.unwrap_or(0);
         if next > 0 {
             let now = wall_ms();
             let when = if next > now {
@@ -2177,10 +2177,13 @@ fn status(cfg: &Config, json: bool) -> Out {
 
 /// This node's clock minus its parent's (ms) and when it was seen, from the last sync.
 fn clock_skew(store: &Store) -> Result<Option<(i64, u64)>, Failure> {
-    let skew = store
-        .meta_str(daemon::CLOCK_SKEW_KEY)?
-        .and_then(|s| s.parse::<i64>().ok());
-    Ok(skew.map(|s| (s, store.meta_u64(daemon::CLOCK_SEEN_KEY).unwrap_or(0))))
+    let Some(skew) = store.meta(&meta::PARENT_CLOCK_SKEW_MS)? else {
+        return Ok(None);
+    };
+    Ok(Some((
+        skew,
+        store.meta(&meta::PARENT_CLOCK_SEEN_MS)?.unwrap_or(0),
+    )))
 }
 
 /// `2026-11-26T10:00:00Z` from epoch milliseconds (UTC, no time zone database needed).

@@ -51,7 +51,6 @@ use serde::Serialize;
 
 use crate::model::Hlc;
 use migrations::MIGRATIONS;
-use replica::now_hlc_key;
 
 /// A closed set of texts one column holds, as an enum: `as_str` (the text stored),
 /// `parse`, `ALL`, `Display` (padded) and `Serialize` as that text, and `decode`,
@@ -128,7 +127,7 @@ mod conflicts;
 mod emr_state;
 mod health;
 mod inbox;
-mod meta;
+pub mod meta;
 mod migrations;
 mod orders;
 mod outbox;
@@ -141,6 +140,7 @@ pub use audit::{AuditCheck, AuditRow};
 pub use bundles::BundleIn;
 pub use catchment::{CatchmentReason, FeedPage};
 pub use conflicts::{ConflictEntry, ConflictSide, StoredConflict};
+pub use meta::{MetaKey, MetaValue};
 pub use migrations::SCHEMA_VERSION;
 pub use orders::{OrderRow, OrderState};
 pub use outbox::MAX_RECORD_BYTES;
@@ -322,11 +322,8 @@ impl Store {
             )
             .optional()?
             .is_some();
-        let node: Option<String> = if has_meta {
-            conn.query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| {
-                r.get(0)
-            })
-            .optional()?
+        let node = if has_meta {
+            meta::read(&conn, &meta::NODE_ID)?
         } else {
             None
         };
@@ -364,11 +361,7 @@ impl Store {
             )?;
             tx.commit()?;
         }
-        let stored: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key='node_id'", [], |r| {
-                r.get(0)
-            })
-            .optional()?;
+        let stored = meta::read(&conn, &meta::NODE_ID)?;
         match stored {
             Some(s) if s != node_id => {
                 return Err(StoreError::NodeMismatch {
@@ -377,12 +370,7 @@ impl Store {
                 })
             }
             Some(_) => {}
-            None => {
-                conn.execute(
-                    "INSERT INTO meta(key, value) VALUES ('node_id', ?1)",
-                    [node_id],
-                )?;
-            }
+            None => meta::write(&conn, &meta::NODE_ID, &node_id.to_string())?,
         }
         Ok(Store {
             conn,
@@ -432,9 +420,7 @@ impl Store {
             conflicts: q("SELECT COUNT(*) FROM conflicts")?,
             conflicts_lost: q("SELECT COUNT(*) FROM conflicts WHERE lost_at != ''")?,
             audit: q("SELECT COUNT(*) FROM audit")?,
-            head_seq: q(
-                "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'), 0)",
-            )?,
+            head_seq: self.head_seq()?,
         })
     }
 
@@ -452,10 +438,10 @@ impl Tx<'_> {
 
     pub fn commit(mut self) -> Result<()> {
         if let Some(seq) = self.next_seq {
-            self.set_meta("seq", &(seq - 1).to_string())?;
+            self.set_meta(&meta::SEQ, seq - 1)?;
         }
         if let Some(h) = self.hlc {
-            self.set_meta(now_hlc_key(), &format!("{} {}", h.wall_ms, h.counter))?;
+            self.set_meta(&meta::HLC, h)?;
         }
         self.tx.commit()?;
         Ok(())
@@ -465,12 +451,7 @@ impl Tx<'_> {
     pub fn next_seq(&mut self) -> Result<u64> {
         let seq = match self.next_seq {
             Some(s) => s,
-            None => {
-                self.meta("seq")?
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-                    + 1
-            }
+            None => self.meta(&meta::SEQ)?.unwrap_or(0) + 1,
         };
         self.next_seq = Some(seq + 1);
         Ok(seq)

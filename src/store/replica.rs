@@ -27,7 +27,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::{shown_blob, shown_text, Result, Store, StoreError, Tx};
+use super::{meta, shown_blob, shown_text, Result, Store, StoreError, Tx};
 use crate::model::{Class, ContentHash, Hlc, RecordKey, Snapshot, Version, VersionVector};
 
 /// A stored version and where it sits in this node's change sequence.
@@ -147,10 +147,6 @@ pub(super) fn current_in(conn: &Connection, key: &RecordKey) -> Result<Option<St
     Ok(stored_rows(&mut stmt, params![key.kind, key.id])?.pop())
 }
 
-pub(super) fn now_hlc_key() -> &'static str {
-    "hlc"
-}
-
 impl Store {
     pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
         current_in(&self.conn, key)
@@ -240,12 +236,9 @@ impl Store {
         Ok(n)
     }
 
+    /// The last change sequence handed out (0: none yet).
     pub fn head_seq(&self) -> Result<u64> {
-        Ok(self.conn.query_row(
-            "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'), 0)",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+        Ok(self.meta(&meta::SEQ)?.unwrap_or(0))
     }
 
     /// Replica records changed after `seq`, in change order: (seq, key).
@@ -457,16 +450,8 @@ impl Tx<'_> {
         if let Some(h) = self.hlc {
             return Ok(h);
         }
-        let h = self
-            .meta(now_hlc_key())?
-            .and_then(|v| {
-                let (w, c) = v.split_once(' ')?;
-                Some(Hlc {
-                    wall_ms: w.parse().ok()?,
-                    counter: c.parse().ok()?,
-                })
-            })
-            .unwrap_or_default();
+        // Never ticked: the clock starts at zero (a bad stored clock is corruption).
+        let h = self.meta(&meta::HLC)?.unwrap_or_default();
         self.hlc = Some(h);
         Ok(h)
     }
