@@ -30,7 +30,7 @@ use crate::model::{
     VersionVector,
 };
 use crate::store::{
-    meta, CatchmentReason, PeerEvent, Stage, Store, StoreError, Tx, VersionOutcome,
+    meta, CatchmentReason, PeerEvent, Stage, Store, StoreError, Tx, Unkept, VersionOutcome,
 };
 use crate::wire::Receipt;
 use crate::wire::{
@@ -208,14 +208,7 @@ fn integrate(
     tx.observe(incoming.hlc, now_ms)?;
     let key = incoming.key().clone();
     let Some(current) = tx.current(&key)? else {
-        store_version(
-            tx,
-            incoming,
-            source,
-            sender,
-            VersionOutcome::Accepted,
-            now_ms,
-        )?;
+        tx.write_version(incoming, source, sender, VersionOutcome::Accepted, now_ms)?;
         return Ok(Integrated::Accepted);
     };
     let local = current.version;
@@ -259,14 +252,7 @@ fn integrate(
             )
         }
         Causality::Newer => {
-            store_version(
-                tx,
-                incoming,
-                source,
-                sender,
-                VersionOutcome::Accepted,
-                now_ms,
-            )?;
+            tx.write_version(incoming, source, sender, VersionOutcome::Accepted, now_ms)?;
             Ok(Integrated::Accepted)
         }
         Causality::Older
@@ -305,7 +291,7 @@ fn integrate(
             )
         }
         Causality::Older => {
-            tx.remember(incoming, source, VersionOutcome::Stale, now_ms)?;
+            tx.remember_unkept(incoming, source, Unkept::Stale, now_ms)?;
             Ok(Integrated::Stale)
         }
         Causality::Same | Causality::Concurrent => {
@@ -344,11 +330,11 @@ fn record_conflict(
     now_ms: u64,
 ) -> Result<Integrated> {
     let key = local.key().clone();
-    tx.remember(incoming, source, VersionOutcome::Conflict, now_ms)?;
+    tx.remember_unkept(incoming, source, Unkept::Conflict, now_ms)?;
     if result.vv != local.vv || result.snapshot.hash != local.snapshot.hash {
         // A resolution is this node's new write: every child gets it, the sender of
         // the other side included.
-        store_version(tx, &result, source, None, VersionOutcome::Resolved, now_ms)?;
+        tx.write_version(&result, source, None, VersionOutcome::Resolved, now_ms)?;
     }
     tx.add_conflict(&key, local, incoming, &resolution, &result.vv, now_ms)?;
     tx.audit(
@@ -372,29 +358,6 @@ fn restoring(tx: &Tx<'_>, source: &str) -> Result<bool> {
     let parent = source.strip_prefix("pull:").unwrap_or(source);
     Ok(tx.cursor(parent)? == crate::wire::Cursor::default()
         || tx.meta(&meta::RESTORING_OWN)? == Some(true))
-}
-
-fn store_version(
-    tx: &mut Tx<'_>,
-    v: &Version,
-    source: &str,
-    sender: Option<&str>,
-    outcome: VersionOutcome,
-    now_ms: u64,
-) -> Result<u64> {
-    let seq = tx.put_current(v, sender, now_ms)?;
-    tx.remember(v, source, outcome, now_ms)?;
-    let action = if v.deleted { "delete" } else { "write" };
-    let detail = format!("origin={} vv={}", v.origin, v.vv);
-    tx.audit(
-        now_ms,
-        source,
-        action,
-        &v.key().to_string(),
-        &v.snapshot.hash.short(),
-        &detail,
-    )?;
-    Ok(seq)
 }
 
 /// Picks the surviving version of two concurrent ones. Pure apart from reading the
@@ -587,7 +550,7 @@ fn write_one(
         vv,
         deleted,
     };
-    store_version(tx, &version, "local", None, VersionOutcome::Written, now_ms)?;
+    tx.write_version(&version, "local", None, VersionOutcome::Written, now_ms)?;
     update_catchment(tx, policy, &version, true)?;
     if policy.has_parent {
         tx.enqueue(&key, now_ms)?;
@@ -742,14 +705,7 @@ pub fn review_conflict(
         vv: vv.clone(),
         deleted: false,
     };
-    store_version(
-        &mut tx,
-        &version,
-        actor,
-        None,
-        VersionOutcome::Resolved,
-        now_ms,
-    )?;
+    tx.write_version(&version, actor, None, VersionOutcome::Resolved, now_ms)?;
     update_catchment(&mut tx, policy, &version, true)?;
     if policy.has_parent {
         tx.enqueue(&key, now_ms)?;

@@ -146,7 +146,7 @@ pub use orders::{OrderRow, OrderState};
 pub use outbox::MAX_RECORD_BYTES;
 pub use peers::{PeerEvent, PeerState};
 pub use quarantine::{QuarantineEntry, Stage, MAX_REASON_CHARS};
-pub use replica::{HistoryEntry, Stored, VersionOutcome};
+pub use replica::{HistoryEntry, Stored, Unkept, VersionOutcome};
 pub use transfers::{TransferDir, TransferKey};
 
 #[derive(Debug, thiserror::Error)]

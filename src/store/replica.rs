@@ -14,6 +14,11 @@
 //! and the hybrid logical clock, kept in `meta` (`hlc`) and held in the [`Tx`].
 //!
 //! Invariants
+//! - A version reaches the replica only through [`Tx::write_version`], which writes
+//!   its history row and its audit entry in the same transaction: no caller can
+//!   skip the audit. History-only rows (a stale copy, a conflict's incoming side)
+//!   come through [`Tx::remember_unkept`]; `versions.outcome` says which
+//!   ([`VersionOutcome`]).
 //! - A replica row's `seq` is unique (the change sequence, [`Tx::next_seq`]): a
 //!   record written again moves to the head, so "changed after seq" is a scan.
 //! - History is append-only except for [`Tx::rebase_clock`] (re-stamping this node's
@@ -51,6 +56,15 @@ text_enum! {
         /// One side of a conflict (the incoming one): kept in history only.
         Conflict = "conflict",
     }
+}
+
+/// Why a version seen is kept in history only ([`Tx::remember_unkept`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unkept {
+    /// Older than what this node holds.
+    Stale,
+    /// The incoming side of a conflict.
+    Conflict,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -273,9 +287,58 @@ impl Tx<'_> {
         current_in(&self.tx, key)
     }
 
-    /// Makes `v` the current version of its record, with a new change sequence.
-    /// `sender` is the child it was pushed by (its pulls leave it out), else `None`.
-    pub fn put_current(&mut self, v: &Version, sender: Option<&str>, now_ms: u64) -> Result<u64> {
+    /// Makes `v` the current version of its record, adds it to history and writes
+    /// its audit entry, all in this transaction: the one way a version reaches the
+    /// replica, so none does without its history row and audit entry.
+    ///
+    /// `source` names who wrote it (the audit actor and history source: `local`,
+    /// `pull:<parent>`, `push:<child>`, a person); `sender` is the child it was
+    /// pushed by (that child's pulls leave it out), else `None`. The audit entry is
+    /// `write` (or `delete` for a tombstone) of the record with the version's short
+    /// hash and `origin=<node> vv=<vector>`. Returns the record's new change sequence.
+    pub fn write_version(
+        &mut self,
+        v: &Version,
+        source: &str,
+        sender: Option<&str>,
+        outcome: VersionOutcome,
+        now_ms: u64,
+    ) -> Result<u64> {
+        let seq = self.put_current(v, sender, now_ms)?;
+        self.remember(v, source, outcome, now_ms)?;
+        let action = if v.deleted { "delete" } else { "write" };
+        let detail = format!("origin={} vv={}", v.origin, v.vv);
+        self.audit(
+            now_ms,
+            source,
+            action,
+            &v.key().to_string(),
+            &v.snapshot.hash.short(),
+            &detail,
+        )?;
+        Ok(seq)
+    }
+
+    /// Adds `v` to history without making it current: a stale copy, or the incoming
+    /// side of a conflict (the conflict has its own audit entry). Returns whether
+    /// this exact version was new here.
+    pub fn remember_unkept(
+        &mut self,
+        v: &Version,
+        source: &str,
+        why: Unkept,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let outcome = match why {
+            Unkept::Stale => VersionOutcome::Stale,
+            Unkept::Conflict => VersionOutcome::Conflict,
+        };
+        self.remember(v, source, outcome, now_ms)
+    }
+
+    /// Makes `v` the current version of its record, with a new change sequence
+    /// (only through [`Tx::write_version`]).
+    fn put_current(&mut self, v: &Version, sender: Option<&str>, now_ms: u64) -> Result<u64> {
         let seq = self.next_seq()?;
         let s = &v.snapshot;
         self.tx
@@ -307,7 +370,7 @@ impl Tx<'_> {
     }
 
     /// Adds `v` to the record's history (no-op if this exact version was seen before).
-    pub fn remember(
+    fn remember(
         &mut self,
         v: &Version,
         source: &str,
@@ -501,8 +564,7 @@ mod tests {
         let (dir, mut store) = temp_store("a");
         let v = test_version("a", json!({"resourceType": "Patient", "id": "p1"}));
         let mut tx = store.begin().unwrap();
-        tx.put_current(&v, None, 1).unwrap();
-        tx.remember(&v, "local", VersionOutcome::Written, 1)
+        tx.write_version(&v, "local", None, VersionOutcome::Written, 1)
             .unwrap();
         tx.commit().unwrap();
         (dir, store, v)
@@ -596,5 +658,57 @@ mod tests {
                     .contains(r#"versions.outcome of Patient/p1 holds "kept""#),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_version_reaches_the_replica_only_with_its_history_row_and_audit_entry() {
+        let (_d, mut store) = temp_store("hub");
+        let v = test_version("a", json!({"resourceType": "Patient", "id": "p1"}));
+        let mut tx = store.begin().unwrap();
+        let seq = tx
+            .write_version(&v, "push:a", Some("a"), VersionOutcome::Accepted, 5)
+            .unwrap();
+        let mut gone = v.clone();
+        gone.deleted = true;
+        gone.vv = v.vv.bumped("a");
+        tx.write_version(&gone, "push:a", Some("a"), VersionOutcome::Accepted, 6)
+            .unwrap();
+        // A copy seen again is not stored twice; one not seen before goes to history
+        // only: no replica change, no audit entry.
+        assert!(!tx.remember_unkept(&v, "pull:up", Unkept::Stale, 7).unwrap());
+        let mut other = v.clone();
+        other.vv = VersionVector::default().bumped("b");
+        assert!(tx
+            .remember_unkept(&other, "pull:up", Unkept::Stale, 7)
+            .unwrap());
+        tx.commit().unwrap();
+        let held = store.current(v.key()).unwrap().unwrap();
+        assert!(held.seq > seq && held.version.deleted);
+        let history = store.history(v.key()).unwrap();
+        let outcomes: Vec<(VersionOutcome, &str)> = history
+            .iter()
+            .map(|e| (e.outcome, e.source.as_str()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                (VersionOutcome::Accepted, "push:a"),
+                (VersionOutcome::Accepted, "push:a"),
+                (VersionOutcome::Stale, "pull:up"),
+            ]
+        );
+        let audit = store.audit_list(Some("Patient/p1"), None, 10).unwrap();
+        let entries: Vec<(&str, &str, &str)> = audit
+            .iter()
+            .map(|a| (a.actor.as_str(), a.action.as_str(), a.detail.as_str()))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                ("push:a", "delete", r#"origin=a vv={a:2}"#),
+                ("push:a", "write", r#"origin=a vv={a:1}"#),
+            ]
+        );
+        assert_eq!(audit[1].hash, v.snapshot.hash.short());
     }
 }
