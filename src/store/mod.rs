@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! migrations  the schema, append-only (schema_migrations)
-//! replica     replica + versions (history), the change sequence's users, the clock
+//! replica     replica + versions (history): write_version, the one way in; the clock
 //! outbox      outbox: records to push, keyed by record so edits coalesce
 //! inbox       inbox: pulled versions waiting to be applied
 //! quarantine  quarantine: (record, stage) stuck, with reason, retry and blocker

@@ -255,7 +255,6 @@ impl Store {
         Ok(self.meta(&meta::SEQ)?.unwrap_or(0))
     }
 
-    /// Replica records changed after `seq`, in change order: (seq, key).
     /// Replica records changed after `seq` (a hub's records not yet offered to its
     /// EMR, counted for `status`).
     pub fn count_changed_after(&self, seq: u64) -> Result<u64> {
@@ -265,6 +264,7 @@ impl Store {
             .query_row(params![seq as i64], |r| r.get::<_, i64>(0))? as u64)
     }
 
+    /// Replica records changed after `seq`, in change order: (seq, key).
     pub fn changed_after(&self, seq: u64, limit: usize) -> Result<Vec<(u64, RecordKey)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, kind, id FROM replica WHERE seq > ?1 ORDER BY seq LIMIT ?2",

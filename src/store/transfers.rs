@@ -125,7 +125,6 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Forgets transfers started before `before_ms`.
     /// Forgets one transfer and its chunks.
     pub fn transfer_forget(&mut self, t: &TransferKey<'_>) -> Result<()> {
         for table in ["transfer_chunks", "transfers"] {
@@ -166,6 +165,7 @@ impl Tx<'_> {
         )? as u64)
     }
 
+    /// Forgets transfers started before `before_ms`; returns how many.
     pub fn transfer_gc(&mut self, before_ms: u64) -> Result<usize> {
         self.tx.execute(
             "DELETE FROM transfer_chunks WHERE (node, id, dir) IN (SELECT node, id, dir FROM transfers WHERE created_ms < ?1)",
