@@ -25,7 +25,7 @@ use crate::config::TransportKind;
 use crate::config::{Config, SyncSection};
 use crate::engine::{self, ApplySummary, EngineError, Policy, PushSummary, PARENT};
 use crate::hub::HubState;
-use crate::store::{PeerEvent, Store};
+use crate::store::{meta, PeerEvent, Store};
 use crate::time::wall_ms;
 use crate::transport::http::{Traffic, TransportError};
 use crate::transport::mqtt::MqttClient;
@@ -80,15 +80,10 @@ pub struct SyncReport {
     pub clock_skew_ms: Option<i64>,
 }
 
-/// Meta keys: this node's clock minus the parent's (ms, signed, as text) and when it
-/// was measured.
-pub const CLOCK_SKEW_KEY: &str = "parent_clock_skew_ms";
-
 /// How far this node's logical clock may run ahead of its wall clock before a round
 /// puts it back ([`crate::store::Tx::rebase_clock`]): well inside a hub's
 /// `max_clock_ahead_secs` (300 s by default).
 pub const CLOCK_REBASE_MS: u64 = 60_000;
-pub const CLOCK_SEEN_KEY: &str = "parent_clock_seen_ms";
 
 /// One push-then-pull round with the parent, until the outbox is drained (or only
 /// quarantined records remain) and the parent has nothing more for us.
@@ -144,7 +139,7 @@ pub fn sync_with_progress(
     // exchange (a cut link loses at most that much) and doubles after each success,
     // between MIN_BUDGET and the configured sizes; it is kept across rounds and restarts.
     let max = cfg.push_batch_bytes.max(cfg.pull_page_bytes as usize);
-    let saved = store.meta_u64(BUDGET_KEY)? as usize;
+    let saved = store.meta(&meta::LINK_BUDGET_BYTES)?.unwrap_or(0) as usize;
     let budget = std::cell::Cell::new(if saved == 0 {
         max
     } else {
@@ -156,13 +151,13 @@ pub fn sync_with_progress(
     let persist_piece = |size: usize| {
         if let Some(c) = &cache {
             c.with("remember the piece size with", |tx| {
-                tx.set_meta_u64(PIECE_KEY, size as u64)
+                tx.set_meta(&meta::LINK_PIECE_BYTES, size as u64)
             });
         }
     };
     let mut chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
     chunked.patience = Duration::from_secs(cfg.timeout_secs.max(1));
-    let saved_piece = store.meta_u64(PIECE_KEY)? as usize;
+    let saved_piece = store.meta(&meta::LINK_PIECE_BYTES)?.unwrap_or(0) as usize;
     if saved_piece > 0 {
         chunked.set_piece(saved_piece);
     }
@@ -176,8 +171,8 @@ pub fn sync_with_progress(
         client
     };
     let day = wall_ms() / 86_400_000;
-    let today = if store.meta_u64(TRAFFIC_DAY)? == day {
-        store.meta_u64(TRAFFIC_TODAY)?
+    let today = if store.meta(&meta::TRAFFIC_DAY)? == Some(day) {
+        store.meta(&meta::TRAFFIC_TODAY_BYTES)?.unwrap_or(0)
     } else {
         0
     };
@@ -202,8 +197,8 @@ pub fn sync_with_progress(
     }
     report.clock_skew_ms = client.clock_skew_ms();
     if let Some(skew) = report.clock_skew_ms {
-        tx.set_meta_str(CLOCK_SKEW_KEY, &skew.to_string())?;
-        tx.set_meta_u64(CLOCK_SEEN_KEY, wall_ms())?;
+        tx.set_meta(&meta::PARENT_CLOCK_SKEW_MS, skew)?;
+        tx.set_meta(&meta::PARENT_CLOCK_SEEN_MS, wall_ms())?;
         if skew.unsigned_abs() > crate::transport::http::CLOCK_SKEW_REPORTED_MS {
             warn!(
                 skew_ms = skew,
@@ -212,9 +207,9 @@ pub fn sync_with_progress(
             );
         }
     }
-    tx.set_meta_u64(BUDGET_KEY, budget.get() as u64)?;
-    tx.set_meta_u64(TRAFFIC_DAY, day)?;
-    tx.set_meta_u64(TRAFFIC_TODAY, report.bytes_today)?;
+    tx.set_meta(&meta::LINK_BUDGET_BYTES, budget.get() as u64)?;
+    tx.set_meta(&meta::TRAFFIC_DAY, day)?;
+    tx.set_meta(&meta::TRAFFIC_TODAY_BYTES, report.bytes_today)?;
     tx.commit()?;
     report.batch_budget = budget.get();
     match result {
@@ -291,7 +286,7 @@ fn answer_key(id: &[u8; 32]) -> crate::store::TransferKey<'_> {
     crate::store::TransferKey {
         node: PARENT,
         id,
-        dir: "down",
+        dir: crate::store::TransferDir::Down,
     }
 }
 
@@ -315,11 +310,6 @@ impl crate::transport::chunked::AnswerCache for AnswerStore {
     }
 }
 
-const BUDGET_KEY: &str = "link_budget_bytes";
-/// Meta key: the resumable-transfer piece size the link last allowed.
-pub const PIECE_KEY: &str = "link_piece_bytes";
-const TRAFFIC_DAY: &str = "traffic_day";
-const TRAFFIC_TODAY: &str = "traffic_today_bytes";
 /// The smallest batch or page budget adaptive sizing goes down to.
 pub const MIN_BUDGET: usize = 16 << 10;
 
@@ -458,7 +448,7 @@ fn sync_rounds(
     if pull_timed.0 >= 16 << 10 && !pull_timed.1.is_zero() {
         let bps = (pull_timed.0 as f64 * 8.0 / pull_timed.1.as_secs_f64()) as u64;
         let mut tx = store.begin()?;
-        tx.set_meta_u64(crate::health::LINK_RATE_KEY, bps)?;
+        tx.set_meta(&meta::LINK_RATE_BPS, bps)?;
         tx.commit()?;
     }
     match push_failed {
@@ -1202,7 +1192,7 @@ async fn sync_loop(
         // For `status`: when the next attempt is due (the current backoff).
         if let Some(st) = store.as_mut() {
             if let Ok(mut tx) = st.begin() {
-                let _ = tx.set_meta_u64("next_sync_ms", wall_ms() + delay.as_millis() as u64);
+                let _ = tx.set_meta(&meta::NEXT_SYNC_MS, wall_ms() + delay.as_millis() as u64);
                 let _ = tx.commit();
             }
         }

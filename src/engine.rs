@@ -29,7 +29,9 @@ use crate::model::{
     merge_fields, Causality, Class, ContentHash, ModelError, RecordKey, Snapshot, Version,
     VersionVector,
 };
-use crate::store::{PeerEvent, Stage, Store, StoreError, Tx};
+use crate::store::{
+    meta, CatchmentReason, PeerEvent, Stage, Store, StoreError, Tx, Unkept, VersionOutcome,
+};
 use crate::wire::Receipt;
 use crate::wire::{
     FetchRequest, FetchResponse, FetchResult, Outcome, PullRequest, PullResponse, PushRequest,
@@ -209,7 +211,7 @@ pub(crate) fn integrate(
     tx.observe(incoming.hlc, now_ms)?;
     let key = incoming.key().clone();
     let Some(current) = tx.current(&key)? else {
-        store_version(tx, incoming, source, sender, "accepted", now_ms)?;
+        tx.write_version(incoming, source, sender, VersionOutcome::Accepted, now_ms)?;
         return Ok(Integrated::Accepted);
     };
     let local = current.version;
@@ -253,7 +255,7 @@ pub(crate) fn integrate(
             )
         }
         Causality::Newer => {
-            store_version(tx, incoming, source, sender, "accepted", now_ms)?;
+            tx.write_version(incoming, source, sender, VersionOutcome::Accepted, now_ms)?;
             Ok(Integrated::Accepted)
         }
         Causality::Older
@@ -292,7 +294,7 @@ pub(crate) fn integrate(
             )
         }
         Causality::Older => {
-            tx.remember(incoming, source, "stale", now_ms)?;
+            tx.remember_unkept(incoming, source, Unkept::Stale, now_ms)?;
             Ok(Integrated::Stale)
         }
         Causality::Same | Causality::Concurrent => {
@@ -331,11 +333,11 @@ fn record_conflict(
     now_ms: u64,
 ) -> Result<Integrated> {
     let key = local.key().clone();
-    tx.remember(incoming, source, "conflict", now_ms)?;
+    tx.remember_unkept(incoming, source, Unkept::Conflict, now_ms)?;
     if result.vv != local.vv || result.snapshot.hash != local.snapshot.hash {
         // A resolution is this node's new write: every child gets it, the sender of
         // the other side included.
-        store_version(tx, &result, source, None, "resolved", now_ms)?;
+        tx.write_version(&result, source, None, VersionOutcome::Resolved, now_ms)?;
     }
     tx.add_conflict(&key, local, incoming, &resolution, &result.vv, now_ms)?;
     tx.audit(
@@ -358,30 +360,7 @@ fn record_conflict(
 fn restoring(tx: &Tx<'_>, source: &str) -> Result<bool> {
     let parent = source.strip_prefix("pull:").unwrap_or(source);
     Ok(tx.cursor(parent)? == crate::wire::Cursor::default()
-        || tx.meta_str(RESTORING)?.as_deref() == Some("1"))
-}
-
-fn store_version(
-    tx: &mut Tx<'_>,
-    v: &Version,
-    source: &str,
-    sender: Option<&str>,
-    outcome: &str,
-    now_ms: u64,
-) -> Result<u64> {
-    let seq = tx.put_current(v, sender, now_ms)?;
-    tx.remember(v, source, outcome, now_ms)?;
-    let action = if v.deleted { "delete" } else { "write" };
-    let detail = format!("origin={} vv={}", v.origin, v.vv);
-    tx.audit(
-        now_ms,
-        source,
-        action,
-        &v.key().to_string(),
-        &v.snapshot.hash.short(),
-        &detail,
-    )?;
-    Ok(seq)
+        || tx.meta(&meta::RESTORING_OWN)? == Some(true))
 }
 
 /// Picks the surviving version of two concurrent ones. Pure apart from reading the
@@ -494,7 +473,7 @@ fn update_catchment(tx: &mut Tx<'_>, policy: &Policy, v: &Version, prune: bool) 
         .collect();
     matched.dedup();
     for node in &matched {
-        tx.add_to_catchment(node, &v.key().id, "rule")?;
+        tx.add_to_catchment(node, &v.key().id, CatchmentReason::Rule)?;
     }
     if prune {
         tx.prune_rule_catchment(&v.key().id, &matched)?;
@@ -574,7 +553,7 @@ pub(crate) fn write_one(
         vv,
         deleted,
     };
-    store_version(tx, &version, "local", None, "written", now_ms)?;
+    tx.write_version(&version, "local", None, VersionOutcome::Written, now_ms)?;
     update_catchment(tx, policy, &version, true)?;
     if policy.has_parent {
         tx.enqueue(&key, now_ms)?;
@@ -729,7 +708,7 @@ pub fn review_conflict(
         vv: vv.clone(),
         deleted: false,
     };
-    store_version(&mut tx, &version, actor, None, "resolved", now_ms)?;
+    tx.write_version(&version, actor, None, VersionOutcome::Resolved, now_ms)?;
     update_catchment(&mut tx, policy, &version, true)?;
     if policy.has_parent {
         tx.enqueue(&key, now_ms)?;
@@ -1071,7 +1050,7 @@ pub fn handle_push(
                     // never takes it out of one: moving patients is the hub's call.
                     update_catchment(&mut tx, policy, v, false)?;
                     if grant == Grant::Registers {
-                        tx.add_to_catchment(child, &v.key().id, "registered")?;
+                        tx.add_to_catchment(child, &v.key().id, CatchmentReason::Registered)?;
                     }
                     if policy.has_parent {
                         tx.enqueue(v.key(), now_ms)?;
@@ -1404,11 +1383,11 @@ pub fn pull_request(
     let (cursor, _) = store.cursor(parent)?;
     // A store that has never pulled may be a wiped box reinstalled under the same id,
     // with clinicians already writing: it gets back everything the parent holds from
-    // it, over every page of that first pull (`RESTORING` keeps the flag across pages
+    // it, over every page of that first pull (`RESTORING_OWN` keeps the flag across pages
     // and restarts). A new node pays for this with its first day's pushes coming back
     // once, as duplicates.
-    let include_own = cursor == crate::wire::Cursor::default()
-        || store.meta_str(RESTORING)?.as_deref() == Some("1");
+    let include_own =
+        cursor == crate::wire::Cursor::default() || store.meta(&meta::RESTORING_OWN)? == Some(true);
     Ok(PullRequest {
         node: store.node_id().to_string(),
         cursor,
@@ -1421,25 +1400,17 @@ pub fn pull_request(
     })
 }
 
-/// Meta key: the last USB bundle of ours the parent says it imported (a reinstalled
-/// box numbers its next export after it).
-pub const BUNDLE_SEQ_AT_PARENT: &str = "bundle_seq_at_parent";
-
-/// Meta key: "1" while the first pull of this store (its own records included) is
-/// under way, "0" once it completed.
-const RESTORING: &str = "restoring_own";
-
 /// A resync (remote order): the next pull starts over and brings this node's own
 /// records too, over every page, like a first pull.
 pub fn mark_restoring(tx: &mut Tx<'_>) -> std::result::Result<(), crate::store::StoreError> {
-    tx.set_meta_str(RESTORING, "1")
+    tx.set_meta(&meta::RESTORING_OWN, true)
 }
 
 /// Whether this store has completed a pull from its parent (first contact): until
 /// then a node learns what it already wrote before writing anything from its EMR.
 pub fn first_contact_done(store: &Store, parent: &str) -> Result<bool> {
     Ok(store.cursor(parent)?.0 != crate::wire::Cursor::default()
-        || store.meta_str(RESTORING)?.as_deref() == Some("0"))
+        || store.meta(&meta::RESTORING_OWN)? == Some(false))
 }
 
 /// Child side: stores a pulled page in the inbox and advances the cursor, together.
@@ -1476,15 +1447,12 @@ pub fn store_pull(
         }
     }
     let first = tx.cursor(parent)? == crate::wire::Cursor::default();
-    if first || tx.meta_str(RESTORING)?.as_deref() == Some("1") {
-        tx.set_meta_str(RESTORING, if resp.more { "1" } else { "0" })?;
+    if first || tx.meta(&meta::RESTORING_OWN)? == Some(true) {
+        tx.set_meta(&meta::RESTORING_OWN, resp.more)?;
     }
-    let known: u64 = tx
-        .meta_str(BUNDLE_SEQ_AT_PARENT)?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let known = tx.meta(&meta::BUNDLE_SEQ_AT_PARENT)?.unwrap_or(0);
     if resp.bundle_seq > known {
-        tx.set_meta_u64(BUNDLE_SEQ_AT_PARENT, resp.bundle_seq)?;
+        tx.set_meta(&meta::BUNDLE_SEQ_AT_PARENT, resp.bundle_seq)?;
     }
     tx.set_cursor(parent, resp.next, resp.head, now_ms)?;
     tx.note_peer(

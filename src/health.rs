@@ -20,14 +20,11 @@
 //! - A district forwards each report once: those received since its last successful
 //!   pull (`health_sent_ms` in meta), so a round costs bytes only for what changed.
 
-use crate::store::{Store, StoreError};
+use crate::store::{meta, Store, StoreError};
 
 pub use crate::wire::health::{
     HealthReport, ReasonCount, HEALTH_V, MAX_REASONS, MAX_REPORTS, MAX_TEXT,
 };
-
-/// Meta key: the last measured download rate from the parent (bits per second).
-pub const LINK_RATE_KEY: &str = "link_rate_bps";
 
 /// Seconds this process has run (Linux: `/proc/self/stat` start time against
 /// `/proc/uptime`); `None` elsewhere.
@@ -84,9 +81,7 @@ pub fn report(store: &Store, parent: &str, now_ms: u64) -> Result<HealthReport, 
         .clone()
         .filter(|_| newer(emr.last_error_ms, emr.last_push_ok_ms));
     let (audit_entries, audit_head) = store.audit_head()?;
-    let skew = store
-        .meta_str(crate::daemon::CLOCK_SKEW_KEY)?
-        .and_then(|s| s.parse().ok());
+    let skew = store.meta(&meta::PARENT_CLOCK_SKEW_MS)?;
     Ok(HealthReport {
         v: HEALTH_V,
         node: store.node_id().to_string(),
@@ -109,18 +104,15 @@ pub fn report(store: &Store, parent: &str, now_ms: u64) -> Result<HealthReport, 
         last_sync_ms: last_ok,
         link_error,
         emr_error,
-        bytes_today: store.meta_u64("traffic_today_bytes")?,
+        bytes_today: store.meta(&meta::TRAFFIC_TODAY_BYTES)?.unwrap_or(0),
         disk_free: store.path().and_then(|p| free_bytes(&p)),
         clock_skew_ms: skew,
         audit_entries,
         audit_head,
-        link_rate_bps: Some(store.meta_u64(LINK_RATE_KEY)?).filter(|r| *r > 0),
+        link_rate_bps: store.meta(&meta::LINK_RATE_BPS)?.filter(|r| *r > 0),
     }
     .bounded())
 }
-
-/// Meta key: arrival time (this hub's clock) of the newest report already passed up.
-const SENT_KEY: &str = "health_sent_ms";
 
 /// What a node sends up with its next pull: its own report, and (a district hub) the
 /// reports of the nodes below it that arrived since its last successful pull. The
@@ -131,7 +123,7 @@ pub fn outgoing(
     now_ms: u64,
 ) -> Result<(Vec<HealthReport>, u64), StoreError> {
     let mut out = vec![report(store, parent, now_ms)?];
-    let since = store.meta_u64(SENT_KEY)?;
+    let since = store.meta(&meta::HEALTH_SENT_MS)?.unwrap_or(0);
     let mut mark = since;
     for (received_ms, r) in store.health_received_after(since, MAX_REPORTS - 1)? {
         mark = mark.max(received_ms);
@@ -142,9 +134,9 @@ pub fn outgoing(
 
 /// After a successful pull: the forwarded reports need not go again.
 pub fn sent(store: &mut Store, mark: u64) -> Result<(), StoreError> {
-    if mark > store.meta_u64(SENT_KEY)? {
+    if mark > store.meta(&meta::HEALTH_SENT_MS)?.unwrap_or(0) {
         let mut tx = store.begin()?;
-        tx.set_meta_u64(SENT_KEY, mark)?;
+        tx.set_meta(&meta::HEALTH_SENT_MS, mark)?;
         tx.commit()?;
     }
     Ok(())

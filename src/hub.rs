@@ -79,7 +79,7 @@ use crate::config::HubSection;
 use crate::tls::{ServerTls, TlsError};
 
 use crate::engine::{self, EngineError, Policy};
-use crate::store::{Store, TransferKey};
+use crate::store::{CatchmentReason, Store, TransferDir, TransferKey};
 use crate::time::wall_ms;
 use crate::wire::{self, Limits, Message, WireError};
 
@@ -419,7 +419,7 @@ impl HubState {
         for p in patients.iter().filter(|p| !p.version.deleted) {
             let body = p.version.snapshot.json();
             for r in rules.iter().filter(|r| r.matches(&body)) {
-                if tx.add_to_catchment(&r.node, &p.version.key().id, "rule")? {
+                if tx.add_to_catchment(&r.node, &p.version.key().id, CatchmentReason::Rule)? {
                     added += 1;
                 }
             }
@@ -1174,10 +1174,7 @@ impl HubState {
                 }
                 tracing::debug!(peer = %child, direction = "pull", records = resp.records.len(), cursor = %resp.next, "pull served");
                 Counters::add(&self.counters.pull_requests, 1);
-                Counters::add(
-                    &self.counters.records_served,
-                    resp.records.len() as u64,
-                );
+                Counters::add(&self.counters.records_served, resp.records.len() as u64);
                 let answer = Message::PullResponse(resp);
                 if req.answer_chunk == 0 {
                     return Ok(answer);
@@ -1206,7 +1203,7 @@ impl HubState {
                     .transfer_state(&TransferKey {
                         node: child,
                         id: &r.id,
-                        dir: "up",
+                        dir: TransferDir::Up,
                     })
                     .map_err(|e| engine_refusal(e.into()))?
                     .map(|(_, got)| got)
@@ -1238,10 +1235,10 @@ impl HubState {
                     let key = TransferKey {
                         node: child,
                         id: &c.id,
-                        dir: "up",
+                        dir: TransferDir::Up,
                     };
                     if tx.transfer_state(&key)?.is_none() {
-                        if let Err(r) = make_room(&mut tx, child, "up", c.total)? {
+                        if let Err(r) = make_room(&mut tx, child, TransferDir::Up, c.total)? {
                             return Ok(Err(r));
                         }
                     }
@@ -1260,7 +1257,7 @@ impl HubState {
                     .transfer_state(&TransferKey {
                         node: child,
                         id: &g.id,
-                        dir: "down",
+                        dir: TransferDir::Down,
                     })
                     .map_err(|e| engine_refusal(e.into()))?
                 else {
@@ -1274,7 +1271,7 @@ impl HubState {
                         &TransferKey {
                             node: child,
                             id: &g.id,
-                            dir: "down",
+                            dir: TransferDir::Down,
                         },
                         g.offset,
                         g.max.clamp(1, MAX_CHUNK),
@@ -1306,7 +1303,7 @@ impl HubState {
                 .transfer_state(&TransferKey {
                     node: child,
                     id: &r.id,
-                    dir: "up",
+                    dir: TransferDir::Up,
                 })
                 .map_err(|e| engine_refusal(e.into()))?
             {
@@ -1328,7 +1325,7 @@ impl HubState {
                 &TransferKey {
                     node: child,
                     id: &r.id,
-                    dir: "up",
+                    dir: TransferDir::Up,
                 },
                 0,
                 u64::MAX,
@@ -1388,7 +1385,7 @@ impl HubState {
             .transfer_state(&TransferKey {
                 node: child,
                 id: &ready.id,
-                dir: "down",
+                dir: TransferDir::Down,
             })
             .ok()??;
         (held.0 == ready.received).then_some(found)
@@ -1416,10 +1413,10 @@ impl HubState {
             let key = TransferKey {
                 node: child,
                 id: &id,
-                dir: "down",
+                dir: TransferDir::Down,
             };
             if tx.transfer_state(&key)?.is_none() {
-                if let Err(r) = make_room(&mut tx, child, "down", bytes.len() as u64)? {
+                if let Err(r) = make_room(&mut tx, child, TransferDir::Down, bytes.len() as u64)? {
                     return Ok(Err(r));
                 }
             }
@@ -1469,14 +1466,14 @@ impl HubState {
 fn make_room(
     tx: &mut crate::store::Tx<'_>,
     child: &str,
-    dir: &str,
+    dir: TransferDir,
     size: u64,
 ) -> Result<Result<(), Refusal>, crate::store::StoreError> {
     tx.transfer_gc(wall_ms().saturating_sub(TRANSFER_TTL_MS))?;
     let open = tx.transfers_of(child, dir)?;
     let excess = (open.len() + 1).saturating_sub(MAX_OPEN_TRANSFERS);
     for (id, _) in open.iter().take(excess) {
-        tracing::info!(peer = %child, dir, "forgetting an unfinished transfer: too many open");
+        tracing::info!(peer = %child, %dir, "forgetting an unfinished transfer: too many open");
         tx.transfer_forget(&TransferKey {
             node: child,
             id,

@@ -47,7 +47,11 @@ impl Family<'_> {
 }
 
 /// The exposition text for this node (and, at a hub, every node below it).
-pub fn render(store: &Store, hub: Option<&crate::hub::Counters>, now_ms: u64) -> Result<String, StoreError> {
+pub fn render(
+    store: &Store,
+    hub: Option<&crate::hub::Counters>,
+    now_ms: u64,
+) -> Result<String, StoreError> {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
     let me = store.node_id().to_string();

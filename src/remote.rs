@@ -17,7 +17,7 @@
 
 use crate::engine::Policy;
 use crate::model::RecordKey;
-use crate::store::{Store, StoreError};
+use crate::store::{OrderState, Store, StoreError};
 
 use crate::wire::orders::bounded;
 pub use crate::wire::orders::{Order, OrderKind, OrderResult, MAX_ORDERS, MAX_RESULT};
@@ -52,9 +52,10 @@ pub fn receive_results(
     let mut tx = store.begin()?;
     let mut n = 0;
     for r in results.iter().take(MAX_ORDERS * 4) {
-        let state = match r.state.as_str() {
-            s @ ("done" | "refused" | "failed") => s,
-            _ => "failed",
+        // A child's word for how it went; anything else (or "pending") is a failure.
+        let state = match OrderState::parse(&r.state) {
+            Some(s @ (OrderState::Done | OrderState::Refused | OrderState::Failed)) => s,
+            _ => OrderState::Failed,
         };
         let detail = bounded(r.detail.clone());
         if tx.finish_order_out(&r.id, child, state, &detail, now_ms)? {
@@ -96,7 +97,7 @@ pub fn execute(
         let mut tx = store.begin()?;
         let (state, detail) = if !policy.accept_remote_orders {
             (
-                "refused",
+                OrderState::Refused,
                 format!(
                     "{} does not accept remote orders (node.remote_orders = false): someone there must run {}",
                     policy.node_id,
@@ -112,20 +113,26 @@ pub fn execute(
                         None => Ok(None),
                     };
                     match key {
-                        Err(e) => ("failed", e),
+                        Err(e) => (OrderState::Failed, e),
                         Ok(k) => match tx.retry_now(k.as_ref(), now_ms)? {
-                            0 => ("failed", "nothing matching is quarantined here".into()),
-                            n => ("done", format!("{n} quarantined record(s) due now")),
+                            0 => (
+                                OrderState::Failed,
+                                "nothing matching is quarantined here".into(),
+                            ),
+                            n => (
+                                OrderState::Done,
+                                format!("{n} quarantined record(s) due now"),
+                            ),
                         },
                     }
                 }
                 OrderKind::QuarantineDrop { record } => match RecordKey::parse(record) {
-                    Err(e) => ("failed", e.to_string()),
+                    Err(e) => (OrderState::Failed, e.to_string()),
                     Ok(k) => {
                         if tx.drop_quarantined(&k, now_ms)? {
-                            ("done", format!("{k} dropped from quarantine"))
+                            (OrderState::Done, format!("{k} dropped from quarantine"))
                         } else {
-                            ("failed", format!("{k} is not quarantined here"))
+                            (OrderState::Failed, format!("{k} is not quarantined here"))
                         }
                     }
                 },
@@ -133,12 +140,14 @@ pub fn execute(
                     tx.reset_cursor(crate::engine::PARENT)?;
                     crate::engine::mark_restoring(&mut tx)?;
                     (
-                        "done",
+                        OrderState::Done,
                         "pull cursor reset: everything is pulled again, its own records included"
                             .into(),
                     )
                 }
-                OrderKind::Diagnostics => ("done", diagnostics.clone().unwrap_or_default()),
+                OrderKind::Diagnostics => {
+                    (OrderState::Done, diagnostics.clone().unwrap_or_default())
+                }
                 OrderKind::Purge { patient } => {
                     let (purged, kept) = tx.purge_patient(patient)?;
                     let emr = if policy.external_emr {
@@ -148,12 +157,12 @@ pub fn execute(
                     };
                     if kept == 0 {
                         (
-                            "done",
+                            OrderState::Done,
                             format!("Patient/{patient}: {purged} record(s) purged.{emr}"),
                         )
                     } else {
                         (
-                            "failed",
+                            OrderState::Failed,
                             format!(
                                 "Patient/{patient}: {purged} record(s) purged, {kept} kept: not yet pushed (or quarantined); they go up first — order the purge again once they have.{emr}"
                             ),
@@ -173,7 +182,7 @@ pub fn execute(
             &format!("{state}: {}", detail.lines().next().unwrap_or_default()),
         )?;
         tx.commit()?;
-        tracing::info!(order = %o.id, by = %o.by, what = %o.kind.describe(), state, "remote order");
+        tracing::info!(order = %o.id, by = %o.by, what = %o.kind.describe(), %state, "remote order");
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::engine::{self, Policy};
 use crate::keys::{Identity, PublicKeys};
-use crate::store::{BundleIn, Store};
+use crate::store::{meta, BundleIn, Store};
 use crate::time::wall_ms;
 use crate::transport::file::{self, BundleError, BundleHeader, BundleWriter, Item};
 
@@ -89,10 +89,6 @@ pub fn import_dir(store: &Store) -> Result<PathBuf, SneakerError> {
     Ok(db.parent().unwrap_or(Path::new(".")).join("import-tmp"))
 }
 
-fn seq_key(peer: &str) -> String {
-    format!("bundle_seq_out:{peer}")
-}
-
 /// Clinic side: writes everything not yet acknowledged, plus the pull cursor.
 pub fn export(
     store: &mut Store,
@@ -110,8 +106,9 @@ pub fn export(
     // After the last one we wrote, or the last the parent says it imported from us
     // (a box reinstalled with its old keys starts its count again otherwise).
     let seq = store
-        .meta_u64(&seq_key(&parent))?
-        .max(store.meta_u64(engine::BUNDLE_SEQ_AT_PARENT)?)
+        .meta(&meta::bundle_seq_out(&parent))?
+        .unwrap_or(0)
+        .max(store.meta(&meta::BUNDLE_SEQ_AT_PARENT)?.unwrap_or(0))
         + 1;
     let header = BundleHeader {
         id: crate::auth::new_id(),
@@ -147,7 +144,7 @@ pub fn export(
     let parts = w.finish()?;
     let now = wall_ms();
     let mut tx = store.begin()?;
-    tx.set_meta_u64(&seq_key(&parent), seq)?;
+    tx.set_meta(&meta::bundle_seq_out(&parent), seq)?;
     tx.audit(
         now,
         "usb",
@@ -257,7 +254,7 @@ fn import_export(
 ) -> Result<(), SneakerError> {
     let to =
         trusted_keys(store, &h.sender).ok_or_else(|| BundleError::Untrusted(h.sender.clone()))?;
-    let seq = store.meta_u64(&seq_key(&h.sender))? + 1;
+    let seq = store.meta(&meta::bundle_seq_out(&h.sender))?.unwrap_or(0) + 1;
     let dir = path.parent().unwrap_or(Path::new("."));
     let ret_path = dir.join(format!("{}-to-{}-{seq:06}.csb", me.node, h.sender));
     let header = BundleHeader {
@@ -348,7 +345,7 @@ fn import_export(
     summary.return_parts = out.finish()?;
     let now = wall_ms();
     let mut tx = store.begin()?;
-    tx.set_meta_u64(&seq_key(&h.sender), seq)?;
+    tx.set_meta(&meta::bundle_seq_out(&h.sender), seq)?;
     tx.bundle_progress(&bundle_in(h), n, true, now)?;
     tx.audit(
         now,

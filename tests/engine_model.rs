@@ -57,7 +57,7 @@ use std::time::Duration;
 use clinicsync::engine::{self, CatchmentRule, Policy};
 use clinicsync::hub::HubState;
 use clinicsync::model::{Causality, RecordKey, Snapshot, Version, VersionVector};
-use clinicsync::store::{AuditCheck, Store, TransferKey};
+use clinicsync::store::{AuditCheck, Store, TransferDir, TransferKey, VersionOutcome};
 use clinicsync::transport::chunked::Chunked;
 use clinicsync::transport::http::{Traffic, TransportError};
 use clinicsync::transport::Exchange;
@@ -314,7 +314,7 @@ impl<'a> Link<'a> {
         let key = TransferKey {
             node: self.child,
             id,
-            dir: "up",
+            dir: TransferDir::Up,
         };
         tx.transfer_state(&key).unwrap().map_or(0, |(_, got)| got)
     }
@@ -693,9 +693,7 @@ impl World {
             vv,
             deleted: false,
         };
-        tx.put_current(&version, None, now).unwrap();
-        tx.remember(&version, "local", "written", now).unwrap();
-        tx.audit(now, "local", "write", &key.to_string(), "", "")
+        tx.write_version(&version, "local", None, VersionOutcome::Written, now)
             .unwrap();
         if node != HUB {
             tx.enqueue(&key, now).unwrap();

@@ -455,7 +455,14 @@ fn a_record_too_large_to_carry_is_refused_or_set_aside_and_never_blocks_the_queu
             vv: VersionVector::default().bumped("a"),
             deleted: false,
         };
-        tx.put_current(&v, None, wall_ms()).unwrap();
+        tx.write_version(
+            &v,
+            "local",
+            None,
+            clinicsync::store::VersionOutcome::Written,
+            wall_ms(),
+        )
+        .unwrap();
         tx.enqueue(&key, wall_ms()).unwrap();
         tx.commit().unwrap();
     }

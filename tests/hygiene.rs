@@ -59,7 +59,8 @@ fn a_new_store_is_0600_with_its_wal_and_shm_in_a_0750_directory() {
     // While a writer has it open, SQLite's WAL and shared memory exist: same mode.
     let mut s = Store::open(&store, "hub").unwrap();
     let mut tx = s.begin().unwrap();
-    tx.set_meta_u64("probe", 1).unwrap();
+    tx.set_meta(&clinicsync::store::meta::NEXT_SYNC_MS, 0u64)
+        .unwrap();
     tx.commit().unwrap();
     for suffix in ["-wal", "-shm"] {
         let p = dir.path().join(format!("fresh/data/hub.db{suffix}"));

@@ -51,7 +51,10 @@ const LAYERS: &[(&str, u8)] = &[
 const FORBIDDEN: &[(&str, &[&str])] = &[
     ("model", &["store", "engine", "transport", "cli", "config"]),
     ("wire", &["store", "engine", "transport", "cli", "config"]),
-    ("engine", &["transport", "daemon", "config", "emr", "client", "hub"]),
+    (
+        "engine",
+        &["transport", "daemon", "config", "emr", "client", "hub"],
+    ),
     ("transport", &["store", "engine", "config", "daemon"]),
 ];
 

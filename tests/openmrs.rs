@@ -482,7 +482,7 @@ fn the_fhir_adapter_falls_back_to_last_updated_search_without_history() {
     assert_eq!(e.capture.unwrap().captured, 2);
     assert!(
         a.store
-            .meta_str("emr_cursor")
+            .meta(&clinicsync::store::meta::EMR_CURSOR)
             .unwrap()
             .unwrap()
             .contains("search"),
@@ -878,7 +878,7 @@ fn what_only_fhir2_post_can_create_is_mapped_not_duplicated() {
     // The mapping was stored with the apply (the engine takes it when it changes).
     let state = b
         .store
-        .meta_str("emr_ids")
+        .meta(&clinicsync::store::meta::EMR_IDS)
         .unwrap()
         .expect("a new mapping stored");
     assert!(

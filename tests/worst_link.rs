@@ -140,7 +140,11 @@ fn a_link_cut_every_5_to_60_kb_still_delivers_everything_each_way_once() {
         n_mine + n_theirs,
         "a record stored twice at the clinic"
     );
-    let piece = a.store.meta_u64(clinicsync::daemon::PIECE_KEY).unwrap();
+    let piece = a
+        .store
+        .meta(&clinicsync::store::meta::LINK_PIECE_BYTES)
+        .unwrap()
+        .unwrap_or(0);
     assert!(
         piece > 0 && piece < 64 << 10,
         "pieces never shrank: {piece}"

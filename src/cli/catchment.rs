@@ -16,6 +16,7 @@ use super::{open_existing, print_json, Failure, Out, EXIT_NOT_FOUND};
 use crate::config::Config;
 use crate::engine::CatchmentRule;
 use crate::model::RecordKey;
+use crate::store::CatchmentReason;
 use crate::textsafe::safe;
 use crate::time::words_for_ms;
 
@@ -87,7 +88,7 @@ pub fn preview(
     let held: std::collections::HashSet<String> = store
         .catchment_list(Some(node))?
         .into_iter()
-        .filter(|(_, _, why)| why != "moved")
+        .filter(|(_, _, why)| *why != CatchmentReason::Moved)
         .map(|(_, p, _)| p)
         .collect();
     let mut enc = zstd::stream::Encoder::new(Count::default(), 3)
@@ -261,7 +262,7 @@ pub fn move_patient(
         ));
     }
     let mut tx = store.begin()?;
-    tx.add_to_catchment(to, &key.id, "granted")?;
+    tx.add_to_catchment(to, &key.id, CatchmentReason::Granted)?;
     tx.mark_moved(from, &key.id, now)?;
     tx.audit(
         now,

@@ -21,7 +21,7 @@ use crate::config::{self, Config};
 use crate::daemon;
 use crate::engine::{self, PARENT};
 use crate::model::{RecordKey, Snapshot};
-use crate::store::{AuditCheck, Store};
+use crate::store::{meta, AuditCheck, CatchmentReason, Store};
 use crate::textsafe::{safe, safe_display, safe_lines};
 use crate::time::wall_ms;
 use crate::transport::http::HttpClient;
@@ -942,7 +942,7 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
                 );
             } else {
                 for (n, p, r) in &rows {
-                    println!("{:<24} Patient/{:<40} {}", safe(n), safe(p), safe(r));
+                    println!("{:<24} Patient/{:<40} {}", safe(n), safe(p), r);
                 }
                 eprintln!("{} patient(s)", rows.len());
             }
@@ -951,7 +951,7 @@ fn catchment(cfg: &Config, action: CatchmentCmd, now: u64) -> Result<(), Failure
             child(&node)?;
             let p = patient_id(&patient)?;
             let mut tx = store.begin()?;
-            let added = tx.add_to_catchment(&node, &p, "granted")?;
+            let added = tx.add_to_catchment(&node, &p, CatchmentReason::Granted)?;
             if added {
                 tx.audit(
                     now,
@@ -1417,7 +1417,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                     println!(
                         "{}  {:<10} from {:<12} via {:<18} vv {:<24} {}{}",
                         fmt_time(e.seen_ms),
-                        safe(&e.outcome),
+                        e.outcome,
                         safe(&e.origin),
                         safe(&e.source),
                         safe_display(&e.vv),
@@ -1845,7 +1845,7 @@ fn remote(cfg: &Config, node: &str, action: RemoteCmd, now: u64) -> Out {
                         "{}  {}  {:<8} {}{}",
                         safe(&o.id),
                         fmt_time(o.issued_ms),
-                        safe(&o.state),
+                        o.state,
                         safe(&o.order),
                         o.result
                             .as_deref()
@@ -1872,7 +1872,7 @@ fn remote(cfg: &Config, node: &str, action: RemoteCmd, now: u64) -> Out {
                 safe(&o.order),
                 safe(&o.node),
                 fmt_time(o.issued_ms),
-                safe(&o.state)
+                o.state
             );
             if let Some(r) = &o.result {
                 println!("{}", safe_lines(r));
@@ -2013,7 +2013,7 @@ fn status(cfg: &Config, json: bool) -> Out {
     // A hub with its own EMR: changes not yet written into it (children's pushes,
     // resolutions), from the EMR pass's cursor. A clinic's wait in its inbox.
     let to_emr = if cfg.hub.is_some() && cfg.emr.kind != config::EmrKind::Embedded {
-        Some(store.count_changed_after(store.meta_u64(crate::emr::flow::EMR_OUT_CURSOR)?)?)
+        Some(store.count_changed_after(store.meta(&meta::EMR_OUT_CURSOR)?.unwrap_or(0))?)
     } else {
         None
     };
@@ -2028,8 +2028,8 @@ fn status(cfg: &Config, json: bool) -> Out {
             "quarantine": c.quarantine, "conflicts": c.conflicts, "conflicts_lost": c.conflicts_lost, "audit_entries": c.audit, "head_seq": c.head_seq,
             "link": peer, "cursor": {"eff": cursor.eff, "seq": cursor.seq, "parent_head": head, "lag": lag},
             "emr": store.peer_state("emr")?,
-            "link_budget_bytes": store.meta_u64("link_budget_bytes")?,
-            "next_sync_ms": store.meta_u64("next_sync_ms")?,
+            "link_budget_bytes": store.meta(&meta::LINK_BUDGET_BYTES)?.unwrap_or(0),
+            "next_sync_ms": store.meta(&meta::NEXT_SYNC_MS)?.unwrap_or(0),
             "parent_clock_skew_ms": clock_skew(&store)?.map(|(s, _)| s),
             "parent_clock_seen_ms": clock_skew(&store)?.map(|(_, t)| t),
         }));
@@ -2095,7 +2095,7 @@ fn status(cfg: &Config, json: bool) -> Out {
             .last_push_ok_ms
             .unwrap_or(0)
             .max(peer.last_pull_ok_ms.unwrap_or(0));
-        let budget = store.meta_u64("link_budget_bytes")? as usize;
+        let budget = store.meta(&meta::LINK_BUDGET_BYTES)?.unwrap_or(0) as usize;
         let full = cfg
             .sync
             .push_batch_bytes
@@ -2110,8 +2110,8 @@ fn status(cfg: &Config, json: bool) -> Out {
             _ => "up".to_string(),
         };
         println!("link        {link}");
-        let today = if store.meta_u64("traffic_day")? == wall_ms() / 86_400_000 {
-            store.meta_u64("traffic_today_bytes")?
+        let today = if store.meta(&meta::TRAFFIC_DAY)? == Some(wall_ms() / 86_400_000) {
+            store.meta(&meta::TRAFFIC_TODAY_BYTES)?.unwrap_or(0)
         } else {
             0
         };
@@ -2126,7 +2126,7 @@ fn status(cfg: &Config, json: bool) -> Out {
                 }
             ),
         }
-        let next = store.meta_u64("next_sync_ms")?;
+        let next = store.meta(&meta::NEXT_SYNC_MS)?.unwrap_or(0);
         if next > 0 {
             let now = wall_ms();
             let when = if next > now {
@@ -2164,10 +2164,13 @@ fn status(cfg: &Config, json: bool) -> Out {
 
 /// This node's clock minus its parent's (ms) and when it was seen, from the last sync.
 fn clock_skew(store: &Store) -> Result<Option<(i64, u64)>, Failure> {
-    let skew = store
-        .meta_str(daemon::CLOCK_SKEW_KEY)?
-        .and_then(|s| s.parse::<i64>().ok());
-    Ok(skew.map(|s| (s, store.meta_u64(daemon::CLOCK_SEEN_KEY).unwrap_or(0))))
+    let Some(skew) = store.meta(&meta::PARENT_CLOCK_SKEW_MS)? else {
+        return Ok(None);
+    };
+    Ok(Some((
+        skew,
+        store.meta(&meta::PARENT_CLOCK_SEEN_MS)?.unwrap_or(0),
+    )))
 }
 
 #[cfg(test)]

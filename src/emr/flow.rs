@@ -21,7 +21,7 @@ use crate::engine::{
     after_pulled, integrate, write_one, ApplySummary, EngineError, Integrated, Policy, Result,
 };
 use crate::model::{RecordKey, Version};
-use crate::store::{PeerEvent, Stage, Store, StoreError, Tx};
+use crate::store::{meta, PeerEvent, Stage, Store, StoreError, Tx};
 
 /// What a capture from the EMR found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -49,14 +49,9 @@ impl From<StoreError> for EmrFlowError {
     }
 }
 
-const EMR_CURSOR: &str = "emr_cursor";
-/// Meta key: the adapter's identity map (network id ↔ the EMR's own), kept in the
-/// same transaction as whatever changed it.
-const EMR_IDS: &str = "emr_ids";
-
 /// Hands a freshly made adapter what it learnt before a restart (its identity map).
 pub fn prepare_emr(store: &Store, emr: &mut dyn crate::emr::Emr) -> Result<()> {
-    if let Some(state) = store.meta_str(EMR_IDS)? {
+    if let Some(state) = store.meta(&meta::EMR_IDS)? {
         emr.restore_identity(&state);
     }
     Ok(())
@@ -122,7 +117,7 @@ fn emr_refused(
 /// Keeps the adapter's identity map if it changed, inside `tx`.
 fn keep_identity(tx: &mut Tx<'_>, emr: &mut dyn crate::emr::Emr) -> Result<()> {
     if let Some(state) = emr.identity_state() {
-        tx.set_meta_str(EMR_IDS, &state)?;
+        tx.set_meta(&meta::EMR_IDS, state)?;
     }
     Ok(())
 }
@@ -139,7 +134,7 @@ pub fn capture_from_emr(
     now_ms: u64,
 ) -> std::result::Result<CaptureSummary, EmrFlowError> {
     use crate::emr::Fetched;
-    let cursor = store.meta_str(EMR_CURSOR)?;
+    let cursor = store.meta(&meta::EMR_CURSOR)?;
     let (keys, next) = emr.changes(cursor.as_deref())?;
     // Problems that did not stop the read (one feed category unreadable): `status`
     // shows them as the EMR's last error while the rest is captured.
@@ -193,7 +188,7 @@ pub fn capture_from_emr(
             }
         }
     }
-    tx.set_meta_str(EMR_CURSOR, &next)?;
+    tx.set_meta(&meta::EMR_CURSOR, next)?;
     keep_identity(&mut tx, emr)?;
     tx.note_peer(
         "emr",
@@ -327,9 +322,6 @@ pub fn apply_inbox_to_emr(
     Ok(summary)
 }
 
-/// Meta key: the replica seq up to which a hub's EMR pass has gone.
-pub const EMR_OUT_CURSOR: &str = "emr_out_cursor";
-
 fn tally(w: EmrWrite, s: &mut EmrApplySummary) {
     match w {
         EmrWrite::Done => s.applied.applied += 1,
@@ -445,7 +437,7 @@ pub fn apply_replica_to_emr(
     now_ms: u64,
 ) -> std::result::Result<EmrApplySummary, EmrFlowError> {
     let mut summary = apply_due_to_emr(store, policy, emr, now_ms)?;
-    let mut cursor = store.meta_u64(EMR_OUT_CURSOR)?;
+    let mut cursor = store.meta(&meta::EMR_OUT_CURSOR)?.unwrap_or(0);
     loop {
         let batch = store.changed_after(cursor, 500)?;
         if batch.is_empty() {
@@ -462,7 +454,7 @@ pub fn apply_replica_to_emr(
             }
             cursor = seq;
             let mut tx = store.begin()?;
-            tx.set_meta_u64(EMR_OUT_CURSOR, cursor)?;
+            tx.set_meta(&meta::EMR_OUT_CURSOR, cursor)?;
             tx.commit()?;
         }
     }

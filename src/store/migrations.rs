@@ -1,0 +1,277 @@
+//! Room `migrations`: the schema, as the list of steps that build it.
+//!
+//! Table: `schema_migrations(version, applied_ms)`, one row per step applied.
+//!
+//! Invariants
+//! - [`MIGRATIONS`] is only ever appended to; a step once released is never edited,
+//!   because stores in the field ran it as it was. `tests/golden/schema.v<N>.sql`
+//!   freezes the schema each version builds.
+//! - Each step runs in its own IMMEDIATE transaction together with its
+//!   `schema_migrations` row, so a crash leaves the store at the step before or the
+//!   step after, never half-way.
+//! - A store whose newest step is beyond this list was written by a newer
+//!   clinicsync and is refused ([`super::StoreError::NewerSchema`]), never touched.
+//!
+//! Errors: a step that fails rolls back alone; the store stays at the previous
+//! version and opening it fails.
+
+/// Schema migrations, applied in order. Only ever append.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: the sync core
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE replica (
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        seq INTEGER NOT NULL UNIQUE,
+        hash BLOB NOT NULL, origin TEXT NOT NULL,
+        hlc_wall INTEGER NOT NULL, hlc_ctr INTEGER NOT NULL,
+        vv TEXT NOT NULL, deleted INTEGER NOT NULL,
+        class TEXT NOT NULL, patient TEXT,
+        body BLOB NOT NULL, updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE INDEX replica_patient ON replica(patient, seq) WHERE patient IS NOT NULL;
+    CREATE TABLE versions (
+        n INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        hash BLOB NOT NULL, origin TEXT NOT NULL,
+        hlc_wall INTEGER NOT NULL, hlc_ctr INTEGER NOT NULL,
+        vv TEXT NOT NULL, deleted INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        seen_ms INTEGER NOT NULL, source TEXT NOT NULL, outcome TEXT NOT NULL,
+        UNIQUE (kind, id, vv, hash)
+    );
+    CREATE TABLE outbox (
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        oseq INTEGER NOT NULL, enqueued_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE INDEX outbox_order ON outbox(oseq);
+    CREATE TABLE inbox (
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        peer TEXT NOT NULL, origin TEXT NOT NULL,
+        hlc_wall INTEGER NOT NULL, hlc_ctr INTEGER NOT NULL,
+        vv TEXT NOT NULL, deleted INTEGER NOT NULL,
+        body BLOB NOT NULL, received_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE TABLE quarantine (
+        kind TEXT NOT NULL, id TEXT NOT NULL, stage TEXT NOT NULL,
+        reason TEXT NOT NULL, permanent INTEGER NOT NULL,
+        attempts INTEGER NOT NULL, first_ms INTEGER NOT NULL,
+        last_ms INTEGER NOT NULL, next_retry_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id, stage)
+    );
+    CREATE TABLE conflicts (
+        n INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL, id TEXT NOT NULL, detected_ms INTEGER NOT NULL,
+        local_origin TEXT NOT NULL, local_vv TEXT NOT NULL, local_body BLOB NOT NULL,
+        remote_origin TEXT NOT NULL, remote_vv TEXT NOT NULL, remote_body BLOB NOT NULL,
+        resolution TEXT NOT NULL, result_vv TEXT NOT NULL
+    );
+    CREATE TABLE audit (
+        n INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        record TEXT NOT NULL, hash TEXT NOT NULL, detail TEXT NOT NULL,
+        prev BLOB NOT NULL, entry BLOB NOT NULL
+    );
+    CREATE TABLE cursors (
+        peer TEXT PRIMARY KEY, eff INTEGER NOT NULL, seq INTEGER NOT NULL,
+        head INTEGER NOT NULL, updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE peer_state (
+        peer TEXT PRIMARY KEY,
+        last_push_ok_ms INTEGER, last_pull_ok_ms INTEGER,
+        last_error TEXT, last_error_ms INTEGER,
+        bytes_sent INTEGER NOT NULL DEFAULT 0, bytes_received INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE catchment (
+        node TEXT NOT NULL, patient TEXT NOT NULL,
+        added_seq INTEGER NOT NULL, reason TEXT NOT NULL,
+        PRIMARY KEY (node, patient)
+    );
+    CREATE INDEX catchment_added ON catchment(node, added_seq);
+    "#,
+    // 2: USB bundles — trusted node keys and imported bundles (replay, resume)
+    r#"
+    CREATE TABLE trusted_keys (
+        node TEXT PRIMARY KEY, line TEXT NOT NULL,
+        is_parent INTEGER NOT NULL, added_ms INTEGER NOT NULL
+    );
+    CREATE TABLE bundles_in (
+        id TEXT PRIMARY KEY, sender TEXT NOT NULL, kind TEXT NOT NULL, seq INTEGER NOT NULL,
+        items_done INTEGER NOT NULL, done INTEGER NOT NULL,
+        started_ms INTEGER NOT NULL, finished_ms INTEGER
+    );
+    "#,
+    // 3: external EMR — what the EMR holds for each record we wrote or captured
+    // (echo suppression); the adapter's cursor lives in meta.
+    r#"
+    CREATE TABLE emr_state (
+        kind TEXT NOT NULL, id TEXT NOT NULL,
+        hash BLOB, gone INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    "#,
+    // 4: resumable chunked transfers (uploads received, answers to be fetched)
+    r#"
+    CREATE TABLE transfers (
+        node TEXT NOT NULL, id BLOB NOT NULL, dir TEXT NOT NULL,
+        total INTEGER NOT NULL, received INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+        PRIMARY KEY (node, id, dir)
+    );
+    CREATE TABLE transfer_chunks (
+        node TEXT NOT NULL, id BLOB NOT NULL, dir TEXT NOT NULL,
+        offset INTEGER NOT NULL, data BLOB NOT NULL,
+        PRIMARY KEY (node, id, dir, offset)
+    );
+    "#,
+    // 5: provenance — the child a version was pushed by (NULL: written here, pulled
+    // from upstream, or a resolution). Pulls leave out what the asking child sent,
+    // by this column, never by the `origin` a child claims. Rows from before keep
+    // the old rule (their origin).
+    r#"
+    ALTER TABLE replica ADD COLUMN sender TEXT;
+    UPDATE replica SET sender = origin;
+    "#,
+    // 6: a person's review of a conflict (`conflicts resolve`): when, and what was
+    // kept. NULL: open (resolved by policy, not yet reviewed).
+    r#"
+    ALTER TABLE conflicts ADD COLUMN reviewed_ms INTEGER;
+    ALTER TABLE conflicts ADD COLUMN review TEXT;
+    "#,
+    // 7: health reports of the nodes below a hub (`health`): the latest per node,
+    // which child delivered it (`via`), when the nearest hub heard the node
+    // (`heard_ms`) and when it arrived here (`received_ms`, for passing it up once).
+    r#"
+    CREATE TABLE health (
+        node TEXT PRIMARY KEY, via TEXT NOT NULL,
+        heard_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+        report TEXT NOT NULL
+    );
+    CREATE INDEX health_received ON health(received_ms);
+    "#,
+    // 8: remote orders (`crate::remote`): at a hub, those it gave (`orders_out`:
+    // pending until the child's result comes back); at a child, those it ran
+    // (`orders_in`: each once, its result kept until reported up).
+    r#"
+    CREATE TABLE orders_out (
+        id TEXT PRIMARY KEY, node TEXT NOT NULL, kind TEXT NOT NULL,
+        issued_ms INTEGER NOT NULL, state TEXT NOT NULL,
+        result TEXT, done_ms INTEGER
+    );
+    CREATE INDEX orders_out_pending ON orders_out(node, state);
+    CREATE TABLE orders_in (
+        id TEXT PRIMARY KEY, by TEXT NOT NULL, kind TEXT NOT NULL,
+        received_ms INTEGER NOT NULL, state TEXT NOT NULL, result TEXT NOT NULL,
+        reported INTEGER NOT NULL
+    );
+    "#,
+    // 9: conflicts this node's version lost at a peer (its parent's push answer said
+    // so): the peer's name; '' for conflicts resolved here.
+    r#"
+    ALTER TABLE conflicts ADD COLUMN lost_at TEXT NOT NULL DEFAULT '';
+    "#,
+    // 10: the record a quarantined record waits for (`Kind/id`), so it is released
+    // by that column when the blocker succeeds, not by matching its reason's text.
+    // Rows from before take it from their "waiting for Kind/id: …" reason.
+    r#"
+    ALTER TABLE quarantine ADD COLUMN blocked_by TEXT;
+    UPDATE quarantine SET blocked_by = substr(reason, 13, instr(reason, ': ') - 13)
+      WHERE stage = 'apply' AND reason LIKE 'waiting for %: %';
+    CREATE INDEX quarantine_blocked ON quarantine(blocked_by) WHERE blocked_by IS NOT NULL;
+    "#,
+    // 11: when a patient moved away from a node (`catchment move`): that node may
+    // still push what it wrote before, nothing stamped after.
+    r#"
+    ALTER TABLE catchment ADD COLUMN moved_ms INTEGER;
+    "#,
+];
+
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RecordKey;
+    use crate::store::{Stage, Store};
+    use rusqlite::Connection;
+
+    #[test]
+    fn a_store_at_schema_1_is_migrated_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            // A store as the first release wrote it: only migration 1.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL);").unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute("INSERT INTO schema_migrations VALUES (1, 0)", [])
+                .unwrap();
+            conn.execute(
+                "INSERT INTO meta VALUES ('node_id', 'a'), ('seq', '41')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, "a").unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.counts().unwrap().head_seq, 41);
+        assert!(store.trusted_list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn records_waiting_before_migration_10_are_still_released_by_their_blocker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            // A store at schema 9, with a record waiting for its Patient.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL);").unwrap();
+            for (i, m) in MIGRATIONS[..9].iter().enumerate() {
+                conn.execute_batch(m).unwrap();
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?1, 0)",
+                    [i as i64 + 1],
+                )
+                .unwrap();
+            }
+            conn.execute("INSERT INTO meta VALUES ('node_id', 'a')", [])
+                .unwrap();
+            conn.execute(
+                "INSERT INTO quarantine VALUES ('Encounter', 'e1', 'apply', 'waiting for Patient/p1: not in the EMR yet', 0, 1, 0, 0, 999999999999)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(&path, "a").unwrap();
+        let mut tx = store.begin().unwrap();
+        let p1 = RecordKey::parse("Patient/p1").unwrap();
+        assert_eq!(
+            tx.release_blocked_by(&RecordKey::parse("Patient/p10").unwrap(), 5)
+                .unwrap(),
+            0
+        );
+        assert_eq!(tx.release_blocked_by(&p1, 5).unwrap(), 1);
+        // New waits carry the column; a reason that merely mentions a record does not.
+        let e2 = RecordKey::parse("Encounter/e2").unwrap();
+        tx.quarantine_waiting(&e2, &p1, "waiting for Patient/p1: refused", 1, 1_000_000)
+            .unwrap();
+        let e3 = RecordKey::parse("Encounter/e3").unwrap();
+        tx.quarantine(
+            &e3,
+            Stage::Apply,
+            "waiting for Patient/p1: typed by hand",
+            false,
+            1,
+            |_| 1_000_000,
+        )
+        .unwrap();
+        assert_eq!(
+            tx.release_blocked_by(&p1, 7).unwrap(),
+            2,
+            "e1 and e2, not e3"
+        );
+        tx.commit().unwrap();
+    }
+}

@@ -1,0 +1,552 @@
+//! The durable store: one SQLite file per node, in WAL mode.
+//!
+//! This file holds what every room shares — [`Store`] (the connection, open,
+//! migrations applied, node id checked), [`Tx`] (one write transaction), and
+//! [`StoreError`] — and re-exports each room's types, so `crate::store::X` names
+//! everything. Each room is one table group and opens with its own invariants:
+//!
+//! ```text
+//! migrations  the schema, append-only (schema_migrations)
+//! replica     replica + versions (history): write_version, the one way in; the clock
+//! outbox      outbox: records to push, keyed by record so edits coalesce
+//! inbox       inbox: pulled versions waiting to be applied
+//! quarantine  quarantine: (record, stage) stuck, with reason, retry and blocker
+//! conflicts   conflicts: both sides of every concurrent edit and its resolution
+//! audit       audit: the append-only, hash-chained log
+//! catchment   catchment and the pull feed a child reads through it
+//! peers       cursors, peer_state (link health), trusted_keys (bundle keys)
+//! bundles     bundles_in: USB bundles imported (replay, resume)
+//! transfers   transfers + transfer_chunks: resumable chunked transfers
+//! emr_state   emr_state: what the EMR holds of each record (echo suppression)
+//! health      health: the latest health report of each node below a hub
+//! orders      orders_out (a hub's remote orders) and orders_in (a child's)
+//! meta        meta: node id, change sequence, clock and the nodes' small state
+//! ```
+//!
+//! Invariants
+//! - Every state change that must survive a crash happens inside one [`Tx`] (an
+//!   IMMEDIATE transaction, `synchronous=FULL`), so a power cut leaves the store
+//!   either before or after the whole change. Callers answer a peer only after
+//!   [`Tx::commit`] returned.
+//! - `seq` values are unique and increasing across replica rows, outbox positions and
+//!   catchment rows: [`Tx::next_seq`] hands them out, [`Tx::commit`] writes the last
+//!   one back (with the clock) in the same transaction.
+//! - Migrations are only ever appended. A store written by a newer schema is refused.
+//! - The file holds patient data: [`Store::open`] creates it 0600 (its `-wal` and
+//!   `-shm` follow) in a 0750 directory if it must create one ([`crate::filemode`]).
+//!
+//! Errors: a failed statement rolls back the whole transaction (the `Tx` is dropped
+//! without commit), leaving the store as it was. `Busy` is retryable
+//! ([`StoreError::is_retryable`]). A value read from disk that clinicsync cannot have
+//! written — a hash that is not 32 bytes, a vector or JSON that does not parse, a text
+//! outside its column's closed set — is corruption ([`StoreError::is_corruption`]:
+//! [`StoreError::BadValue`] names table, column, row and value), never read as a
+//! default; reading stops there and writes nothing. The rest needs a person (disk
+//! full, a newer schema, the wrong node id).
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use serde::Serialize;
+
+use crate::model::Hlc;
+use migrations::MIGRATIONS;
+
+/// A closed set of texts one column holds, as an enum: `as_str` (the text stored),
+/// `parse`, `ALL`, `Display` (padded) and `Serialize` as that text, and `decode`,
+/// which reads a stored value and reports any other text as corruption
+/// ([`StoreError::BadValue`]), never as a default.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* pub enum $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The text stored for this value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// The value stored as `text`, if it is one.
+            pub fn parse(text: &str) -> Option<$name> {
+                match text {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+
+            /// A value read from `table.column` of `row`.
+            #[allow(dead_code)] // not every column is read back
+            fn decode(
+                table: &'static str,
+                column: &'static str,
+                row: impl std::fmt::Display,
+                text: &str,
+            ) -> $crate::store::Result<$name> {
+                $name::parse(text).ok_or_else(|| {
+                    let known: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+                    $crate::store::StoreError::bad_value(
+                        table,
+                        column,
+                        row,
+                        $crate::store::shown_text(text),
+                        format!("not one of {}", known.join(", ")),
+                    )
+                })
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+mod audit;
+mod bundles;
+mod catchment;
+mod conflicts;
+mod emr_state;
+mod health;
+mod inbox;
+pub mod meta;
+mod migrations;
+mod orders;
+mod outbox;
+mod peers;
+mod quarantine;
+mod replica;
+mod transfers;
+
+pub use audit::{AuditCheck, AuditRow};
+pub use bundles::BundleIn;
+pub use catchment::{CatchmentReason, FeedPage};
+pub use conflicts::{ConflictEntry, ConflictSide, StoredConflict};
+pub use meta::{MetaKey, MetaValue};
+pub use migrations::SCHEMA_VERSION;
+pub use orders::{OrderRow, OrderState};
+pub use outbox::MAX_RECORD_BYTES;
+pub use peers::{PeerEvent, PeerState};
+pub use quarantine::{QuarantineEntry, Stage, MAX_REASON_CHARS};
+pub use replica::{HistoryEntry, Stored, Unkept, VersionOutcome};
+pub use transfers::{TransferDir, TransferKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store schema version {found} is newer than this clinicsync understands (up to {known}); install a newer clinicsync")]
+    NewerSchema { found: i64, known: i64 },
+    #[error("store belongs to node {stored:?} but the configuration says {configured:?}")]
+    NodeMismatch { stored: String, configured: String },
+    /// No store file where the configuration says (the node never ran there).
+    #[error("no store at {} (has the node run yet?)", .0.display())]
+    Missing(PathBuf),
+    #[error("store is corrupt: {0}")]
+    Corrupt(String),
+    /// A value read from disk that clinicsync cannot have written there: `column` of
+    /// `table`, in the row named `row`, holds `value` (shown bounded). Never
+    /// defaulted: a record read wrong would be sent, applied or compared wrong.
+    #[error("store is corrupt: {table}.{column} of {row} holds {value}: {problem}")]
+    BadValue {
+        table: &'static str,
+        column: &'static str,
+        row: String,
+        value: String,
+        problem: String,
+    },
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+impl StoreError {
+    /// Worth trying again as it is: another writer held the file.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+            if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+    }
+
+    /// The file holds what clinicsync cannot have written, or SQLite found it
+    /// damaged: retrying will not help and going on would spread the damage (a
+    /// record read wrong is sent, applied or compared wrong). A person restores a
+    /// backup (`clinicsync restore`) or looks at the value named.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            StoreError::Corrupt(_) | StoreError::BadValue { .. } => true,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+            ),
+            _ => false,
+        }
+    }
+
+    /// A value of `table.column` in row `row` that does not decode.
+    fn bad_value(
+        table: &'static str,
+        column: &'static str,
+        row: impl std::fmt::Display,
+        value: String,
+        problem: impl std::fmt::Display,
+    ) -> StoreError {
+        StoreError::BadValue {
+            table,
+            column,
+            row: row.to_string(),
+            value,
+            problem: problem.to_string(),
+        }
+    }
+}
+
+/// A stored text as an error shows it: quoted, its first 64 characters.
+fn shown_text(s: &str) -> String {
+    const MAX: usize = 64;
+    let n = s.chars().count();
+    if n <= MAX {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head:?}… ({n} characters)")
+    }
+}
+
+/// A stored blob as an error shows it: its length and first bytes in hex.
+fn shown_blob(b: &[u8]) -> String {
+    const MAX: usize = 16;
+    if b.len() <= MAX {
+        format!("{} bytes x'{}'", b.len(), hex::encode(b))
+    } else {
+        format!("{} bytes x'{}…'", b.len(), hex::encode(&b[..MAX]))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Counts {
+    pub records: u64,
+    pub outbox: u64,
+    pub inbox: u64,
+    pub quarantine: u64,
+    pub conflicts: u64,
+    /// Of `conflicts`: this node's version lost at its parent.
+    pub conflicts_lost: u64,
+    pub audit: u64,
+    pub head_seq: u64,
+}
+
+/// One SQLite file holding everything a node knows.
+pub struct Store {
+    conn: Connection,
+    node_id: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("node_id", &self.node_id)
+            .finish()
+    }
+}
+
+/// One write transaction. Holds the change sequence, audit head and clock in memory
+/// and writes them back on commit.
+pub struct Tx<'a> {
+    tx: Transaction<'a>,
+    node_id: &'a str,
+    next_seq: Option<u64>,
+    audit_head: Option<(i64, [u8; 32])>,
+    hlc: Option<Hlc>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path` for `node_id`, applying migrations.
+    /// A new store file is created 0600 (and its directory 0750): see [`crate::filemode`].
+    pub fn open(path: &Path, node_id: &str) -> Result<Store> {
+        crate::filemode::prepare_store_file(path).map_err(|e| StoreError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let conn = Connection::open(path)?;
+        Store::init(conn, node_id)
+    }
+
+    /// The file this store lives in (`None` for an in-memory store).
+    pub fn path(&self) -> Option<PathBuf> {
+        self.conn
+            .path()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    }
+
+    /// Opens an existing store without knowing its node id (CLI reads).
+    pub fn open_existing(path: &Path) -> Result<Store> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        let conn = Connection::open(path)?;
+        // Any other failure (busy, not a database) is what it is, not "no node id".
+        let has_meta = conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let node = if has_meta {
+            meta::read(&conn, &meta::NODE_ID)?
+        } else {
+            None
+        };
+        let node =
+            node.ok_or_else(|| StoreError::Corrupt(format!("{} has no node id", path.display())))?;
+        Store::init(conn, &node)
+    }
+
+    fn init(mut conn: Connection, node_id: &str) -> Result<Store> {
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)",
+            [],
+        )?;
+        let current: i64 = conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?;
+        if current > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                found: current,
+                known: SCHEMA_VERSION,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_migrations(version, applied_ms) VALUES (?1, ?2)",
+                params![i as i64 + 1, crate::time::wall_ms() as i64],
+            )?;
+            tx.commit()?;
+        }
+        let stored = meta::read(&conn, &meta::NODE_ID)?;
+        match stored {
+            Some(s) if s != node_id => {
+                return Err(StoreError::NodeMismatch {
+                    stored: s,
+                    configured: node_id.to_string(),
+                })
+            }
+            Some(_) => {}
+            None => meta::write(&conn, &meta::NODE_ID, &node_id.to_string())?,
+        }
+        Ok(Store {
+            conn,
+            node_id: node_id.to_string(),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Starts a write transaction. Dropping the `Tx` without commit rolls back.
+    pub fn begin(&mut self) -> Result<Tx<'_>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Ok(Tx {
+            tx,
+            node_id: &self.node_id,
+            next_seq: None,
+            audit_head: None,
+            hlc: None,
+        })
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn counts(&self) -> Result<Counts> {
+        let q = |sql: &str| -> Result<u64> {
+            Ok(self.conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+        };
+        Ok(Counts {
+            records: q("SELECT COUNT(*) FROM replica")?,
+            outbox: q("SELECT COUNT(*) FROM outbox")?,
+            inbox: q("SELECT COUNT(*) FROM inbox")?,
+            quarantine: q("SELECT COUNT(*) FROM quarantine")?,
+            conflicts: q("SELECT COUNT(*) FROM conflicts")?,
+            conflicts_lost: q("SELECT COUNT(*) FROM conflicts WHERE lost_at != ''")?,
+            audit: q("SELECT COUNT(*) FROM audit")?,
+            head_seq: self.head_seq()?,
+        })
+    }
+
+    pub fn integrity_check(&self) -> Result<String> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+}
+
+impl Tx<'_> {
+    pub fn node_id(&self) -> &str {
+        self.node_id
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        if let Some(seq) = self.next_seq {
+            self.set_meta(&meta::SEQ, seq - 1)?;
+        }
+        if let Some(h) = self.hlc {
+            self.set_meta(&meta::HLC, h)?;
+        }
+        self.tx.commit()?;
+        Ok(())
+    }
+
+    /// Allocates the next change sequence number.
+    pub fn next_seq(&mut self) -> Result<u64> {
+        let seq = match self.next_seq {
+            Some(s) => s,
+            None => self.meta(&meta::SEQ)?.unwrap_or(0) + 1,
+        };
+        self.next_seq = Some(seq + 1);
+        Ok(seq)
+    }
+}
+
+/// A version of `json` as `node`'s first write (tests).
+#[cfg(test)]
+fn test_version(node: &str, json: serde_json::Value) -> crate::model::Version {
+    crate::model::Version {
+        snapshot: crate::model::Snapshot::from_json_value(json).unwrap(),
+        origin: node.into(),
+        hlc: Hlc {
+            wall_ms: 1,
+            counter: 0,
+        },
+        vv: crate::model::VersionVector::default().bumped(node),
+        deleted: false,
+    }
+}
+
+/// A new store in a temporary directory (tests).
+#[cfg(test)]
+fn temp_store(node: &str) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db"), node).unwrap();
+    (dir, store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RecordKey;
+
+    #[test]
+    fn a_store_refuses_another_node_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(Store::open(&path, "a").unwrap());
+        let err = Store::open(&path, "b").unwrap_err();
+        assert!(matches!(err, StoreError::NodeMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_store_from_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path, "a").unwrap();
+        store
+            .conn()
+            .execute(
+                "INSERT INTO schema_migrations(version, applied_ms) VALUES (999, 0)",
+                [],
+            )
+            .unwrap();
+        drop(store);
+        let err = Store::open(&path, "a").unwrap_err();
+        assert!(err.to_string().contains("999"), "{err}");
+    }
+
+    #[test]
+    fn a_dropped_transaction_leaves_nothing_behind() {
+        let (_d, mut store) = temp_store("a");
+        {
+            let mut tx = store.begin().unwrap();
+            tx.audit(1, "local", "write", "Patient/x", "", "").unwrap();
+            tx.enqueue(&RecordKey::new("Patient", "x").unwrap(), 1)
+                .unwrap();
+        }
+        let c = store.counts().unwrap();
+        assert_eq!((c.audit, c.outbox, c.head_seq), (0, 0, 0));
+    }
+
+    #[test]
+    fn errors_say_whether_they_are_retryable_or_corruption() {
+        let sqlite = |code| {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        let busy = sqlite(rusqlite::ffi::SQLITE_BUSY);
+        assert!(busy.is_retryable() && !busy.is_corruption());
+        let damaged = sqlite(rusqlite::ffi::SQLITE_CORRUPT);
+        assert!(damaged.is_corruption() && !damaged.is_retryable());
+        let full = sqlite(rusqlite::ffi::SQLITE_FULL);
+        assert!(!full.is_corruption() && !full.is_retryable());
+        let other = StoreError::NodeMismatch {
+            stored: "a".into(),
+            configured: "b".into(),
+        };
+        assert!(!other.is_corruption() && !other.is_retryable());
+        assert!(!StoreError::Missing(PathBuf::from("/x")).is_corruption());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_store_is_reported_as_corruption_not_as_missing_node_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = Store::open_existing(&path).unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+        assert!(!err.to_string().contains("node id"), "{err}");
+        let missing = Store::open_existing(&dir.path().join("none.db")).unwrap_err();
+        assert!(matches!(missing, StoreError::Missing(_)), "{missing}");
+    }
+}

@@ -1,0 +1,289 @@
+//! Room `quarantine`: records that could not be pushed or applied, and why.
+//!
+//! Table: `quarantine(kind, id, stage, reason, permanent, attempts, first_ms,
+//! last_ms, next_retry_ms, blocked_by)`, one row per (record, [`Stage`]).
+//!
+//! Invariants
+//! - One bad record never blocks the rest: batch building and inbox application
+//!   skip a quarantined record until `next_retry_ms`, everything else flows.
+//! - A record waiting for another (`blocked_by`, migration 10) is released by that
+//!   column when its blocker succeeds ([`Tx::release_blocked_by`]), never by matching
+//!   its reason's text; a new quarantine of the same row clears `blocked_by`.
+//! - Reasons are kept to [`MAX_REASON_CHARS`] characters (an EMR's answer can be a
+//!   whole error page).
+//!
+//! Errors: a failure rolls the transaction back; the record keeps its previous
+//! quarantine state (or none).
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use super::{Result, Store, Tx};
+use crate::model::RecordKey;
+
+/// Longest quarantine reason kept, in characters.
+pub const MAX_REASON_CHARS: usize = 2_000;
+
+text_enum! {
+    /// Where a quarantined record is stuck (`quarantine.stage`).
+    pub enum Stage {
+        /// The parent refused it on push.
+        Push = "push",
+        /// It could not be applied locally after a pull.
+        Apply = "apply",
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantineEntry {
+    pub record: String,
+    pub stage: Stage,
+    pub reason: String,
+    pub permanent: bool,
+    pub attempts: u32,
+    pub first_ms: u64,
+    pub last_ms: u64,
+    pub next_retry_ms: u64,
+}
+
+impl Store {
+    pub fn quarantine_list(&self) -> Result<Vec<QuarantineEntry>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT kind, id, stage, reason, permanent, attempts, first_ms, last_ms, next_retry_ms FROM quarantine ORDER BY first_ms, kind, id",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let record = format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?);
+            out.push(QuarantineEntry {
+                stage: Stage::decode("quarantine", "stage", &record, &r.get::<_, String>(2)?)?,
+                record,
+                reason: r.get(3)?,
+                permanent: r.get(4)?,
+                attempts: r.get::<_, i64>(5)? as u32,
+                first_ms: r.get::<_, i64>(6)? as u64,
+                last_ms: r.get::<_, i64>(7)? as u64,
+                next_retry_ms: r.get::<_, i64>(8)? as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The most common quarantine reasons, most records first.
+    pub fn quarantine_reasons(&self, limit: usize) -> Result<Vec<(String, u64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT reason, COUNT(*) AS c FROM quarantine GROUP BY reason ORDER BY c DESC, reason LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Reasons records wait in the apply quarantine, by key (for dependency blocking).
+    pub fn apply_quarantine(&self, key: &RecordKey) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT reason FROM quarantine WHERE kind=?1 AND id=?2 AND stage='apply'",
+            )?
+            .query_row(params![key.kind, key.id], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Records quarantined at the apply stage whose retry is due and that do not wait
+    /// in the inbox (at a hub with an EMR: versions from children the EMR refused).
+    pub fn apply_due_outside_inbox(&self, now_ms: u64, limit: usize) -> Result<Vec<RecordKey>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT q.kind, q.id FROM quarantine q
+              WHERE q.stage='apply' AND q.next_retry_ms <= ?1
+                AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.kind=q.kind AND i.id=q.id)
+              ORDER BY q.next_retry_ms LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms as i64, limit as i64], |r| {
+            Ok(RecordKey {
+                kind: r.get(0)?,
+                id: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+}
+
+impl Tx<'_> {
+    /// Puts a record in quarantine (or bumps its attempts), returning the attempt count.
+    pub fn quarantine(
+        &mut self,
+        key: &RecordKey,
+        stage: Stage,
+        reason: &str,
+        permanent: bool,
+        now_ms: u64,
+        retry_after_ms: impl Fn(u32) -> u64,
+    ) -> Result<u32> {
+        // An EMR's answer can be a whole error page or stack trace: keep the head.
+        let clipped;
+        let reason = if reason.chars().count() > MAX_REASON_CHARS {
+            clipped = format!(
+                "{}… ({} more characters)",
+                reason.chars().take(MAX_REASON_CHARS).collect::<String>(),
+                reason.chars().count() - MAX_REASON_CHARS
+            );
+            clipped.as_str()
+        } else {
+            reason
+        };
+        let attempts: u32 = self
+            .tx
+            .prepare_cached("SELECT attempts FROM quarantine WHERE kind=?1 AND id=?2 AND stage=?3")?
+            .query_row(params![key.kind, key.id, stage.as_str()], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+            .unwrap_or(0) as u32
+            + 1;
+        let next = now_ms + retry_after_ms(attempts);
+        self.tx
+            .prepare_cached(
+                "INSERT INTO quarantine(kind, id, stage, reason, permanent, attempts, first_ms, last_ms, next_retry_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)
+                 ON CONFLICT(kind, id, stage) DO UPDATE SET reason=excluded.reason, permanent=excluded.permanent,
+                   attempts=excluded.attempts, last_ms=excluded.last_ms, next_retry_ms=excluded.next_retry_ms,
+                   blocked_by=NULL",
+            )?
+            .execute(params![key.kind, key.id, stage.as_str(), reason, permanent, attempts as i64, now_ms as i64, next as i64])?;
+        Ok(attempts)
+    }
+
+    /// Quarantines `key` (apply stage) until `dep` succeeds or `retry_ms` passes.
+    pub fn quarantine_waiting(
+        &mut self,
+        key: &RecordKey,
+        dep: &RecordKey,
+        why: &str,
+        now_ms: u64,
+        retry_ms: u64,
+    ) -> Result<u32> {
+        let reason = format!(
+            "waiting for {dep}: {}",
+            why.trim_start_matches("waiting for ")
+        );
+        let n = self.quarantine(key, Stage::Apply, &reason, false, now_ms, |_| retry_ms)?;
+        self.tx
+            .prepare_cached(
+                "UPDATE quarantine SET blocked_by=?3 WHERE kind=?1 AND id=?2 AND stage='apply'",
+            )?
+            .execute(params![key.kind, key.id, dep.to_string()])?;
+        Ok(n)
+    }
+
+    pub fn release(&mut self, key: &RecordKey, stage: Stage) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("DELETE FROM quarantine WHERE kind=?1 AND id=?2 AND stage=?3")?
+            .execute(params![key.kind, key.id, stage.as_str()])?
+            > 0)
+    }
+
+    /// Makes records blocked behind `key` due now.
+    pub fn release_blocked_by(&mut self, key: &RecordKey, now_ms: u64) -> Result<usize> {
+        Ok(self.tx.execute(
+            "UPDATE quarantine SET next_retry_ms=?1 WHERE stage='apply' AND blocked_by=?2",
+            params![now_ms as i64, key.to_string()],
+        )?)
+    }
+
+    /// Makes quarantined records due now. `None` means all of them.
+    pub fn retry_now(&mut self, key: Option<&RecordKey>, now_ms: u64) -> Result<usize> {
+        let n = match key {
+            Some(k) => self.tx.execute(
+                "UPDATE quarantine SET next_retry_ms=?3 WHERE kind=?1 AND id=?2",
+                params![k.kind, k.id, now_ms as i64],
+            )?,
+            None => self.tx.execute(
+                "UPDATE quarantine SET next_retry_ms=?1",
+                params![now_ms as i64],
+            )?,
+        };
+        Ok(n)
+    }
+
+    /// Removes a record from quarantine, the outbox and the inbox. The replica keeps
+    /// whatever it holds; history keeps every version.
+    pub fn drop_quarantined(&mut self, key: &RecordKey, now_ms: u64) -> Result<bool> {
+        let q = self.tx.execute(
+            "DELETE FROM quarantine WHERE kind=?1 AND id=?2",
+            params![key.kind, key.id],
+        )?;
+        if q == 0 {
+            return Ok(false);
+        }
+        self.tx.execute(
+            "DELETE FROM outbox WHERE kind=?1 AND id=?2",
+            params![key.kind, key.id],
+        )?;
+        self.tx.execute(
+            "DELETE FROM inbox WHERE kind=?1 AND id=?2",
+            params![key.kind, key.id],
+        )?;
+        // Records that waited behind it try again now (and meet whatever the EMR says).
+        self.release_blocked_by(key, now_ms)?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    #[test]
+    fn a_long_quarantine_reason_is_kept_to_its_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s.db"), "a").unwrap();
+        let key = RecordKey::parse("Patient/p1").unwrap();
+        let page = "<html>".to_string() + &"x".repeat(200_000);
+        let mut tx = store.begin().unwrap();
+        tx.quarantine(&key, Stage::Apply, &page, true, 1, |_| 1)
+            .unwrap();
+        tx.commit().unwrap();
+        let q = store.quarantine_list().unwrap();
+        assert!(q[0].reason.starts_with("<html>xxx"));
+        assert!(
+            q[0].reason.ends_with("(198006 more characters)"),
+            "{}",
+            &q[0].reason[1990..]
+        );
+    }
+
+    #[test]
+    fn an_unknown_stage_is_corruption_not_push() {
+        let (_d, mut store) = crate::store::temp_store("a");
+        let key = RecordKey::parse("Patient/p1").unwrap();
+        let mut tx = store.begin().unwrap();
+        tx.quarantine(&key, Stage::Apply, "refused", false, 1, |_| 1)
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(store.quarantine_list().unwrap()[0].stage, Stage::Apply);
+        store
+            .conn()
+            .execute("UPDATE quarantine SET stage='later'", [])
+            .unwrap();
+        let err = store.quarantine_list().unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+        assert_eq!(
+            err.to_string(),
+            r#"store is corrupt: quarantine.stage of Patient/p1 holds "later": not one of push, apply"#
+        );
+    }
+
+    #[test]
+    fn every_stage_is_stored_and_shown_as_its_text() {
+        for s in Stage::ALL {
+            assert_eq!(Stage::parse(s.as_str()), Some(*s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(format!("{s:<6}|"), format!("{:<6}|", s.as_str()));
+        }
+        assert_eq!(Stage::parse("Push"), None, "stored texts are exact");
+    }
+}

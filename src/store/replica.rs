@@ -1,0 +1,714 @@
+//! Room `replica`: the latest version of every record, its history, and the clock.
+//!
+//! Tables
+//! ```text
+//! replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class,
+//!         patient, body, updated_ms, sender)
+//!           the latest version of every record this node holds; `seq` is this
+//!           node's change sequence at the write; `sender` is the child that pushed
+//!           it (NULL: written here, pulled, or a resolution)
+//! versions(n, kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body,
+//!          seen_ms, source, outcome)
+//!           every version this node has seen, once per (record, vv, hash)
+//! ```
+//! and the hybrid logical clock, kept in `meta` (`hlc`) and held in the [`Tx`].
+//!
+//! Invariants
+//! - A version reaches the replica only through [`Tx::write_version`], which writes
+//!   its history row and its audit entry in the same transaction: no caller can
+//!   skip the audit. History-only rows (a stale copy, a conflict's incoming side)
+//!   come through [`Tx::remember_unkept`]; `versions.outcome` says which
+//!   ([`VersionOutcome`]).
+//! - A replica row's `seq` is unique (the change sequence, [`Tx::next_seq`]): a
+//!   record written again moves to the head, so "changed after seq" is a scan.
+//! - History is append-only except for [`Tx::rebase_clock`] (re-stamping this node's
+//!   own unpushed versions) and [`Tx::purge_patient`] (records that moved away).
+//! - The clock only moves forward within a transaction: [`Tx::tick`] for a local
+//!   event, [`Tx::observe`] past a peer's stamp; [`Tx::commit`] writes it back.
+//!
+//! Errors: a failure rolls the whole transaction back: no replica row, history row
+//! or clock change survives alone.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::{meta, shown_blob, shown_text, Result, Store, StoreError, Tx};
+use crate::model::{Class, ContentHash, Hlc, RecordKey, Snapshot, Version, VersionVector};
+
+/// A stored version and where it sits in this node's change sequence.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub version: Version,
+    pub seq: u64,
+}
+
+text_enum! {
+    /// What became of a version when this node saw it (`versions.outcome`).
+    pub enum VersionOutcome {
+        /// Written here (a local write or a capture from the EMR).
+        Written = "written",
+        /// Taken from a peer as the new current version.
+        Accepted = "accepted",
+        /// The result of a conflict, written here.
+        Resolved = "resolved",
+        /// Older than what this node held: kept in history only.
+        Stale = "stale",
+        /// One side of a conflict (the incoming one): kept in history only.
+        Conflict = "conflict",
+    }
+}
+
+/// Why a version seen is kept in history only ([`Tx::remember_unkept`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unkept {
+    /// Older than what this node holds.
+    Stale,
+    /// The incoming side of a conflict.
+    Conflict,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub seen_ms: u64,
+    pub origin: String,
+    pub source: String,
+    pub outcome: VersionOutcome,
+    pub vv: String,
+    pub hlc: String,
+    pub hash: String,
+    pub deleted: bool,
+    pub changed: Vec<String>,
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+pub(super) const REPLICA_COLS: &str =
+    "kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body";
+
+pub(super) const REPLICA_COLS_R: &str =
+    "r.kind, r.id, r.seq, r.hash, r.origin, r.hlc_wall, r.hlc_ctr, r.vv, r.deleted, r.class, r.patient, r.body";
+
+/// A version vector read from `table.vv` of record `row`.
+pub(super) fn parse_vv(table: &'static str, row: &RecordKey, s: &str) -> Result<VersionVector> {
+    VersionVector::from_json(s)
+        .map_err(|e| StoreError::bad_value(table, "vv", row, shown_text(s), e))
+}
+
+/// A content hash read from `table.hash` of record `row`.
+pub(super) fn parse_hash(table: &'static str, row: &RecordKey, b: &[u8]) -> Result<ContentHash> {
+    ContentHash::from_slice(b)
+        .ok_or_else(|| StoreError::bad_value(table, "hash", row, shown_blob(b), "not 32 bytes"))
+}
+
+/// Decodes a row selected with [`REPLICA_COLS`] (or `_R`). A class, hash or vector
+/// this version cannot have written is corruption, never a default.
+pub(super) fn stored_from_row(r: &rusqlite::Row<'_>) -> Result<Stored> {
+    let key = RecordKey {
+        kind: r.get(0)?,
+        id: r.get(1)?,
+    };
+    let hash: Vec<u8> = r.get(3)?;
+    let vv: String = r.get(7)?;
+    let class: String = r.get(9)?;
+    let class = Class::parse(&class).ok_or_else(|| {
+        StoreError::bad_value(
+            "replica",
+            "class",
+            &key,
+            shown_text(&class),
+            "not metadata or clinical",
+        )
+    })?;
+    let hash = parse_hash("replica", &key, &hash)?;
+    let vv = parse_vv("replica", &key, &vv)?;
+    Ok(Stored {
+        seq: r.get::<_, i64>(2)? as u64,
+        version: Version {
+            origin: r.get(4)?,
+            hlc: Hlc {
+                wall_ms: r.get::<_, i64>(5)? as u64,
+                counter: r.get::<_, i64>(6)? as u32,
+            },
+            vv,
+            deleted: r.get(8)?,
+            snapshot: Snapshot {
+                class,
+                patient: r.get(10)?,
+                body: r.get(11)?,
+                hash,
+                key,
+            },
+        },
+    })
+}
+
+/// Every row of `stmt` run with `params`, decoded by [`stored_from_row`].
+pub(super) fn stored_rows(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Stored>> {
+    let mut rows = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(stored_from_row(r)?);
+    }
+    Ok(out)
+}
+
+pub(super) fn current_in(conn: &Connection, key: &RecordKey) -> Result<Option<Stored>> {
+    let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE kind=?1 AND id=?2");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    Ok(stored_rows(&mut stmt, params![key.kind, key.id])?.pop())
+}
+
+impl Store {
+    pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
+        current_in(&self.conn, key)
+    }
+
+    pub fn list(&self, kind: Option<&str>) -> Result<Vec<Stored>> {
+        let sql = format!(
+            "SELECT {REPLICA_COLS} FROM replica WHERE (?1 IS NULL OR kind = ?1) ORDER BY kind, id"
+        );
+        stored_rows(&mut self.conn.prepare(&sql)?, params![kind])
+    }
+
+    /// Every version of `key` this node has seen, oldest first, with the top-level
+    /// fields each changed against the one before it.
+    pub fn history(&self, key: &RecordKey) -> Result<Vec<HistoryEntry>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seen_ms, origin, source, outcome, vv, hlc_wall, hlc_ctr, hash, deleted, body FROM versions
+             WHERE kind=?1 AND id=?2 ORDER BY n",
+        )?;
+        let mut rows = stmt.query(params![key.kind, key.id])?;
+        let mut out = Vec::new();
+        let mut prev = serde_json::Value::Null;
+        while let Some(r) = rows.next()? {
+            let hash: Vec<u8> = r.get(7)?;
+            let body: Vec<u8> = r.get(9)?;
+            let cur: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                StoreError::bad_value("versions", "body", key, shown_blob(&body), e)
+            })?;
+            out.push(HistoryEntry {
+                seen_ms: r.get::<_, i64>(0)? as u64,
+                origin: r.get(1)?,
+                source: r.get(2)?,
+                outcome: VersionOutcome::decode(
+                    "versions",
+                    "outcome",
+                    key,
+                    &r.get::<_, String>(3)?,
+                )?,
+                vv: r.get(4)?,
+                hlc: Hlc {
+                    wall_ms: r.get::<_, i64>(5)? as u64,
+                    counter: r.get::<_, i64>(6)? as u32,
+                }
+                .to_string(),
+                hash: parse_hash("versions", key, &hash)?.short(),
+                deleted: r.get(8)?,
+                changed: crate::model::changed_fields(&prev, &cur),
+                body,
+            });
+            prev = cur;
+        }
+        Ok(out)
+    }
+
+    /// Records of one patient (for on-demand fetch and tests).
+    pub fn patient_records(&self, patient: &str) -> Result<Vec<Stored>> {
+        let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE patient=?1 ORDER BY seq");
+        stored_rows(&mut self.conn.prepare(&sql)?, [patient])
+    }
+
+    /// True when this node holds no version it wrote itself (new or wiped).
+    pub fn holds_nothing_own(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM replica WHERE origin=?1 LIMIT 1",
+                [&self.node_id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_none())
+    }
+
+    /// The live records of `patient` and the metadata (`None`): their bodies, for a
+    /// catchment preview.
+    pub fn bodies(&self, patient: Option<&str>, mut f: impl FnMut(&[u8])) -> Result<u64> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT body FROM replica WHERE deleted=0 AND ((?1 IS NULL AND class='metadata') OR patient=?1)",
+        )?;
+        let mut rows = stmt.query([patient])?;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            let b: Vec<u8> = r.get(0)?;
+            f(&b);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The last change sequence handed out (0: none yet).
+    pub fn head_seq(&self) -> Result<u64> {
+        Ok(self.meta(&meta::SEQ)?.unwrap_or(0))
+    }
+
+    /// Replica records changed after `seq` (a hub's records not yet offered to its
+    /// EMR, counted for `status`).
+    pub fn count_changed_after(&self, seq: u64) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM replica WHERE seq > ?1")?
+            .query_row(params![seq as i64], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Replica records changed after `seq`, in change order: (seq, key).
+    pub fn changed_after(&self, seq: u64, limit: usize) -> Result<Vec<(u64, RecordKey)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, kind, id FROM replica WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                RecordKey {
+                    kind: r.get(1)?,
+                    id: r.get(2)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+}
+
+impl Tx<'_> {
+    pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
+        current_in(&self.tx, key)
+    }
+
+    /// Makes `v` the current version of its record, adds it to history and writes
+    /// its audit entry, all in this transaction: the one way a version reaches the
+    /// replica, so none does without its history row and audit entry.
+    ///
+    /// `source` names who wrote it (the audit actor and history source: `local`,
+    /// `pull:<parent>`, `push:<child>`, a person); `sender` is the child it was
+    /// pushed by (that child's pulls leave it out), else `None`. The audit entry is
+    /// `write` (or `delete` for a tombstone) of the record with the version's short
+    /// hash and `origin=<node> vv=<vector>`. Returns the record's new change sequence.
+    pub fn write_version(
+        &mut self,
+        v: &Version,
+        source: &str,
+        sender: Option<&str>,
+        outcome: VersionOutcome,
+        now_ms: u64,
+    ) -> Result<u64> {
+        let seq = self.put_current(v, sender, now_ms)?;
+        self.remember(v, source, outcome, now_ms)?;
+        let action = if v.deleted { "delete" } else { "write" };
+        let detail = format!("origin={} vv={}", v.origin, v.vv);
+        self.audit(
+            now_ms,
+            source,
+            action,
+            &v.key().to_string(),
+            &v.snapshot.hash.short(),
+            &detail,
+        )?;
+        Ok(seq)
+    }
+
+    /// Adds `v` to history without making it current: a stale copy, or the incoming
+    /// side of a conflict (the conflict has its own audit entry). Returns whether
+    /// this exact version was new here.
+    pub fn remember_unkept(
+        &mut self,
+        v: &Version,
+        source: &str,
+        why: Unkept,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let outcome = match why {
+            Unkept::Stale => VersionOutcome::Stale,
+            Unkept::Conflict => VersionOutcome::Conflict,
+        };
+        self.remember(v, source, outcome, now_ms)
+    }
+
+    /// Makes `v` the current version of its record, with a new change sequence
+    /// (only through [`Tx::write_version`]).
+    fn put_current(&mut self, v: &Version, sender: Option<&str>, now_ms: u64) -> Result<u64> {
+        let seq = self.next_seq()?;
+        let s = &v.snapshot;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms, sender)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT(kind, id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash, origin=excluded.origin,
+                   hlc_wall=excluded.hlc_wall, hlc_ctr=excluded.hlc_ctr, vv=excluded.vv, deleted=excluded.deleted,
+                   class=excluded.class, patient=excluded.patient, body=excluded.body, updated_ms=excluded.updated_ms,
+                   sender=excluded.sender",
+            )?
+            .execute(params![
+                s.key.kind,
+                s.key.id,
+                seq as i64,
+                &s.hash.0[..],
+                v.origin,
+                v.hlc.wall_ms as i64,
+                v.hlc.counter as i64,
+                v.vv.to_json(),
+                v.deleted,
+                s.class.as_str(),
+                s.patient,
+                s.body,
+                now_ms as i64,
+                sender
+            ])?;
+        Ok(seq)
+    }
+
+    /// Adds `v` to the record's history (no-op if this exact version was seen before).
+    fn remember(
+        &mut self,
+        v: &Version,
+        source: &str,
+        outcome: VersionOutcome,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let s = &v.snapshot;
+        let n = self
+            .tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO versions(kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body, seen_ms, source, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                s.key.kind,
+                s.key.id,
+                &s.hash.0[..],
+                v.origin,
+                v.hlc.wall_ms as i64,
+                v.hlc.counter as i64,
+                v.vv.to_json(),
+                v.deleted,
+                s.body,
+                now_ms as i64,
+                source,
+                outcome.as_str()
+            ])?;
+        Ok(n > 0)
+    }
+
+    /// Finds a version in history by its vector (the common ancestor of a conflict).
+    pub fn version_by_vv(&self, key: &RecordKey, vv: &VersionVector) -> Result<Option<Version>> {
+        let row = self
+            .tx
+            .prepare_cached(
+                "SELECT origin, hlc_wall, hlc_ctr, deleted, body FROM versions WHERE kind=?1 AND id=?2 AND vv=?3 ORDER BY n LIMIT 1",
+            )?
+            .query_row(params![key.kind, key.id, vv.to_json()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, Vec<u8>>(4)?))
+            })
+            .optional()?;
+        let Some((origin, wall, ctr, deleted, body)) = row else {
+            return Ok(None);
+        };
+        let snapshot = Snapshot::for_key(key, &body)
+            .map_err(|e| StoreError::bad_value("versions", "body", key, shown_blob(&body), e))?;
+        Ok(Some(Version {
+            snapshot,
+            origin,
+            hlc: Hlc {
+                wall_ms: wall as u64,
+                counter: ctr as u32,
+            },
+            vv: vv.clone(),
+            deleted,
+        }))
+    }
+
+    /// The node's clock after a local event at `now_ms`.
+    pub fn tick(&mut self, now_ms: u64) -> Result<Hlc> {
+        let last = self.last_hlc()?;
+        let h = Hlc::tick(last, now_ms);
+        self.hlc = Some(h);
+        Ok(h)
+    }
+
+    /// This node's clock ran far ahead of the wall clock (a clock that was fast and is
+    /// now set right): put it back to `now_ms`, and re-stamp this node's own versions
+    /// still waiting to be pushed whose stamps are more than `limit_ms` ahead — no
+    /// peer has them yet, so their stamp is this node's to change, and a parent
+    /// refuses records stamped too far ahead. Returns the re-stamped records.
+    /// Versions already pushed keep their stamps.
+    pub fn rebase_clock(&mut self, now_ms: u64, limit_ms: u64) -> Result<Vec<RecordKey>> {
+        let last = self.last_hlc()?;
+        if last.wall_ms <= now_ms.saturating_add(limit_ms) {
+            return Ok(Vec::new());
+        }
+        self.hlc = Some(Hlc {
+            wall_ms: now_ms,
+            counter: 0,
+        });
+        let ahead: Vec<(RecordKey, String, Vec<u8>)> = self
+            .tx
+            .prepare_cached(
+                "SELECT r.kind, r.id, r.vv, r.hash FROM outbox o JOIN replica r ON r.kind=o.kind AND r.id=o.id
+                 WHERE r.origin=?1 AND r.hlc_wall > ?2",
+            )?
+            .query_map(
+                params![self.node_id, now_ms.saturating_add(limit_ms) as i64],
+                |r| {
+                    Ok((
+                        RecordKey {
+                            kind: r.get(0)?,
+                            id: r.get(1)?,
+                        },
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
+            )?
+            .collect::<std::result::Result<_, _>>()?;
+        let mut out = Vec::new();
+        for (key, vv, hash) in ahead {
+            let h = self.tick(now_ms)?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE replica SET hlc_wall=?3, hlc_ctr=?4 WHERE kind=?1 AND id=?2",
+                )?
+                .execute(params![
+                    key.kind,
+                    key.id,
+                    h.wall_ms as i64,
+                    h.counter as i64
+                ])?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE versions SET hlc_wall=?5, hlc_ctr=?6 WHERE kind=?1 AND id=?2 AND vv=?3 AND hash=?4",
+                )?
+                .execute(params![key.kind, key.id, vv, hash, h.wall_ms as i64, h.counter as i64])?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE quarantine SET next_retry_ms=?3 WHERE kind=?1 AND id=?2 AND stage='push'",
+                )?
+                .execute(params![key.kind, key.id, now_ms as i64])?;
+            out.push(key);
+        }
+        Ok(out)
+    }
+
+    /// Moves the node's clock past a stamp received from a peer.
+    pub fn observe(&mut self, remote: Hlc, now_ms: u64) -> Result<()> {
+        let last = self.last_hlc()?;
+        if remote > last {
+            self.hlc = Some(Hlc::observe(last, remote, now_ms));
+        }
+        Ok(())
+    }
+
+    fn last_hlc(&mut self) -> Result<Hlc> {
+        if let Some(h) = self.hlc {
+            return Ok(h);
+        }
+        // Never ticked: the clock starts at zero (a bad stored clock is corruption).
+        let h = self.meta(&meta::HLC)?.unwrap_or_default();
+        self.hlc = Some(h);
+        Ok(h)
+    }
+
+    /// Child: removes a patient's records that have nothing left to push (after a
+    /// move, by the parent's order). Returns (purged, kept because not yet pushed).
+    pub fn purge_patient(&mut self, patient: &str) -> Result<(u64, u64)> {
+        let keys: Vec<(String, String)> = self
+            .tx
+            .prepare_cached("SELECT kind, id FROM replica WHERE patient=?1")?
+            .query_map([patient], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<_, _>>()?;
+        let (mut purged, mut kept) = (0, 0);
+        for (kind, id) in keys {
+            let pending: bool = self
+                .tx
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM outbox WHERE kind=?1 AND id=?2)
+                         OR EXISTS(SELECT 1 FROM quarantine WHERE kind=?1 AND id=?2)",
+                )?
+                .query_row([&kind, &id], |r| r.get(0))?;
+            if pending {
+                kept += 1;
+                continue;
+            }
+            for sql in [
+                "DELETE FROM replica WHERE kind=?1 AND id=?2",
+                "DELETE FROM versions WHERE kind=?1 AND id=?2",
+                "DELETE FROM inbox WHERE kind=?1 AND id=?2",
+                "DELETE FROM emr_state WHERE kind=?1 AND id=?2",
+            ] {
+                self.tx.prepare_cached(sql)?.execute([&kind, &id])?;
+            }
+            purged += 1;
+        }
+        Ok((purged, kept))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{temp_store, test_version};
+    use serde_json::json;
+
+    fn holding_p1() -> (tempfile::TempDir, Store, Version) {
+        let (dir, mut store) = temp_store("a");
+        let v = test_version("a", json!({"resourceType": "Patient", "id": "p1"}));
+        let mut tx = store.begin().unwrap();
+        tx.write_version(&v, "local", None, VersionOutcome::Written, 1)
+            .unwrap();
+        tx.commit().unwrap();
+        (dir, store, v)
+    }
+
+    #[test]
+    fn a_replica_hash_that_is_not_32_bytes_is_corruption_naming_table_column_and_value() {
+        let (_d, store, v) = holding_p1();
+        store
+            .conn()
+            .execute("UPDATE replica SET hash=x'0102'", [])
+            .unwrap();
+        let err = store.current(v.key()).unwrap_err();
+        assert!(err.is_corruption() && !err.is_retryable(), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("replica.hash")
+                && text.contains("Patient/p1")
+                && text.contains("x'0102'"),
+            "{text}"
+        );
+        assert!(store.list(None).unwrap_err().is_corruption());
+    }
+
+    #[test]
+    fn an_unknown_class_or_vector_in_the_replica_is_corruption_not_a_default() {
+        let (_d, store, v) = holding_p1();
+        store
+            .conn()
+            .execute("UPDATE replica SET class='secret'", [])
+            .unwrap();
+        let err = store.current(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption()
+                && err
+                    .to_string()
+                    .contains(r#"replica.class of Patient/p1 holds "secret""#),
+            "{err}"
+        );
+        store
+            .conn()
+            .execute("UPDATE replica SET class='clinical', vv='{\"a\":'", [])
+            .unwrap();
+        let err = store.current(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("replica.vv"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_history_body_or_hash_that_does_not_decode_is_corruption() {
+        let (_d, store, v) = holding_p1();
+        assert_eq!(store.history(v.key()).unwrap().len(), 1);
+        store
+            .conn()
+            .execute("UPDATE versions SET body=x'7b22'", [])
+            .unwrap();
+        let err = store.history(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("versions.body"),
+            "{err}"
+        );
+        store
+            .conn()
+            .execute("UPDATE versions SET body=x'7b7d', hash=x''", [])
+            .unwrap();
+        let err = store.history(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("versions.hash"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_history_outcome_is_corruption() {
+        let (_d, store, v) = holding_p1();
+        assert_eq!(
+            store.history(v.key()).unwrap()[0].outcome,
+            VersionOutcome::Written
+        );
+        store
+            .conn()
+            .execute("UPDATE versions SET outcome='kept'", [])
+            .unwrap();
+        let err = store.history(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption()
+                && err
+                    .to_string()
+                    .contains(r#"versions.outcome of Patient/p1 holds "kept""#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_version_reaches_the_replica_only_with_its_history_row_and_audit_entry() {
+        let (_d, mut store) = temp_store("hub");
+        let v = test_version("a", json!({"resourceType": "Patient", "id": "p1"}));
+        let mut tx = store.begin().unwrap();
+        let seq = tx
+            .write_version(&v, "push:a", Some("a"), VersionOutcome::Accepted, 5)
+            .unwrap();
+        let mut gone = v.clone();
+        gone.deleted = true;
+        gone.vv = v.vv.bumped("a");
+        tx.write_version(&gone, "push:a", Some("a"), VersionOutcome::Accepted, 6)
+            .unwrap();
+        // A copy seen again is not stored twice; one not seen before goes to history
+        // only: no replica change, no audit entry.
+        assert!(!tx.remember_unkept(&v, "pull:up", Unkept::Stale, 7).unwrap());
+        let mut other = v.clone();
+        other.vv = VersionVector::default().bumped("b");
+        assert!(tx
+            .remember_unkept(&other, "pull:up", Unkept::Stale, 7)
+            .unwrap());
+        tx.commit().unwrap();
+        let held = store.current(v.key()).unwrap().unwrap();
+        assert!(held.seq > seq && held.version.deleted);
+        let history = store.history(v.key()).unwrap();
+        let outcomes: Vec<(VersionOutcome, &str)> = history
+            .iter()
+            .map(|e| (e.outcome, e.source.as_str()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                (VersionOutcome::Accepted, "push:a"),
+                (VersionOutcome::Accepted, "push:a"),
+                (VersionOutcome::Stale, "pull:up"),
+            ]
+        );
+        let audit = store.audit_list(Some("Patient/p1"), None, 10).unwrap();
+        let entries: Vec<(&str, &str, &str)> = audit
+            .iter()
+            .map(|a| (a.actor.as_str(), a.action.as_str(), a.detail.as_str()))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                ("push:a", "delete", r#"origin=a vv={a:2}"#),
+                ("push:a", "write", r#"origin=a vv={a:1}"#),
+            ]
+        );
+        assert_eq!(audit[1].hash, v.snapshot.hash.short());
+    }
+}
