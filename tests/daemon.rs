@@ -135,3 +135,88 @@ fn a_clinic_whose_parent_is_down_backs_off_and_reports_it() {
     let h = Store::open_existing(&l.hub.store).unwrap();
     assert!(common::get(&h, "Patient/waiting").is_some());
 }
+
+/// `daemon::serve(config, listeners, shutdown)`: a hub and a clinic run inside this
+/// test process, the hub on a listener the test bound on port 0; the clinic's record
+/// reaches the hub, and both stop when their shutdown future completes.
+#[test]
+fn a_whole_node_runs_in_process_on_given_listeners_and_stops_on_its_signal() {
+    use clinicsync::config::Config;
+    use clinicsync::daemon::{serve, Listeners};
+    use clinicsync::engine;
+    use clinicsync::model::Snapshot;
+
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let layout = cluster::write_layout(
+        dir.path(),
+        port,
+        &[("clinic-a", "North")],
+        "interval_secs = 1\nbackoff_min_secs = 1\nbackoff_max_secs = 2",
+        "",
+    )
+    .unwrap();
+    let hub_cfg = Config::load(&layout.hub.config).unwrap();
+    let clinic_cfg = Config::load(&layout.clinics[0].config).unwrap();
+    {
+        let mut store = Store::open(&clinic_cfg.node.store, "clinic-a").unwrap();
+        let p = serde_json::json!({"resourceType": "Patient", "id": "p1",
+            "address": [{"district": "North"}]});
+        engine::write_local(
+            &mut store,
+            &clinic_cfg.policy(),
+            vec![(Snapshot::from_json_value(p).unwrap(), false)],
+            clinicsync::time::wall_ms(),
+        )
+        .unwrap();
+    }
+    let (stop_hub, hub_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_clinic, clinic_stopped) = tokio::sync::oneshot::channel::<()>();
+    let hub = rt.spawn(serve(
+        hub_cfg.clone(),
+        Listeners {
+            hub: Some(listener),
+            metrics: None,
+        },
+        async move {
+            let _ = hub_stopped.await;
+        },
+    ));
+    let clinic = rt.spawn(serve(clinic_cfg, Listeners::default(), async move {
+        let _ = clinic_stopped.await;
+    }));
+    let arrived = cluster::wait_until(Duration::from_secs(30), || {
+        Store::open_existing(&hub_cfg.node.store)
+            .ok()
+            .and_then(|s| {
+                s.current(&clinicsync::model::RecordKey::parse("Patient/p1").unwrap())
+                    .ok()
+                    .flatten()
+            })
+            .is_some()
+    });
+    assert!(
+        arrived,
+        "the clinic's record did not reach the in-process hub"
+    );
+    let started = Instant::now();
+    stop_clinic.send(()).unwrap();
+    stop_hub.send(()).unwrap();
+    rt.block_on(async {
+        clinic.await.unwrap().unwrap();
+        hub.await.unwrap().unwrap();
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+}

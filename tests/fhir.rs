@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use clinicsync::daemon::{self, EmrReport, SyncReport};
+use clinicsync::client::{self, EmrReport, SyncReport};
 use clinicsync::devkit::cluster;
 use clinicsync::emr::fhir::{CaptureMode, FhirServer};
 use clinicsync::model::RecordKey;
@@ -130,7 +130,7 @@ fn read(base: &str, reference: &str) -> Option<Value> {
 }
 
 fn try_round(c: &mut TestClinic, emr: &mut FhirServer) -> (SyncReport, EmrReport) {
-    daemon::round(
+    client::round(
         &mut c.store,
         &c.policy,
         &c.client,

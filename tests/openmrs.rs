@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use clinicsync::daemon::{self, EmrReport, SyncReport};
+use clinicsync::client::{self, EmrReport, SyncReport};
 use clinicsync::devkit::openmrs_sim::{FeedStyle, OpenMrsSim};
 use clinicsync::emr::openmrs::{OpenMrs, Start, SHIPPED_CATEGORIES};
 use clinicsync::emr::{CheckLevel, Emr, Fetched};
@@ -40,7 +40,7 @@ fn clinic(dir: &std::path::Path, id: &str, hub: &TestHub) -> TestClinic {
 }
 
 fn round(c: &mut TestClinic, emr: &mut OpenMrs) -> (SyncReport, EmrReport) {
-    daemon::round(
+    client::round(
         &mut c.store,
         &c.policy,
         &c.client,
@@ -68,7 +68,7 @@ fn live(store: &clinicsync::store::Store, kind: &str) -> Vec<String> {
 
 /// A hub whose rules put the North district in these clinics' catchments, holding
 /// one Location: a clinic's first rounds pull before they capture until its cursor
-/// has moved (daemon::round's first contact), so tests begin with something to pull.
+/// has moved (client::round's first contact), so tests begin with something to pull.
 fn seeded_hub(dir: &std::path::Path, clinics: &[&str]) -> TestHub {
     let rules: Vec<(&str, &str)> = clinics.iter().map(|c| (*c, "North")).collect();
     let hub = TestHub::start(dir, 0, hub_policy(&rules), clinics, 8 << 20);
@@ -469,7 +469,7 @@ fn the_fhir_adapter_falls_back_to_last_updated_search_without_history() {
     let mut a = clinic(dir.path(), "a", &hub);
     sim.save(patient_om("ps-1", "North", "female"));
     sim.save(encounter_om("es-1", "ps-1"));
-    let (_, e) = daemon::round(
+    let (_, e) = client::round(
         &mut a.store,
         &a.policy,
         &a.client,
@@ -490,7 +490,7 @@ fn the_fhir_adapter_falls_back_to_last_updated_search_without_history() {
     );
     std::thread::sleep(Duration::from_millis(5));
     sim.save(patient_om("ps-1", "North", "other"));
-    daemon::round(
+    client::round(
         &mut a.store,
         &a.policy,
         &a.client,

@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicBool;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+use crate::client;
 use crate::config::{self, Config};
 use crate::daemon;
 use crate::engine::{self, PARENT};
@@ -535,11 +536,11 @@ impl From<config::ConfigError> for Failure {
     }
 }
 
-impl From<daemon::SyncError> for Failure {
-    fn from(e: daemon::SyncError) -> Self {
+impl From<client::SyncError> for Failure {
+    fn from(e: client::SyncError) -> Self {
         match e {
-            daemon::SyncError::Transport(t) => Failure::new(EXIT_LINK, t.to_string()),
-            daemon::SyncError::Engine(e) => e.into(),
+            client::SyncError::Transport(t) => Failure::new(EXIT_LINK, t.to_string()),
+            client::SyncError::Engine(e) => e.into(),
         }
     }
 }
@@ -1107,7 +1108,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Remote { node, action } => remote(cfg, &node, action, now),
         Command::Sync { json, bootstrap } => {
             let mut store = open(cfg)?;
-            let link = daemon::connect_parent(cfg).map_err(|e| {
+            let link = client::connect_parent(cfg).map_err(|e| {
                 // A credential file missing, unreadable or open to others is this
                 // node's configuration, not the link (exit 3, as `config check`).
                 let local = ["parent.token_file", "mqtt.password_file", "parent.ca_file"]
@@ -1123,7 +1124,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                     bar.set_length(head.saturating_sub(start.eff).max(1));
                     bar.set_position(cursor.saturating_sub(start.eff).min(head));
                 };
-                let r = daemon::sync_with_progress(
+                let r = client::sync_with_progress(
                     &mut store,
                     &cfg.policy(),
                     client,
@@ -1154,7 +1155,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             if let Some(e) = emr.as_mut() {
                 crate::emr::flow::prepare_emr(&store, e.as_mut())?;
             }
-            let result = daemon::round(
+            let result = client::round(
                 &mut store,
                 &cfg.policy(),
                 client,

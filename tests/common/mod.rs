@@ -7,8 +7,8 @@ use std::process::Output;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use clinicsync::client::{self, SyncError, SyncReport};
 use clinicsync::config::SyncSection;
-use clinicsync::daemon::{self, SyncError, SyncReport};
 use clinicsync::engine::{self, CatchmentRule, Policy};
 use clinicsync::hub::{self, HubState};
 use clinicsync::model::{RecordKey, Snapshot};
@@ -239,7 +239,7 @@ impl TestClinic {
             Some(m) => m,
             None => &self.client,
         };
-        daemon::sync_once(
+        client::sync_once(
             &mut self.store,
             &self.policy,
             link,

@@ -1,0 +1,919 @@
+//! The child's side of the protocol: one sync round with the parent (push, then
+//! pull, then apply), the EMR steps around it, and how a round paces itself on a bad
+//! link. Blocking code, called by the daemon's schedule (`daemon::sync_loop`) and by
+//! `clinicsync sync`; it never reads the wall clock itself (the [`Env`] passes time
+//! in) and keeps no global state (progress for the watchdog goes to a [`Heartbeat`]
+//! the caller owns).
+//!
+//! A round:
+//! 1. puts a logical clock that ran ahead of the wall clock back, and quarantines
+//!    records too large for any message (neither ever blocks the queue);
+//! 2. pushes the outbox in pipelined batches (the next batch is built while the
+//!    previous one is in flight), up to three passes for records edited meanwhile;
+//! 3. pulls pages until the parent has nothing more (or the day's budget or the bulk
+//!    window says stop), the first page carrying this node's health and order results;
+//! 4. applies the inbox (embedded EMR) or leaves it to the EMR step.
+//!
+//! Invariants:
+//! - Progress is what was acknowledged and committed: a round cut after progress is
+//!   reported as interrupted, not failed, and the next round follows at once.
+//! - The [`Pace`] (byte budget per batch and page, bytes today) survives restarts in
+//!   the store's meta; pieces of large pull answers survive too ([`AnswerStore`]), so
+//!   a resumed transfer costs at most one piece.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::TransportKind;
+use crate::config::{Config, SyncSection};
+use crate::engine::{self, ApplySummary, EngineError, Policy, PushSummary, PARENT};
+use crate::store::{meta, PeerEvent, Store};
+use crate::transport::http::{Traffic, TransportError};
+use crate::transport::mqtt::MqttClient;
+use crate::transport::{Exchange, MqttThenHttp};
+use crate::wire::{Message, PushRequest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl From<crate::store::StoreError> for SyncError {
+    fn from(e: crate::store::StoreError) -> Self {
+        SyncError::Engine(e.into())
+    }
+}
+
+impl SyncError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SyncError::Transport(e) => e.is_retryable(),
+            SyncError::Engine(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// What one sync round moved.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncReport {
+    pub pushed: PushSummary,
+    pub pulled: usize,
+    pub applied: ApplySummary,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub elapsed_ms: u64,
+    /// The adaptive batch/page byte budget after this round.
+    pub batch_budget: usize,
+    /// Bytes exchanged with the parent today (UTC), for a metered link.
+    pub bytes_today: u64,
+    /// Why pulls stopped early (budget spent, outside the bulk window).
+    pub held_back: Option<String>,
+    /// The round moved records, then the link failed: the reason (the next round
+    /// follows at once).
+    pub interrupted: Option<String>,
+    /// Bytes sent again after cuts, and cuts resumed within transfers.
+    pub bytes_resent: u64,
+    pub resumed: u64,
+    /// This node's clock minus the parent's (ms), from the parent's last answer.
+    pub clock_skew_ms: Option<i64>,
+}
+
+/// How far this node's logical clock may run ahead of its wall clock before a round
+/// puts it back ([`crate::store::Tx::rebase_clock`]): well inside a hub's
+/// `max_clock_ahead_secs` (300 s by default).
+pub const CLOCK_REBASE_MS: u64 = 60_000;
+
+/// One push-then-pull round with the parent, until the outbox is drained (or only
+/// quarantined records remain) and the parent has nothing more for us.
+pub fn sync_once(
+    store: &mut Store,
+    policy: &Policy,
+    client: &dyn Exchange,
+    cfg: &SyncSection,
+    stop: &AtomicBool,
+) -> Result<SyncReport, SyncError> {
+    sync_with(store, policy, client, cfg, stop, &Env::wall())
+}
+
+/// [`sync_once`], reporting after each pulled page where the pull cursor stands
+/// against the parent's head (`clinicsync sync --bootstrap` draws a bar from it).
+pub fn sync_with_progress(
+    store: &mut Store,
+    policy: &Policy,
+    client: &dyn Exchange,
+    cfg: &SyncSection,
+    stop: &AtomicBool,
+    progress: &dyn Fn(u64, u64),
+) -> Result<SyncReport, SyncError> {
+    let env = Env {
+        progress,
+        ..Env::wall()
+    };
+    sync_with(store, policy, client, cfg, stop, &env)
+}
+
+/// What a round takes from its caller besides the store and the link: the clock,
+/// where to report pull progress, and the heartbeat the watchdog reads.
+pub struct Env<'a> {
+    pub clock: &'a (dyn Fn() -> u64 + Sync),
+    pub progress: &'a dyn Fn(u64, u64),
+    pub heartbeat: Option<&'a Heartbeat>,
+}
+
+impl Env<'static> {
+    /// The wall clock, no progress display, no watchdog.
+    pub fn wall() -> Env<'static> {
+        Env {
+            clock: &crate::time::wall_ms,
+            progress: &|_, _| {},
+            heartbeat: None,
+        }
+    }
+}
+
+impl Env<'_> {
+    fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    fn beat(&self) {
+        if let Some(h) = self.heartbeat {
+            h.beat(self.now());
+        }
+    }
+}
+
+/// Progress of the round in flight, for a watchdog: when the last batch or page
+/// finished, and whether a round is running at all (an idle node is never stalled).
+/// Owned by whoever runs rounds (the daemon); no process-global state.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    last_ms: AtomicU64,
+    syncing: AtomicBool,
+}
+
+impl Heartbeat {
+    pub fn beat(&self, now_ms: u64) {
+        self.last_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    fn set_syncing(&self, on: bool, now_ms: u64) {
+        self.beat(now_ms);
+        self.syncing.store(on, Ordering::Relaxed);
+    }
+
+    /// A round is running and has finished nothing for longer than `stall_ms`.
+    pub fn stalled(&self, now_ms: u64, stall_ms: u64) -> bool {
+        self.syncing.load(Ordering::Relaxed)
+            && now_ms.saturating_sub(self.last_ms.load(Ordering::Relaxed)) > stall_ms
+    }
+}
+
+/// [`sync_once`] with the caller's clock, progress and heartbeat.
+pub fn sync_with(
+    store: &mut Store,
+    policy: &Policy,
+    client: &dyn Exchange,
+    cfg: &SyncSection,
+    stop: &AtomicBool,
+    env: &Env<'_>,
+) -> Result<SyncReport, SyncError> {
+    let started = Instant::now();
+    let mut report = SyncReport::default();
+    {
+        // A record too large for any message is set aside, never sent to block
+        // everything behind it.
+        let mut tx = store.begin()?;
+        for (key, size) in tx.quarantine_oversized(env.now())? {
+            warn!(node = %policy.node_id, record = %key, mib = size >> 20, "record too large to carry: quarantined");
+        }
+        // A clock that ran fast and was set right: this node's clock comes back, and
+        // its unpushed writes stamped in the future are stamped again, so its parent
+        // takes them now instead of in days.
+        let restamped = tx.rebase_clock(env.now(), CLOCK_REBASE_MS)?;
+        if !restamped.is_empty() {
+            warn!(node = %policy.node_id, records = restamped.len(), "this node's clock had run ahead of the wall clock (set right since): unpushed writes stamped again");
+            tx.audit(
+                env.now(),
+                "local",
+                "clock-rebase",
+                "",
+                "",
+                &format!("{} unpushed record(s) stamped again", restamped.len()),
+            )?;
+        }
+        tx.commit()?;
+    }
+    if let Some(h) = env.heartbeat {
+        h.set_syncing(true, env.now());
+    }
+    let cache = store.path().map(|p| AnswerStore::new(p, env.clock));
+    // The piece size the link allowed last time, kept as it changes (a kill mid-round
+    // keeps it too).
+    let persist_piece = |size: usize| {
+        if let Some(c) = &cache {
+            c.with("remember the piece size with", |tx| {
+                tx.set_meta(&meta::LINK_PIECE_BYTES, size as u64)
+            });
+        }
+    };
+    let mut chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
+    chunked.patience = Duration::from_secs(cfg.timeout_secs.max(1));
+    let saved_piece = store.meta(&meta::LINK_PIECE_BYTES)?.unwrap_or(0) as usize;
+    if saved_piece > 0 {
+        chunked.set_piece(saved_piece);
+    }
+    chunked.on_piece = Some(&persist_piece);
+    chunked.cache = cache
+        .as_ref()
+        .map(|c| c as &dyn crate::transport::chunked::AnswerCache);
+    let link: &dyn Exchange = if cfg.chunk_bytes > 0 {
+        &chunked
+    } else {
+        client
+    };
+    let mut pace = Pace::resume(
+        store.meta(&meta::LINK_BUDGET_BYTES)?.unwrap_or(0),
+        cfg.push_batch_bytes.max(cfg.pull_page_bytes as usize),
+        store.meta(&meta::TRAFFIC_DAY)?,
+        store.meta(&meta::TRAFFIC_TODAY_BYTES)?.unwrap_or(0),
+        env.now(),
+    );
+    let ctx = Ctx {
+        policy,
+        link,
+        cfg,
+        stop,
+        env,
+    };
+    let result = sync_rounds(store, ctx, &mut report, &mut pace);
+    report.bytes_today = pace.today;
+    report.bytes_resent = chunked.resent.load(Ordering::Relaxed);
+    report.resumed = chunked.resumed.load(Ordering::Relaxed);
+    if let Some(h) = env.heartbeat {
+        h.set_syncing(false, env.now());
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    let mut tx = store.begin()?;
+    if let Err(e) = &result {
+        if e.is_retryable() {
+            pace.failed();
+        }
+        tx.note_peer(PARENT, PeerEvent::Error(&e.to_string()), env.now())?;
+    }
+    report.clock_skew_ms = client.clock_skew_ms();
+    if let Some(skew) = report.clock_skew_ms {
+        tx.set_meta(&meta::PARENT_CLOCK_SKEW_MS, skew)?;
+        tx.set_meta(&meta::PARENT_CLOCK_SEEN_MS, env.now())?;
+        if skew.unsigned_abs() > crate::transport::http::CLOCK_SKEW_REPORTED_MS {
+            warn!(
+                skew_ms = skew,
+                "{}",
+                crate::transport::http::skew_words(skew)
+            );
+        }
+    }
+    tx.set_meta(&meta::LINK_BUDGET_BYTES, pace.budget as u64)?;
+    tx.set_meta(&meta::TRAFFIC_DAY, pace.day)?;
+    tx.set_meta(&meta::TRAFFIC_TODAY_BYTES, report.bytes_today)?;
+    tx.commit()?;
+    report.batch_budget = pace.budget;
+    match result {
+        // Progress is what was acknowledged: a round that moved records and was then
+        // cut is not a failure; the next round goes on at once.
+        Err(e) if e.is_retryable() && report.pushed.cleared + report.pulled > 0 => {
+            report.interrupted = Some(e.to_string());
+            Ok(report)
+        }
+        other => other.map(|_| report),
+    }
+}
+
+/// The pieces of large pull answers, kept in the node's own store (as transfers
+/// `dir = "down"` from the parent) through a second connection, so a clinic killed in
+/// the middle of a page continues it after a restart.
+/// The connection is opened on the first large answer, not every round: most rounds
+/// fetch nothing large and need no second connection.
+struct AnswerStore<'a> {
+    clock: &'a (dyn Fn() -> u64 + Sync),
+    path: std::path::PathBuf,
+    conn: std::sync::OnceLock<Option<std::sync::Mutex<Store>>>,
+}
+
+impl<'a> AnswerStore<'a> {
+    fn new(path: std::path::PathBuf, clock: &'a (dyn Fn() -> u64 + Sync)) -> AnswerStore<'a> {
+        AnswerStore {
+            clock,
+            path,
+            conn: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn open(&self) -> Option<&std::sync::Mutex<Store>> {
+        self.conn
+            .get_or_init(|| {
+                let mut store = match Store::open_existing(&self.path) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "cannot keep pull answers across restarts");
+                        return None;
+                    }
+                };
+                // Answers left over from pages the parent has since rebuilt differently.
+                let day_ago = (self.clock)().saturating_sub(24 * 3_600_000);
+                let gc = store.begin().and_then(|mut tx| {
+                    tx.transfer_gc(day_ago)?;
+                    tx.commit()
+                });
+                if let Err(e) = gc {
+                    warn!(error = %e, "could not clear old pull answers");
+                }
+                Some(std::sync::Mutex::new(store))
+            })
+            .as_ref()
+    }
+
+    fn with(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut crate::store::Tx<'_>) -> crate::store::Result<()>,
+    ) {
+        let Some(conn) = self.open() else { return };
+        let mut store = conn.lock().unwrap_or_else(|p| p.into_inner());
+        let done = store.begin().and_then(|mut tx| {
+            f(&mut tx)?;
+            tx.commit()
+        });
+        if let Err(e) = done {
+            warn!(error = %e, "could not {what} a pull answer's piece; a restart re-fetches it");
+        }
+    }
+}
+
+fn answer_key(id: &[u8; 32]) -> crate::store::TransferKey<'_> {
+    crate::store::TransferKey {
+        node: PARENT,
+        id,
+        dir: crate::store::TransferDir::Down,
+    }
+}
+
+impl crate::transport::chunked::AnswerCache for AnswerStore<'_> {
+    fn load(&self, id: &[u8; 32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.with("read", |tx| {
+            out = tx.transfer_read(&answer_key(id), 0, u64::MAX)?;
+            Ok(())
+        });
+        out
+    }
+    fn append(&self, id: &[u8; 32], total: u64, offset: u64, data: &[u8]) {
+        self.with("keep", |tx| {
+            tx.transfer_append(&answer_key(id), total, offset, data, (self.clock)())
+                .map(|_| ())
+        });
+    }
+    fn forget(&self, id: &[u8; 32]) {
+        self.with("forget", |tx| tx.transfer_forget(&answer_key(id)));
+    }
+}
+
+/// The smallest batch or page budget adaptive sizing goes down to.
+pub const MIN_BUDGET: usize = 16 << 10;
+
+/// Pacing on a metered, failing link, as a pure value: the byte budget of a batch or
+/// page halves after a failed exchange (a cut link loses at most that much) and
+/// doubles after each success, between [`MIN_BUDGET`] and the configured sizes; the
+/// bytes exchanged today (UTC) count against `sync.daily_budget_bytes`. Kept in the
+/// store's meta between rounds and across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    pub budget: usize,
+    pub max: usize,
+    /// Day number (UTC) that `today` counts.
+    pub day: u64,
+    pub today: u64,
+}
+
+impl Pace {
+    /// The pace a round starts with, from what the last round saved (0 or `None`
+    /// when nothing was saved); a new day starts its count at zero.
+    pub fn resume(
+        saved_budget: u64,
+        max: usize,
+        saved_day: Option<u64>,
+        saved_today: u64,
+        now_ms: u64,
+    ) -> Pace {
+        let day = now_ms / 86_400_000;
+        Pace {
+            budget: match saved_budget as usize {
+                0 => max,
+                b => b.clamp(MIN_BUDGET, max.max(MIN_BUDGET)),
+            },
+            max,
+            day,
+            today: if saved_day == Some(day) {
+                saved_today
+            } else {
+                0
+            },
+        }
+    }
+
+    /// An exchange succeeded: twice the budget, up to `cap`.
+    pub fn succeeded(&mut self, cap: usize) {
+        self.budget = self.budget.saturating_mul(2).min(cap);
+    }
+
+    /// An exchange failed on the link: half the budget, not below [`MIN_BUDGET`].
+    pub fn failed(&mut self) {
+        self.budget = (self.budget / 2).max(MIN_BUDGET);
+    }
+
+    pub fn spent(&mut self, bytes: u64) {
+        self.today = self.today.saturating_add(bytes);
+    }
+
+    /// Whether bulk pulls may go on after `pages` pages this round: the day's budget
+    /// is not spent, and either it is the bulk window or no page was pulled yet. The
+    /// error says why not (for `sync` and `status`).
+    pub fn may_pull(&self, cfg: &SyncSection, pages: usize, now_ms: u64) -> Result<(), String> {
+        if cfg.daily_budget_bytes > 0 && self.today >= cfg.daily_budget_bytes {
+            return Err("daily budget spent; pulls resume tomorrow (UTC)".into());
+        }
+        if let Some(w) = crate::config::parse_window(&cfg.bulk_window) {
+            if pages >= 1 && !crate::config::in_window(w, now_ms) {
+                return Err(format!(
+                    "outside the bulk window {}; one page a round",
+                    cfg.bulk_window
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one round works with, besides the store and what it counts.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    policy: &'a Policy,
+    link: &'a dyn Exchange,
+    cfg: &'a SyncSection,
+    stop: &'a AtomicBool,
+    env: &'a Env<'a>,
+}
+
+fn sync_rounds(
+    store: &mut Store,
+    ctx: Ctx<'_>,
+    report: &mut SyncReport,
+    pace: &mut Pace,
+) -> Result<(), SyncError> {
+    let Ctx {
+        policy,
+        link: client,
+        cfg,
+        stop,
+        env,
+    } = ctx;
+    // Push first: what the clinic wrote is the most urgent thing on the link. A pass
+    // walks the outbox once, building the next batch while the previous one is in
+    // flight; a further pass picks up records edited meanwhile.
+    // A push cut short does not keep the pull from trying: on a link that drops
+    // every few KiB each direction takes what it can get.
+    let mut push_failed = None;
+    let pushing = Instant::now();
+    for _pass in 0..3 {
+        let settled = match push_pass(store, ctx, report, pace) {
+            // A parent silent for the whole timeout would be as silent to the pull:
+            // the round ends within one timeout, not two.
+            Ok(n) => n,
+            Err(e)
+                if e.is_retryable()
+                    && pushing.elapsed() < Duration::from_secs(cfg.timeout_secs) =>
+            {
+                push_failed = Some(e);
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        let due = engine::next_push(store, env.now(), 1, usize::MAX)?.is_some();
+        if settled == 0 || !due {
+            break;
+        }
+    }
+    let mut pages = 0;
+    let mut health_mark = None;
+    // Bytes and time of this round's pull answers: the link's download rate.
+    let mut pull_timed = (0u64, Duration::ZERO);
+    while !stop.load(Ordering::Relaxed) {
+        if let Err(why) = pace.may_pull(cfg, pages, env.now()) {
+            report.held_back = Some(why);
+            break;
+        }
+        pages += 1;
+        let page_bytes = (cfg.pull_page_bytes as usize).min(pace.budget) as u64;
+        let mut req = engine::pull_request(store, PARENT, cfg.pull_page_records, page_bytes)?;
+        if pages == 1 {
+            // The first page of a round carries this node's health (and a district's
+            // children's): the parent learns it with every exchange.
+            let (reports, mark) = crate::health::outgoing(store, PARENT, env.now())?;
+            req.health = reports;
+            req.order_results = crate::remote::outgoing(store)?;
+            health_mark = Some((mark, req.order_results.clone()));
+        }
+        let asked = Instant::now();
+        let (answer, traffic) = client.exchange("/v1/pull", &Message::PullRequest(req))?;
+        pull_timed.0 += traffic.received;
+        pull_timed.1 += asked.elapsed();
+        let Message::PullResponse(resp) = answer else {
+            return Err(TransportError::Unexpected {
+                sent: "pull_request",
+                got: answer.name(),
+            }
+            .into());
+        };
+        if let Some((mark, results)) = health_mark.take() {
+            crate::health::sent(store, mark)?;
+            crate::remote::reported(store, &results)?;
+        }
+        let n = engine::store_pull(
+            store,
+            PARENT,
+            &resp,
+            (traffic.sent, traffic.received),
+            env.now(),
+        )?;
+        // The parent's orders, each run once (`crate::remote`).
+        crate::remote::execute(store, policy, &resp.orders, env.now())?;
+        env.beat();
+        (env.progress)(resp.next.eff, resp.head);
+        report.pulled += n;
+        report.bytes_sent += traffic.sent;
+        report.bytes_received += traffic.received;
+        pace.spent(traffic.sent + traffic.received);
+        if !policy.external_emr {
+            // The store is the EMR: integrate at once. An external EMR gets the inbox
+            // after the round (`emr_round`), in dependency order.
+            let a = engine::apply_inbox(store, policy, env.now())?;
+            report.applied.add(&a);
+        }
+        if n > 0 {
+            info!(node = %policy.node_id, peer = PARENT, direction = "pull", records = n, cursor = %resp.next,
+                  bytes = traffic.received, "pull page applied");
+        }
+        pace.succeeded(pace.max);
+        if !resp.more {
+            break;
+        }
+    }
+    if pull_timed.0 >= 16 << 10 && !pull_timed.1.is_zero() {
+        let bps = (pull_timed.0 as f64 * 8.0 / pull_timed.1.as_secs_f64()) as u64;
+        let mut tx = store.begin()?;
+        tx.set_meta(&meta::LINK_RATE_BPS, bps)?;
+        tx.commit()?;
+    }
+    match push_failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// One pipelined walk over the outbox. Returns how many records were settled
+/// (acknowledged or quarantined).
+fn push_pass(
+    store: &mut Store,
+    ctx: Ctx<'_>,
+    report: &mut SyncReport,
+    pace: &mut Pace,
+) -> Result<usize, SyncError> {
+    let Ctx {
+        policy,
+        link: client,
+        cfg,
+        stop,
+        env,
+    } = ctx;
+    let mut settled = 0;
+    let mut after = 0u64;
+    std::thread::scope(|scope| -> Result<(), SyncError> {
+        let mut inflight = None;
+        loop {
+            let next = if stop.load(Ordering::Relaxed) {
+                None
+            } else {
+                engine::next_push_after(
+                    store,
+                    env.now(),
+                    cfg.push_batch_records,
+                    pace.budget.min(cfg.push_batch_bytes),
+                    after,
+                )?
+            };
+            if let Some((req, handle)) = inflight.take() {
+                let (req, handle): (PushRequest, std::thread::ScopedJoinHandle<'_, _>) =
+                    (req, handle);
+                // A panic in the exchange thread is a bug: let it surface as one.
+                let exchanged: Result<(Message, Traffic), TransportError> = handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                let (answer, traffic) = exchanged?;
+                let Message::PushResponse(resp) = answer else {
+                    return Err(TransportError::Unexpected {
+                        sent: "push_request",
+                        got: answer.name(),
+                    }
+                    .into());
+                };
+                let s = engine::apply_push_results(
+                    store,
+                    PARENT,
+                    &req,
+                    &resp,
+                    (traffic.sent, traffic.received),
+                    env.now(),
+                )?;
+                env.beat();
+                pace.succeeded(cfg.push_batch_bytes);
+                report.bytes_sent += traffic.sent;
+                report.bytes_received += traffic.received;
+                pace.spent(traffic.sent + traffic.received);
+                settled += s.cleared + s.rejected;
+                report.pushed.add(&s);
+                info!(node = %policy.node_id, peer = PARENT, direction = "push", records = s.sent, accepted = s.accepted,
+                      rejected = s.rejected, conflicts = s.conflict, bytes = traffic.sent, "push batch acknowledged");
+            }
+            let Some((req, last)) = next else { break };
+            after = last;
+            let msg = Message::PushRequest(req.clone());
+            inflight = Some((req, scope.spawn(move || client.exchange("/v1/push", &msg))));
+        }
+        Ok(())
+    })?;
+    Ok(settled)
+}
+
+/// What the EMR side of a round did; errors are reported, never fatal to the round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EmrReport {
+    pub capture: Option<crate::emr::flow::CaptureSummary>,
+    pub apply: Option<crate::emr::flow::EmrApplySummary>,
+    pub error: Option<String>,
+}
+
+/// Captures local changes from the EMR (before a push), or applies the inbox to it
+/// (after a pull). An EMR error is recorded as the link state of peer `emr` (shown by
+/// `status`) and logged; syncing with the parent goes on regardless.
+pub fn emr_step(
+    store: &mut Store,
+    policy: &Policy,
+    emr: &mut dyn crate::emr::Emr,
+    capture: bool,
+    report: &mut EmrReport,
+    now: u64,
+) {
+    let result = if capture {
+        crate::emr::flow::capture_from_emr(store, policy, emr, now)
+            .map(|c| report.capture = Some(c))
+    } else {
+        crate::emr::flow::apply_inbox_to_emr(store, policy, emr, now).and_then(|mut a| {
+            // A hub's EMR also gets what its children pushed; a clinic's, a
+            // reviewed conflict's resolution.
+            let b = if policy.serves_children {
+                crate::emr::flow::apply_replica_to_emr(store, policy, emr, now)?
+            } else {
+                crate::emr::flow::apply_due_to_emr(store, policy, emr, now)?
+            };
+            a.applied.add(&b.applied);
+            a.refused += b.refused;
+            a.blocked += b.blocked;
+            // A first-contact round applies twice: the report adds them up.
+            if let Some(before) = report.apply.take() {
+                a.applied.add(&before.applied);
+                a.refused += before.refused;
+                a.blocked += before.blocked;
+            }
+            report.apply = Some(a);
+            Ok(())
+        })
+    };
+    if let Err(e) = result {
+        let msg = format!(
+            "{} {}: {e}",
+            if capture { "capture" } else { "apply" },
+            if capture {
+                "from the EMR"
+            } else {
+                "to the EMR"
+            }
+        );
+        warn!(node = %policy.node_id, peer = "emr", error = %msg, "EMR step failed");
+        if let Ok(mut tx) = store.begin() {
+            let _ = tx.note_peer("emr", PeerEvent::Error(&msg), now);
+            let _ = tx.commit();
+        }
+        report.error = Some(msg);
+    } else if !capture {
+        if let Ok(mut tx) = store.begin() {
+            let _ = tx.note_peer(
+                "emr",
+                PeerEvent::PushOk {
+                    sent: 0,
+                    received: 0,
+                },
+                now,
+            );
+            let _ = tx.commit();
+        }
+    }
+}
+
+/// A full round for a node with an external EMR: capture, sync with the parent,
+/// apply to the EMR. Without an EMR it is `sync_once`.
+pub fn round(
+    store: &mut Store,
+    policy: &Policy,
+    client: &dyn Exchange,
+    cfg: &SyncSection,
+    emr: Option<&mut (dyn crate::emr::Emr + '_)>,
+    stop: &AtomicBool,
+) -> Result<(SyncReport, EmrReport), SyncError> {
+    round_with(store, policy, client, cfg, emr, stop, &Env::wall())
+}
+
+/// [`round`] with the caller's clock and heartbeat (the daemon's).
+pub fn round_with(
+    store: &mut Store,
+    policy: &Policy,
+    client: &dyn Exchange,
+    cfg: &SyncSection,
+    emr: Option<&mut (dyn crate::emr::Emr + '_)>,
+    stop: &AtomicBool,
+    env: &Env<'_>,
+) -> Result<(SyncReport, EmrReport), SyncError> {
+    let mut er = EmrReport::default();
+    let Some(emr) = emr else {
+        return sync_with(store, policy, client, cfg, stop, env).map(|r| (r, er));
+    };
+    if !engine::first_contact_done(store, PARENT)? {
+        // First contact (a new or reinstalled box): learn from the parent what this
+        // node already wrote before capturing anything, so a record the EMR still
+        // holds is recognised, not written again as a new version with counters
+        // restarted at 1 (stale, or in conflict with itself).
+        let sync = sync_with(store, policy, client, cfg, stop, env);
+        emr_step(store, policy, emr, false, &mut er, env.now());
+        let first = sync?;
+        // Then the usual round, in the same call: what the EMR holds goes up now.
+        emr_step(store, policy, emr, true, &mut er, env.now());
+        let mut second = sync_with(store, policy, client, cfg, stop, env)?;
+        emr_step(store, policy, emr, false, &mut er, env.now());
+        second.pulled += first.pulled;
+        second.applied.add(&first.applied);
+        second.bytes_sent += first.bytes_sent;
+        second.bytes_received += first.bytes_received;
+        second.elapsed_ms += first.elapsed_ms;
+        return Ok((second, er));
+    }
+    emr_step(store, policy, emr, true, &mut er, env.now());
+    let sync = sync_with(store, policy, client, cfg, stop, env);
+    // Apply what arrived even if the link dropped mid-round: it is in the inbox.
+    emr_step(store, policy, emr, false, &mut er, env.now());
+    sync.map(|r| (r, er))
+}
+
+/// The link to the parent, as the configuration asks for it.
+pub struct ParentLink {
+    pub exchange: Box<dyn Exchange + Send>,
+    /// Completes when the parent sends a wake-up (MQTT).
+    pub wake: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// Connects to the parent. For MQTT this waits for the broker's answer, so a wrong
+/// password or a broker that is down shows up here as a retryable or permanent error.
+pub fn connect_parent(cfg: &Config) -> Result<ParentLink, String> {
+    let parent = cfg
+        .parent
+        .as_ref()
+        .ok_or("this node has no [parent] to sync with")?;
+    let http = || parent.http_client(cfg.timeout());
+    let mqtt = || -> Result<MqttClient, String> {
+        let settings = cfg.mqtt_settings()?;
+        MqttClient::connect(
+            &settings,
+            &cfg.node.id,
+            cfg.timeout().min(Duration::from_secs(30)),
+        )
+        .map_err(|e| e.to_string())
+    };
+    Ok(match cfg.transport.kind {
+        TransportKind::Http => ParentLink {
+            exchange: Box::new(http()?),
+            wake: None,
+        },
+        TransportKind::Mqtt => {
+            let m = mqtt()?;
+            let wake = Some(m.wake());
+            ParentLink {
+                exchange: Box::new(m),
+                wake,
+            }
+        }
+        TransportKind::Both => {
+            let h = http()?;
+            match mqtt() {
+                Ok(m) => {
+                    let wake = Some(m.wake());
+                    ParentLink {
+                        exchange: Box::new(MqttThenHttp { mqtt: m, http: h }),
+                        wake,
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "MQTT broker unavailable; using HTTP until the next reconnect");
+                    ParentLink {
+                        exchange: Box::new(h),
+                        wake: None,
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SyncSection {
+        SyncSection::default()
+    }
+
+    const DAY: u64 = 86_400_000;
+
+    #[test]
+    fn the_budget_halves_on_failure_doubles_on_success_within_its_bounds() {
+        let mut p = Pace::resume(0, 1 << 20, None, 0, 0);
+        assert_eq!(
+            p.budget,
+            1 << 20,
+            "nothing saved: start at the configured size"
+        );
+        p.failed();
+        assert_eq!(p.budget, 1 << 19);
+        for _ in 0..20 {
+            p.failed();
+        }
+        assert_eq!(p.budget, MIN_BUDGET, "never below the floor");
+        p.succeeded(p.max);
+        assert_eq!(p.budget, 2 * MIN_BUDGET);
+        for _ in 0..20 {
+            p.succeeded(256 << 10);
+        }
+        assert_eq!(p.budget, 256 << 10, "never above the cap it is given");
+    }
+
+    #[test]
+    fn a_saved_pace_resumes_clamped_and_a_new_day_counts_from_zero() {
+        let p = Pace::resume(1, 1 << 20, Some(3), 500, 3 * DAY + 10);
+        assert_eq!(
+            p.budget, MIN_BUDGET,
+            "a saved budget below the floor is raised"
+        );
+        assert_eq!((p.day, p.today), (3, 500), "same day: the count goes on");
+        let p = Pace::resume(u64::MAX, 1 << 20, Some(3), 500, 4 * DAY);
+        assert_eq!(
+            p.budget,
+            1 << 20,
+            "a saved budget above the sizes is capped"
+        );
+        assert_eq!((p.day, p.today), (4, 0), "a new day starts at zero");
+    }
+
+    #[test]
+    fn pulls_stop_when_the_daily_budget_is_spent_and_outside_the_bulk_window() {
+        let mut c = cfg();
+        c.daily_budget_bytes = 1000;
+        let mut p = Pace::resume(0, 1 << 20, None, 0, 0);
+        assert!(p.may_pull(&c, 5, 0).is_ok());
+        p.spent(1000);
+        assert!(p.may_pull(&c, 0, 0).unwrap_err().contains("daily budget"));
+        let mut c = cfg();
+        c.bulk_window = "01:00-05:00".into();
+        let p = Pace::resume(0, 1 << 20, None, 0, 0);
+        let noon = 12 * 3_600_000;
+        assert!(p.may_pull(&c, 0, noon).is_ok(), "the first page always");
+        assert!(p.may_pull(&c, 1, noon).unwrap_err().contains("bulk window"));
+        assert!(
+            p.may_pull(&c, 1, 2 * 3_600_000).is_ok(),
+            "inside the window"
+        );
+    }
+}
