@@ -69,6 +69,12 @@ pub struct LinkArgs {
     /// Work directory (default: a temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// The link: `sim` (the user-space model, `linksim`) or `real` (the kernel's TCP
+    /// over loopback shaped by htb and nft, plus a delay-and-cut proxy; needs a private
+    /// network namespace as root: tests/bench/real-path.sh). `real` measures the
+    /// clinicsync row only.
+    #[arg(long, default_value = "sim")]
+    pub path: String,
 }
 
 fn fail(e: impl std::fmt::Display) -> Failure {
@@ -162,7 +168,51 @@ fn floor(resources: &[Value], spec: &LinkSpec) -> Result<Row, Failure> {
 
 /// clinicsync: a real hub process, and `clinicsync sync` (or `sync --bootstrap`) run
 /// until it succeeds, as the daemon would, one second after a failure.
-fn clinicsync_row(dir: &Path, resources: &[Value], bootstrap: bool) -> Result<Row, Failure> {
+/// The link a clinicsync row runs over: the model or the real path.
+enum Path2 {
+    Sim(Link),
+    Real(super::realpath::RealPath),
+}
+
+impl Path2 {
+    fn start(real: bool, hub_port: u16) -> Result<Path2, Failure> {
+        Ok(if real {
+            Path2::Real(
+                super::realpath::RealPath::start(hub_port, &LinkSpec::edge()).map_err(fail)?,
+            )
+        } else {
+            Path2::Sim(Link::start(hub_port, LinkSpec::edge()).map_err(fail)?)
+        })
+    }
+    fn port(&self) -> u16 {
+        match self {
+            Path2::Sim(l) => l.port,
+            Path2::Real(r) => r.port,
+        }
+    }
+    fn wire(&self) -> u64 {
+        match self {
+            Path2::Sim(l) => l.stats.wire_total(),
+            Path2::Real(r) => r.wire_total(),
+        }
+    }
+    fn cuts(&self) -> u64 {
+        match self {
+            Path2::Sim(l) => l
+                .stats
+                .cut_connections
+                .load(std::sync::atomic::Ordering::Relaxed),
+            Path2::Real(r) => r.cuts(),
+        }
+    }
+}
+
+fn clinicsync_row(
+    dir: &Path,
+    resources: &[Value],
+    bootstrap: bool,
+    real: bool,
+) -> Result<Row, Failure> {
     let exe = super::bench::node_exe()?;
     let port = cluster::free_port().map_err(fail)?;
     let layout =
@@ -181,10 +231,10 @@ fn clinicsync_row(dir: &Path, resources: &[Value], bootstrap: bool) -> Result<Ro
     }
     let mut hub = Proc::spawn(&exe, "hub", &layout.hub.config, &["run"]).map_err(fail)?;
     cluster::wait_healthy(&layout.hub_url, Duration::from_secs(30)).map_err(fail)?;
-    let link = Link::start(port, LinkSpec::edge()).map_err(fail)?;
+    let link = Path2::start(real, port)?;
     let text = std::fs::read_to_string(&clinic.config)
         .map_err(fail)?
-        .replace(&format!(":{port}\""), &format!(":{}\"", link.port));
+        .replace(&format!(":{port}\""), &format!(":{}\"", link.port()));
     std::fs::write(&clinic.config, text).map_err(fail)?;
     let args: &[&str] = if bootstrap {
         &["sync", "--bootstrap"]
@@ -229,13 +279,10 @@ fn clinicsync_row(dir: &Path, resources: &[Value], bootstrap: bool) -> Result<Ro
     }
     Ok(Row {
         secs,
-        wire: link.stats.wire_total() as f64,
+        wire: link.wire() as f64,
         done: resources.len(),
         of: resources.len(),
-        cuts: link
-            .stats
-            .cut_connections
-            .load(std::sync::atomic::Ordering::Relaxed),
+        cuts: link.cuts(),
     })
 }
 
@@ -623,6 +670,16 @@ pub fn run(a: LinkArgs) -> Result<(), Failure> {
     let base = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let spec = LinkSpec::edge();
     let want = |row: &str| a.rows.split(',').any(|r| r.trim() == row);
+    let real = match a.path.as_str() {
+        "sim" => false,
+        "real" if want("rest") || want("couch") => {
+            return Err(fail(
+                "--path real measures the clinicsync row only: add --rows clinicsync",
+            ))
+        }
+        "real" => true,
+        other => return Err(fail(format!("--path {other:?}: expected sim or real"))),
+    };
     let workloads = [
         ("day's work", day_work(a.day), false),
         ("bootstrap", bootstrap_work(a.bootstrap), true),
@@ -659,7 +716,9 @@ pub fn run(a: LinkArgs) -> Result<(), Failure> {
                 Ok(median_row(rows))
             };
         if want("clinicsync") {
-            let r = measure("clinicsync", &|d| clinicsync_row(d, resources, *bootstrap))?;
+            let r = measure("clinicsync", &|d| {
+                clinicsync_row(d, resources, *bootstrap, real)
+            })?;
             table.push(("clinicsync", r));
         }
         if want("rest") {
@@ -724,11 +783,16 @@ pub fn run(a: LinkArgs) -> Result<(), Failure> {
         }
     }
     println!(
-        "Link: {} kbit/s each way, {} ms round trip, {:.0} % segment loss, every connection cut every {} s (clinicsync's linksim).",
+        "Link: {} kbit/s each way, {} ms round trip, {:.0} % segment loss, every connection cut every {} s ({}).",
         spec.rate * 8 / 1000,
         spec.rtt.as_millis(),
         spec.loss * 100.0,
-        spec.cut_every.map(|d| d.as_secs()).unwrap_or(0)
+        spec.cut_every.map(|d| d.as_secs()).unwrap_or(0),
+        if real {
+            "real path: the kernel's TCP on loopback, htb rate, nft loss, a delay-and-cut proxy"
+        } else {
+            "clinicsync's linksim"
+        }
     );
     for l in &lines {
         println!("{l}");

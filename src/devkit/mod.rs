@@ -6,7 +6,8 @@
 //!   [`crate::localnet`];
 //! - [`openmrs_sim`]: an OpenMRS simulator built from OpenMRS's own source, for the
 //!   adapter's and the network's tests;
-//! - [`linksim`]: a bad link in user space for the link benchmark;
+//! - [`linksim`]: a bad link in user space for the link benchmark, and [`realpath`]:
+//!   the same link on the kernel's TCP (htb rate, nft loss, a delay-and-cut proxy);
 //! - [`bench`], [`linkbench`]: the benchmarks behind BENCHMARKS.md, run by the
 //!   `clinicsync-bench` binary.
 
@@ -15,3 +16,4 @@ pub mod cluster;
 pub mod linkbench;
 pub mod linksim;
 pub mod openmrs_sim;
+pub mod realpath;
