@@ -1150,7 +1150,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             }
             let mut emr = cfg
                 .emr_adapter()
-                .map_err(|e| Failure::new(EXIT_CONFIG, e))?;
+                .map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))?;
             if let Some(e) = emr.as_mut() {
                 crate::emr::flow::prepare_emr(&store, e.as_mut())?;
             }
