@@ -152,7 +152,8 @@ pub use transfers::{TransferDir, TransferKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
+    /// SQLite's own error; one that says the file is damaged reads as corruption.
+    #[error("{}", sqlite_text(.0))]
     Sqlite(#[from] rusqlite::Error),
     #[error("store schema version {found} is newer than this clinicsync understands (up to {known}); install a newer clinicsync")]
     NewerSchema { found: i64, known: i64 },
@@ -210,6 +211,15 @@ impl Classify for StoreError {
             | StoreError::Encode { .. } => ErrorClass::Permanent,
             StoreError::File { source, .. } => source.class(),
         }
+    }
+}
+
+/// How a SQLite error reads: as corruption when it is one, so the technician sees
+/// what it is whichever code path met it.
+fn sqlite_text(e: &rusqlite::Error) -> String {
+    match sqlite_class(e) {
+        ErrorClass::Corruption => format!("store is corrupt: {e}"),
+        ErrorClass::Retryable | ErrorClass::Permanent => format!("database error: {e}"),
     }
 }
 
@@ -611,6 +621,7 @@ mod tests {
             .unwrap();
         let err = store.current(v.key()).unwrap_err();
         assert!(err.is_corruption() && !err.is_retryable(), "{err}");
+        assert!(err.to_string().starts_with("store is corrupt: "), "{err}");
     }
 
     #[test]
