@@ -74,7 +74,7 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
 pub fn exit_codes_help() -> String {
     let mut s = String::from("Exit codes:\n");
     for (code, meaning) in EXIT_CODES {
-        s.push_str(&format!("  {code}  {meaning}\n"));
+        s.push_str(&format!("  {code:>2}  {meaning}\n"));
     }
     s.push_str(
         "\nEach command has examples: clinicsync help <command>, or man clinicsync-<command>.",
