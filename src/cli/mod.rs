@@ -562,15 +562,6 @@ impl From<config::ConfigError> for Failure {
     }
 }
 
-impl From<crate::emr::flow::EmrFlowError> for Failure {
-    fn from(e: crate::emr::flow::EmrFlowError) -> Self {
-        match e {
-            crate::emr::flow::EmrFlowError::Engine(e) => e.into(),
-            crate::emr::flow::EmrFlowError::Emr(e) => Failure::classified(&e, EXIT_FAILURE),
-        }
-    }
-}
-
 impl From<daemon::SyncError> for Failure {
     fn from(e: daemon::SyncError) -> Self {
         match e {
