@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::config::TransportKind;
 use crate::config::{Config, SyncSection};
 use crate::engine::{self, ApplySummary, EngineError, Policy, PushSummary, PARENT};
+use crate::error::Classify;
 use crate::store::{meta, PeerEvent, Store};
 use crate::transport::http::{Traffic, TransportError};
 use crate::transport::mqtt::MqttClient;
@@ -51,11 +52,11 @@ impl From<crate::store::StoreError> for SyncError {
     }
 }
 
-impl SyncError {
-    pub fn is_retryable(&self) -> bool {
+impl crate::error::Classify for SyncError {
+    fn class(&self) -> crate::error::ErrorClass {
         match self {
-            SyncError::Transport(e) => e.is_retryable(),
-            SyncError::Engine(e) => e.is_retryable(),
+            SyncError::Transport(e) => e.class(),
+            SyncError::Engine(e) => e.class(),
         }
     }
 }

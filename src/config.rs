@@ -34,13 +34,67 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("{path} is invalid:\n  - {}", problems.join("\n  - "))]
     Invalid {
         path: PathBuf,
         problems: Vec<String>,
     },
+    /// A credential file the configuration names (`key`) is open to others.
+    #[error("{key}: {source}")]
+    CredentialMode {
+        key: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A credential file the configuration names (`key`) cannot be read.
+    #[error("{key} {}: {source}", path.display())]
+    CredentialRead {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A credential file that does not hold what `key` needs (`expected`).
+    #[error("{key} {} must hold {expected}", path.display())]
+    CredentialFormat {
+        key: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    /// A TLS file the configuration names (`key`) cannot be used.
+    #[error("{key}: {source}")]
+    Tls {
+        key: &'static str,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+    /// A setting read only when it is used, and wrong.
+    #[error("{key} {message}")]
+    Setting { key: &'static str, message: String },
+}
+
+/// A configuration that does not load, or names a file that cannot be used, needs a
+/// person, whatever the reason (an unreadable file included: it is this node's own
+/// setup, not a peer that may come back).
+impl crate::error::Classify for ConfigError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            ConfigError::Read { .. }
+            | ConfigError::Parse { .. }
+            | ConfigError::Invalid { .. }
+            | ConfigError::CredentialMode { .. }
+            | ConfigError::CredentialRead { .. }
+            | ConfigError::CredentialFormat { .. }
+            | ConfigError::Tls { .. }
+            | ConfigError::Setting { .. } => crate::error::ErrorClass::Permanent,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -474,9 +528,9 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         })?;
         cfg.path = path.to_path_buf();
         let problems = cfg.problems();
@@ -809,23 +863,27 @@ impl Config {
     }
 
     /// The EMR adapter, or `None` for the embedded EMR.
-    pub fn emr_adapter(&self) -> Result<Option<Box<dyn crate::emr::Emr>>, String> {
+    pub fn emr_adapter(&self) -> Result<Option<Box<dyn crate::emr::Emr>>, ConfigError> {
         let e = &self.emr;
-        let credentials = || -> Result<(String, Secret), String> {
+        const KEY: &str = "emr.credentials_file";
+        let credentials = || -> Result<(String, Secret), ConfigError> {
             crate::filemode::check_credential(&e.credentials_file)
-                .map_err(|err| format!("emr.credentials_file: {err}"))?;
-            let text = std::fs::read_to_string(&e.credentials_file).map_err(|err| {
-                format!(
-                    "emr.credentials_file {}: {err}",
-                    e.credentials_file.display()
-                )
+                .map_err(|source| ConfigError::CredentialMode { key: KEY, source })?;
+            let text = std::fs::read_to_string(&e.credentials_file).map_err(|source| {
+                ConfigError::CredentialRead {
+                    key: KEY,
+                    path: e.credentials_file.clone(),
+                    source,
+                }
             })?;
-            let (user, pass) = text.trim().split_once(':').ok_or_else(|| {
-                format!(
-                    "emr.credentials_file {} must hold user:password",
-                    e.credentials_file.display()
-                )
-            })?;
+            let (user, pass) =
+                text.trim()
+                    .split_once(':')
+                    .ok_or_else(|| ConfigError::CredentialFormat {
+                        key: KEY,
+                        path: e.credentials_file.clone(),
+                        expected: "user:password",
+                    })?;
             Ok((user.to_string(), Secret::new(pass.to_string())))
         };
         let timeout = Duration::from_secs(e.timeout_secs);
@@ -837,8 +895,13 @@ impl Config {
                 } else {
                     Some(credentials()?)
                 };
-                let capture = crate::emr::fhir::CaptureMode::parse(&e.fhir_capture)
-                    .ok_or_else(|| format!("emr.fhir_capture {:?} is not known", e.fhir_capture))?;
+                let capture =
+                    crate::emr::fhir::CaptureMode::parse(&e.fhir_capture).ok_or_else(|| {
+                        ConfigError::Setting {
+                            key: "emr.fhir_capture",
+                            message: format!("{:?} is not known", e.fhir_capture),
+                        }
+                    })?;
                 Ok(Some(Box::new(
                     crate::emr::fhir::FhirServer::new(
                         &e.url,
@@ -971,32 +1034,102 @@ impl ParentSection {
     ) -> Result<crate::transport::http::HttpClient, String> {
         let token = crate::auth::read_token(&self.token_file)
             .map_err(|e| format!("parent.token_file {}: {e}", self.token_file.display()))?;
-        let tls = self.tls()?;
+        // A String still: `daemon::connect_parent` takes this error as text (it moves
+        // to `client`, where it becomes a typed error).
+        let tls = self.tls().map_err(|e| e.to_string())?;
         Ok(crate::transport::http::HttpClient::with_tls(
             &self.url, token, timeout, tls,
         ))
     }
 
     /// The TLS client config `[parent]` asks for, or `None` for the defaults.
-    pub fn tls(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+    pub fn tls(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, ConfigError> {
         if self.ca_file.is_none() && self.pin_sha256.is_none() {
             return Ok(None);
         }
         let pins = match &self.pin_sha256 {
-            Some(p) => p.parse().ok_or(
-                "self.pin_sha256 must be 64 hex digits or 44 characters of base64 (or a list of them)",
-            )?,
+            Some(p) => p.parse().ok_or_else(|| ConfigError::Setting {
+                key: "parent.pin_sha256",
+                message: "must be 64 hex digits or 44 characters of base64 (or a list of them)"
+                    .into(),
+            })?,
             None => Vec::new(),
         };
         crate::tls::client_config(self.ca_file.as_deref(), &pins)
             .map(Some)
-            .map_err(|e| format!("self.ca_file: {e}"))
+            .map_err(|source| ConfigError::Tls {
+                key: "parent.ca_file",
+                source,
+            })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configuration_errors_are_permanent_and_keep_their_sources() {
+        use crate::error::{Classify, ErrorClass};
+        use std::error::Error;
+        let parse = Config::parse("[node", Path::new("c.toml")).unwrap_err();
+        assert!(
+            parse.source().is_some_and(|s| s.is::<toml::de::Error>()),
+            "{parse}"
+        );
+        let cases = [
+            parse,
+            Config::load(Path::new("/nonexistent/c.toml")).unwrap_err(),
+            ConfigError::Invalid {
+                path: "c.toml".into(),
+                problems: vec!["node.id".into()],
+            },
+            ConfigError::CredentialMode {
+                key: "emr.credentials_file",
+                source: std::io::ErrorKind::PermissionDenied.into(),
+            },
+            ConfigError::CredentialRead {
+                key: "emr.credentials_file",
+                path: "c".into(),
+                source: std::io::ErrorKind::NotFound.into(),
+            },
+            ConfigError::CredentialFormat {
+                key: "emr.credentials_file",
+                path: "c".into(),
+                expected: "user:password",
+            },
+            ConfigError::Tls {
+                key: "parent.ca_file",
+                source: crate::tls::TlsError::NoCertificate { path: "ca".into() },
+            },
+            ConfigError::Setting {
+                key: "emr.fhir_capture",
+                message: "\"x\" is not known".into(),
+            },
+        ];
+        for e in cases {
+            assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+        }
+    }
+
+    #[test]
+    fn a_bad_ca_file_names_the_key_a_person_fixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let p = ParentSection {
+            url: "https://hub.example:8443".into(),
+            token_file: dir.path().join("token"),
+            ca_file: Some(ca),
+            pin_sha256: None,
+        };
+        let err = p.tls().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Tls { .. })
+                && err.to_string().starts_with("parent.ca_file: "),
+            "{err}"
+        );
+    }
 
     #[test]
     fn every_problem_is_reported_with_its_key() {

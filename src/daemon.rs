@@ -25,6 +25,7 @@ use crate::client::{
 };
 use crate::config::{Config, SyncSection};
 use crate::engine::{Policy, PARENT};
+use crate::error::Classify;
 use crate::hub::HubState;
 use crate::store::{meta, PeerEvent, Store};
 use crate::time::wall_ms;
@@ -545,6 +546,15 @@ async fn sync_loop(
                     info!(node = %shared.0.node_id, pushed = r.pushed.sent, pulled = r.pulled, ms = r.elapsed_ms, "sync round done");
                 }
                 interval
+            }
+            Err(e) if e.is_corruption() => {
+                // Stored or signed data is not what was written: going on would sync
+                // damage to the parent or lose more. Stop, say what is corrupt, and let
+                // `run` exit 10 (systemd does not restart it: RestartPreventExitStatus).
+                tracing::error!(node = %shared.0.node_id, error = %e, "the store is corrupt: stopping; see README, Restore from a backup");
+                let status = format!("stopped: store corrupt: {e}");
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
+                return Err(anyhow::Error::new(e));
             }
             Err(e) => {
                 let d = delays

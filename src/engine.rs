@@ -25,6 +25,7 @@
 
 use serde::Serialize;
 
+use crate::error::{Classify, ErrorClass};
 use crate::model::{
     merge_fields, Causality, Class, ContentHash, ModelError, RecordKey, Snapshot, Version,
     VersionVector,
@@ -51,14 +52,34 @@ pub enum EngineError {
     Invalid(String),
     #[error("{0}")]
     NotFound(String),
+    /// A record that cannot be built from what it was made of (`what` says which:
+    /// a merge's result, a record named in an order).
+    #[error("{what}: {source}")]
+    Model {
+        what: String,
+        #[source]
+        source: ModelError,
+    },
+}
+
+/// Refusals are decided by the protocol and are permanent; the store's errors keep
+/// their own class.
+impl Classify for EngineError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            EngineError::Store(e) => e.class(),
+            EngineError::Forbidden(_)
+            | EngineError::Invalid(_)
+            | EngineError::NotFound(_)
+            | EngineError::Model { .. } => ErrorClass::Permanent,
+        }
+    }
 }
 
 impl EngineError {
+    /// [`Classify::is_retryable`], here so callers need no import.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            EngineError::Store(e) => e.is_retryable(),
-            _ => false,
-        }
+        Classify::is_retryable(self)
     }
 }
 
@@ -398,8 +419,11 @@ fn resolve(
                 &local.snapshot.json(),
                 &remote.snapshot.json(),
             ) {
-                let snapshot = Snapshot::from_json_value(merged)
-                    .map_err(|e| EngineError::Invalid(format!("merged {}: {e}", local.key())))?;
+                let snapshot =
+                    Snapshot::from_json_value(merged).map_err(|source| EngineError::Model {
+                        what: format!("merged {}", local.key()),
+                        source,
+                    })?;
                 let changed_l =
                     crate::model::changed_fields(&ancestor.snapshot.json(), &local.snapshot.json());
                 let changed_r = crate::model::changed_fields(
@@ -1566,6 +1590,36 @@ pub fn stamp_of(v: &Version) -> (VersionVector, ContentHash) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_refusals_are_permanent_and_store_errors_keep_their_class() {
+        use crate::error::ErrorClass::{Corruption, Permanent, Retryable};
+        let busy = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        ));
+        let cases = [
+            (EngineError::Store(busy), Retryable),
+            (
+                EngineError::Store(StoreError::NoNodeId("/x".into())),
+                Corruption,
+            ),
+            (EngineError::Forbidden("a is not b".into()), Permanent),
+            (EngineError::Invalid("no".into()), Permanent),
+            (EngineError::NotFound("no conflict #3".into()), Permanent),
+            (
+                EngineError::Model {
+                    what: "merged Patient/p".into(),
+                    source: ModelError::NoId,
+                },
+                Permanent,
+            ),
+        ];
+        for (e, class) in cases {
+            assert_eq!(e.class(), class, "{e}");
+            assert_eq!(e.is_retryable(), class == Retryable, "{e}");
+        }
+    }
     use serde_json::json;
 
     fn snap(v: serde_json::Value) -> Snapshot {

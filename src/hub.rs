@@ -1079,6 +1079,7 @@ fn engine_refusal(e: EngineError) -> Refusal {
     match e {
         EngineError::Forbidden(m) => Refusal::new(StatusCode::FORBIDDEN, m),
         EngineError::Invalid(m) => Refusal::new(StatusCode::BAD_REQUEST, m),
+        e @ EngineError::Model { .. } => Refusal::new(StatusCode::BAD_REQUEST, e.to_string()),
         e if e.is_retryable() => Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("store busy, retry later: {e}"),

@@ -24,18 +24,40 @@ use std::str::FromStr;
 use age::secrecy::ExposeSecret;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
+use crate::error::{Classify, ErrorClass};
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("no keys in {0} (run `clinicsync keys init` first)")]
     Missing(PathBuf),
     #[error("keys already exist in {0}; refusing to overwrite them")]
     Exists(PathBuf),
-    #[error("{path}: {message}")]
-    Io { path: PathBuf, message: String },
-    #[error("invalid key material in {path}: {message}")]
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key file `keys init` wrote holds something else now.
+    #[error("invalid key material in {}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
     #[error("not a clinicsync public key line: {0}")]
     BadPublicLine(String),
+}
+
+/// A key file that holds no key is this node's stored identity damaged (corruption:
+/// nothing can be signed or opened with it); missing or existing keys and a bad key
+/// line typed by a person are permanent; I/O errors keep their own class.
+impl Classify for KeyError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            KeyError::Missing(_) | KeyError::Exists(_) | KeyError::BadPublicLine(_) => {
+                ErrorClass::Permanent
+            }
+            KeyError::Io { source, .. } => source.class(),
+            KeyError::Invalid { .. } => ErrorClass::Corruption,
+        }
+    }
 }
 
 /// This node's secret keys. Never printed.
@@ -107,9 +129,9 @@ impl Identity {
 
     /// Creates and writes new keys; refuses to overwrite existing ones.
     pub fn init(dir: &Path, node: &str) -> Result<Identity, KeyError> {
-        let io = |path: &Path, e: std::io::Error| KeyError::Io {
+        let io = |path: &Path, source: std::io::Error| KeyError::Io {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         };
         if dir.join("signing.key").exists() || dir.join("age.key").exists() {
             return Err(KeyError::Exists(dir.to_path_buf()));
@@ -138,9 +160,9 @@ impl Identity {
             return Err(KeyError::Missing(dir.to_path_buf()));
         }
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|e| KeyError::Io {
+            std::fs::read_to_string(p).map_err(|source| KeyError::Io {
                 path: p.to_path_buf(),
-                message: e.to_string(),
+                source,
             })
         };
         let invalid = |p: &Path, m: &str| KeyError::Invalid {
@@ -191,6 +213,32 @@ fn write_public(path: &Path, content: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_that_holds_no_key_is_corruption_and_keeps_its_path() {
+        use crate::error::ErrorClass;
+        let dir = tempfile::tempdir().unwrap();
+        Identity::init(dir.path(), "clinic-a").unwrap();
+        std::fs::write(dir.path().join("signing.key"), "not hex\n").unwrap();
+        let err = Identity::load(dir.path(), "clinic-a").unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Corruption, "{err}");
+        assert!(err.to_string().contains("signing.key"), "{err}");
+        let cases = [
+            (KeyError::Missing(dir.path().into()), ErrorClass::Permanent),
+            (KeyError::Exists(dir.path().into()), ErrorClass::Permanent),
+            (KeyError::BadPublicLine("x".into()), ErrorClass::Permanent),
+            (
+                KeyError::Io {
+                    path: dir.path().into(),
+                    source: std::io::ErrorKind::PermissionDenied.into(),
+                },
+                ErrorClass::Permanent,
+            ),
+        ];
+        for (e, class) in cases {
+            assert_eq!(e.class(), class, "{e}");
+        }
+    }
 
     #[test]
     fn keys_round_trip_and_are_never_overwritten() {

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod devkit;
 pub mod emr;
 pub mod engine;
+pub mod error;
 pub mod filemode;
 pub mod health;
 pub mod hub;

@@ -11,6 +11,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::error::{Classify, ErrorClass};
+
 /// The lock file beside a store.
 pub fn path_for(store: &Path) -> PathBuf {
     let mut p = store.as_os_str().to_owned();
@@ -24,29 +26,54 @@ pub struct DaemonLock {
     _file: File,
 }
 
+/// Why the daemon could not take its store.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds the lock: a second daemon on the same store.
+    #[error("another clinicsync daemon is running on this store ({} is locked)", path.display())]
+    Held { path: PathBuf },
+    /// The lock file could not be opened or locked.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A second daemon is a person's mistake (two units, or `run` by hand beside the
+/// service): starting it again meets the same lock, so it is permanent.
+impl Classify for LockError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            LockError::Held { .. } => ErrorClass::Permanent,
+            LockError::Io { source, .. } => source.class(),
+        }
+    }
+}
+
 /// Takes the store's lock for the daemon, or says who holds it.
-pub fn acquire(store: &Path) -> io::Result<DaemonLock> {
+pub fn acquire(store: &Path) -> Result<DaemonLock, LockError> {
     let path = path_for(store);
+    let io_err = |source| LockError::Io {
+        path: path.clone(),
+        source,
+    };
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(&path)?;
+        .open(&path)
+        .map_err(io_err)?;
     // SAFETY: flock on a descriptor we own, for the life of `file`.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!(
-                    "another clinicsync daemon is running on this store ({} is locked)",
-                    path.display()
-                ),
-            ));
+            return Err(LockError::Held { path });
         }
-        return Err(e);
+        return Err(io_err(e));
     }
     use std::io::Write;
     let _ = file.set_len(0);
@@ -78,4 +105,26 @@ pub fn daemon_pid(store: &Path) -> Option<i32> {
     }
     let text = std::fs::read_to_string(path_for(store)).ok()?;
     text.trim().parse().ok().filter(|p: &i32| *p > 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_daemon_is_refused_permanently_naming_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s.db");
+        let held = acquire(&store).unwrap();
+        assert!(daemon_running(&store));
+        let err = acquire(&store).unwrap_err();
+        assert!(matches!(err, LockError::Held { .. }), "{err}");
+        assert_eq!(err.class(), ErrorClass::Permanent);
+        assert!(err.to_string().contains("s.db.lock"), "{err}");
+        drop(held);
+        assert!(!daemon_running(&store));
+        let io = acquire(&dir.path().join("missing/s.db")).unwrap_err();
+        assert!(matches!(io, LockError::Io { .. }), "{io}");
+        assert_eq!(io.class(), ErrorClass::Permanent);
+    }
 }

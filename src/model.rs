@@ -44,6 +44,22 @@ pub enum ModelError {
     NoPatient { kind: String },
 }
 
+/// Outside data that does not make a record: the same input fails the same way.
+impl crate::error::Classify for ModelError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            ModelError::BadKind(_)
+            | ModelError::BadId(_)
+            | ModelError::BadReference(_)
+            | ModelError::NotJson(_)
+            | ModelError::NotObject
+            | ModelError::NoResourceType
+            | ModelError::NoId
+            | ModelError::NoPatient { .. } => crate::error::ErrorClass::Permanent,
+        }
+    }
+}
+
 /// Which way a record flows. Derived from the kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -529,6 +545,25 @@ pub fn merge_fields(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outside_data_that_makes_no_record_is_permanent() {
+        use crate::error::{Classify, ErrorClass};
+        for e in [
+            ModelError::BadKind("x".into()),
+            ModelError::BadId("!".into()),
+            ModelError::BadReference("x".into()),
+            ModelError::NotJson("x".into()),
+            ModelError::NotObject,
+            ModelError::NoResourceType,
+            ModelError::NoId,
+            ModelError::NoPatient {
+                kind: "Encounter".into(),
+            },
+        ] {
+            assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+        }
+    }
     use serde_json::json;
 
     fn vv(pairs: &[(&str, u64)]) -> VersionVector {

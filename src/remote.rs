@@ -15,7 +15,7 @@
 //!   each order "refused" with that reason, so the hub knows.
 //! - Results are bounded ([`MAX_RESULT`]); orders per answer too ([`MAX_ORDERS`]).
 
-use crate::engine::Policy;
+use crate::engine::{EngineError, Policy};
 use crate::model::RecordKey;
 use crate::store::{OrderState, Store, StoreError};
 
@@ -28,11 +28,14 @@ pub fn issue(
     node: &str,
     kind: &OrderKind,
     now_ms: u64,
-) -> Result<String, StoreError> {
+) -> Result<String, EngineError> {
     if let OrderKind::QuarantineRetry { record: Some(r) }
     | OrderKind::QuarantineDrop { record: r } = kind
     {
-        RecordKey::parse(r).map_err(|e| StoreError::Corrupt(format!("order for {r}: {e}")))?;
+        RecordKey::parse(r).map_err(|source| EngineError::Model {
+            what: format!("order for {r}"),
+            source,
+        })?;
     }
     let id = crate::auth::new_id();
     let mut tx = store.begin()?;

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::engine::{self, Policy};
+use crate::error::{Classify, ErrorClass};
 use crate::keys::{Identity, PublicKeys};
 use crate::store::{meta, BundleIn, Store};
 use crate::time::wall_ms;
@@ -35,6 +36,19 @@ pub enum SneakerError {
     Keys(#[from] crate::keys::KeyError),
     #[error("{0}")]
     Refused(String),
+}
+
+/// Wrapped errors keep their class; a refusal of this flow (no trusted parent, an
+/// in-memory store) needs a person.
+impl Classify for SneakerError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SneakerError::Bundle(e) => e.class(),
+            SneakerError::Engine(e) => e.class(),
+            SneakerError::Keys(e) => e.class(),
+            SneakerError::Refused(_) => ErrorClass::Permanent,
+        }
+    }
 }
 
 impl From<crate::store::StoreError> for SneakerError {
@@ -422,4 +436,43 @@ fn import_return(
     )?;
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sneakernet_errors_keep_the_class_of_what_they_wrap() {
+        let cases = [
+            (
+                SneakerError::Bundle(BundleError::BadSignature("x".into())),
+                ErrorClass::Permanent,
+            ),
+            (
+                SneakerError::Bundle(BundleError::Copy {
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                }),
+                ErrorClass::Corruption,
+            ),
+            (
+                SneakerError::from(crate::store::StoreError::NoNodeId("/s.db".into())),
+                ErrorClass::Corruption,
+            ),
+            (
+                SneakerError::Keys(crate::keys::KeyError::Invalid {
+                    path: "signing.key".into(),
+                    message: "expected 64 hex characters".into(),
+                }),
+                ErrorClass::Corruption,
+            ),
+            (
+                SneakerError::Refused("no trusted parent key".into()),
+                ErrorClass::Permanent,
+            ),
+        ];
+        for (e, class) in cases {
+            assert_eq!(e.class(), class, "{e}");
+        }
+    }
 }

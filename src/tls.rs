@@ -41,6 +41,8 @@ use rustls::{
 };
 use sha2::{Digest, Sha256};
 
+use crate::error::{Classify, ErrorClass};
+
 /// A certificate or key file that cannot be used. Permanent: a person must fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -63,6 +65,19 @@ pub enum TlsError {
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("TLS setup failed: {0}")]
     Setup(rustls::Error),
+}
+
+impl Classify for TlsError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            TlsError::Read { .. }
+            | TlsError::NoCertificate { .. }
+            | TlsError::NoKey { .. }
+            | TlsError::Invalid { .. }
+            | TlsError::KeyMismatch { .. }
+            | TlsError::Setup(_) => ErrorClass::Permanent,
+        }
+    }
 }
 
 /// The crypto provider of every TLS config here (ring, as ureq's rustls).
@@ -231,6 +246,12 @@ pub struct PinMismatch {
     pub presented: String,
 }
 
+impl Classify for PinMismatch {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Permanent
+    }
+}
+
 /// Chain and name checks by webpki against our roots, then the pin.
 #[derive(Debug)]
 struct HubVerifier {
@@ -375,6 +396,23 @@ impl std::fmt::Display for TlsProblem {
     }
 }
 
+/// A failed handshake needs a person (a certificate, a pin, a URL, a clock): trying
+/// again meets the same certificate.
+impl Classify for TlsProblem {
+    fn class(&self) -> ErrorClass {
+        match self {
+            TlsProblem::UnknownIssuer
+            | TlsProblem::NameMismatch
+            | TlsProblem::Expired
+            | TlsProblem::NotYetValid
+            | TlsProblem::PinMismatch { .. }
+            | TlsProblem::NotTls
+            | TlsProblem::CaAsServer
+            | TlsProblem::Other(_) => ErrorClass::Permanent,
+        }
+    }
+}
+
 impl TlsProblem {
     /// What to do about it.
     pub fn hint(&self) -> &'static str {
@@ -466,6 +504,16 @@ pub enum ProbeError {
     Io(#[from] std::io::Error),
     #[error("{0:?} is not a host name or address a certificate can name")]
     Name(String),
+}
+
+impl Classify for ProbeError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ProbeError::Tls(p) => p.class(),
+            ProbeError::Io(e) => e.class(),
+            ProbeError::Name(_) => ErrorClass::Permanent,
+        }
+    }
 }
 
 /// Connects to `host:port`, completes a TLS handshake with `config` and returns the
@@ -590,6 +638,39 @@ fn der_time(tag: u8, text: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_errors_need_a_person_and_a_probe_of_a_closed_port_is_retryable() {
+        let cases: Vec<Box<dyn Fn() -> ErrorClass>> = vec![
+            Box::new(|| TlsError::NoCertificate { path: "c".into() }.class()),
+            Box::new(|| TlsError::NoKey { path: "k".into() }.class()),
+            Box::new(|| {
+                TlsError::KeyMismatch {
+                    cert: "c".into(),
+                    key: "k".into(),
+                }
+                .class()
+            }),
+            Box::new(|| TlsError::Setup(rustls::Error::General("x".into())).class()),
+            Box::new(|| TlsProblem::UnknownIssuer.class()),
+            Box::new(|| TlsProblem::Other("x".into()).class()),
+            Box::new(|| {
+                PinMismatch {
+                    presented: "p".into(),
+                }
+                .class()
+            }),
+            Box::new(|| ProbeError::Name("?".into()).class()),
+            Box::new(|| ProbeError::Tls(TlsProblem::Expired).class()),
+        ];
+        for class in cases {
+            assert_eq!(class(), ErrorClass::Permanent);
+        }
+        let refused = ProbeError::Io(std::io::ErrorKind::ConnectionRefused.into());
+        assert_eq!(refused.class(), ErrorClass::Retryable);
+        let read = load_certs(Path::new("/nonexistent/ca.pem")).unwrap_err();
+        assert_eq!(read.class(), ErrorClass::Permanent, "{read}");
+    }
 
     #[test]
     fn pins_parse_as_hex_or_base64() {

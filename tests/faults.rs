@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clinicsync::devkit::cluster::{self, Proc};
 use clinicsync::engine::{self, Policy};
+use clinicsync::error::Classify;
 use clinicsync::model::Snapshot;
 use clinicsync::store::Store;
 use clinicsync::time::wall_ms;

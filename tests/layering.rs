@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 
 /// Each product module and its layer, lowest first. A module may use a module of a
 /// lower layer, or a module in its own tree (a parent or a child); nothing else.
-const LAYERS: &[(&str, u8)] = &[
-    // Leaves: no clinicsync imports at all.
+const LAYERS: &[(&str, i8)] = &[
+    // The floor: the error taxonomy (`ErrorClass`, `Classify`) that every module's
+    // errors answer to, the leaves' included. It imports nothing of clinicsync.
+    ("error", -1),
+    // Leaves: no clinicsync imports but `error`.
     ("time", 0),
     ("textsafe", 0),
     ("filemode", 0),
@@ -65,7 +68,7 @@ fn module_of(file: &Path, src: &Path) -> String {
 }
 
 /// The entry of [`LAYERS`] a module path belongs to (its longest listed prefix).
-fn layer_of(module: &str) -> Option<(&'static str, u8)> {
+fn layer_of(module: &str) -> Option<(&'static str, i8)> {
     let mut parts: Vec<&str> = module.split('/').collect();
     while !parts.is_empty() {
         let m = parts.join("/");

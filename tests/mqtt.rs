@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clinicsync::devkit::cluster::{self, Broker, Proc};
+use clinicsync::error::Classify;
 use clinicsync::store::Store;
 use clinicsync::transport::http::TransportError;
 use clinicsync::wire::{Message, PushRequest};

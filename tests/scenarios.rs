@@ -3,6 +3,7 @@
 mod common;
 
 use clinicsync::devkit::cluster;
+use clinicsync::error::Classify;
 use clinicsync::wire::Outcome;
 use common::*;
 use serde_json::json;

@@ -284,7 +284,7 @@ fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
                 });
             }
         }
-        Err(e) => checks.push(check(Level::Fail, "emr", e, None)),
+        Err(e) => checks.push(check(Level::Fail, "emr", e.to_string(), None)),
     }
     if let Some(parent) = &cfg.parent {
         parent_checks(cfg, parent, checks);
@@ -486,7 +486,7 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
             checks.push(check(
                 Level::Fail,
                 "tls",
-                e,
+                e.to_string(),
                 Some("parent.ca_file must hold the PEM certificate of the CA that signed the hub's certificate"),
             ));
             return;

@@ -21,6 +21,7 @@ use crate::client;
 use crate::config::{self, Config};
 use crate::daemon;
 use crate::engine::{self, PARENT};
+use crate::error::{Classify, ErrorClass};
 use crate::model::{RecordKey, Snapshot};
 use crate::store::{meta, AuditCheck, CatchmentReason, Store};
 use crate::textsafe::{safe, safe_display, safe_lines};
@@ -45,27 +46,36 @@ pub const EXIT_NOT_FOUND: u8 = 7;
 pub const EXIT_BUNDLE: u8 = 8;
 /// `fleet`: a node below this hub needs a person.
 pub const EXIT_ATTENTION: u8 = 9;
+/// Corruption anywhere ([`ErrorClass::Corruption`]): data this node stored or signed
+/// is not what was written.
+pub const EXIT_CORRUPT: u8 = 10;
 
 /// Every exit code and what it means: the source of `--help`'s list and the
 /// README's table.
+///
+/// An error reaching this edge is mapped by its class ([`crate::error::Classify`],
+/// [`Failure::classified`]): corruption anywhere is [`EXIT_CORRUPT`], a failure worth
+/// retrying as it is (link down or cut, parent or store busy) is [`EXIT_LINK`], and a
+/// permanent one keeps the code of what it is about (configuration, store, bundle…).
 pub const EXIT_CODES: &[(u8, &str)] = &[
     (EXIT_OK, "success"),
     (EXIT_FAILURE, "failure (the message says what; `doctor` found a FAIL)"),
     (EXIT_USAGE, "usage: an unknown command or option, or a bad argument"),
     (EXIT_CONFIG, "invalid configuration (or a missing key or credential file)"),
-    (EXIT_STORE, "store problem: missing (typo in node.store), owned by another user, corrupt, from a newer version, busy"),
-    (EXIT_LINK, "parent unreachable or refused (link, DNS, TLS, credential, HTTP error)"),
+    (EXIT_STORE, "store problem: missing (typo in node.store), owned by another user, from a newer version or another node"),
+    (EXIT_LINK, "parent unreachable or refused (link, DNS, TLS, credential, HTTP error), or anything else worth retrying as it is (parent or store busy)"),
     (EXIT_AUDIT, "audit chain broken"),
     (EXIT_NOT_FOUND, "not found (record, conflict, child, quarantined record)"),
     (EXIT_BUNDLE, "USB bundle refused (tampered, truncated, untrusted, not for this node, replayed) or not writable"),
     (EXIT_ATTENTION, "`fleet`: a node below this hub needs a person"),
+    (EXIT_CORRUPT, "corruption: data this node stored or signed is not what was written (a store value, a damaged database file, a key file; the message names it). It stopped there: keep the file, restore a backup (`clinicsync restore`)"),
 ];
 
 /// The exit codes for `--help`.
 pub fn exit_codes_help() -> String {
     let mut s = String::from("Exit codes:\n");
     for (code, meaning) in EXIT_CODES {
-        s.push_str(&format!("  {code}  {meaning}\n"));
+        s.push_str(&format!("  {code:>2}  {meaning}\n"));
     }
     s.push_str(
         "\nEach command has examples: clinicsync help <command>, or man clinicsync-<command>.",
@@ -508,9 +518,26 @@ impl Failure {
     }
 }
 
+/// The exit code of an error of `class` whose permanent form exits `specific`: the
+/// one place the classes meet the exit codes (see [`EXIT_CODES`]).
+pub fn exit_code_for(class: ErrorClass, specific: u8) -> u8 {
+    match class {
+        ErrorClass::Corruption => EXIT_CORRUPT,
+        ErrorClass::Retryable => EXIT_LINK,
+        ErrorClass::Permanent => specific,
+    }
+}
+
+impl Failure {
+    /// `e`, exiting by its class: [`exit_code_for`]`(e.class(), specific)`.
+    pub fn classified(e: &(impl Classify + std::fmt::Display), specific: u8) -> Failure {
+        Failure::new(exit_code_for(e.class(), specific), e.to_string())
+    }
+}
+
 impl From<crate::store::StoreError> for Failure {
     fn from(e: crate::store::StoreError) -> Self {
-        Failure::new(EXIT_STORE, e.to_string())
+        Failure::classified(&e, EXIT_STORE)
     }
 }
 
@@ -519,30 +546,63 @@ impl From<engine::EngineError> for Failure {
         match e {
             engine::EngineError::Store(s) => s.into(),
             engine::EngineError::NotFound(m) => Failure::new(EXIT_NOT_FOUND, m),
-            other => Failure::new(EXIT_FAILURE, other.to_string()),
+            other => Failure::classified(&other, EXIT_FAILURE),
         }
     }
 }
 
 impl From<crate::model::ModelError> for Failure {
     fn from(e: crate::model::ModelError) -> Self {
-        Failure::new(EXIT_FAILURE, e.to_string())
+        Failure::classified(&e, EXIT_FAILURE)
     }
 }
 
 impl From<config::ConfigError> for Failure {
     fn from(e: config::ConfigError) -> Self {
-        Failure::new(EXIT_CONFIG, e.to_string())
+        Failure::classified(&e, EXIT_CONFIG)
     }
 }
 
 impl From<client::SyncError> for Failure {
     fn from(e: client::SyncError) -> Self {
         match e {
-            client::SyncError::Transport(t) => Failure::new(EXIT_LINK, t.to_string()),
+            client::SyncError::Transport(t) => Failure::classified(&t, EXIT_LINK),
             client::SyncError::Engine(e) => e.into(),
         }
     }
+}
+
+/// The class of the first error in `e`'s chain that knows its class (the outermost:
+/// a wrapping error answers for its sources). For errors that reach the edge as
+/// `anyhow` (the daemon's `run`).
+fn class_in_chain(e: &anyhow::Error) -> Option<ErrorClass> {
+    fn class_of(e: &(dyn std::error::Error + 'static)) -> Option<ErrorClass> {
+        macro_rules! try_types {
+            ($($t:ty),+ $(,)?) => {
+                $(if let Some(x) = e.downcast_ref::<$t>() {
+                    return Some(x.class());
+                })+
+            };
+        }
+        try_types!(
+            crate::store::StoreError,
+            engine::EngineError,
+            crate::emr::flow::EmrFlowError,
+            crate::emr::EmrError,
+            crate::transport::http::TransportError,
+            crate::wire::WireError,
+            crate::model::ModelError,
+            config::ConfigError,
+            crate::keys::KeyError,
+            crate::transport::file::BundleError,
+            crate::sneakernet::SneakerError,
+            crate::lock::LockError,
+            crate::tls::TlsError,
+            client::SyncError,
+        );
+        None
+    }
+    e.chain().find_map(class_of)
 }
 
 type Out = Result<(), Failure>;
@@ -601,7 +661,15 @@ fn dispatch(cli: Cli) -> Out {
         Command::Run => {
             let cfg = Config::load(&path)?;
             daemon::init_logging("info");
-            daemon::run(cfg).map_err(|e| Failure::new(EXIT_FAILURE, format!("{e:#}")))
+            // Corruption stops the daemon with its own code (systemd does not restart
+            // it: RestartPreventExitStatus); any other failure to run is 1.
+            daemon::run(cfg).map_err(|e| {
+                let code = match class_in_chain(&e) {
+                    Some(ErrorClass::Corruption) => EXIT_CORRUPT,
+                    _ => EXIT_FAILURE,
+                };
+                Failure::new(code, format!("{e:#}"))
+            })
         }
         other => {
             let cfg = Config::load(&path)?;
@@ -734,29 +802,36 @@ fn config_check(path: &Path) -> Out {
 /// Checks a store file as a restore would take it: intact, this node's, from a
 /// schema this binary reads, audit chain whole. Returns its record count and audit head.
 fn verify_store_file(cfg: &Config, file: &Path) -> Result<(u64, String), Failure> {
-    let bad = |why: String| {
-        Failure::new(
-            EXIT_STORE,
-            format!("{}: {why}", safe_display(file.display())),
-        )
+    let bad = |code: u8, why: String| {
+        Failure::new(code, format!("{}: {why}", safe_display(file.display())))
     };
-    let s = Store::open_existing(file).map_err(|e| bad(e.to_string()))?;
+    let store_err =
+        |e: crate::store::StoreError| bad(exit_code_for(e.class(), EXIT_STORE), e.to_string());
+    let s = Store::open_existing(file).map_err(store_err)?;
     if s.node_id() != cfg.node.id {
-        return Err(bad(format!(
-            "is the store of node {:?}, not of this node {:?}",
-            safe(s.node_id()),
-            safe(&cfg.node.id)
-        )));
+        return Err(bad(
+            EXIT_STORE,
+            format!(
+                "is the store of node {:?}, not of this node {:?}",
+                safe(s.node_id()),
+                safe(&cfg.node.id)
+            ),
+        ));
     }
-    let integrity = s.integrity_check().map_err(|e| bad(e.to_string()))?;
+    // A file SQLite finds damaged, or whose audit chain does not hold, is not what was
+    // written: corruption, whichever store it is.
+    let integrity = s.integrity_check().map_err(store_err)?;
     if integrity != "ok" {
-        return Err(bad(format!("integrity check failed: {}", safe(&integrity))));
+        return Err(bad(
+            EXIT_CORRUPT,
+            format!("integrity check failed: {}", safe(&integrity)),
+        ));
     }
-    let head = match s.verify_audit().map_err(|e| bad(e.to_string()))? {
+    let head = match s.verify_audit().map_err(store_err)? {
         AuditCheck::Intact { head, .. } => head,
-        other => return Err(bad(format!("audit chain broken: {other:?}"))),
+        other => return Err(bad(EXIT_CORRUPT, format!("audit chain broken: {other:?}"))),
     };
-    Ok((s.counts().map_err(|e| bad(e.to_string()))?.records, head))
+    Ok((s.counts().map_err(store_err)?.records, head))
 }
 
 fn backup(cfg: &Config, file: &Path) -> Out {
@@ -788,7 +863,11 @@ fn backup(cfg: &Config, file: &Path) -> Out {
     })();
     if let Err(e) = copied {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Failure::new(EXIT_STORE, format!("backup failed: {e}")));
+        let e = crate::store::StoreError::from(e);
+        return Err(Failure::new(
+            exit_code_for(e.class(), EXIT_STORE),
+            format!("backup failed: {e}"),
+        ));
     }
     let verified = verify_store_file(cfg, &tmp);
     let (records, head) = match verified {
@@ -841,7 +920,12 @@ fn restore(cfg: &Config, file: &Path) -> Out {
                     .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
                     .map_err(Into::into)
             })
-            .map_err(|e| Failure::new(EXIT_STORE, format!("the current store: {e}")))?;
+            .map_err(|e| {
+                Failure::new(
+                    exit_code_for(e.class(), EXIT_STORE),
+                    format!("the current store: {e}"),
+                )
+            })?;
         // `<store>.before-restore`, or `.before-restore.2`, … : an earlier restore's
         // safety copy is never overwritten.
         let mut aside = std::path::PathBuf::from(format!("{}.before-restore", store.display()));
@@ -1149,9 +1233,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
                 );
                 return Ok(());
             }
-            let mut emr = cfg
-                .emr_adapter()
-                .map_err(|e| Failure::new(EXIT_CONFIG, e))?;
+            let mut emr = cfg.emr_adapter()?;
             if let Some(e) = emr.as_mut() {
                 crate::emr::flow::prepare_emr(&store, e.as_mut())?;
             }
@@ -1267,7 +1349,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
             });
             let (answer, _) = client
                 .exchange("/v1/fetch", &req)
-                .map_err(|e| Failure::new(EXIT_LINK, e.to_string()))?;
+                .map_err(|e| Failure::classified(&e, EXIT_LINK))?;
             let Message::FetchResponse(resp) = answer else {
                 return Err(Failure::new(
                     EXIT_LINK,
@@ -1570,15 +1652,15 @@ fn warn_skew(skew_ms: Option<i64>) {
 /// This node's bundle keys.
 fn identity(cfg: &Config) -> Result<crate::keys::Identity, Failure> {
     crate::keys::Identity::load(&cfg.keys_dir(), &cfg.node.id)
-        .map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))
+        .map_err(|e| Failure::classified(&e, EXIT_CONFIG))
 }
 
 fn sneaker_failure(e: crate::sneakernet::SneakerError) -> Failure {
     use crate::sneakernet::SneakerError;
     match e {
         SneakerError::Engine(e) => e.into(),
-        SneakerError::Keys(k) => Failure::new(EXIT_CONFIG, k.to_string()),
-        other => Failure::new(EXIT_BUNDLE, other.to_string()),
+        SneakerError::Keys(k) => Failure::classified(&k, EXIT_CONFIG),
+        other => Failure::classified(&other, EXIT_BUNDLE),
     }
 }
 
@@ -1607,7 +1689,7 @@ fn progress_bar(total: u64, unit: &str) -> indicatif::ProgressBar {
 fn keys(cfg: &Config, action: KeysCmd) -> Out {
     use crate::keys::Identity;
     let dir = cfg.keys_dir();
-    let key_failure = |e: crate::keys::KeyError| Failure::new(EXIT_CONFIG, e.to_string());
+    let key_failure = |e: crate::keys::KeyError| Failure::classified(&e, EXIT_CONFIG);
     match action {
         KeysCmd::Init => {
             // Keys root made here would be unreadable to the service: refused like
@@ -2197,6 +2279,8 @@ mod tests {
             EXIT_AUDIT,
             EXIT_NOT_FOUND,
             EXIT_BUNDLE,
+            EXIT_ATTENTION,
+            EXIT_CORRUPT,
         ] {
             assert_eq!(
                 EXIT_CODES.iter().filter(|(c, _)| *c == code).count(),

@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::engine::{
     after_pulled, integrate, write_one, ApplySummary, EngineError, Integrated, Policy, Result,
 };
+use crate::error::{Classify, ErrorClass};
 use crate::model::{RecordKey, Version};
 use crate::store::{meta, PeerEvent, Stage, Store, StoreError, Tx};
 
@@ -41,6 +42,15 @@ pub enum EmrFlowError {
     Emr(#[from] crate::emr::EmrError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+}
+
+impl Classify for EmrFlowError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            EmrFlowError::Emr(e) => e.class(),
+            EmrFlowError::Engine(e) => e.class(),
+        }
+    }
 }
 
 impl From<StoreError> for EmrFlowError {
@@ -459,4 +469,43 @@ pub fn apply_replica_to_emr(
         }
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emr::EmrError;
+
+    #[test]
+    fn flow_errors_keep_the_class_of_the_emr_or_the_store() {
+        let busy = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        ));
+        let cases = [
+            (
+                EmrFlowError::Emr(EmrError::Unavailable("down".into())),
+                ErrorClass::Retryable,
+            ),
+            (
+                EmrFlowError::Emr(EmrError::Refused {
+                    status: 400,
+                    message: "no".into(),
+                }),
+                ErrorClass::Permanent,
+            ),
+            (EmrFlowError::from(busy), ErrorClass::Retryable),
+            (
+                EmrFlowError::from(StoreError::NoNodeId("/s.db".into())),
+                ErrorClass::Corruption,
+            ),
+            (
+                EmrFlowError::Engine(EngineError::Invalid("x".into())),
+                ErrorClass::Permanent,
+            ),
+        ];
+        for (e, class) in cases {
+            assert_eq!(e.class(), class, "{e}");
+        }
+    }
 }

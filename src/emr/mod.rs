@@ -30,9 +30,24 @@ pub enum EmrError {
     Unreadable(String),
 }
 
+/// An EMR that is down, busy, refusing our account or answering garbage may be back
+/// later (retryable: nothing is quarantined for it); a refusal of the record itself
+/// (4xx) is permanent for that record.
+impl crate::error::Classify for EmrError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            EmrError::Unavailable(_) | EmrError::Unreadable(_) => {
+                crate::error::ErrorClass::Retryable
+            }
+            EmrError::Refused { .. } => crate::error::ErrorClass::Permanent,
+        }
+    }
+}
+
 impl EmrError {
+    /// [`crate::error::Classify::is_retryable`], here so callers need no import.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, EmrError::Refused { .. })
+        crate::error::Classify::is_retryable(self)
     }
 }
 
@@ -244,6 +259,26 @@ pub fn operation_outcome_text(body: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_emr_that_is_down_or_unreadable_is_retryable_and_a_refusal_is_permanent() {
+        use crate::error::{Classify, ErrorClass};
+        let cases = [
+            (EmrError::Unavailable("down".into()), ErrorClass::Retryable),
+            (EmrError::Unreadable("<html>".into()), ErrorClass::Retryable),
+            (
+                EmrError::Refused {
+                    status: 422,
+                    message: "no".into(),
+                },
+                ErrorClass::Permanent,
+            ),
+        ];
+        for (e, class) in cases {
+            assert_eq!(e.class(), class, "{e}");
+            assert_eq!(e.is_retryable(), class == ErrorClass::Retryable, "{e}");
+        }
+    }
 
     #[test]
     fn rest_validation_errors_keep_their_global_and_field_errors() {

@@ -76,8 +76,10 @@ impl Tx<'_> {
         via: &str,
         received_ms: u64,
     ) -> Result<()> {
-        let text = serde_json::to_string(r)
-            .map_err(|e| StoreError::Corrupt(format!("health report of {}: {e}", r.node)))?;
+        let text = serde_json::to_string(r).map_err(|source| StoreError::Encode {
+            what: format!("the health report of {}", r.node),
+            source,
+        })?;
         self.tx
             .prepare_cached(
                 "INSERT INTO health(node, via, heard_ms, received_ms, report) VALUES (?1, ?2, ?3, ?4, ?5)

@@ -49,6 +49,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::Serialize;
 
+use crate::error::{Classify, ErrorClass};
 use crate::model::Hlc;
 use migrations::MIGRATIONS;
 
@@ -151,7 +152,8 @@ pub use transfers::{TransferDir, TransferKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
+    /// SQLite's own error; one that says the file is damaged reads as corruption.
+    #[error("{}", sqlite_text(.0))]
     Sqlite(#[from] rusqlite::Error),
     #[error("store schema version {found} is newer than this clinicsync understands (up to {known}); install a newer clinicsync")]
     NewerSchema { found: i64, known: i64 },
@@ -160,8 +162,10 @@ pub enum StoreError {
     /// No store file where the configuration says (the node never ran there).
     #[error("no store at {} (has the node run yet?)", .0.display())]
     Missing(PathBuf),
-    #[error("store is corrupt: {0}")]
-    Corrupt(String),
+    /// A store file with a `meta` table but no node id: clinicsync writes the id in
+    /// the transaction that creates the table, so the file was changed by hand.
+    #[error("store is corrupt: {} has no node id", .0.display())]
+    NoNodeId(PathBuf),
     /// A value read from disk that clinicsync cannot have written there: `column` of
     /// `table`, in the row named `row`, holds `value` (shown bounded). Never
     /// defaulted: a record read wrong would be sent, applied or compared wrong.
@@ -173,30 +177,84 @@ pub enum StoreError {
         value: String,
         problem: String,
     },
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    /// A value of ours that does not serialize for its column (a bug, not the disk:
+    /// the same value fails the same way; nothing was written).
+    #[error("cannot store {what}: {source}")]
+    Encode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The store's file or directory could not be prepared (created, its mode set).
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the store's errors mean for the caller (see [`crate::error`]).
+///
+/// SQLite's own codes decide for [`StoreError::Sqlite`]: another writer holding the
+/// file is retryable; a file SQLite finds damaged, and a column holding a type
+/// clinicsync never writes there, are corruption; anything else (a full disk, a
+/// read-only file, a constraint) needs a person.
+impl Classify for StoreError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::Sqlite(e) => sqlite_class(e),
+            StoreError::BadValue { .. } | StoreError::NoNodeId(_) => ErrorClass::Corruption,
+            StoreError::NewerSchema { .. }
+            | StoreError::NodeMismatch { .. }
+            | StoreError::Missing(_)
+            | StoreError::Encode { .. } => ErrorClass::Permanent,
+            StoreError::File { source, .. } => source.class(),
+        }
+    }
+}
+
+/// How a SQLite error reads: as corruption when it is one, so the technician sees
+/// what it is whichever code path met it.
+fn sqlite_text(e: &rusqlite::Error) -> String {
+    match sqlite_class(e) {
+        ErrorClass::Corruption => format!("store is corrupt: {e}"),
+        ErrorClass::Retryable | ErrorClass::Permanent => format!("database error: {e}"),
+    }
+}
+
+/// The class of a SQLite error (see [`StoreError`]'s [`Classify`]).
+fn sqlite_class(e: &rusqlite::Error) -> ErrorClass {
+    use rusqlite::ErrorCode as C;
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            C::DatabaseBusy | C::DatabaseLocked => ErrorClass::Retryable,
+            C::DatabaseCorrupt | C::NotADatabase => ErrorClass::Corruption,
+            _ => ErrorClass::Permanent,
+        },
+        // A column that holds another type than the one its schema and our writes
+        // give it, or an integer out of the range we write: not what was written.
+        rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => ErrorClass::Corruption,
+        _ => ErrorClass::Permanent,
+    }
 }
 
 impl StoreError {
     /// Worth trying again as it is: another writer held the file.
+    /// ([`Classify::is_retryable`], here so callers need no import.)
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
-            if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+        Classify::is_retryable(self)
     }
 
     /// The file holds what clinicsync cannot have written, or SQLite found it
     /// damaged: retrying will not help and going on would spread the damage (a
     /// record read wrong is sent, applied or compared wrong). A person restores a
     /// backup (`clinicsync restore`) or looks at the value named.
+    /// ([`Classify::is_corruption`], here so callers need no import.)
     pub fn is_corruption(&self) -> bool {
-        match self {
-            StoreError::Corrupt(_) | StoreError::BadValue { .. } => true,
-            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
-                e.code,
-                rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
-            ),
-            _ => false,
-        }
+        Classify::is_corruption(self)
     }
 
     /// A value of `table.column` in row `row` that does not decode.
@@ -282,9 +340,9 @@ impl Store {
     /// Opens (creating if needed) the store at `path` for `node_id`, applying migrations.
     /// A new store file is created 0600 (and its directory 0750): see [`crate::filemode`].
     pub fn open(path: &Path, node_id: &str) -> Result<Store> {
-        crate::filemode::prepare_store_file(path).map_err(|e| StoreError::File {
+        crate::filemode::prepare_store_file(path).map_err(|source| StoreError::File {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         })?;
         let conn = Connection::open(path)?;
         Store::init(conn, node_id)
@@ -318,8 +376,7 @@ impl Store {
         } else {
             None
         };
-        let node =
-            node.ok_or_else(|| StoreError::Corrupt(format!("{} has no node id", path.display())))?;
+        let node = node.ok_or_else(|| StoreError::NoNodeId(path.to_path_buf()))?;
         Store::init(conn, &node)
     }
 
@@ -475,6 +532,113 @@ fn temp_store(node: &str) -> (tempfile::TempDir, Store) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_store_error_has_its_class() {
+        use crate::error::ErrorClass::{Corruption, Permanent, Retryable};
+        let sqlite = |code| {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        let cases = [
+            (sqlite(rusqlite::ffi::SQLITE_BUSY), Retryable),
+            (sqlite(rusqlite::ffi::SQLITE_LOCKED), Retryable),
+            (sqlite(rusqlite::ffi::SQLITE_CORRUPT), Corruption),
+            (sqlite(rusqlite::ffi::SQLITE_NOTADB), Corruption),
+            (sqlite(rusqlite::ffi::SQLITE_FULL), Permanent),
+            (sqlite(rusqlite::ffi::SQLITE_READONLY), Permanent),
+            (
+                StoreError::Sqlite(rusqlite::Error::InvalidColumnType(
+                    0,
+                    "vv".into(),
+                    rusqlite::types::Type::Integer,
+                )),
+                Corruption,
+            ),
+            (
+                StoreError::Sqlite(rusqlite::Error::QueryReturnedNoRows),
+                Permanent,
+            ),
+            (
+                StoreError::NewerSchema {
+                    found: 99,
+                    known: 11,
+                },
+                Permanent,
+            ),
+            (
+                StoreError::NodeMismatch {
+                    stored: "a".into(),
+                    configured: "b".into(),
+                },
+                Permanent,
+            ),
+            (StoreError::Missing(PathBuf::from("/x.db")), Permanent),
+            (StoreError::NoNodeId(PathBuf::from("/x.db")), Corruption),
+            (
+                StoreError::bad_value("replica", "vv", "Patient/p1", "\"{\"".into(), "eof"),
+                Corruption,
+            ),
+            (
+                StoreError::Encode {
+                    what: "order o1".into(),
+                    source: serde_json::from_str::<u8>("x").unwrap_err(),
+                },
+                Permanent,
+            ),
+            (
+                StoreError::File {
+                    path: PathBuf::from("/x"),
+                    source: std::io::ErrorKind::PermissionDenied.into(),
+                },
+                Permanent,
+            ),
+        ];
+        for (e, class) in cases {
+            assert_eq!(e.class(), class, "{e}");
+            // The inherent answers are the class's.
+            assert_eq!(e.is_retryable(), class == Retryable, "{e}");
+            assert_eq!(e.is_corruption(), class == Corruption, "{e}");
+        }
+    }
+
+    #[test]
+    fn a_column_holding_another_type_than_we_write_is_corruption() {
+        let (_d, mut store) = temp_store("a");
+        let v = test_version(
+            "a",
+            serde_json::json!({"resourceType": "Patient", "id": "p1"}),
+        );
+        let mut tx = store.begin().unwrap();
+        tx.write_version(&v, "local", None, VersionOutcome::Written, 1)
+            .unwrap();
+        tx.commit().unwrap();
+        store
+            .conn()
+            .execute("UPDATE replica SET vv = 7", [])
+            .unwrap();
+        let err = store.current(v.key()).unwrap_err();
+        assert!(err.is_corruption() && !err.is_retryable(), "{err}");
+        assert!(err.to_string().starts_with("store is corrupt: "), "{err}");
+    }
+
+    #[test]
+    fn a_store_file_that_cannot_be_prepared_keeps_its_io_error() {
+        use std::error::Error;
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the store's parent directory should be.
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, b"").unwrap();
+        let err = Store::open(&blocker.join("s.db"), "a").unwrap_err();
+        assert!(matches!(err, StoreError::File { .. }), "{err}");
+        assert!(
+            err.source().is_some_and(|s| s.is::<std::io::Error>()),
+            "{err}"
+        );
+        assert_eq!(err.class(), ErrorClass::Permanent);
+    }
     use crate::model::RecordKey;
 
     #[test]

@@ -153,8 +153,10 @@ impl Tx<'_> {
         kind: &crate::wire::orders::OrderKind,
         now_ms: u64,
     ) -> Result<()> {
-        let kind = serde_json::to_string(kind)
-            .map_err(|e| StoreError::Corrupt(format!("order {id}: {e}")))?;
+        let kind = serde_json::to_string(kind).map_err(|source| StoreError::Encode {
+            what: format!("order {id}"),
+            source,
+        })?;
         self.tx
             .prepare_cached(
                 "INSERT INTO orders_out(id, node, kind, issued_ms, state) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -197,8 +199,10 @@ impl Tx<'_> {
         result: &str,
         now_ms: u64,
     ) -> Result<()> {
-        let kind = serde_json::to_string(&o.kind)
-            .map_err(|e| StoreError::Corrupt(format!("order {}: {e}", o.id)))?;
+        let kind = serde_json::to_string(&o.kind).map_err(|source| StoreError::Encode {
+            what: format!("order {}", o.id),
+            source,
+        })?;
         self.tx
             .prepare_cached(
                 "INSERT INTO orders_in(id, by, kind, received_ms, state, result, reported) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",

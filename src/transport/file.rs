@@ -49,6 +49,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error::{Classify, ErrorClass};
 use crate::keys::{Identity, PublicKeys};
 use crate::wire::{Cursor, PullResponse, PushRequest, Receipt};
 
@@ -92,8 +93,54 @@ pub enum BundleError {
         need: u64,
         free: Option<u64>,
     },
-    #[error("{path}: {message}")]
-    Io { path: PathBuf, message: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The private directory bundles are copied into could not be prepared or written.
+    #[error("{}: cannot prepare the private import directory: {source}", dir.display())]
+    Staging {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The private copy, written complete and hashed, cannot be read back (short:
+    /// it does not hold what was written into it).
+    #[error("cannot read the private copy of the bundle back: {source}")]
+    Copy {
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a bundle's errors mean (see [`crate::error`]). A bundle that fails its checks
+/// — cut short, altered, forged, not for us — is outside input refused as a whole:
+/// permanent for that bundle (bring a good copy), never corruption of this node,
+/// which applied nothing from it. Corruption is the private copy not reading back
+/// what was written into it a moment before: this node's own disk. A full stick or
+/// filesystem needs a person.
+impl Classify for BundleError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            BundleError::BadMagic { .. }
+            | BundleError::Version(_)
+            | BundleError::Truncated(_)
+            | BundleError::BadSignature(_)
+            | BundleError::Untrusted(_)
+            | BundleError::WrongRecipient { .. }
+            | BundleError::Decrypt(_)
+            | BundleError::Content(_)
+            | BundleError::Full { .. }
+            | BundleError::NoRoom { .. } => ErrorClass::Permanent,
+            BundleError::Io { source, .. } | BundleError::Staging { source, .. } => source.class(),
+            BundleError::Copy { source } if source.kind() == io::ErrorKind::UnexpectedEof => {
+                ErrorClass::Corruption
+            }
+            BundleError::Copy { source } => source.class(),
+        }
+    }
 }
 
 impl BundleError {
@@ -106,7 +153,7 @@ impl BundleError {
         }
         BundleError::Io {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source: e,
         }
     }
 }
@@ -401,7 +448,10 @@ pub fn find_parts(path: &Path) -> Result<Vec<PathBuf>, BundleError> {
         }
         return Err(BundleError::Io {
             path: path.to_path_buf(),
-            message: "no such bundle (expected <name>.001)".into(),
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                "no such bundle (expected <name>.001)",
+            ),
         });
     }
     Ok(parts)
@@ -648,9 +698,9 @@ fn verify_with(
     read_parts_at(&parts, &sizes, signed_len, &mut trailer)?;
     check_trailer(&trailer, signed_len)?;
 
-    let dir_err = |e: io::Error| BundleError::Io {
-        path: private_dir.to_path_buf(),
-        message: format!("cannot prepare the private import directory: {e}"),
+    let dir_err = |source: io::Error| BundleError::Staging {
+        dir: private_dir.to_path_buf(),
+        source,
     };
     crate::filemode::private_dir(private_dir).map_err(dir_err)?;
     clear_stale_copies(private_dir);
@@ -708,7 +758,7 @@ fn verify_with(
         ));
     }
     copy.read_exact_at(&mut trailer, signed_len)
-        .map_err(|e| BundleError::Truncated(e.to_string()))?;
+        .map_err(|source| BundleError::Copy { source })?;
     let sig = ed25519_dalek::Signature::from_bytes(&check_trailer(&trailer, signed_len)?);
     let digest: [u8; 32] = hash.finalize().into();
     use ed25519_dalek::Verifier;
@@ -735,7 +785,7 @@ impl CopyReader {
         Ok(CopyReader {
             file: file
                 .try_clone()
-                .map_err(|e| BundleError::Decrypt(format!("private copy: {e}")))?,
+                .map_err(|source| BundleError::Copy { source })?,
             pos,
         })
     }
@@ -845,6 +895,80 @@ impl ItemReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_damaged_bundle_is_a_permanent_refusal_and_a_short_private_copy_is_corruption() {
+        use std::io::ErrorKind;
+        let p = || PathBuf::from("/media/stick/b.001");
+        let cases = [
+            (BundleError::BadMagic { path: p() }, ErrorClass::Permanent),
+            (BundleError::Version(9), ErrorClass::Permanent),
+            (BundleError::Truncated("cut".into()), ErrorClass::Permanent),
+            (BundleError::BadSignature("x".into()), ErrorClass::Permanent),
+            (BundleError::Untrusted("x".into()), ErrorClass::Permanent),
+            (
+                BundleError::WrongRecipient {
+                    to: "b".into(),
+                    me: "a".into(),
+                },
+                ErrorClass::Permanent,
+            ),
+            (BundleError::Decrypt("x".into()), ErrorClass::Permanent),
+            (BundleError::Content("x".into()), ErrorClass::Permanent),
+            (
+                BundleError::Full {
+                    path: p(),
+                    written: 1,
+                },
+                ErrorClass::Permanent,
+            ),
+            (
+                BundleError::NoRoom {
+                    dir: p(),
+                    need: 2,
+                    free: Some(1),
+                },
+                ErrorClass::Permanent,
+            ),
+            (
+                BundleError::Io {
+                    path: p(),
+                    source: ErrorKind::NotFound.into(),
+                },
+                ErrorClass::Permanent,
+            ),
+            (
+                BundleError::Staging {
+                    dir: p(),
+                    source: ErrorKind::PermissionDenied.into(),
+                },
+                ErrorClass::Permanent,
+            ),
+            (
+                BundleError::Copy {
+                    source: ErrorKind::UnexpectedEof.into(),
+                },
+                ErrorClass::Corruption,
+            ),
+            (
+                BundleError::Copy {
+                    source: std::io::Error::from_raw_os_error(libc::EMFILE),
+                },
+                ErrorClass::Permanent,
+            ),
+        ];
+        for (e, class) in cases {
+            assert_eq!(e.class(), class, "{e}");
+        }
+        // A full disk is named as such, not as an I/O error.
+        let full = BundleError::io(&p(), std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(matches!(full, BundleError::Full { .. }), "{full}");
+        let missing = find_parts(Path::new("/nonexistent/bundle")).unwrap_err();
+        assert!(
+            missing.to_string().contains("no such bundle") && missing.is_permanent(),
+            "{missing}"
+        );
+    }
 
     fn header(part_size: u64) -> BundleHeader {
         BundleHeader {

@@ -2,8 +2,9 @@
 //! bounded response reads, HTTPS with a private CA and an optional key pin
 //! ([`crate::tls`]).
 //!
-//! Errors say whether trying again can help: connection failures, timeouts, 5xx and
-//! 429 are retryable; other 4xx carry the parent's message and are permanent (a wrong
+//! Errors say whether trying again can help ([`Classify`]): connection failures,
+//! timeouts, 5xx, 429 and 408 (the hub's "your body did not arrive in time") are
+//! retryable; other 4xx carry the parent's message and are permanent (a wrong
 //! credential, a frame the parent cannot read); a certificate problem
 //! ([`TransportError::Tls`]) is permanent and names what to fix. Nothing here touches
 //! the store.
@@ -20,6 +21,7 @@ use crate::time::http_date_ms;
 use std::io::Read;
 use std::time::Duration;
 
+use crate::error::{Classify, ErrorClass};
 use crate::secret::Secret;
 use crate::wire::{self, Limits, Message, WireError};
 
@@ -55,17 +57,37 @@ pub enum TransportError {
     },
 }
 
-impl TransportError {
-    pub fn is_retryable(&self) -> bool {
+/// No connection, a cut, a busy or failing parent (5xx, 429) and a body the link
+/// was too slow to deliver (408) are retryable; the parent's other refusals (4xx), an
+/// answer we cannot read and a certificate problem are permanent.
+impl Classify for TransportError {
+    fn class(&self) -> ErrorClass {
         match self {
             TransportError::Unreachable { .. }
             | TransportError::Cut { .. }
-            | TransportError::Busy { .. } => true,
-            TransportError::Status { status, .. } => *status >= 500 || *status == 429,
-            TransportError::Wire(_)
-            | TransportError::Unexpected { .. }
-            | TransportError::Tls { .. } => false,
+            | TransportError::Busy { .. } => ErrorClass::Retryable,
+            TransportError::Status { status, .. } => status_class(*status),
+            TransportError::Wire(e) => e.class(),
+            TransportError::Unexpected { .. } | TransportError::Tls { .. } => ErrorClass::Permanent,
         }
+    }
+}
+
+/// The class of the parent's HTTP answer `status`. 408 is the hub's answer to a body
+/// that did not arrive within `hub.body_timeout_secs`: the link was too slow for the
+/// batch, and a later, smaller one gets through.
+fn status_class(status: u16) -> ErrorClass {
+    if status >= 500 || status == 429 || status == 408 {
+        ErrorClass::Retryable
+    } else {
+        ErrorClass::Permanent
+    }
+}
+
+impl TransportError {
+    /// [`Classify::is_retryable`], here so callers need no import.
+    pub fn is_retryable(&self) -> bool {
+        Classify::is_retryable(self)
     }
 
     /// How long the parent asked us to wait (`Retry-After`), when it did.

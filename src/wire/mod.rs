@@ -68,10 +68,26 @@ pub enum WireError {
     Encode(String),
 }
 
+/// Every wire error is a property of the bytes: sending them again fails again.
+impl crate::error::Classify for WireError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            WireError::TooShort(_)
+            | WireError::BadMagic
+            | WireError::UnsupportedVersion { .. }
+            | WireError::TooLarge { .. }
+            | WireError::Decompress(_)
+            | WireError::Decode(_)
+            | WireError::TooManyRecords { .. }
+            | WireError::Encode(_) => crate::error::ErrorClass::Permanent,
+        }
+    }
+}
+
 impl WireError {
-    /// Every wire error is a property of the bytes: sending them again fails again.
+    /// [`crate::error::Classify::is_retryable`], here so callers need no import.
     pub fn is_retryable(&self) -> bool {
-        false
+        crate::error::Classify::is_retryable(self)
     }
 }
 
