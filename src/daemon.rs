@@ -259,8 +259,9 @@ pub async fn serve(
     let stop = Arc::new(AtomicBool::new(false));
     let heartbeat = Arc::new(Heartbeat::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     {
-        let stop = stop.clone();
+        let (stop, stop_tx) = (stop.clone(), stop_tx.clone());
         tokio::spawn(async move {
             shutdown.await;
             info!("shutdown requested");
@@ -288,6 +289,16 @@ pub async fn serve(
         );
         state.set_previous_tokens(previous);
         hub_state = Some(state.clone());
+        {
+            // A request that met a damaged store stops the node: children are told
+            // the hub cannot serve (503), and `run` exits 10 below.
+            let (state, stop, stop_tx) = (state.clone(), stop.clone(), stop_tx.clone());
+            tokio::spawn(async move {
+                state.corrupted().await;
+                stop.store(true, Ordering::Relaxed);
+                let _ = stop_tx.send(true);
+            });
+        }
         let listener = listeners
             .hub
             .take()
@@ -357,7 +368,7 @@ pub async fn serve(
     tokio::spawn(tracing::Instrument::in_current_span(reload_on_hangup(
         hangup,
         cfg.path.clone(),
-        hub_state,
+        hub_state.clone(),
     )));
     info!(node = %cfg.node.id, role = cfg.role(), "clinicsync running");
     // The store is open and the listeners are bound: tell systemd (Type=notify).
@@ -398,6 +409,11 @@ pub async fn serve(
     wd.abort();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!(node = %cfg.node.id, "stopped");
+    if let Some(corrupt) = hub_state.as_ref().and_then(|h| h.corruption()) {
+        let status = format!("stopped: {corrupt}");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
+        return Err(anyhow::Error::new(corrupt));
+    }
     Ok(())
 }
 

@@ -76,6 +76,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::constant_time_eq;
 use crate::config::HubSection;
+use crate::error::Classify;
 use crate::tls::{ServerTls, TlsError};
 
 use crate::engine::{self, EngineError, Policy};
@@ -122,6 +123,25 @@ pub struct HubState {
     ran: Mutex<std::collections::VecDeque<(String, [u8; 32], Message)>>,
     /// What it has served (`/metrics`).
     pub counters: Counters,
+    /// Set once when a request met a damaged store: the daemon stops the node
+    /// (exit 10) instead of answering children from damaged data.
+    corrupt: Mutex<Option<String>>,
+    corrupt_seen: tokio::sync::watch::Sender<bool>,
+}
+
+/// The hub's store turned out damaged while it served: it stops (`run` exits 10).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the hub's store is corrupt: {what}; keep the file and restore a backup (clinicsync restore)"
+)]
+pub struct HubCorrupt {
+    pub what: String,
+}
+
+impl crate::error::Classify for HubCorrupt {
+    fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::Corruption
+    }
 }
 
 /// Answers of runs kept for repeated `ChunkRun`s.
@@ -161,6 +181,8 @@ impl HubState {
             gate,
             ran: Mutex::new(std::collections::VecDeque::new()),
             counters: Counters::default(),
+            corrupt: Mutex::new(None),
+            corrupt_seen: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -1056,6 +1078,8 @@ fn reply(msg: &Message) -> Response {
 pub struct Refusal {
     pub status: u16,
     pub reason: String,
+    /// For this hub's operator, never sent: what in its own store is damaged.
+    pub corrupt: Option<String>,
 }
 
 impl Refusal {
@@ -1063,6 +1087,7 @@ impl Refusal {
         Refusal {
             status: status.as_u16(),
             reason: reason.into(),
+            corrupt: None,
         }
     }
 }
@@ -1080,6 +1105,18 @@ fn engine_refusal(e: EngineError) -> Refusal {
         EngineError::Forbidden(m) => Refusal::new(StatusCode::FORBIDDEN, m),
         EngineError::Invalid(m) => Refusal::new(StatusCode::BAD_REQUEST, m),
         e @ EngineError::Model { .. } => Refusal::new(StatusCode::BAD_REQUEST, e.to_string()),
+        // The child learns only that the hub cannot serve now (the detail may name
+        // records outside its catchment); the hub stops for a technician.
+        e if e.is_corruption() => {
+            tracing::error!(error = %e, "the hub's store is corrupt: stopping");
+            Refusal {
+                corrupt: Some(e.to_string()),
+                ..Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the hub cannot serve now (its store needs a technician); nothing of this request was applied",
+                )
+            }
+        }
         e if e.is_retryable() => Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("store busy, retry later: {e}"),
@@ -1092,9 +1129,45 @@ fn engine_refusal(e: EngineError) -> Refusal {
 }
 
 impl HubState {
+    /// The damage a request met in this hub's store, if any (the node stops).
+    pub fn corruption(&self) -> Option<HubCorrupt> {
+        self.corrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .map(|what| HubCorrupt { what })
+    }
+
+    /// Completes when a request has met a damaged store.
+    pub async fn corrupted(&self) {
+        let mut seen = self.corrupt_seen.subscribe();
+        let _ = seen.wait_for(|c| *c).await;
+    }
+
     /// Answers one request frame from `child`, already authenticated by the
     /// transport. `expect` is the request kind an HTTP endpoint takes; MQTT takes any.
     pub fn answer(
+        &self,
+        child: &str,
+        frame: &[u8],
+        expect: Option<&'static str>,
+    ) -> Result<Message, Refusal> {
+        let answered = self.answer_checked(child, frame, expect);
+        if let Err(Refusal {
+            corrupt: Some(what),
+            ..
+        }) = &answered
+        {
+            let mut slot = self.corrupt.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(what.clone());
+            }
+            self.corrupt_seen.send_replace(true);
+        }
+        answered
+    }
+
+    fn answer_checked(
         &self,
         child: &str,
         frame: &[u8],

@@ -408,3 +408,42 @@ fn a_running_clinic_stops_on_a_corrupt_store_instead_of_retrying_it_forever() {
         "{err}"
     );
 }
+
+#[test]
+fn a_hub_stops_on_its_corrupt_store_and_tells_children_only_that_it_cannot_serve() {
+    use clinicsync::devkit::cluster;
+    let dir = tempfile::tempdir().unwrap();
+    let port = cluster::free_port().unwrap();
+    let layout = cluster::write_layout(dir.path(), port, &[("clinic-a", "North")], "", "").unwrap();
+    let mut hub = cluster::Proc::spawn(
+        std::path::Path::new(common::BIN),
+        "hub",
+        &layout.hub.config,
+        &["run"],
+    )
+    .unwrap();
+    cluster::wait_healthy(&layout.hub_url, std::time::Duration::from_secs(20)).unwrap();
+    write_raw(
+        &layout.hub.store,
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('seq', 'abc')",
+    );
+    let clinic = &layout.clinics[0].config;
+    let p = dir.path().join("p1.json");
+    std::fs::write(&p, patient("p1", "North").to_string()).unwrap();
+    let (code, _, err) = run(clinic, &["put", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // The child is told the hub cannot serve now (503, then a closed port as the hub
+    // stops: retryable for it), never what is damaged in the hub's store.
+    let (code, out, err) = run(clinic, &["sync"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(
+        !err.contains("meta"),
+        "the hub's damage leaked to a child: {err}"
+    );
+    // The hub stops by itself with the corruption code.
+    let stopped = cluster::wait_until(std::time::Duration::from_secs(20), || !hub.is_running());
+    assert!(stopped, "the hub kept serving from a corrupt store");
+    assert_eq!(hub.wait().code, Some(EXIT_CORRUPT));
+    let log = std::fs::read_to_string(layout.hub.config.with_extension("log")).unwrap();
+    assert!(log.contains("corrupt") && log.contains("seq"), "{log}");
+}

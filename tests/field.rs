@@ -553,3 +553,38 @@ fn sync_without_its_credential_file_is_a_configuration_problem() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("parent.token_file"), "{err}");
 }
+
+#[test]
+fn restore_replaces_a_store_too_damaged_to_open_and_keeps_it_aside_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("n.db");
+    let config = embedded_node(dir.path(), &store);
+    let p = dir.path().join("p.json");
+    std::fs::write(&p, patient("p1", "North").to_string()).unwrap();
+    assert!(cli(&config, &["put", p.to_str().unwrap()]).status.success());
+    let backup = dir.path().join("n.backup");
+    assert!(cli(&config, &["backup", backup.to_str().unwrap()])
+        .status
+        .success());
+    // The header overwritten: every command now exits 10 (corruption), the README
+    // says restore a backup; the restore must not refuse for the same reason.
+    let mut bytes = std::fs::read(&store).unwrap();
+    bytes[..100].fill(0x55);
+    std::fs::write(&store, &bytes).unwrap();
+    assert_eq!(cli(&config, &["status"]).status.code(), Some(10));
+    let out = cli(&config, &["restore", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = clinicsync::store::Store::open_existing(&store).unwrap();
+    assert!(get(&s, "Patient/p1").is_some());
+    let aside = dir.path().join("n.db.before-restore");
+    assert_eq!(
+        std::fs::read(&aside).unwrap(),
+        bytes,
+        "the damaged store was not kept as it was"
+    );
+    assert!(!dir.path().join("n.restoring").exists());
+}

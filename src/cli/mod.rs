@@ -599,6 +599,7 @@ fn class_in_chain(e: &anyhow::Error) -> Option<ErrorClass> {
             crate::lock::LockError,
             crate::tls::TlsError,
             client::SyncError,
+            crate::hub::HubCorrupt,
         );
         None
     }
@@ -911,21 +912,35 @@ fn restore(cfg: &Config, file: &Path) -> Out {
     std::fs::File::open(&incoming)
         .and_then(|f| f.sync_all())
         .map_err(io)?;
+    let with_suffix = |p: &Path, suffix: &str| {
+        let mut s = p.as_os_str().to_owned();
+        s.push(suffix);
+        std::path::PathBuf::from(s)
+    };
     if store.exists() {
         // Fold the old store's WAL into it before keeping it aside: a WAL left next
-        // to the restored file would be replayed into it.
-        Store::open_existing(store)
-            .and_then(|s| {
-                s.conn()
-                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-                    .map_err(Into::into)
-            })
-            .map_err(|e| {
-                Failure::new(
+        // to the restored file would be replayed into it. A store too damaged to
+        // open (exactly when a restore is wanted) is kept aside as it is, its WAL and
+        // shared memory with it, so nothing of it is lost or replayed.
+        let folded = Store::open_existing(store).and_then(|s| {
+            s.conn()
+                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                .map_err(Into::into)
+        });
+        let damaged = match folded {
+            Ok(()) => false,
+            Err(e) if e.is_corruption() => {
+                eprintln!("the current store is damaged ({e}); keeping it aside as it is");
+                true
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&incoming);
+                return Err(Failure::new(
                     exit_code_for(e.class(), EXIT_STORE),
                     format!("the current store: {e}"),
-                )
-            })?;
+                ));
+            }
+        };
         // `<store>.before-restore`, or `.before-restore.2`, … : an earlier restore's
         // safety copy is never overwritten.
         let mut aside = std::path::PathBuf::from(format!("{}.before-restore", store.display()));
@@ -935,15 +950,21 @@ fn restore(cfg: &Config, file: &Path) -> Out {
             aside = std::path::PathBuf::from(format!("{}.before-restore.{n}", store.display()));
         }
         std::fs::rename(store, &aside).map_err(io)?;
+        if damaged {
+            for suffix in ["-wal", "-shm"] {
+                let from = with_suffix(store, suffix);
+                if from.exists() {
+                    std::fs::rename(&from, with_suffix(&aside, suffix)).map_err(io)?;
+                }
+            }
+        }
         println!(
             "the store it replaces is kept as {}",
             safe_display(aside.display())
         );
     }
     for suffix in ["-wal", "-shm"] {
-        let mut p = store.as_os_str().to_owned();
-        p.push(suffix);
-        let _ = std::fs::remove_file(std::path::PathBuf::from(p));
+        let _ = std::fs::remove_file(with_suffix(store, suffix));
     }
     std::fs::rename(&incoming, store).map_err(io)?;
     println!(
