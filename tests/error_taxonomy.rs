@@ -21,17 +21,6 @@ use common::*;
 /// that gained `Classify` (or moved) fails the test until it leaves the list.
 const UNCLASSIFIED: &[(&str, &str, &str)] = &[];
 
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            rust_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p);
-        }
-    }
-}
-
 /// Every product source file (not the test kit) as (path from the crate root, text).
 fn product_sources() -> Vec<(String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

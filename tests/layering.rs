@@ -3,8 +3,10 @@
 //! test kit. ARCHITECTURE.md draws the same layers; when a module moves, this table
 //! and that drawing change in the same commit.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Each product module and its layer, lowest first. A module may use a module of a
 /// lower layer, or a module in its own tree (a parent or a child); nothing else.
@@ -80,17 +82,6 @@ fn layer_of(module: &str) -> Option<(&'static str, i8)> {
     None
 }
 
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            rust_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p);
-        }
-    }
-}
-
 /// The code of a file without comments and without its `#[cfg(test)]` module (unit
 /// tests may reach anywhere).
 fn product_code(text: &str) -> String {
@@ -147,7 +138,7 @@ fn same_tree(a: &str, b: &str) -> bool {
 fn edges() -> BTreeMap<String, Vec<String>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
-    rust_files(&src, &mut files);
+    common::rust_files(&src, &mut files);
     let mut out = BTreeMap::new();
     for f in files {
         let module = module_of(&f, &src);

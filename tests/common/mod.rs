@@ -465,3 +465,16 @@ pub fn node(dir: &Path, id: &'static str, text: String) -> Node {
         proc: None,
     }
 }
+
+/// Every `.rs` file under `dir`, recursively (the source scans of the layering and
+/// error-taxonomy tests).
+pub fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
