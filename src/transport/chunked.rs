@@ -5,12 +5,17 @@
 //! page) comes back the same way, fetched piece by piece from where it stopped.
 //!
 //! Protocol (messages in [`crate::wire`]):
-//! - upload: `ChunkQuery` → `ChunkAck{received}`; `ChunkPut{offset, data, sha}` →
-//!   `ChunkAck{received}`; `ChunkRun` → the answer, or `ChunkReady{id, len}` for a
-//!   large one. The receiver runs the request only when every byte arrived and the
-//!   whole matches its name; running it twice is harmless (integration is idempotent).
+//! - upload: `ChunkPut{offset, data, sha}` → `ChunkAck{received}`, from offset 0 on a
+//!   fresh transfer (the acknowledgement says if the receiver holds more) and from
+//!   `ChunkQuery` → `ChunkAck{received}` after a cut; the last piece carries `run`,
+//!   and its answer is the request's answer, or `ChunkReady{id, len}` for a large
+//!   one (an older receiver only acknowledges: then `ChunkRun` asks for it). The
+//!   receiver runs the request only when every byte arrived and the whole matches its
+//!   name; running it twice is harmless (integration is idempotent).
 //! - pull: a `PullRequest` with `answer_chunk` set (one round trip) → the page itself
-//!   when small, or its first chunk as `ChunkData{id, total}`.
+//!   when small, or its first chunk as `ChunkData{id, total}`. A `SyncRequest` (a
+//!   push batch carrying the first pull) is answered the same way; when it is itself
+//!   large it is uploaded as above and its `ChunkRun` answers with the page.
 //! - large answers: `ChunkGet{offset}` → `ChunkData`. Over HTTP two requests for
 //!   half-chunks stay in flight, so the link does not idle a round trip per piece.
 //!
@@ -168,23 +173,33 @@ impl<'a> Chunked<'a> {
     }
 
     /// One attempt: finish the upload from where the receiver stands, run it, and
-    /// fetch a large answer into `answer_buf` (kept across attempts).
+    /// fetch a large answer into `answer_buf` (kept across attempts). A `fresh`
+    /// attempt (the first of this exchange) does not ask where the receiver stands:
+    /// it sends the first piece, whose acknowledgement says it (a transfer begun
+    /// before a restart costs that one piece again). The last piece asks the receiver
+    /// to run the upload at once.
     fn attempt(
         &self,
         frame: &[u8],
         id: [u8; 32],
         answer_buf: &mut Vec<u8>,
         traffic: &mut Traffic,
+        fresh: bool,
     ) -> Result<Message, TransportError> {
         let total = frame.len() as u64;
-        let mut received = Self::ack(self.call(
-            &Message::ChunkQuery(ChunkRef {
-                id,
-                total,
-                answer_chunk: 0,
-            }),
-            traffic,
-        )?)?;
+        let mut received = if fresh {
+            0
+        } else {
+            Self::ack(self.call(
+                &Message::ChunkQuery(ChunkRef {
+                    id,
+                    total,
+                    answer_chunk: 0,
+                }),
+                traffic,
+            )?)?
+        };
+        let mut first_put = fresh;
         while received < total {
             let end = (received as usize + self.piece()).min(frame.len());
             let data = frame[received as usize..end].to_vec();
@@ -195,11 +210,16 @@ impl<'a> Chunked<'a> {
                 offset: received,
                 data,
                 sha,
+                run: if end == frame.len() {
+                    self.piece() as u64
+                } else {
+                    0
+                },
             });
-            let next = match self.call(&put, traffic) {
+            let answer = match self.call(&put, traffic) {
                 Ok(a) => {
                     self.piece_done();
-                    Self::ack(a)?
+                    a
                 }
                 Err(e) => {
                     self.resent
@@ -207,7 +227,26 @@ impl<'a> Chunked<'a> {
                     return Err(e);
                 }
             };
-            if next <= received {
+            let next = match answer {
+                Message::ChunkAck(a) => a.received,
+                // The last piece ran the upload: its answer, or a large one to fetch.
+                Message::ChunkReady(r) => {
+                    self.fetch(r.id, r.received, answer_buf, traffic)?;
+                    return self.finish(r.id, answer_buf);
+                }
+                other if !other.name().starts_with("chunk_") => return Ok(other),
+                other => {
+                    return Err(TransportError::Unexpected {
+                        sent: "chunk",
+                        got: other.name(),
+                    })
+                }
+            };
+            // A receiver holding more than the first piece (a transfer begun before
+            // a restart) says so, and the upload goes on from there.
+            let progressed = next > received || (first_put && next > 0);
+            first_put = false;
+            if !progressed {
                 return Err(TransportError::Status {
                     status: 409,
                     message: format!("receiver holds {next} bytes, not {received}: starting over"),
@@ -215,6 +254,8 @@ impl<'a> Chunked<'a> {
             }
             received = next;
         }
+        // Complete already (acknowledged without running: an older hub, or a
+        // transfer that was complete before this attempt).
         let run = Message::ChunkRun(ChunkRef {
             id,
             total,
@@ -446,12 +487,27 @@ fn conflict(e: &TransportError) -> bool {
 
 impl Exchange for Chunked<'_> {
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
-        if let Message::PullRequest(req) = msg {
-            let mut req = req.clone();
-            req.answer_chunk = self.piece() as u64;
-            return self.pull(path, &Message::PullRequest(req));
-        }
+        let with_page;
+        let msg = match msg {
+            Message::PullRequest(req) => {
+                let mut req = req.clone();
+                req.answer_chunk = self.piece() as u64;
+                return self.pull(path, &Message::PullRequest(req));
+            }
+            // A push that carries the first pull: its answer may be a large page.
+            Message::SyncRequest(both) => {
+                let mut both = both.clone();
+                both.pull.answer_chunk = self.piece() as u64;
+                with_page = Message::SyncRequest(both);
+                &with_page
+            }
+            other => other,
+        };
         let frame = wire::encode(msg)?;
+        if frame.len() <= self.piece() && matches!(msg, Message::SyncRequest(_)) {
+            // Sent again whole after a cut: the push in it is idempotent.
+            return self.pull(path, msg);
+        }
         // Small requests with small answers go as they are.
         if frame.len() <= self.piece() {
             let r = self.inner.exchange(path, msg);
@@ -466,8 +522,10 @@ impl Exchange for Chunked<'_> {
         let mut tries = 0;
         let mut last_progress = std::time::Instant::now();
         let mut moved = 0u64;
+        let mut fresh = true;
         loop {
-            let result = self.attempt(&frame, id, &mut answer_buf, &mut traffic);
+            let result = self.attempt(&frame, id, &mut answer_buf, &mut traffic, fresh);
+            fresh = false;
             if traffic.received + traffic.sent > moved {
                 // The link moved bytes: the retry count starts over, so a link cut
                 // every few KiB still finishes a large transfer piece by piece.
