@@ -302,7 +302,9 @@ pub fn sync_with(
 
 /// The pieces of large pull answers, kept in the node's own store (as transfers
 /// `dir = "down"` from the parent) through a second connection, so a clinic killed in
-/// the middle of a page continues it after a restart.
+/// the middle of a page continues it after a restart; and the names of large uploads
+/// begun (`dir = "up"`, no bytes), so one begun before a restart asks the parent
+/// where it stands instead of sending its first piece again.
 /// The connection is opened on the first large answer, not every round: most rounds
 /// fetch nothing large and need no second connection.
 struct AnswerStore<'a> {
@@ -386,6 +388,33 @@ impl crate::transport::chunked::AnswerCache for AnswerStore<'_> {
     }
     fn forget(&self, id: &[u8; 32]) {
         self.with("forget", |tx| tx.transfer_forget(&answer_key(id)));
+    }
+    fn upload_begun(&self, id: &[u8; 32]) -> bool {
+        let mut begun = false;
+        self.with("look up", |tx| {
+            begun = tx.transfer_state(&upload_key(id))?.is_some();
+            Ok(())
+        });
+        begun
+    }
+    fn upload_begins(&self, id: &[u8; 32], total: u64) {
+        // A row with no bytes: the upload's name, kept until it is answered.
+        self.with("note", |tx| {
+            tx.transfer_append(&upload_key(id), total, 0, &[], (self.clock)())
+                .map(|_| ())
+        });
+    }
+    fn upload_done(&self, id: &[u8; 32]) {
+        self.with("forget", |tx| tx.transfer_forget(&upload_key(id)));
+    }
+}
+
+/// An upload this node began (its bytes stay in the outbox; the row names it).
+fn upload_key(id: &[u8; 32]) -> crate::store::TransferKey<'_> {
+    crate::store::TransferKey {
+        node: PARENT,
+        id,
+        dir: crate::store::TransferDir::Up,
     }
 }
 
@@ -782,7 +811,20 @@ fn push_pass(
             }
             let Some((req, last)) = next else { break };
             after = last;
-            let with = carry.take();
+            let mut with = carry.take();
+            if let (Some(first), Some(piece)) = (&with, client.one_piece()) {
+                // A batch large enough to travel as a transfer goes alone: its frame
+                // is then the same in the next round (the outbox's), and a round cut
+                // mid-way resumes it there; a carried pull (health, cursor) would make
+                // every round's frame new. Its extra round trip is small beside it.
+                let both = Message::SyncRequest(crate::wire::SyncRequest {
+                    push: req.clone(),
+                    pull: first.req.clone(),
+                });
+                if crate::wire::encode(&both).map_or(true, |f| f.len() > piece) {
+                    *carry = with.take();
+                }
+            }
             let msg = match &with {
                 Some(first) => Message::SyncRequest(crate::wire::SyncRequest {
                     push: req.clone(),

@@ -380,8 +380,18 @@ fn record_conflict(
 /// reinstalled: its own records are coming back).
 fn restoring(tx: &Tx<'_>, source: &str) -> Result<bool> {
     let parent = source.strip_prefix("pull:").unwrap_or(source);
-    Ok(tx.cursor(parent)? == crate::wire::Cursor::default()
-        || tx.meta(&meta::RESTORING_OWN)? == Some(true))
+    Ok(restoring_own(
+        tx.cursor(parent)?,
+        tx.meta(&meta::RESTORING_OWN)?,
+    ))
+}
+
+/// Whether pulls bring this node's own records back (a first contact, or a resync):
+/// while `RESTORING_OWN` says so; before any pull set it (a store older than the
+/// flag, or one that never pulled), while the cursor has not moved. A first pull
+/// that found nothing leaves the cursor where it was, and the flag (false) ends it.
+fn restoring_own(cursor: crate::wire::Cursor, flag: Option<bool>) -> bool {
+    flag.unwrap_or(cursor == crate::wire::Cursor::default())
 }
 
 /// Picks the surviving version of two concurrent ones. Pure apart from reading the
@@ -1408,10 +1418,9 @@ pub fn pull_request(
     // A store that has never pulled may be a wiped box reinstalled under the same id,
     // with clinicians already writing: it gets back everything the parent holds from
     // it, over every page of that first pull (`RESTORING_OWN` keeps the flag across pages
-    // and restarts). A new node pays for this with its first day's pushes coming back
-    // once, as duplicates.
-    let include_own =
-        cursor == crate::wire::Cursor::default() || store.meta(&meta::RESTORING_OWN)? == Some(true);
+    // and restarts). A new node pays for this with whatever it pushed before its first
+    // pull completed coming back once, as duplicates.
+    let include_own = restoring_own(cursor, store.meta(&meta::RESTORING_OWN)?);
     Ok(PullRequest {
         node: store.node_id().to_string(),
         cursor,
@@ -1470,8 +1479,7 @@ pub fn store_pull(
             }
         }
     }
-    let first = tx.cursor(parent)? == crate::wire::Cursor::default();
-    if first || tx.meta(&meta::RESTORING_OWN)? == Some(true) {
+    if restoring_own(tx.cursor(parent)?, tx.meta(&meta::RESTORING_OWN)?) {
         tx.set_meta(&meta::RESTORING_OWN, resp.more)?;
     }
     let known = tx.meta(&meta::BUNDLE_SEQ_AT_PARENT)?.unwrap_or(0);

@@ -28,6 +28,11 @@ struct Watched {
     kinds: Mutex<Vec<&'static str>>,
     /// Strip `run` from upload pieces, as a hub before 0.3 reads them.
     older_chunks: bool,
+    /// Upload bytes sent in pieces (those the hub took), and the frame's length.
+    put_bytes: std::sync::atomic::AtomicU64,
+    frame_len: std::sync::atomic::AtomicU64,
+    /// Refuse (HTTP 500) every upload piece after this many.
+    puts_allowed: Option<usize>,
 }
 
 impl Watched {
@@ -44,6 +49,9 @@ impl Watched {
             lose_next_answer: AtomicBool::new(false),
             kinds: Mutex::new(Vec::new()),
             older_chunks: false,
+            put_bytes: Default::default(),
+            frame_len: Default::default(),
+            puts_allowed: None,
         }
     }
 
@@ -56,6 +64,24 @@ impl Exchange for Watched {
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         self.paths.lock().unwrap().push(path.to_string());
         self.kinds.lock().unwrap().push(msg.name());
+        if let Message::ChunkPut(p) = msg {
+            let puts = self
+                .kinds
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|k| **k == "chunk_put")
+                .count();
+            if self.puts_allowed.is_some_and(|n| puts > n) {
+                return Err(TransportError::Status {
+                    status: 500,
+                    message: "the hub fell over".into(),
+                });
+            }
+            self.put_bytes
+                .fetch_add(p.data.len() as u64, Ordering::SeqCst);
+            self.frame_len.store(p.total, Ordering::SeqCst);
+        }
         let stripped;
         let msg = match msg {
             Message::ChunkPut(p) if self.older_chunks => {
@@ -153,7 +179,7 @@ fn the_carried_page_is_followed_by_the_rest_when_the_parent_has_more() {
 }
 
 #[test]
-fn a_large_push_carrying_the_pull_goes_in_resumable_pieces() {
+fn a_push_larger_than_a_piece_goes_alone_in_resumable_pieces_and_the_pull_follows() {
     let dir = tempfile::tempdir().unwrap();
     let (hub, mut a) = hub_and_clinic(dir.path());
     hub.put(
@@ -170,9 +196,10 @@ fn a_large_push_carrying_the_pull_goes_in_resumable_pieces() {
     let link = Watched::new(&hub.url, &hub, "a");
     let report = sync_through(&mut a, &link);
     let paths = link.paths();
+    let (pull, upload) = paths.split_last().unwrap();
     assert!(
-        paths.iter().all(|p| p == "/v1/chunk"),
-        "a frame over one piece travels as a transfer: {paths:?}"
+        upload.iter().all(|p| p == "/v1/chunk") && pull == "/v1/pull",
+        "a frame over one piece travels as a transfer, then the pull: {paths:?}"
     );
     let kinds = std::mem::take(&mut *link.kinds.lock().unwrap());
     assert!(
@@ -186,7 +213,11 @@ fn a_large_push_carrying_the_pull_goes_in_resumable_pieces() {
     assert_eq!((report.pushed.accepted, report.pulled), (400, 200));
     assert_eq!(a.store.counts().unwrap().outbox, 0);
     assert!(a.get("Patient/h199").is_some());
-    assert_eq!(hub.state.counters.sync_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        hub.state.counters.sync_requests.load(Ordering::Relaxed),
+        0,
+        "a batch that is a transfer carries no pull: its frame must be the same next round"
+    );
 
     // A hub that reads no `run` (before 0.3) acknowledges the last piece; the upload
     // is then run as before.
@@ -396,4 +427,75 @@ fn a_push_carried_with_a_pull_is_held_to_the_same_trust_boundary() {
         assert_eq!(ids, ["pn"], "only a's catchment is served");
     }
     assert!(get(&hub.store(), "Encounter/e-for-pb").is_none());
+}
+
+#[test]
+fn a_first_pull_that_found_nothing_ends_the_restore_and_own_records_stay_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
+    // First contact with a hub that holds nothing for this clinic: the cursor stays
+    // where it was.
+    let first = a.sync().unwrap();
+    assert_eq!(first.pulled, 0);
+    a.put(vec![patient("pa", "North"), encounter("pa-e", "pa")]);
+    let link = Watched::new(&hub.url, &hub, "a");
+    let report = sync_through(&mut a, &link);
+    assert_eq!(report.pushed.accepted, 2);
+    assert_eq!(
+        report.pulled, 0,
+        "the clinic's own records do not come back once its first contact is done"
+    );
+    assert_eq!(link.paths(), ["/v1/sync"]);
+}
+
+#[test]
+fn an_upload_begun_before_a_failed_round_asks_where_it_stands_and_sends_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, mut a) = hub_and_clinic(dir.path());
+    let ids: Vec<String> = (0..400u32)
+        .map(|i| hex::encode(sha2::Sha256::digest(i.to_be_bytes())))
+        .collect();
+    a.put(ids.iter().map(|id| patient(id, "North")).collect());
+    a.sync_cfg.chunk_bytes = 4096;
+    let mut broken = Watched::new(&hub.url, &hub, "a");
+    broken.puts_allowed = Some(3);
+    let failed = client::sync_once(
+        &mut a.store,
+        &a.policy,
+        &broken,
+        &a.sync_cfg,
+        &AtomicBool::new(false),
+    );
+    assert!(
+        failed
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("fell over")),
+        "{failed:?}"
+    );
+    let sent_before = broken.put_bytes.load(Ordering::SeqCst);
+    assert!(sent_before >= 3 * 2048, "{sent_before}");
+    assert_eq!(a.store.counts().unwrap().outbox, 400);
+    // The next round rebuilds the same frame, and knows it began it.
+    let link = Watched::new(&hub.url, &hub, "a");
+    let report = sync_through(&mut a, &link);
+    assert_eq!(report.pushed.accepted, 400);
+    let kinds = std::mem::take(&mut *link.kinds.lock().unwrap());
+    assert_eq!(kinds[0], "chunk_query", "{kinds:?}");
+    assert_eq!(
+        sent_before + link.put_bytes.load(Ordering::SeqCst),
+        link.frame_len.load(Ordering::SeqCst),
+        "every byte of the frame went once: the pieces before the failure, then the rest"
+    );
+    assert_eq!(
+        broken.frame_len.load(Ordering::SeqCst),
+        link.frame_len.load(Ordering::SeqCst),
+        "the same frame, rebuilt"
+    );
 }

@@ -6,8 +6,9 @@
 //!
 //! Protocol (messages in [`crate::wire`]):
 //! - upload: `ChunkPut{offset, data, sha}` → `ChunkAck{received}`, from offset 0 on a
-//!   fresh transfer (the acknowledgement says if the receiver holds more) and from
-//!   `ChunkQuery` → `ChunkAck{received}` after a cut; the last piece carries `run`,
+//!   transfer this client never began (its [`AnswerCache`] keeps the ones it began,
+//!   across restarts), and from `ChunkQuery` → `ChunkAck{received}` after a cut or
+//!   for a transfer begun before (or with no cache); the last piece carries `run`,
 //!   and its answer is the request's answer, or `ChunkReady{id, len}` for a large
 //!   one (an older receiver only acknowledges: then `ChunkRun` asks for it). The
 //!   receiver runs the request only when every byte arrived and the whole matches its
@@ -48,6 +49,14 @@ pub trait AnswerCache: Sync {
     fn append(&self, id: &[u8; 32], total: u64, offset: u64, data: &[u8]);
     /// Forgets answer `id` (used, or found corrupt).
     fn forget(&self, id: &[u8; 32]);
+    /// Whether this client began uploading a frame named `id` before (in an earlier
+    /// round or before a restart): the receiver may hold part of it, so the upload
+    /// asks first. An upload not begun before sends its first piece at once.
+    fn upload_begun(&self, id: &[u8; 32]) -> bool;
+    /// Notes that an upload named `id` of `total` bytes is beginning.
+    fn upload_begins(&self, id: &[u8; 32], total: u64);
+    /// The upload named `id` was answered: nothing more to resume.
+    fn upload_done(&self, id: &[u8; 32]);
 }
 
 pub struct Chunked<'a> {
@@ -486,6 +495,10 @@ fn conflict(e: &TransportError) -> bool {
 }
 
 impl Exchange for Chunked<'_> {
+    fn one_piece(&self) -> Option<usize> {
+        Some(self.piece())
+    }
+
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         let with_page;
         let msg = match msg {
@@ -522,7 +535,14 @@ impl Exchange for Chunked<'_> {
         let mut tries = 0;
         let mut last_progress = std::time::Instant::now();
         let mut moved = 0u64;
-        let mut fresh = true;
+        // Without a record of the uploads begun before (no cache) every upload asks
+        // first: nothing the receiver holds is ever sent again.
+        let mut fresh = self.cache.is_some_and(|c| !c.upload_begun(&id));
+        if fresh {
+            if let Some(c) = self.cache {
+                c.upload_begins(&id, frame.len() as u64);
+            }
+        }
         loop {
             let result = self.attempt(&frame, id, &mut answer_buf, &mut traffic, fresh);
             fresh = false;
@@ -536,6 +556,9 @@ impl Exchange for Chunked<'_> {
             match result {
                 Ok(m) => {
                     self.answered_now();
+                    if let Some(c) = self.cache {
+                        c.upload_done(&id);
+                    }
                     return Ok((m, traffic));
                 }
                 Err(e) if self.resumable(&e, last_progress) && tries < self.retries => {

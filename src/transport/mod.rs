@@ -26,6 +26,11 @@ pub trait Exchange: Sync {
     fn clock_skew_ms(&self) -> Option<i64> {
         None
     }
+    /// The largest frame this link sends in one request (a larger one goes as a
+    /// resumable transfer); `None`: no limit of its own.
+    fn one_piece(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl Exchange for HttpClient {
