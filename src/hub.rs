@@ -97,6 +97,8 @@ const TRANSFER_TTL_MS: u64 = 24 * 3_600_000;
 /// Everything a hub needs to answer children.
 pub struct HubState {
     writer: Mutex<Store>,
+    /// Checkpoints the writer's WAL off the push path (`Store::checkpoint_elsewhere`).
+    checkpointer: crate::store::Checkpointer,
     reader: Mutex<Store>,
     node_id: String,
     /// Replaced on reload (catchment rules, descendants); each request uses the one
@@ -144,6 +146,11 @@ impl crate::error::Classify for HubCorrupt {
     }
 }
 
+/// The writer connection's page cache: the replica, history and audit indexes a
+/// large push walks (SQLite's default of 2 MiB reads them back from the OS page by
+/// page). Memory a hub has; a clinic keeps the default.
+const WRITER_CACHE_KIB: u32 = 16 << 10;
+
 /// Answers of runs kept for repeated `ChunkRun`s.
 const RAN_KEPT: usize = 256;
 
@@ -157,11 +164,15 @@ impl HubState {
         max_message_bytes: usize,
     ) -> Result<HubState, crate::store::StoreError> {
         let writer = Store::open(store_path, &policy.node_id)?;
+        writer.checkpoint_elsewhere()?;
+        writer.set_cache_kib(WRITER_CACHE_KIB)?;
+        let checkpointer = crate::store::Checkpointer::start(store_path)?;
         let reader = Store::open(store_path, &policy.node_id)?;
         let serving = ServeOptions::default();
         let gate = Gate::new(serving.max_concurrent_requests, max_message_bytes);
         Ok(HubState {
             writer: Mutex::new(writer),
+            checkpointer,
             reader: Mutex::new(reader),
             node_id: policy.node_id.clone(),
             policy: RwLock::new(Arc::new(policy)),
@@ -1352,6 +1363,7 @@ impl HubState {
         let resp = engine::handle_push(&mut store, &self.policy(), child, req, self.now())
             .map_err(engine_refusal)?;
         self.note_contact(&mut store, child, true, bytes as u64, true);
+        self.checkpointer.nudge();
         let rejected = resp
             .results
             .iter()
