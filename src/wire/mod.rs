@@ -31,11 +31,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector};
 
+pub mod accept;
+pub mod dict;
 pub mod health;
 pub mod orders;
+pub mod v2;
+
+pub use accept::{Accept, Encoding};
 
 pub const MAGIC: &[u8; 4] = b"CSYN";
+/// Protocol version 1 (the CBOR message, zstd without a dictionary).
 pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version 2 (skeleton and column record block, optional dictionary).
+pub const PROTOCOL_V2: u16 = 2;
+/// The newest version this node decodes.
+pub const NEWEST_VERSION: u16 = PROTOCOL_V2;
 const HEADER_LEN: usize = 6;
 /// CBOR nesting allowed in a message. Our messages nest at most 5 deep (bodies
 /// are opaque text), so anything deeper is an attack or a bug.
@@ -50,7 +60,7 @@ pub enum WireError {
     TooShort(usize),
     #[error("not a clinicsync message (bad magic bytes)")]
     BadMagic,
-    #[error("protocol version {got} is not supported (this node speaks version {supported}); upgrade the older node")]
+    #[error("protocol version {got} is not supported (this node speaks versions 1 to {supported}); upgrade the older node")]
     UnsupportedVersion { got: u16, supported: u16 },
     #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {
@@ -66,6 +76,13 @@ pub enum WireError {
     TooManyRecords { count: usize, limit: usize },
     #[error("could not encode message: {0}")]
     Encode(String),
+    /// A v2 frame compressed with a dictionary this node does not ship (a newer
+    /// peer that ignored what this node announced).
+    #[error("message uses zstd dictionary {0}, which this node does not have (it has {known}); the sender must use a dictionary this node announced", known = dict::known())]
+    UnknownDictionary(u32),
+    /// A v2 record block that does not hold together; names what and which record.
+    #[error("message has a broken record block: {0}")]
+    Block(String),
 }
 
 /// Every wire error is a property of the bytes: sending them again fails again.
@@ -79,7 +96,9 @@ impl crate::error::Classify for WireError {
             | WireError::Decompress(_)
             | WireError::Decode(_)
             | WireError::TooManyRecords { .. }
-            | WireError::Encode(_) => crate::error::ErrorClass::Permanent,
+            | WireError::Encode(_)
+            | WireError::UnknownDictionary(_)
+            | WireError::Block(_) => crate::error::ErrorClass::Permanent,
         }
     }
 }
@@ -454,17 +473,37 @@ pub fn encode_with(msg: &Message, level: i32) -> Result<Vec<u8>, WireError> {
     out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
     let mut enc = zstd::stream::write::Encoder::new(out, level)
         .map_err(|e| WireError::Encode(e.to_string()))?;
-    // Keep the window within what our own decoder accepts.
-    enc.window_log(MAX_WINDOW_LOG.min(22))
-        .map_err(|e| WireError::Encode(e.to_string()))?;
-    enc.include_contentsize(false)
-        .map_err(|e| WireError::Encode(e.to_string()))?;
-    // Telling zstd the size lets it size its tables to the message rather than to
-    // the level's maximum: a small frame costs kilobytes of memory, not tens of MiB.
-    enc.set_pledged_src_size(Some(cbor.len() as u64))
-        .map_err(|e| WireError::Encode(e.to_string()))?;
+    frame_parameters(&mut enc, cbor.len())?;
     std::io::Write::write_all(&mut enc, &cbor).map_err(|e| WireError::Encode(e.to_string()))?;
     enc.finish().map_err(|e| WireError::Encode(e.to_string()))
+}
+
+/// Encodes a message in `encoding` at zstd `level`. A message outside v2's bounds
+/// (a kind or node id over [`v2::MAX_TABLE_STRING`] bytes, more than
+/// [`v2::MAX_VV_ENTRIES`] vector entries) goes as v1, which every peer reads.
+pub fn encode_as(msg: &Message, level: i32, encoding: Encoding) -> Result<Vec<u8>, WireError> {
+    match encoding {
+        Encoding::V1 => encode_with(msg, level),
+        Encoding::V2 { dict } => match v2::encode(msg, level, dict)? {
+            Some(frame) => Ok(frame),
+            None => encode_with(msg, level),
+        },
+    }
+}
+
+/// The zstd parameters of every frame this node writes, given the payload size.
+fn frame_parameters<W: std::io::Write>(
+    enc: &mut zstd::stream::write::Encoder<'_, W>,
+    size: usize,
+) -> Result<(), WireError> {
+    let e = |e: std::io::Error| WireError::Encode(e.to_string());
+    // Keep the window within what our own decoder accepts.
+    enc.window_log(MAX_WINDOW_LOG.min(22)).map_err(e)?;
+    enc.include_contentsize(false).map_err(e)?;
+    // Telling zstd the size lets it size its tables to the message rather than to
+    // the level's maximum: a small frame costs kilobytes of memory, not tens of MiB.
+    enc.set_pledged_src_size(Some(size as u64)).map_err(e)?;
+    Ok(())
 }
 
 /// Checks the header and returns the protocol version the frame claims.
@@ -476,10 +515,10 @@ pub fn check_header(bytes: &[u8]) -> Result<u16, WireError> {
         return Err(WireError::BadMagic);
     }
     let version = u16::from_be_bytes([bytes[4], bytes[5]]);
-    if version != PROTOCOL_VERSION {
+    if version != PROTOCOL_VERSION && version != PROTOCOL_V2 {
         return Err(WireError::UnsupportedVersion {
             got: version,
-            supported: PROTOCOL_VERSION,
+            supported: NEWEST_VERSION,
         });
     }
     Ok(version)
@@ -494,7 +533,21 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
             limit: limits.max_compressed,
         });
     }
-    check_header(bytes)?;
+    let msg = match check_header(bytes)? {
+        PROTOCOL_V2 => v2::decode(bytes, limits)?,
+        _ => decode_v1(bytes, limits)?,
+    };
+    let count = msg.record_count();
+    if count > limits.max_records {
+        return Err(WireError::TooManyRecords {
+            count,
+            limit: limits.max_records,
+        });
+    }
+    Ok(msg)
+}
+
+fn decode_v1(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
     let mut decoder = zstd::stream::read::Decoder::new(&bytes[HEADER_LEN..])
         .map_err(|e| WireError::Decompress(e.to_string()))?;
     decoder
@@ -513,16 +566,8 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
             limit: limits.max_decompressed,
         });
     }
-    let msg: Message = ciborium::de::from_reader_with_recursion_limit(cbor.as_slice(), MAX_DEPTH)
-        .map_err(|e| WireError::Decode(e.to_string()))?;
-    let count = msg.record_count();
-    if count > limits.max_records {
-        return Err(WireError::TooManyRecords {
-            count,
-            limit: limits.max_records,
-        });
-    }
-    Ok(msg)
+    ciborium::de::from_reader_with_recursion_limit(cbor.as_slice(), MAX_DEPTH)
+        .map_err(|e| WireError::Decode(e.to_string()))
 }
 
 #[cfg(test)]
@@ -559,7 +604,7 @@ mod tests {
                 err,
                 WireError::UnsupportedVersion {
                     got: 9,
-                    supported: 1
+                    supported: 2
                 }
             ),
             "{err}"
