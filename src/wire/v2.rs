@@ -22,6 +22,8 @@ pub const MAX_TABLE_STRING: usize = 256;
 pub const MAX_NODES: usize = 4096;
 /// Version vector entries one record may have (the engine refuses more anyway).
 pub const MAX_VV_ENTRIES: usize = 64;
+/// Largest payload compressed with a dictionary at [`super::LEVEL_BULK`] and above.
+pub const DICT_MAX_BULK_PAYLOAD: usize = 256 << 10;
 /// What one decoded record costs besides its strings (the struct, the map nodes),
 /// counted against the decompressed-size limit so that a small block cannot decode
 /// into a message much larger than a v1 frame under the same limits could.
@@ -188,25 +190,73 @@ impl<'a> Table<'a> {
     }
 }
 
-/// Where a record's id is found: inside its own body (the canonical body names the
-/// record, so the id costs two small numbers instead of its text), or spelled out.
+/// The marker before an id inside a canonical body.
+const ID_KEY: &str = "\"id\":\"";
+/// Occurrences of [`ID_KEY`] looked through for a record's id.
+const MAX_ID_OCCURRENCE: usize = 64;
+
+/// Where a record's id is found inside its own body: `k` (1-based) when the value
+/// after the k-th `"id":"` is exactly the id, up to the next `"`. The canonical
+/// body names the record, so the id costs one small, constant number instead of
+/// its text (ids are a sixth of a record's metadata otherwise).
 fn id_in_body(rec: &WireRecord) -> Option<usize> {
-    if rec.id.is_empty() {
+    if rec.id.is_empty() || rec.id.contains(['"', '\\']) {
         return None;
     }
-    let pattern = format!("\"id\":\"{}\"", rec.id);
-    rec.body.find(&pattern).map(|at| at + 6)
+    let mut from = 0;
+    for k in 1..=MAX_ID_OCCURRENCE {
+        let at = from + rec.body[from..].find(ID_KEY)? + ID_KEY.len();
+        let rest = &rec.body[at..];
+        if rest.starts_with(rec.id.as_str()) && rest[rec.id.len()..].starts_with('"') {
+            return Some(k);
+        }
+        from = at;
+    }
+    None
 }
+
+/// The id the k-th (1-based) `"id":"` of `body` introduces, as [`id_in_body`] found it.
+fn id_from_body(body: &str, k: u64) -> Option<&str> {
+    let mut from = 0;
+    let mut at = 0;
+    for _ in 0..k {
+        at = from + body[from..].find(ID_KEY)? + ID_KEY.len();
+        from = at;
+    }
+    let len = body[at..].find('"')?;
+    Some(&body[at..at + len])
+}
+
+/// Bodies are written grouped by kind (each kind's in record order): a kind's
+/// bodies look alike, and zstd finds more and nearer matches among neighbours. The
+/// kind column gives the receiver the same order, so this costs no byte.
+fn body_order(kind_ix: &[u64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..kind_ix.len()).collect();
+    order.sort_by_key(|&i| kind_ix[i]);
+    order
+}
+
+fn body_order_of(kind_ix: &[usize]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..kind_ix.len()).collect();
+    order.sort_by_key(|&i| kind_ix[i]);
+    order
+}
+
+/// Flag: every body ends with a newline in the stream and no length column is sent
+/// (no body holds a newline; canonical JSON never does).
+const FLAG_NEWLINES: u8 = 1;
 
 /// The column block of `records` (without the bodies, which follow it in the same
 /// order, each exactly as long as the block says). `None` when a record falls
 /// outside the v2 bounds (the caller sends v1).
-fn columns(counts: &[u64], records: &[WireRecord]) -> Option<Vec<u8>> {
+fn columns(counts: &[u64], records: &[WireRecord]) -> Option<(Vec<u8>, Vec<usize>, bool)> {
     let mut out = Vec::with_capacity(64 + records.len() * 16);
     put_varint(&mut out, counts.len() as u64);
     for &c in counts {
         put_varint(&mut out, c);
     }
+    let newlines = !records.iter().any(|r| r.body.contains('\n'));
+    out.push(if newlines { FLAG_NEWLINES } else { 0 });
     let mut kinds = Table::default();
     let mut nodes = Table::default();
     let mut kind_ix = Vec::with_capacity(records.len());
@@ -234,7 +284,7 @@ fn columns(counts: &[u64], records: &[WireRecord]) -> Option<Vec<u8>> {
             put_str(&mut out, s);
         }
     }
-    for i in kind_ix {
+    for &i in &kind_ix {
         put_varint(&mut out, i);
     }
     for i in origin_ix {
@@ -242,10 +292,7 @@ fn columns(counts: &[u64], records: &[WireRecord]) -> Option<Vec<u8>> {
     }
     for r in records {
         match id_in_body(r) {
-            Some(at) => {
-                put_varint(&mut out, at as u64 + 1);
-                put_varint(&mut out, r.id.len() as u64);
-            }
+            Some(k) => put_varint(&mut out, k as u64),
             None => {
                 put_varint(&mut out, 0);
                 put_str(&mut out, &r.id);
@@ -254,14 +301,22 @@ fn columns(counts: &[u64], records: &[WireRecord]) -> Option<Vec<u8>> {
     }
     // HLCs: the batch's earliest wall clock, then each record's difference from the
     // one before it (records stay in their order; a batch in clock order costs a
-    // byte or two each).
+    // byte or two each); the counter as it is, or as its difference from the one
+    // before when the wall clock is the same (a burst of writes in one millisecond).
     let base = records.iter().map(|r| r.hlc.wall_ms).min().unwrap_or(0);
     put_varint(&mut out, base);
-    let mut prev = base;
+    let (mut prev, mut prev_counter) = (base, 0u32);
     for r in records {
-        put_varint(&mut out, zigzag(r.hlc.wall_ms.wrapping_sub(prev) as i64));
+        let d = r.hlc.wall_ms.wrapping_sub(prev);
+        put_varint(&mut out, zigzag(d as i64));
+        let c = r.hlc.counter;
+        if d == 0 {
+            put_varint(&mut out, zigzag(i64::from(c) - i64::from(prev_counter)));
+        } else {
+            put_varint(&mut out, u64::from(c));
+        }
         prev = r.hlc.wall_ms;
-        put_varint(&mut out, u64::from(r.hlc.counter));
+        prev_counter = c;
     }
     // Version vectors: (node index, counter minus that node's previous counter in
     // the batch); entries in the map's (name) order.
@@ -282,10 +337,78 @@ fn columns(counts: &[u64], records: &[WireRecord]) -> Option<Vec<u8>> {
         }
     }
     out.extend_from_slice(&bits);
-    for r in records {
-        put_varint(&mut out, r.body.len() as u64);
+    let order = body_order(&kind_ix);
+    if !newlines {
+        for &i in &order {
+            put_varint(&mut out, records[i].body.len() as u64);
+        }
     }
-    Some(out)
+    Some((out, order, newlines))
+}
+
+/// A message split for v2: the head (skeleton length and skeleton), the column
+/// block, and the records whose bodies follow it.
+struct Parts {
+    head: Vec<u8>,
+    cols: Vec<u8>,
+    records: Vec<WireRecord>,
+    /// The order bodies are written in.
+    order: Vec<usize>,
+    newlines: bool,
+}
+
+impl Parts {
+    fn of(msg: &Message) -> Result<Option<Parts>, WireError> {
+        let mut skeleton = msg.clone();
+        let (counts, records) = take_records(&mut skeleton);
+        let Some((cols, order, newlines)) = columns(&counts, &records) else {
+            return Ok(None);
+        };
+        let skel = super::to_cbor(&skeleton)?;
+        let mut head = Vec::with_capacity(skel.len() + 10);
+        put_varint(&mut head, skel.len() as u64);
+        head.extend_from_slice(&skel);
+        Ok(Some(Parts {
+            head,
+            cols,
+            records,
+            order,
+            newlines,
+        }))
+    }
+
+    fn len(&self) -> usize {
+        let newlines = if self.newlines { self.records.len() } else { 0 };
+        self.head.len()
+            + self.cols.len()
+            + self.records.iter().map(|r| r.body.len()).sum::<usize>()
+            + newlines
+    }
+
+    fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        w.write_all(&self.head)?;
+        w.write_all(&self.cols)?;
+        for &i in &self.order {
+            w.write_all(self.records[i].body.as_bytes())?;
+            if self.newlines {
+                w.write_all(b"\n")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The uncompressed v2 payload of `msg` (what [`encode`] compresses), for
+/// measurements; `None` outside v2's bounds.
+pub fn payload(msg: &Message) -> Result<Option<Vec<u8>>, WireError> {
+    let Some(parts) = Parts::of(msg)? else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    parts
+        .write_to(&mut out)
+        .map_err(|e| WireError::Encode(e.to_string()))?;
+    Ok(Some(out))
 }
 
 /// Encodes `msg` as a v2 frame with dictionary `dict` (0: none) at zstd `level`;
@@ -295,17 +418,18 @@ pub fn encode(msg: &Message, level: i32, dict: u32) -> Result<Option<Vec<u8>>, W
         0 => None,
         id => Some(dict::bytes(id).ok_or(WireError::UnknownDictionary(id))?),
     };
-    let mut skeleton = msg.clone();
-    let (counts, records) = take_records(&mut skeleton);
-    let Some(cols) = columns(&counts, &records) else {
+    let Some(parts) = Parts::of(msg)? else {
         return Ok(None);
     };
-    let skel = super::to_cbor(&skeleton)?;
-    let mut head = Vec::with_capacity(skel.len() + 10);
-    put_varint(&mut head, skel.len() as u64);
-    head.extend_from_slice(&skel);
-    let size = head.len() + cols.len() + records.iter().map(|r| r.body.len()).sum::<usize>();
-
+    let size = parts.len();
+    // Measured (BENCHMARKS.md): at the hub's level a dictionary makes payloads over
+    // ~256 KiB 1-8 % larger (zstd searches less when one is attached), while it
+    // helps every payload at the clinic's level and small ones at any level.
+    let (dict, dict_bytes) = if level >= super::LEVEL_BULK && size > DICT_MAX_BULK_PAYLOAD {
+        (0, None)
+    } else {
+        (dict, dict_bytes)
+    };
     let mut out = Vec::with_capacity(size / 6 + HEADER_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&super::PROTOCOL_V2.to_be_bytes());
@@ -318,11 +442,7 @@ pub fn encode(msg: &Message, level: i32, dict: u32) -> Result<Option<Vec<u8>>, W
     super::frame_parameters(&mut enc, size)?;
     // The frame names the dictionary in our header already.
     enc.include_dictid(false).map_err(e)?;
-    enc.write_all(&head).map_err(e)?;
-    enc.write_all(&cols).map_err(e)?;
-    for r in &records {
-        enc.write_all(r.body.as_bytes()).map_err(e)?;
-    }
+    parts.write_to(&mut enc).map_err(e)?;
     Ok(Some(enc.finish().map_err(e)?))
 }
 
@@ -377,7 +497,7 @@ fn inflate<R: std::io::BufRead>(
 
 /// One record's id as the block gives it: inside its body, or spelled out.
 enum IdRef {
-    InBody { at: usize, len: usize },
+    InBody(u64),
     Text(String),
 }
 
@@ -449,6 +569,10 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
             r.remaining()
         )));
     }
+    let flags = r.bytes(1, &|| "flags".into())?[0];
+    if flags & !FLAG_NEWLINES != 0 {
+        return Err(block(format!("unknown flags {flags:#04x}")));
+    }
     let n_kinds = r.count(total, &|| "number of kinds".into())?;
     let mut kinds = Vec::with_capacity(n_kinds);
     for k in 0..n_kinds {
@@ -478,28 +602,35 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
     }
     let mut ids = Vec::with_capacity(total);
     for i in 0..total {
-        let at = r.varint(&|| format!("record {i}: id position"))?;
-        ids.push(if at == 0 {
-            IdRef::Text(r.string(r.remaining(), &|| format!("record {i}: id"))?)
-        } else {
-            let len = r.varint(&|| format!("record {i}: id length"))?;
-            IdRef::InBody {
-                at: usize::try_from(at - 1).unwrap_or(usize::MAX),
-                len: usize::try_from(len).unwrap_or(usize::MAX),
+        let k = r.varint(&|| format!("record {i}: id position"))?;
+        ids.push(match k {
+            0 => IdRef::Text(r.string(r.remaining(), &|| format!("record {i}: id"))?),
+            k if k <= MAX_ID_OCCURRENCE as u64 => IdRef::InBody(k),
+            k => {
+                return Err(block(format!(
+                    "record {i}: id is said to follow \"id\" number {k} of its body (at most {MAX_ID_OCCURRENCE})"
+                )))
             }
         });
     }
     let base = r.varint(&|| "clock base".into())?;
-    let mut prev = base;
+    let (mut prev, mut prev_counter) = (base, 0u32);
     let mut hlcs = Vec::with_capacity(total);
     for i in 0..total {
-        let d = r.varint(&|| format!("record {i}: clock"))?;
-        let wall_ms = prev.wrapping_add(unzigzag(d) as u64);
-        prev = wall_ms;
+        let d = unzigzag(r.varint(&|| format!("record {i}: clock"))?) as u64;
+        let wall_ms = prev.wrapping_add(d);
         let c = r.varint(&|| format!("record {i}: clock counter"))?;
-        let counter = u32::try_from(c)
-            .map_err(|_| block(format!("record {i}: clock counter {c} is over 32 bits")))?;
+        let c = if d == 0 {
+            i64::from(prev_counter).checked_add(unzigzag(c))
+        } else {
+            i64::try_from(c).ok()
+        };
+        let counter = c
+            .and_then(|c| u32::try_from(c).ok())
+            .ok_or_else(|| block(format!("record {i}: clock counter is outside 0..2^32")))?;
         hlcs.push(Hlc { wall_ms, counter });
+        prev = wall_ms;
+        prev_counter = counter;
     }
     let mut last = vec![0u64; nodes.len()];
     let mut vvs = Vec::with_capacity(total);
@@ -530,33 +661,56 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
     if total % 8 != 0 && bits[total / 8] >> (total % 8) != 0 {
         return Err(block("deleted bitmap has bits set past the last record"));
     }
-    let mut lens = Vec::with_capacity(total);
-    let mut body_bytes = 0usize;
-    for i in 0..total {
-        let len = r.count(r.remaining(), &|| format!("record {i}: body length"))?;
-        body_bytes = body_bytes.saturating_add(len);
-        lens.push(len);
+    // Bodies come grouped by kind (see `body_order`), newline-terminated or after a
+    // length column.
+    let order = body_order_of(&kind_ix);
+    let mut bodies: Vec<&str> = vec![""; total];
+    if flags & FLAG_NEWLINES != 0 {
+        for &i in &order {
+            let rest = &r.buf[r.pos..];
+            let len = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or_else(|| block(format!("record {i}: body has no end")))?;
+            bodies[i] = std::str::from_utf8(&rest[..len])
+                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
+            r.pos += len + 1;
+        }
+    } else {
+        let mut lens = Vec::with_capacity(total);
+        let mut body_bytes = 0usize;
+        for &i in &order {
+            let len = r.count(r.remaining(), &|| format!("record {i}: body length"))?;
+            body_bytes = body_bytes.saturating_add(len);
+            lens.push(len);
+        }
+        if body_bytes > r.remaining() {
+            return Err(block(format!(
+                "bodies should take {body_bytes} bytes, {} remain",
+                r.remaining()
+            )));
+        }
+        for (&i, &len) in order.iter().zip(&lens) {
+            let b = r.bytes(len, &|| format!("record {i}: body"))?;
+            bodies[i] = std::str::from_utf8(b)
+                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
+        }
     }
-    if body_bytes != r.remaining() {
+    if r.remaining() != 0 {
         return Err(block(format!(
-            "bodies should take {body_bytes} bytes, {} remain",
+            "{} bytes remain after the last body",
             r.remaining()
         )));
     }
     let mut records = Vec::with_capacity(total);
     for i in 0..total {
-        let body = r.bytes(lens[i], &|| format!("record {i}: body"))?;
-        let body = std::str::from_utf8(body)
-            .map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
+        let body = bodies[i];
         let id = match &ids[i] {
             IdRef::Text(t) => t.clone(),
-            IdRef::InBody { at, len } => at
-                .checked_add(*len)
-                .and_then(|end| body.get(*at..end))
+            IdRef::InBody(k) => id_from_body(body, *k)
                 .ok_or_else(|| {
                     block(format!(
-                        "record {i}: id at {at}+{len} is not within its body of {} bytes",
-                        body.len()
+                        "record {i}: its body has no id after \"id\" number {k}"
                     ))
                 })?
                 .to_string(),
@@ -661,6 +815,15 @@ mod tests {
                 node: "clinic-a".into(),
                 records: Vec::new(),
             }),
+            // A body with a newline: the length column instead of newline ends.
+            Message::PushRequest(PushRequest {
+                node: "clinic-a".into(),
+                records: {
+                    let mut r = records(4);
+                    r[3].body = "{\"id\":\"x\",\n\"resourceType\":\"Patient\"}".into();
+                    r
+                },
+            }),
             Message::PullResponse(PullResponse {
                 records: records(9),
                 next: Cursor { eff: 9, seq: 12 },
@@ -714,6 +877,37 @@ mod tests {
                 assert_eq!(back, msg);
             }
         }
+    }
+
+    #[test]
+    fn large_bulk_payloads_go_without_the_dictionary_small_ones_with_it() {
+        let big = Message::PullResponse(PullResponse {
+            records: records(3000),
+            next: Cursor::default(),
+            more: false,
+            head: 0,
+            orders: Vec::new(),
+            bundle_seq: 0,
+        });
+        assert!(payload(&big).unwrap().unwrap().len() > DICT_MAX_BULK_PAYLOAD);
+        let dict_of = |m: &Message, level| {
+            let f = encode_as(
+                m,
+                level,
+                Encoding::V2 {
+                    dict: dict::newest(),
+                },
+            )
+            .unwrap();
+            assert_eq!(&decode_any(&f, &Limits::default()).unwrap(), m);
+            u32::from_be_bytes(f[6..10].try_into().unwrap())
+        };
+        assert_eq!(dict_of(&big, super::super::LEVEL_BULK), 0);
+        assert_eq!(dict_of(&big, super::super::LEVEL_FAST), dict::newest());
+        assert_eq!(
+            dict_of(&messages()[0], super::super::LEVEL_BULK),
+            dict::newest()
+        );
     }
 
     #[test]
@@ -813,7 +1007,8 @@ mod tests {
 
     #[test]
     fn indexes_outside_their_tables_name_the_record() {
-        // One record: skeleton, 1 list of 1, kinds ["P"], nodes ["a"], kind index 5.
+        // One record: skeleton, 1 list of 1, flags 0, kinds ["P"], nodes ["a"],
+        // kind index 5.
         let skel = crate::wire::to_cbor(&Message::PushRequest(PushRequest {
             node: "a".into(),
             records: Vec::new(),
@@ -823,7 +1018,7 @@ mod tests {
         put_varint(&mut p, skel.len() as u64);
         p.extend_from_slice(&skel);
         p.extend_from_slice(&[
-            1, 1, 1, 1, b'P', 1, 1, b'a', 5, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0,
+            1, 1, 0, 1, 1, b'P', 1, 1, b'a', 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         ]);
         let m = block_err(&p);
         assert!(m.contains("record 0: kind index 5"), "{m}");
@@ -865,17 +1060,17 @@ mod tests {
         let mut p = Vec::new();
         put_varint(&mut p, skel.len() as u64);
         p.extend_from_slice(&skel);
-        p.extend_from_slice(&[1, 0, 0, 0, 0, 0]);
+        p.extend_from_slice(&[1, 0, 1, 0, 0, 0]);
         assert!(block_err(&p).contains("inside the skeleton"));
     }
 
     #[test]
     fn repeated_version_vector_nodes_are_refused() {
         let mut p = payload_of(vec![rec(0, "Patient", "p", "a", &[("a", 1)])]);
-        // Layout after the skeleton: lists 1,1; kinds 1 "Patient"; nodes 1 "a"; kind
-        // 0; origin 0; id at 1+.. len; base; delta; counter; vv: 1 entry (0, 1).
-        // Rewrite the vector as two entries for node 0.
-        let at = p.windows(3).rposition(|w| w == [1, 0, 2]).unwrap();
+        // Layout after the skeleton: lists 1,1; flags; kinds 1 "Patient"; nodes 1
+        // "a"; kind 0; origin 0; id 1 (in the body); base; delta 0; counter 0; vv: 1
+        // entry (node 0, +1 = zigzag 2). Rewrite the vector as two entries for node 0.
+        let at = p.windows(4).rposition(|w| w == [0, 1, 0, 2]).unwrap() + 1;
         p.splice(at..at + 3, [2, 0, 2, 0, 0]);
         let m = block_err(&p);
         assert!(m.contains("record 0: version vector"), "{m}");
