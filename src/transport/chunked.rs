@@ -168,14 +168,19 @@ impl<'a> Chunked<'a> {
     }
 
     /// One attempt: finish the upload from where the receiver stands, run it, and
-    /// fetch a large answer into `answer_buf` (kept across attempts).
+    /// fetch a large answer into `answer_buf` (kept across attempts). `None` when the
+    /// first answer changed how frames are encoded for this parent (`encoding` is
+    /// what `frame` was built with): the caller builds the frame again, so a client
+    /// restarted mid-upload, which starts in v1 until the parent answers, goes on
+    /// with the very frame (and transfer) it was sending before.
     fn attempt(
         &self,
         frame: &[u8],
         id: [u8; 32],
+        encoding: wire::Encoding,
         answer_buf: &mut Vec<u8>,
         traffic: &mut Traffic,
-    ) -> Result<Message, TransportError> {
+    ) -> Result<Option<Message>, TransportError> {
         let total = frame.len() as u64;
         let mut received = Self::ack(self.call(
             &Message::ChunkQuery(ChunkRef {
@@ -185,6 +190,9 @@ impl<'a> Chunked<'a> {
             }),
             traffic,
         )?)?;
+        if self.inner.encoding() != encoding {
+            return Ok(None);
+        }
         while received < total {
             let end = (received as usize + self.piece()).min(frame.len());
             let data = frame[received as usize..end].to_vec();
@@ -223,9 +231,9 @@ impl<'a> Chunked<'a> {
         match self.call(&run, traffic)? {
             Message::ChunkReady(r) => {
                 self.fetch(r.id, r.received, answer_buf, traffic)?;
-                self.finish(r.id, answer_buf)
+                self.finish(r.id, answer_buf).map(Some)
             }
-            answer => Ok(answer),
+            answer => Ok(Some(answer)),
         }
     }
 
@@ -445,13 +453,20 @@ fn conflict(e: &TransportError) -> bool {
 }
 
 impl Exchange for Chunked<'_> {
+    fn encoding(&self) -> wire::Encoding {
+        self.inner.encoding()
+    }
+
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         if let Message::PullRequest(req) = msg {
             let mut req = req.clone();
             req.answer_chunk = self.piece() as u64;
             return self.pull(path, &Message::PullRequest(req));
         }
-        let frame = wire::encode(msg)?;
+        let mut encoding = self.inner.encoding();
+        let mut frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+        let mut traffic = Traffic::default();
+        let mut renegotiated = 0;
         // Small requests with small answers go as they are.
         if frame.len() <= self.piece() {
             let r = self.inner.exchange(path, msg);
@@ -460,14 +475,36 @@ impl Exchange for Chunked<'_> {
             }
             return r;
         }
-        let id: [u8; 32] = Sha256::digest(&frame).into();
-        let mut traffic = Traffic::default();
+        let mut id: [u8; 32] = Sha256::digest(&frame).into();
         let mut answer_buf = Vec::new();
         let mut tries = 0;
         let mut last_progress = std::time::Instant::now();
         let mut moved = 0u64;
         loop {
-            let result = self.attempt(&frame, id, &mut answer_buf, &mut traffic);
+            let result = self.attempt(&frame, id, encoding, &mut answer_buf, &mut traffic);
+            let result = match result {
+                Ok(Some(m)) => Ok(m),
+                // The parent's first answer changed the encoding (at most twice, so
+                // a parent flapping between builds cannot keep us here).
+                Ok(None) if renegotiated < 2 => {
+                    renegotiated += 1;
+                    encoding = self.inner.encoding();
+                    frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+                    id = Sha256::digest(&frame).into();
+                    answer_buf.clear();
+                    tracing::debug!(
+                        ?encoding,
+                        bytes = frame.len(),
+                        "parent's protocol learnt; upload built again"
+                    );
+                    continue;
+                }
+                Ok(None) => Err(TransportError::Status {
+                    status: 409,
+                    message: "the parent's protocol version keeps changing; try again later".into(),
+                }),
+                Err(e) => Err(e),
+            };
             if traffic.received + traffic.sent > moved {
                 // The link moved bytes: the retry count starts over, so a link cut
                 // every few KiB still finishes a large transfer piece by piece.
