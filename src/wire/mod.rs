@@ -1,29 +1,79 @@
 //! The wire format: protocol messages as CBOR, compressed with zstd, behind a
 //! fixed header that names the protocol version.
 //!
-//! Frame (protocol version 1):
+//! Frame, protocol version 1:
 //! ```text
-//! struct Frame {
+//! struct FrameV1 {
 //!     magic:   [u8; 4] = b"CSYN",
 //!     version: u16 (big endian) = 1,
 //!     payload: zstd frame of CBOR(Message),   // serde externally tagged enum
 //! }
 //! ```
+//! Frame, protocol version 2 ([`v2`]): the same messages, with their records taken
+//! out of the CBOR and sent as columns, and a zstd dictionary for FHIR ([`dict`]):
+//! ```text
+//! struct FrameV2 {
+//!     magic:   [u8; 4] = b"CSYN",
+//!     version: u16 (big endian) = 2,
+//!     dict:    u32 (big endian),              // 0: none; else a dict::SHIPPED id
+//!     payload: zstd frame (with that dictionary) of Payload,
+//! }
+//! struct Payload {
+//!     skeleton_len: varint, skeleton: CBOR(Message with every record list empty
+//!                                          and every optional record None),
+//!     block: RecordBlock,                     // ends exactly at the payload's end
+//! }
+//! struct RecordBlock {                        // varint = LEB128; zz = zigzag varint
+//!     lists:   varint n, counts: [varint; n], // one per place v2::record_slots names
+//!     flags:   u8,                            // bit 0: bodies newline-ended
+//!     kinds:   varint k, [varint len, utf8]*k,        // first appearance order
+//!     nodes:   varint m, [varint len, utf8]*m,        // origins and vector nodes
+//!     kind:    [varint index into kinds; N],  // N = sum of counts
+//!     origin:  [varint index into nodes; N],
+//!     id:      [varint; N],                   // k >= 1: the value after the k-th
+//!                                             // `"id":"` of its own body; 0: then
+//!                                             // varint len + utf8, spelled out
+//!     hlc:     varint base (earliest wall ms), then per record zz(wall - previous
+//!              wall, from base), and the counter: zz(counter - previous counter)
+//!              when the wall is the same, else varint counter,
+//!     vv:      per record varint e, then e × (varint node index,
+//!              zz(counter - that node's previous counter in the block)),
+//!              nodes in name order,
+//!     deleted: [u8; ceil(N/8)],               // bit i%8 of byte i/8; spare bits 0
+//!     lengths: [varint; N] unless flags bit 0,
+//!     bodies:  the bodies grouped by kind index (record order within a kind),
+//!              each followed by b'\n' when flags bit 0,
+//! }
+//! ```
 //! The version sits in front of the compressed payload so a node can refuse a frame
 //! from a newer peer before it spends a byte of memory on decompression.
 //!
+//! Which version a frame uses is negotiated per exchange ([`accept`]): a node
+//! announces what it reads; a v2 frame goes only to a peer that announced v2, with
+//! the newest dictionary both announced. Every node decodes both versions.
+//!
 //! Invariants
 //! - Every decoder bounds what it reads: compressed size, decompressed size (the zstd
-//!   window too), CBOR nesting depth and the number of records in a message.
+//!   window too), CBOR nesting depth and the number of records in a message. A v2
+//!   block also checks every count against [`Limits::max_records`] and the bytes left
+//!   before allocating, every index against its table, every length against the
+//!   bytes left, and what the decoded records cost in memory against
+//!   [`Limits::max_decompressed`], so a small block cannot expand into a message
+//!   larger than a v1 frame under the same limits could.
+//! - A v2 frame decodes to exactly the message its v1 frame decodes to (tests and
+//!   goldens check both). A message outside v2's table bounds goes as v1.
 //! - Record bodies travel as the canonical JSON text of [`crate::model::Snapshot`];
 //!   the receiver recomputes hash, class and patient from the body and never trusts
 //!   a sender's claim about them.
 //! - Message shapes are frozen by golden tests (`tests/golden/`); a change of shape
 //!   is a new protocol version, and old versions still decode or fail with
-//!   [`WireError::UnsupportedVersion`].
+//!   [`WireError::UnsupportedVersion`]. A shipped dictionary never changes.
 //!
 //! Errors leave nothing behind: decoding is pure. All are permanent for the bytes
-//! given (sending the same bytes again fails the same way).
+//! given (sending the same bytes again fails the same way): a newer version
+//! ([`WireError::UnsupportedVersion`]), a dictionary this build does not ship
+//! ([`WireError::UnknownDictionary`]: never decoded without it), a record block that
+//! does not hold together ([`WireError::Block`], naming the column and the record).
 
 use std::io::Read;
 
