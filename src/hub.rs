@@ -129,6 +129,9 @@ pub struct HubState {
     /// (exit 10) instead of answering children from damaged data.
     corrupt: Mutex<Option<String>>,
     corrupt_seen: tokio::sync::watch::Sender<bool>,
+    /// What this hub reads and announces ([`wire::Accept::ours`]; tests force v1 to
+    /// play a hub of before v2).
+    accept: RwLock<wire::Accept>,
 }
 
 /// The hub's store turned out damaged while it served: it stops (`run` exits 10).
@@ -194,6 +197,7 @@ impl HubState {
             counters: Counters::default(),
             corrupt: Mutex::new(None),
             corrupt_seen: tokio::sync::watch::Sender::new(false),
+            accept: RwLock::new(wire::Accept::ours()),
         })
     }
 
@@ -218,6 +222,21 @@ impl HubState {
     /// accepted until, epoch ms).
     pub fn set_previous_tokens(&self, previous: Vec<(String, [u8; 32], u64)>) {
         *self.previous.write().unwrap_or_else(|p| p.into_inner()) = previous;
+    }
+
+    /// What this hub reads and announces to children. [`wire::Accept::v1`] makes it
+    /// behave as a hub of before protocol v2: it announces nothing, refuses v2
+    /// frames and answers in v1 (for tests of mixed networks).
+    pub fn set_accept(&self, accept: wire::Accept) {
+        *self.accept.write().unwrap_or_else(|p| p.into_inner()) = accept;
+    }
+
+    /// What this hub reads and announces.
+    pub fn accept(&self) -> wire::Accept {
+        self.accept
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Moves this hub's clock by `ms` (see the field; for tests).
@@ -1078,8 +1097,8 @@ fn busy(msg: impl Into<String>, close: bool) -> Response {
     r
 }
 
-fn reply(msg: &Message) -> Response {
-    match wire::encode(msg) {
+fn reply(msg: &Message, encoding: wire::Encoding) -> Response {
+    match wire::encode_as(msg, wire::LEVEL_FAST, encoding) {
         Ok(bytes) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, wire::CONTENT_TYPE)],
@@ -1164,13 +1183,27 @@ impl HubState {
 
     /// Answers one request frame from `child`, already authenticated by the
     /// transport. `expect` is the request kind an HTTP endpoint takes; MQTT takes any.
+    /// Large answers stored as transfers are encoded in v1 (see [`HubState::answer_for`]).
     pub fn answer(
         &self,
         child: &str,
         frame: &[u8],
         expect: Option<&'static str>,
     ) -> Result<Message, Refusal> {
-        let answered = self.answer_checked(child, frame, expect);
+        self.answer_for(child, frame, expect, wire::Encoding::V1)
+    }
+
+    /// [`HubState::answer`] for a child that reads `encoding` (negotiated per
+    /// exchange): answers this hub stores as transfers (large pull pages, answers of
+    /// chunked uploads) are encoded in it.
+    pub fn answer_for(
+        &self,
+        child: &str,
+        frame: &[u8],
+        expect: Option<&'static str>,
+        encoding: wire::Encoding,
+    ) -> Result<Message, Refusal> {
+        let answered = self.answer_checked(child, frame, expect, encoding);
         if let Err(Refusal {
             corrupt: Some(what),
             ..
@@ -1190,11 +1223,25 @@ impl HubState {
         child: &str,
         frame: &[u8],
         expect: Option<&'static str>,
+        encoding: wire::Encoding,
     ) -> Result<Message, Refusal> {
-        let msg = wire::decode(frame, &self.limits).map_err(|e| {
-            tracing::warn!(peer = %child, error = %e, "undecodable request");
-            wire_refusal(e)
-        })?;
+        // A hub set to an older protocol refuses newer frames as that hub would.
+        let reads = self.accept().version;
+        let msg = wire::check_header(frame)
+            .and_then(|v| {
+                if v > reads {
+                    Err(WireError::UnsupportedVersion {
+                        got: v,
+                        supported: reads,
+                    })
+                } else {
+                    wire::decode(frame, &self.limits)
+                }
+            })
+            .map_err(|e| {
+                tracing::warn!(peer = %child, error = %e, "undecodable request");
+                wire_refusal(e)
+            })?;
         if let Some(kind) = expect {
             let fits = msg.name() == kind || (kind == "chunk" && msg.name().starts_with("chunk_"));
             if !fits {
@@ -1211,7 +1258,7 @@ impl HubState {
             Message::PullRequest(req) => {
                 let chunk = req.answer_chunk;
                 let answer = Message::PullResponse(self.pull(child, &req, frame.len())?);
-                self.answer_in_pieces(child, answer, chunk)
+                self.answer_in_pieces(child, answer, chunk, encoding)
             }
             Message::SyncRequest(req) => {
                 // The push is committed before the pull is read: the page is what the
@@ -1225,6 +1272,7 @@ impl HubState {
                     child,
                     Message::SyncResponse(wire::SyncResponse { push, pull }),
                     chunk,
+                    encoding,
                 )
             }
             Message::FetchRequest(req) => {
@@ -1302,11 +1350,12 @@ impl HubState {
                             total: c.total,
                             answer_chunk: c.run,
                         },
+                        encoding,
                     );
                 }
                 Ok(Message::ChunkAck(wire::ChunkAck { id: c.id, received }))
             }
-            Message::ChunkRun(r) => self.run_transfer(child, &r),
+            Message::ChunkRun(r) => self.run_transfer(child, &r, encoding),
             Message::ChunkGet(g) => {
                 let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
                 let tx = store.begin().map_err(|e| engine_refusal(e.into()))?;
@@ -1432,16 +1481,22 @@ impl HubState {
         child: &str,
         answer: Message,
         chunk: u64,
+        encoding: wire::Encoding,
     ) -> Result<Message, Refusal> {
         if chunk == 0 {
             return Ok(answer);
         }
-        self.as_transfer(child, answer, chunk.clamp(1024, MAX_CHUNK), true)
+        self.as_transfer(child, answer, chunk.clamp(1024, MAX_CHUNK), true, encoding)
     }
 
     /// Runs a fully received upload as the request it is, and answers it directly
     /// or, when the answer is large, as a transfer to fetch in chunks.
-    fn run_transfer(&self, child: &str, r: &wire::ChunkRef) -> Result<Message, Refusal> {
+    fn run_transfer(
+        &self,
+        child: &str,
+        r: &wire::ChunkRef,
+        encoding: wire::Encoding,
+    ) -> Result<Message, Refusal> {
         let frame = {
             let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let tx = store.begin().map_err(|e| engine_refusal(e.into()))?;
@@ -1496,13 +1551,13 @@ impl HubState {
         if let Some(ready) = self.ran_before(child, &r.id) {
             return Ok(ready);
         }
-        let answer = self.answer(child, &frame, None)?;
+        let answer = self.answer_for(child, &frame, None, encoding)?;
         let inline = if r.answer_chunk == 0 {
             MAX_CHUNK
         } else {
             r.answer_chunk.clamp(1024, MAX_CHUNK)
         };
-        let answer = self.as_transfer(child, answer, inline, false)?;
+        let answer = self.as_transfer(child, answer, inline, false, encoding)?;
         if matches!(answer, Message::ChunkReady(_)) {
             let mut ran = self.ran.lock().unwrap_or_else(|p| p.into_inner());
             if ran.len() >= RAN_KEPT {
@@ -1546,8 +1601,9 @@ impl HubState {
         answer: Message,
         chunk: u64,
         first: bool,
+        encoding: wire::Encoding,
     ) -> Result<Message, Refusal> {
-        let bytes = wire::encode_with(&answer, wire::LEVEL_BULK)
+        let bytes = wire::encode_as(&answer, wire::LEVEL_BULK, encoding)
             .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         if bytes.len() <= chunk as usize {
             return Ok(answer);
@@ -1781,18 +1837,35 @@ async fn answer_request(state: Arc<HubState>, req: Request, expect: &'static str
             return busy(r.reason, false);
         }
     };
-    blocking(move || {
+    // Protocol negotiation, per exchange: answer in what the child announced and
+    // this hub writes, and announce what this hub reads.
+    let ours = state.accept();
+    let peer = wire::Accept::parse(
+        parts
+            .headers
+            .get(wire::accept::HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let encoding = ours.choose(&peer);
+    let announce = ours
+        .header_value()
+        .and_then(|v| HeaderValue::from_str(&v).ok());
+    let mut r = blocking(move || {
         let _entered = span.enter();
         let _held = (slot, budget);
-        match state.answer(&child, &body, Some(expect)) {
-            Ok(msg) => reply(&msg),
+        match state.answer_for(&child, &body, Some(expect), encoding) {
+            Ok(msg) => reply(&msg, encoding),
             Err(r) => text(
                 StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 r.reason,
             ),
         }
     })
-    .await
+    .await;
+    if let Some(v) = announce {
+        r.headers_mut().insert(wire::accept::HEADER, v);
+    }
+    r
 }
 
 /// Serves children through an MQTT broker until `stop` turns true: answers requests

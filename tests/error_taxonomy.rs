@@ -188,6 +188,8 @@ fn wire_errors_are_properties_of_the_bytes_and_permanent() {
         WireError::Decode("x".into()),
         WireError::TooManyRecords { count: 2, limit: 1 },
         WireError::Encode("x".into()),
+        WireError::UnknownDictionary(7),
+        WireError::Block("record 3: kind index 9 is outside the kind table".into()),
     ];
     for e in cases {
         assert_eq!(e.class(), ErrorClass::Permanent, "{e}");

@@ -66,6 +66,11 @@ fn wire_frames_from_the_corpus_decode_or_fail_cleanly() {
 }
 
 #[test]
+fn v2_frames_from_the_corpus_decode_or_fail_cleanly() {
+    replay("wire_v2");
+}
+
+#[test]
 fn bundles_from_the_corpus_verify_or_fail_cleanly() {
     replay("bundle");
 }
@@ -246,11 +251,32 @@ mod seeds {
         for e in std::fs::read_dir(golden()).unwrap().flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if let Some(stem) = name.strip_suffix(".hex") {
-                let bytes = hex::decode(std::fs::read_to_string(e.path()).unwrap().trim()).unwrap();
+                // One hex string per file (mqtt_envelopes.v1.hex holds lines: skipped).
+                let Ok(bytes) = hex::decode(std::fs::read_to_string(e.path()).unwrap().trim())
+                else {
+                    continue;
+                };
                 if stem.ends_with(".frame") {
                     frames.push((stem.to_string(), bytes.clone()));
                 }
                 out.push(("wire", stem.to_string(), bytes));
+            }
+        }
+        // v2: the golden payloads (framed by the harness, mode 0 and 1) and frames.
+        for (stem, bytes) in out
+            .iter()
+            .filter(|(_, stem, _)| stem.contains(".v2."))
+            .map(|(_, s, b)| (s.clone(), b.clone()))
+            .collect::<Vec<_>>()
+        {
+            if stem.ends_with(".payload") {
+                for mode in [0u8, 1] {
+                    let mut input = vec![mode];
+                    input.extend_from_slice(&bytes);
+                    out.push(("wire_v2", format!("{stem}.mode{mode}"), input));
+                }
+            } else {
+                out.push(("wire_v2", stem, bytes));
             }
         }
         // MQTT: every envelope kind, requests carrying the golden frames.

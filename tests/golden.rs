@@ -11,6 +11,12 @@
 //!   (`bundle_v1.csb.001`: an export; `bundle_return_v1.csb.001`: the hub's return
 //!   bundle of receipts and pull pages), which must still verify and decrypt.
 //!
+//! - protocol v2 (`<name>.v2.payload.hex`: the uncompressed skeleton and record
+//!   block, compared byte for byte with a fresh encoding; `<name>.v2.frame.hex` and
+//!   `<name>.v2.dict1.frame.hex`: whole frames without and with dictionary 1, which
+//!   must decode to the message), and dictionary 1 itself (`dict1.sha256`: a shipped
+//!   dictionary never changes; a new one gets a new id).
+//!
 //! (`CLINICSYNC_BLESS=1 cargo test --test golden` writes missing files only.)
 
 use std::path::PathBuf;
@@ -415,6 +421,124 @@ fn frozen_v1_frames_still_decode() {
         let again = encode(&msg).unwrap();
         assert_eq!(decode(&again, &Limits::default()).unwrap(), msg, "{name}");
     }
+}
+
+/// The messages frozen in v2: every one that carries records, one that does not,
+/// and a batch that reaches every column (two kinds and origins, a deletion, an id
+/// its body does not hold, a clock going back, a body with a newline).
+fn v2_messages() -> Vec<(&'static str, Message)> {
+    let keep = [
+        "push_request",
+        "push_response",
+        "pull_request",
+        "pull_response",
+        "fetch_response_record",
+        "fetch_response",
+    ];
+    let mut out: Vec<(&'static str, Message)> = messages()
+        .into_iter()
+        .filter(|(n, _)| keep.contains(n))
+        .collect();
+    let mut batch = vec![record()];
+    let mut second = record();
+    second.kind = "Patient".into();
+    second.id = "p1".into();
+    second.origin = "hub".into();
+    second.hlc = Hlc {
+        wall_ms: 1_794_999_999_000,
+        counter: 0,
+    };
+    second.vv = VersionVector([("hub".to_string(), 7)].into_iter().collect());
+    second.body = r#"{"gender":"female","id":"p1","resourceType":"Patient"}"#.into();
+    batch.push(second);
+    let mut third = record();
+    third.id = "not-in-its-body".into();
+    third.deleted = true;
+    third.hlc.counter = 4;
+    third.vv = VersionVector(
+        [("clinic-a".to_string(), 3), ("hub".to_string(), 1)]
+            .into_iter()
+            .collect(),
+    );
+    batch.push(third);
+    out.push((
+        "push_request_batch",
+        Message::PushRequest(PushRequest {
+            node: "clinic-a".into(),
+            records: batch.clone(),
+        }),
+    ));
+    let mut newline = batch;
+    newline[1].body = "{\"id\":\"p1\",\n\"resourceType\":\"Patient\"}".into();
+    out.push((
+        "push_request_newline",
+        Message::PushRequest(PushRequest {
+            node: "clinic-a".into(),
+            records: newline,
+        }),
+    ));
+    out
+}
+
+/// The v2 payload is frozen byte for byte; frozen frames (without and with
+/// dictionary 1) decompress to it and decode to the message.
+#[test]
+fn frozen_v2_payloads_and_frames_still_decode() {
+    for (name, msg) in v2_messages() {
+        let payload = v2::payload(&msg).unwrap().expect("within v2 bounds");
+        check(&format!("{name}.v2.payload.hex"), &payload);
+        for (suffix, dict) in [("v2", 0u32), ("v2.dict1", 1)] {
+            let file = format!("{name}.{suffix}.frame.hex");
+            let path = golden(&file);
+            if !path.exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
+                let f = encode_as(&msg, LEVEL_FAST, Encoding::V2 { dict }).unwrap();
+                std::fs::write(&path, hex::encode(f) + "\n").unwrap();
+            }
+            let bytes = read_hex(&file);
+            assert_eq!(&bytes[..6], b"CSYN\x00\x02", "{file}: magic and version 2");
+            assert_eq!(&bytes[6..10], &dict.to_be_bytes(), "{file}: dictionary id");
+            let unpacked = match dict {
+                0 => zstd::stream::decode_all(&bytes[10..]).unwrap(),
+                id => {
+                    let d = dict::bytes(id).expect("a shipped dictionary");
+                    zstd::bulk::Decompressor::with_dictionary(d)
+                        .unwrap()
+                        .decompress(&bytes[10..], 1 << 20)
+                        .unwrap_or_else(|e| {
+                            panic!("{file}: does not decompress with dictionary {id}: {e}")
+                        })
+                }
+            };
+            assert_eq!(
+                hex::encode(&unpacked),
+                hex::encode(&payload),
+                "{file}: the frame carries another payload than the frozen one"
+            );
+            assert_eq!(decode(&bytes, &Limits::default()).unwrap(), msg, "{file}");
+        }
+        // And v2 decodes to exactly what v1 does.
+        let v1 = decode(&encode(&msg).unwrap(), &Limits::default()).unwrap();
+        let v2 = encode_as(&msg, LEVEL_FAST, Encoding::V2 { dict: 1 }).unwrap();
+        assert_eq!(decode(&v2, &Limits::default()).unwrap(), v1, "{name}");
+    }
+}
+
+/// A shipped dictionary never changes: frames name it by id.
+#[test]
+fn shipped_dictionary_1_is_frozen() {
+    use sha2::Digest;
+    let d = dict::bytes(1).expect("dictionary 1 is shipped");
+    let sum = hex::encode(sha2::Sha256::digest(d));
+    let path = golden("dict1.sha256");
+    if !path.exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
+        std::fs::write(&path, format!("{sum}\n")).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        sum,
+        want.trim(),
+        "dictionary 1 changed: frames written with it would no longer decode; ship a new dictionary under a new id beside it"
+    );
 }
 
 fn read_hex(name: &str) -> Vec<u8> {

@@ -72,6 +72,11 @@ pub enum BenchCmd {
     /// clinicsync against per-resource FHIR REST, CouchDB replication and the
     /// physical floor, side by side over an emulated 2G/EDGE link.
     Link(super::linkbench::LinkArgs),
+    /// Bytes per record of push frames and pull pages in protocol v1, v2 and v2
+    /// with the shipped dictionary, against zstd -19 of the NDJSON.
+    Frames(super::frames::FramesArgs),
+    /// Writes the dictionary's training samples (tests/bench/train-dict.sh).
+    DictSamples(super::frames::DictSamplesArgs),
     /// Export N records to a USB bundle, import it at the hub, import the return
     /// bundle at the clinic: time and peak RSS of each process.
     Usb {
@@ -132,6 +137,8 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
         } => return apply(records, runs, batch),
         BenchCmd::Usb { records, runs, dir } => return usb(records, runs, dir),
         BenchCmd::Link(args) => return super::linkbench::run(args),
+        BenchCmd::Frames(args) => return super::frames::run(args),
+        BenchCmd::DictSamples(args) => return super::frames::dict_samples(args),
         BenchCmd::Mqtt {
             writes,
             records,

@@ -217,7 +217,7 @@ pub fn third_party_day(resources: &[Value], n: usize) -> Vec<Value> {
     day
 }
 
-fn ndjson(resources: &[Value]) -> Vec<u8> {
+pub(crate) fn ndjson(resources: &[Value]) -> Vec<u8> {
     let mut out = Vec::new();
     for r in resources {
         out.extend_from_slice(r.to_string().as_bytes());
@@ -690,7 +690,7 @@ fn clinicsync_frames(dir: &Path, resources: &[Value]) -> Result<u64, Failure> {
 
 /// Reads every `*.ndjson` file of a directory, dropping resources clinicsync does not
 /// carry as records (none are dropped for FHIR resources with an id).
-fn read_ndjson_dir(dir: &Path) -> Result<Vec<Value>, Failure> {
+pub(crate) fn read_ndjson_dir(dir: &Path) -> Result<Vec<Value>, Failure> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| fail(format!("{}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -8,11 +8,12 @@
 //!   adapter's and the network's tests;
 //! - [`linksim`]: a bad link in user space for the link benchmark, and [`realpath`]:
 //!   the same link on the kernel's TCP (htb rate, nft loss, a delay-and-cut proxy);
-//! - [`bench`], [`linkbench`]: the benchmarks behind BENCHMARKS.md, run by the
+//! - [`bench`], [`linkbench`], [`frames`]: the benchmarks behind BENCHMARKS.md, run by the
 //!   `clinicsync-bench` binary.
 
 pub mod bench;
 pub mod cluster;
+pub mod frames;
 pub mod linkbench;
 pub mod linksim;
 pub mod openmrs_sim;

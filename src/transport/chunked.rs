@@ -183,18 +183,23 @@ impl<'a> Chunked<'a> {
 
     /// One attempt: finish the upload from where the receiver stands, run it, and
     /// fetch a large answer into `answer_buf` (kept across attempts). A `fresh`
-    /// attempt (the first of this exchange) does not ask where the receiver stands:
-    /// it sends the first piece, whose acknowledgement says it (a transfer begun
-    /// before a restart costs that one piece again). The last piece asks the receiver
-    /// to run the upload at once.
+    /// attempt (an upload this client never began) does not ask where the receiver
+    /// stands: it sends the first piece, whose acknowledgement says it. The last
+    /// piece asks the receiver to run the upload at once.
+    ///
+    /// `None` when an answer changed how frames are encoded for this parent
+    /// (`encoding` is what `frame` was built with): the caller builds the frame again,
+    /// so a client restarted mid-upload, which starts in v1 until the parent answers,
+    /// goes on with the very frame (and transfer) it was sending before.
     fn attempt(
         &self,
         frame: &[u8],
         id: [u8; 32],
+        encoding: wire::Encoding,
         answer_buf: &mut Vec<u8>,
         traffic: &mut Traffic,
         fresh: bool,
-    ) -> Result<Message, TransportError> {
+    ) -> Result<Option<Message>, TransportError> {
         let total = frame.len() as u64;
         let mut received = if fresh {
             0
@@ -208,6 +213,9 @@ impl<'a> Chunked<'a> {
                 traffic,
             )?)?
         };
+        if self.inner.encoding() != encoding {
+            return Ok(None);
+        }
         let mut first_put = fresh;
         while received < total {
             let end = (received as usize + self.piece()).min(frame.len());
@@ -237,13 +245,14 @@ impl<'a> Chunked<'a> {
                 }
             };
             let next = match answer {
+                Message::ChunkAck(_) if self.inner.encoding() != encoding => return Ok(None),
                 Message::ChunkAck(a) => a.received,
                 // The last piece ran the upload: its answer, or a large one to fetch.
                 Message::ChunkReady(r) => {
                     self.fetch(r.id, r.received, answer_buf, traffic)?;
-                    return self.finish(r.id, answer_buf);
+                    return self.finish(r.id, answer_buf).map(Some);
                 }
-                other if !other.name().starts_with("chunk_") => return Ok(other),
+                other if !other.name().starts_with("chunk_") => return Ok(Some(other)),
                 other => {
                     return Err(TransportError::Unexpected {
                         sent: "chunk",
@@ -273,9 +282,9 @@ impl<'a> Chunked<'a> {
         match self.call(&run, traffic)? {
             Message::ChunkReady(r) => {
                 self.fetch(r.id, r.received, answer_buf, traffic)?;
-                self.finish(r.id, answer_buf)
+                self.finish(r.id, answer_buf).map(Some)
             }
-            answer => Ok(answer),
+            answer => Ok(Some(answer)),
         }
     }
 
@@ -499,6 +508,10 @@ impl Exchange for Chunked<'_> {
         Some(self.piece())
     }
 
+    fn encoding(&self) -> wire::Encoding {
+        self.inner.encoding()
+    }
+
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         let with_page;
         let msg = match msg {
@@ -516,7 +529,10 @@ impl Exchange for Chunked<'_> {
             }
             other => other,
         };
-        let frame = wire::encode(msg)?;
+        let mut encoding = self.inner.encoding();
+        let mut frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+        let mut traffic = Traffic::default();
+        let mut renegotiated = 0;
         if frame.len() <= self.piece() && matches!(msg, Message::SyncRequest(_)) {
             // Sent again whole after a cut: the push in it is idempotent.
             return self.pull(path, msg);
@@ -529,23 +545,51 @@ impl Exchange for Chunked<'_> {
             }
             return r;
         }
-        let id: [u8; 32] = Sha256::digest(&frame).into();
-        let mut traffic = Traffic::default();
+        let mut id: [u8; 32] = Sha256::digest(&frame).into();
         let mut answer_buf = Vec::new();
         let mut tries = 0;
         let mut last_progress = std::time::Instant::now();
         let mut moved = 0u64;
         // Without a record of the uploads begun before (no cache) every upload asks
         // first: nothing the receiver holds is ever sent again.
-        let mut fresh = self.cache.is_some_and(|c| !c.upload_begun(&id));
-        if fresh {
-            if let Some(c) = self.cache {
-                c.upload_begins(&id, frame.len() as u64);
+        let begin = |id: &[u8; 32], len: usize| -> bool {
+            let fresh = self.cache.is_some_and(|c| !c.upload_begun(id));
+            if let (true, Some(c)) = (fresh, self.cache) {
+                c.upload_begins(id, len as u64);
             }
-        }
+            fresh
+        };
+        let mut fresh = begin(&id, frame.len());
         loop {
-            let result = self.attempt(&frame, id, &mut answer_buf, &mut traffic, fresh);
+            let result = self.attempt(&frame, id, encoding, &mut answer_buf, &mut traffic, fresh);
             fresh = false;
+            let result = match result {
+                Ok(Some(m)) => Ok(m),
+                // The parent's first answer changed the encoding (at most twice, so
+                // a parent flapping between builds cannot keep us here).
+                Ok(None) if renegotiated < 2 => {
+                    renegotiated += 1;
+                    encoding = self.inner.encoding();
+                    frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+                    if let Some(c) = self.cache {
+                        c.upload_done(&id);
+                    }
+                    id = Sha256::digest(&frame).into();
+                    fresh = begin(&id, frame.len());
+                    answer_buf.clear();
+                    tracing::debug!(
+                        ?encoding,
+                        bytes = frame.len(),
+                        "parent's protocol learnt; upload built again"
+                    );
+                    continue;
+                }
+                Ok(None) => Err(TransportError::Status {
+                    status: 409,
+                    message: "the parent's protocol version keeps changing; try again later".into(),
+                }),
+                Err(e) => Err(e),
+            };
             if traffic.received + traffic.sent > moved {
                 // The link moved bytes: the retry count starts over, so a link cut
                 // every few KiB still finishes a large transfer piece by piece.

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use crate::error::{Classify, ErrorClass};
 use crate::secret::Secret;
-use crate::wire::{self, Limits, Message, WireError};
+use crate::wire::{self, Accept, Encoding, Limits, Message, WireError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -133,6 +133,10 @@ pub struct HttpClient {
     timeout: Duration,
     /// This node's clock minus the parent's, from the `Date` of its last answer.
     skew_ms: std::sync::Mutex<Option<i64>>,
+    /// What this client reads and announces ([`Accept::ours`]; tests force v1).
+    accept: std::sync::Mutex<Accept>,
+    /// What the parent announced in its last answer; `None` until it answered.
+    parent: std::sync::Mutex<Option<Accept>>,
 }
 
 impl HttpClient {
@@ -163,6 +167,35 @@ impl HttpClient {
             },
             timeout,
             skew_ms: std::sync::Mutex::new(None),
+            accept: std::sync::Mutex::new(Accept::ours()),
+            parent: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// What this client reads and announces. [`Accept::v1`] makes it behave as a
+    /// client of before protocol v2 (announces nothing, sends v1), for tests.
+    pub fn set_accept(&self, accept: Accept) {
+        *self.accept.lock().unwrap_or_else(|p| p.into_inner()) = accept;
+    }
+
+    /// What the parent announced in its last answer (`None` before the first).
+    pub fn parent_accept(&self) -> Option<Accept> {
+        self.parent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How requests are encoded now: v1 until the parent has answered announcing
+    /// v2, then what both read (see [`crate::wire::accept`]).
+    pub fn encoding(&self) -> Encoding {
+        match self.parent_accept() {
+            Some(parent) => self
+                .accept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .choose(&parent),
+            None => Encoding::V1,
         }
     }
 
@@ -209,7 +242,27 @@ impl HttpClient {
         path: &str,
         msg: &Message,
     ) -> Result<(Message, Traffic), TransportError> {
-        let body = wire::encode(msg)?;
+        let encoding = self.encoding();
+        let answer = self.exchange_as(path, msg, encoding);
+        match answer {
+            // A parent that announced v2 and then refuses a v2 frame was replaced by
+            // an older build: forget its announcement and say it again in v1.
+            Err(TransportError::Status { status: 400, .. }) if encoding != Encoding::V1 => {
+                tracing::info!("parent refused a protocol v2 request; sending it again in v1");
+                *self.parent.lock().unwrap_or_else(|p| p.into_inner()) = Some(Accept::v1());
+                self.exchange_as(path, msg, Encoding::V1)
+            }
+            other => other,
+        }
+    }
+
+    fn exchange_as(
+        &self,
+        path: &str,
+        msg: &Message,
+        encoding: Encoding,
+    ) -> Result<(Message, Traffic), TransportError> {
+        let body = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
         let started = std::time::Instant::now();
         let mut tries = 0;
         loop {
@@ -231,15 +284,28 @@ impl HttpClient {
 
     fn send(&self, path: &str, body: &[u8]) -> Result<(Message, Traffic), TransportError> {
         let url = format!("{}{}", self.base, path);
-        let result = self
+        let mut req = self
             .agent()
             .post(&url)
             .set("Authorization", &format!("Bearer {}", self.token.expose()))
-            .set("Content-Type", wire::CONTENT_TYPE)
-            .send_bytes(body);
+            .set("Content-Type", wire::CONTENT_TYPE);
+        let announce = self
+            .accept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .header_value();
+        if let Some(v) = &announce {
+            req = req.set(wire::accept::HEADER, v);
+        }
+        let result = req.send_bytes(body);
         let resp = match result {
             Ok(r) => {
                 self.note_date(&r);
+                // The parent's announcement, or its silence (a v1 parent), from
+                // every answer it made: a parent replaced by another build is
+                // followed at its next answer.
+                let parent = Accept::parse(r.header(wire::accept::HEADER));
+                *self.parent.lock().unwrap_or_else(|p| p.into_inner()) = Some(parent);
                 r
             }
             Err(ureq::Error::Status(status, r)) => {

@@ -10,7 +10,7 @@ pub mod mqtt;
 use http::{HttpClient, Traffic, TransportError};
 use mqtt::MqttClient;
 
-use crate::wire::Message;
+use crate::wire::{Encoding, Message};
 
 /// One request/answer exchange with the parent. `path` names the HTTP endpoint
 /// (`/v1/push`); message-based transports carry the kind inside the frame.
@@ -31,6 +31,12 @@ pub trait Exchange: Sync {
     fn one_piece(&self) -> Option<usize> {
         None
     }
+    /// How this transport encodes frames for the parent now (negotiated per
+    /// exchange, see [`crate::wire::accept`]): what a wrapper that builds frames
+    /// itself (the chunked transfer) must use. v1 unless the transport negotiates.
+    fn encoding(&self) -> Encoding {
+        Encoding::V1
+    }
 }
 
 impl Exchange for HttpClient {
@@ -42,6 +48,9 @@ impl Exchange for HttpClient {
     }
     fn clock_skew_ms(&self) -> Option<i64> {
         HttpClient::clock_skew_ms(self)
+    }
+    fn encoding(&self) -> Encoding {
+        HttpClient::encoding(self)
     }
 }
 

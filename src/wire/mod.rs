@@ -1,29 +1,79 @@
 //! The wire format: protocol messages as CBOR, compressed with zstd, behind a
 //! fixed header that names the protocol version.
 //!
-//! Frame (protocol version 1):
+//! Frame, protocol version 1:
 //! ```text
-//! struct Frame {
+//! struct FrameV1 {
 //!     magic:   [u8; 4] = b"CSYN",
 //!     version: u16 (big endian) = 1,
 //!     payload: zstd frame of CBOR(Message),   // serde externally tagged enum
 //! }
 //! ```
+//! Frame, protocol version 2 ([`v2`]): the same messages, with their records taken
+//! out of the CBOR and sent as columns, and a zstd dictionary for FHIR ([`dict`]):
+//! ```text
+//! struct FrameV2 {
+//!     magic:   [u8; 4] = b"CSYN",
+//!     version: u16 (big endian) = 2,
+//!     dict:    u32 (big endian),              // 0: none; else a dict::SHIPPED id
+//!     payload: zstd frame (with that dictionary) of Payload,
+//! }
+//! struct Payload {
+//!     skeleton_len: varint, skeleton: CBOR(Message with every record list empty
+//!                                          and every optional record None),
+//!     block: RecordBlock,                     // ends exactly at the payload's end
+//! }
+//! struct RecordBlock {                        // varint = LEB128; zz = zigzag varint
+//!     lists:   varint n, counts: [varint; n], // one per place v2::record_slots names
+//!     flags:   u8,                            // bit 0: bodies newline-ended
+//!     kinds:   varint k, [varint len, utf8]*k,        // first appearance order
+//!     nodes:   varint m, [varint len, utf8]*m,        // origins and vector nodes
+//!     kind:    [varint index into kinds; N],  // N = sum of counts
+//!     origin:  [varint index into nodes; N],
+//!     id:      [varint; N],                   // k >= 1: the value after the k-th
+//!                                             // `"id":"` of its own body; 0: then
+//!                                             // varint len + utf8, spelled out
+//!     hlc:     varint base (earliest wall ms), then per record zz(wall - previous
+//!              wall, from base), and the counter: zz(counter - previous counter)
+//!              when the wall is the same, else varint counter,
+//!     vv:      per record varint e, then e × (varint node index,
+//!              zz(counter - that node's previous counter in the block)),
+//!              nodes in name order,
+//!     deleted: [u8; ceil(N/8)],               // bit i%8 of byte i/8; spare bits 0
+//!     lengths: [varint; N] unless flags bit 0,
+//!     bodies:  the bodies grouped by kind index (record order within a kind),
+//!              each followed by b'\n' when flags bit 0,
+//! }
+//! ```
 //! The version sits in front of the compressed payload so a node can refuse a frame
 //! from a newer peer before it spends a byte of memory on decompression.
 //!
+//! Which version a frame uses is negotiated per exchange ([`accept`]): a node
+//! announces what it reads; a v2 frame goes only to a peer that announced v2, with
+//! the newest dictionary both announced. Every node decodes both versions.
+//!
 //! Invariants
 //! - Every decoder bounds what it reads: compressed size, decompressed size (the zstd
-//!   window too), CBOR nesting depth and the number of records in a message.
+//!   window too), CBOR nesting depth and the number of records in a message. A v2
+//!   block also checks every count against [`Limits::max_records`] and the bytes left
+//!   before allocating, every index against its table, every length against the
+//!   bytes left, and what the decoded records cost in memory against
+//!   [`Limits::max_decompressed`], so a small block cannot expand into a message
+//!   larger than a v1 frame under the same limits could.
+//! - A v2 frame decodes to exactly the message its v1 frame decodes to (tests and
+//!   goldens check both). A message outside v2's table bounds goes as v1.
 //! - Record bodies travel as the canonical JSON text of [`crate::model::Snapshot`];
 //!   the receiver recomputes hash, class and patient from the body and never trusts
 //!   a sender's claim about them.
 //! - Message shapes are frozen by golden tests (`tests/golden/`); a change of shape
 //!   is a new protocol version, and old versions still decode or fail with
-//!   [`WireError::UnsupportedVersion`].
+//!   [`WireError::UnsupportedVersion`]. A shipped dictionary never changes.
 //!
 //! Errors leave nothing behind: decoding is pure. All are permanent for the bytes
-//! given (sending the same bytes again fails the same way).
+//! given (sending the same bytes again fails the same way): a newer version
+//! ([`WireError::UnsupportedVersion`]), a dictionary this build does not ship
+//! ([`WireError::UnknownDictionary`]: never decoded without it), a record block that
+//! does not hold together ([`WireError::Block`], naming the column and the record).
 
 use std::io::Read;
 
@@ -31,11 +81,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector};
 
+pub mod accept;
+pub mod dict;
 pub mod health;
 pub mod orders;
+pub mod v2;
+
+pub use accept::{Accept, Encoding};
 
 pub const MAGIC: &[u8; 4] = b"CSYN";
+/// Protocol version 1 (the CBOR message, zstd without a dictionary).
 pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version 2 (skeleton and column record block, optional dictionary).
+pub const PROTOCOL_V2: u16 = 2;
+/// The newest version this node decodes.
+pub const NEWEST_VERSION: u16 = PROTOCOL_V2;
 const HEADER_LEN: usize = 6;
 /// CBOR nesting allowed in a message. Our messages nest at most 5 deep (bodies
 /// are opaque text), so anything deeper is an attack or a bug.
@@ -50,7 +110,7 @@ pub enum WireError {
     TooShort(usize),
     #[error("not a clinicsync message (bad magic bytes)")]
     BadMagic,
-    #[error("protocol version {got} is not supported (this node speaks version {supported}); upgrade the older node")]
+    #[error("protocol version {got} is not supported (this node speaks versions 1 to {supported}); upgrade the older node")]
     UnsupportedVersion { got: u16, supported: u16 },
     #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {
@@ -66,6 +126,13 @@ pub enum WireError {
     TooManyRecords { count: usize, limit: usize },
     #[error("could not encode message: {0}")]
     Encode(String),
+    /// A v2 frame compressed with a dictionary this node does not ship (a newer
+    /// peer that ignored what this node announced).
+    #[error("message uses zstd dictionary {0}, which this node does not have (it has {known}); the sender must use a dictionary this node announced", known = dict::known())]
+    UnknownDictionary(u32),
+    /// A v2 record block that does not hold together; names what and which record.
+    #[error("message has a broken record block: {0}")]
+    Block(String),
 }
 
 /// Every wire error is a property of the bytes: sending them again fails again.
@@ -79,7 +146,9 @@ impl crate::error::Classify for WireError {
             | WireError::Decompress(_)
             | WireError::Decode(_)
             | WireError::TooManyRecords { .. }
-            | WireError::Encode(_) => crate::error::ErrorClass::Permanent,
+            | WireError::Encode(_)
+            | WireError::UnknownDictionary(_)
+            | WireError::Block(_) => crate::error::ErrorClass::Permanent,
         }
     }
 }
@@ -486,17 +555,37 @@ pub fn encode_with(msg: &Message, level: i32) -> Result<Vec<u8>, WireError> {
     out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
     let mut enc = zstd::stream::write::Encoder::new(out, level)
         .map_err(|e| WireError::Encode(e.to_string()))?;
-    // Keep the window within what our own decoder accepts.
-    enc.window_log(MAX_WINDOW_LOG.min(22))
-        .map_err(|e| WireError::Encode(e.to_string()))?;
-    enc.include_contentsize(false)
-        .map_err(|e| WireError::Encode(e.to_string()))?;
-    // Telling zstd the size lets it size its tables to the message rather than to
-    // the level's maximum: a small frame costs kilobytes of memory, not tens of MiB.
-    enc.set_pledged_src_size(Some(cbor.len() as u64))
-        .map_err(|e| WireError::Encode(e.to_string()))?;
+    frame_parameters(&mut enc, cbor.len())?;
     std::io::Write::write_all(&mut enc, &cbor).map_err(|e| WireError::Encode(e.to_string()))?;
     enc.finish().map_err(|e| WireError::Encode(e.to_string()))
+}
+
+/// Encodes a message in `encoding` at zstd `level`. A message outside v2's bounds
+/// (a kind or node id over [`v2::MAX_TABLE_STRING`] bytes, more than
+/// [`v2::MAX_VV_ENTRIES`] vector entries) goes as v1, which every peer reads.
+pub fn encode_as(msg: &Message, level: i32, encoding: Encoding) -> Result<Vec<u8>, WireError> {
+    match encoding {
+        Encoding::V1 => encode_with(msg, level),
+        Encoding::V2 { dict } => match v2::encode(msg, level, dict)? {
+            Some(frame) => Ok(frame),
+            None => encode_with(msg, level),
+        },
+    }
+}
+
+/// The zstd parameters of every frame this node writes, given the payload size.
+fn frame_parameters<W: std::io::Write>(
+    enc: &mut zstd::stream::write::Encoder<'_, W>,
+    size: usize,
+) -> Result<(), WireError> {
+    let e = |e: std::io::Error| WireError::Encode(e.to_string());
+    // Keep the window within what our own decoder accepts.
+    enc.window_log(MAX_WINDOW_LOG.min(22)).map_err(e)?;
+    enc.include_contentsize(false).map_err(e)?;
+    // Telling zstd the size lets it size its tables to the message rather than to
+    // the level's maximum: a small frame costs kilobytes of memory, not tens of MiB.
+    enc.set_pledged_src_size(Some(size as u64)).map_err(e)?;
+    Ok(())
 }
 
 /// Checks the header and returns the protocol version the frame claims.
@@ -508,10 +597,10 @@ pub fn check_header(bytes: &[u8]) -> Result<u16, WireError> {
         return Err(WireError::BadMagic);
     }
     let version = u16::from_be_bytes([bytes[4], bytes[5]]);
-    if version != PROTOCOL_VERSION {
+    if version != PROTOCOL_VERSION && version != PROTOCOL_V2 {
         return Err(WireError::UnsupportedVersion {
             got: version,
-            supported: PROTOCOL_VERSION,
+            supported: NEWEST_VERSION,
         });
     }
     Ok(version)
@@ -526,7 +615,21 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
             limit: limits.max_compressed,
         });
     }
-    check_header(bytes)?;
+    let msg = match check_header(bytes)? {
+        PROTOCOL_V2 => v2::decode(bytes, limits)?,
+        _ => decode_v1(bytes, limits)?,
+    };
+    let count = msg.record_count();
+    if count > limits.max_records {
+        return Err(WireError::TooManyRecords {
+            count,
+            limit: limits.max_records,
+        });
+    }
+    Ok(msg)
+}
+
+fn decode_v1(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
     let mut decoder = zstd::stream::read::Decoder::new(&bytes[HEADER_LEN..])
         .map_err(|e| WireError::Decompress(e.to_string()))?;
     decoder
@@ -545,16 +648,8 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
             limit: limits.max_decompressed,
         });
     }
-    let msg: Message = ciborium::de::from_reader_with_recursion_limit(cbor.as_slice(), MAX_DEPTH)
-        .map_err(|e| WireError::Decode(e.to_string()))?;
-    let count = msg.record_count();
-    if count > limits.max_records {
-        return Err(WireError::TooManyRecords {
-            count,
-            limit: limits.max_records,
-        });
-    }
-    Ok(msg)
+    ciborium::de::from_reader_with_recursion_limit(cbor.as_slice(), MAX_DEPTH)
+        .map_err(|e| WireError::Decode(e.to_string()))
 }
 
 #[cfg(test)]
@@ -591,7 +686,7 @@ mod tests {
                 err,
                 WireError::UnsupportedVersion {
                     got: 9,
-                    supported: 1
+                    supported: 2
                 }
             ),
             "{err}"

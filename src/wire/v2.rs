@@ -1,0 +1,1151 @@
+//! Protocol version 2: the message skeleton in CBOR, its records as one column
+//! block, everything in one zstd frame that may use a shipped dictionary. The
+//! format, its invariants and its errors are described in the [`crate::wire`]
+//! header; this file is the codec.
+//!
+//! Records are taken out of a message by [`record_slots`], which lists every place
+//! a message holds records in a fixed order. A new message that carries records
+//! adds its places there and nowhere else.
+
+use std::io::{Read, Write};
+
+use crate::model::{Hlc, VersionVector};
+
+use super::{dict, Limits, Message, WireError, WireRecord, MAGIC, MAX_DEPTH, MAX_WINDOW_LOG};
+
+/// The v2 header: magic, version, dictionary id.
+pub const HEADER_LEN: usize = 10;
+/// Longest kind or node id the tables hold. Longer ones (no valid record has them)
+/// make the encoder send the message as v1, which has no such bound.
+pub const MAX_TABLE_STRING: usize = 256;
+/// Entries the node table may have.
+pub const MAX_NODES: usize = 4096;
+/// Version vector entries one record may have (the engine refuses more anyway).
+pub const MAX_VV_ENTRIES: usize = 64;
+/// Largest payload compressed with a dictionary at [`super::LEVEL_BULK`] and above.
+pub const DICT_MAX_BULK_PAYLOAD: usize = 256 << 10;
+/// What one decoded record costs besides its strings (the struct, the map nodes),
+/// counted against the decompressed-size limit so that a small block cannot decode
+/// into a message much larger than a v1 frame under the same limits could.
+const RECORD_OVERHEAD: usize = 128;
+const VV_ENTRY_OVERHEAD: usize = 48;
+
+/// A place in a message that holds records.
+pub enum Slot<'a> {
+    List(&'a mut Vec<WireRecord>),
+    One(&'a mut Option<WireRecord>),
+}
+
+/// Every place `msg` holds records, in a fixed order (the order of the block). The
+/// match has no catch-all arm: a new message kind must say where its records are.
+pub fn record_slots(msg: &mut Message) -> Vec<Slot<'_>> {
+    match msg {
+        Message::PushRequest(m) => vec![Slot::List(&mut m.records)],
+        Message::PullResponse(m) => vec![Slot::List(&mut m.records)],
+        Message::SyncRequest(m) => vec![Slot::List(&mut m.push.records)],
+        Message::SyncResponse(m) => vec![Slot::List(&mut m.pull.records)],
+        Message::FetchResponse(m) => m
+            .results
+            .iter_mut()
+            .map(|r| Slot::One(&mut r.record))
+            .collect(),
+        Message::PushResponse(_)
+        | Message::PullRequest(_)
+        | Message::FetchRequest(_)
+        | Message::ChunkPut(_)
+        | Message::ChunkQuery(_)
+        | Message::ChunkRun(_)
+        | Message::ChunkGet(_)
+        | Message::ChunkAck(_)
+        | Message::ChunkReady(_)
+        | Message::ChunkData(_) => Vec::new(),
+    }
+}
+
+/// Takes the records out of `msg` (leaving empty lists and `None`s): the counts per
+/// slot and the records in slot order.
+fn take_records(msg: &mut Message) -> (Vec<u64>, Vec<WireRecord>) {
+    let mut counts = Vec::new();
+    let mut records = Vec::new();
+    for slot in record_slots(msg) {
+        match slot {
+            Slot::List(list) => {
+                counts.push(list.len() as u64);
+                records.append(list);
+            }
+            Slot::One(one) => match one.take() {
+                Some(r) => {
+                    counts.push(1);
+                    records.push(r);
+                }
+                None => counts.push(0),
+            },
+        }
+    }
+    (counts, records)
+}
+
+// ------------------------------------------------------------------ varints
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A bounded reader over the decompressed payload; every error names what it was
+/// reading.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+fn block(msg: impl Into<String>) -> WireError {
+    WireError::Block(msg.into())
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn varint(&mut self, what: &dyn Fn() -> String) -> Result<u64, WireError> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let Some(&b) = self.buf.get(self.pos) else {
+                return Err(block(format!("{} is cut off", what())));
+            };
+            self.pos += 1;
+            if shift == 63 && b > 1 {
+                return Err(block(format!("{} overflows 64 bits", what())));
+            }
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(block(format!("{} overflows 64 bits", what())))
+    }
+
+    /// A count that must not pass `max` (checked before anything is allocated).
+    fn count(&mut self, max: usize, what: &dyn Fn() -> String) -> Result<usize, WireError> {
+        let n = self.varint(what)?;
+        if n > max as u64 {
+            return Err(block(format!("{} is {n}, over the limit of {max}", what())));
+        }
+        Ok(n as usize)
+    }
+
+    fn bytes(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8], WireError> {
+        if n > self.remaining() {
+            return Err(block(format!(
+                "{} needs {n} bytes, only {} remain",
+                what(),
+                self.remaining()
+            )));
+        }
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn string(&mut self, max: usize, what: &dyn Fn() -> String) -> Result<String, WireError> {
+        let n = self.count(max, &|| format!("length of {}", what()))?;
+        let b = self.bytes(n, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| block(format!("{} is not UTF-8", what())))
+    }
+}
+
+// ------------------------------------------------------------------ encoding
+
+/// Interns strings in order of first appearance.
+#[derive(Default)]
+struct Table<'a> {
+    items: Vec<&'a str>,
+    index: std::collections::HashMap<&'a str, u64>,
+}
+
+impl<'a> Table<'a> {
+    fn intern(&mut self, s: &'a str) -> u64 {
+        if let Some(&i) = self.index.get(s) {
+            return i;
+        }
+        let i = self.items.len() as u64;
+        self.items.push(s);
+        self.index.insert(s, i);
+        i
+    }
+}
+
+/// The marker before an id inside a canonical body.
+const ID_KEY: &str = "\"id\":\"";
+/// Occurrences of [`ID_KEY`] looked through for a record's id.
+const MAX_ID_OCCURRENCE: usize = 64;
+
+/// Where a record's id is found inside its own body: `k` (1-based) when the value
+/// after the k-th `"id":"` is exactly the id, up to the next `"`. The canonical
+/// body names the record, so the id costs one small, constant number instead of
+/// its text (ids are a sixth of a record's metadata otherwise).
+fn id_in_body(rec: &WireRecord) -> Option<usize> {
+    if rec.id.is_empty() || rec.id.contains(['"', '\\']) {
+        return None;
+    }
+    let mut from = 0;
+    for k in 1..=MAX_ID_OCCURRENCE {
+        let at = from + rec.body[from..].find(ID_KEY)? + ID_KEY.len();
+        let rest = &rec.body[at..];
+        if rest.starts_with(rec.id.as_str()) && rest[rec.id.len()..].starts_with('"') {
+            return Some(k);
+        }
+        from = at;
+    }
+    None
+}
+
+/// The id the k-th (1-based) `"id":"` of `body` introduces, as [`id_in_body`] found it.
+fn id_from_body(body: &str, k: u64) -> Option<&str> {
+    let mut from = 0;
+    let mut at = 0;
+    for _ in 0..k {
+        at = from + body[from..].find(ID_KEY)? + ID_KEY.len();
+        from = at;
+    }
+    let len = body[at..].find('"')?;
+    Some(&body[at..at + len])
+}
+
+/// Bodies are written grouped by kind (each kind's in record order): a kind's
+/// bodies look alike, and zstd finds more and nearer matches among neighbours. The
+/// kind column gives the receiver the same order, so this costs no byte.
+fn body_order(kind_ix: &[u64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..kind_ix.len()).collect();
+    order.sort_by_key(|&i| kind_ix[i]);
+    order
+}
+
+fn body_order_of(kind_ix: &[usize]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..kind_ix.len()).collect();
+    order.sort_by_key(|&i| kind_ix[i]);
+    order
+}
+
+/// Flag: every body ends with a newline in the stream and no length column is sent
+/// (no body holds a newline; canonical JSON never does).
+const FLAG_NEWLINES: u8 = 1;
+
+/// The column block of `records` (without the bodies, which follow it in the same
+/// order, each exactly as long as the block says). `None` when a record falls
+/// outside the v2 bounds (the caller sends v1).
+fn columns(counts: &[u64], records: &[WireRecord]) -> Option<(Vec<u8>, Vec<usize>, bool)> {
+    let mut out = Vec::with_capacity(64 + records.len() * 16);
+    put_varint(&mut out, counts.len() as u64);
+    for &c in counts {
+        put_varint(&mut out, c);
+    }
+    let newlines = !records.iter().any(|r| r.body.contains('\n'));
+    out.push(if newlines { FLAG_NEWLINES } else { 0 });
+    let mut kinds = Table::default();
+    let mut nodes = Table::default();
+    let mut kind_ix = Vec::with_capacity(records.len());
+    let mut origin_ix = Vec::with_capacity(records.len());
+    for r in records {
+        if r.kind.len() > MAX_TABLE_STRING
+            || r.origin.len() > MAX_TABLE_STRING
+            || r.vv.0.len() > MAX_VV_ENTRIES
+            || r.vv.0.keys().any(|n| n.len() > MAX_TABLE_STRING)
+        {
+            return None;
+        }
+        kind_ix.push(kinds.intern(&r.kind));
+        origin_ix.push(nodes.intern(&r.origin));
+        for n in r.vv.0.keys() {
+            nodes.intern(n);
+        }
+    }
+    if nodes.items.len() > MAX_NODES {
+        return None;
+    }
+    for table in [&kinds, &nodes] {
+        put_varint(&mut out, table.items.len() as u64);
+        for s in &table.items {
+            put_str(&mut out, s);
+        }
+    }
+    for &i in &kind_ix {
+        put_varint(&mut out, i);
+    }
+    for i in origin_ix {
+        put_varint(&mut out, i);
+    }
+    for r in records {
+        match id_in_body(r) {
+            Some(k) => put_varint(&mut out, k as u64),
+            None => {
+                put_varint(&mut out, 0);
+                put_str(&mut out, &r.id);
+            }
+        }
+    }
+    // HLCs: the batch's earliest wall clock, then each record's difference from the
+    // one before it (records stay in their order; a batch in clock order costs a
+    // byte or two each); the counter as it is, or as its difference from the one
+    // before when the wall clock is the same (a burst of writes in one millisecond).
+    let base = records.iter().map(|r| r.hlc.wall_ms).min().unwrap_or(0);
+    put_varint(&mut out, base);
+    let (mut prev, mut prev_counter) = (base, 0u32);
+    for r in records {
+        let d = r.hlc.wall_ms.wrapping_sub(prev);
+        put_varint(&mut out, zigzag(d as i64));
+        let c = r.hlc.counter;
+        if d == 0 {
+            put_varint(&mut out, zigzag(i64::from(c) - i64::from(prev_counter)));
+        } else {
+            put_varint(&mut out, u64::from(c));
+        }
+        prev = r.hlc.wall_ms;
+        prev_counter = c;
+    }
+    // Version vectors: (node index, counter minus that node's previous counter in
+    // the batch); entries in the map's (name) order.
+    let mut last = vec![0u64; nodes.items.len()];
+    for r in records {
+        put_varint(&mut out, r.vv.0.len() as u64);
+        for (node, &c) in &r.vv.0 {
+            let i = nodes.index[node.as_str()] as usize;
+            put_varint(&mut out, i as u64);
+            put_varint(&mut out, zigzag(c.wrapping_sub(last[i]) as i64));
+            last[i] = c;
+        }
+    }
+    let mut bits = vec![0u8; records.len().div_ceil(8)];
+    for (i, r) in records.iter().enumerate() {
+        if r.deleted {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out.extend_from_slice(&bits);
+    let order = body_order(&kind_ix);
+    if !newlines {
+        for &i in &order {
+            put_varint(&mut out, records[i].body.len() as u64);
+        }
+    }
+    Some((out, order, newlines))
+}
+
+/// A message split for v2: the head (skeleton length and skeleton), the column
+/// block, and the records whose bodies follow it.
+struct Parts {
+    head: Vec<u8>,
+    cols: Vec<u8>,
+    records: Vec<WireRecord>,
+    /// The order bodies are written in.
+    order: Vec<usize>,
+    newlines: bool,
+}
+
+impl Parts {
+    fn of(msg: &Message) -> Result<Option<Parts>, WireError> {
+        let mut skeleton = msg.clone();
+        let (counts, records) = take_records(&mut skeleton);
+        let Some((cols, order, newlines)) = columns(&counts, &records) else {
+            return Ok(None);
+        };
+        let skel = super::to_cbor(&skeleton)?;
+        let mut head = Vec::with_capacity(skel.len() + 10);
+        put_varint(&mut head, skel.len() as u64);
+        head.extend_from_slice(&skel);
+        Ok(Some(Parts {
+            head,
+            cols,
+            records,
+            order,
+            newlines,
+        }))
+    }
+
+    fn len(&self) -> usize {
+        let newlines = if self.newlines { self.records.len() } else { 0 };
+        self.head.len()
+            + self.cols.len()
+            + self.records.iter().map(|r| r.body.len()).sum::<usize>()
+            + newlines
+    }
+
+    fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        w.write_all(&self.head)?;
+        w.write_all(&self.cols)?;
+        for &i in &self.order {
+            w.write_all(self.records[i].body.as_bytes())?;
+            if self.newlines {
+                w.write_all(b"\n")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The uncompressed v2 payload of `msg` (what [`encode`] compresses), for
+/// measurements; `None` outside v2's bounds.
+pub fn payload(msg: &Message) -> Result<Option<Vec<u8>>, WireError> {
+    let Some(parts) = Parts::of(msg)? else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    parts
+        .write_to(&mut out)
+        .map_err(|e| WireError::Encode(e.to_string()))?;
+    Ok(Some(out))
+}
+
+/// Encodes `msg` as a v2 frame with dictionary `dict` (0: none) at zstd `level`;
+/// `None` when the message falls outside v2's bounds (see [`MAX_TABLE_STRING`]).
+pub fn encode(msg: &Message, level: i32, dict: u32) -> Result<Option<Vec<u8>>, WireError> {
+    let dict_bytes = match dict {
+        0 => None,
+        id => Some(dict::bytes(id).ok_or(WireError::UnknownDictionary(id))?),
+    };
+    let Some(parts) = Parts::of(msg)? else {
+        return Ok(None);
+    };
+    let size = parts.len();
+    // Measured (BENCHMARKS.md): at the hub's level a dictionary makes payloads over
+    // ~256 KiB 1-8 % larger (zstd searches less when one is attached), while it
+    // helps every payload at the clinic's level and small ones at any level.
+    let (dict, dict_bytes) = if level >= super::LEVEL_BULK && size > DICT_MAX_BULK_PAYLOAD {
+        (0, None)
+    } else {
+        (dict, dict_bytes)
+    };
+    let mut out = Vec::with_capacity(size / 6 + HEADER_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&super::PROTOCOL_V2.to_be_bytes());
+    out.extend_from_slice(&dict.to_be_bytes());
+    let e = |e: std::io::Error| WireError::Encode(e.to_string());
+    let mut enc = match dict_bytes {
+        Some(d) => zstd::stream::write::Encoder::with_dictionary(out, level, d).map_err(e)?,
+        None => zstd::stream::write::Encoder::new(out, level).map_err(e)?,
+    };
+    super::frame_parameters(&mut enc, size)?;
+    // The frame names the dictionary in our header already.
+    enc.include_dictid(false).map_err(e)?;
+    parts.write_to(&mut enc).map_err(e)?;
+    Ok(Some(enc.finish().map_err(e)?))
+}
+
+// ------------------------------------------------------------------ decoding
+
+/// Decodes a v2 frame (header already checked: magic and version) within `limits`.
+pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(WireError::TooShort(bytes.len()));
+    }
+    let dict = u32::from_be_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]);
+    let src = &bytes[HEADER_LEN..];
+    let payload = match dict {
+        0 => {
+            let d = zstd::stream::read::Decoder::new(src)
+                .map_err(|e| WireError::Decompress(e.to_string()))?;
+            inflate(d, limits)?
+        }
+        id => {
+            let dict_bytes = dict::bytes(id).ok_or(WireError::UnknownDictionary(id))?;
+            let d = zstd::stream::read::Decoder::with_dictionary(
+                std::io::BufReader::new(src),
+                dict_bytes,
+            )
+            .map_err(|e| WireError::Decompress(e.to_string()))?;
+            inflate(d, limits)?
+        }
+    };
+    from_payload(&payload, limits)
+}
+
+fn inflate<R: std::io::BufRead>(
+    mut d: zstd::stream::read::Decoder<'_, R>,
+    limits: &Limits,
+) -> Result<Vec<u8>, WireError> {
+    d.window_log_max(MAX_WINDOW_LOG)
+        .map_err(|e| WireError::Decompress(e.to_string()))?;
+    let d = d.single_frame();
+    let mut out = Vec::new();
+    d.take(limits.max_decompressed as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| WireError::Decompress(e.to_string()))?;
+    if out.len() > limits.max_decompressed {
+        return Err(WireError::TooLarge {
+            what: "decompressed message",
+            size: out.len(),
+            limit: limits.max_decompressed,
+        });
+    }
+    Ok(out)
+}
+
+/// One record's id as the block gives it: inside its body, or spelled out.
+enum IdRef {
+    InBody(u64),
+    Text(String),
+}
+
+/// The message in a decompressed v2 payload.
+pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireError> {
+    let mut r = Reader {
+        buf: payload,
+        pos: 0,
+    };
+    let skel_len = r.count(payload.len(), &|| "skeleton length".into())?;
+    let skel = r.bytes(skel_len, &|| "skeleton".into())?;
+    let mut msg: Message = ciborium::de::from_reader_with_recursion_limit(skel, MAX_DEPTH)
+        .map_err(|e| WireError::Decode(e.to_string()))?;
+    // What the decoded records may cost in memory beyond the payload itself.
+    let mut budget = limits.max_decompressed.saturating_sub(payload.len());
+    let mut spend = |n: usize, what: &str| -> Result<(), WireError> {
+        budget = budget.checked_sub(n).ok_or_else(|| WireError::TooLarge {
+            what: "decoded record block",
+            size: limits.max_decompressed.saturating_add(n),
+            limit: limits.max_decompressed,
+        })?;
+        let _ = what;
+        Ok(())
+    };
+
+    let n_slots = record_slots(&mut msg).len();
+    let declared = r.count(n_slots.max(r.remaining()), &|| {
+        "number of record lists".into()
+    })?;
+    if declared != n_slots {
+        return Err(block(format!(
+            "the record block has {declared} record lists, the {} message has {n_slots}",
+            msg.name()
+        )));
+    }
+    let mut counts = Vec::with_capacity(n_slots);
+    let mut total = 0usize;
+    for (i, slot) in record_slots(&mut msg).into_iter().enumerate() {
+        let what = || format!("record count of list {i}");
+        let c = r.varint(&what)?;
+        match slot {
+            Slot::One(one) => {
+                if c > 1 || one.is_some() {
+                    return Err(block(format!("list {i} holds one record at most, not {c}")));
+                }
+            }
+            Slot::List(list) => {
+                if !list.is_empty() {
+                    return Err(block(format!(
+                        "list {i} carries records inside the skeleton"
+                    )));
+                }
+            }
+        }
+        total = total.saturating_add(usize::try_from(c).unwrap_or(usize::MAX));
+        if total > limits.max_records {
+            return Err(WireError::TooManyRecords {
+                count: total,
+                limit: limits.max_records,
+            });
+        }
+        counts.push(c as usize);
+    }
+    // Every record takes at least 6 bytes of columns (kind, origin, id, clock, vv):
+    // a count the remaining bytes cannot hold is refused before allocating.
+    if total.saturating_mul(6) > r.remaining() {
+        return Err(block(format!(
+            "{total} records cannot fit in the {} bytes left",
+            r.remaining()
+        )));
+    }
+    let flags = r.bytes(1, &|| "flags".into())?[0];
+    if flags & !FLAG_NEWLINES != 0 {
+        return Err(block(format!("unknown flags {flags:#04x}")));
+    }
+    let n_kinds = r.count(total, &|| "number of kinds".into())?;
+    let mut kinds = Vec::with_capacity(n_kinds);
+    for k in 0..n_kinds {
+        kinds.push(r.string(MAX_TABLE_STRING, &|| format!("kind {k}"))?);
+    }
+    let n_nodes = r.count(MAX_NODES.min(r.remaining()), &|| "number of nodes".into())?;
+    let mut nodes = Vec::with_capacity(n_nodes);
+    for k in 0..n_nodes {
+        nodes.push(r.string(MAX_TABLE_STRING, &|| format!("node {k}"))?);
+    }
+    let index = |r: &mut Reader<'_>, len: usize, i: usize, col: &str| -> Result<usize, WireError> {
+        let v = r.varint(&|| format!("record {i}: {col} index"))?;
+        if v >= len as u64 {
+            return Err(block(format!(
+                "record {i}: {col} index {v} is outside the {col} table ({len} entries)"
+            )));
+        }
+        Ok(v as usize)
+    };
+    let mut kind_ix = Vec::with_capacity(total);
+    for i in 0..total {
+        kind_ix.push(index(&mut r, kinds.len(), i, "kind")?);
+    }
+    let mut origin_ix = Vec::with_capacity(total);
+    for i in 0..total {
+        origin_ix.push(index(&mut r, nodes.len(), i, "node")?);
+    }
+    let mut ids = Vec::with_capacity(total);
+    for i in 0..total {
+        let k = r.varint(&|| format!("record {i}: id position"))?;
+        ids.push(match k {
+            0 => IdRef::Text(r.string(r.remaining(), &|| format!("record {i}: id"))?),
+            k if k <= MAX_ID_OCCURRENCE as u64 => IdRef::InBody(k),
+            k => {
+                return Err(block(format!(
+                    "record {i}: id is said to follow \"id\" number {k} of its body (at most {MAX_ID_OCCURRENCE})"
+                )))
+            }
+        });
+    }
+    let base = r.varint(&|| "clock base".into())?;
+    let (mut prev, mut prev_counter) = (base, 0u32);
+    let mut hlcs = Vec::with_capacity(total);
+    for i in 0..total {
+        let d = unzigzag(r.varint(&|| format!("record {i}: clock"))?) as u64;
+        let wall_ms = prev.wrapping_add(d);
+        let c = r.varint(&|| format!("record {i}: clock counter"))?;
+        let c = if d == 0 {
+            i64::from(prev_counter).checked_add(unzigzag(c))
+        } else {
+            i64::try_from(c).ok()
+        };
+        let counter = c
+            .and_then(|c| u32::try_from(c).ok())
+            .ok_or_else(|| block(format!("record {i}: clock counter is outside 0..2^32")))?;
+        hlcs.push(Hlc { wall_ms, counter });
+        prev = wall_ms;
+        prev_counter = counter;
+    }
+    let mut last = vec![0u64; nodes.len()];
+    let mut vvs = Vec::with_capacity(total);
+    for i in 0..total {
+        let n = r.count(MAX_VV_ENTRIES.min(nodes.len()), &|| {
+            format!("record {i}: version vector size")
+        })?;
+        let mut vv = VersionVector::default();
+        let mut prev_name: Option<&str> = None;
+        for _ in 0..n {
+            let k = index(&mut r, nodes.len(), i, "node")?;
+            let d = r.varint(&|| format!("record {i}: version vector counter"))?;
+            let c = last[k].wrapping_add(unzigzag(d) as u64);
+            last[k] = c;
+            let name = nodes[k].as_str();
+            if prev_name.is_some_and(|p| p >= name) {
+                return Err(block(format!(
+                    "record {i}: version vector entries are not in order or repeat node {name}"
+                )));
+            }
+            prev_name = Some(name);
+            spend(name.len() + VV_ENTRY_OVERHEAD, "version vector")?;
+            vv.0.insert(name.to_string(), c);
+        }
+        vvs.push(vv);
+    }
+    let bits = r.bytes(total.div_ceil(8), &|| "deleted bitmap".into())?;
+    if total % 8 != 0 && bits[total / 8] >> (total % 8) != 0 {
+        return Err(block("deleted bitmap has bits set past the last record"));
+    }
+    // Bodies come grouped by kind (see `body_order`), newline-terminated or after a
+    // length column.
+    let order = body_order_of(&kind_ix);
+    let mut bodies: Vec<&str> = vec![""; total];
+    if flags & FLAG_NEWLINES != 0 {
+        for &i in &order {
+            let rest = &r.buf[r.pos..];
+            let len = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or_else(|| block(format!("record {i}: body has no end")))?;
+            bodies[i] = std::str::from_utf8(&rest[..len])
+                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
+            r.pos += len + 1;
+        }
+    } else {
+        let mut lens = Vec::with_capacity(total);
+        let mut body_bytes = 0usize;
+        for &i in &order {
+            let len = r.count(r.remaining(), &|| format!("record {i}: body length"))?;
+            body_bytes = body_bytes.saturating_add(len);
+            lens.push(len);
+        }
+        if body_bytes > r.remaining() {
+            return Err(block(format!(
+                "bodies should take {body_bytes} bytes, {} remain",
+                r.remaining()
+            )));
+        }
+        for (&i, &len) in order.iter().zip(&lens) {
+            let b = r.bytes(len, &|| format!("record {i}: body"))?;
+            bodies[i] = std::str::from_utf8(b)
+                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
+        }
+    }
+    if r.remaining() != 0 {
+        return Err(block(format!(
+            "{} bytes remain after the last body",
+            r.remaining()
+        )));
+    }
+    let mut records = Vec::with_capacity(total);
+    for i in 0..total {
+        let body = bodies[i];
+        let id = match &ids[i] {
+            IdRef::Text(t) => t.clone(),
+            IdRef::InBody(k) => id_from_body(body, *k)
+                .ok_or_else(|| {
+                    block(format!(
+                        "record {i}: its body has no id after \"id\" number {k}"
+                    ))
+                })?
+                .to_string(),
+        };
+        let kind = kinds[kind_ix[i]].clone();
+        let origin = nodes[origin_ix[i]].clone();
+        spend(
+            RECORD_OVERHEAD + kind.len() + origin.len() + id.len(),
+            "record",
+        )?;
+        records.push(WireRecord {
+            kind,
+            id,
+            origin,
+            hlc: hlcs[i],
+            vv: std::mem::take(&mut vvs[i]),
+            deleted: bits[i / 8] & (1 << (i % 8)) != 0,
+            body: body.to_string(),
+        });
+    }
+    let mut records = records.into_iter();
+    for (slot, count) in record_slots(&mut msg).into_iter().zip(counts) {
+        match slot {
+            Slot::List(list) => list.extend(records.by_ref().take(count)),
+            Slot::One(one) => {
+                if count == 1 {
+                    *one = records.next();
+                }
+            }
+        }
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        decode as decode_any, encode_as, encode_with, Cursor, Encoding, FetchResponse, FetchResult,
+        Outcome, PullResponse, PushRequest, PushResponse, PushResult,
+    };
+    use super::*;
+
+    fn rec(i: usize, kind: &str, id: &str, origin: &str, vv: &[(&str, u64)]) -> WireRecord {
+        WireRecord {
+            kind: kind.into(),
+            id: id.into(),
+            origin: origin.into(),
+            hlc: Hlc {
+                wall_ms: 1_795_000_000_000 + (i as u64 * 7919) % 5000,
+                counter: (i % 3) as u32,
+            },
+            vv: VersionVector(vv.iter().map(|(n, c)| (n.to_string(), *c)).collect()),
+            deleted: i % 5 == 3,
+            body: format!(
+                r#"{{"id":"{id}","resourceType":"{kind}","status":"final","valueQuantity":{{"value":{i}}}}}"#
+            ),
+        }
+    }
+
+    /// Records that reach every column path: ids in the body and spelled out (one
+    /// not in its body, one with a quote, an empty one), several nodes and vectors,
+    /// clocks going back, deletions, non-ASCII bodies.
+    fn records(n: usize) -> Vec<WireRecord> {
+        let mut out: Vec<WireRecord> = (0..n)
+            .map(|i| {
+                let kind = ["Patient", "Encounter", "Observation"][i % 3];
+                let id = format!("4f6c2a1e-{i:04x}-4b5e-9c1d-2a7e5f3b8c90");
+                let vv: &[(&str, u64)] = if i % 4 == 0 {
+                    &[("clinic-a", 1 + i as u64), ("hub", 3)]
+                } else {
+                    &[("clinic-a", 1 + i as u64)]
+                };
+                rec(
+                    i,
+                    kind,
+                    &id,
+                    if i % 7 == 0 { "hub" } else { "clinic-a" },
+                    vv,
+                )
+            })
+            .collect();
+        if n >= 3 {
+            out[1].id = "not-in-body".into();
+            out[2].id = "quo\"te".into();
+            out[2].body = r#"{"id":"quo\"te","resourceType":"Patient","name":"Ñandú ☃"}"#.into();
+        }
+        out.push(WireRecord {
+            id: String::new(),
+            vv: VersionVector::default(),
+            ..rec(n, "openmrs:concept", "", "district-7", &[])
+        });
+        out
+    }
+
+    fn messages() -> Vec<Message> {
+        vec![
+            Message::PushRequest(PushRequest {
+                node: "clinic-a".into(),
+                records: records(40),
+            }),
+            Message::PushRequest(PushRequest {
+                node: "clinic-a".into(),
+                records: Vec::new(),
+            }),
+            // A body with a newline: the length column instead of newline ends.
+            Message::PushRequest(PushRequest {
+                node: "clinic-a".into(),
+                records: {
+                    let mut r = records(4);
+                    r[3].body = "{\"id\":\"x\",\n\"resourceType\":\"Patient\"}".into();
+                    r
+                },
+            }),
+            Message::PullResponse(PullResponse {
+                records: records(9),
+                next: Cursor { eff: 9, seq: 12 },
+                more: true,
+                head: 99,
+                orders: Vec::new(),
+                bundle_seq: 4,
+            }),
+            Message::FetchResponse(FetchResponse {
+                results: vec![
+                    FetchResult {
+                        kind: "Patient".into(),
+                        id: "p1".into(),
+                        record: Some(records(1).remove(0)),
+                        refused: None,
+                    },
+                    FetchResult {
+                        kind: "Patient".into(),
+                        id: "p2".into(),
+                        record: None,
+                        refused: Some("not in your catchment".into()),
+                    },
+                    FetchResult {
+                        kind: "Patient".into(),
+                        id: "p3".into(),
+                        record: Some(records(3).remove(2)),
+                        refused: None,
+                    },
+                ],
+            }),
+            Message::PushResponse(PushResponse {
+                results: vec![PushResult {
+                    i: 0,
+                    vv: VersionVector::default(),
+                    outcome: Outcome::Accepted,
+                }],
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_message_decodes_from_v2_exactly_as_from_v1() {
+        for msg in messages() {
+            let v1 = decode_any(&encode_with(&msg, 3).unwrap(), &Limits::default()).unwrap();
+            for dict in [0, dict::newest()] {
+                let frame = encode_as(&msg, 3, Encoding::V2 { dict }).unwrap();
+                assert_eq!(&frame[4..6], &[0, 2], "{} went as v2", msg.name());
+                assert_eq!(u32::from_be_bytes(frame[6..10].try_into().unwrap()), dict);
+                let back = decode_any(&frame, &Limits::default()).unwrap();
+                assert_eq!(back, v1, "{} with dictionary {dict}", msg.name());
+                assert_eq!(back, msg);
+            }
+        }
+    }
+
+    #[test]
+    fn large_bulk_payloads_go_without_the_dictionary_small_ones_with_it() {
+        let big = Message::PullResponse(PullResponse {
+            records: records(3000),
+            next: Cursor::default(),
+            more: false,
+            head: 0,
+            orders: Vec::new(),
+            bundle_seq: 0,
+        });
+        assert!(payload(&big).unwrap().unwrap().len() > DICT_MAX_BULK_PAYLOAD);
+        let dict_of = |m: &Message, level| {
+            let f = encode_as(
+                m,
+                level,
+                Encoding::V2 {
+                    dict: dict::newest(),
+                },
+            )
+            .unwrap();
+            assert_eq!(&decode_any(&f, &Limits::default()).unwrap(), m);
+            u32::from_be_bytes(f[6..10].try_into().unwrap())
+        };
+        assert_eq!(dict_of(&big, super::super::LEVEL_BULK), 0);
+        assert_eq!(dict_of(&big, super::super::LEVEL_FAST), dict::newest());
+        assert_eq!(
+            dict_of(&messages()[0], super::super::LEVEL_BULK),
+            dict::newest()
+        );
+    }
+
+    #[test]
+    fn a_message_outside_the_v2_bounds_goes_as_v1() {
+        let mut r = records(1).remove(0);
+        r.kind = "K".repeat(MAX_TABLE_STRING + 1);
+        let msg = Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records: vec![r],
+        });
+        let frame = encode_as(&msg, 3, Encoding::V2 { dict: 0 }).unwrap();
+        assert_eq!(&frame[4..6], &[0, 1]);
+        assert_eq!(decode_any(&frame, &Limits::default()).unwrap(), msg);
+    }
+
+    /// A v2 frame around a hand-made payload.
+    fn frame(payload: &[u8], dict: u32) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&2u16.to_be_bytes());
+        out.extend_from_slice(&dict.to_be_bytes());
+        out.extend(zstd::bulk::compress(payload, 1).unwrap());
+        out
+    }
+
+    /// The payload of a push of `records` as our encoder writes it.
+    fn payload_of(records: Vec<WireRecord>) -> Vec<u8> {
+        let msg = Message::PushRequest(PushRequest {
+            node: "clinic-a".into(),
+            records,
+        });
+        let f = encode_as(&msg, 1, Encoding::V2 { dict: 0 }).unwrap();
+        zstd::stream::decode_all(&f[HEADER_LEN..]).unwrap()
+    }
+
+    fn block_err(payload: &[u8]) -> String {
+        match decode_any(&frame(payload, 0), &Limits::default()) {
+            Err(WireError::Block(m)) => m,
+            other => panic!("expected a block error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_dictionary_is_refused_not_misdecoded() {
+        let msg = &messages()[0];
+        let mut f = encode_as(
+            msg,
+            3,
+            Encoding::V2 {
+                dict: dict::newest(),
+            },
+        )
+        .unwrap();
+        f[6..10].copy_from_slice(&4242u32.to_be_bytes());
+        let err = decode_any(&f, &Limits::default()).unwrap_err();
+        assert!(matches!(err, WireError::UnknownDictionary(4242)), "{err}");
+        assert!(err.to_string().contains("dictionary 4242"), "{err}");
+        // A dictionary frame read without its dictionary fails, never decodes.
+        f[6..10].copy_from_slice(&0u32.to_be_bytes());
+        assert!(decode_any(&f, &Limits::default()).is_err());
+        // Encoding with a dictionary we do not have is an error too.
+        assert!(matches!(
+            encode_as(msg, 3, Encoding::V2 { dict: 4242 }),
+            Err(WireError::UnknownDictionary(4242))
+        ));
+    }
+
+    #[test]
+    fn every_cut_of_a_payload_is_refused_with_a_clear_error() {
+        let p = payload_of(records(6));
+        for cut in 0..p.len() {
+            let r = decode_any(&frame(&p[..cut], 0), &Limits::default());
+            assert!(
+                matches!(r, Err(WireError::Block(_)) | Err(WireError::Decode(_))),
+                "cut at {cut}: {r:?}"
+            );
+        }
+        // And trailing bytes are not ignored.
+        let mut long = p.clone();
+        long.push(0);
+        assert!(block_err(&long).contains("remain"));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused_or_decodes_to_a_message_that_encodes_again() {
+        let p = payload_of(records(5));
+        for i in 0..p.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut q = p.clone();
+                q[i] ^= bit;
+                if let Ok(m) = decode_any(&frame(&q, 0), &Limits::default()) {
+                    let again = encode_as(&m, 1, Encoding::V2 { dict: 0 }).unwrap();
+                    assert_eq!(decode_any(&again, &Limits::default()).unwrap(), m);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn indexes_outside_their_tables_name_the_record() {
+        // One record: skeleton, 1 list of 1, flags 0, kinds ["P"], nodes ["a"],
+        // kind index 5.
+        let skel = crate::wire::to_cbor(&Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records: Vec::new(),
+        }))
+        .unwrap();
+        let mut p = Vec::new();
+        put_varint(&mut p, skel.len() as u64);
+        p.extend_from_slice(&skel);
+        p.extend_from_slice(&[
+            1, 1, 0, 1, 1, b'P', 1, 1, b'a', 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        let m = block_err(&p);
+        assert!(m.contains("record 0: kind index 5"), "{m}");
+    }
+
+    #[test]
+    fn counts_are_checked_before_anything_is_allocated() {
+        let skel = crate::wire::to_cbor(&Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records: Vec::new(),
+        }))
+        .unwrap();
+        let mut p = Vec::new();
+        put_varint(&mut p, skel.len() as u64);
+        p.extend_from_slice(&skel);
+        let head = p.clone();
+        // A billion records: over max_records.
+        p.push(1);
+        put_varint(&mut p, 1 << 30);
+        let err = decode_any(&frame(&p, 0), &Limits::default()).unwrap_err();
+        assert!(matches!(err, WireError::TooManyRecords { .. }), "{err}");
+        // Within max_records but not within the bytes that follow.
+        let mut p = head.clone();
+        p.extend_from_slice(&[1, 100]);
+        assert!(block_err(&p).contains("cannot fit"));
+        // Two lists where a push has one.
+        let mut p = head;
+        p.extend_from_slice(&[2, 0, 0]);
+        assert!(block_err(&p).contains("2 record lists"));
+    }
+
+    #[test]
+    fn a_skeleton_that_carries_records_itself_is_refused() {
+        let skel = crate::wire::to_cbor(&Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records: records(1),
+        }))
+        .unwrap();
+        let mut p = Vec::new();
+        put_varint(&mut p, skel.len() as u64);
+        p.extend_from_slice(&skel);
+        p.extend_from_slice(&[1, 0, 1, 0, 0, 0]);
+        assert!(block_err(&p).contains("inside the skeleton"));
+    }
+
+    #[test]
+    fn repeated_version_vector_nodes_are_refused() {
+        let mut p = payload_of(vec![rec(0, "Patient", "p", "a", &[("a", 1)])]);
+        // Layout after the skeleton: lists 1,1; flags; kinds 1 "Patient"; nodes 1
+        // "a"; kind 0; origin 0; id 1 (in the body); base; delta 0; counter 0; vv: 1
+        // entry (node 0, +1 = zigzag 2). Rewrite the vector as two entries for node 0.
+        let at = p.windows(4).rposition(|w| w == [0, 1, 0, 2]).unwrap() + 1;
+        p.splice(at..at + 3, [2, 0, 2, 0, 0]);
+        let m = block_err(&p);
+        assert!(m.contains("record 0: version vector"), "{m}");
+    }
+
+    #[test]
+    fn a_small_block_cannot_decode_into_a_huge_message() {
+        // 2,000 records each naming 64 nodes of 256 bytes in their vectors: a few
+        // hundred KB of block, ~33 MB decoded.
+        let nodes: Vec<String> = (0..64).map(|i| format!("{i:0>256}")).collect();
+        let recs: Vec<WireRecord> = (0..2000)
+            .map(|i| WireRecord {
+                vv: VersionVector(nodes.iter().map(|n| (n.clone(), 1)).collect()),
+                ..rec(i, "Patient", "p", "a", &[])
+            })
+            .collect();
+        let msg = Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records: recs,
+        });
+        let f = encode_as(&msg, 1, Encoding::V2 { dict: 0 }).unwrap();
+        let limits = Limits {
+            max_decompressed: 4 << 20,
+            ..Limits::default()
+        };
+        let err = decode_any(&f, &limits).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WireError::TooLarge {
+                    what: "decoded record block",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn varints_and_zigzag_round_trip_at_the_edges() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            u32::MAX as u64,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            let mut r = Reader { buf: &out, pos: 0 };
+            assert_eq!(r.varint(&|| "v".into()).unwrap(), v);
+            assert_eq!(r.remaining(), 0);
+        }
+        for v in [0i64, 1, -1, i64::MAX, i64::MIN, 12345, -98765] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+        // Eleven continuation bytes, or a tenth byte above 1: over 64 bits.
+        let mut r = Reader {
+            buf: &[0xff; 11],
+            pos: 0,
+        };
+        assert!(
+            matches!(r.varint(&|| "v".into()), Err(WireError::Block(m)) if m.contains("64 bits"))
+        );
+        let mut r = Reader {
+            buf: &[0x80],
+            pos: 0,
+        };
+        assert!(
+            matches!(r.varint(&|| "v".into()), Err(WireError::Block(m)) if m.contains("cut off"))
+        );
+    }
+}

@@ -1,0 +1,354 @@
+//! Protocol v2 negotiated per exchange over real HTTP (hub served in-process on
+//! 127.0.0.1, clinics with the real client): v2 between v2 nodes, v1 wherever one
+//! side is v1 (in both directions), a clinic following a parent replaced by an
+//! older build, and chunked transfers carrying v2 frames across cuts.
+//!
+//! What travels is observed on the wire: the clinic talks to the hub through a
+//! proxy that counts the frame headers (`CSYN` + version) in each direction.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use clinicsync::wire::{self, Accept, Encoding};
+use common::*;
+
+/// Counts v1 and v2 frame headers going up (clinic → hub) and down.
+#[derive(Default)]
+struct Seen {
+    up: [AtomicU64; 3],
+    down: [AtomicU64; 3],
+}
+
+impl Seen {
+    fn up(&self, v: usize) -> u64 {
+        self.up[v].load(Ordering::Relaxed)
+    }
+    fn down(&self, v: usize) -> u64 {
+        self.down[v].load(Ordering::Relaxed)
+    }
+}
+
+/// A TCP proxy to `target` that counts frame headers each way; runs until the test
+/// process ends (its threads block on their sockets only).
+fn spy(target: u16) -> (u16, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(hub) = TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            for (mut from, mut to, up) in [
+                (client.try_clone().unwrap(), hub.try_clone().unwrap(), true),
+                (hub, client, false),
+            ] {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut tail: Vec<u8> = Vec::new();
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        tail.extend_from_slice(&buf[..n]);
+                        for w in tail.windows(6) {
+                            if &w[..4] == wire::MAGIC && w[4] == 0 && (w[5] == 1 || w[5] == 2) {
+                                let c = if up { &s.up } else { &s.down };
+                                c[w[5] as usize].fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        let keep = tail.len().min(5);
+                        tail.drain(..tail.len() - keep);
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (port, seen)
+}
+
+struct Net {
+    _dir: tempfile::TempDir,
+    hub: TestHub,
+    clinic: TestClinic,
+    seen: Arc<Seen>,
+}
+
+fn net() -> Net {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("clinic-a", "North")]),
+        &["clinic-a"],
+        8 << 20,
+    );
+    let (port, seen) = spy(hub.port);
+    let clinic = TestClinic::new(
+        dir.path(),
+        "clinic-a",
+        &format!("http://127.0.0.1:{port}"),
+        &hub.token("clinic-a"),
+    );
+    Net {
+        _dir: dir,
+        hub,
+        clinic,
+        seen,
+    }
+}
+
+fn patients(prefix: &str, n: usize) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|i| patient(&format!("{prefix}-{i}"), "North"))
+        .collect()
+}
+
+/// Both ways: the clinic's records reach the hub, the hub's reach the clinic.
+fn sync_both_ways(n: &mut Net, round: &str) {
+    n.clinic.put(patients(&format!("c{round}"), 3));
+    n.hub.put(patients(&format!("h{round}"), 3));
+    n.clinic.sync().unwrap();
+    let hub = n.hub.store();
+    for i in 0..3 {
+        assert!(get(&hub, &format!("Patient/c{round}-{i}")).is_some());
+        assert!(n.clinic.get(&format!("Patient/h{round}-{i}")).is_some());
+    }
+}
+
+#[test]
+fn v2_nodes_speak_v2_with_the_dictionary_after_the_first_answer() {
+    let mut n = net();
+    sync_both_ways(&mut n, "1");
+    // The first request went as v1 (the parent's protocol was unknown), and the hub
+    // answered in v2 because the request announced it.
+    assert!(n.seen.up(1) >= 1, "the first request is v1");
+    assert!(n.seen.down(2) >= 1, "the hub answers a v2 clinic in v2");
+    assert_eq!(n.seen.down(1), 0, "no v1 answer to a v2 clinic");
+    assert_eq!(
+        n.clinic.client.encoding(),
+        Encoding::V2 {
+            dict: wire::dict::newest()
+        }
+    );
+    let v1_before = n.seen.up(1);
+    sync_both_ways(&mut n, "2");
+    assert_eq!(
+        n.seen.up(1),
+        v1_before,
+        "once the hub announced v2, no v1 request"
+    );
+    assert!(n.seen.up(2) >= 2, "pushes and pulls go as v2");
+}
+
+#[test]
+fn a_v2_clinic_sends_a_v1_hub_only_v1_frames() {
+    let mut n = net();
+    n.hub.state.set_accept(Accept::v1());
+    sync_both_ways(&mut n, "1");
+    sync_both_ways(&mut n, "2");
+    assert_eq!(n.seen.up(2), 0, "a v1 hub never receives a v2 frame");
+    assert_eq!(n.seen.down(2), 0);
+    // A first contact (push, then pull), then one exchange carrying both.
+    assert!(n.seen.up(1) >= 3, "{}", n.seen.up(1));
+    assert_eq!(n.clinic.client.parent_accept(), Some(Accept::v1()));
+    assert_eq!(n.clinic.client.encoding(), Encoding::V1);
+    // And the v1 hub refuses a v2 frame as an old build does, naming the version.
+    let frame = wire::encode_as(
+        &wire::Message::PullRequest(wire::PullRequest {
+            node: "clinic-a".into(),
+            cursor: wire::Cursor::default(),
+            max_bytes: 1 << 20,
+            max_records: 10,
+            include_own: false,
+            answer_chunk: 0,
+            health: Vec::new(),
+            order_results: Vec::new(),
+        }),
+        3,
+        Encoding::V2 { dict: 0 },
+    )
+    .unwrap();
+    let r = ureq::post(&format!("{}/v1/pull", n.hub.url))
+        .set(
+            "Authorization",
+            &format!("Bearer {}", n.hub.token("clinic-a")),
+        )
+        .send_bytes(&frame);
+    match r {
+        Err(ureq::Error::Status(400, resp)) => {
+            assert!(resp.header(wire::accept::HEADER).is_none());
+            let text = resp.into_string().unwrap();
+            assert!(
+                text.contains("protocol version 2 is not supported"),
+                "{text}"
+            );
+        }
+        other => panic!("a v1 hub accepted a v2 frame: {other:?}"),
+    }
+}
+
+#[test]
+fn a_v1_clinic_talks_to_a_v2_hub_in_v1_both_ways() {
+    let mut n = net();
+    n.clinic.client.set_accept(Accept::v1());
+    sync_both_ways(&mut n, "1");
+    sync_both_ways(&mut n, "2");
+    assert_eq!(n.seen.up(2), 0, "a v1 clinic sends v1");
+    assert_eq!(
+        n.seen.down(2),
+        0,
+        "the hub answers a clinic that announced nothing in v1"
+    );
+    // The hub announced v2 all along; the clinic, being v1, does not use it.
+    assert_eq!(n.clinic.client.parent_accept(), Some(Accept::ours()));
+    assert_eq!(n.clinic.client.encoding(), Encoding::V1);
+}
+
+#[test]
+fn a_clinic_follows_its_parent_replaced_by_a_v1_build_and_back() {
+    let mut n = net();
+    sync_both_ways(&mut n, "1");
+    sync_both_ways(&mut n, "2");
+    assert!(matches!(n.clinic.client.encoding(), Encoding::V2 { .. }));
+    // The hub is replaced by an older build: the clinic's next v2 request is
+    // refused, sent again in v1, and the round completes.
+    n.hub.state.set_accept(Accept::v1());
+    let v2_up = n.seen.up(2);
+    sync_both_ways(&mut n, "3");
+    assert_eq!(n.clinic.client.encoding(), Encoding::V1);
+    assert_eq!(
+        n.seen.up(2),
+        v2_up + 1,
+        "one v2 request refused, then v1 only"
+    );
+    // Upgraded again: the clinic is back on v2 after the hub's next answer.
+    n.hub.state.set_accept(Accept::ours());
+    sync_both_ways(&mut n, "4");
+    assert!(matches!(n.clinic.client.encoding(), Encoding::V2 { .. }));
+}
+
+#[test]
+fn a_hub_without_our_dictionary_gets_v2_without_one() {
+    let mut n = net();
+    n.hub.state.set_accept(Accept::v2_without_dictionary());
+    sync_both_ways(&mut n, "1");
+    sync_both_ways(&mut n, "2");
+    assert_eq!(n.clinic.client.encoding(), Encoding::V2 { dict: 0 });
+    assert!(n.seen.up(2) >= 2);
+}
+
+#[test]
+fn chunked_transfers_carry_v2_frames_and_resume_across_cuts() {
+    use clinicsync::devkit::cluster::{FaultProxy, Faults};
+    let n = net();
+    // The clinic reaches the spy through a link that drops every few KiB.
+    let cutter = FaultProxy::start(
+        n.hub.port,
+        Faults {
+            cut_every: Some((6_000, 12_000)),
+            ..Faults::default()
+        },
+    )
+    .unwrap();
+    let (port, seen) = spy(cutter.port);
+    let dir = tempfile::tempdir().unwrap();
+    let mut clinic = TestClinic::new(
+        dir.path(),
+        "clinic-a",
+        &format!("http://127.0.0.1:{port}"),
+        &n.hub.token("clinic-a"),
+    );
+    clinic.sync_cfg.chunk_bytes = 4096;
+    // Learn the parent's protocol on a quiet round first, then move enough in both
+    // directions that every frame goes in pieces.
+    clinic.sync().unwrap();
+    assert!(matches!(clinic.client.encoding(), Encoding::V2 { .. }));
+    let many: Vec<serde_json::Value> =
+        clinicsync::synth::clinic_records(5, "c", "North", "loc-1", 40, 2, 4)
+            .into_iter()
+            .collect();
+    let from_hub: Vec<serde_json::Value> =
+        clinicsync::synth::clinic_records(6, "h", "North", "loc-1", 40, 2, 4);
+    clinic.put(many.clone());
+    n.hub.put(from_hub.clone());
+    let mut report = None;
+    for _ in 0..20 {
+        if let Ok(r) = clinic.sync() {
+            report = Some(r);
+            break;
+        }
+    }
+    let report = report.expect("the sync completes across cuts");
+    assert!(cutter.cuts() > 0, "the link was cut");
+    assert!(report.resumed > 0, "transfers resumed after cuts");
+    let hub = n.hub.store();
+    for r in &many {
+        let key = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        assert!(get(&hub, &key).is_some(), "{key} reached the hub");
+    }
+    for r in &from_hub {
+        let key = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        assert!(clinic.get(&key).is_some(), "{key} reached the clinic");
+    }
+    // The pieces (chunk messages) and the frames inside them were v2.
+    assert!(seen.up(2) > 10, "v2 chunk messages went up: {}", seen.up(2));
+    assert!(seen.down(2) > 10);
+    assert_eq!(seen.down(1), 0, "no v1 answer after the first");
+    drop(n);
+}
+
+#[test]
+fn a_fresh_clinic_builds_its_first_large_upload_again_once_it_learns_v2() {
+    let n = net();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, seen) = spy(n.hub.port);
+    let mut clinic = TestClinic::new(
+        dir.path(),
+        "clinic-a",
+        &format!("http://127.0.0.1:{port}"),
+        &n.hub.token("clinic-a"),
+    );
+    clinic.sync_cfg.chunk_bytes = 4096;
+    let many = clinicsync::synth::clinic_records(5, "c", "North", "loc-1", 200, 2, 4);
+    clinic.put(many.clone());
+    // The very first exchange is the upload's first piece, in v1 (an upload never
+    // begun asks nothing first): its answer announces v2, and the upload is built
+    // again and sent as v2 pieces.
+    clinic.sync().unwrap();
+    assert!(
+        seen.up(1) <= 2,
+        "only the first piece went as v1 (its frame, and the upload's header inside it): {}",
+        seen.up(1)
+    );
+    // At least two pieces (the last one runs it), and the pull.
+    assert!(seen.up(2) >= 3, "{} v2 frames went up", seen.up(2));
+    let hub = n.hub.store();
+    for r in &many {
+        let key = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        assert!(get(&hub, &key).is_some(), "{key} reached the hub");
+    }
+}
