@@ -228,6 +228,13 @@ pub fn sync_with(
             });
         }
     };
+    if client.parent_accept().is_none() {
+        // A new process: the parent's protocol as it announced it last time, so the
+        // round's first request (the push, usually the largest) is already in it.
+        if let Some(text) = store.meta(&meta::PARENT_ACCEPT)? {
+            client.assume_parent_accept(crate::wire::Accept::parse(Some(&text)));
+        }
+    }
     let mut chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
     chunked.patience = Duration::from_secs(cfg.timeout_secs.max(1));
     let saved_piece = store.meta(&meta::LINK_PIECE_BYTES)?.unwrap_or(0) as usize;
@@ -283,6 +290,12 @@ pub fn sync_with(
                 crate::transport::http::skew_words(skew)
             );
         }
+    }
+    if let Some(parent) = client.parent_accept() {
+        tx.set_meta(
+            &meta::PARENT_ACCEPT,
+            parent.header_value().unwrap_or_default(),
+        )?;
     }
     tx.set_meta(&meta::LINK_BUDGET_BYTES, pace.budget as u64)?;
     tx.set_meta(&meta::TRAFFIC_DAY, pace.day)?;

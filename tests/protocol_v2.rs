@@ -83,6 +83,8 @@ struct Net {
     hub: TestHub,
     clinic: TestClinic,
     seen: Arc<Seen>,
+    /// The hub, through the spy.
+    url: String,
 }
 
 fn net() -> Net {
@@ -106,6 +108,7 @@ fn net() -> Net {
         hub,
         clinic,
         seen,
+        url: format!("http://127.0.0.1:{port}"),
     }
 }
 
@@ -351,4 +354,37 @@ fn a_fresh_clinic_builds_its_first_large_upload_again_once_it_learns_v2() {
         );
         assert!(get(&hub, &key).is_some(), "{key} reached the hub");
     }
+}
+
+#[test]
+fn a_restarted_clinic_sends_its_first_request_in_the_protocol_its_parent_announced_before() {
+    let mut n = net();
+    sync_both_ways(&mut n, "1");
+    assert!(n.seen.up(2) >= 1);
+    let url = n.url.clone();
+    // A new process: a new client that has heard nothing from the parent yet.
+    n.clinic.client = clinicsync::transport::http::HttpClient::new(
+        &url,
+        clinicsync::secret::Secret::new(n.hub.token("clinic-a")),
+        std::time::Duration::from_secs(10),
+    );
+    let v1_before = n.seen.up(1);
+    sync_both_ways(&mut n, "2");
+    assert_eq!(
+        n.seen.up(1),
+        v1_before,
+        "the first request of the new process went as v2 already"
+    );
+    // A parent replaced by a build before v2 refuses it; the clinic says it again in
+    // v1 and follows it from then on.
+    n.hub.state.set_accept(Accept::v1());
+    n.clinic.client = clinicsync::transport::http::HttpClient::new(
+        &url,
+        clinicsync::secret::Secret::new(n.hub.token("clinic-a")),
+        std::time::Duration::from_secs(10),
+    );
+    let v2_before = n.seen.up(2);
+    sync_both_ways(&mut n, "3");
+    assert_eq!(n.seen.up(2), v2_before + 1, "one v2 request, refused");
+    assert_eq!(n.clinic.client.encoding(), Encoding::V1);
 }

@@ -16,6 +16,7 @@
 //! parent_clock_seen_ms    u64    daemon                  when that skew was measured
 //! link_rate_bps           u64    daemon                  the last measured download rate
 //! parent_sync_refused_ms  u64    client (sync round)     when the parent last refused push+pull in one exchange
+//! parent_accept           text   client (sync round)     the protocol the parent last announced ("" = v1)
 //! health_sent_ms          u64    health                  arrival of the newest report passed up
 //! restoring_own           bool   engine (pull)           "1" while the first pull is under way
 //! bundle_seq_at_parent    u64    engine (pull)           our last USB bundle the parent imported
@@ -179,6 +180,9 @@ pub const EMR_IDS: MetaKey<String> = MetaKey::fixed("emr_ids");
 /// When the parent last refused a push and a pull in one exchange (an older hub):
 /// the round sends them apart for a day.
 pub const PARENT_SYNC_REFUSED_MS: MetaKey<u64> = MetaKey::fixed("parent_sync_refused_ms");
+/// What the parent announced in its last answer (`X-Clinicsync-Accept`; "" for a
+/// parent that announces nothing, v1): a new process's first request uses it.
+pub const PARENT_ACCEPT: MetaKey<String> = MetaKey::fixed("parent_accept");
 /// The replica seq up to which a hub's EMR pass has gone.
 pub const EMR_OUT_CURSOR: MetaKey<u64> = MetaKey::fixed("emr_out_cursor");
 
@@ -277,6 +281,7 @@ mod tests {
         assert_eq!(PARENT_CLOCK_SKEW_MS.name(), "parent_clock_skew_ms");
         assert_eq!(RESTORING_OWN.name(), "restoring_own");
         assert_eq!(EMR_CURSOR.name(), "emr_cursor");
+        assert_eq!(PARENT_ACCEPT.name(), "parent_accept");
         assert_eq!(EMR_IDS.name(), "emr_ids");
         assert_eq!(NODE_ID.name(), "node_id");
         assert_eq!(HLC.name(), "hlc");

@@ -512,6 +512,14 @@ impl Exchange for Chunked<'_> {
         self.inner.encoding()
     }
 
+    fn parent_accept(&self) -> Option<wire::Accept> {
+        self.inner.parent_accept()
+    }
+
+    fn assume_parent_accept(&self, accept: wire::Accept) {
+        self.inner.assume_parent_accept(accept)
+    }
+
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         let with_page;
         let msg = match msg {

@@ -186,6 +186,15 @@ impl HttpClient {
             .clone()
     }
 
+    /// Starts from what the parent announced to an earlier process (kept in the
+    /// store's meta by the sync round); nothing once the parent answered here.
+    pub fn assume_parent_accept(&self, accept: Accept) {
+        let mut parent = self.parent.lock().unwrap_or_else(|p| p.into_inner());
+        if parent.is_none() {
+            *parent = Some(accept);
+        }
+    }
+
     /// How requests are encoded now: v1 until the parent has answered announcing
     /// v2, then what both read (see [`crate::wire::accept`]).
     pub fn encoding(&self) -> Encoding {

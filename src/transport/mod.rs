@@ -37,6 +37,17 @@ pub trait Exchange: Sync {
     fn encoding(&self) -> Encoding {
         Encoding::V1
     }
+    /// What the parent announced in its last answer, to keep across restarts
+    /// (`None`: not known, or this transport does not negotiate).
+    fn parent_accept(&self) -> Option<crate::wire::Accept> {
+        None
+    }
+    /// Starts from what the parent announced before (the last process's), so the
+    /// first request of a new process is already in the parent's newest version; a
+    /// parent that was replaced by an older build refuses it, and the transport says
+    /// it again in v1 (see [`HttpClient::exchange`]). Ignored once the parent
+    /// answered in this process.
+    fn assume_parent_accept(&self, _accept: crate::wire::Accept) {}
 }
 
 impl Exchange for HttpClient {
@@ -51,6 +62,12 @@ impl Exchange for HttpClient {
     }
     fn encoding(&self) -> Encoding {
         HttpClient::encoding(self)
+    }
+    fn parent_accept(&self) -> Option<crate::wire::Accept> {
+        HttpClient::parent_accept(self)
+    }
+    fn assume_parent_accept(&self, accept: crate::wire::Accept) {
+        HttpClient::assume_parent_accept(self, accept)
     }
 }
 
