@@ -229,9 +229,24 @@ pub(crate) fn integrate(
     from_upstream: bool,
     now_ms: u64,
 ) -> Result<Integrated> {
+    let current = tx.current(incoming.key())?;
+    integrate_over(tx, incoming, current, source, sender, from_upstream, now_ms)
+}
+
+/// [`integrate`] when the caller has just read `current` (what the replica holds
+/// for the record) in the same transaction: a push's `authorize` has.
+fn integrate_over(
+    tx: &mut Tx<'_>,
+    incoming: &Version,
+    current: Option<crate::store::Stored>,
+    source: &str,
+    sender: Option<&str>,
+    from_upstream: bool,
+    now_ms: u64,
+) -> Result<Integrated> {
     tx.observe(incoming.hlc, now_ms)?;
     let key = incoming.key().clone();
-    let Some(current) = tx.current(&key)? else {
+    let Some(current) = current else {
         tx.write_version(incoming, source, sender, VersionOutcome::Accepted, now_ms)?;
         return Ok(Integrated::Accepted);
     };
@@ -927,7 +942,7 @@ fn authorize(
     policy: &Policy,
     child: &str,
     v: &Version,
-) -> std::result::Result<Grant, Refused> {
+) -> std::result::Result<(Grant, Option<crate::store::Stored>), Refused> {
     let patient = v.snapshot.patient.as_deref().unwrap_or_default();
     let current = tx.current(v.key()).map_err(store_refusal)?;
     // The record as the hub holds it must be the child's too: a new body naming one
@@ -987,7 +1002,10 @@ fn authorize(
             }
         }
     };
-    let held = current.map(|c| c.version.vv).unwrap_or_default();
+    let held = current
+        .as_ref()
+        .map(|c| c.version.vv.clone())
+        .unwrap_or_default();
     for (node, &n) in &v.vv.0 {
         let have = held.get(node);
         let own = policy.may_originate(child, node);
@@ -1010,7 +1028,7 @@ fn authorize(
             ));
         }
     }
-    Ok(grant)
+    Ok((grant, current))
 }
 
 fn store_refusal(e: StoreError) -> Refused {
@@ -1085,8 +1103,9 @@ fn push_one(
             }
             Outcome::Rejected { reason, permanent }
         }
-        Ok((version, grant)) => {
-            let integrated = integrate(tx, &version, source, Some(child), false, now_ms)?;
+        Ok((version, (grant, current))) => {
+            let integrated =
+                integrate_over(tx, &version, current, source, Some(child), false, now_ms)?;
             let stored = match &integrated {
                 Integrated::Accepted => Some(version.clone()),
                 Integrated::Conflict { result, .. } => Some((**result).clone()),
