@@ -1038,8 +1038,9 @@ fn store_refusal(e: StoreError) -> Refused {
 /// Pushes of at least this many records are checked on a second thread.
 const PARALLEL_VALIDATE_MIN: usize = 64;
 /// Records checked ahead of integration, at most (bounds the memory of a push
-/// in flight between the two threads).
+/// in flight between the two threads), handed over `VALIDATE_CHUNK` at a time.
 const VALIDATE_AHEAD: usize = 256;
+const VALIDATE_CHUNK: usize = 32;
 
 /// A pushed record after [`validate`]: its position, names and vector as the answer
 /// echoes them, and the version or the refusal.
@@ -1186,13 +1187,22 @@ fn push_checked_from(
     // The answers, the audit and the store come out exactly as one thread would
     // leave them (`a_push_checked_on_two_threads_ends_as_on_one` compares them).
     std::thread::scope(|scope| -> Result<()> {
-        let (send, checked_records) = std::sync::mpsc::sync_channel(VALIDATE_AHEAD);
+        // Handed over a few dozen at a time: a hand-off per record costs more in
+        // the channel's wake-ups than the record's check.
+        let (send, checked_chunks) =
+            std::sync::mpsc::sync_channel::<Vec<Checked>>(VALIDATE_AHEAD / VALIDATE_CHUNK);
         let mut inline = None;
         if total >= parallel_min {
             scope.spawn(move || {
-                for (i, rec) in records {
+                let mut records = records.into_iter().peekable();
+                while records.peek().is_some() {
+                    let chunk = records
+                        .by_ref()
+                        .take(VALIDATE_CHUNK)
+                        .map(|(i, rec)| checked(policy, child, i, rec, now_ms))
+                        .collect();
                     // The receiver stops listening only when integration failed.
-                    if send.send(checked(policy, child, i, rec, now_ms)).is_err() {
+                    if send.send(chunk).is_err() {
                         break;
                     }
                 }
@@ -1201,11 +1211,17 @@ fn push_checked_from(
             drop(send);
             inline = Some(records.into_iter());
         }
+        let mut ready = std::collections::VecDeque::new();
         let mut next = || match inline.as_mut() {
             Some(it) => it
                 .next()
                 .map(|(i, rec)| checked(policy, child, i, rec, now_ms)),
-            None => checked_records.recv().ok(),
+            None => {
+                if ready.is_empty() {
+                    ready.extend(checked_chunks.recv().ok()?);
+                }
+                ready.pop_front()
+            }
         };
         while let Some(one) = next() {
             push_one(
