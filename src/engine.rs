@@ -229,9 +229,24 @@ pub(crate) fn integrate(
     from_upstream: bool,
     now_ms: u64,
 ) -> Result<Integrated> {
+    let current = tx.current(incoming.key())?;
+    integrate_over(tx, incoming, current, source, sender, from_upstream, now_ms)
+}
+
+/// [`integrate`] when the caller has just read `current` (what the replica holds
+/// for the record) in the same transaction: a push's `authorize` has.
+fn integrate_over(
+    tx: &mut Tx<'_>,
+    incoming: &Version,
+    current: Option<crate::store::Stored>,
+    source: &str,
+    sender: Option<&str>,
+    from_upstream: bool,
+    now_ms: u64,
+) -> Result<Integrated> {
     tx.observe(incoming.hlc, now_ms)?;
     let key = incoming.key().clone();
-    let Some(current) = tx.current(&key)? else {
+    let Some(current) = current else {
         tx.write_version(incoming, source, sender, VersionOutcome::Accepted, now_ms)?;
         return Ok(Integrated::Accepted);
     };
@@ -937,7 +952,7 @@ fn authorize(
     policy: &Policy,
     child: &str,
     v: &Version,
-) -> std::result::Result<Grant, Refused> {
+) -> std::result::Result<(Grant, Option<crate::store::Stored>), Refused> {
     let patient = v.snapshot.patient.as_deref().unwrap_or_default();
     let current = tx.current(v.key()).map_err(store_refusal)?;
     // The record as the hub holds it must be the child's too: a new body naming one
@@ -997,7 +1012,10 @@ fn authorize(
             }
         }
     };
-    let held = current.map(|c| c.version.vv).unwrap_or_default();
+    let held = current
+        .as_ref()
+        .map(|c| c.version.vv.clone())
+        .unwrap_or_default();
     for (node, &n) in &v.vv.0 {
         let have = held.get(node);
         let own = policy.may_originate(child, node);
@@ -1020,7 +1038,7 @@ fn authorize(
             ));
         }
     }
-    Ok(grant)
+    Ok((grant, current))
 }
 
 fn store_refusal(e: StoreError) -> Refused {
@@ -1030,8 +1048,9 @@ fn store_refusal(e: StoreError) -> Refused {
 /// Pushes of at least this many records are checked on a second thread.
 const PARALLEL_VALIDATE_MIN: usize = 64;
 /// Records checked ahead of integration, at most (bounds the memory of a push
-/// in flight between the two threads).
+/// in flight between the two threads), handed over `VALIDATE_CHUNK` at a time.
 const VALIDATE_AHEAD: usize = 256;
+const VALIDATE_CHUNK: usize = 32;
 
 /// A pushed record after [`validate`]: its position, names and vector as the answer
 /// echoes them, and the version or the refusal.
@@ -1095,8 +1114,9 @@ fn push_one(
             }
             Outcome::Rejected { reason, permanent }
         }
-        Ok((version, grant)) => {
-            let integrated = integrate(tx, &version, source, Some(child), false, now_ms)?;
+        Ok((version, (grant, current))) => {
+            let integrated =
+                integrate_over(tx, &version, current, source, Some(child), false, now_ms)?;
             let stored = match &integrated {
                 Integrated::Accepted => Some(version.clone()),
                 Integrated::Conflict { result, .. } => Some((**result).clone()),
@@ -1177,13 +1197,22 @@ fn push_checked_from(
     // The answers, the audit and the store come out exactly as one thread would
     // leave them (`a_push_checked_on_two_threads_ends_as_on_one` compares them).
     std::thread::scope(|scope| -> Result<()> {
-        let (send, checked_records) = std::sync::mpsc::sync_channel(VALIDATE_AHEAD);
+        // Handed over a few dozen at a time: a hand-off per record costs more in
+        // the channel's wake-ups than the record's check.
+        let (send, checked_chunks) =
+            std::sync::mpsc::sync_channel::<Vec<Checked>>(VALIDATE_AHEAD / VALIDATE_CHUNK);
         let mut inline = None;
         if total >= parallel_min {
             scope.spawn(move || {
-                for (i, rec) in records {
+                let mut records = records.into_iter().peekable();
+                while records.peek().is_some() {
+                    let chunk = records
+                        .by_ref()
+                        .take(VALIDATE_CHUNK)
+                        .map(|(i, rec)| checked(policy, child, i, rec, now_ms))
+                        .collect();
                     // The receiver stops listening only when integration failed.
-                    if send.send(checked(policy, child, i, rec, now_ms)).is_err() {
+                    if send.send(chunk).is_err() {
                         break;
                     }
                 }
@@ -1192,11 +1221,17 @@ fn push_checked_from(
             drop(send);
             inline = Some(records.into_iter());
         }
+        let mut ready = std::collections::VecDeque::new();
         let mut next = || match inline.as_mut() {
             Some(it) => it
                 .next()
                 .map(|(i, rec)| checked(policy, child, i, rec, now_ms)),
-            None => checked_records.recv().ok(),
+            None => {
+                if ready.is_empty() {
+                    ready.extend(checked_chunks.recv().ok()?);
+                }
+                ready.pop_front()
+            }
         };
         while let Some(one) = next() {
             push_one(

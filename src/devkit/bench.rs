@@ -110,10 +110,32 @@ pub fn node_exe() -> Result<std::path::PathBuf, Failure> {
 
 struct Run {
     secs: f64,
+    /// CPU seconds the hub process spent (all threads) while the clinic synced.
+    hub_cpu: f64,
     wire_bytes: u64,
     json_bytes: u64,
     hub_rss_kb: u64,
     clinic_rss_kb: u64,
+}
+
+/// CPU seconds (user + system, all threads) process `pid` has spent so far.
+fn cpu_secs_of(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// CPU seconds (user + system, all threads) this process has spent so far.
+fn own_cpu_secs() -> f64 {
+    cpu_secs_of(std::process::id() as i32)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -169,9 +191,10 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
                 first_contact,
             )?;
             eprintln!(
-                "run {i} ({name}): {:.2} s, {:.0} records/s, {} wire bytes, hub RSS {} KiB, clinic RSS {} KiB",
+                "run {i} ({name}): {:.2} s, {:.0} records/s, hub CPU {:.2} s, {} wire bytes, hub RSS {} KiB, clinic RSS {} KiB",
                 r.secs,
                 records as f64 / r.secs,
+                r.hub_cpu,
                 r.wire_bytes,
                 r.hub_rss_kb,
                 r.clinic_rss_kb
@@ -209,6 +232,11 @@ fn push_table(name: &str, records: usize, first_contact: bool, results: &[Run]) 
     println!("| records pushed | {records} | |");
     println!("| wall time, clinic `sync` start to exit | {secs:.2} s | |");
     println!("| records/s applied at the hub | {rate:.0} | ≥ 50,000 |");
+    let hub_cpu = median(results.iter().map(|r| r.hub_cpu).collect());
+    println!(
+        "| hub CPU, all threads (records per hub CPU-second) | {hub_cpu:.2} s ({:.0}) | |",
+        records as f64 / hub_cpu.max(1e-9)
+    );
     println!(
         "| FHIR JSON bytes per record | {:.0} | |",
         json / records as f64
@@ -632,6 +660,7 @@ fn one_run(
     }
     // Fill the clinic's store (not timed).
     let json_bytes = fill(&clinic.store, &clinic.id, records)?;
+    let hub_cpu_before = cpu_secs_of(hub.pid());
     let started = Instant::now();
     let mut sync = Proc::spawn(exe, "clinic-a", &clinic.config, &["sync"]).map_err(fail)?;
     let mut clinic_rss_kb = 0;
@@ -641,6 +670,7 @@ fn one_run(
     }
     let clinic_exit = sync.wait();
     let secs = started.elapsed().as_secs_f64();
+    let hub_cpu = cpu_secs_of(hub.pid()) - hub_cpu_before;
     let hub_rss_kb = hub.peak_rss_kb().unwrap_or(0);
     hub.terminate();
     if clinic_exit.code != Some(0) {
@@ -658,6 +688,7 @@ fn one_run(
     }
     Ok(Run {
         secs,
+        hub_cpu,
         wire_bytes: traffic(&clinic.store)? - before,
         json_bytes,
         hub_rss_kb,
@@ -697,7 +728,7 @@ fn apply(records: usize, runs: usize, batch: usize) -> Result<(), Failure> {
         path: "address.district".into(),
         equals: "Kakamega".into(),
     }];
-    let mut rates = Vec::new();
+    let (mut rates, mut cpus) = (Vec::new(), Vec::new());
     for run in 0..runs.max(1) {
         let path = tmp.path().join(format!("hub{run}.db"));
         let hub = crate::hub::HubState::new(
@@ -707,11 +738,11 @@ fn apply(records: usize, runs: usize, batch: usize) -> Result<(), Failure> {
             32 << 20,
         )
         .map_err(fail)?;
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), own_cpu_secs());
         let mut accepted = 0usize;
         for frame in &frames {
             let answer = hub
-                .answer("clinic-a", frame, Some("push"))
+                .answer("clinic-a", frame, Some("push_request"))
                 .map_err(|r| fail(format!("push refused: {} {}", r.status, r.reason)))?;
             let crate::wire::Message::PushResponse(resp) = answer else {
                 return Err(fail(format!("a push was answered by a {}", answer.name())));
@@ -723,16 +754,19 @@ fn apply(records: usize, runs: usize, batch: usize) -> Result<(), Failure> {
                 .count();
         }
         let secs = started.elapsed().as_secs_f64();
+        let cpu = own_cpu_secs() - cpu;
         drop(hub);
         if accepted != records {
             return Err(fail(format!("{accepted} of {records} records accepted")));
         }
         let rate = records as f64 / secs;
         eprintln!(
-            "run {run}: {records} records in {} frames, {secs:.2} s, {rate:.0} records/s",
-            frames.len()
+            "run {run}: {records} records in {} frames, {secs:.2} s, {rate:.0} records/s, CPU {cpu:.2} s (all threads), {:.0} records per CPU-second",
+            frames.len(),
+            records as f64 / cpu.max(1e-9)
         );
         rates.push(rate);
+        cpus.push(cpu);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }
@@ -745,6 +779,11 @@ fn apply(records: usize, runs: usize, batch: usize) -> Result<(), Failure> {
     println!(
         "| records/s, {records} records in frames of {batch} | {:.0} | ≥ 100,000 |",
         median(rates)
+    );
+    let cpu = median(cpus);
+    println!(
+        "| CPU seconds, all threads (records per CPU-second) | {cpu:.2} ({:.0}) | |",
+        records as f64 / cpu.max(1e-9)
     );
     Ok(())
 }

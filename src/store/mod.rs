@@ -530,8 +530,11 @@ impl Tx<'_> {
 /// checkpoints in its own commit anyway (64 MiB of 4 KiB pages).
 pub const CHECKPOINT_BACKSTOP_PAGES: i64 = 16_384;
 
+/// The least time between two checkpoints of a [`Checkpointer`].
+const CHECKPOINT_SPACING: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Checkpoints a store's WAL on a thread of its own, with a connection of its own:
-/// after each [`Checkpointer::nudge`] and once a second. A PASSIVE checkpoint
+/// after a [`Checkpointer::nudge`] (at most every 500 ms) and once a second. A PASSIVE checkpoint
 /// neither waits for nor blocks the writer; what it copies was committed already
 /// (the WAL holds it durably), so a checkpoint that fails or never runs loses
 /// nothing — the next one, or the writer's own backstop, copies it.
@@ -556,6 +559,17 @@ impl Checkpointer {
                             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                         {
                             tracing::debug!(%error, "WAL checkpoint did not run");
+                        }
+                        // Pushes a few hundred ms apart share one checkpoint: pages
+                        // they all touch (indexes, the audit's tail) are copied once.
+                        let until = std::time::Instant::now() + CHECKPOINT_SPACING;
+                        loop {
+                            let left = until.saturating_duration_since(std::time::Instant::now());
+                            match nudged.recv_timeout(left) {
+                                Ok(()) if !left.is_zero() => continue,
+                                Ok(()) | Err(RecvTimeoutError::Timeout) => break,
+                                Err(RecvTimeoutError::Disconnected) => return,
+                            }
                         }
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
