@@ -10,6 +10,9 @@
 //!    records too large for any message (neither ever blocks the queue);
 //! 2. pushes the outbox in pipelined batches (the next batch is built while the
 //!    previous one is in flight), up to three passes for records edited meanwhile;
+//!    the first batch carries the round's first pull request (one exchange, `/v1/sync`,
+//!    answered with the push results and the first page), unless the parent refused
+//!    that within a day (an older hub: then apart);
 //! 3. pulls pages until the parent has nothing more (or the day's budget or the bulk
 //!    window says stop), the first page carrying this node's health and order results;
 //! 4. applies the inbox (embedded EMR) or leaves it to the EMR step.
@@ -299,7 +302,9 @@ pub fn sync_with(
 
 /// The pieces of large pull answers, kept in the node's own store (as transfers
 /// `dir = "down"` from the parent) through a second connection, so a clinic killed in
-/// the middle of a page continues it after a restart.
+/// the middle of a page continues it after a restart; and the names of large uploads
+/// begun (`dir = "up"`, no bytes), so one begun before a restart asks the parent
+/// where it stands instead of sending its first piece again.
 /// The connection is opened on the first large answer, not every round: most rounds
 /// fetch nothing large and need no second connection.
 struct AnswerStore<'a> {
@@ -383,6 +388,33 @@ impl crate::transport::chunked::AnswerCache for AnswerStore<'_> {
     }
     fn forget(&self, id: &[u8; 32]) {
         self.with("forget", |tx| tx.transfer_forget(&answer_key(id)));
+    }
+    fn upload_begun(&self, id: &[u8; 32]) -> bool {
+        let mut begun = false;
+        self.with("look up", |tx| {
+            begun = tx.transfer_state(&upload_key(id))?.is_some();
+            Ok(())
+        });
+        begun
+    }
+    fn upload_begins(&self, id: &[u8; 32], total: u64) {
+        // A row with no bytes: the upload's name, kept until it is answered.
+        self.with("note", |tx| {
+            tx.transfer_append(&upload_key(id), total, 0, &[], (self.clock)())
+                .map(|_| ())
+        });
+    }
+    fn upload_done(&self, id: &[u8; 32]) {
+        self.with("forget", |tx| tx.transfer_forget(&upload_key(id)));
+    }
+}
+
+/// An upload this node began (its bytes stay in the outbox; the row names it).
+fn upload_key(id: &[u8; 32]) -> crate::store::TransferKey<'_> {
+    crate::store::TransferKey {
+        node: PARENT,
+        id,
+        dir: crate::store::TransferDir::Up,
     }
 }
 
@@ -479,24 +511,43 @@ fn sync_rounds(
     pace: &mut Pace,
 ) -> Result<(), SyncError> {
     let Ctx {
-        policy,
         link: client,
         cfg,
         stop,
         env,
+        ..
     } = ctx;
+    // The first pull request of the round rides with the first push batch when the
+    // parent takes both in one exchange: a sync costs one round trip. Not on a first
+    // pull (which brings this node's own records back: they would include what this
+    // very exchange pushed).
+    let mut carry = None;
+    if together_allowed(store, env.now())? && pace.may_pull(cfg, 0, env.now()).is_ok() {
+        let first = first_pull(store, ctx, pace)?;
+        if !first.req.include_own {
+            carry = Some(first);
+        }
+    }
     // Push first: what the clinic wrote is the most urgent thing on the link. A pass
     // walks the outbox once, building the next batch while the previous one is in
     // flight; a further pass picks up records edited meanwhile.
     // A push cut short does not keep the pull from trying: on a link that drops
     // every few KiB each direction takes what it can get.
     let mut push_failed = None;
+    let mut pages = 0;
+    let mut more = true;
     let pushing = Instant::now();
     for _pass in 0..3 {
-        let settled = match push_pass(store, ctx, report, pace) {
+        let settled = match push_pass(store, ctx, report, pace, &mut carry) {
             // A parent silent for the whole timeout would be as silent to the pull:
             // the round ends within one timeout, not two.
-            Ok(n) => n,
+            Ok((n, page)) => {
+                if let Some(m) = page {
+                    pages += 1;
+                    more = m;
+                }
+                n
+            }
             Err(e)
                 if e.is_retryable()
                     && pushing.elapsed() < Duration::from_secs(cfg.timeout_secs) =>
@@ -511,26 +562,29 @@ fn sync_rounds(
             break;
         }
     }
-    let mut pages = 0;
-    let mut health_mark = None;
     // Bytes and time of this round's pull answers: the link's download rate.
     let mut pull_timed = (0u64, Duration::ZERO);
-    while !stop.load(Ordering::Relaxed) {
+    while more && !stop.load(Ordering::Relaxed) {
         if let Err(why) = pace.may_pull(cfg, pages, env.now()) {
             report.held_back = Some(why);
             break;
         }
+        // The first page of a round carries this node's health (and a district's
+        // children's): the parent learns it with every exchange. A first pull the
+        // push did not carry goes now.
+        let (req, sent_with) = match carry.take() {
+            Some(first) => (first.req, Some((first.mark, first.results))),
+            None if pages == 0 => {
+                let first = first_pull(store, ctx, pace)?;
+                (first.req, Some((first.mark, first.results)))
+            }
+            None => {
+                let page_bytes = (cfg.pull_page_bytes as usize).min(pace.budget) as u64;
+                let req = engine::pull_request(store, PARENT, cfg.pull_page_records, page_bytes)?;
+                (req, None)
+            }
+        };
         pages += 1;
-        let page_bytes = (cfg.pull_page_bytes as usize).min(pace.budget) as u64;
-        let mut req = engine::pull_request(store, PARENT, cfg.pull_page_records, page_bytes)?;
-        if pages == 1 {
-            // The first page of a round carries this node's health (and a district's
-            // children's): the parent learns it with every exchange.
-            let (reports, mark) = crate::health::outgoing(store, PARENT, env.now())?;
-            req.health = reports;
-            req.order_results = crate::remote::outgoing(store)?;
-            health_mark = Some((mark, req.order_results.clone()));
-        }
         let asked = Instant::now();
         let (answer, traffic) = client.exchange("/v1/pull", &Message::PullRequest(req))?;
         pull_timed.0 += traffic.received;
@@ -542,39 +596,11 @@ fn sync_rounds(
             }
             .into());
         };
-        if let Some((mark, results)) = health_mark.take() {
-            crate::health::sent(store, mark)?;
-            crate::remote::reported(store, &results)?;
-        }
-        let n = engine::store_pull(
-            store,
-            PARENT,
-            &resp,
-            (traffic.sent, traffic.received),
-            env.now(),
-        )?;
-        // The parent's orders, each run once (`crate::remote`).
-        crate::remote::execute(store, policy, &resp.orders, env.now())?;
-        env.beat();
-        (env.progress)(resp.next.eff, resp.head);
-        report.pulled += n;
         report.bytes_sent += traffic.sent;
         report.bytes_received += traffic.received;
         pace.spent(traffic.sent + traffic.received);
-        if !policy.external_emr {
-            // The store is the EMR: integrate at once. An external EMR gets the inbox
-            // after the round (`emr_round`), in dependency order.
-            let a = engine::apply_inbox(store, policy, env.now())?;
-            report.applied.add(&a);
-        }
-        if n > 0 {
-            info!(node = %policy.node_id, peer = PARENT, direction = "pull", records = n, cursor = %resp.next,
-                  bytes = traffic.received, "pull page applied");
-        }
+        more = take_page(store, ctx, report, resp, traffic, sent_with)?;
         pace.succeeded(pace.max);
-        if !resp.more {
-            break;
-        }
     }
     if pull_timed.0 >= 16 << 10 && !pull_timed.1.is_zero() {
         let bps = (pull_timed.0 as f64 * 8.0 / pull_timed.1.as_secs_f64()) as u64;
@@ -588,14 +614,106 @@ fn sync_rounds(
     }
 }
 
-/// One pipelined walk over the outbox. Returns how many records were settled
-/// (acknowledged or quarantined).
+/// A parent that refused a push and pull together is asked again after this long
+/// (it may have been upgraded meanwhile).
+const TOGETHER_REFUSED_FOR_MS: u64 = 24 * 3_600_000;
+
+/// Whether to offer the parent a push and a pull in one exchange: yes, unless it
+/// refused that within the last day.
+fn together_allowed(store: &Store, now_ms: u64) -> Result<bool, SyncError> {
+    Ok(match store.meta(&meta::PARENT_SYNC_REFUSED_MS)? {
+        Some(at) => now_ms.saturating_sub(at) >= TOGETHER_REFUSED_FOR_MS || at > now_ms,
+        None => true,
+    })
+}
+
+/// Whether `e` is an older parent saying it does not know the combined exchange: no
+/// `/v1/sync` endpoint (an empty 404 from the router), or a request it could not
+/// decode because of the `sync_request` message. Nothing was applied.
+fn refused_together(e: &TransportError) -> bool {
+    match e {
+        TransportError::Status {
+            status: 404,
+            message,
+        } => message.is_empty(),
+        TransportError::Status {
+            status: 400,
+            message,
+        } => message.contains("sync_request"),
+        _ => false,
+    }
+}
+
+/// The round's first pull request, with this node's health and order results.
+struct FirstPull {
+    req: crate::wire::PullRequest,
+    /// What to mark as passed up once the parent answered.
+    mark: u64,
+    results: Vec<crate::wire::orders::OrderResult>,
+}
+
+fn first_pull(store: &Store, ctx: Ctx<'_>, pace: &Pace) -> Result<FirstPull, SyncError> {
+    let page_bytes = (ctx.cfg.pull_page_bytes as usize).min(pace.budget) as u64;
+    let mut req = engine::pull_request(store, PARENT, ctx.cfg.pull_page_records, page_bytes)?;
+    let (reports, mark) = crate::health::outgoing(store, PARENT, ctx.env.now())?;
+    req.health = reports;
+    req.order_results = crate::remote::outgoing(store)?;
+    let results = req.order_results.clone();
+    Ok(FirstPull { req, mark, results })
+}
+
+/// Takes a pulled page: health and order results it answered marked as passed up,
+/// records to the inbox with the cursor, the parent's orders run, the inbox applied
+/// (embedded EMR). Returns whether the parent has more.
+fn take_page(
+    store: &mut Store,
+    ctx: Ctx<'_>,
+    report: &mut SyncReport,
+    resp: crate::wire::PullResponse,
+    traffic: Traffic,
+    sent_with: Option<(u64, Vec<crate::wire::orders::OrderResult>)>,
+) -> Result<bool, SyncError> {
+    let Ctx { policy, env, .. } = ctx;
+    if let Some((mark, results)) = sent_with {
+        crate::health::sent(store, mark)?;
+        crate::remote::reported(store, &results)?;
+    }
+    let n = engine::store_pull(
+        store,
+        PARENT,
+        &resp,
+        (traffic.sent, traffic.received),
+        env.now(),
+    )?;
+    // The parent's orders, each run once (`crate::remote`).
+    crate::remote::execute(store, policy, &resp.orders, env.now())?;
+    env.beat();
+    (env.progress)(resp.next.eff, resp.head);
+    report.pulled += n;
+    if !policy.external_emr {
+        // The store is the EMR: integrate at once. An external EMR gets the inbox
+        // after the round (`emr_round`), in dependency order.
+        let a = engine::apply_inbox(store, policy, env.now())?;
+        report.applied.add(&a);
+    }
+    if n > 0 {
+        info!(node = %policy.node_id, peer = PARENT, direction = "pull", records = n, cursor = %resp.next,
+              bytes = traffic.received, "pull page applied");
+    }
+    Ok(resp.more)
+}
+
+/// One pipelined walk over the outbox. The first batch carries `carry` (the round's
+/// first pull request) when there is one, and its answer's page is taken here.
+/// Returns how many records were settled (acknowledged or quarantined) and, when a
+/// page came with the push, whether the parent has more.
 fn push_pass(
     store: &mut Store,
     ctx: Ctx<'_>,
     report: &mut SyncReport,
     pace: &mut Pace,
-) -> Result<usize, SyncError> {
+    carry: &mut Option<FirstPull>,
+) -> Result<(usize, Option<bool>), SyncError> {
     let Ctx {
         policy,
         link: client,
@@ -605,6 +723,7 @@ fn push_pass(
     } = ctx;
     let mut settled = 0;
     let mut after = 0u64;
+    let mut page_more = None;
     std::thread::scope(|scope| -> Result<(), SyncError> {
         let mut inflight = None;
         loop {
@@ -619,20 +738,46 @@ fn push_pass(
                     after,
                 )?
             };
-            if let Some((req, handle)) = inflight.take() {
-                let (req, handle): (PushRequest, std::thread::ScopedJoinHandle<'_, _>) =
-                    (req, handle);
+            if let Some((req, handle, with)) = inflight.take() {
+                let (req, handle, with): (
+                    PushRequest,
+                    std::thread::ScopedJoinHandle<'_, _>,
+                    Option<FirstPull>,
+                ) = (req, handle, with);
                 // A panic in the exchange thread is a bug: let it surface as one.
-                let exchanged: Result<(Message, Traffic), TransportError> = handle
+                let mut exchanged: Result<(Message, Traffic), TransportError> = handle
                     .join()
                     .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                let (answer, traffic) = exchanged?;
-                let Message::PushResponse(resp) = answer else {
-                    return Err(TransportError::Unexpected {
-                        sent: "push_request",
-                        got: answer.name(),
+                let mut with = with;
+                if let Err(e) = &exchanged {
+                    if with.is_some() && refused_together(e) {
+                        // An older parent: the batch alone now, the pull after the
+                        // pushes, and no combined exchange for a day.
+                        info!(node = %policy.node_id, peer = PARENT, error = %e, "parent takes no push and pull together; sending them apart");
+                        let mut tx = store.begin()?;
+                        tx.set_meta(&meta::PARENT_SYNC_REFUSED_MS, env.now())?;
+                        tx.commit()?;
+                        *carry = with.take();
+                        exchanged = client.exchange("/v1/push", &Message::PushRequest(req.clone()));
                     }
-                    .into());
+                }
+                let (answer, traffic) = exchanged?;
+                let (resp, page) = match (answer, with) {
+                    (Message::PushResponse(resp), None) => (resp, None),
+                    (Message::SyncResponse(both), Some(first)) => {
+                        (both.push, Some((both.pull, first)))
+                    }
+                    (answer, with) => {
+                        return Err(TransportError::Unexpected {
+                            sent: if with.is_some() {
+                                "sync_request"
+                            } else {
+                                "push_request"
+                            },
+                            got: answer.name(),
+                        }
+                        .into())
+                    }
                 };
                 let s = engine::apply_push_results(
                     store,
@@ -651,15 +796,52 @@ fn push_pass(
                 report.pushed.add(&s);
                 info!(node = %policy.node_id, peer = PARENT, direction = "push", records = s.sent, accepted = s.accepted,
                       rejected = s.rejected, conflicts = s.conflict, bytes = traffic.sent, "push batch acknowledged");
+                if let Some((pull, first)) = page {
+                    // The exchange's bytes are counted once, with the push.
+                    let more = take_page(
+                        store,
+                        ctx,
+                        report,
+                        pull,
+                        Traffic::default(),
+                        Some((first.mark, first.results)),
+                    )?;
+                    page_more = Some(more);
+                }
             }
             let Some((req, last)) = next else { break };
             after = last;
-            let msg = Message::PushRequest(req.clone());
-            inflight = Some((req, scope.spawn(move || client.exchange("/v1/push", &msg))));
+            let mut with = carry.take();
+            if let (Some(first), Some(piece)) = (&with, client.one_piece()) {
+                // A batch large enough to travel as a transfer goes alone: its frame
+                // is then the same in the next round (the outbox's), and a round cut
+                // mid-way resumes it there; a carried pull (health, cursor) would make
+                // every round's frame new. Its extra round trip is small beside it.
+                let both = Message::SyncRequest(crate::wire::SyncRequest {
+                    push: req.clone(),
+                    pull: first.req.clone(),
+                });
+                if crate::wire::encode(&both).map_or(true, |f| f.len() > piece) {
+                    *carry = with.take();
+                }
+            }
+            let msg = match &with {
+                Some(first) => Message::SyncRequest(crate::wire::SyncRequest {
+                    push: req.clone(),
+                    pull: first.req.clone(),
+                }),
+                None => Message::PushRequest(req.clone()),
+            };
+            let path = if with.is_some() {
+                "/v1/sync"
+            } else {
+                "/v1/push"
+            };
+            inflight = Some((req, scope.spawn(move || client.exchange(path, &msg)), with));
         }
         Ok(())
     })?;
-    Ok(settled)
+    Ok((settled, page_more))
 }
 
 /// What the EMR side of a round did; errors are reported, never fatal to the round.

@@ -380,8 +380,18 @@ fn record_conflict(
 /// reinstalled: its own records are coming back).
 fn restoring(tx: &Tx<'_>, source: &str) -> Result<bool> {
     let parent = source.strip_prefix("pull:").unwrap_or(source);
-    Ok(tx.cursor(parent)? == crate::wire::Cursor::default()
-        || tx.meta(&meta::RESTORING_OWN)? == Some(true))
+    Ok(restoring_own(
+        tx.cursor(parent)?,
+        tx.meta(&meta::RESTORING_OWN)?,
+    ))
+}
+
+/// Whether pulls bring this node's own records back (a first contact, or a resync):
+/// while `RESTORING_OWN` says so; before any pull set it (a store older than the
+/// flag, or one that never pulled), while the cursor has not moved. A first pull
+/// that found nothing leaves the cursor where it was, and the flag (false) ends it.
+fn restoring_own(cursor: crate::wire::Cursor, flag: Option<bool>) -> bool {
+    flag.unwrap_or(cursor == crate::wire::Cursor::default())
 }
 
 /// Picks the surviving version of two concurrent ones. Pure apart from reading the
@@ -1017,6 +1027,115 @@ fn store_refusal(e: StoreError) -> Refused {
     (format!("store error while checking the record: {e}"), false)
 }
 
+/// Pushes of at least this many records are checked on a second thread.
+const PARALLEL_VALIDATE_MIN: usize = 64;
+/// Records checked ahead of integration, at most (bounds the memory of a push
+/// in flight between the two threads).
+const VALIDATE_AHEAD: usize = 256;
+
+/// A pushed record after [`validate`]: its position, names and vector as the answer
+/// echoes them, and the version or the refusal.
+struct Checked {
+    i: usize,
+    kind: String,
+    id: String,
+    vv: VersionVector,
+    version: std::result::Result<Version, Refused>,
+}
+
+fn checked(policy: &Policy, child: &str, i: usize, rec: WireRecord, now_ms: u64) -> Checked {
+    let (kind, id) = (clip(&rec.kind), clip(&rec.id));
+    // Echo the vector only when it is one we would accept: the answer is bounded.
+    let vv = if rec.vv.0.len() <= MAX_VV_ENTRIES {
+        rec.vv.clone()
+    } else {
+        VersionVector::default()
+    };
+    Checked {
+        i,
+        kind,
+        id,
+        vv,
+        version: validate(policy, child, rec, now_ms),
+    }
+}
+
+/// Authorizes and integrates one checked record of a push (in its transaction) and
+/// adds its answer; a refusal's text goes to `refused` (the first five).
+#[allow(clippy::too_many_arguments)]
+fn push_one(
+    tx: &mut Tx<'_>,
+    policy: &Policy,
+    child: &str,
+    source: &str,
+    one: Checked,
+    now_ms: u64,
+    results: &mut Vec<PushResult>,
+    refused: &mut Vec<String>,
+) -> Result<()> {
+    let Checked {
+        i,
+        kind,
+        id,
+        vv,
+        version,
+    } = one;
+    let checked = version.and_then(|v| {
+        authorize(tx, policy, child, &v)
+            .map(|g| (v, g))
+            .inspect_err(|e| {
+                // A refusal at the trust boundary is worth a line in the log.
+                tracing::warn!(peer = %child, record = %format!("{kind}/{id}"), reason = %e.0, "push refused");
+            })
+    });
+    let outcome = match checked {
+        Err((reason, permanent)) => {
+            if refused.len() < 5 {
+                refused.push(format!("{kind}/{id}: {reason}"));
+            }
+            Outcome::Rejected { reason, permanent }
+        }
+        Ok((version, grant)) => {
+            let integrated = integrate(tx, &version, source, Some(child), false, now_ms)?;
+            let stored = match &integrated {
+                Integrated::Accepted => Some(version.clone()),
+                Integrated::Conflict { result, .. } => Some((**result).clone()),
+                _ => None,
+            };
+            if let Some(v) = &stored {
+                // A child's edit may bring a patient into catchments by rule but
+                // never takes it out of one: moving patients is the hub's call.
+                update_catchment(tx, policy, v, false)?;
+                if grant == Grant::Registers {
+                    tx.add_to_catchment(child, &v.key().id, CatchmentReason::Registered)?;
+                }
+                if policy.has_parent {
+                    tx.enqueue(v.key(), now_ms)?;
+                }
+            }
+            match integrated {
+                Integrated::Accepted => Outcome::Accepted,
+                Integrated::Duplicate => Outcome::Duplicate,
+                Integrated::Stale => Outcome::Stale,
+                Integrated::Conflict {
+                    resolution,
+                    incoming_lost,
+                    ..
+                } => Outcome::Conflict {
+                    resolution,
+                    lost: incoming_lost,
+                },
+            }
+        }
+    };
+    results.push(PushResult {
+        i: i as u32,
+        vv,
+        outcome,
+    });
+    Ok(())
+}
+
 /// Parent side of a push: checks and integrates each record independently, in one
 /// transaction. Refusals are per record and grant nothing; Patients go first so a
 /// batch that registers a patient and writes its encounters is accepted whole.
@@ -1026,6 +1145,18 @@ pub fn handle_push(
     child: &str,
     req: PushRequest,
     now_ms: u64,
+) -> Result<PushResponse> {
+    push_checked_from(store, policy, child, req, now_ms, PARALLEL_VALIDATE_MIN)
+}
+
+/// [`handle_push`], checking on a second thread from `parallel_min` records up.
+fn push_checked_from(
+    store: &mut Store,
+    policy: &Policy,
+    child: &str,
+    req: PushRequest,
+    now_ms: u64,
+    parallel_min: usize,
 ) -> Result<PushResponse> {
     if req.node != child {
         return Err(EngineError::Forbidden(format!(
@@ -1037,70 +1168,50 @@ pub fn handle_push(
     let mut tx = store.begin()?;
     let mut records: Vec<(usize, WireRecord)> = req.records.into_iter().enumerate().collect();
     records.sort_by_key(|(i, r)| (r.kind != "Patient", *i));
-    let mut results = Vec::with_capacity(records.len());
+    let total = records.len();
+    let mut results = Vec::with_capacity(total);
     let mut refused: Vec<String> = Vec::new();
-    for (i, rec) in records {
-        let (kind, id) = (clip(&rec.kind), clip(&rec.id));
-        // Echo the vector only when it is one we would accept: the answer is bounded.
-        let vv = if rec.vv.0.len() <= MAX_VV_ENTRIES {
-            rec.vv.clone()
+    // Checking a record on its own (`validate`: parse, canonical form, hash) is most
+    // of the CPU a push costs and reads nothing of the store: a large push checks on
+    // a second thread while this one authorizes and integrates, in the same order.
+    // The answers, the audit and the store come out exactly as one thread would
+    // leave them (`a_push_checked_on_two_threads_ends_as_on_one` compares them).
+    std::thread::scope(|scope| -> Result<()> {
+        let (send, checked_records) = std::sync::mpsc::sync_channel(VALIDATE_AHEAD);
+        let mut inline = None;
+        if total >= parallel_min {
+            scope.spawn(move || {
+                for (i, rec) in records {
+                    // The receiver stops listening only when integration failed.
+                    if send.send(checked(policy, child, i, rec, now_ms)).is_err() {
+                        break;
+                    }
+                }
+            });
         } else {
-            VersionVector::default()
+            drop(send);
+            inline = Some(records.into_iter());
+        }
+        let mut next = || match inline.as_mut() {
+            Some(it) => it
+                .next()
+                .map(|(i, rec)| checked(policy, child, i, rec, now_ms)),
+            None => checked_records.recv().ok(),
         };
-        let checked = validate(policy, child, rec, now_ms).and_then(|v| {
-            authorize(&tx, policy, child, &v)
-                .map(|g| (v, g))
-                .inspect_err(|e| {
-                    // A refusal at the trust boundary is worth a line in the log.
-                    tracing::warn!(peer = %child, record = %format!("{kind}/{id}"), reason = %e.0, "push refused");
-                })
-        });
-        let outcome = match checked {
-            Err((reason, permanent)) => {
-                if refused.len() < 5 {
-                    refused.push(format!("{kind}/{id}: {reason}"));
-                }
-                Outcome::Rejected { reason, permanent }
-            }
-            Ok((version, grant)) => {
-                let integrated = integrate(&mut tx, &version, &source, Some(child), false, now_ms)?;
-                let stored = match &integrated {
-                    Integrated::Accepted => Some(version.clone()),
-                    Integrated::Conflict { result, .. } => Some((**result).clone()),
-                    _ => None,
-                };
-                if let Some(v) = &stored {
-                    // A child's edit may bring a patient into catchments by rule but
-                    // never takes it out of one: moving patients is the hub's call.
-                    update_catchment(&mut tx, policy, v, false)?;
-                    if grant == Grant::Registers {
-                        tx.add_to_catchment(child, &v.key().id, CatchmentReason::Registered)?;
-                    }
-                    if policy.has_parent {
-                        tx.enqueue(v.key(), now_ms)?;
-                    }
-                }
-                match integrated {
-                    Integrated::Accepted => Outcome::Accepted,
-                    Integrated::Duplicate => Outcome::Duplicate,
-                    Integrated::Stale => Outcome::Stale,
-                    Integrated::Conflict {
-                        resolution,
-                        incoming_lost,
-                        ..
-                    } => Outcome::Conflict {
-                        resolution,
-                        lost: incoming_lost,
-                    },
-                }
-            }
-        };
-        results.push(PushResult {
-            i: i as u32,
-            vv,
-            outcome,
-        });
-    }
+        while let Some(one) = next() {
+            push_one(
+                &mut tx,
+                policy,
+                child,
+                &source,
+                one,
+                now_ms,
+                &mut results,
+                &mut refused,
+            )?;
+        }
+        Ok(())
+    })?;
     if !refused.is_empty() {
         // One audit entry per push, however many records it refused: a hostile peer
         // cannot grow the (unprunable) audit chain faster than its requests.
@@ -1408,10 +1519,9 @@ pub fn pull_request(
     // A store that has never pulled may be a wiped box reinstalled under the same id,
     // with clinicians already writing: it gets back everything the parent holds from
     // it, over every page of that first pull (`RESTORING_OWN` keeps the flag across pages
-    // and restarts). A new node pays for this with its first day's pushes coming back
-    // once, as duplicates.
-    let include_own =
-        cursor == crate::wire::Cursor::default() || store.meta(&meta::RESTORING_OWN)? == Some(true);
+    // and restarts). A new node pays for this with whatever it pushed before its first
+    // pull completed coming back once, as duplicates.
+    let include_own = restoring_own(cursor, store.meta(&meta::RESTORING_OWN)?);
     Ok(PullRequest {
         node: store.node_id().to_string(),
         cursor,
@@ -1470,8 +1580,7 @@ pub fn store_pull(
             }
         }
     }
-    let first = tx.cursor(parent)? == crate::wire::Cursor::default();
-    if first || tx.meta(&meta::RESTORING_OWN)? == Some(true) {
+    if restoring_own(tx.cursor(parent)?, tx.meta(&meta::RESTORING_OWN)?) {
         tx.set_meta(&meta::RESTORING_OWN, resp.more)?;
     }
     let known = tx.meta(&meta::BUNDLE_SEQ_AT_PARENT)?.unwrap_or(0);
@@ -1651,6 +1760,190 @@ mod tests {
             hub_p,
             a_p: Policy::new("a", true),
         }
+    }
+
+    /// A pushed record as a child `origin` would send it.
+    fn wire_rec(
+        body: serde_json::Value,
+        origin: &str,
+        vv: &[(&str, u64)],
+        wall: u64,
+    ) -> WireRecord {
+        let s = snap(body);
+        WireRecord {
+            kind: s.key.kind.clone(),
+            id: s.key.id.clone(),
+            origin: origin.into(),
+            hlc: crate::model::Hlc {
+                wall_ms: wall,
+                counter: 0,
+            },
+            vv: VersionVector(vv.iter().map(|(n, c)| (n.to_string(), *c)).collect()),
+            deleted: false,
+            body: String::from_utf8(s.body).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_push_checked_on_two_threads_ends_as_on_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut policy = Policy::new("hub", false);
+        policy.catchment.push(CatchmentRule {
+            node: "a".into(),
+            path: "address.district".into(),
+            equals: "North".into(),
+        });
+        let patient = |id: &str, district: &str, note: &str| json!({"resourceType": "Patient", "id": id, "address": [{"district": district}], "gender": note});
+        let obs = |id: &str, p: &str, v: u64| json!({"resourceType": "Observation", "id": id, "subject": {"reference": format!("Patient/{p}")}, "valueQuantity": {"value": v}});
+        // The same history on two hubs: a's patients p0..p9 at a:1 (p8 at a:2), and p5 and p6
+        // edited at the hub since (concurrent with a's next edits of them).
+        let hubs: Vec<Store> = (0..2)
+            .map(|h| {
+                let mut hub = Store::open(&dir.path().join(format!("hub{h}.db")), "hub").unwrap();
+                let first = (0..10)
+                    .map(|p| {
+                        let n = if p == 8 { 2 } else { 1 };
+                        wire_rec(patient(&format!("p{p}"), "North", "x"), "a", &[("a", n)], 1_000)
+                    })
+                    .collect();
+                handle_push(&mut hub, &policy, "a", PushRequest { node: "a".into(), records: first }, 1_000)
+                    .unwrap();
+                write_local(
+                    &mut hub,
+                    &policy,
+                    vec![
+                        (snap(patient("p5", "North", "hub-edit")), false),
+                        (snap(json!({"resourceType": "Patient", "id": "p6", "address": [{"district": "North"}], "gender": "x", "active": true})), false),
+                    ],
+                    1_500,
+                )
+                .unwrap();
+                hub
+            })
+            .collect();
+        // One push mixing every outcome, observations before the Patients they need.
+        let mut batch = Vec::new();
+        for p in 10..60 {
+            batch.push(wire_rec(
+                obs(&format!("o{p}"), &format!("p{p}"), p),
+                "a",
+                &[("a", 1)],
+                2_000,
+            ));
+        }
+        for p in 10..60 {
+            batch.push(wire_rec(
+                patient(&format!("p{p}"), "North", "y"),
+                "a",
+                &[("a", 1)],
+                2_000,
+            ));
+        }
+        for p in 0..5 {
+            // Duplicates.
+            batch.push(wire_rec(
+                patient(&format!("p{p}"), "North", "x"),
+                "a",
+                &[("a", 1)],
+                1_000,
+            ));
+        }
+        batch.push(wire_rec(
+            patient("p5", "North", "a-edit"),
+            "a",
+            &[("a", 2)],
+            2_000,
+        ));
+        batch.push(wire_rec(json!({"resourceType": "Patient", "id": "p6", "address": [{"district": "North"}], "gender": "z"}), "a", &[("a", 2)], 2_000));
+        batch.push(wire_rec(
+            patient("p7", "North", "x"),
+            "a",
+            &[("a", 2)],
+            2_000,
+        ));
+        batch.push(wire_rec(
+            patient("p8", "North", "older"),
+            "a",
+            &[("a", 1)],
+            900,
+        ));
+        batch.push(wire_rec(
+            obs("o-unknown", "nobody", 1),
+            "a",
+            &[("a", 1)],
+            2_000,
+        ));
+        batch.push(wire_rec(
+            json!({"resourceType": "Location", "id": "l1"}),
+            "a",
+            &[("a", 1)],
+            2_000,
+        ));
+        batch.push(wire_rec(obs("o-b", "p1", 1), "b", &[("b", 1)], 2_000));
+        batch.push(wire_rec(
+            obs("o-ahead", "p1", 1),
+            "a",
+            &[("a", 1)],
+            90_000_000,
+        ));
+        batch.push(wire_rec(
+            obs("o-claims", "p2", 1),
+            "a",
+            &[("a", 1), ("hub", 9)],
+            2_000,
+        ));
+        let mut bad = wire_rec(obs("o-bad", "p3", 1), "a", &[("a", 1)], 2_000);
+        bad.body = "{not json".into();
+        batch.push(bad);
+        assert!(batch.len() >= PARALLEL_VALIDATE_MIN);
+        let req = PushRequest {
+            node: "a".into(),
+            records: batch,
+        };
+        let mut answers = Vec::new();
+        for (mut hub, parallel_min) in hubs.into_iter().zip([usize::MAX, 1]) {
+            let resp = push_checked_from(&mut hub, &policy, "a", req.clone(), 3_000, parallel_min)
+                .unwrap();
+            let audit: Vec<_> = hub
+                .audit_list(None, None, 10_000)
+                .unwrap()
+                .into_iter()
+                .map(|a| (a.n, a.at_ms, a.actor, a.action, a.record, a.hash, a.detail))
+                .collect();
+            let replica: Vec<_> = hub
+                .list(None)
+                .unwrap()
+                .into_iter()
+                .map(|s| (s.seq, s.version))
+                .collect();
+            let conflicts = serde_json::to_value(hub.conflicts_list(true, None).unwrap()).unwrap();
+            let catchment = hub.catchment_list(None).unwrap();
+            answers.push((resp, audit, replica, conflicts, catchment));
+        }
+        let outcomes: std::collections::BTreeSet<&str> = answers[0]
+            .0
+            .results
+            .iter()
+            .map(|r| match r.outcome {
+                Outcome::Accepted => "accepted",
+                Outcome::Duplicate => "duplicate",
+                Outcome::Stale => "stale",
+                Outcome::Conflict { .. } => "conflict",
+                Outcome::Rejected { .. } => "rejected",
+            })
+            .collect();
+        assert_eq!(
+            outcomes.into_iter().collect::<Vec<_>>(),
+            ["accepted", "conflict", "duplicate", "rejected", "stale"],
+            "{:?}",
+            answers[0].0
+        );
+        let (two, one) = (answers.pop().unwrap(), answers.pop().unwrap());
+        assert_eq!(one.0, two.0);
+        assert_eq!(one.1, two.1);
+        assert_eq!(one.2, two.2);
+        assert_eq!(one.3, two.3);
+        assert_eq!(one.4, two.4);
     }
 
     fn push(n: &mut Net, now: u64) -> (PushRequest, PushResponse, PushSummary) {

@@ -97,6 +97,8 @@ const TRANSFER_TTL_MS: u64 = 24 * 3_600_000;
 /// Everything a hub needs to answer children.
 pub struct HubState {
     writer: Mutex<Store>,
+    /// Checkpoints the writer's WAL off the push path (`Store::checkpoint_elsewhere`).
+    checkpointer: crate::store::Checkpointer,
     reader: Mutex<Store>,
     node_id: String,
     /// Replaced on reload (catchment rules, descendants); each request uses the one
@@ -147,6 +149,11 @@ impl crate::error::Classify for HubCorrupt {
     }
 }
 
+/// The writer connection's page cache: the replica, history and audit indexes a
+/// large push walks (SQLite's default of 2 MiB reads them back from the OS page by
+/// page). Memory a hub has; a clinic keeps the default.
+const WRITER_CACHE_KIB: u32 = 16 << 10;
+
 /// Answers of runs kept for repeated `ChunkRun`s.
 const RAN_KEPT: usize = 256;
 
@@ -160,11 +167,15 @@ impl HubState {
         max_message_bytes: usize,
     ) -> Result<HubState, crate::store::StoreError> {
         let writer = Store::open(store_path, &policy.node_id)?;
+        writer.checkpoint_elsewhere()?;
+        writer.set_cache_kib(WRITER_CACHE_KIB)?;
+        let checkpointer = crate::store::Checkpointer::start(store_path)?;
         let reader = Store::open(store_path, &policy.node_id)?;
         let serving = ServeOptions::default();
         let gate = Gate::new(serving.max_concurrent_requests, max_message_bytes);
         Ok(HubState {
             writer: Mutex::new(writer),
+            checkpointer,
             reader: Mutex::new(reader),
             node_id: policy.node_id.clone(),
             policy: RwLock::new(Arc::new(policy)),
@@ -541,6 +552,9 @@ pub fn children_of(hub: &HubSection) -> Result<Vec<(String, [u8; 32])>, String> 
 pub struct Counters {
     pub push_requests: AtomicU64,
     pub pull_requests: AtomicU64,
+    /// Exchanges that carried a push and a pull together (each also counts as one
+    /// push and one pull request).
+    pub sync_requests: AtomicU64,
     pub records_received: AtomicU64,
     pub records_rejected: AtomicU64,
     pub records_served: AtomicU64,
@@ -563,6 +577,10 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route(
             "/v1/pull",
             post(|State(s), r| endpoint(s, r, "pull_request")),
+        )
+        .route(
+            "/v1/sync",
+            post(|State(s), r| endpoint(s, r, "sync_request")),
         )
         .route(
             "/v1/fetch",
@@ -1246,77 +1264,25 @@ impl HubState {
         }
         match msg {
             Message::PushRequest(req) => {
-                let n = req.records.len();
-                let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                let resp = engine::handle_push(&mut store, &self.policy(), child, req, self.now())
-                    .map_err(engine_refusal)?;
-                self.note_contact(&mut store, child, true, frame.len() as u64, true);
-                let rejected = resp
-                    .results
-                    .iter()
-                    .filter(|r| matches!(r.outcome, wire::Outcome::Rejected { .. }))
-                    .count();
-                tracing::info!(peer = %child, direction = "push", records = n, rejected, bytes = frame.len(), "push applied");
-                let c = &self.counters;
-                Counters::add(&c.push_requests, 1);
-                Counters::add(&c.records_received, n as u64);
-                Counters::add(&c.records_rejected, rejected as u64);
-                Ok(Message::PushResponse(resp))
+                Ok(Message::PushResponse(self.push(child, req, frame.len())?))
             }
             Message::PullRequest(req) => {
-                if !req.health.is_empty() {
-                    let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                    let policy = self.policy();
-                    let below = policy
-                        .descendants
-                        .get(child)
-                        .map(Vec::as_slice)
-                        .unwrap_or_default();
-                    let dropped = crate::health::receive(
-                        &mut store,
-                        child,
-                        below,
-                        &req.health,
-                        policy.max_clock_ahead_ms,
-                        self.now(),
-                    )
-                    .map_err(|e| engine_refusal(e.into()))?;
-                    if dropped > 0 {
-                        tracing::warn!(peer = %child, dropped, "health reports for nodes that are not this child or below it were dropped");
-                    }
-                }
-                if !req.order_results.is_empty() {
-                    let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                    crate::remote::receive_results(
-                        &mut store,
-                        child,
-                        &req.order_results,
-                        wall_ms(),
-                    )
-                    .map_err(|e| engine_refusal(e.into()))?;
-                }
-                let resp = {
-                    let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-                    engine::handle_pull(&store, &self.policy(), child, &req)
-                        .map_err(engine_refusal)?
-                };
-                if self.contact_due(child, false, wall_ms()) {
-                    let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                    self.note_contact(&mut store, child, false, frame.len() as u64, false);
-                }
-                tracing::debug!(peer = %child, direction = "pull", records = resp.records.len(), cursor = %resp.next, "pull served");
-                Counters::add(&self.counters.pull_requests, 1);
-                Counters::add(&self.counters.records_served, resp.records.len() as u64);
-                let answer = Message::PullResponse(resp);
-                if req.answer_chunk == 0 {
-                    return Ok(answer);
-                }
-                // A large page goes as a transfer, its first chunk in this answer.
-                self.as_transfer(
+                let chunk = req.answer_chunk;
+                let answer = Message::PullResponse(self.pull(child, &req, frame.len())?);
+                self.answer_in_pieces(child, answer, chunk, encoding)
+            }
+            Message::SyncRequest(req) => {
+                // The push is committed before the pull is read: the page is what the
+                // hub holds after it, and an answer lost on the way costs a re-sent
+                // batch (answered as duplicates), never a lost record.
+                let push = self.push(child, req.push, frame.len())?;
+                let chunk = req.pull.answer_chunk;
+                let pull = self.pull(child, &req.pull, 0)?;
+                Counters::add(&self.counters.sync_requests, 1);
+                self.answer_in_pieces(
                     child,
-                    answer,
-                    req.answer_chunk.clamp(1024, MAX_CHUNK),
-                    true,
+                    Message::SyncResponse(wire::SyncResponse { push, pull }),
+                    chunk,
                     encoding,
                 )
             }
@@ -1385,6 +1351,19 @@ impl HubState {
                     Ok(Ok(r))
                 })()
                 .map_err(|e| engine_refusal(e.into()))??;
+                drop(store);
+                if c.run > 0 && received == c.total {
+                    // The last piece: run the upload now, one round trip saved.
+                    return self.run_transfer(
+                        child,
+                        &wire::ChunkRef {
+                            id: c.id,
+                            total: c.total,
+                            answer_chunk: c.run,
+                        },
+                        encoding,
+                    );
+                }
                 Ok(Message::ChunkAck(wire::ChunkAck { id: c.id, received }))
             }
             Message::ChunkRun(r) => self.run_transfer(child, &r, encoding),
@@ -1422,6 +1401,7 @@ impl HubState {
                     offset: g.offset,
                     data,
                     sha,
+                    run: 0,
                 }))
             }
             other => Err(Refusal::new(
@@ -1429,6 +1409,95 @@ impl HubState {
                 format!("a {} is not a request", other.name()),
             )),
         }
+    }
+
+    /// Applies a pushed batch (one transaction, committed before this returns).
+    fn push(
+        &self,
+        child: &str,
+        req: wire::PushRequest,
+        bytes: usize,
+    ) -> Result<wire::PushResponse, Refusal> {
+        let n = req.records.len();
+        let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let resp = engine::handle_push(&mut store, &self.policy(), child, req, self.now())
+            .map_err(engine_refusal)?;
+        self.note_contact(&mut store, child, true, bytes as u64, true);
+        self.checkpointer.nudge();
+        let rejected = resp
+            .results
+            .iter()
+            .filter(|r| matches!(r.outcome, wire::Outcome::Rejected { .. }))
+            .count();
+        tracing::info!(peer = %child, direction = "push", records = n, rejected, bytes, "push applied");
+        let c = &self.counters;
+        Counters::add(&c.push_requests, 1);
+        Counters::add(&c.records_received, n as u64);
+        Counters::add(&c.records_rejected, rejected as u64);
+        Ok(resp)
+    }
+
+    /// Takes the health reports and order results a pull carries, then reads the
+    /// page.
+    fn pull(
+        &self,
+        child: &str,
+        req: &wire::PullRequest,
+        bytes: usize,
+    ) -> Result<wire::PullResponse, Refusal> {
+        if !req.health.is_empty() {
+            let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let policy = self.policy();
+            let below = policy
+                .descendants
+                .get(child)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let dropped = crate::health::receive(
+                &mut store,
+                child,
+                below,
+                &req.health,
+                policy.max_clock_ahead_ms,
+                self.now(),
+            )
+            .map_err(|e| engine_refusal(e.into()))?;
+            if dropped > 0 {
+                tracing::warn!(peer = %child, dropped, "health reports for nodes that are not this child or below it were dropped");
+            }
+        }
+        if !req.order_results.is_empty() {
+            let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            crate::remote::receive_results(&mut store, child, &req.order_results, wall_ms())
+                .map_err(|e| engine_refusal(e.into()))?;
+        }
+        let resp = {
+            let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+            engine::handle_pull(&store, &self.policy(), child, req).map_err(engine_refusal)?
+        };
+        if self.contact_due(child, false, wall_ms()) {
+            let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            self.note_contact(&mut store, child, false, bytes as u64, false);
+        }
+        tracing::debug!(peer = %child, direction = "pull", records = resp.records.len(), cursor = %resp.next, "pull served");
+        Counters::add(&self.counters.pull_requests, 1);
+        Counters::add(&self.counters.records_served, resp.records.len() as u64);
+        Ok(resp)
+    }
+
+    /// A pull's answer as it is when the child asked for one piece (`chunk` 0), or,
+    /// when larger than `chunk`, as a transfer with its first chunk in this answer.
+    fn answer_in_pieces(
+        &self,
+        child: &str,
+        answer: Message,
+        chunk: u64,
+        encoding: wire::Encoding,
+    ) -> Result<Message, Refusal> {
+        if chunk == 0 {
+            return Ok(answer);
+        }
+        self.as_transfer(child, answer, chunk.clamp(1024, MAX_CHUNK), true, encoding)
     }
 
     /// Runs a fully received upload as the request it is, and answers it directly
@@ -1576,6 +1645,7 @@ impl HubState {
                 total: bytes.len() as u64,
                 offset: 0,
                 sha: Sha256::digest(&data).into(),
+                run: 0,
                 data,
             }));
         }

@@ -131,7 +131,7 @@ pub fn render(
     let Some(counters) = hub else {
         return Ok(out);
     };
-    let counted: [(&str, &str, &AtomicU64); 6] = [
+    let counted: [(&str, &str, &AtomicU64); 7] = [
         (
             "clinicsync_hub_push_requests_total",
             "Push requests answered.",
@@ -141,6 +141,11 @@ pub fn render(
             "clinicsync_hub_pull_requests_total",
             "Pull requests answered.",
             &counters.pull_requests,
+        ),
+        (
+            "clinicsync_hub_sync_requests_total",
+            "Exchanges carrying a push and a pull together (also counted as each).",
+            &counters.sync_requests,
         ),
         (
             "clinicsync_hub_records_received_total",

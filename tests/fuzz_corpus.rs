@@ -404,6 +404,12 @@ mod seeds {
             talk.extend(cbor(&Message::PushRequest(p.clone())));
         }
         talk.extend(cbor(&Message::PullRequest(pull("clinic-a"))));
+        if let Some(p) = pushes.first() {
+            talk.extend(cbor(&Message::SyncRequest(SyncRequest {
+                push: p.clone(),
+                pull: pull("clinic-a"),
+            })));
+        }
         talk.extend(cbor(&Message::FetchRequest(FetchRequest {
             node: "clinic-a".into(),
             keys: vec![
@@ -426,6 +432,7 @@ mod seeds {
                 offset: 0,
                 data: data.clone(),
                 sha: [0; 32],
+                run: 0,
             }),
             Message::ChunkPut(ChunkPut {
                 id: [1; 32],
@@ -433,6 +440,7 @@ mod seeds {
                 offset: 15,
                 data,
                 sha: [0; 32],
+                run: 0,
             }),
             Message::ChunkRun(ChunkRef {
                 id: [1; 32],

@@ -164,6 +164,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 offset: 64,
                 data: vec![1, 2, 3],
                 sha: [9; 32],
+                run: 0,
             }),
         ),
         (
@@ -296,6 +297,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 offset: 65_536,
                 data: vec![4, 5, 6, 7],
                 sha: [8; 32],
+                run: 0,
             }),
         ),
         (
@@ -307,6 +309,59 @@ fn messages() -> Vec<(&'static str, Message)> {
                     record: None,
                     refused: Some("not in the catchment".into()),
                 }],
+            }),
+        ),
+        (
+            // Since 0.3: a push batch carrying the round's first pull.
+            "sync_request",
+            Message::SyncRequest(SyncRequest {
+                push: PushRequest {
+                    node: "clinic-a".into(),
+                    records: vec![record()],
+                },
+                pull: PullRequest {
+                    node: "clinic-a".into(),
+                    cursor: Cursor { eff: 7, seq: 5 },
+                    max_bytes: 1 << 20,
+                    max_records: 500,
+                    include_own: false,
+                    answer_chunk: 65_536,
+                    health: Vec::new(),
+                    order_results: Vec::new(),
+                },
+            }),
+        ),
+        (
+            // Since 0.3: its answer, the push's results and the first page.
+            "sync_response",
+            Message::SyncResponse(SyncResponse {
+                push: PushResponse {
+                    results: vec![PushResult {
+                        i: 0,
+                        vv: record().vv,
+                        outcome: Outcome::Accepted,
+                    }],
+                },
+                pull: PullResponse {
+                    records: vec![record()],
+                    next: Cursor { eff: 9, seq: 9 },
+                    more: false,
+                    head: 9,
+                    orders: Vec::new(),
+                    bundle_seq: 0,
+                },
+            }),
+        ),
+        (
+            // Since 0.3: the last piece of an upload, asking for it to be run.
+            "chunk_put_run",
+            Message::ChunkPut(ChunkPut {
+                id: [9; 32],
+                total: 70_000,
+                offset: 65_536,
+                data: vec![1, 2, 3],
+                sha: [9; 32],
+                run: 16_384,
             }),
         ),
     ]

@@ -642,6 +642,7 @@ fn chunked_uploads_are_bounded_per_child_in_count_and_size() {
             total: 1 << 20,
             offset: 0,
             sha: Sha256::digest(&data).into(),
+            run: 0,
             data: data.clone(),
         });
         let (answer, traffic) = a.client.exchange("/v1/chunk", &msg).unwrap();
@@ -664,6 +665,7 @@ fn chunked_uploads_are_bounded_per_child_in_count_and_size() {
         total: 2 << 20,
         offset: 0,
         sha: Sha256::digest(&data).into(),
+        run: 0,
         data,
     });
     let err = a

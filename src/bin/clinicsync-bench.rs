@@ -1,6 +1,6 @@
 //! The benchmarks behind BENCHMARKS.md, apart from the product binary (test kit,
 //! `devkit` feature): `cargo build --release --features devkit`, then
-//! `target/release/clinicsync-bench push|usb|mqtt|link …`. The nodes they start are
+//! `target/release/clinicsync-bench push|apply|usb|mqtt|link …`. The nodes they start are
 //! the real `clinicsync` binary from the same directory.
 
 use clap::Parser;

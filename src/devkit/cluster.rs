@@ -135,6 +135,8 @@ pub struct CountingProxy {
     pub port: u16,
     pub up: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// TCP connections accepted.
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -147,13 +149,15 @@ impl CountingProxy {
         let up = Arc::new(AtomicU64::new(0));
         let down = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (u, d, s) = (up.clone(), down.clone(), stop.clone());
+        let connections = Arc::new(AtomicU64::new(0));
+        let (u, d, s, n) = (up.clone(), down.clone(), stop.clone(), connections.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(client) = conn else { continue };
+                n.fetch_add(1, Ordering::Relaxed);
                 let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
@@ -187,6 +191,7 @@ impl CountingProxy {
             port,
             up,
             down,
+            connections,
             stop,
         })
     }

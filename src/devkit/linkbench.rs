@@ -75,6 +75,13 @@ pub struct LinkArgs {
     /// clinicsync row only.
     #[arg(long, default_value = "sim")]
     pub path: String,
+    /// Take both workloads from third-party NDJSON instead of our own `synth` data:
+    /// the first `--day` resources (in dependency order) are the day's work, the first
+    /// `--bootstrap` the bootstrap; its Patients are put in the clinic's district so
+    /// the clinic's catchment holds them (e.g. `carebundle generate --profile mixed
+    /// --count 1120 --format ndjson --out DIR`, ≈ 50,000 resources).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
 }
 
 fn fail(e: impl std::fmt::Display) -> Failure {
@@ -143,6 +150,71 @@ pub fn bootstrap_work(n: usize) -> Vec<Value> {
     ));
     v.truncate(n);
     v
+}
+
+/// Third-party resources as a clinic of district "Kakamega" would hold them: in
+/// dependency order (what nothing clinical references first, then Patients, then
+/// Encounters, then the rest; the order within each kind as given), every Patient's
+/// addresses in the district (one added where it has none). Nothing else changes.
+pub fn third_party_work(mut resources: Vec<Value>) -> Vec<Value> {
+    let rank = |r: &Value| match r["resourceType"].as_str().unwrap_or_default() {
+        "Organization" | "Location" | "Practitioner" | "PractitionerRole" | "Medication" => 0,
+        "Patient" => 1,
+        "Encounter" => 2,
+        _ => 3,
+    };
+    resources.sort_by_key(|r| rank(r));
+    for r in resources
+        .iter_mut()
+        .filter(|r| r["resourceType"] == "Patient")
+    {
+        match r.get_mut("address").and_then(Value::as_array_mut) {
+            Some(addresses) if !addresses.is_empty() => {
+                for a in addresses.iter_mut().filter(|a| a.is_object()) {
+                    a["district"] = Value::from("Kakamega");
+                }
+            }
+            _ => r["address"] = serde_json::json!([{ "district": "Kakamega" }]),
+        }
+    }
+    resources
+}
+
+/// A clinic's day from third-party resources: whole patients (the Patient and every
+/// record naming it as `subject` or `patient`), in the data's order, until `n`
+/// resources; clinical records only (a clinic pushes no metadata). In dependency order.
+pub fn third_party_day(resources: &[Value], n: usize) -> Vec<Value> {
+    let patient_of = |r: &Value| -> Option<String> {
+        if r["resourceType"] == "Patient" {
+            return r["id"].as_str().map(str::to_string);
+        }
+        ["subject", "patient"].iter().find_map(|f| {
+            r[*f]["reference"]
+                .as_str()
+                .and_then(|s| s.strip_prefix("Patient/"))
+                .map(str::to_string)
+        })
+    };
+    let mut by_patient: std::collections::HashMap<String, Vec<&Value>> = Default::default();
+    let mut order = Vec::new();
+    for r in resources {
+        if let Some(p) = patient_of(r) {
+            if !by_patient.contains_key(&p) {
+                order.push(p.clone());
+            }
+            by_patient.entry(p).or_default().push(r);
+        }
+    }
+    let mut day: Vec<Value> = Vec::new();
+    for p in order {
+        if day.len() >= n {
+            break;
+        }
+        day.extend(by_patient[&p].iter().map(|r| (*r).clone()));
+    }
+    let mut day = third_party_work(day);
+    day.truncate(n);
+    day
 }
 
 pub(crate) fn ndjson(resources: &[Value]) -> Vec<u8> {
@@ -221,7 +293,22 @@ fn clinicsync_row(
     if bootstrap {
         let cfg = crate::config::Config::load(&layout.hub.config).map_err(fail)?;
         super::bench::write_store(&layout.hub.store, "hub", &cfg.policy(), resources)?;
-    } else {
+    }
+    let mut hub = Proc::spawn(&exe, "hub", &layout.hub.config, &["run"]).map_err(fail)?;
+    cluster::wait_healthy(&layout.hub_url, Duration::from_secs(30)).map_err(fail)?;
+    if !bootstrap {
+        // A day's work is done at an established clinic: its first contact with the
+        // hub (which brings back whatever the hub holds from it, a wiped box's
+        // restore) happened before, off the clock and off the bad link.
+        let first = Proc::spawn(&exe, "clinic-a", &clinic.config, &["sync"])
+            .map_err(fail)?
+            .wait();
+        if first.code != Some(0) {
+            return Err(fail(format!(
+                "the clinic's first contact failed; see {}",
+                clinic.config.with_extension("log").display()
+            )));
+        }
         super::bench::write_store(
             &clinic.store,
             &clinic.id,
@@ -229,8 +316,6 @@ fn clinicsync_row(
             resources,
         )?;
     }
-    let mut hub = Proc::spawn(&exe, "hub", &layout.hub.config, &["run"]).map_err(fail)?;
-    cluster::wait_healthy(&layout.hub_url, Duration::from_secs(30)).map_err(fail)?;
     let link = Path2::start(real, port)?;
     let text = std::fs::read_to_string(&clinic.config)
         .map_err(fail)?
@@ -680,10 +765,33 @@ pub fn run(a: LinkArgs) -> Result<(), Failure> {
         "real" => true,
         other => return Err(fail(format!("--path {other:?}: expected sim or real"))),
     };
-    let workloads = [
-        ("day's work", day_work(a.day), false),
-        ("bootstrap", bootstrap_work(a.bootstrap), true),
-    ];
+    let workloads = match &a.data {
+        None => [
+            ("day's work", day_work(a.day), false),
+            ("bootstrap", bootstrap_work(a.bootstrap), true),
+        ],
+        Some(dir) => {
+            let all = third_party_work(read_ndjson_dir(dir)?);
+            if all.len() < a.day.max(a.bootstrap) {
+                return Err(fail(format!(
+                    "{} holds {} resources; --day {} and --bootstrap {} need {} (generate more, or lower them)",
+                    dir.display(),
+                    all.len(),
+                    a.day,
+                    a.bootstrap,
+                    a.day.max(a.bootstrap)
+                )));
+            }
+            println!(
+                "Data: third-party NDJSON from {} (Patients put in the clinic's district).",
+                dir.display()
+            );
+            [
+                ("day's work", third_party_day(&all, a.day), false),
+                ("bootstrap", all[..a.bootstrap].to_vec(), true),
+            ]
+        }
+    };
     let mut lines = Vec::new();
     let mut summary = Vec::new();
     for (w, (name, resources, bootstrap)) in workloads.iter().enumerate() {

@@ -15,6 +15,7 @@
 //! parent_clock_skew_ms    i64    daemon                  this node's clock minus the parent's
 //! parent_clock_seen_ms    u64    daemon                  when that skew was measured
 //! link_rate_bps           u64    daemon                  the last measured download rate
+//! parent_sync_refused_ms  u64    client (sync round)     when the parent last refused push+pull in one exchange
 //! health_sent_ms          u64    health                  arrival of the newest report passed up
 //! restoring_own           bool   engine (pull)           "1" while the first pull is under way
 //! bundle_seq_at_parent    u64    engine (pull)           our last USB bundle the parent imported
@@ -175,6 +176,9 @@ pub const EMR_CURSOR: MetaKey<String> = MetaKey::fixed("emr_cursor");
 /// The EMR adapter's identity map (network id ↔ the EMR's own), kept in the same
 /// transaction as whatever changed it.
 pub const EMR_IDS: MetaKey<String> = MetaKey::fixed("emr_ids");
+/// When the parent last refused a push and a pull in one exchange (an older hub):
+/// the round sends them apart for a day.
+pub const PARENT_SYNC_REFUSED_MS: MetaKey<u64> = MetaKey::fixed("parent_sync_refused_ms");
 /// The replica seq up to which a hub's EMR pass has gone.
 pub const EMR_OUT_CURSOR: MetaKey<u64> = MetaKey::fixed("emr_out_cursor");
 
@@ -264,6 +268,7 @@ mod tests {
             (&HEALTH_SENT_MS, "health_sent_ms"),
             (&BUNDLE_SEQ_AT_PARENT, "bundle_seq_at_parent"),
             (&EMR_OUT_CURSOR, "emr_out_cursor"),
+            (&PARENT_SYNC_REFUSED_MS, "parent_sync_refused_ms"),
             (&SEQ, "seq"),
         ];
         for (key, text) in u64_keys {

@@ -472,6 +472,26 @@ impl Store {
         })
     }
 
+    /// Moves WAL checkpoints off this connection's commits: SQLite otherwise copies
+    /// the WAL into the database file inside the commit that crosses 1,000 pages,
+    /// and that commit's caller waits for it. A [`Checkpointer`] on the same file
+    /// does it on its own thread; past [`CHECKPOINT_BACKSTOP_PAGES`] this connection
+    /// still checkpoints itself (cheap then: what the thread copied is not copied
+    /// again), so the WAL stays bounded if the thread falls behind.
+    pub fn checkpoint_elsewhere(&self) -> Result<()> {
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BACKSTOP_PAGES)?;
+        Ok(())
+    }
+
+    /// Pages this connection's page cache may hold, in KiB (SQLite's default is
+    /// 2 MiB): a hub integrating large pushes walks indexes larger than that.
+    pub fn set_cache_kib(&self, kib: u32) -> Result<()> {
+        self.conn
+            .pragma_update(None, "cache_size", -(i64::from(kib)))?;
+        Ok(())
+    }
+
     pub fn integrity_check(&self) -> Result<String> {
         Ok(self
             .conn
@@ -503,6 +523,74 @@ impl Tx<'_> {
         };
         self.next_seq = Some(seq + 1);
         Ok(seq)
+    }
+}
+
+/// WAL pages past which a connection that leaves checkpoints to a [`Checkpointer`]
+/// checkpoints in its own commit anyway (64 MiB of 4 KiB pages).
+pub const CHECKPOINT_BACKSTOP_PAGES: i64 = 16_384;
+
+/// Checkpoints a store's WAL on a thread of its own, with a connection of its own:
+/// after each [`Checkpointer::nudge`] and once a second. A PASSIVE checkpoint
+/// neither waits for nor blocks the writer; what it copies was committed already
+/// (the WAL holds it durably), so a checkpoint that fails or never runs loses
+/// nothing — the next one, or the writer's own backstop, copies it.
+pub struct Checkpointer {
+    nudge: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    pub fn start(path: &Path) -> Result<Checkpointer> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let (nudge, nudged) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("wal-checkpoint".into())
+            .spawn(move || loop {
+                use std::sync::mpsc::RecvTimeoutError;
+                match nudged.recv_timeout(std::time::Duration::from_secs(1)) {
+                    Ok(()) | Err(RecvTimeoutError::Timeout) => {
+                        if let Err(error) =
+                            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                        {
+                            tracing::debug!(%error, "WAL checkpoint did not run");
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            })
+            .map_err(|source| StoreError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Checkpointer {
+            nudge: Some(nudge),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for a checkpoint soon (after a commit); never waits.
+    pub fn nudge(&self) {
+        if let Some(n) = &self.nudge {
+            let _ = n.try_send(());
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.nudge.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer").finish_non_exhaustive()
     }
 }
 

@@ -5,12 +5,18 @@
 //! page) comes back the same way, fetched piece by piece from where it stopped.
 //!
 //! Protocol (messages in [`crate::wire`]):
-//! - upload: `ChunkQuery` → `ChunkAck{received}`; `ChunkPut{offset, data, sha}` →
-//!   `ChunkAck{received}`; `ChunkRun` → the answer, or `ChunkReady{id, len}` for a
-//!   large one. The receiver runs the request only when every byte arrived and the
-//!   whole matches its name; running it twice is harmless (integration is idempotent).
+//! - upload: `ChunkPut{offset, data, sha}` → `ChunkAck{received}`, from offset 0 on a
+//!   transfer this client never began (its [`AnswerCache`] keeps the ones it began,
+//!   across restarts), and from `ChunkQuery` → `ChunkAck{received}` after a cut or
+//!   for a transfer begun before (or with no cache); the last piece carries `run`,
+//!   and its answer is the request's answer, or `ChunkReady{id, len}` for a large
+//!   one (an older receiver only acknowledges: then `ChunkRun` asks for it). The
+//!   receiver runs the request only when every byte arrived and the whole matches its
+//!   name; running it twice is harmless (integration is idempotent).
 //! - pull: a `PullRequest` with `answer_chunk` set (one round trip) → the page itself
-//!   when small, or its first chunk as `ChunkData{id, total}`.
+//!   when small, or its first chunk as `ChunkData{id, total}`. A `SyncRequest` (a
+//!   push batch carrying the first pull) is answered the same way; when it is itself
+//!   large it is uploaded as above and its `ChunkRun` answers with the page.
 //! - large answers: `ChunkGet{offset}` → `ChunkData`. Over HTTP two requests for
 //!   half-chunks stay in flight, so the link does not idle a round trip per piece.
 //!
@@ -43,6 +49,14 @@ pub trait AnswerCache: Sync {
     fn append(&self, id: &[u8; 32], total: u64, offset: u64, data: &[u8]);
     /// Forgets answer `id` (used, or found corrupt).
     fn forget(&self, id: &[u8; 32]);
+    /// Whether this client began uploading a frame named `id` before (in an earlier
+    /// round or before a restart): the receiver may hold part of it, so the upload
+    /// asks first. An upload not begun before sends its first piece at once.
+    fn upload_begun(&self, id: &[u8; 32]) -> bool;
+    /// Notes that an upload named `id` of `total` bytes is beginning.
+    fn upload_begins(&self, id: &[u8; 32], total: u64);
+    /// The upload named `id` was answered: nothing more to resume.
+    fn upload_done(&self, id: &[u8; 32]);
 }
 
 pub struct Chunked<'a> {
@@ -168,11 +182,15 @@ impl<'a> Chunked<'a> {
     }
 
     /// One attempt: finish the upload from where the receiver stands, run it, and
-    /// fetch a large answer into `answer_buf` (kept across attempts). `None` when the
-    /// first answer changed how frames are encoded for this parent (`encoding` is
-    /// what `frame` was built with): the caller builds the frame again, so a client
-    /// restarted mid-upload, which starts in v1 until the parent answers, goes on
-    /// with the very frame (and transfer) it was sending before.
+    /// fetch a large answer into `answer_buf` (kept across attempts). A `fresh`
+    /// attempt (an upload this client never began) does not ask where the receiver
+    /// stands: it sends the first piece, whose acknowledgement says it. The last
+    /// piece asks the receiver to run the upload at once.
+    ///
+    /// `None` when an answer changed how frames are encoded for this parent
+    /// (`encoding` is what `frame` was built with): the caller builds the frame again,
+    /// so a client restarted mid-upload, which starts in v1 until the parent answers,
+    /// goes on with the very frame (and transfer) it was sending before.
     fn attempt(
         &self,
         frame: &[u8],
@@ -180,19 +198,25 @@ impl<'a> Chunked<'a> {
         encoding: wire::Encoding,
         answer_buf: &mut Vec<u8>,
         traffic: &mut Traffic,
+        fresh: bool,
     ) -> Result<Option<Message>, TransportError> {
         let total = frame.len() as u64;
-        let mut received = Self::ack(self.call(
-            &Message::ChunkQuery(ChunkRef {
-                id,
-                total,
-                answer_chunk: 0,
-            }),
-            traffic,
-        )?)?;
+        let mut received = if fresh {
+            0
+        } else {
+            Self::ack(self.call(
+                &Message::ChunkQuery(ChunkRef {
+                    id,
+                    total,
+                    answer_chunk: 0,
+                }),
+                traffic,
+            )?)?
+        };
         if self.inner.encoding() != encoding {
             return Ok(None);
         }
+        let mut first_put = fresh;
         while received < total {
             let end = (received as usize + self.piece()).min(frame.len());
             let data = frame[received as usize..end].to_vec();
@@ -203,11 +227,16 @@ impl<'a> Chunked<'a> {
                 offset: received,
                 data,
                 sha,
+                run: if end == frame.len() {
+                    self.piece() as u64
+                } else {
+                    0
+                },
             });
-            let next = match self.call(&put, traffic) {
+            let answer = match self.call(&put, traffic) {
                 Ok(a) => {
                     self.piece_done();
-                    Self::ack(a)?
+                    a
                 }
                 Err(e) => {
                     self.resent
@@ -215,7 +244,27 @@ impl<'a> Chunked<'a> {
                     return Err(e);
                 }
             };
-            if next <= received {
+            let next = match answer {
+                Message::ChunkAck(_) if self.inner.encoding() != encoding => return Ok(None),
+                Message::ChunkAck(a) => a.received,
+                // The last piece ran the upload: its answer, or a large one to fetch.
+                Message::ChunkReady(r) => {
+                    self.fetch(r.id, r.received, answer_buf, traffic)?;
+                    return self.finish(r.id, answer_buf).map(Some);
+                }
+                other if !other.name().starts_with("chunk_") => return Ok(Some(other)),
+                other => {
+                    return Err(TransportError::Unexpected {
+                        sent: "chunk",
+                        got: other.name(),
+                    })
+                }
+            };
+            // A receiver holding more than the first piece (a transfer begun before
+            // a restart) says so, and the upload goes on from there.
+            let progressed = next > received || (first_put && next > 0);
+            first_put = false;
+            if !progressed {
                 return Err(TransportError::Status {
                     status: 409,
                     message: format!("receiver holds {next} bytes, not {received}: starting over"),
@@ -223,6 +272,8 @@ impl<'a> Chunked<'a> {
             }
             received = next;
         }
+        // Complete already (acknowledged without running: an older hub, or a
+        // transfer that was complete before this attempt).
         let run = Message::ChunkRun(ChunkRef {
             id,
             total,
@@ -453,20 +504,39 @@ fn conflict(e: &TransportError) -> bool {
 }
 
 impl Exchange for Chunked<'_> {
+    fn one_piece(&self) -> Option<usize> {
+        Some(self.piece())
+    }
+
     fn encoding(&self) -> wire::Encoding {
         self.inner.encoding()
     }
 
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
-        if let Message::PullRequest(req) = msg {
-            let mut req = req.clone();
-            req.answer_chunk = self.piece() as u64;
-            return self.pull(path, &Message::PullRequest(req));
-        }
+        let with_page;
+        let msg = match msg {
+            Message::PullRequest(req) => {
+                let mut req = req.clone();
+                req.answer_chunk = self.piece() as u64;
+                return self.pull(path, &Message::PullRequest(req));
+            }
+            // A push that carries the first pull: its answer may be a large page.
+            Message::SyncRequest(both) => {
+                let mut both = both.clone();
+                both.pull.answer_chunk = self.piece() as u64;
+                with_page = Message::SyncRequest(both);
+                &with_page
+            }
+            other => other,
+        };
         let mut encoding = self.inner.encoding();
         let mut frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
         let mut traffic = Traffic::default();
         let mut renegotiated = 0;
+        if frame.len() <= self.piece() && matches!(msg, Message::SyncRequest(_)) {
+            // Sent again whole after a cut: the push in it is idempotent.
+            return self.pull(path, msg);
+        }
         // Small requests with small answers go as they are.
         if frame.len() <= self.piece() {
             let r = self.inner.exchange(path, msg);
@@ -480,8 +550,19 @@ impl Exchange for Chunked<'_> {
         let mut tries = 0;
         let mut last_progress = std::time::Instant::now();
         let mut moved = 0u64;
+        // Without a record of the uploads begun before (no cache) every upload asks
+        // first: nothing the receiver holds is ever sent again.
+        let begin = |id: &[u8; 32], len: usize| -> bool {
+            let fresh = self.cache.is_some_and(|c| !c.upload_begun(id));
+            if let (true, Some(c)) = (fresh, self.cache) {
+                c.upload_begins(id, len as u64);
+            }
+            fresh
+        };
+        let mut fresh = begin(&id, frame.len());
         loop {
-            let result = self.attempt(&frame, id, encoding, &mut answer_buf, &mut traffic);
+            let result = self.attempt(&frame, id, encoding, &mut answer_buf, &mut traffic, fresh);
+            fresh = false;
             let result = match result {
                 Ok(Some(m)) => Ok(m),
                 // The parent's first answer changed the encoding (at most twice, so
@@ -490,7 +571,11 @@ impl Exchange for Chunked<'_> {
                     renegotiated += 1;
                     encoding = self.inner.encoding();
                     frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+                    if let Some(c) = self.cache {
+                        c.upload_done(&id);
+                    }
                     id = Sha256::digest(&frame).into();
+                    fresh = begin(&id, frame.len());
                     answer_buf.clear();
                     tracing::debug!(
                         ?encoding,
@@ -515,6 +600,9 @@ impl Exchange for Chunked<'_> {
             match result {
                 Ok(m) => {
                     self.answered_now();
+                    if let Some(c) = self.cache {
+                        c.upload_done(&id);
+                    }
                     return Ok((m, traffic));
                 }
                 Err(e) if self.resumable(&e, last_progress) && tries < self.retries => {

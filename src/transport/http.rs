@@ -16,6 +16,11 @@
 //! ([`TransportError::retry_after`]) and is retryable, so the daemon backs off as after
 //! any failed round. Waiting here rather than in the daemon keeps a round's pipelined
 //! batches and resumable transfers going instead of starting the round over.
+//!
+//! Connections are kept alive between exchanges (one TCP and TLS handshake for a
+//! round, not one per batch and page), but a connection idle for longer than
+//! [`KEEPALIVE_IDLE`] is not used again: a carrier's NAT may have forgotten it
+//! without a word, and a request sent into it would wait out the whole timeout.
 
 use crate::time::http_date_ms;
 use std::io::Read;
@@ -112,8 +117,16 @@ pub struct Traffic {
     pub received: u64,
 }
 
+/// A kept-alive connection idle for longer than this is not used again (below the
+/// hub's default `idle_timeout_secs` of 30, and below the idle timeouts of the
+/// carriers' NATs that clinics sit behind).
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(25);
+
 pub struct HttpClient {
-    agent: ureq::Agent,
+    /// The agent (its pool of kept-alive connections) and when an exchange last
+    /// finished on it; replaced after [`KEEPALIVE_IDLE`].
+    agent: std::sync::Mutex<(ureq::Agent, std::time::Instant)>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     base: String,
     token: Secret,
     limits: Limits,
@@ -139,14 +152,12 @@ impl HttpClient {
         timeout: Duration,
         tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     ) -> HttpClient {
-        let mut builder = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(15).min(timeout))
-            .timeout(timeout);
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls);
-        }
         HttpClient {
-            agent: builder.build(),
+            agent: std::sync::Mutex::new((
+                build_agent(timeout, tls.clone()),
+                std::time::Instant::now(),
+            )),
+            tls,
             base: base.trim_end_matches('/').to_string(),
             token,
             limits: Limits {
@@ -186,6 +197,25 @@ impl HttpClient {
                 .choose(&parent),
             None => Encoding::V1,
         }
+    }
+
+    /// The agent to send with: the kept-alive one, or a fresh one (no idle
+    /// connections) when nothing moved for longer than [`KEEPALIVE_IDLE`].
+    fn agent(&self) -> ureq::Agent {
+        let mut slot = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.1.elapsed() > KEEPALIVE_IDLE {
+            *slot = (
+                build_agent(self.timeout, self.tls.clone()),
+                std::time::Instant::now(),
+            );
+        }
+        slot.1 = std::time::Instant::now();
+        slot.0.clone()
+    }
+
+    /// An exchange finished: the connection was in use until now.
+    fn used(&self) {
+        self.agent.lock().unwrap_or_else(|p| p.into_inner()).1 = std::time::Instant::now();
     }
 
     fn transport_error(&self, t: ureq::Transport) -> TransportError {
@@ -255,7 +285,7 @@ impl HttpClient {
     fn send(&self, path: &str, body: &[u8]) -> Result<(Message, Traffic), TransportError> {
         let url = format!("{}{}", self.base, path);
         let mut req = self
-            .agent
+            .agent()
             .post(&url)
             .set("Authorization", &format!("Bearer {}", self.token.expose()))
             .set("Content-Type", wire::CONTENT_TYPE);
@@ -303,6 +333,7 @@ impl HttpClient {
                 url: self.base.clone(),
                 message: format!("connection lost while reading the answer: {e}"),
             })?;
+        self.used();
         let answer = wire::decode(&bytes, &self.limits)?;
         Ok((
             answer,
@@ -329,7 +360,7 @@ impl HttpClient {
 
     pub fn health(&self) -> Result<(), TransportError> {
         let url = format!("{}/v1/health", self.base);
-        self.agent
+        self.agent()
             .get(&url)
             .call()
             .map(|_| ())
@@ -341,6 +372,19 @@ impl HttpClient {
                 ureq::Error::Transport(t) => self.transport_error(t),
             })
     }
+}
+
+fn build_agent(
+    timeout: Duration,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> ureq::Agent {
+    let mut builder = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(15).min(timeout))
+        .timeout(timeout);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls);
+    }
+    builder.build()
 }
 
 /// `Retry-After` in seconds (the hub sends seconds; an HTTP date is not honoured and

@@ -26,6 +26,11 @@ pub trait Exchange: Sync {
     fn clock_skew_ms(&self) -> Option<i64> {
         None
     }
+    /// The largest frame this link sends in one request (a larger one goes as a
+    /// resumable transfer); `None`: no limit of its own.
+    fn one_piece(&self) -> Option<usize> {
+        None
+    }
     /// How this transport encodes frames for the parent now (negotiated per
     /// exchange, see [`crate::wire::accept`]): what a wrapper that builds frames
     /// itself (the chunked transfer) must use. v1 unless the transport negotiates.

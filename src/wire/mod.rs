@@ -372,6 +372,24 @@ pub struct FetchResponse {
     pub results: Vec<FetchResult>,
 }
 
+/// A push batch and the first pull request of a round in one exchange: a sync costs
+/// one round trip, not two. The parent applies the push first (committed), then
+/// answers the pull; its answer carries both. Added in 0.3 within v1: an older parent
+/// refuses it (404 on `/v1/sync`, or a decode error naming `sync_request`), and the
+/// child falls back to a push and a pull.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub push: PushRequest,
+    pub pull: PullRequest,
+}
+
+/// The answer to a [`SyncRequest`]: the push's results, then the first pull page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    pub push: PushResponse,
+    pub pull: PullResponse,
+}
+
 /// Every message of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -390,6 +408,9 @@ pub enum Message {
     ChunkAck(ChunkAck),
     ChunkReady(ChunkAck),
     ChunkData(ChunkPut),
+    /// Added in 0.3 within v1 (see [`SyncRequest`]).
+    SyncRequest(SyncRequest),
+    SyncResponse(SyncResponse),
 }
 
 /// A piece of a large frame. Transfers are named by the SHA-256 of the whole frame
@@ -406,6 +427,13 @@ pub struct ChunkPut {
     /// SHA-256 of `data`: a corrupted chunk is refused, not stored.
     #[serde(with = "serde_bytes_array")]
     pub sha: [u8; 32],
+    /// On the piece that completes an upload: run it now and answer as `ChunkRun`
+    /// with this `answer_chunk` would, saving the round trip of a separate
+    /// `ChunkRun`. Zero (and absent): only acknowledge. Added in 0.3 within v1,
+    /// omitted when zero; an older hub ignores it and acknowledges, and the sender
+    /// then runs the upload as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub run: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -478,6 +506,8 @@ impl Message {
             Message::ChunkAck(_) => "chunk_ack",
             Message::ChunkReady(_) => "chunk_ready",
             Message::ChunkData(_) => "chunk_data",
+            Message::SyncRequest(_) => "sync_request",
+            Message::SyncResponse(_) => "sync_response",
         }
     }
 
@@ -489,6 +519,8 @@ impl Message {
             Message::PullResponse(m) => m.records.len(),
             Message::FetchRequest(m) => m.keys.len(),
             Message::FetchResponse(m) => m.results.len(),
+            Message::SyncRequest(m) => m.push.records.len(),
+            Message::SyncResponse(m) => m.push.results.len() + m.pull.records.len(),
             _ => 0,
         }
     }

@@ -42,6 +42,8 @@ pub fn record_slots(msg: &mut Message) -> Vec<Slot<'_>> {
     match msg {
         Message::PushRequest(m) => vec![Slot::List(&mut m.records)],
         Message::PullResponse(m) => vec![Slot::List(&mut m.records)],
+        Message::SyncRequest(m) => vec![Slot::List(&mut m.push.records)],
+        Message::SyncResponse(m) => vec![Slot::List(&mut m.pull.records)],
         Message::FetchResponse(m) => m
             .results
             .iter_mut()
