@@ -442,7 +442,8 @@ mod over_mqtt {
             matches!(mqtt(&n).encoding(), Encoding::V2 { dict } if dict == wire::dict::newest())
         );
         assert_eq!(n.seen.up(1), v1_up, "after the hello, no v1 request");
-        assert!(n.seen.up(2) >= 4 && n.seen.down(2) >= 4, "v2 both ways");
+        // At least one exchange per round (one since pushes and pulls travel together).
+        assert!(n.seen.up(2) >= 2 && n.seen.down(2) >= 2, "v2 both ways");
     }
 
     #[test]
