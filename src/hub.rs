@@ -358,8 +358,19 @@ impl HubState {
         frame: &[u8],
         expect: Option<&'static str>,
     ) -> Result<Message, Refusal> {
+        self.answer_limited_for(child, frame, expect, wire::Encoding::V1)
+    }
+
+    /// [`HubState::answer_for`] within a request slot (MQTT).
+    pub fn answer_limited_for(
+        &self,
+        child: &str,
+        frame: &[u8],
+        expect: Option<&'static str>,
+        encoding: wire::Encoding,
+    ) -> Result<Message, Refusal> {
         let _slot = self.try_request_slot()?;
-        self.answer(child, frame, expect)
+        self.answer_for(child, frame, expect, encoding)
     }
 
     fn contact_due(&self, child: &str, push: bool, now: u64) -> bool {
@@ -1888,6 +1899,9 @@ pub async fn serve_mqtt(
     })
     .await??;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    // When each child that sends plain (kind 1) requests was last told what this hub
+    // reads (see crate::transport::mqtt: protocol v2 over MQTT).
+    let mut greeted: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
     loop {
         tokio::select! {
             ev = events.poll() => match ev {
@@ -1899,9 +1913,26 @@ pub async fn serve_mqtt(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let Some(child) = child_of_up(&p.topic).map(str::to_string) else { continue };
-                    let Ok(Envelope::Request { corr, frame }) = Envelope::decode(&p.payload) else {
-                        tracing::warn!(peer = %child, "ignored a malformed MQTT request");
-                        continue;
+                    let ours = state.accept();
+                    let hello = ours.header_value();
+                    let (corr, frame, encoding, greet) = match Envelope::decode(&p.payload) {
+                        Ok(Envelope::Request { corr, frame }) => {
+                            let due = hello.is_some()
+                                && state.is_child(&child)
+                                && greeted.get(&child).map_or(true, |t| t.elapsed() >= crate::transport::mqtt::HELLO_EVERY);
+                            if due {
+                                greeted.insert(child.clone(), Instant::now());
+                            }
+                            (corr, frame, wire::Encoding::V1, due.then(|| hello.clone()).flatten())
+                        }
+                        // A hub set to v1 ignores these as a hub before v2 does.
+                        Ok(Envelope::RequestAnnounced { corr, accept, frame }) if hello.is_some() => {
+                            (corr, frame, ours.choose(&wire::Accept::parse(Some(accept.as_str()))), None)
+                        }
+                        _ => {
+                            tracing::warn!(peer = %child, "ignored a malformed MQTT request");
+                            continue;
+                        }
                     };
                     // The broker authenticated the account; enrolment is ours to check,
                     // on every request, so removing a child takes effect at once.
@@ -1919,9 +1950,9 @@ pub async fn serve_mqtt(
                     tokio::spawn(tracing::Instrument::in_current_span(async move {
                         let c = child.clone();
                         let span = tracing::info_span!("hub", node = %state.node_id);
-                        let answer = tokio::task::spawn_blocking(move || span.in_scope(|| state.answer_limited(&c, &frame, None))).await;
+                        let answer = tokio::task::spawn_blocking(move || span.in_scope(|| state.answer_limited_for(&c, &frame, None, encoding))).await;
                         let env = match answer {
-                            Ok(Ok(msg)) => match wire::encode(&msg) {
+                            Ok(Ok(msg)) => match wire::encode_as(&msg, wire::LEVEL_FAST, encoding) {
                                 Ok(frame) => Envelope::Answer { corr, frame },
                                 Err(e) => Envelope::Refusal { corr, status: 500, reason: e.to_string() },
                             },
@@ -1930,6 +1961,9 @@ pub async fn serve_mqtt(
                         };
                         if let Err(e) = client.publish(down_topic(&child), QoS::AtLeastOnce, false, env.encode()).await {
                             tracing::warn!(peer = %child, error = %e, "could not queue an MQTT answer");
+                        }
+                        if let Some(accept) = greet {
+                            let _ = client.publish(down_topic(&child), QoS::AtLeastOnce, false, Envelope::Hello { accept }.encode()).await;
                         }
                     }));
                 }

@@ -388,3 +388,132 @@ fn a_restarted_clinic_sends_its_first_request_in_the_protocol_its_parent_announc
     assert_eq!(n.seen.up(2), v2_before + 1, "one v2 request, refused");
     assert_eq!(n.clinic.client.encoding(), Encoding::V1);
 }
+
+// ------------------------------------------------------------------ MQTT
+
+mod over_mqtt {
+    use super::*;
+    use clinicsync::devkit::cluster::{self, Broker};
+    use clinicsync::secret::Secret;
+    use clinicsync::transport::mqtt::{MqttClient, MqttSettings};
+
+    struct MqttNet {
+        _dir: tempfile::TempDir,
+        _broker: Broker,
+        hub: TestHub,
+        clinic: TestClinic,
+        seen: Arc<Seen>,
+    }
+
+    /// A hub and clinic-a over a mosquitto broker; the clinic reaches the broker
+    /// through the frame-counting proxy.
+    fn mqtt_net(clinic_accept: Accept) -> MqttNet {
+        let dir = tempfile::tempdir().unwrap();
+        let port = cluster::free_port().unwrap();
+        let broker = Broker::start(
+            &dir.path().join("broker"),
+            port,
+            "hub",
+            &[("hub", "hub-pass"), ("clinic-a", "clinic-a-pass")],
+        )
+        .unwrap();
+        let hub = TestHub::start_mqtt(
+            dir.path(),
+            hub_policy(&[("clinic-a", "North")]),
+            &["clinic-a"],
+            &broker,
+        );
+        let (spy_port, seen) = spy(port);
+        let nowhere = format!("http://127.0.0.1:{}", cluster::free_port().unwrap());
+        let mut clinic = TestClinic::new(dir.path(), "clinic-a", &nowhere, "x");
+        let settings = MqttSettings::from_url(
+            &format!("mqtt://127.0.0.1:{spy_port}"),
+            "clinic-a",
+            Secret::new("clinic-a-pass".into()),
+            None,
+            8 << 20,
+        )
+        .unwrap();
+        let m =
+            MqttClient::connect(&settings, "clinic-a", std::time::Duration::from_secs(3)).unwrap();
+        m.set_accept(clinic_accept);
+        clinic.mqtt = Some(m);
+        MqttNet {
+            _dir: dir,
+            _broker: broker,
+            hub,
+            clinic,
+            seen,
+        }
+    }
+
+    fn round(n: &mut MqttNet, r: &str) {
+        n.clinic.put(patients(&format!("c{r}"), 3));
+        n.hub.put(patients(&format!("h{r}"), 3));
+        n.clinic.sync().unwrap();
+        let hub = n.hub.store();
+        for i in 0..3 {
+            assert!(get(&hub, &format!("Patient/c{r}-{i}")).is_some());
+            assert!(n.clinic.get(&format!("Patient/h{r}-{i}")).is_some());
+        }
+    }
+
+    fn mqtt(n: &MqttNet) -> &MqttClient {
+        n.clinic.mqtt.as_ref().unwrap()
+    }
+
+    #[test]
+    fn v2_nodes_move_to_v2_over_mqtt_after_the_hubs_hello() {
+        let mut n = mqtt_net(Accept::ours());
+        round(&mut n, "1");
+        // The hello follows the first answer; wait for it to arrive.
+        assert!(cluster::wait_until(
+            std::time::Duration::from_secs(5),
+            || mqtt(&n).parent_accept().is_some()
+        ));
+        let v1_up = n.seen.up(1);
+        round(&mut n, "2");
+        round(&mut n, "3");
+        assert!(
+            matches!(mqtt(&n).encoding(), Encoding::V2 { dict } if dict == wire::dict::newest())
+        );
+        assert_eq!(n.seen.up(1), v1_up, "after the hello, no v1 request");
+        // At least one exchange per round (one since pushes and pulls travel together).
+        assert!(n.seen.up(2) >= 2 && n.seen.down(2) >= 2, "v2 both ways");
+    }
+
+    #[test]
+    fn a_v1_clinic_and_a_v1_hub_keep_mqtt_in_v1() {
+        // An old clinic (kind 1 only) with a v2 hub: it hears hellos and ignores them.
+        let mut n = mqtt_net(Accept::v1());
+        round(&mut n, "1");
+        round(&mut n, "2");
+        assert_eq!((n.seen.up(2), n.seen.down(2)), (0, 0));
+        // A v2 clinic with an old hub: no hello, so kind 1 in v1.
+        let mut n = mqtt_net(Accept::ours());
+        n.hub.state.set_accept(Accept::v1());
+        round(&mut n, "1");
+        round(&mut n, "2");
+        assert_eq!(mqtt(&n).parent_accept(), None);
+        assert_eq!((n.seen.up(2), n.seen.down(2)), (0, 0));
+    }
+
+    #[test]
+    fn a_clinic_whose_mqtt_hub_became_v1_goes_back_to_plain_requests() {
+        let mut n = mqtt_net(Accept::ours());
+        round(&mut n, "1");
+        assert!(cluster::wait_until(
+            std::time::Duration::from_secs(5),
+            || mqtt(&n).parent_accept().is_some()
+        ));
+        round(&mut n, "2");
+        // Replaced by an old build: it ignores announced requests, so the next sync
+        // gets no answer; the clinic forgets the hello and the one after succeeds.
+        n.hub.state.set_accept(Accept::v1());
+        let _ = n.clinic.sync();
+        assert_eq!(mqtt(&n).parent_accept(), None);
+        let v2_up = n.seen.up(2);
+        round(&mut n, "3");
+        assert_eq!(n.seen.up(2), v2_up, "plain v1 requests only");
+    }
+}

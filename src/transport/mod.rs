@@ -75,6 +75,9 @@ impl Exchange for MqttClient {
     fn exchange(&self, _path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         MqttClient::exchange(self, msg)
     }
+    fn encoding(&self) -> Encoding {
+        MqttClient::encoding(self)
+    }
 }
 
 /// MQTT first; HTTP when the broker path fails in a way a retry could fix.

@@ -20,7 +20,19 @@
 //! kind 1 request  (body = wire frame)     kind 2 answer (body = wire frame)
 //! kind 3 refusal  (body = u16 BE status, then UTF-8 reason)
 //! kind 4 wake-up  (body empty: the hub's feed advanced for this child)
+//! kind 5 request with an announcement (body = u8 n, n bytes of what the child
+//!        reads as in HTTP's X-Clinicsync-Accept, then the wire frame)
+//! kind 6 hello    (body = what the hub reads, as in X-Clinicsync-Accept; at most
+//!        255 bytes of UTF-8, as is kind 5's announcement)
 //! ```
+//! Protocol v2 over MQTT (kinds 5 and 6, since 0.3): a v2 hub that answers a kind 1
+//! request also sends that child a hello (at most every [`HELLO_EVERY`] per child);
+//! a v2 child that heard it sends kind 5 requests, announcing what it reads, and
+//! the hub answers those in what both read. Every other peer keeps kinds 1-4: an old
+//! child ignores the hello (it skips kinds it does not know), an old hub never gets
+//! a kind 5 because it never says hello. A v2 child whose kind 5 request goes
+//! unanswered (its hub was replaced by an old build, which ignores kind 5) or is
+//! refused as a frame the hub cannot read forgets the hello and goes on in kind 1.
 //! Invariants: a PubAck only means the broker holds the message; a record counts as
 //! delivered only when the hub's per-record answer arrives and the engine clears the
 //! outbox. Sessions are persistent (`clean_session = false`, fixed client id), so a
@@ -38,9 +50,11 @@ use rumqttc::{Event, MqttOptions, Packet, QoS};
 
 use super::http::{Traffic, TransportError};
 use crate::secret::Secret;
-use crate::wire::{self, Limits, Message};
+use crate::wire::{self, Accept, Encoding, Limits, Message};
 
 pub const PREFIX: &str = "clinicsync/v1";
+/// How often at most a hub says hello to a child that sends kind 1 requests.
+pub const HELLO_EVERY: Duration = Duration::from_secs(600);
 const MAGIC: &[u8; 4] = b"CSMQ";
 
 pub fn up_topic(node: &str) -> String {
@@ -74,6 +88,16 @@ pub enum Envelope {
         reason: String,
     },
     WakeUp,
+    /// A request announcing what the child reads ([`crate::wire::Accept`]).
+    RequestAnnounced {
+        corr: [u8; 16],
+        accept: String,
+        frame: Vec<u8>,
+    },
+    /// What the hub reads.
+    Hello {
+        accept: String,
+    },
 }
 
 impl Envelope {
@@ -103,6 +127,23 @@ impl Envelope {
                 out.push(4);
                 out.extend_from_slice(&[0; 16]);
             }
+            Envelope::RequestAnnounced {
+                corr,
+                accept,
+                frame,
+            } => {
+                out.push(5);
+                out.extend_from_slice(corr);
+                let a = &accept.as_bytes()[..accept.len().min(255)];
+                out.push(a.len() as u8);
+                out.extend_from_slice(a);
+                out.extend_from_slice(frame);
+            }
+            Envelope::Hello { accept } => {
+                out.push(6);
+                out.extend_from_slice(&[0; 16]);
+                out.extend_from_slice(&accept.as_bytes()[..accept.len().min(255)]);
+            }
         }
         out
     }
@@ -129,6 +170,21 @@ impl Envelope {
                 reason: String::from_utf8_lossy(&body[2..]).into_owned(),
             },
             4 => Envelope::WakeUp,
+            5 if !body.is_empty() && body.len() > usize::from(body[0]) => {
+                let n = usize::from(body[0]);
+                Envelope::RequestAnnounced {
+                    corr,
+                    accept: std::str::from_utf8(&body[1..1 + n])
+                        .map_err(|_| "announcement is not UTF-8".to_string())?
+                        .to_string(),
+                    frame: body[1 + n..].to_vec(),
+                }
+            }
+            6 if body.len() <= 255 => Envelope::Hello {
+                accept: std::str::from_utf8(body)
+                    .map_err(|_| "hello is not UTF-8".to_string())?
+                    .to_string(),
+            },
             k => return Err(format!("unknown MQTT message kind {k}")),
         })
     }
@@ -240,6 +296,10 @@ pub struct MqttClient {
     timeout: Duration,
     limits: Limits,
     url: String,
+    /// What this client reads and announces ([`Accept::ours`]; tests force v1).
+    accept: Mutex<Accept>,
+    /// What the hub said in its last hello; `None`: kind 1 requests in v1.
+    parent: Arc<Mutex<Option<Accept>>>,
 }
 
 impl MqttClient {
@@ -258,9 +318,10 @@ impl MqttClient {
         let stop = Arc::new(AtomicBool::new(false));
         let wakeups = Arc::new(AtomicU64::new(0));
         let wake = Arc::new(tokio::sync::Notify::new());
+        let parent: Arc<Mutex<Option<Accept>>> = Arc::new(Mutex::new(None));
         let (first_tx, first_rx) = mpsc::channel::<Result<(), String>>();
         {
-            let (client, waiters, connected, last_error, stop, wakeups, wake) = (
+            let (client, waiters, connected, last_error, stop, wakeups, wake, hello) = (
                 client.clone(),
                 waiters.clone(),
                 connected.clone(),
@@ -268,6 +329,7 @@ impl MqttClient {
                 stop.clone(),
                 wakeups.clone(),
                 wake.clone(),
+                parent.clone(),
             );
             let down = down_topic(node);
             std::thread::Builder::new()
@@ -301,7 +363,12 @@ impl MqttClient {
                                         let _ = tx.send(env);
                                     }
                                 }
-                                Ok(Envelope::Request { .. }) | Err(_) => {
+                                Ok(Envelope::Hello { accept }) => {
+                                    let a = Accept::parse(Some(accept.as_str()));
+                                    tracing::debug!(?a, "the hub said what it reads");
+                                    *hello.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+                                }
+                                Ok(Envelope::Request { .. } | Envelope::RequestAnnounced { .. }) | Err(_) => {
                                     tracing::warn!(topic = %p.topic, "ignored an unexpected MQTT message");
                                 }
                             },
@@ -360,7 +427,35 @@ impl MqttClient {
                 max_records: 100_000,
             },
             url,
+            accept: Mutex::new(Accept::ours()),
+            parent,
         })
+    }
+
+    /// What this client reads and announces; [`Accept::v1`] makes it behave as a
+    /// client of before protocol v2 (kind 1 requests only), for tests.
+    pub fn set_accept(&self, accept: Accept) {
+        *self.accept.lock().unwrap_or_else(|p| p.into_inner()) = accept;
+    }
+
+    /// What the hub said in its last hello (`None`: none heard, or forgotten).
+    pub fn parent_accept(&self) -> Option<Accept> {
+        self.parent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How requests are encoded now (v1 until the hub said hello).
+    pub fn encoding(&self) -> Encoding {
+        match self.parent_accept() {
+            Some(p) => self
+                .accept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .choose(&p),
+            None => Encoding::V1,
+        }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -377,9 +472,42 @@ impl MqttClient {
         self.wake.clone()
     }
 
-    /// Sends `msg` and waits for the hub's answer with the same correlation id.
+    /// Sends `msg` and waits for the hub's answer with the same correlation id: as a
+    /// kind 5 request in what both read once the hub said hello, else as kind 1 in v1
+    /// (see the module header for how a replaced hub is followed).
     pub fn exchange(&self, msg: &Message) -> Result<(Message, Traffic), TransportError> {
-        let frame = wire::encode(msg)?;
+        let announce = self.parent_accept().and_then(|_| {
+            self.accept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .header_value()
+        });
+        let Some(accept) = announce else {
+            return self.exchange_as(msg, None, Encoding::V1);
+        };
+        let encoding = self.encoding();
+        match self.exchange_as(msg, Some(accept), encoding) {
+            Err(e @ TransportError::Cut { .. }) => {
+                tracing::info!(error = %e, "no answer to an announced request; back to plain requests until the hub says hello again");
+                *self.parent.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Err(e)
+            }
+            Err(TransportError::Status { status: 400, .. }) if encoding != Encoding::V1 => {
+                tracing::info!("the hub refused a protocol v2 request; sending it again in v1");
+                *self.parent.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.exchange_as(msg, None, Encoding::V1)
+            }
+            other => other,
+        }
+    }
+
+    fn exchange_as(
+        &self,
+        msg: &Message,
+        announce: Option<String>,
+        encoding: Encoding,
+    ) -> Result<(Message, Traffic), TransportError> {
+        let frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
         if frame.len() > self.limits.max_compressed {
             return Err(TransportError::Status {
                 status: 413,
@@ -396,7 +524,15 @@ impl MqttClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(corr, tx);
-        let payload = Envelope::Request { corr, frame }.encode();
+        let payload = match announce {
+            Some(accept) => Envelope::RequestAnnounced {
+                corr,
+                accept,
+                frame,
+            },
+            None => Envelope::Request { corr, frame },
+        }
+        .encode();
         let sent = payload.len() as u64;
         // Connected already: a lost broker or a silent hub here is a cut, resumed
         // within the exchange while it makes progress.
@@ -472,9 +608,31 @@ mod tests {
                 reason: "claims to come from b".into(),
             },
             Envelope::WakeUp,
+            Envelope::RequestAnnounced {
+                corr,
+                accept: "2;dict=1".into(),
+                frame: vec![4, 5],
+            },
+            Envelope::RequestAnnounced {
+                corr,
+                accept: String::new(),
+                frame: vec![],
+            },
+            Envelope::Hello {
+                accept: "2;dict=1".into(),
+            },
         ] {
             assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
         }
+        // An announcement longer than its frame holds is refused.
+        let mut cut = Envelope::RequestAnnounced {
+            corr,
+            accept: "2;dict=1".into(),
+            frame: vec![],
+        }
+        .encode();
+        cut.truncate(cut.len() - 2);
+        assert!(Envelope::decode(&cut).is_err());
         assert!(Envelope::decode(b"hello").is_err());
         let mut bad = Envelope::WakeUp.encode();
         bad[4] = 9;

@@ -343,7 +343,10 @@ pub fn mqtt_envelope(data: &[u8]) {
         Ok(&env),
         "decode(encode(e)) != e"
     );
-    if let Envelope::Request { frame, .. } | Envelope::Answer { frame, .. } = &env {
+    if let Envelope::Request { frame, .. }
+    | Envelope::Answer { frame, .. }
+    | Envelope::RequestAnnounced { frame, .. } = &env
+    {
         if let Ok(msg) = wire::decode(frame, &Limits::default()) {
             check_message(&msg, &Limits::default());
         }
