@@ -710,6 +710,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let max = state.serving.max_connections;
+    bound_receive_buffers(&listener);
     let slots = Arc::new(Semaphore::new(max));
     let app = router(state.clone());
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
@@ -764,6 +765,37 @@ pub async fn serve(
 
 /// An `accept` error: a connection that died in the queue is skipped; anything else
 /// (out of file descriptors, memory) is logged and waited out, never spun on.
+/// The kernel receive buffer of each child's connection (the kernel doubles it for
+/// its bookkeeping). Without a bound Linux grows it with the sender's pace, up to
+/// `net.ipv4.tcp_rmem`'s maximum (32 MiB here): a peer could park most of a 16 MiB
+/// body in the hub's kernel before the hub has read its credential, on every
+/// connection it opens. 512 KiB still carries a clinic's link many times over
+/// (128 kbit/s at 600 ms needs 10 KiB in flight) and a district on a LAN at
+/// hundreds of MB/s.
+const RECEIVE_BUFFER: libc::c_int = 512 << 10;
+
+/// Sets [`RECEIVE_BUFFER`] on the listener, which every accepted connection
+/// inherits (with the window scale it negotiates). A failure is logged: the hub
+/// serves as before, with the kernel's default.
+fn bound_receive_buffers(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    let size = RECEIVE_BUFFER;
+    // SAFETY: a valid socket descriptor owned by `listener`, and a pointer to an
+    // int that lives across the call, with its size.
+    let done = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not bound the receive buffer of children's connections");
+    }
+}
+
 async fn accept_failed(e: &std::io::Error) {
     use std::io::ErrorKind::*;
     if matches!(
