@@ -56,6 +56,23 @@ fn mqtt_envelopes_are_frozen() {
     for (e, line) in all.iter().zip(text.lines()) {
         assert_eq!(&Envelope::decode(&hex::decode(line).unwrap()).unwrap(), e);
     }
+    // Since 0.3 (protocol v2 over MQTT): a request carrying its sender's announcement,
+    // and a hub's hello. Frozen beside the kinds before them, which are unchanged.
+    let v2 = [
+        Envelope::RequestAnnounced {
+            corr,
+            accept: "2;dict=1".into(),
+            frame: b"CSYN-frame".to_vec(),
+        },
+        Envelope::Hello {
+            accept: "2;dict=1".into(),
+        },
+    ];
+    let text: String = v2.iter().map(|e| hex::encode(e.encode()) + "\n").collect();
+    check_text("mqtt_envelopes_announced.v1.hex", &text);
+    for (e, line) in v2.iter().zip(text.lines()) {
+        assert_eq!(&Envelope::decode(&hex::decode(line).unwrap()).unwrap(), e);
+    }
 }
 
 #[test]
