@@ -117,7 +117,7 @@ pub fn dict_samples(a: DictSamplesArgs) -> Result<(), Failure> {
 }
 
 /// Push batches of `resources` as a clinic's `sync` makes them.
-fn push_batches(dir: &Path, resources: &[Value]) -> Result<Vec<Message>, Failure> {
+pub(crate) fn push_batches(dir: &Path, resources: &[Value]) -> Result<Vec<Message>, Failure> {
     let path = dir.join("frames.db");
     let _ = std::fs::remove_file(&path);
     super::bench::write_store(

@@ -22,7 +22,6 @@ use crate::devkit::linksim::{Link, LinkSpec};
 use crate::engine;
 use crate::store::Store;
 use crate::synth;
-use crate::time::wall_ms;
 
 #[derive(clap::Args, Debug)]
 pub struct LinkArgs {
@@ -660,29 +659,11 @@ fn couch_row(
 
 /// Bytes of clinicsync's push frames for `resources` (as a clinic would send them).
 fn clinicsync_frames(dir: &Path, resources: &[Value]) -> Result<u64, Failure> {
-    let path = dir.join("frames.db");
-    let _ = std::fs::remove_file(&path);
-    super::bench::write_store(
-        &path,
-        "clinic-x",
-        &engine::Policy::new("clinic-x", true),
-        resources,
-    )?;
-    let store = Store::open_existing(&path).map_err(fail)?;
-    let cfg = crate::config::SyncSection::default();
-    let (mut after, mut total) = (0, 0u64);
-    while let Some((req, last)) = engine::next_push_after(
-        &store,
-        wall_ms(),
-        cfg.push_batch_records,
-        cfg.push_batch_bytes,
-        after,
-    )
-    .map_err(fail)?
-    {
+    let mut total = 0u64;
+    for push in super::frames::push_batches(dir, resources)? {
         // What a clinic sends a parent that reads v2 and the shipped dictionary.
         total += crate::wire::encode_as(
-            &crate::wire::Message::PushRequest(req),
+            &push,
             crate::wire::LEVEL_FAST,
             crate::wire::Encoding::V2 {
                 dict: crate::wire::dict::newest(),
@@ -690,7 +671,6 @@ fn clinicsync_frames(dir: &Path, resources: &[Value]) -> Result<u64, Failure> {
         )
         .map_err(fail)?
         .len() as u64;
-        after = last;
     }
     Ok(total)
 }
