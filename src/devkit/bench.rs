@@ -112,6 +112,8 @@ struct Run {
     secs: f64,
     /// CPU seconds the hub process spent (all threads) while the clinic synced.
     hub_cpu: f64,
+    /// CPU seconds the clinic's `sync` process spent (all threads).
+    clinic_cpu: f64,
     wire_bytes: u64,
     json_bytes: u64,
     hub_rss_kb: u64,
@@ -131,6 +133,15 @@ fn cpu_secs_of(pid: i32) -> f64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
     (ticks(11) + ticks(12)) / hz
+}
+
+/// CPU seconds (user + system) of this process's children that have been waited for.
+fn waited_children_cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// CPU seconds (user + system, all threads) this process has spent so far.
@@ -191,10 +202,11 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
                 first_contact,
             )?;
             eprintln!(
-                "run {i} ({name}): {:.2} s, {:.0} records/s, hub CPU {:.2} s, {} wire bytes, hub RSS {} KiB, clinic RSS {} KiB",
+                "run {i} ({name}): {:.2} s, {:.0} records/s, hub CPU {:.2} s, clinic CPU {:.2} s, {} wire bytes, hub RSS {} KiB, clinic RSS {} KiB",
                 r.secs,
                 records as f64 / r.secs,
                 r.hub_cpu,
+                r.clinic_cpu,
                 r.wire_bytes,
                 r.hub_rss_kb,
                 r.clinic_rss_kb
@@ -237,6 +249,8 @@ fn push_table(name: &str, records: usize, first_contact: bool, results: &[Run]) 
         "| hub CPU, all threads (records per hub CPU-second) | {hub_cpu:.2} s ({:.0}) | |",
         records as f64 / hub_cpu.max(1e-9)
     );
+    let clinic_cpu = median(results.iter().map(|r| r.clinic_cpu).collect());
+    println!("| clinic CPU, all threads | {clinic_cpu:.2} s | |");
     println!(
         "| FHIR JSON bytes per record | {:.0} | |",
         json / records as f64
@@ -661,6 +675,7 @@ fn one_run(
     // Fill the clinic's store (not timed).
     let json_bytes = fill(&clinic.store, &clinic.id, records)?;
     let hub_cpu_before = cpu_secs_of(hub.pid());
+    let children_cpu_before = waited_children_cpu_secs();
     let started = Instant::now();
     let mut sync = Proc::spawn(exe, "clinic-a", &clinic.config, &["sync"]).map_err(fail)?;
     let mut clinic_rss_kb = 0;
@@ -671,6 +686,7 @@ fn one_run(
     let clinic_exit = sync.wait();
     let secs = started.elapsed().as_secs_f64();
     let hub_cpu = cpu_secs_of(hub.pid()) - hub_cpu_before;
+    let clinic_cpu = waited_children_cpu_secs() - children_cpu_before;
     let hub_rss_kb = hub.peak_rss_kb().unwrap_or(0);
     hub.terminate();
     if clinic_exit.code != Some(0) {
@@ -689,6 +705,7 @@ fn one_run(
     Ok(Run {
         secs,
         hub_cpu,
+        clinic_cpu,
         wire_bytes: traffic(&clinic.store)? - before,
         json_bytes,
         hub_rss_kb,
