@@ -22,6 +22,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod canonical;
+
 /// Errors from building records out of outside data. All are permanent: the same
 /// input will fail the same way.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -423,6 +425,27 @@ impl Snapshot {
     }
 
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Snapshot, ModelError> {
+        // A body already in key order (every body a peer of ours sends) is written
+        // back in one pass; anything else is parsed into a Value.
+        if let Some(fast) = canonical::fast(bytes) {
+            let key = RecordKey::new(&fast.kind, &fast.id)?;
+            let class = key.class();
+            let patient = match class {
+                Class::Clinical => patient_from_references(
+                    &key,
+                    [fast.subject_ref.as_deref(), fast.patient_ref.as_deref()],
+                ),
+                Class::Metadata => None,
+            };
+            let hash = ContentHash::of(&fast.body);
+            return Ok(Snapshot {
+                key,
+                class,
+                patient,
+                body: fast.body,
+                hash,
+            });
+        }
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| ModelError::NotJson(e.to_string()))?;
         Snapshot::from_json_value(value)
@@ -448,25 +471,27 @@ impl Snapshot {
 /// The patient a clinical resource belongs to: the Patient itself, or the Patient its
 /// `subject` or `patient` reference names.
 pub fn patient_of(key: &RecordKey, value: &serde_json::Value) -> Option<String> {
-    if key.kind == "Patient" {
-        return Some(key.id.clone());
-    }
-    for field in ["subject", "patient"] {
-        if let Some(reference) = value
+    let reference = |field: &str| {
+        value
             .get(field)
             .and_then(|r| r.get("reference"))
             .and_then(|r| r.as_str())
-        {
-            if let Some(id) = reference
-                .rsplit_once("Patient/")
-                .map(|(_, id)| id)
-                .filter(|id| valid_id(id))
-            {
-                return Some(id.to_string());
-            }
-        }
+    };
+    patient_from_references(key, [reference("subject"), reference("patient")])
+}
+
+/// [`patient_of`], given the `reference` strings of `subject` and `patient`.
+fn patient_from_references(key: &RecordKey, references: [Option<&str>; 2]) -> Option<String> {
+    if key.kind == "Patient" {
+        return Some(key.id.clone());
     }
-    None
+    references.into_iter().flatten().find_map(|reference| {
+        reference
+            .rsplit_once("Patient/")
+            .map(|(_, id)| id)
+            .filter(|id| valid_id(id))
+            .map(str::to_string)
+    })
 }
 
 /// One version of a record as stored and sent.
