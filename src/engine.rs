@@ -971,7 +971,8 @@ fn authorize(
             ));
         }
     }
-    if let Some(moved) = tx.moved_at(child, patient).map_err(store_refusal)? {
+    let entry = tx.catchment_entry(child, patient).map_err(store_refusal)?;
+    if let Some(moved) = entry.and_then(|e| e.moved_ms) {
         // The patient moved away from this child: what it wrote before the move still
         // comes up (nothing is lost); nothing it stamps after.
         if v.hlc.wall_ms > moved {
@@ -984,14 +985,19 @@ fn authorize(
             ));
         }
     }
-    let grant = if tx.in_catchment(child, patient).map_err(store_refusal)? {
+    let grant = if entry.is_some() {
         Grant::Holds
     } else {
-        let patient_key = RecordKey {
-            kind: "Patient".into(),
-            id: patient.to_string(),
+        // A Patient's patient is itself: `current` has answered already.
+        let known = if v.key().kind == "Patient" {
+            current.is_some()
+        } else {
+            let patient_key = RecordKey {
+                kind: "Patient".into(),
+                id: patient.to_string(),
+            };
+            tx.current(&patient_key).map_err(store_refusal)?.is_some()
         };
-        let known = tx.current(&patient_key).map_err(store_refusal)?.is_some();
         match (v.key().kind == "Patient", known) {
             (true, false) => Grant::Registers,
             (false, false) => {

@@ -190,6 +190,13 @@ impl Store {
     }
 }
 
+/// A patient's row in a node's catchment ([`Tx::catchment_entry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatchmentEntry {
+    /// When the patient moved away from the node (`catchment move`), if it did.
+    pub moved_ms: Option<u64>,
+}
+
 impl Tx<'_> {
     /// May `node` write for `patient` (inside this transaction)? A clinic a patient
     /// moved away from still may: what it wrote before the move and had not yet
@@ -252,17 +259,22 @@ impl Tx<'_> {
             > 0)
     }
 
-    /// When `patient` moved away from `node`, if it did (`None`: held, or never).
-    pub fn moved_at(&self, node: &str, patient: &str) -> Result<Option<u64>> {
+    /// A patient's row in a node's catchment, in one lookup: `None` when it has none
+    /// ([`Tx::in_catchment`] false), else when the patient moved away, if it did.
+    pub fn catchment_entry(&self, node: &str, patient: &str) -> Result<Option<CatchmentEntry>> {
         Ok(self
             .tx
             .prepare_cached(
-                "SELECT moved_ms FROM catchment WHERE node=?1 AND patient=?2 AND reason='moved'",
+                "SELECT reason = 'moved', moved_ms FROM catchment WHERE node=?1 AND patient=?2",
             )?
-            .query_row([node, patient], |r| r.get::<_, Option<i64>>(0))
-            .optional()?
-            .flatten()
-            .map(|v| v as u64))
+            .query_row([node, patient], |r| {
+                let moved: bool = r.get(0)?;
+                let at: Option<i64> = r.get(1)?;
+                Ok(CatchmentEntry {
+                    moved_ms: at.filter(|_| moved).map(|v| v as u64),
+                })
+            })
+            .optional()?)
     }
 
     /// Takes a patient out of a node's catchment, whatever put it there.
