@@ -103,6 +103,17 @@ pub fn import_dir(store: &Store) -> Result<PathBuf, SneakerError> {
     Ok(db.parent().unwrap_or(Path::new(".")).join("import-tmp"))
 }
 
+/// The number of the next bundle to `to` after `last`. Bundle numbers only grow (a
+/// recipient refuses one it has seen); at the end of the range there is no next one,
+/// and the count is named rather than wrapped to 0.
+fn next_bundle_seq(last: u64, to: &str) -> Result<u64, SneakerError> {
+    last.checked_add(1).ok_or_else(|| {
+        SneakerError::Refused(format!(
+            "the bundle count to {to} is at its maximum ({last}): it came from a store value or a parent's answer that is not a real count; nothing was written"
+        ))
+    })
+}
+
 /// Clinic side: writes everything not yet acknowledged, plus the pull cursor.
 pub fn export(
     store: &mut Store,
@@ -119,11 +130,11 @@ pub fn export(
     let to = PublicKeys::parse(&line).map_err(SneakerError::Keys)?;
     // After the last one we wrote, or the last the parent says it imported from us
     // (a box reinstalled with its old keys starts its count again otherwise).
-    let seq = store
+    let last = store
         .meta(&meta::bundle_seq_out(&parent))?
         .unwrap_or(0)
-        .max(store.meta(&meta::BUNDLE_SEQ_AT_PARENT)?.unwrap_or(0))
-        + 1;
+        .max(store.meta(&meta::BUNDLE_SEQ_AT_PARENT)?.unwrap_or(0));
+    let seq = next_bundle_seq(last, &parent)?;
     let header = BundleHeader {
         id: crate::auth::new_id(),
         kind: "export".into(),
@@ -268,7 +279,10 @@ fn import_export(
 ) -> Result<(), SneakerError> {
     let to =
         trusted_keys(store, &h.sender).ok_or_else(|| BundleError::Untrusted(h.sender.clone()))?;
-    let seq = store.meta(&meta::bundle_seq_out(&h.sender))?.unwrap_or(0) + 1;
+    let seq = next_bundle_seq(
+        store.meta(&meta::bundle_seq_out(&h.sender))?.unwrap_or(0),
+        &h.sender,
+    )?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let ret_path = dir.join(format!("{}-to-{}-{seq:06}.csb", me.node, h.sender));
     let header = BundleHeader {

@@ -678,3 +678,36 @@ fn an_import_with_no_room_for_its_private_copy_is_refused_and_changes_nothing() 
     drop(guard);
     ok(run(hub, &["import", bundle.to_str().unwrap()]));
 }
+
+#[test]
+fn a_bundle_count_at_its_maximum_is_refused_by_name_not_wrapped() {
+    // The parent's pull answers say which of our bundles it imported last; one that
+    // claims the largest count there is leaves no next number. Export must say so
+    // (wrapping to 0 would reuse numbers the hub refuses as replays) and write nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let stick = dir.path().join("stick");
+    std::fs::create_dir(&stick).unwrap();
+    let l = enrolled(dir.path());
+    let clinic = &l.clinics[0];
+    let v1 = write_json(
+        dir.path(),
+        "v1.json",
+        json!({"resourceType":"Patient","id":"p","gender":"male"}),
+    );
+    ok(run(&clinic.config, &["put", v1.to_str().unwrap()]));
+    {
+        let mut s = Store::open_existing(&clinic.store).unwrap();
+        let mut tx = s.begin().unwrap();
+        tx.set_meta(&clinicsync::store::meta::BUNDLE_SEQ_AT_PARENT, u64::MAX)
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    refused(
+        run(&clinic.config, &["export", stick.to_str().unwrap()]),
+        "bundle count to hub is at its maximum",
+    );
+    assert!(
+        std::fs::read_dir(&stick).unwrap().next().is_none(),
+        "nothing written to the stick"
+    );
+}
