@@ -217,6 +217,45 @@ fn doctor_fails_a_hub_that_is_not_listening_and_runs_every_check() {
 }
 
 #[test]
+fn doctor_names_a_counter_that_is_not_a_number_which_sqlite_s_check_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    let store = dir.path().join("c.db");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"c\"\nstore = \"{}\"\n[parent]\nurl = \"http://127.0.0.1:9\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    clinicsync::store::Store::open(&store, "c").unwrap();
+    let line = |out: &std::process::Output| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("values"))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let healthy = cli(&config, &["doctor"]);
+    assert!(line(&healthy).starts_with("OK"), "{}", line(&healthy));
+    rusqlite::Connection::open(&store)
+        .unwrap()
+        .execute(
+            "INSERT INTO meta VALUES ('traffic_today_bytes', 'a lot')",
+            [],
+        )
+        .unwrap();
+    let out = cli(&config, &["doctor"]);
+    assert!(!out.status.success());
+    let bad = line(&out);
+    assert!(
+        bad.contains("meta.value of traffic_today_bytes holds \"a lot\""),
+        "{bad}"
+    );
+}
+
+#[test]
 fn a_clinic_two_days_fast_is_told_by_sync_and_status_and_changes_nothing_at_the_hub() {
     let dir = tempfile::tempdir().unwrap();
     for d in ["hub", "a"] {

@@ -177,6 +177,22 @@ fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
                     )),
                     Err(e) => checks.push(check(Level::Fail, "store", e.to_string(), None)),
                 }
+                // SQLite's check sees pages, not meaning: a counter or cursor that is
+                // not a number passes it and would stop the daemon mid-round.
+                match store.check_values() {
+                    Ok(n) => checks.push(check(
+                        Level::Ok,
+                        "values",
+                        format!("{n} counters, clocks and cursors read as their types"),
+                        None,
+                    )),
+                    Err(e) => checks.push(check(
+                        Level::Fail,
+                        "values",
+                        e.to_string(),
+                        Some("restore the store from a backup; keep the damaged file for analysis"),
+                    )),
+                }
                 if let Ok(c) = store.counts() {
                     let level = if c.quarantine > 0 {
                         Level::Warn

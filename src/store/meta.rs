@@ -230,6 +230,59 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Reads every value of `meta` as its key's type, and every peer's cursor: the
+    /// first that is not what it should be is returned as the corruption it is
+    /// (`doctor`; the daemon would otherwise meet it mid-round). Returns how many
+    /// values were read.
+    pub fn check_values(&self) -> Result<usize> {
+        fn one<T: MetaValue>(s: &Store, key: &MetaKey<T>, n: &mut usize) -> Result<()> {
+            if s.meta(key)?.is_some() {
+                *n += 1;
+            }
+            Ok(())
+        }
+        let mut n = 0;
+        for key in [
+            &SEQ,
+            &LINK_BUDGET_BYTES,
+            &LINK_PIECE_BYTES,
+            &TRAFFIC_DAY,
+            &TRAFFIC_TODAY_BYTES,
+            &NEXT_SYNC_MS,
+            &PARENT_CLOCK_SEEN_MS,
+            &LINK_RATE_BPS,
+            &HEALTH_SENT_MS,
+            &BUNDLE_SEQ_AT_PARENT,
+            &PARENT_SYNC_REFUSED_MS,
+            &EMR_OUT_CURSOR,
+        ] {
+            one(self, key, &mut n)?;
+        }
+        one(self, &PARENT_CLOCK_SKEW_MS, &mut n)?;
+        one(self, &RESTORING_OWN, &mut n)?;
+        one(self, &HLC, &mut n)?;
+        let peers: Vec<String> = self
+            .conn
+            .prepare("SELECT substr(key, 16) FROM meta WHERE key LIKE 'bundle_seq_out:%'")?
+            .query_map([], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        for peer in &peers {
+            one(self, &bundle_seq_out(peer), &mut n)?;
+        }
+        let peers: Vec<String> = self
+            .conn
+            .prepare("SELECT peer FROM cursors")?
+            .query_map([], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        for peer in &peers {
+            self.cursor(peer)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 impl Tx<'_> {
     /// The value of `key` as this transaction sees it (`None`: never written).
     pub fn meta<T: MetaValue>(&self, key: &MetaKey<T>) -> Result<Option<T>> {
@@ -323,6 +376,43 @@ mod tests {
             .execute("INSERT INTO meta VALUES ('restoring_own', '0') ON CONFLICT(key) DO UPDATE SET value='0'", [])
             .unwrap();
         assert_eq!(store.meta(&RESTORING_OWN).unwrap(), Some(false));
+    }
+
+    #[test]
+    fn check_values_names_the_first_value_that_is_not_its_type() {
+        let (_d, mut store) = temp_store("a");
+        let mut tx = store.begin().unwrap();
+        tx.set_meta(&bundle_seq_out("hub"), 3).unwrap();
+        tx.set_meta(&RESTORING_OWN, false).unwrap();
+        tx.commit().unwrap();
+        assert!(store.check_values().unwrap() >= 2);
+        store
+            .conn()
+            .execute(
+                "UPDATE meta SET value='x3' WHERE key='bundle_seq_out:hub'",
+                [],
+            )
+            .unwrap();
+        let err = store.check_values().unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+        assert!(err.to_string().contains("bundle_seq_out:hub"), "{err}");
+        store
+            .conn()
+            .execute(
+                "UPDATE meta SET value='3' WHERE key='bundle_seq_out:hub'",
+                [],
+            )
+            .unwrap();
+        store
+            .conn()
+            .execute("INSERT INTO cursors VALUES ('hub', 'lots', 1, 1, 0)", [])
+            .unwrap();
+        let err = store.check_values().unwrap_err();
+        assert!(err.is_corruption(), "a cursor that is not a number: {err}");
+        assert_eq!(
+            err.to_string(),
+            r#"store is corrupt: cursors.eff of hub holds "lots": not an integer"#
+        );
     }
 
     #[test]

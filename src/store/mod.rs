@@ -287,6 +287,32 @@ fn shown_text(s: &str) -> String {
     }
 }
 
+/// A stored u64 (a count, a sequence, a cursor), written as its i64 bits: a value
+/// that is not an integer is corruption naming `table.column` and `row`, where
+/// SQLite's own type error would name neither.
+fn count_in(
+    value: rusqlite::types::Value,
+    table: &'static str,
+    column: &'static str,
+    row: &str,
+) -> Result<u64> {
+    use rusqlite::types::Value;
+    match value {
+        Value::Integer(n) => Ok(n as u64),
+        other => Err(StoreError::bad_value(
+            table,
+            column,
+            row,
+            match &other {
+                Value::Text(t) => shown_text(t),
+                Value::Blob(b) => shown_blob(b),
+                v => format!("{v:?}"),
+            },
+            "not an integer",
+        )),
+    }
+}
+
 /// A stored blob as an error shows it: its length and first bytes in hex.
 fn shown_blob(b: &[u8]) -> String {
     const MAX: usize = 16;

@@ -42,23 +42,24 @@ pub enum PeerEvent<'a> {
 
 impl Store {
     pub fn cursor(&self, peer: &str) -> Result<(Cursor, u64)> {
-        Ok(self
+        let row = self
             .conn
             .query_row(
                 "SELECT eff, seq, head FROM cursors WHERE peer = ?1",
                 [peer],
-                |r| {
-                    Ok((
-                        Cursor {
-                            eff: r.get::<_, i64>(0)? as u64,
-                            seq: r.get::<_, i64>(1)? as u64,
-                        },
-                        r.get::<_, i64>(2)? as u64,
-                    ))
-                },
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
-            .optional()?
-            .unwrap_or_default())
+            .optional()?;
+        let Some((eff, seq, head)) = row else {
+            return Ok(Default::default());
+        };
+        Ok((
+            Cursor {
+                eff: super::count_in(eff, "cursors", "eff", peer)?,
+                seq: super::count_in(seq, "cursors", "seq", peer)?,
+            },
+            super::count_in(head, "cursors", "head", peer)?,
+        ))
     }
 
     pub fn peer_state(&self, peer: &str) -> Result<PeerState> {
@@ -134,17 +135,18 @@ impl Tx<'_> {
     }
 
     pub fn cursor(&self, peer: &str) -> Result<Cursor> {
-        Ok(self
+        let row = self
             .tx
             .prepare_cached("SELECT eff, seq FROM cursors WHERE peer=?1")?
-            .query_row([peer], |r| {
-                Ok(Cursor {
-                    eff: r.get::<_, i64>(0)? as u64,
-                    seq: r.get::<_, i64>(1)? as u64,
-                })
-            })
-            .optional()?
-            .unwrap_or_default())
+            .query_row([peer], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((eff, seq)) = row else {
+            return Ok(Cursor::default());
+        };
+        Ok(Cursor {
+            eff: super::count_in(eff, "cursors", "eff", peer)?,
+            seq: super::count_in(seq, "cursors", "seq", peer)?,
+        })
     }
 
     /// Puts the pull cursor from `peer` back to the start (a remote resync): the
