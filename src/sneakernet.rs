@@ -78,10 +78,25 @@ pub struct ImportSummary {
     pub return_parts: Vec<PathBuf>,
 }
 
-/// Looks a node's trusted public keys up in the store.
-pub fn trusted_keys(store: &Store, node: &str) -> Option<PublicKeys> {
-    let (line, _) = store.trusted(node).ok()??;
-    PublicKeys::parse(&line).ok()
+/// A node's trusted public keys as this store holds them (`None`: not trusted). A
+/// stored line that does not parse is corruption of this store and is named so;
+/// read as "not trusted" it would send a technician after the sender's keys.
+pub fn trusted_keys(store: &Store, node: &str) -> Result<Option<PublicKeys>, SneakerError> {
+    let Some((line, _)) = store.trusted(node)? else {
+        return Ok(None);
+    };
+    PublicKeys::parse(&line).map(Some).map_err(|e| {
+        let shown: String = line.chars().take(64).collect();
+        SneakerError::from(crate::store::StoreError::BadValue {
+            table: "trusted_keys",
+            column: "line",
+            row: node.to_string(),
+            value: format!("{shown:?}"),
+            problem: format!(
+                "{e}; `clinicsync keys trust <its public key> --replace` stores it again"
+            ),
+        })
+    })
 }
 
 fn bundle_in(h: &BundleHeader) -> BundleIn<'_> {
@@ -195,8 +210,21 @@ pub fn import(
     return_part_size: u64,
     progress: &dyn Fn(u64),
 ) -> Result<ImportSummary, SneakerError> {
-    let lookup = |node: &str| trusted_keys(store, node);
-    let bundle = file::verify(path, &me.node, &lookup, &import_dir(store)?)?;
+    // The bundle's checks ask for the sender's keys; a stored key that does not
+    // parse is kept aside and reported instead of "untrusted".
+    let unreadable = std::cell::RefCell::new(None);
+    let lookup = |node: &str| match trusted_keys(store, node) {
+        Ok(keys) => keys,
+        Err(e) => {
+            *unreadable.borrow_mut() = Some(e);
+            None
+        }
+    };
+    let verified = file::verify(path, &me.node, &lookup, &import_dir(store)?);
+    if let Some(e) = unreadable.into_inner() {
+        return Err(e);
+    }
+    let bundle = verified?;
     let h = bundle.header.clone();
     let prior = store.bundle_in(&h.id)?;
     if let Some((_, true, finished)) = prior {
@@ -278,7 +306,7 @@ fn import_export(
     progress: &dyn Fn(u64),
 ) -> Result<(), SneakerError> {
     let to =
-        trusted_keys(store, &h.sender).ok_or_else(|| BundleError::Untrusted(h.sender.clone()))?;
+        trusted_keys(store, &h.sender)?.ok_or_else(|| BundleError::Untrusted(h.sender.clone()))?;
     let seq = next_bundle_seq(
         store.meta(&meta::bundle_seq_out(&h.sender))?.unwrap_or(0),
         &h.sender,

@@ -711,3 +711,46 @@ fn a_bundle_count_at_its_maximum_is_refused_by_name_not_wrapped() {
         "nothing written to the stick"
     );
 }
+
+#[test]
+fn a_garbled_trusted_key_is_named_as_corruption_not_as_an_untrusted_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let stick = dir.path().join("stick");
+    std::fs::create_dir(&stick).unwrap();
+    let l = enrolled(dir.path());
+    let (hub, clinic) = (&l.hub.config, &l.clinics[0].config);
+    let v1 = write_json(
+        dir.path(),
+        "v1.json",
+        json!({"resourceType":"Patient","id":"p","gender":"male"}),
+    );
+    ok(run(clinic, &["put", v1.to_str().unwrap()]));
+    ok(run(clinic, &["export", stick.to_str().unwrap()]));
+    let part = parts_in(&stick, "clinic-a-to-hub")[0].clone();
+    let db = rusqlite::Connection::open(&l.hub.store).unwrap();
+    let good: String = db
+        .query_row(
+            "SELECT line FROM trusted_keys WHERE node='clinic-a'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute(
+        "UPDATE trusted_keys SET line='clinicsync-node v1 clinic-a zz' WHERE node='clinic-a'",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let before = fingerprint(&l.hub.store);
+    let out = run(hub, &["import", part.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(10), "corruption exit: {err}");
+    assert!(
+        err.contains("trusted_keys.line of clinic-a") && !err.contains("does not trust"),
+        "{err}"
+    );
+    assert_eq!(fingerprint(&l.hub.store), before, "nothing applied");
+    // Storing the key again, as the message says, mends it.
+    ok(run(hub, &["keys", "trust", &good, "--replace"]));
+    ok(run(hub, &["import", part.to_str().unwrap()]));
+}
