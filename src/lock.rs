@@ -4,6 +4,11 @@
 //! one, and `restore` never swaps a store out from under a running daemon. The
 //! kernel drops the lock when the process ends, however it ends (SIGKILL included):
 //! a stale lock file means nothing.
+//!
+//! A daemon that corruption stopped leaves `<store>.stopped` saying why (written by
+//! `run` on its way out, 0600): systemd does not restart it, and `status` then shows
+//! the reason instead of "not running, start it". The next daemon to take the lock
+//! removes the note.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -75,11 +80,43 @@ pub fn acquire(store: &Path) -> Result<DaemonLock, LockError> {
         }
         return Err(io_err(e));
     }
+    // A daemon runs again: an earlier stop's note is history.
+    let _ = std::fs::remove_file(stop_note_path(store));
     use std::io::Write;
     let _ = file.set_len(0);
     let mut f = &file;
     let _ = f.write_all(format!("{}\n", std::process::id()).as_bytes());
     Ok(DaemonLock { _file: file })
+}
+
+/// The note beside a store that a daemon stopped by corruption leaves.
+pub fn stop_note_path(store: &Path) -> PathBuf {
+    let mut p = store.as_os_str().to_owned();
+    p.push(".stopped");
+    PathBuf::from(p)
+}
+
+/// Leaves the note saying why the daemon stopped (one line, replacing any before).
+pub fn leave_stop_note(store: &Path, why: &str) -> io::Result<()> {
+    use std::io::Write;
+    let path = stop_note_path(store);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    let line: String = why.chars().filter(|c| !c.is_control()).take(2000).collect();
+    writeln!(f, "{line}")
+}
+
+/// Why the daemon stopped, when no daemon runs and the last one left a note.
+pub fn stop_note(store: &Path) -> Option<String> {
+    if daemon_running(store) {
+        return None;
+    }
+    let text = std::fs::read_to_string(stop_note_path(store)).ok()?;
+    Some(text.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// Whether a daemon holds the store now (never creates the lock file).
@@ -123,6 +160,20 @@ mod tests {
         assert!(err.to_string().contains("s.db.lock"), "{err}");
         drop(held);
         assert!(!daemon_running(&store));
+        // A stop's note shows while no daemon runs; the next daemon clears it.
+        leave_stop_note(
+            &store,
+            "store corrupt: meta.value of seq holds \"x\"\nsecond",
+        )
+        .unwrap();
+        assert_eq!(
+            stop_note(&store).as_deref(),
+            Some("store corrupt: meta.value of seq holds \"x\"second")
+        );
+        let again = acquire(&store).unwrap();
+        assert_eq!(stop_note(&store), None);
+        drop(again);
+        assert_eq!(stop_note(&store), None, "removed, not hidden");
         let io = acquire(&dir.path().join("missing/s.db")).unwrap_err();
         assert!(matches!(io, LockError::Io { .. }), "{io}");
         assert_eq!(io.class(), ErrorClass::Permanent);

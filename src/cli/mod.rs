@@ -664,9 +664,16 @@ fn dispatch(cli: Cli) -> Out {
             daemon::init_logging("info");
             // Corruption stops the daemon with its own code (systemd does not restart
             // it: RestartPreventExitStatus); any other failure to run is 1.
+            let store = cfg.node.store.clone();
             daemon::run(cfg).map_err(|e| {
                 let code = match class_in_chain(&e) {
-                    Some(ErrorClass::Corruption) => EXIT_CORRUPT,
+                    Some(ErrorClass::Corruption) => {
+                        // Not restarted by systemd: `status` says why it stays down.
+                        if let Err(io) = crate::lock::leave_stop_note(&store, &format!("{e:#}")) {
+                            tracing::warn!(error = %io, "cannot leave the note of why the daemon stopped");
+                        }
+                        EXIT_CORRUPT
+                    }
                     _ => EXIT_FAILURE,
                 };
                 Failure::new(code, format!("{e:#}"))
@@ -2126,6 +2133,7 @@ fn status(cfg: &Config, json: bool) -> Out {
             "to_emr": to_emr,
             "node": cfg.node.id, "role": cfg.role(), "store": cfg.node.store,
             "daemon_running": crate::lock::daemon_running(&cfg.node.store),
+            "daemon_stopped": crate::lock::stop_note(&cfg.node.store),
             "schema": store.schema_version()?,
             "parent": cfg.parent.as_ref().map(|p| p.url.clone()),
             "records": c.records, "outbox": c.outbox, "inbox": c.inbox,
@@ -2140,14 +2148,17 @@ fn status(cfg: &Config, json: bool) -> Out {
         return Ok(());
     }
     println!("node        {} ({})", safe(&cfg.node.id), cfg.role());
-    println!(
-        "daemon      {}",
-        if crate::lock::daemon_running(&cfg.node.store) {
-            "running"
-        } else {
-            "NOT RUNNING (start it: systemctl start clinicsync)"
-        }
-    );
+    let daemon = if crate::lock::daemon_running(&cfg.node.store) {
+        "running".to_string()
+    } else if let Some(why) = crate::lock::stop_note(&cfg.node.store) {
+        format!(
+            "STOPPED by corruption: {} (starting it again stops the same way: `clinicsync doctor`, then README, Restore from a backup)",
+            safe(&why)
+        )
+    } else {
+        "NOT RUNNING (start it: systemctl start clinicsync)".to_string()
+    };
+    println!("daemon      {daemon}");
     println!(
         "store       {} (schema {}, {} records, seq {})",
         safe_display(cfg.node.store.display()),
