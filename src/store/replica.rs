@@ -121,6 +121,18 @@ pub(super) fn stored_from_row(r: &rusqlite::Row<'_>) -> Result<Stored> {
     })?;
     let hash = parse_hash("replica", &key, &hash)?;
     let vv = parse_vv("replica", &key, &vv)?;
+    let body: Vec<u8> = r.get(11)?;
+    // What is served, pushed and compared is exactly what was written: a body that
+    // changed on disk under its hash is caught here, not sent on.
+    if ContentHash::of(&body) != hash {
+        return Err(StoreError::bad_value(
+            "replica",
+            "body",
+            &key,
+            shown_blob(&body),
+            format!("does not match its hash {}", hash.short()),
+        ));
+    }
     Ok(Stored {
         seq: r.get::<_, i64>(2)? as u64,
         version: Version {
@@ -134,7 +146,7 @@ pub(super) fn stored_from_row(r: &rusqlite::Row<'_>) -> Result<Stored> {
             snapshot: Snapshot {
                 class,
                 patient: r.get(10)?,
-                body: r.get(11)?,
+                body,
                 hash,
                 key,
             },
@@ -613,6 +625,28 @@ mod tests {
             err.is_corruption() && err.to_string().contains("replica.vv"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_replica_body_changed_under_its_hash_is_corruption_not_served() {
+        let (_d, store, v) = holding_p1();
+        assert!(store.current(v.key()).unwrap().is_some());
+        // Still JSON, still a Patient: only the hash can tell.
+        store
+            .conn()
+            .execute(
+                "UPDATE replica SET body=CAST(replace(CAST(body AS TEXT), 'p1', 'p1') || ' ' AS BLOB)",
+                [],
+            )
+            .unwrap();
+        let err = store.current(v.key()).unwrap_err();
+        assert!(
+            err.is_corruption()
+                && err.to_string().contains("replica.body of Patient/p1")
+                && err.to_string().contains("does not match its hash"),
+            "{err}"
+        );
+        assert!(store.list(None).unwrap_err().is_corruption());
     }
 
     #[test]
