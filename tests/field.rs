@@ -693,3 +693,47 @@ fn restore_replaces_a_store_too_damaged_to_open_and_keeps_it_aside_whole() {
     );
     assert!(!dir.path().join("n.restoring").exists());
 }
+
+#[test]
+fn the_demo_s_hints_name_only_files_that_exist_and_it_never_writes_into_a_used_directory() {
+    let demo = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("demo")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // A temporary directory is gone at the end: no hint names it.
+    let (ok, out, err) = demo(&[]);
+    assert!(ok, "{out}{err}");
+    let tmp = out
+        .lines()
+        .find_map(|l| l.strip_prefix("== clinicsync demo in "))
+        .unwrap()
+        .to_string();
+    assert!(!Path::new(&tmp).exists());
+    let hints = out.split("Converged:").nth(1).unwrap();
+    assert!(!hints.contains(&format!("{tmp}/")), "{hints}");
+    // A directory named with --dir is kept, and the hints work as printed.
+    let dir = tempfile::tempdir().unwrap();
+    let kept = dir.path().join("demo");
+    let (ok, out, err) = demo(&["--dir", kept.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let hint = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Try: clinicsync --config "))
+        .unwrap();
+    let (config, args) = hint.split_once(' ').unwrap();
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let history = cli(Path::new(config), &args);
+    assert!(history.status.success(), "{hint}");
+    // A directory in use is refused, and left as it was.
+    let (ok, _, err) = demo(&["--dir", kept.to_str().unwrap()]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+    assert!(Path::new(config).exists());
+}

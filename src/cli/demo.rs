@@ -54,14 +54,25 @@ impl Drop for RemoveOnDrop {
 }
 
 pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
-    let mut _cleanup = None;
+    let mut cleanup = None;
     let dir = match dir {
-        Some(d) => d,
+        Some(d) => {
+            // Another demo's (or anything's) files would be mixed with this one's:
+            // stores reused, configurations overwritten.
+            if std::fs::read_dir(&d).is_ok_and(|mut entries| entries.next().is_some()) {
+                return Err(fail(format!(
+                    "--dir {}: the directory is not empty; name a new or empty one (the demo writes its nodes' stores and configurations there)",
+                    d.display()
+                )));
+            }
+            std::fs::create_dir_all(&d).map_err(fail)?;
+            d
+        }
         None => {
             let d =
                 std::env::temp_dir().join(format!("clinicsync-demo-{:08x}", rand::random::<u32>()));
             crate::filemode::private_dir(&d).map_err(fail)?;
-            _cleanup = Some(RemoveOnDrop(d.clone()));
+            cleanup = Some(RemoveOnDrop(d.clone()));
             d
         }
     };
@@ -162,19 +173,32 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
         .map_err(fail)?;
     println!("{}", String::from_utf8_lossy(&out.stdout));
     if !converged {
+        // Kept, so the logs it names are there to read.
+        if let Some(keep) = cleanup.take() {
+            std::mem::forget(keep);
+        }
         return Err(fail(format!(
             "nodes did not converge within 60 s; logs are in {}",
             dir.display()
         )));
     }
     println!("Converged: the hub holds both clinics' patients and the metadata; clinic-a also got hub-p0 (its district); clinic-b did not.");
-    println!(
-        "Try: clinicsync --config {} history Patient/a-p0",
-        a.config.display()
-    );
-    println!(
-        "     clinicsync --config {} fleet --json",
-        layout.hub.config.display()
-    );
+    if cleanup.is_some() {
+        // The nodes go with the temporary directory: hints naming it would not work.
+        println!(
+            "The demo's nodes are removed now. To keep them: clinicsync demo --dir <new directory>, then try"
+        );
+        println!("  clinicsync --config <directory>/clinic-a.toml history Patient/a-p0");
+        println!("  clinicsync --config <directory>/hub.toml fleet --json");
+    } else {
+        println!(
+            "Try: clinicsync --config {} history Patient/a-p0",
+            a.config.display()
+        );
+        println!(
+            "     clinicsync --config {} fleet --json",
+            layout.hub.config.display()
+        );
+    }
     Ok(())
 }
