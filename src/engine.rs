@@ -1385,8 +1385,8 @@ pub fn next_push_after(
         PushRequest {
             node: store.node_id().to_string(),
             records: batch
-                .iter()
-                .map(|s| WireRecord::from_version(&s.version))
+                .into_iter()
+                .map(|s| WireRecord::from_owned_version(s.version))
                 .collect(),
         },
         last,

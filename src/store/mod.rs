@@ -511,7 +511,9 @@ impl Store {
     }
 
     /// Pages this connection's page cache may hold, in KiB (SQLite's default is
-    /// 2 MiB): a hub integrating large pushes walks indexes larger than that.
+    /// 2 MiB): a hub integrating large pushes walks indexes larger than that, and a
+    /// sync round, reading the outbox a batch at a time, needs less
+    /// (`client::SYNC_CACHE_KIB`).
     pub fn set_cache_kib(&self, kib: u32) -> Result<()> {
         self.conn
             .pragma_update(None, "cache_size", -(i64::from(kib)))?;

@@ -396,12 +396,16 @@ impl<'a> Chunked<'a> {
         &self,
         path: &str,
         msg: &Message,
+        frame: Option<(&[u8], wire::Encoding)>,
         started: &mut Option<([u8; 32], u64)>,
         buf: &mut Vec<u8>,
         traffic: &mut Traffic,
     ) -> Result<Message, TransportError> {
         if started.is_none() {
-            let (answer, t) = self.inner.exchange(path, msg)?;
+            let (answer, t) = match frame {
+                Some((frame, encoding)) => self.inner.exchange_frame(path, msg, frame, encoding)?,
+                None => self.inner.exchange(path, msg)?,
+            };
             traffic.sent += t.sent;
             traffic.received += t.received;
             match answer {
@@ -445,15 +449,21 @@ impl<'a> Chunked<'a> {
     }
 
     /// A pull whose answer may be large: one round trip for the request, the answer's
-    /// first chunk in its reply, the rest fetched resumably.
-    fn pull(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
+    /// first chunk in its reply, the rest fetched resumably. `frame`: `msg` already
+    /// encoded (sent as it is while the encoding holds).
+    fn pull(
+        &self,
+        path: &str,
+        msg: &Message,
+        frame: Option<(&[u8], wire::Encoding)>,
+    ) -> Result<(Message, Traffic), TransportError> {
         let mut traffic = Traffic::default();
         let (mut started, mut buf) = (None, Vec::new());
         let (mut tries, mut restarts) = (0, 0);
         let mut last_progress = std::time::Instant::now();
         let mut moved = 0u64;
         loop {
-            let result = self.pull_attempt(path, msg, &mut started, &mut buf, &mut traffic);
+            let result = self.pull_attempt(path, msg, frame, &mut started, &mut buf, &mut traffic);
             if traffic.received + traffic.sent > moved {
                 // The link moved bytes: the retry count starts over, so a link cut
                 // every few KiB still finishes a large transfer piece by piece.
@@ -526,10 +536,12 @@ impl Exchange for Chunked<'_> {
             Message::PullRequest(req) => {
                 let mut req = req.clone();
                 req.answer_chunk = self.piece() as u64;
-                return self.pull(path, &Message::PullRequest(req));
+                return self.pull(path, &Message::PullRequest(req), None);
             }
             // A push that carries the first pull: its answer may be a large page.
-            Message::SyncRequest(both) => {
+            // (Copied only when the caller did not ask for this piece size already:
+            // the copy holds the whole batch.)
+            Message::SyncRequest(both) if both.pull.answer_chunk != self.piece() as u64 => {
                 let mut both = both.clone();
                 both.pull.answer_chunk = self.piece() as u64;
                 with_page = Message::SyncRequest(both);
@@ -541,13 +553,14 @@ impl Exchange for Chunked<'_> {
         let mut frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
         let mut traffic = Traffic::default();
         let mut renegotiated = 0;
+        // The frame just built is sent as it is (not encoded again by the transport).
         if frame.len() <= self.piece() && matches!(msg, Message::SyncRequest(_)) {
             // Sent again whole after a cut: the push in it is idempotent.
-            return self.pull(path, msg);
+            return self.pull(path, msg, Some((&frame, encoding)));
         }
         // Small requests with small answers go as they are.
         if frame.len() <= self.piece() {
-            let r = self.inner.exchange(path, msg);
+            let r = self.inner.exchange_frame(path, msg, &frame, encoding);
             if r.is_ok() {
                 self.answered_now();
             }

@@ -252,30 +252,52 @@ impl HttpClient {
         msg: &Message,
     ) -> Result<(Message, Traffic), TransportError> {
         let encoding = self.encoding();
-        let answer = self.exchange_as(path, msg, encoding);
-        match answer {
+        let body = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+        self.exchange_body(path, msg, &body, encoding)
+    }
+
+    /// [`HttpClient::exchange`] of `msg` already encoded as `frame` in `encoding` (by
+    /// a caller that needed its size first): sent as it is while that is still how
+    /// this client encodes, so a batch is not compressed twice.
+    pub fn exchange_frame(
+        &self,
+        path: &str,
+        msg: &Message,
+        frame: &[u8],
+        encoding: Encoding,
+    ) -> Result<(Message, Traffic), TransportError> {
+        if encoding != self.encoding() {
+            return self.exchange(path, msg);
+        }
+        self.exchange_body(path, msg, frame, encoding)
+    }
+
+    fn exchange_body(
+        &self,
+        path: &str,
+        msg: &Message,
+        body: &[u8],
+        encoding: Encoding,
+    ) -> Result<(Message, Traffic), TransportError> {
+        match self.send_waiting(path, body) {
             // A parent that announced v2 and then refuses a v2 frame was replaced by
             // an older build: forget its announcement and say it again in v1.
             Err(TransportError::Status { status: 400, .. }) if encoding != Encoding::V1 => {
                 tracing::info!("parent refused a protocol v2 request; sending it again in v1");
                 *self.parent.lock().unwrap_or_else(|p| p.into_inner()) = Some(Accept::v1());
-                self.exchange_as(path, msg, Encoding::V1)
+                let body = wire::encode_as(msg, wire::LEVEL_FAST, Encoding::V1)?;
+                self.send_waiting(path, &body)
             }
             other => other,
         }
     }
 
-    fn exchange_as(
-        &self,
-        path: &str,
-        msg: &Message,
-        encoding: Encoding,
-    ) -> Result<(Message, Traffic), TransportError> {
-        let body = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+    /// Sends `body`, waiting out a busy parent as it asks (within the timeout).
+    fn send_waiting(&self, path: &str, body: &[u8]) -> Result<(Message, Traffic), TransportError> {
         let started = std::time::Instant::now();
         let mut tries = 0;
         loop {
-            match self.send(path, &body) {
+            match self.send(path, body) {
                 Err(TransportError::Busy {
                     status,
                     retry_after,

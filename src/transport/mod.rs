@@ -48,6 +48,20 @@ pub trait Exchange: Sync {
     /// it again in v1 (see [`HttpClient::exchange`]). Ignored once the parent
     /// answered in this process.
     fn assume_parent_accept(&self, _accept: crate::wire::Accept) {}
+    /// [`Exchange::exchange`] of `msg`, which the caller already encoded as `frame`
+    /// in `encoding` to learn its size (the chunked transfer): a transport that sends
+    /// frames as they are sends this one instead of encoding the message again. By
+    /// default the message is exchanged as usual.
+    fn exchange_frame(
+        &self,
+        path: &str,
+        msg: &Message,
+        frame: &[u8],
+        encoding: Encoding,
+    ) -> Result<(Message, Traffic), TransportError> {
+        let _ = (frame, encoding);
+        self.exchange(path, msg)
+    }
 }
 
 impl Exchange for HttpClient {
@@ -68,6 +82,15 @@ impl Exchange for HttpClient {
     }
     fn assume_parent_accept(&self, accept: crate::wire::Accept) {
         HttpClient::assume_parent_accept(self, accept)
+    }
+    fn exchange_frame(
+        &self,
+        path: &str,
+        msg: &Message,
+        frame: &[u8],
+        encoding: Encoding,
+    ) -> Result<(Message, Traffic), TransportError> {
+        HttpClient::exchange_frame(self, path, msg, frame, encoding)
     }
 }
 

@@ -204,6 +204,25 @@ impl WireRecord {
         }
     }
 
+    /// [`WireRecord::from_version`] taking the version apart instead of copying it: a
+    /// batch read from the outbox becomes the batch sent without a second copy of
+    /// its bodies.
+    pub fn from_owned_version(v: Version) -> WireRecord {
+        let body = match String::from_utf8(v.snapshot.body) {
+            Ok(body) => body,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        };
+        WireRecord {
+            kind: v.snapshot.key.kind,
+            id: v.snapshot.key.id,
+            origin: v.origin,
+            hlc: v.hlc,
+            vv: v.vv,
+            deleted: v.deleted,
+            body,
+        }
+    }
+
     /// Re-derives everything from the body; refuses a body that names another record.
     pub fn into_version(self) -> Result<Version, ModelError> {
         let key = RecordKey::new(&self.kind, &self.id)?;
