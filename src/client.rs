@@ -746,95 +746,24 @@ fn push_pass(
     let mut settled = 0;
     let mut after = 0u64;
     let mut page_more = None;
+    // The next batch after `after`, unless the round is stopping.
+    let build = |store: &Store, pace: &Pace, after: u64| {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        engine::next_push_after(
+            store,
+            env.now(),
+            cfg.push_batch_records,
+            pace.budget.min(cfg.push_batch_bytes),
+            after,
+        )
+    };
     std::thread::scope(|scope| -> Result<(), SyncError> {
-        let mut inflight = None;
-        loop {
-            let next = if stop.load(Ordering::Relaxed) {
-                None
-            } else {
-                engine::next_push_after(
-                    store,
-                    env.now(),
-                    cfg.push_batch_records,
-                    pace.budget.min(cfg.push_batch_bytes),
-                    after,
-                )?
-            };
-            if let Some((handle, with)) = inflight.take() {
-                let (handle, with): (std::thread::ScopedJoinHandle<'_, _>, Option<FirstPull>) =
-                    (handle, with);
-                // A panic in the exchange thread is a bug: let it surface as one.
-                let (sent, mut exchanged): (Message, Result<(Message, Traffic), TransportError>) =
-                    handle
-                        .join()
-                        .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                let mut req = pushed_batch(sent);
-                let mut with = with;
-                if let Err(e) = &exchanged {
-                    if with.is_some() && refused_together(e) {
-                        // An older parent: the batch alone now, the pull after the
-                        // pushes, and no combined exchange for a day.
-                        info!(node = %policy.node_id, peer = PARENT, error = %e, "parent takes no push and pull together; sending them apart");
-                        let mut tx = store.begin()?;
-                        tx.set_meta(&meta::PARENT_SYNC_REFUSED_MS, env.now())?;
-                        tx.commit()?;
-                        *carry = with.take();
-                        let alone = Message::PushRequest(req);
-                        exchanged = client.exchange("/v1/push", &alone);
-                        req = pushed_batch(alone);
-                    }
-                }
-                let (answer, traffic) = exchanged?;
-                let (resp, page) = match (answer, with) {
-                    (Message::PushResponse(resp), None) => (resp, None),
-                    (Message::SyncResponse(both), Some(first)) => {
-                        (both.push, Some((both.pull, first)))
-                    }
-                    (answer, with) => {
-                        return Err(TransportError::Unexpected {
-                            sent: if with.is_some() {
-                                "sync_request"
-                            } else {
-                                "push_request"
-                            },
-                            got: answer.name(),
-                        }
-                        .into())
-                    }
-                };
-                let s = engine::apply_push_results(
-                    store,
-                    PARENT,
-                    &req,
-                    &resp,
-                    (traffic.sent, traffic.received),
-                    env.now(),
-                )?;
-                env.beat();
-                pace.succeeded(cfg.push_batch_bytes);
-                report.bytes_sent += traffic.sent;
-                report.bytes_received += traffic.received;
-                pace.spent(traffic.sent + traffic.received);
-                settled += s.cleared + s.rejected;
-                report.pushed.add(&s);
-                info!(node = %policy.node_id, peer = PARENT, direction = "push", records = s.sent, accepted = s.accepted,
-                      rejected = s.rejected, conflicts = s.conflict, bytes = traffic.sent, "push batch acknowledged");
-                if let Some((pull, first)) = page {
-                    // The exchange's bytes are counted once, with the push.
-                    let more = take_page(
-                        store,
-                        ctx,
-                        report,
-                        pull,
-                        Traffic::default(),
-                        Some((first.mark, first.results)),
-                    )?;
-                    page_more = Some(more);
-                }
-            }
-            let Some((req, last)) = next else { break };
-            after = last;
-            let mut with = carry.take();
+        // Sends a batch on its own thread, carrying the first pull unless the parent
+        // refused the two together in this pass (`apart`).
+        let launch = |req: PushRequest, carry: &mut Option<FirstPull>, apart: bool| {
+            let mut with = if apart { None } else { carry.take() };
             // The batch moves into the message and the message into the exchange
             // thread, which hands it back with the answer: one copy of the batch in
             // flight, not two (the answers are matched to it afterwards).
@@ -865,13 +794,106 @@ fn push_pass(
             } else {
                 "/v1/push"
             };
-            inflight = Some((
-                scope.spawn(move || {
-                    let answer = client.exchange(path, &msg);
-                    (msg, answer)
-                }),
-                with,
-            ));
+            let handle = scope.spawn(move || {
+                let answer = client.exchange(path, &msg);
+                (msg, answer)
+            });
+            (handle, with)
+        };
+        let mut apart = false;
+        let mut inflight = None;
+        let mut next = build(store, pace, after)?;
+        loop {
+            let Some((handle, with)) = inflight.take() else {
+                // Nothing in flight: send the next batch and build the one after it
+                // while this one travels.
+                let Some((req, last)) = next.take() else {
+                    break;
+                };
+                after = last;
+                inflight = Some(launch(req, carry, apart));
+                next = build(store, pace, after)?;
+                continue;
+            };
+            let (handle, with): (std::thread::ScopedJoinHandle<'_, _>, Option<FirstPull>) =
+                (handle, with);
+            // A panic in the exchange thread is a bug: let it surface as one.
+            let (sent, mut exchanged): (Message, Result<(Message, Traffic), TransportError>) =
+                handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            let mut req = pushed_batch(sent);
+            let mut with = with;
+            if let Err(e) = &exchanged {
+                if with.is_some() && refused_together(e) {
+                    // An older parent: the batch alone now, the pull after the
+                    // pushes, and no combined exchange for a day (nor for the rest of
+                    // this pass).
+                    info!(node = %policy.node_id, peer = PARENT, error = %e, "parent takes no push and pull together; sending them apart");
+                    let mut tx = store.begin()?;
+                    tx.set_meta(&meta::PARENT_SYNC_REFUSED_MS, env.now())?;
+                    tx.commit()?;
+                    apart = true;
+                    *carry = with.take();
+                    let alone = Message::PushRequest(req);
+                    exchanged = client.exchange("/v1/push", &alone);
+                    req = pushed_batch(alone);
+                }
+            }
+            let (answer, traffic) = exchanged?;
+            let (resp, page) = match (answer, with) {
+                (Message::PushResponse(resp), None) => (resp, None),
+                (Message::SyncResponse(both), Some(first)) => (both.push, Some((both.pull, first))),
+                (answer, with) => {
+                    return Err(TransportError::Unexpected {
+                        sent: if with.is_some() {
+                            "sync_request"
+                        } else {
+                            "push_request"
+                        },
+                        got: answer.name(),
+                    }
+                    .into())
+                }
+            };
+            // Answered: the next batch (built while this one travelled) goes before
+            // this one is settled, so the parent works on it meanwhile.
+            if let Some((req, last)) = next.take() {
+                after = last;
+                inflight = Some(launch(req, carry, apart));
+            }
+            let s = engine::apply_push_results(
+                store,
+                PARENT,
+                &req,
+                &resp,
+                (traffic.sent, traffic.received),
+                env.now(),
+            )?;
+            env.beat();
+            pace.succeeded(cfg.push_batch_bytes);
+            report.bytes_sent += traffic.sent;
+            report.bytes_received += traffic.received;
+            pace.spent(traffic.sent + traffic.received);
+            settled += s.cleared + s.rejected;
+            report.pushed.add(&s);
+            info!(node = %policy.node_id, peer = PARENT, direction = "push", records = s.sent, accepted = s.accepted,
+                  rejected = s.rejected, conflicts = s.conflict, bytes = traffic.sent, "push batch acknowledged");
+            if let Some((pull, first)) = page {
+                // The exchange's bytes are counted once, with the push.
+                let more = take_page(
+                    store,
+                    ctx,
+                    report,
+                    pull,
+                    Traffic::default(),
+                    Some((first.mark, first.results)),
+                )?;
+                page_more = Some(more);
+            }
+            if inflight.is_some() {
+                next = build(store, pace, after)?;
+            }
         }
         Ok(())
     })?;

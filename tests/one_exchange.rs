@@ -33,6 +33,11 @@ struct Watched {
     frame_len: std::sync::atomic::AtomicU64,
     /// Refuse (HTTP 500) every upload piece after this many.
     puts_allowed: Option<usize>,
+    /// The clinic's store: once the first push is answered, its writes are held (a
+    /// write lock) until the next push starts, which notes the outbox as it finds it.
+    hold_store: Option<std::path::PathBuf>,
+    held: std::sync::Arc<Mutex<Option<rusqlite::Connection>>>,
+    outbox_seen: Mutex<Vec<i64>>,
 }
 
 impl Watched {
@@ -52,6 +57,9 @@ impl Watched {
             put_bytes: Default::default(),
             frame_len: Default::default(),
             puts_allowed: None,
+            hold_store: None,
+            held: Default::default(),
+            outbox_seen: Mutex::new(Vec::new()),
         }
     }
 
@@ -98,7 +106,38 @@ impl Exchange for Watched {
                 message: body.clone(),
             });
         }
+        let pushing = matches!(msg, Message::PushRequest(_) | Message::SyncRequest(_));
+        if let (Some(db), true) = (&self.hold_store, pushing) {
+            let count = |c: &rusqlite::Connection| {
+                c.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+                    .unwrap()
+            };
+            let n = match self.held.lock().unwrap().take() {
+                // Read inside the hold, then let the clinic write again.
+                Some(c) => {
+                    let n = count(&c);
+                    c.execute_batch("COMMIT").unwrap();
+                    n
+                }
+                None => count(&rusqlite::Connection::open(db).unwrap()),
+            };
+            self.outbox_seen.lock().unwrap().push(n);
+        }
         let answer = Exchange::exchange(&self.inner, path, msg)?;
+        if let (Some(db), true) = (&self.hold_store, pushing) {
+            if self.outbox_seen.lock().unwrap().len() == 1 {
+                let c = rusqlite::Connection::open(db).unwrap();
+                c.execute_batch("BEGIN IMMEDIATE").unwrap();
+                *self.held.lock().unwrap() = Some(c);
+                // A clinic that settles before it sends the next batch would wait
+                // on the hold for ever: it ends by itself.
+                let held = self.held.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_secs(3));
+                    held.lock().unwrap().take();
+                });
+            }
+        }
         if self.lose_next_answer.swap(false, Ordering::SeqCst) {
             return Err(TransportError::Cut {
                 url: "test".into(),
@@ -312,6 +351,54 @@ fn an_older_parent_gets_a_push_and_a_pull_apart_and_is_asked_again_a_day_later()
     sync_through(&mut a, &link);
     assert_eq!(link.paths(), ["/v1/sync"]);
     assert!(get(&hub.store(), "Patient/pc").is_some());
+}
+
+#[test]
+fn the_next_batch_goes_before_the_answered_one_is_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, mut a) = hub_and_clinic(dir.path());
+    a.put(
+        (0..30)
+            .map(|i| patient(&format!("p{i}"), "North"))
+            .collect(),
+    );
+    a.sync_cfg.push_batch_records = 10;
+    let mut link = Watched::new(&hub.url, &hub, "a");
+    link.hold_store = Some(dir.path().join("a.db"));
+    let report = sync_through(&mut a, &link);
+    assert_eq!(report.pushed.accepted, 30);
+    // The second batch left while the first one's answer was still unsettled (its 10
+    // records still in the outbox); the third after the first was settled. A clinic
+    // that settles each batch before sending the next finds 30, 20, 10.
+    assert_eq!(*link.outbox_seen.lock().unwrap(), [30, 30, 20]);
+    assert_eq!(a.store.counts().unwrap().outbox, 0);
+    assert_eq!(get(&hub.store(), "Patient/p29").unwrap()["id"], "p29");
+}
+
+#[test]
+fn an_older_parent_is_refused_once_per_pass_not_once_per_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, mut a) = hub_and_clinic(dir.path());
+    let unknown = ureq::post(&format!("{}/v1/no-such-endpoint", hub.url))
+        .set("Authorization", &format!("Bearer {}", hub.token("a")))
+        .send_bytes(b"x");
+    let Err(ureq::Error::Status(status, r)) = unknown else {
+        panic!("an unknown endpoint is refused")
+    };
+    a.put(
+        (0..30)
+            .map(|i| patient(&format!("p{i}"), "North"))
+            .collect(),
+    );
+    a.sync_cfg.push_batch_records = 10;
+    let mut link = Watched::new(&hub.url, &hub, "a");
+    link.older_parent = Some((status, r.into_string().unwrap()));
+    let report = sync_through(&mut a, &link);
+    assert_eq!(report.pushed.accepted, 30);
+    assert_eq!(
+        link.paths(),
+        ["/v1/sync", "/v1/push", "/v1/push", "/v1/push", "/v1/pull"]
+    );
 }
 
 #[test]
