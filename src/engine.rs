@@ -1473,6 +1473,9 @@ fn settle_all(
     let mut summary = PushSummary::default();
     let mut tx = store.begin()?;
     let actor = format!("push:{parent}");
+    // Usually nothing is held back at the push stage: one look per batch then spares
+    // a statement per acknowledged record.
+    let mut any_held = tx.any_quarantined(Stage::Push)?;
     for r in receipts {
         let Ok(key) = RecordKey::new(&r.kind, &r.id) else {
             continue;
@@ -1485,6 +1488,7 @@ fn settle_all(
                     continue;
                 }
                 summary.rejected += 1;
+                any_held = true;
                 let attempts =
                     tx.quarantine(&key, Stage::Push, reason, *permanent, now_ms, |n| {
                         retry_delay_ms(n, *permanent)
@@ -1529,7 +1533,7 @@ fn settle_all(
                 if tx.clear_outbox_if_vv(&key, &r.vv)? {
                     summary.cleared += 1;
                 }
-                if tx.release(&key, Stage::Push)? {
+                if any_held && tx.release(&key, Stage::Push)? {
                     tx.audit(
                         now_ms,
                         &actor,
@@ -2023,6 +2027,53 @@ mod tests {
             (before.head_seq, before.audit),
             (after.head_seq, after.audit)
         );
+    }
+
+    #[test]
+    fn a_record_refused_then_accepted_leaves_the_push_quarantine_in_the_same_batch_or_later() {
+        let mut n = net();
+        write_local(
+            &mut n.a,
+            &n.a_p,
+            vec![
+                (snap(json!({"resourceType":"Patient","id":"p1"})), false),
+                (snap(json!({"resourceType":"Patient","id":"p2"})), false),
+            ],
+            10,
+        )
+        .unwrap();
+        let req = next_push(&n.a, 10, 100, 1 << 20).unwrap().unwrap();
+        let receipt = |i: usize, outcome: Outcome| Receipt {
+            kind: req.records[i].kind.clone(),
+            id: req.records[i].id.clone(),
+            vv: req.records[i].vv.clone(),
+            outcome,
+        };
+        let refused = || Outcome::Rejected {
+            reason: "not now".into(),
+            permanent: false,
+        };
+        // Nothing held before this batch: p1 is refused and then (a parent answering
+        // its position twice) accepted in the same batch, and still released.
+        let s = apply_receipts(
+            &mut n.a,
+            "hub",
+            &[
+                receipt(0, refused()),
+                receipt(0, Outcome::Accepted),
+                receipt(1, refused()),
+            ],
+            11,
+        )
+        .unwrap();
+        assert_eq!((s.rejected, s.cleared), (2, 1));
+        let held: Vec<_> = n.a.quarantine_list().unwrap();
+        assert_eq!(held.len(), 1, "p2 only: {held:?}");
+        // Held from an earlier batch: accepted now, released.
+        let s = apply_receipts(&mut n.a, "hub", &[receipt(1, Outcome::Accepted)], 12).unwrap();
+        assert_eq!(s.cleared, 1);
+        assert!(n.a.quarantine_list().unwrap().is_empty());
+        assert_eq!(n.a.counts().unwrap().outbox, 0);
     }
 
     #[test]

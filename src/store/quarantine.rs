@@ -177,6 +177,16 @@ impl Tx<'_> {
         Ok(n)
     }
 
+    /// Whether any record is quarantined at `stage` (in this transaction's view).
+    pub fn any_quarantined(&self, stage: Stage) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT 1 FROM quarantine WHERE stage=?1 LIMIT 1")?
+            .query_row(params![stage.as_str()], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
     pub fn release(&mut self, key: &RecordKey, stage: Stage) -> Result<bool> {
         Ok(self
             .tx
