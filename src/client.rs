@@ -784,7 +784,11 @@ fn push_pass(
                 // is then the same in the next round (the outbox's), and a round cut
                 // mid-way resumes it there; a carried pull (health, cursor) would make
                 // every round's frame new. Its extra round trip is small beside it.
-                if crate::wire::encode(&msg).map_or(true, |f| f.len() > piece) {
+                // Measured as it will travel (the negotiated protocol and dictionary),
+                // not as v1: a batch that fits one piece in v2 carries the pull.
+                let frame =
+                    crate::wire::encode_as(&msg, crate::wire::LEVEL_FAST, client.encoding());
+                if frame.map_or(true, |f| f.len() > piece) {
                     *carry = with.take();
                     msg = Message::PushRequest(pushed_batch(msg));
                 }
