@@ -254,6 +254,10 @@ pub async fn serve(
     let policy = cfg.policy();
     // Open (and migrate) the store before anything else, so a bad store stops us here.
     let store = Store::open(&cfg.node.store, &cfg.node.id)?;
+    // Every counter, clock and cursor read as its type before the lock is taken (and
+    // an earlier stop's note removed): a daemon must not start, or hide that note,
+    // on a store a round would find corrupt later.
+    store.check_values()?;
     // One daemon per store; `status` and `restore` look for this lock.
     let _lock = crate::lock::acquire(&cfg.node.store)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -567,7 +571,7 @@ async fn sync_loop(
                 // Stored or signed data is not what was written: going on would sync
                 // damage to the parent or lose more. Stop, say what is corrupt, and let
                 // `run` exit 10 (systemd does not restart it: RestartPreventExitStatus).
-                tracing::error!(node = %shared.0.node_id, error = %e, "the store is corrupt: stopping; see README, Restore from a backup");
+                tracing::error!(node = %shared.0.node_id, error = %e, "the store is corrupt: stopping; see README, Runbook, \"Backup and restore\"");
                 let status = format!("stopped: store corrupt: {e}");
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
                 return Err(anyhow::Error::new(e));

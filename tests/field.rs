@@ -302,6 +302,38 @@ fn a_daemon_stopped_by_corruption_is_shown_as_such_by_status_until_one_runs_agai
             && !daemon.contains("start it"),
         "{daemon}"
     );
+    // `status --json` cannot read this store either, and still says why.
+    let json: serde_json::Value =
+        serde_json::from_slice(&cli(&config, &["status", "--json"]).stdout).unwrap();
+    assert!(json["daemon_stopped"]
+        .as_str()
+        .unwrap()
+        .contains("link_budget_bytes"));
+    // Started again on the same store, it stops at once, before it takes the lock (a
+    // start that clears the note, then fails elsewhere, would hide the corruption).
+    // Here the token is unusable too (open to others), so its round never gets as far
+    // as the bad value.
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut again = std::process::Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let code = loop {
+        if let Some(st) = again.try_wait().unwrap() {
+            break st.code();
+        }
+        if started.elapsed() > std::time::Duration::from_secs(8) {
+            let _ = again.kill();
+            let _ = again.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(10), "a daemon ran on a store it knew corrupt");
+    assert!(clinicsync::lock::stop_note(&store).is_some());
     // Mended (here by hand; in the field from a backup): the note stays until a
     // daemon runs again, then goes.
     rusqlite::Connection::open(&store)

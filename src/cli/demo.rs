@@ -65,8 +65,9 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
                     d.display()
                 )));
             }
-            std::fs::create_dir_all(&d).map_err(fail)?;
-            d
+            std::fs::create_dir_all(&d).map_err(|e| fail(format!("--dir {}: {e}", d.display())))?;
+            // Absolute, so the configurations and hints work from any directory.
+            std::fs::canonicalize(&d).map_err(|e| fail(format!("--dir {}: {e}", d.display())))?
         }
         None => {
             let d =

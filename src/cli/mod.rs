@@ -2116,6 +2116,39 @@ fn emr_status(cfg: &Config, store: &Store) -> Out {
 }
 
 fn status(cfg: &Config, json: bool) -> Out {
+    let result = status_of(cfg, json);
+    if let (Err(f), Some(why)) = (&result, crate::lock::stop_note(&cfg.node.store)) {
+        // The store a stopped daemon found corrupt may stop `status` too: why the
+        // daemon stopped is still shown.
+        if json {
+            print_json(&json!({
+                "node": cfg.node.id, "role": cfg.role(), "store": cfg.node.store,
+                "daemon_running": false, "daemon_stopped": why, "error": f.message,
+            }));
+        }
+    }
+    result
+}
+
+/// `status`'s daemon line: running, stopped by corruption (and why), or not running.
+fn daemon_line(cfg: &Config) -> String {
+    if crate::lock::daemon_running(&cfg.node.store) {
+        "running".to_string()
+    } else if let Some(why) = crate::lock::stop_note(&cfg.node.store) {
+        format!(
+            "STOPPED by corruption: {} (starting it again stops the same way: `clinicsync doctor`, then README, Runbook, \"Backup and restore\")",
+            safe(&why)
+        )
+    } else {
+        "NOT RUNNING (start it: systemctl start clinicsync)".to_string()
+    }
+}
+
+fn status_of(cfg: &Config, json: bool) -> Out {
+    if !json {
+        println!("node        {} ({})", safe(&cfg.node.id), cfg.role());
+        println!("daemon      {}", daemon_line(cfg));
+    }
     let store = open_existing(cfg)?;
     let c = store.counts()?;
     let peer = store.peer_state(PARENT)?;
@@ -2147,18 +2180,6 @@ fn status(cfg: &Config, json: bool) -> Out {
         }));
         return Ok(());
     }
-    println!("node        {} ({})", safe(&cfg.node.id), cfg.role());
-    let daemon = if crate::lock::daemon_running(&cfg.node.store) {
-        "running".to_string()
-    } else if let Some(why) = crate::lock::stop_note(&cfg.node.store) {
-        format!(
-            "STOPPED by corruption: {} (starting it again stops the same way: `clinicsync doctor`, then README, Restore from a backup)",
-            safe(&why)
-        )
-    } else {
-        "NOT RUNNING (start it: systemctl start clinicsync)".to_string()
-    };
-    println!("daemon      {daemon}");
     println!(
         "store       {} (schema {}, {} records, seq {})",
         safe_display(cfg.node.store.display()),
