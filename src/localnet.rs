@@ -45,9 +45,9 @@ pub fn write_layout(
     std::fs::create_dir_all(dir)?;
     let hub_url = format!("http://127.0.0.1:{port}");
     let mut hub_toml = format!(
-        "[node]\nid = \"hub\"\nstore = \"{}\"\nkeys_dir = \"{}\"\n\n[hub]\nlisten = \"127.0.0.1:{port}\"\n{extra_hub}\n",
-        dir.join("hub.db").display(),
-        dir.join("hub.keys").display()
+        "[node]\nid = \"hub\"\nstore = {}\nkeys_dir = {}\n\n[hub]\nlisten = \"127.0.0.1:{port}\"\n{extra_hub}\n",
+        toml_path(&dir.join("hub.db")),
+        toml_path(&dir.join("hub.keys"))
     );
     let mut out = Vec::new();
     for (id, district) in clinics {
@@ -63,10 +63,10 @@ pub fn write_layout(
         std::fs::write(
             &config,
             format!(
-                "[node]\nid = \"{id}\"\nstore = \"{}\"\nkeys_dir = \"{}\"\n\n[parent]\nurl = \"{hub_url}\"\ntoken_file = \"{}\"\n\n[sync]\n{sync}\n",
-                store.display(),
-                dir.join(format!("{id}.keys")).display(),
-                token_file.display()
+                "[node]\nid = \"{id}\"\nstore = {}\nkeys_dir = {}\n\n[parent]\nurl = \"{hub_url}\"\ntoken_file = {}\n\n[sync]\n{sync}\n",
+                toml_path(&store),
+                toml_path(&dir.join(format!("{id}.keys"))),
+                toml_path(&token_file)
             ),
         )?;
         out.push(NodeFiles {
@@ -214,4 +214,10 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     cond()
+}
+
+/// A path as a TOML string (quoted, escaped): a directory named with a quote, a
+/// backslash or a newline cannot break or add to the configuration.
+fn toml_path(p: &Path) -> String {
+    toml::Value::String(p.display().to_string()).to_string()
 }

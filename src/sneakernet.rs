@@ -85,7 +85,7 @@ pub fn trusted_keys(store: &Store, node: &str) -> Result<Option<PublicKeys>, Sne
     let Some((line, _)) = store.trusted(node)? else {
         return Ok(None);
     };
-    PublicKeys::parse(&line).map(Some).map_err(|e| {
+    let bad = |problem: String| {
         let shown: String = line.chars().take(64).collect();
         SneakerError::from(crate::store::StoreError::BadValue {
             table: "trusted_keys",
@@ -93,10 +93,20 @@ pub fn trusted_keys(store: &Store, node: &str) -> Result<Option<PublicKeys>, Sne
             row: node.to_string(),
             value: format!("{shown:?}"),
             problem: format!(
-                "{e}; `clinicsync keys trust <its public key> --replace` stores it again"
+                "{problem}; `clinicsync keys trust <its public key> --replace` stores it again"
             ),
         })
-    })
+    };
+    let keys = PublicKeys::parse(&line).map_err(|e| bad(e.to_string()))?;
+    // `keys trust` files a key under the node it names: a row holding another
+    // node's key was changed, and checking a bundle with it would blame the bundle.
+    if keys.node != node {
+        return Err(bad(format!(
+            "it is the key of {:?}, not of {node:?}",
+            keys.node
+        )));
+    }
+    Ok(Some(keys))
 }
 
 fn bundle_in(h: &BundleHeader) -> BundleIn<'_> {

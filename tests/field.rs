@@ -768,4 +768,19 @@ fn the_demo_s_hints_name_only_files_that_exist_and_it_never_writes_into_a_used_d
     let (ok, _, err) = demo(&["--dir", kept.to_str().unwrap()]);
     assert!(!ok && err.contains("not empty"), "{err}");
     assert!(Path::new(config).exists());
+    // A name TOML would have to escape, given relative: the configurations still parse
+    // and name absolute paths.
+    let odd = "q\"x\\y";
+    let out = std::process::Command::new(BIN)
+        .args(["demo", "--dir", odd])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let toml = std::fs::read_to_string(dir.path().join(odd).join("clinic-a.toml")).unwrap();
+    assert!(toml.contains(&dir.path().display().to_string()), "{toml}");
 }

@@ -750,6 +750,19 @@ fn a_garbled_trusted_key_is_named_as_corruption_not_as_an_untrusted_sender() {
         "{err}"
     );
     assert_eq!(fingerprint(&l.hub.store), before, "nothing applied");
+    // A well-formed line, but another node's key (the hub's own): the row is named,
+    // not the bundle's signature.
+    let db = rusqlite::Connection::open(&l.hub.store).unwrap();
+    db.execute(
+        "UPDATE trusted_keys SET line=?1 WHERE node='clinic-a'",
+        [good.replace("clinic-a", "clinic-b")],
+    )
+    .unwrap();
+    drop(db);
+    let out = run(hub, &["import", part.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(10), "{err}");
+    assert!(err.contains("not of \"clinic-a\""), "{err}");
     // Storing the key again, as the message says, mends it.
     ok(run(hub, &["keys", "trust", &good, "--replace"]));
     ok(run(hub, &["import", part.to_str().unwrap()]));
