@@ -277,7 +277,7 @@ pub enum Command {
     },
     /// Start a hub and two clinics on 127.0.0.1, write synthetic data, sync, show status.
     Demo {
-        /// Keep the demo's files in this directory instead of a temporary one.
+        /// Keep the demo's nodes in this directory (new or empty; refused otherwise) instead of a temporary one removed at the end.
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Patients registered at each clinic.
