@@ -1628,8 +1628,10 @@ pub fn store_pull(
     if restoring_own(tx.cursor(parent)?, tx.meta(&meta::RESTORING_OWN)?) {
         tx.set_meta(&meta::RESTORING_OWN, resp.more)?;
     }
+    // A parent's count beyond any real one (its store cannot hold it) is not kept:
+    // it would leave this node unable to number another bundle.
     let known = tx.meta(&meta::BUNDLE_SEQ_AT_PARENT)?.unwrap_or(0);
-    if resp.bundle_seq > known {
+    if resp.bundle_seq > known && resp.bundle_seq <= crate::store::MAX_BUNDLE_SEQ {
         tx.set_meta(&meta::BUNDLE_SEQ_AT_PARENT, resp.bundle_seq)?;
     }
     tx.set_cursor(parent, resp.next, resp.head, now_ms)?;

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::engine::{self, Policy};
 use crate::error::{Classify, ErrorClass};
 use crate::keys::{Identity, PublicKeys};
-use crate::store::{meta, BundleIn, Store};
+use crate::store::{meta, BundleIn, Store, MAX_BUNDLE_SEQ};
 use crate::time::wall_ms;
 use crate::transport::file::{self, BundleError, BundleHeader, BundleWriter, Item};
 
@@ -132,7 +132,7 @@ pub fn import_dir(store: &Store) -> Result<PathBuf, SneakerError> {
 /// recipient refuses one it has seen); at the end of the range there is no next one,
 /// and the count is named rather than wrapped to 0.
 fn next_bundle_seq(last: u64, to: &str) -> Result<u64, SneakerError> {
-    last.checked_add(1).ok_or_else(|| {
+    last.checked_add(1).filter(|n| *n <= MAX_BUNDLE_SEQ).ok_or_else(|| {
         SneakerError::Refused(format!(
             "the bundle count to {to} is at its maximum ({last}): it came from a store value or a parent's answer that is not a real count; nothing was written"
         ))
@@ -236,6 +236,12 @@ pub fn import(
     }
     let bundle = verified?;
     let h = bundle.header.clone();
+    if h.seq > MAX_BUNDLE_SEQ {
+        return Err(SneakerError::Refused(format!(
+            "bundle #{} from {}: a bundle number is at most {MAX_BUNDLE_SEQ}, so this one was not counted by clinicsync; nothing applied",
+            h.seq, h.sender
+        )));
+    }
     let prior = store.bundle_in(&h.id)?;
     if let Some((_, true, finished)) = prior {
         return Err(SneakerError::Refused(format!(

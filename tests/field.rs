@@ -735,14 +735,17 @@ fn the_demo_s_hints_name_only_files_that_exist_and_it_never_writes_into_a_used_d
             .output()
             .unwrap();
         (
-            out.status.success(),
+            out.status.code(),
             String::from_utf8_lossy(&out.stdout).to_string(),
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
     // A temporary directory is gone at the end: no hint names it.
-    let (ok, out, err) = demo(&[]);
-    assert!(ok, "{out}{err}");
+    let (code, out, err) = demo(&[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // Every node's status is read while it runs, as a technician would see it.
+    let statuses = out.split("4. status of every node").nth(1).unwrap();
+    assert!(!statuses.contains("NOT RUNNING"), "{statuses}");
     let tmp = out
         .lines()
         .find_map(|l| l.strip_prefix("== clinicsync demo in "))
@@ -754,8 +757,8 @@ fn the_demo_s_hints_name_only_files_that_exist_and_it_never_writes_into_a_used_d
     // A directory named with --dir is kept, and the hints work as printed.
     let dir = tempfile::tempdir().unwrap();
     let kept = dir.path().join("demo");
-    let (ok, out, err) = demo(&["--dir", kept.to_str().unwrap()]);
-    assert!(ok, "{out}{err}");
+    let (code, out, err) = demo(&["--dir", kept.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
     let hint = out
         .lines()
         .find_map(|l| l.strip_prefix("Try: clinicsync --config "))
@@ -765,8 +768,11 @@ fn the_demo_s_hints_name_only_files_that_exist_and_it_never_writes_into_a_used_d
     let history = cli(Path::new(config), &args);
     assert!(history.status.success(), "{hint}");
     // A directory in use is refused, and left as it was.
-    let (ok, _, err) = demo(&["--dir", kept.to_str().unwrap()]);
-    assert!(!ok && err.contains("not empty"), "{err}");
+    let (code, _, err) = demo(&["--dir", kept.to_str().unwrap()]);
+    assert!(
+        code == Some(2) && err.contains("not empty"),
+        "{code:?} {err}"
+    );
     assert!(Path::new(config).exists());
     // A name TOML would have to escape, given relative: the configurations still parse
     // and name absolute paths.
@@ -783,4 +789,21 @@ fn the_demo_s_hints_name_only_files_that_exist_and_it_never_writes_into_a_used_d
     );
     let toml = std::fs::read_to_string(dir.path().join(odd).join("clinic-a.toml")).unwrap();
     assert!(toml.contains(&dir.path().display().to_string()), "{toml}");
+    // Its hints are quoted for the shell: pasted as printed, they run.
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let hint = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Try: clinicsync "))
+        .unwrap();
+    let pasted = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("\"$0\" {hint}"))
+        .arg(BIN)
+        .output()
+        .unwrap();
+    assert!(
+        pasted.status.success(),
+        "{hint}: {}",
+        String::from_utf8_lossy(&pasted.stderr)
+    );
 }

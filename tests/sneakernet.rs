@@ -713,6 +713,78 @@ fn a_bundle_count_at_its_maximum_is_refused_by_name_not_wrapped() {
 }
 
 #[test]
+fn a_bundle_numbered_beyond_any_real_count_is_refused_at_import_and_named_by_doctor() {
+    // A store keeps bundle numbers as SQLite's signed 64-bit integers: a header signed
+    // by a trusted key (a clinic whose store was edited, or whose key leaked) numbered
+    // 2^63 or above would read back negative and disorder every later check. The hub
+    // refuses it by name, applies nothing, and the clinic's real bundles still go in.
+    use clinicsync::keys::{Identity, PublicKeys};
+    use clinicsync::transport::file::{BundleHeader, BundleWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let stick = dir.path().join("stick");
+    std::fs::create_dir(&stick).unwrap();
+    let l = enrolled(dir.path());
+    let (hub, clinic) = (&l.hub.config, &l.clinics[0].config);
+    let cfg = clinicsync::config::Config::load(clinic).unwrap();
+    let me = Identity::load(&cfg.keys_dir(), "clinic-a").unwrap();
+    let hub_line = ok(run(hub, &["keys", "show"]));
+    let to = PublicKeys::parse(hub_line.lines().last().unwrap().trim()).unwrap();
+    let header = BundleHeader {
+        id: clinicsync::auth::new_id(),
+        kind: "export".into(),
+        sender: "clinic-a".into(),
+        recipient: "hub".into(),
+        seq: u64::MAX - 1,
+        created_ms: clinicsync::time::wall_ms(),
+        part_size: 1 << 20,
+    };
+    let forged = BundleWriter::create(&stick.join("forged.csb"), header, &me, &to)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let before = fingerprint(&l.hub.store);
+    refused(
+        run(hub, &["import", forged[0].to_str().unwrap()]),
+        "a bundle number is at most 9223372036854775807",
+    );
+    assert_eq!(fingerprint(&l.hub.store), before, "nothing applied");
+
+    let v1 = write_json(
+        dir.path(),
+        "v1.json",
+        json!({"resourceType":"Patient","id":"p","gender":"male"}),
+    );
+    ok(run(clinic, &["put", v1.to_str().unwrap()]));
+    ok(run(clinic, &["export", stick.to_str().unwrap()]));
+    let real = parts_in(&stick, "clinic-a-to-hub")[0].clone();
+    assert!(ok(run(hub, &["import", real.to_str().unwrap()])).contains("1 records"));
+
+    // A count at the end of the range in the clinic's own store (edited, or written
+    // by an older build from a parent's answer) is a doctor finding, not a surprise
+    // at the next export.
+    {
+        let mut s = Store::open_existing(&l.clinics[0].store).unwrap();
+        let mut tx = s.begin().unwrap();
+        tx.set_meta(
+            &clinicsync::store::meta::bundle_seq_out("hub"),
+            clinicsync::store::MAX_BUNDLE_SEQ,
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let out = run(clinic, &["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("bundle_seq_out:hub is 9223372036854775807: no next bundle number"),
+        "{text}"
+    );
+    refused(
+        run(clinic, &["export", stick.to_str().unwrap()]),
+        "bundle count to hub is at its maximum",
+    );
+}
+
+#[test]
 fn a_garbled_trusted_key_is_named_as_corruption_not_as_an_untrusted_sender() {
     let dir = tempfile::tempdir().unwrap();
     let stick = dir.path().join("stick");
@@ -750,6 +822,16 @@ fn a_garbled_trusted_key_is_named_as_corruption_not_as_an_untrusted_sender() {
         "{err}"
     );
     assert_eq!(fingerprint(&l.hub.store), before, "nothing applied");
+    // `keys list` still lists every row, flags the damaged one under it, and ends
+    // with the corruption exit.
+    let out = run(hub, &["keys", "list"]);
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(10), "{listed}");
+    assert!(
+        listed.contains("clinic-a\n  clinicsync-node v1 clinic-a zz\n  DAMAGED: ")
+            && listed.contains("trusted_keys.line of clinic-a"),
+        "{listed}"
+    );
     // A well-formed line, but another node's key (the hub's own): the row is named,
     // not the bundle's signature.
     let db = rusqlite::Connection::open(&l.hub.store).unwrap();

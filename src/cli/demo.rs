@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::{Failure, EXIT_FAILURE};
+use crate::cli::{Failure, EXIT_FAILURE, EXIT_USAGE};
 use crate::localnet::{self, Proc};
 use crate::store::Store;
 use crate::synth;
@@ -44,6 +44,19 @@ fn put(
     Ok(())
 }
 
+/// `path` as one word for a POSIX shell: as it is when it holds only characters no
+/// shell treats specially, otherwise in single quotes (a `'` inside as `'\''`), so a
+/// printed hint can be pasted as it is.
+fn shell_word(path: &Path) -> String {
+    let s = path.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// The demo's own directory, removed when the demo ends (unless `--dir` named one).
 struct RemoveOnDrop(PathBuf);
 
@@ -55,15 +68,19 @@ impl Drop for RemoveOnDrop {
 
 pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
     let mut cleanup = None;
+    let named = dir.is_some();
     let dir = match dir {
         Some(d) => {
             // Another demo's (or anything's) files would be mixed with this one's:
             // stores reused, configurations overwritten.
             if std::fs::read_dir(&d).is_ok_and(|mut entries| entries.next().is_some()) {
-                return Err(fail(format!(
-                    "--dir {}: the directory is not empty; name a new or empty one (the demo writes its nodes' stores and configurations there)",
-                    d.display()
-                )));
+                return Err(Failure::new(
+                    EXIT_USAGE,
+                    format!(
+                        "demo: --dir {}: the directory is not empty; name a new or empty one (the demo writes its nodes' stores and configurations there)",
+                        d.display()
+                    ),
+                ));
             }
             std::fs::create_dir_all(&d).map_err(|e| fail(format!("--dir {}: {e}", d.display())))?;
             // Absolute, so the configurations and hints work from any directory.
@@ -77,10 +94,27 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
             d
         }
     };
+    let result = run_in(&dir, patients, &mut cleanup);
+    match result {
+        // A named directory keeps what was written before the failure: say so, since
+        // another demo will not write into it until it is emptied.
+        Err(mut f) if named => {
+            f.message = format!(
+                "{}\nThe demo's files so far are kept in {} (its logs included); remove them before running another demo there.",
+                f.message,
+                shell_word(&dir)
+            );
+            Err(f)
+        }
+        other => other,
+    }
+}
+
+fn run_in(dir: &Path, patients: usize, cleanup: &mut Option<RemoveOnDrop>) -> Result<(), Failure> {
     let exe = std::env::current_exe().map_err(fail)?;
     let port = localnet::free_port().map_err(fail)?;
     let layout = localnet::write_layout(
-        &dir,
+        dir,
         port,
         &[("clinic-a", "Kakamega"), ("clinic-b", "Bungoma")],
         "interval_secs = 1\nbackoff_min_secs = 1\nbackoff_max_secs = 5",
@@ -97,7 +131,7 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
             synth::location("loc-kakamega", "Kakamega Dispensary", "Kakamega"),
             synth::location("loc-bungoma", "Bungoma Health Centre", "Bungoma"),
         ],
-        &dir,
+        dir,
         "hub-metadata",
     )?;
     let a = &layout.clinics[0];
@@ -106,14 +140,14 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
         &exe,
         &a.config,
         synth::clinic_records(1, "a", "Kakamega", "loc-kakamega", patients, 2, 3),
-        &dir,
+        dir,
         "clinic-a-patients",
     )?;
     put(
         &exe,
         &b.config,
         synth::clinic_records(2, "b", "Bungoma", "loc-bungoma", patients, 2, 3),
-        &dir,
+        dir,
         "clinic-b-patients",
     )?;
     // A patient registered centrally who lives in clinic A's district.
@@ -122,7 +156,7 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
         &exe,
         &layout.hub.config,
         vec![synth::patient(&mut g, "hub-p0", "Kakamega")],
-        &dir,
+        dir,
         "hub-patient",
     )?;
 
@@ -151,10 +185,8 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
             && ca.records as usize == 3 + 1 + patients * 9
             && cb.records as usize == 3 + patients * 9
     });
-    for p in procs.iter_mut() {
-        p.terminate();
-    }
-    hub.terminate();
+    // Status and the fleet view are read while the nodes still run, as a technician
+    // would see them; the nodes stop after.
     println!("4. status of every node\n");
     for node in std::iter::once(&layout.hub).chain(layout.clinics.iter()) {
         let out = std::process::Command::new(&exe)
@@ -173,6 +205,10 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
         .output()
         .map_err(fail)?;
     println!("{}", String::from_utf8_lossy(&out.stdout));
+    for p in procs.iter_mut() {
+        p.terminate();
+    }
+    hub.terminate();
     if !converged {
         // Kept, so the logs it names are there to read.
         if let Some(keep) = cleanup.take() {
@@ -194,11 +230,11 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
     } else {
         println!(
             "Try: clinicsync --config {} history Patient/a-p0",
-            a.config.display()
+            shell_word(&a.config)
         );
         println!(
             "     clinicsync --config {} fleet --json",
-            layout.hub.config.display()
+            shell_word(&layout.hub.config)
         );
     }
     Ok(())

@@ -193,6 +193,20 @@ fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
                         Some("restore the store from a backup; keep the damaged file for analysis"),
                     )),
                 }
+                match store.exhausted_bundle_counts() {
+                    Ok(full) if !full.is_empty() => checks.push(check(
+                        Level::Warn,
+                        "bundles",
+                        full.iter()
+                            .map(|(key, v)| {
+                                format!("USB bundle count {key} is {v}: no next bundle number")
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        Some("clinicsync never writes such a count (a forged parent answer or an edited store): USB export stays refused; restore the store from a backup (README, Backup and restore)"),
+                    )),
+                    _ => {}
+                }
                 if let Ok(c) = store.counts() {
                     let level = if c.quarantine > 0 {
                         Level::Warn

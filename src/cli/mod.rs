@@ -1774,13 +1774,25 @@ fn keys(cfg: &Config, action: KeysCmd) -> Out {
             );
         }
         KeysCmd::List => {
-            for (node, line, is_parent) in open_existing(cfg)?.trusted_list()? {
+            // Every row is shown; one that does not hold its node's key is flagged
+            // under it (bundles from that node are refused as corruption) and the
+            // command ends with the corruption exit once all are listed.
+            let store = open_existing(cfg)?;
+            let mut damaged = None;
+            for (node, line, is_parent) in store.trusted_list()? {
                 println!(
                     "{}{}\n  {}",
                     safe(&node),
                     if is_parent { " (parent)" } else { "" },
                     safe(&line)
                 );
+                if let Err(e) = crate::sneakernet::trusted_keys(&store, &node) {
+                    println!("  DAMAGED: {}", safe(&e.to_string()));
+                    damaged.get_or_insert(e);
+                }
+            }
+            if let Some(e) = damaged {
+                return Err(Failure::classified(&e, EXIT_BUNDLE));
             }
         }
     }

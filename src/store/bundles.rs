@@ -16,6 +16,12 @@ use rusqlite::{params, OptionalExtension};
 
 use super::{Result, Store, Tx};
 
+/// The largest bundle number: the store keeps it as SQLite's signed 64-bit integer,
+/// so a number above it would read back negative. No real count gets near it (a
+/// bundle a second for 292 billion years): one above it is a forged header or a
+/// corrupt value, refused where it comes in.
+pub const MAX_BUNDLE_SEQ: u64 = i64::MAX as u64;
+
 /// An imported bundle, as the store tracks it.
 pub struct BundleIn<'a> {
     pub id: &'a str,

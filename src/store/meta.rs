@@ -262,13 +262,8 @@ impl Store {
         one(self, &PARENT_CLOCK_SKEW_MS, &mut n)?;
         one(self, &RESTORING_OWN, &mut n)?;
         one(self, &HLC, &mut n)?;
-        let peers: Vec<String> = self
-            .conn
-            .prepare("SELECT substr(key, 16) FROM meta WHERE key LIKE 'bundle_seq_out:%'")?
-            .query_map([], |r| r.get(0))?
-            .collect::<std::result::Result<_, _>>()?;
-        for peer in &peers {
-            one(self, &bundle_seq_out(peer), &mut n)?;
+        for peer in self.bundle_peers()? {
+            one(self, &bundle_seq_out(&peer), &mut n)?;
         }
         let peers: Vec<String> = self
             .conn
@@ -280,6 +275,32 @@ impl Store {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+impl Store {
+    /// The peers this node has numbered USB bundles for.
+    fn bundle_peers(&self) -> Result<Vec<String>> {
+        Ok(self
+            .conn
+            .prepare("SELECT substr(key, 16) FROM meta WHERE key LIKE 'bundle_seq_out:%'")?
+            .query_map([], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// The USB bundle counts that leave no next number (at or above
+    /// [`super::MAX_BUNDLE_SEQ`]; clinicsync never writes one): (meta key, value).
+    /// An export to that peer is refused until the count is put right (`doctor`).
+    pub fn exhausted_bundle_counts(&self) -> Result<Vec<(String, u64)>> {
+        let mut keys = vec![BUNDLE_SEQ_AT_PARENT];
+        keys.extend(self.bundle_peers()?.iter().map(|p| bundle_seq_out(p)));
+        let mut out = Vec::new();
+        for key in keys {
+            if let Some(v) = self.meta(&key)?.filter(|v| *v >= super::MAX_BUNDLE_SEQ) {
+                out.push((key.name().to_string(), v));
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -138,7 +138,7 @@ mod replica;
 mod transfers;
 
 pub use audit::{AuditCheck, AuditRow};
-pub use bundles::BundleIn;
+pub use bundles::{BundleIn, MAX_BUNDLE_SEQ};
 pub use catchment::{CatchmentReason, FeedPage};
 pub use conflicts::{ConflictEntry, ConflictSide, StoredConflict};
 pub use meta::{MetaKey, MetaValue};
