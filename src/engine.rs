@@ -2009,6 +2009,26 @@ mod tests {
     }
 
     #[test]
+    fn a_parent_s_bundle_count_beyond_any_real_one_is_not_kept() {
+        // A lying (or broken) parent's answer must not leave this node unable to
+        // number its next USB bundle; a real count is kept as before.
+        let mut n = net();
+        let mut resp = handle_pull(
+            &n.hub,
+            &n.hub_p,
+            "a",
+            &pull_request(&n.a, "hub", 1000, 1 << 20).unwrap(),
+        )
+        .unwrap();
+        resp.bundle_seq = u64::MAX - 1;
+        store_pull(&mut n.a, "hub", &resp, (0, 0), 10).unwrap();
+        assert_eq!(n.a.meta(&meta::BUNDLE_SEQ_AT_PARENT).unwrap(), None);
+        resp.bundle_seq = 7;
+        store_pull(&mut n.a, "hub", &resp, (0, 0), 11).unwrap();
+        assert_eq!(n.a.meta(&meta::BUNDLE_SEQ_AT_PARENT).unwrap(), Some(7));
+    }
+
+    #[test]
     fn the_same_push_twice_changes_nothing_the_second_time() {
         let mut n = net();
         write_local(
