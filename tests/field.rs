@@ -48,6 +48,32 @@ fn a_typo_in_the_store_path_is_named_and_creates_nothing() {
 }
 
 #[test]
+fn a_sync_that_creates_the_store_says_so_once() {
+    // `sync` is how a new or wiped clinic starts (README, A clinic): it may create the
+    // store, but a mistyped node.store must not pass unnoticed.
+    let dir = tempfile::tempdir().unwrap();
+    let l =
+        clinicsync::devkit::cluster::write_layout(dir.path(), 1, &[("clinic-a", "North")], "", "")
+            .unwrap();
+    let clinic = &l.clinics[0];
+    let _ = std::fs::remove_file(&clinic.store);
+    // No hub listens: the sync fails on the link, after the store was created.
+    let out = cli(&clinic.config, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(clinic.store.exists(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "no store was at {} (node.store): created a new one",
+            clinic.store.display()
+        )),
+        "{err}"
+    );
+    let again = cli(&clinic.config, &["sync"]);
+    let err = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(!err.contains("created a new one"), "{err}");
+}
+
+#[test]
 fn root_is_refused_on_a_store_owned_by_the_service_user() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

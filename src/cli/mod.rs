@@ -1219,7 +1219,17 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Fleet { json, silent_after } => fleet::run(cfg, json, silent_after, now),
         Command::Remote { node, action } => remote(cfg, &node, action, now),
         Command::Sync { json, bootstrap } => {
+            // A new or wiped clinic's first sync creates its store, as the service's
+            // first start does; said out loud, so a mistyped node.store is noticed
+            // before the catchment is pulled into the wrong file.
+            let created = !cfg.node.store.exists();
             let mut store = open(cfg)?;
+            if created {
+                eprintln!(
+                    "clinicsync: no store was at {} (node.store): created a new one, as for a new or wiped clinic. If node.store is mistyped, stop, remove that file and correct the configuration.",
+                    safe_display(cfg.node.store.display())
+                );
+            }
             let link = client::connect_parent(cfg).map_err(|e| {
                 // A credential file missing, unreadable or open to others is this
                 // node's configuration, not the link (exit 3, as `config check`).
