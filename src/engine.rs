@@ -1124,11 +1124,11 @@ fn push_one(
             let integrated =
                 integrate_over(tx, &version, current, source, Some(child), false, now_ms)?;
             let stored = match &integrated {
-                Integrated::Accepted => Some(version.clone()),
-                Integrated::Conflict { result, .. } => Some((**result).clone()),
+                Integrated::Accepted => Some(&version),
+                Integrated::Conflict { result, .. } => Some(&**result),
                 _ => None,
             };
-            if let Some(v) = &stored {
+            if let Some(v) = stored {
                 // A child's edit may bring a patient into catchments by rule but
                 // never takes it out of one: moving patients is the hub's call.
                 update_catchment(tx, policy, v, false)?;

@@ -23,7 +23,10 @@ use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{shown_blob, Result, Store, StoreError, Tx};
+use super::{shown_blob, Hot, Result, Store, StoreError, Tx};
+
+/// One entry at the head of the chain.
+pub(super) const INSERT_SQL: &str = "INSERT INTO audit(n, at_ms, actor, action, record, hash, detail, prev, entry) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
 /// One audit entry (`audit list`).
 #[derive(Debug, Clone, Serialize)]
@@ -212,11 +215,20 @@ impl Tx<'_> {
             detail: detail.to_string(),
         };
         let entry = fields.entry_hash(&prev);
-        self.tx
-            .prepare_cached(
-                "INSERT INTO audit(n, at_ms, actor, action, record, hash, detail, prev, entry) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![fields.n, fields.at_ms, actor, action, record, hash, detail, &prev[..], &entry])?;
+        self.with_hot(Hot::InsertAudit, |stmt| {
+            stmt.execute(params![
+                fields.n,
+                fields.at_ms,
+                actor,
+                action,
+                record,
+                hash,
+                detail,
+                &prev[..],
+                &entry
+            ])?;
+            Ok(())
+        })?;
         let mut head = [0u8; 32];
         head.copy_from_slice(&entry);
         self.audit_head = Some((fields.n, head));

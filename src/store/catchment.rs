@@ -19,9 +19,13 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{Result, Store, Stored, Tx};
+use super::{Hot, Result, Store, Stored, Tx};
 use crate::model::RecordKey;
 use crate::wire::Cursor;
+
+/// A patient's row in a node's catchment: whether it was moved out, and when.
+pub(super) const ENTRY_SQL: &str =
+    "SELECT reason = 'moved', moved_ms FROM catchment WHERE node=?1 AND patient=?2";
 
 text_enum! {
     /// Why a patient is in a node's catchment (`catchment.reason`). The feed's SQL
@@ -262,19 +266,17 @@ impl Tx<'_> {
     /// A patient's row in a node's catchment, in one lookup: `None` when it has none
     /// ([`Tx::in_catchment`] false), else when the patient moved away, if it did.
     pub fn catchment_entry(&self, node: &str, patient: &str) -> Result<Option<CatchmentEntry>> {
-        Ok(self
-            .tx
-            .prepare_cached(
-                "SELECT reason = 'moved', moved_ms FROM catchment WHERE node=?1 AND patient=?2",
-            )?
-            .query_row([node, patient], |r| {
-                let moved: bool = r.get(0)?;
-                let at: Option<i64> = r.get(1)?;
-                Ok(CatchmentEntry {
-                    moved_ms: at.filter(|_| moved).map(|v| v as u64),
+        self.with_hot(Hot::CatchmentEntry, |stmt| {
+            Ok(stmt
+                .query_row([node, patient], |r| {
+                    let moved: bool = r.get(0)?;
+                    let at: Option<i64> = r.get(1)?;
+                    Ok(CatchmentEntry {
+                        moved_ms: at.filter(|_| moved).map(|v| v as u64),
+                    })
                 })
-            })
-            .optional()?)
+                .optional()?)
+        })
     }
 
     /// Takes a patient out of a node's catchment, whatever put it there.

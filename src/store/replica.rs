@@ -32,7 +32,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::{meta, shown_blob, shown_text, Result, Store, StoreError, Tx};
+use super::{meta, shown_blob, shown_text, Hot, Result, Store, StoreError, Tx};
 use crate::model::{Class, ContentHash, Hlc, RecordKey, Snapshot, Version, VersionVector};
 
 /// A stored version and where it sits in this node's change sequence.
@@ -167,11 +167,23 @@ pub(super) fn stored_rows(
     Ok(out)
 }
 
+/// The current version of one record ([`REPLICA_COLS`]).
+pub(super) const CURRENT_SQL: &str = "SELECT kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body FROM replica WHERE kind=?1 AND id=?2";
+
 pub(super) fn current_in(conn: &Connection, key: &RecordKey) -> Result<Option<Stored>> {
-    let sql = format!("SELECT {REPLICA_COLS} FROM replica WHERE kind=?1 AND id=?2");
-    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut stmt = conn.prepare_cached(CURRENT_SQL)?;
     Ok(stored_rows(&mut stmt, params![key.kind, key.id])?.pop())
 }
+
+pub(super) const UPSERT_SQL: &str = "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms, sender)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT(kind, id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash, origin=excluded.origin,
+                   hlc_wall=excluded.hlc_wall, hlc_ctr=excluded.hlc_ctr, vv=excluded.vv, deleted=excluded.deleted,
+                   class=excluded.class, patient=excluded.patient, body=excluded.body, updated_ms=excluded.updated_ms,
+                   sender=excluded.sender";
+
+pub(super) const INSERT_VERSION_SQL: &str = "INSERT OR IGNORE INTO versions(kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body, seen_ms, source, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
 
 impl Store {
     pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
@@ -296,7 +308,9 @@ impl Store {
 
 impl Tx<'_> {
     pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
-        current_in(&self.tx, key)
+        self.with_hot(Hot::Current, |stmt| {
+            Ok(stored_rows(stmt, params![key.kind, key.id])?.pop())
+        })
     }
 
     /// Makes `v` the current version of its record, adds it to history and writes
@@ -316,8 +330,9 @@ impl Tx<'_> {
         outcome: VersionOutcome,
         now_ms: u64,
     ) -> Result<u64> {
-        let seq = self.put_current(v, sender, now_ms)?;
-        self.remember(v, source, outcome, now_ms)?;
+        let vv = v.vv.to_json();
+        let seq = self.put_current(v, &vv, sender, now_ms)?;
+        self.remember_with(v, &vv, source, outcome, now_ms)?;
         let action = if v.deleted { "delete" } else { "write" };
         let detail = format!("origin={} vv={}", v.origin, v.vv);
         self.audit(
@@ -350,19 +365,18 @@ impl Tx<'_> {
 
     /// Makes `v` the current version of its record, with a new change sequence
     /// (only through [`Tx::write_version`]).
-    fn put_current(&mut self, v: &Version, sender: Option<&str>, now_ms: u64) -> Result<u64> {
+    /// `vv` is `v.vv` as JSON, made once for this row and its history row.
+    fn put_current(
+        &mut self,
+        v: &Version,
+        vv: &str,
+        sender: Option<&str>,
+        now_ms: u64,
+    ) -> Result<u64> {
         let seq = self.next_seq()?;
         let s = &v.snapshot;
-        self.tx
-            .prepare_cached(
-                "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms, sender)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-                 ON CONFLICT(kind, id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash, origin=excluded.origin,
-                   hlc_wall=excluded.hlc_wall, hlc_ctr=excluded.hlc_ctr, vv=excluded.vv, deleted=excluded.deleted,
-                   class=excluded.class, patient=excluded.patient, body=excluded.body, updated_ms=excluded.updated_ms,
-                   sender=excluded.sender",
-            )?
-            .execute(params![
+        self.with_hot(Hot::UpsertReplica, |stmt| {
+            stmt.execute(params![
                 s.key.kind,
                 s.key.id,
                 seq as i64,
@@ -370,7 +384,7 @@ impl Tx<'_> {
                 v.origin,
                 v.hlc.wall_ms as i64,
                 v.hlc.counter as i64,
-                v.vv.to_json(),
+                vv,
                 v.deleted,
                 s.class.as_str(),
                 s.patient,
@@ -378,6 +392,8 @@ impl Tx<'_> {
                 now_ms as i64,
                 sender
             ])?;
+            Ok(())
+        })?;
         Ok(seq)
     }
 
@@ -389,27 +405,35 @@ impl Tx<'_> {
         outcome: VersionOutcome,
         now_ms: u64,
     ) -> Result<bool> {
+        self.remember_with(v, &v.vv.to_json(), source, outcome, now_ms)
+    }
+
+    /// [`Tx::remember`] with `v.vv` already as JSON.
+    fn remember_with(
+        &mut self,
+        v: &Version,
+        vv: &str,
+        source: &str,
+        outcome: VersionOutcome,
+        now_ms: u64,
+    ) -> Result<bool> {
         let s = &v.snapshot;
-        let n = self
-            .tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO versions(kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body, seen_ms, source, outcome)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?
-            .execute(params![
+        let n = self.with_hot(Hot::InsertVersion, |stmt| {
+            Ok(stmt.execute(params![
                 s.key.kind,
                 s.key.id,
                 &s.hash.0[..],
                 v.origin,
                 v.hlc.wall_ms as i64,
                 v.hlc.counter as i64,
-                v.vv.to_json(),
+                vv,
                 v.deleted,
                 s.body,
                 now_ms as i64,
                 source,
                 outcome.as_str()
-            ])?;
+            ])?)
+        })?;
         Ok(n > 0)
     }
 
