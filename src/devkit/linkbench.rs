@@ -6,7 +6,11 @@
 //! Rows: clinicsync (real hub and `clinicsync sync` processes); per-resource FHIR REST
 //! the way OpenMRS Sync 2.0 moves data, against sekmet-fhir (a real FHIR R4 server
 //! from PyPI); CouchDB replication, PouchDB's replicator against pouchdb-server (npm);
-//! and the physical floor, the workload's zstd size over the link rate. Rows too slow
+//! and the physical floor, the workload's zstd size over the link rate. The
+//! clinicsync day's work is made by an established clinic: first contact off the
+//! link, then yesterday's 2,000 records pushed over this link off the clock (so what
+//! it measured of the link, its upload rate above all, is this link's), then the
+//! timed sync. Rows too slow
 //! to finish in a bench run (per-resource REST needs hours at 600 ms a round trip)
 //! move a sample and are extrapolated linearly; the table says which.
 
