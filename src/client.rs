@@ -87,6 +87,12 @@ pub struct SyncReport {
     pub resumed: u64,
     /// This node's clock minus the parent's (ms), from the parent's last answer.
     pub clock_skew_ms: Option<i64>,
+    /// The zstd level this round's push frames went at (`sync.push_level`, or chosen
+    /// from the link's upload rate).
+    pub push_level: i32,
+    /// The link's upload rate (bits per second) as measured after this round, when
+    /// known.
+    pub upload_bps: Option<u64>,
 }
 
 /// How far this node's logical clock may run ahead of its wall clock before a round
@@ -239,6 +245,7 @@ pub fn sync_with(
             client.assume_parent_accept(crate::wire::Accept::parse(Some(&text)));
         }
     }
+    report.push_level = push_level(store, client, cfg)?;
     let mut chunked = crate::transport::chunked::Chunked::new(client, cfg.chunk_bytes);
     chunked.patience = Duration::from_secs(cfg.timeout_secs.max(1));
     let saved_piece = store.meta(&meta::LINK_PIECE_BYTES)?.unwrap_or(0) as usize;
@@ -301,6 +308,18 @@ pub fn sync_with(
             parent.header_value().unwrap_or_default(),
         )?;
     }
+    // What this round measured of the link, failed or not (its samples are real),
+    // for the next round and the next process.
+    if let Some(rate) = client.link_rate() {
+        if let Some(bps) = rate.up_bps() {
+            tx.set_meta(&meta::LINK_UP_BPS, bps)?;
+        }
+        if let Some(ms) = rate.latency_ms() {
+            tx.set_meta(&meta::LINK_LATENCY_MS, ms)?;
+        }
+        report.upload_bps = rate.up_bps();
+    }
+    tx.set_meta(&meta::PUSH_LEVEL, report.push_level.max(1) as u64)?;
     tx.set_meta(&meta::LINK_BUDGET_BYTES, pace.budget as u64)?;
     tx.set_meta(&meta::TRAFFIC_DAY, pace.day)?;
     tx.set_meta(&meta::TRAFFIC_TODAY_BYTES, report.bytes_today)?;
@@ -315,6 +334,37 @@ pub fn sync_with(
         }
         other => other.map(|_| report),
     }
+}
+
+/// The zstd level of this round's push frames, set on `client` for the whole round (a
+/// frame built again after a cut is then the same frame): `sync.push_level` when a
+/// technician set one, else chosen from the upload rate the link showed
+/// ([`crate::wire::level::choose`]), starting a new process from the estimate an
+/// earlier one kept in meta. A kept value that is not a number is the store's
+/// corruption (the round stops, as on any corrupt meta value); one out of range is
+/// read as not measured.
+fn push_level(store: &Store, client: &dyn Exchange, cfg: &SyncSection) -> Result<i32, SyncError> {
+    use crate::wire::level::{self, PushLevel};
+    let kept = crate::transport::rate::LinkRate::resume(
+        store.meta(&meta::LINK_UP_BPS)?,
+        store.meta(&meta::LINK_LATENCY_MS)?,
+    );
+    let previous = store
+        .meta(&meta::PUSH_LEVEL)?
+        .map_or(crate::wire::LEVEL_FAST, |l| l.min(i32::MAX as u64) as i32);
+    client.assume_link_rate(kept);
+    let level = match cfg.push_level.level() {
+        Some(PushLevel::Fixed(l)) => l,
+        // Invalid settings never get past `config check`; a test's is auto.
+        Some(PushLevel::Auto) | None => {
+            level::choose(client.link_rate().and_then(|r| r.up_bps()), previous)
+        }
+    };
+    if level != previous {
+        info!(level, previous, upload_bps = ?client.link_rate().and_then(|r| r.up_bps()), "push frames change zstd level");
+    }
+    client.set_push_level(level);
+    Ok(level)
 }
 
 /// The pieces of large pull answers, kept in the node's own store (as transfers
@@ -785,7 +835,9 @@ fn push_pass(
                 // mid-way resumes it there; a carried pull (health, cursor) would make
                 // every round's frame new. Its extra round trip is small beside it.
                 // Measured as it will travel (the negotiated protocol and dictionary),
-                // not as v1: a batch that fits one piece in v2 carries the pull.
+                // not as v1: a batch that fits one piece in v2 carries the pull. At
+                // level 3 whatever the push level: a higher level's frame is no larger,
+                // and this costs ~1/50 of encoding at one.
                 let frame =
                     crate::wire::encode_as(&msg, crate::wire::LEVEL_FAST, client.encoding());
                 if frame.map_or(true, |f| f.len() > piece) {

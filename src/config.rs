@@ -351,6 +351,59 @@ pub struct SyncSection {
     /// Metered links: the UTC hours ("22:00-06:00") when bulk pulls may run freely;
     /// outside them a round pulls at most one page. Empty = always.
     pub bulk_window: String,
+    /// The zstd level of push frames: "auto" (chosen from the link's measured upload
+    /// rate, [`crate::wire::level`]) or a level from 1 to 19.
+    pub push_level: PushLevelSetting,
+}
+
+/// `sync.push_level` as written: `"auto"`, a number, or anything else (kept as written
+/// so validation names it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PushLevelSetting {
+    #[default]
+    Auto,
+    Number(i64),
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for PushLevelSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match toml::Value::deserialize(d)? {
+            toml::Value::String(s) if s == "auto" => PushLevelSetting::Auto,
+            toml::Value::Integer(n) => PushLevelSetting::Number(n),
+            other => PushLevelSetting::Other(other.to_string()),
+        })
+    }
+}
+
+impl PushLevelSetting {
+    /// What the setting asks for; `None` when it is invalid (validation says so).
+    pub fn level(&self) -> Option<crate::wire::level::PushLevel> {
+        use crate::wire::level::{PushLevel, MAX_LEVEL};
+        match self {
+            PushLevelSetting::Auto => Some(PushLevel::Auto),
+            PushLevelSetting::Number(n) if (1..=i64::from(MAX_LEVEL)).contains(n) => {
+                Some(PushLevel::Fixed(*n as i32))
+            }
+            _ => None,
+        }
+    }
+
+    /// The problem with the setting, naming the key and the value.
+    fn problem(&self) -> Option<String> {
+        if self.level().is_some() {
+            return None;
+        }
+        let shown = match self {
+            PushLevelSetting::Number(n) => n.to_string(),
+            PushLevelSetting::Other(text) => text.clone(),
+            PushLevelSetting::Auto => return None,
+        };
+        Some(format!(
+            "sync.push_level {shown} must be \"auto\" or a zstd level from 1 to {}",
+            crate::wire::level::MAX_LEVEL
+        ))
+    }
 }
 
 impl Default for SyncSection {
@@ -367,6 +420,7 @@ impl Default for SyncSection {
             chunk_bytes: 64 << 10,
             daily_budget_bytes: 0,
             bulk_window: String::new(),
+            push_level: PushLevelSetting::Auto,
         }
     }
 }
@@ -652,6 +706,9 @@ impl Config {
                 "sync.bulk_window {:?} must look like \"22:00-06:00\" (UTC)",
                 s.bulk_window
             ));
+        }
+        if let Some(problem) = s.push_level.problem() {
+            p.push(problem);
         }
         if s.backoff_max_secs < s.backoff_min_secs {
             p.push("sync.backoff_max_secs must not be below sync.backoff_min_secs".into());
@@ -1325,6 +1382,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("stor"), "{err}");
+    }
+
+    #[test]
+    fn push_level_is_auto_or_a_level_and_a_bad_one_is_named_with_its_value() {
+        use crate::wire::level::PushLevel;
+        let base = "[node]\nid='a'\nstore='x'\n[parent]\nurl='http://127.0.0.1:1'\ntoken_file='t'\n[sync]\n";
+        let parse =
+            |v: &str| Config::parse(&format!("{base}push_level = {v}\n"), Path::new("c.toml"));
+        assert_eq!(
+            Config::parse(base, Path::new("c.toml"))
+                .unwrap()
+                .sync
+                .push_level
+                .level(),
+            Some(PushLevel::Auto),
+            "absent: auto"
+        );
+        assert_eq!(
+            parse("\"auto\"").unwrap().sync.push_level.level(),
+            Some(PushLevel::Auto)
+        );
+        assert_eq!(
+            parse("1").unwrap().sync.push_level.level(),
+            Some(PushLevel::Fixed(1))
+        );
+        assert_eq!(
+            parse("19").unwrap().sync.push_level.level(),
+            Some(PushLevel::Fixed(19))
+        );
+        for (bad, shown) in [
+            ("0", "sync.push_level 0 "),
+            ("20", "sync.push_level 20 "),
+            ("-3", "sync.push_level -3 "),
+            ("\"fast\"", "sync.push_level \"fast\" "),
+            ("15.5", "sync.push_level 15.5 "),
+            ("true", "sync.push_level true "),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(shown), "{bad}: {err}");
+            assert!(
+                err.contains("must be \"auto\" or a zstd level from 1 to 19"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -158,9 +158,17 @@ pub enum Command {
         dir: PathBuf,
     },
     /// Push and pull once now, and print what moved.
-    #[command(after_long_help = "Examples:
+    #[command(
+        after_long_help = "Push frames are compressed at the zstd level the link pays for: with
+sync.push_level = \"auto\" (the default) level 15 on a slow upload (as measured by
+earlier exchanges and kept in the store), level 3 on a fast one or before anything
+was measured; a number from 1 to 19 fixes it. --json shows push_level and
+upload_bps.
+
+Examples:
   sudo -u clinicsync clinicsync sync            # one round now; the daemon may keep running
-  sudo -u clinicsync clinicsync sync --bootstrap  # first pull of a new or wiped clinic, with a progress bar")]
+  sudo -u clinicsync clinicsync sync --bootstrap  # first pull of a new or wiped clinic, with a progress bar"
+    )]
     Sync {
         #[arg(long)]
         json: bool,

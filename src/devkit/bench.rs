@@ -45,6 +45,10 @@ pub enum BenchCmd {
         /// with it too, alternating (this build first), and both are reported.
         #[arg(long)]
         against: Option<PathBuf>,
+        /// `sync.push_level` of this build's clinic (1-19; default: "auto", which on
+        /// loopback is level 3): the clinic's memory at a slow link's level.
+        #[arg(long)]
+        push_level: Option<u8>,
     },
     /// The hub's apply rate in process: N records in push frames of
     /// `--batch` records, answered by a hub one frame after the other.
@@ -155,14 +159,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
-    let (records, runs, dir, first_contact, against) = match cmd {
+    let (records, runs, dir, first_contact, against, push_level) = match cmd {
         BenchCmd::Push {
             records,
             runs,
             dir,
             first_contact,
             against,
-        } => (records, runs, dir, first_contact, against),
+            push_level,
+        } => (records, runs, dir, first_contact, against, push_level),
         BenchCmd::Apply {
             records,
             runs,
@@ -195,11 +200,17 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
     let mut results: Vec<Vec<Run>> = builds.iter().map(|_| Vec::new()).collect();
     for i in 0..runs.max(1) {
         for (b, (name, exe)) in builds.iter().enumerate() {
+            // Only this build knows `sync.push_level`.
+            let sync = match push_level {
+                Some(l) if b == 0 => format!("interval_secs = 3600\npush_level = {l}"),
+                _ => "interval_secs = 3600".to_string(),
+            };
             let r = one_run(
                 exe,
                 &base.join(format!("run{i}-{b}")),
                 records,
                 first_contact,
+                &sync,
             )?;
             eprintln!(
                 "run {i} ({name}): {:.2} s, {:.0} records/s, hub CPU {:.2} s, clinic CPU {:.2} s, {} wire bytes, hub RSS {} KiB, clinic RSS {} KiB",
@@ -636,13 +647,14 @@ fn one_run(
     dir: &std::path::Path,
     records: usize,
     first_contact: bool,
+    sync: &str,
 ) -> Result<Run, Failure> {
     let port = cluster::free_port().map_err(fail)?;
     let layout = cluster::write_layout(
         dir,
         port,
         &[("clinic-a", "Kakamega")],
-        "interval_secs = 3600",
+        sync,
         "max_message_bytes = 33554432",
     )
     .map_err(fail)?;

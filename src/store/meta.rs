@@ -15,6 +15,9 @@
 //! parent_clock_skew_ms    i64    daemon                  this node's clock minus the parent's
 //! parent_clock_seen_ms    u64    daemon                  when that skew was measured
 //! link_rate_bps           u64    daemon                  the last measured download rate
+//! link_up_bps             u64    client (sync round)     the smoothed upload rate (transport::rate)
+//! link_latency_ms         u64    client (sync round)     the smoothed latency of a small exchange
+//! push_level              u64    client (sync round)     the zstd level of the last round's push frames
 //! parent_sync_refused_ms  u64    client (sync round)     when the parent last refused push+pull in one exchange
 //! parent_accept           text   client (sync round)     the protocol the parent last announced ("" = v1)
 //! health_sent_ms          u64    health                  arrival of the newest report passed up
@@ -164,6 +167,15 @@ pub const PARENT_CLOCK_SKEW_MS: MetaKey<i64> = MetaKey::fixed("parent_clock_skew
 pub const PARENT_CLOCK_SEEN_MS: MetaKey<u64> = MetaKey::fixed("parent_clock_seen_ms");
 /// The last measured download rate from the parent (bits per second).
 pub const LINK_RATE_BPS: MetaKey<u64> = MetaKey::fixed("link_rate_bps");
+/// The link's upload rate (bits per second), smoothed over exchanges
+/// ([`crate::transport::rate::LinkRate`]); a value outside any plausible rate is read
+/// as not measured.
+pub const LINK_UP_BPS: MetaKey<u64> = MetaKey::fixed("link_up_bps");
+/// The latency (ms) a small exchange costs besides its bytes, as [`LINK_UP_BPS`].
+pub const LINK_LATENCY_MS: MetaKey<u64> = MetaKey::fixed("link_latency_ms");
+/// The zstd level the last round's push frames went at: the next automatic choice
+/// keeps it unless another is clearly better ([`crate::wire::level::choose`]).
+pub const PUSH_LEVEL: MetaKey<u64> = MetaKey::fixed("push_level");
 /// Arrival time (this hub's clock) of the newest health report already passed up.
 pub const HEALTH_SENT_MS: MetaKey<u64> = MetaKey::fixed("health_sent_ms");
 /// True while the first pull of this store (its own records included) is under way,
@@ -252,6 +264,9 @@ impl Store {
             &NEXT_SYNC_MS,
             &PARENT_CLOCK_SEEN_MS,
             &LINK_RATE_BPS,
+            &LINK_UP_BPS,
+            &LINK_LATENCY_MS,
+            &PUSH_LEVEL,
             &HEALTH_SENT_MS,
             &BUNDLE_SEQ_AT_PARENT,
             &PARENT_SYNC_REFUSED_MS,
@@ -343,6 +358,9 @@ mod tests {
             (&NEXT_SYNC_MS, "next_sync_ms"),
             (&PARENT_CLOCK_SEEN_MS, "parent_clock_seen_ms"),
             (&LINK_RATE_BPS, "link_rate_bps"),
+            (&LINK_UP_BPS, "link_up_bps"),
+            (&LINK_LATENCY_MS, "link_latency_ms"),
+            (&PUSH_LEVEL, "push_level"),
             (&HEALTH_SENT_MS, "health_sent_ms"),
             (&BUNDLE_SEQ_AT_PARENT, "bundle_seq_at_parent"),
             (&EMR_OUT_CURSOR, "emr_out_cursor"),
@@ -434,6 +452,36 @@ mod tests {
             err.to_string(),
             r#"store is corrupt: cursors.eff of hub holds "lots": not an integer"#
         );
+    }
+
+    #[test]
+    fn a_corrupt_link_estimate_is_named_by_check_values_and_never_read_as_unknown() {
+        let (_d, mut store) = temp_store("a");
+        let mut tx = store.begin().unwrap();
+        tx.set_meta(&LINK_UP_BPS, 96_000).unwrap();
+        tx.set_meta(&LINK_LATENCY_MS, 600).unwrap();
+        tx.set_meta(&PUSH_LEVEL, 15).unwrap();
+        tx.commit().unwrap();
+        assert!(store.check_values().unwrap() >= 3);
+        for (key, bad) in [
+            ("link_up_bps", "fast"),
+            ("link_latency_ms", "-5"),
+            ("push_level", "15.0"),
+        ] {
+            store
+                .conn()
+                .execute("UPDATE meta SET value=?2 WHERE key=?1", [key, bad])
+                .unwrap();
+            let err = store.check_values().unwrap_err();
+            assert!(err.is_corruption(), "{err}");
+            assert!(err.to_string().contains(key), "{err}");
+            assert!(err.to_string().contains(bad), "{err}");
+            store
+                .conn()
+                .execute("UPDATE meta SET value='1' WHERE key=?1", [key])
+                .unwrap();
+        }
+        assert!(store.check_values().is_ok());
     }
 
     #[test]

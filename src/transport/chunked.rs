@@ -530,6 +530,22 @@ impl Exchange for Chunked<'_> {
         self.inner.assume_parent_accept(accept)
     }
 
+    fn push_level(&self) -> i32 {
+        self.inner.push_level()
+    }
+
+    fn set_push_level(&self, level: i32) {
+        self.inner.set_push_level(level)
+    }
+
+    fn link_rate(&self) -> Option<super::rate::LinkRate> {
+        self.inner.link_rate()
+    }
+
+    fn assume_link_rate(&self, rate: super::rate::LinkRate) {
+        self.inner.assume_link_rate(rate)
+    }
+
     fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
         let with_page;
         let msg = match msg {
@@ -550,7 +566,10 @@ impl Exchange for Chunked<'_> {
             other => other,
         };
         let mut encoding = self.inner.encoding();
-        let mut frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+        // The push level is fixed for the round: a frame built again after a cut or
+        // a restart is the same frame, and resumes the same transfer.
+        let level = wire::level::for_message(msg, self.inner.push_level());
+        let mut frame = wire::encode_as(msg, level, encoding)?;
         let mut traffic = Traffic::default();
         let mut renegotiated = 0;
         // The frame just built is sent as it is (not encoded again by the transport).
@@ -591,7 +610,7 @@ impl Exchange for Chunked<'_> {
                 Ok(None) if renegotiated < 2 => {
                     renegotiated += 1;
                     encoding = self.inner.encoding();
-                    frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+                    frame = wire::encode_as(msg, level, encoding)?;
                     if let Some(c) = self.cache {
                         c.upload_done(&id);
                     }

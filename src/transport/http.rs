@@ -21,11 +21,18 @@
 //! round, not one per batch and page), but a connection idle for longer than
 //! [`KEEPALIVE_IDLE`] is not used again: a carrier's NAT may have forgotten it
 //! without a word, and a request sent into it would wait out the whole timeout.
+//!
+//! Every answered request is a measurement of the link ([`super::rate::LinkRate`]:
+//! its bytes, and the time from its start to the answer's headers), from which the
+//! sync round chooses the zstd level of the next round's push frames
+//! ([`crate::wire::level`]); this client encodes frames carrying pushed records at the
+//! level it was given ([`HttpClient::set_push_level`]), everything else at level 3.
 
 use crate::time::http_date_ms;
 use std::io::Read;
 use std::time::Duration;
 
+use super::rate::LinkRate;
 use crate::error::{Classify, ErrorClass};
 use crate::secret::Secret;
 use crate::wire::{self, Accept, Encoding, Limits, Message, WireError};
@@ -137,6 +144,13 @@ pub struct HttpClient {
     accept: std::sync::Mutex<Accept>,
     /// What the parent announced in its last answer; `None` until it answered.
     parent: std::sync::Mutex<Option<Accept>>,
+    /// The link's upload rate and latency, from this client's exchanges (or as an
+    /// earlier process left them, [`HttpClient::assume_link_rate`]).
+    rate: std::sync::Mutex<LinkRate>,
+    /// The agent was just built: its next request opens a connection.
+    fresh_agent: std::sync::atomic::AtomicBool,
+    /// The zstd level of frames carrying pushed records ([`wire::level`]).
+    push_level: std::sync::atomic::AtomicI32,
 }
 
 impl HttpClient {
@@ -169,7 +183,35 @@ impl HttpClient {
             skew_ms: std::sync::Mutex::new(None),
             accept: std::sync::Mutex::new(Accept::ours()),
             parent: std::sync::Mutex::new(None),
+            rate: std::sync::Mutex::new(LinkRate::default()),
+            fresh_agent: std::sync::atomic::AtomicBool::new(true),
+            push_level: std::sync::atomic::AtomicI32::new(wire::LEVEL_FAST),
         }
+    }
+
+    /// The link's upload rate and latency as this client's exchanges measured them.
+    pub fn link_rate(&self) -> LinkRate {
+        *self.rate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts from the estimate an earlier process kept (the sync round reads it from
+    /// the store's meta); nothing once this client measured or was given one.
+    pub fn assume_link_rate(&self, rate: LinkRate) {
+        let mut mine = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        if !mine.is_known() {
+            *mine = rate;
+        }
+    }
+
+    /// The zstd level of frames carrying pushed records.
+    pub fn push_level(&self) -> i32 {
+        self.push_level.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the zstd level of frames carrying pushed records (the sync round's choice).
+    pub fn set_push_level(&self, level: i32) {
+        self.push_level
+            .store(level, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What this client reads and announces. [`Accept::v1`] makes it behave as a
@@ -217,6 +259,8 @@ impl HttpClient {
                 build_agent(self.timeout, self.tls.clone()),
                 std::time::Instant::now(),
             );
+            self.fresh_agent
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         slot.1 = std::time::Instant::now();
         slot.0.clone()
@@ -252,7 +296,8 @@ impl HttpClient {
         msg: &Message,
     ) -> Result<(Message, Traffic), TransportError> {
         let encoding = self.encoding();
-        let body = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+        let level = wire::level::for_message(msg, self.push_level());
+        let body = wire::encode_as(msg, level, encoding)?;
         self.exchange_body(path, msg, &body, encoding)
     }
 
@@ -285,7 +330,8 @@ impl HttpClient {
             Err(TransportError::Status { status: 400, .. }) if encoding != Encoding::V1 => {
                 tracing::info!("parent refused a protocol v2 request; sending it again in v1");
                 *self.parent.lock().unwrap_or_else(|p| p.into_inner()) = Some(Accept::v1());
-                let body = wire::encode_as(msg, wire::LEVEL_FAST, Encoding::V1)?;
+                let level = wire::level::for_message(msg, self.push_level());
+                let body = wire::encode_as(msg, level, Encoding::V1)?;
                 self.send_waiting(path, &body)
             }
             other => other,
@@ -328,9 +374,20 @@ impl HttpClient {
         if let Some(v) = &announce {
             req = req.set(wire::accept::HEADER, v);
         }
+        // Timed to the answer's headers (its body is not the upload's), on the
+        // agent's first request including the new connection's handshake.
+        let new_connection = self
+            .fresh_agent
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let result = req.send_bytes(body);
         let resp = match result {
             Ok(r) => {
+                self.rate.lock().unwrap_or_else(|p| p.into_inner()).observe(
+                    body.len() as u64,
+                    started.elapsed(),
+                    new_connection,
+                );
                 self.note_date(&r);
                 // The parent's announcement, or its silence (a v1 parent), from
                 // every answer it made: a parent replaced by another build is

@@ -6,9 +6,11 @@ pub mod chunked;
 pub mod file;
 pub mod http;
 pub mod mqtt;
+pub mod rate;
 
 use http::{HttpClient, Traffic, TransportError};
 use mqtt::MqttClient;
+use rate::LinkRate;
 
 use crate::wire::{Encoding, Message};
 
@@ -62,6 +64,23 @@ pub trait Exchange: Sync {
         let _ = (frame, encoding);
         self.exchange(path, msg)
     }
+    /// The zstd level of frames carrying pushed records (push and sync requests);
+    /// every other frame goes at [`crate::wire::LEVEL_FAST`]. A wrapper that builds
+    /// frames itself (the chunked transfer) encodes at this level too.
+    fn push_level(&self) -> i32 {
+        crate::wire::LEVEL_FAST
+    }
+    /// Sets [`Exchange::push_level`] (the sync round's choice, fixed for a round so a
+    /// frame built twice is the same frame).
+    fn set_push_level(&self, _level: i32) {}
+    /// The link's upload rate as this transport measured it; `None`: it does not
+    /// measure (MQTT: its answers' timing is the broker's as much as the link's).
+    fn link_rate(&self) -> Option<LinkRate> {
+        None
+    }
+    /// Starts from the estimate an earlier process kept; ignored once this transport
+    /// measured something.
+    fn assume_link_rate(&self, _rate: LinkRate) {}
 }
 
 impl Exchange for HttpClient {
@@ -92,6 +111,18 @@ impl Exchange for HttpClient {
     ) -> Result<(Message, Traffic), TransportError> {
         HttpClient::exchange_frame(self, path, msg, frame, encoding)
     }
+    fn push_level(&self) -> i32 {
+        HttpClient::push_level(self)
+    }
+    fn set_push_level(&self, level: i32) {
+        HttpClient::set_push_level(self, level)
+    }
+    fn link_rate(&self) -> Option<LinkRate> {
+        Some(HttpClient::link_rate(self))
+    }
+    fn assume_link_rate(&self, rate: LinkRate) {
+        HttpClient::assume_link_rate(self, rate)
+    }
 }
 
 impl Exchange for MqttClient {
@@ -100,6 +131,12 @@ impl Exchange for MqttClient {
     }
     fn encoding(&self) -> Encoding {
         MqttClient::encoding(self)
+    }
+    fn push_level(&self) -> i32 {
+        MqttClient::push_level(self)
+    }
+    fn set_push_level(&self, level: i32) {
+        MqttClient::set_push_level(self, level)
     }
 }
 
@@ -121,5 +158,19 @@ impl Exchange for MqttThenHttp {
     }
     fn clock_skew_ms(&self) -> Option<i64> {
         self.http.clock_skew_ms()
+    }
+    fn push_level(&self) -> i32 {
+        self.mqtt.push_level()
+    }
+    fn set_push_level(&self, level: i32) {
+        self.mqtt.set_push_level(level);
+        self.http.set_push_level(level);
+    }
+    // The HTTP fallback's measurements (MQTT's answers are not timed).
+    fn link_rate(&self) -> Option<LinkRate> {
+        Some(self.http.link_rate())
+    }
+    fn assume_link_rate(&self, rate: LinkRate) {
+        self.http.assume_link_rate(rate)
     }
 }

@@ -300,6 +300,8 @@ pub struct MqttClient {
     accept: Mutex<Accept>,
     /// What the hub said in its last hello; `None`: kind 1 requests in v1.
     parent: Arc<Mutex<Option<Accept>>>,
+    /// The zstd level of frames carrying pushed records ([`wire::level`]).
+    push_level: std::sync::atomic::AtomicI32,
 }
 
 impl MqttClient {
@@ -429,7 +431,18 @@ impl MqttClient {
             url,
             accept: Mutex::new(Accept::ours()),
             parent,
+            push_level: std::sync::atomic::AtomicI32::new(wire::LEVEL_FAST),
         })
+    }
+
+    /// The zstd level of frames carrying pushed records.
+    pub fn push_level(&self) -> i32 {
+        self.push_level.load(Ordering::Relaxed)
+    }
+
+    /// Sets the zstd level of frames carrying pushed records (the sync round's choice).
+    pub fn set_push_level(&self, level: i32) {
+        self.push_level.store(level, Ordering::Relaxed);
     }
 
     /// What this client reads and announces; [`Accept::v1`] makes it behave as a
@@ -507,7 +520,8 @@ impl MqttClient {
         announce: Option<String>,
         encoding: Encoding,
     ) -> Result<(Message, Traffic), TransportError> {
-        let frame = wire::encode_as(msg, wire::LEVEL_FAST, encoding)?;
+        let level = wire::level::for_message(msg, self.push_level());
+        let frame = wire::encode_as(msg, level, encoding)?;
         if frame.len() > self.limits.max_compressed {
             return Err(TransportError::Status {
                 status: 413,

@@ -84,6 +84,7 @@ use crate::model::{Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector}
 pub mod accept;
 pub mod dict;
 pub mod health;
+pub mod level;
 pub mod orders;
 pub mod v2;
 
@@ -552,7 +553,9 @@ pub fn to_cbor(msg: &Message) -> Result<Vec<u8>, WireError> {
     Ok(out)
 }
 
-/// zstd level of ordinary frames: fast, and small in memory on a clinic's box.
+/// zstd level of ordinary frames: fast, and small in memory on a clinic's box. A
+/// clinic's push frames go at the level its link pays for ([`level::choose`]): this
+/// one until it measured the link.
 pub const LEVEL_FAST: i32 = 3;
 /// zstd level of the hub's large answers (pull pages): FHIR compresses ~15 % smaller
 /// than at level 3, within ~13 % of level 19 at ~1/50 of its CPU. It needs tens of
@@ -574,7 +577,7 @@ pub fn encode_with(msg: &Message, level: i32) -> Result<Vec<u8>, WireError> {
     out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
     let mut enc = zstd::stream::write::Encoder::new(out, level)
         .map_err(|e| WireError::Encode(e.to_string()))?;
-    frame_parameters(&mut enc, cbor.len())?;
+    frame_parameters(&mut enc, level, cbor.len())?;
     std::io::Write::write_all(&mut enc, &cbor).map_err(|e| WireError::Encode(e.to_string()))?;
     enc.finish().map_err(|e| WireError::Encode(e.to_string()))
 }
@@ -592,14 +595,20 @@ pub fn encode_as(msg: &Message, level: i32, encoding: Encoding) -> Result<Vec<u8
     }
 }
 
-/// The zstd parameters of every frame this node writes, given the payload size.
+/// The zstd parameters of every frame this node writes, given its level and the
+/// payload size.
 fn frame_parameters<W: std::io::Write>(
     enc: &mut zstd::stream::write::Encoder<'_, W>,
+    level: i32,
     size: usize,
 ) -> Result<(), WireError> {
     let e = |e: std::io::Error| WireError::Encode(e.to_string());
     // Keep the window within what our own decoder accepts.
     enc.window_log(MAX_WINDOW_LOG.min(22)).map_err(e)?;
+    // A clinic's high levels: a window no larger than a batch.
+    if let Some(window) = level::window_cap(level) {
+        enc.window_log(window).map_err(e)?;
+    }
     enc.include_contentsize(false).map_err(e)?;
     // Telling zstd the size lets it size its tables to the message rather than to
     // the level's maximum: a small frame costs kilobytes of memory, not tens of MiB.

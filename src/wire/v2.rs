@@ -22,7 +22,8 @@ pub const MAX_TABLE_STRING: usize = 256;
 pub const MAX_NODES: usize = 4096;
 /// Version vector entries one record may have (the engine refuses more anyway).
 pub const MAX_VV_ENTRIES: usize = 64;
-/// Largest payload compressed with a dictionary at [`super::LEVEL_BULK`] and above.
+/// Largest payload compressed with a dictionary at [`super::LEVEL_BULK`] and the levels
+/// up to [`super::level::LEVEL_SLOW_LINK`] (not included).
 pub const DICT_MAX_BULK_PAYLOAD: usize = 256 << 10;
 /// What one decoded record costs besides its strings (the struct, the map nodes),
 /// counted against the decompressed-size limit so that a small block cannot decode
@@ -492,8 +493,10 @@ pub fn encode(msg: &Message, level: i32, dict: u32) -> Result<Option<Vec<u8>>, W
     let size = parts.len();
     // Measured (BENCHMARKS.md): at the hub's level a dictionary makes payloads over
     // ~256 KiB 1-8 % larger (zstd searches less when one is attached), while it
-    // helps every payload at the clinic's level and small ones at any level.
-    let (dict, dict_bytes) = if level >= super::LEVEL_BULK && size > DICT_MAX_BULK_PAYLOAD {
+    // helps every payload at the clinic's levels (3, and 15 on a slow link: 3.5-7 %
+    // smaller with it) and small ones at any level.
+    let bulk = (super::LEVEL_BULK..super::level::LEVEL_SLOW_LINK).contains(&level);
+    let (dict, dict_bytes) = if bulk && size > DICT_MAX_BULK_PAYLOAD {
         (0, None)
     } else {
         (dict, dict_bytes)
@@ -507,7 +510,7 @@ pub fn encode(msg: &Message, level: i32, dict: u32) -> Result<Option<Vec<u8>>, W
         Some(d) => zstd::stream::write::Encoder::with_dictionary(out, level, d).map_err(e)?,
         None => zstd::stream::write::Encoder::new(out, level).map_err(e)?,
     };
-    super::frame_parameters(&mut enc, size)?;
+    super::frame_parameters(&mut enc, level, size)?;
     // The frame names the dictionary in our header already.
     enc.include_dictid(false).map_err(e)?;
     parts.write_to(&mut enc).map_err(e)?;
@@ -1022,6 +1025,11 @@ mod tests {
         };
         assert_eq!(dict_of(&big, super::super::LEVEL_BULK), 0);
         assert_eq!(dict_of(&big, super::super::LEVEL_FAST), dict::newest());
+        assert_eq!(
+            dict_of(&big, super::super::level::LEVEL_SLOW_LINK),
+            dict::newest(),
+            "a slow link's pushes keep it"
+        );
         assert_eq!(
             dict_of(&messages()[0], super::super::LEVEL_BULK),
             dict::newest()
