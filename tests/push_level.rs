@@ -95,8 +95,11 @@ fn a_clinic_on_a_slow_link_pushes_its_next_frames_at_the_slow_link_level() {
         "not measured before this push"
     );
     let measured = r.upload_bps.expect("the push measured the upload");
+    // Within 2×: the latency the estimate takes off was learnt from small requests
+    // over the same link, which a loaded machine's hub answers late (measured 1.28×
+    // under a parallel build); what matters is the side of the threshold (3× away).
     assert!(
-        measured <= bytes_per_sec * 8 * 5 / 4,
+        measured <= bytes_per_sec * 8 * 2,
         "measured {measured} bit/s over a {} bit/s link",
         bytes_per_sec * 8
     );
