@@ -253,7 +253,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let policy = cfg.policy();
     // Open (and migrate) the store before anything else, so a bad store stops us here.
+    let created = !cfg.node.store.exists();
     let store = Store::open(&cfg.node.store, &cfg.node.id)?;
+    if created {
+        // A first start (or a wiped box); in the journal, so a mistyped node.store
+        // is found there.
+        info!(store = %cfg.node.store.display(), "no store was at node.store: created a new one");
+    }
     // Every counter, clock and cursor read as its type before the lock is taken (and
     // an earlier stop's note removed): a daemon must not start, or hide that note,
     // on a store a round would find corrupt later.

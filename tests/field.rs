@@ -71,6 +71,20 @@ fn a_sync_that_creates_the_store_says_so_once() {
     let again = cli(&clinic.config, &["sync"]);
     let err = String::from_utf8_lossy(&again.stderr).to_string();
     assert!(!err.contains("created a new one"), "{err}");
+    // Every command that may create the store says so: a clinician's `put` into a
+    // mistyped path would otherwise land in a file nothing syncs.
+    std::fs::remove_file(&clinic.store).unwrap();
+    let rec = dir.path().join("p.json");
+    std::fs::write(&rec, r#"{"resourceType":"Patient","id":"p1"}"#).unwrap();
+    let out = cli(&clinic.config, &["put", rec.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(node.store): created a new one"), "{err}");
+    // A record reference that is not <Kind>/<id> is a usage error (exit 2).
+    let out = cli(&clinic.config, &["history", "nope"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("invalid record reference \"nope\""), "{err}");
 }
 
 #[test]
@@ -797,6 +811,11 @@ fn the_demo_s_hints_name_only_files_that_exist_and_it_never_writes_into_a_used_d
     let (code, _, err) = demo(&["--dir", kept.to_str().unwrap()]);
     assert!(
         code == Some(2) && err.contains("not empty"),
+        "{code:?} {err}"
+    );
+    let (code, _, err) = demo(&["--dir", config]);
+    assert!(
+        code == Some(2) && err.contains("not a directory"),
         "{code:?} {err}"
     );
     assert!(Path::new(config).exists());

@@ -832,6 +832,22 @@ fn a_garbled_trusted_key_is_named_as_corruption_not_as_an_untrusted_sender() {
             && listed.contains("trusted_keys.line of clinic-a"),
         "{listed}"
     );
+    // `doctor` fails it too, naming the row, before a stick arrives.
+    let out = run(hub, &["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("trusted keys") && text.contains("trusted_keys.line of clinic-a"),
+        "{text}"
+    );
+    // Trusting the node's key again without --replace names the damage, changes nothing.
+    let out = run(hub, &["keys", "trust", &good]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(10), "{err}");
+    assert!(
+        err.contains("the stored key line of clinic-a is damaged") && err.contains("--replace"),
+        "{err}"
+    );
+    assert_eq!(fingerprint(&l.hub.store), before, "nothing changed");
     // A well-formed line, but another node's key (the hub's own): the row is named,
     // not the bundle's signature.
     let db = rusqlite::Connection::open(&l.hub.store).unwrap();

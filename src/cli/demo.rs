@@ -71,6 +71,15 @@ pub fn run(dir: Option<PathBuf>, patients: usize) -> Result<(), Failure> {
     let named = dir.is_some();
     let dir = match dir {
         Some(d) => {
+            if d.exists() && !d.is_dir() {
+                return Err(Failure::new(
+                    EXIT_USAGE,
+                    format!(
+                        "demo: --dir {}: not a directory; name a new or empty directory",
+                        d.display()
+                    ),
+                ));
+            }
             // Another demo's (or anything's) files would be mixed with this one's:
             // stores reused, configurations overwritten.
             if std::fs::read_dir(&d).is_ok_and(|mut entries| entries.next().is_some()) {

@@ -288,6 +288,30 @@ fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
             Some("needed only for USB bundles: `clinicsync keys init`"),
         )),
     }
+    // A trusted key row that is not its node's key refuses that node's bundles as
+    // corruption; found here before a stick arrives.
+    let damaged_keys = || -> Option<Vec<String>> {
+        if !cfg.node.store.exists() || super::refuse_root_on_service_store(&cfg.node.store).is_err()
+        {
+            return None;
+        }
+        let store = Store::open_existing(&cfg.node.store).ok()?;
+        let rows = store.trusted_list().ok()?;
+        Some(
+            rows.iter()
+                .filter_map(|(node, _, _)| crate::sneakernet::trusted_keys(&store, node).err())
+                .map(|e| e.to_string())
+                .collect(),
+        )
+    };
+    if let Some(damaged) = damaged_keys().filter(|d| !d.is_empty()) {
+        checks.push(check(
+            Level::Fail,
+            "trusted keys",
+            damaged.join("; "),
+            Some("bundles from that node are refused until its key is stored again: on that node `clinicsync keys show`, here `clinicsync keys trust <its line> --replace`"),
+        ));
+    }
     match cfg.emr_adapter() {
         _ if broken.contains(&"emr") => {}
         Ok(None) => checks.push(check(

@@ -170,6 +170,7 @@ Examples:
   sudo -u clinicsync clinicsync sync --bootstrap  # first pull of a new or wiped clinic, with a progress bar"
     )]
     Sync {
+        /// The round's report as JSON (what moved, bytes, push level, upload rate).
         #[arg(long)]
         json: bool,
         /// The first pull of a new or wiped clinic (all metadata and its catchment):
@@ -1133,9 +1134,21 @@ fn open_existing(cfg: &Config) -> Result<Store, Failure> {
     open(cfg)
 }
 
+/// The store, for commands that write (`sync`, `put`, `keys trust`, `export`, …):
+/// created when missing, as a new or wiped node's first `sync --bootstrap` or the
+/// service's first start does. Said out loud, so a mistyped node.store is noticed
+/// before records are written into (or pulled into) a file nothing syncs.
 fn open(cfg: &Config) -> Result<Store, Failure> {
     refuse_root_on_service_store(&cfg.node.store)?;
-    Ok(Store::open(&cfg.node.store, &cfg.node.id)?)
+    let created = !cfg.node.store.exists();
+    let store = Store::open(&cfg.node.store, &cfg.node.id)?;
+    if created {
+        eprintln!(
+            "clinicsync: no store was at {} (node.store): created a new one, as for a new or wiped node. If node.store is mistyped, stop, remove that file and correct the configuration.",
+            safe_display(cfg.node.store.display())
+        );
+    }
+    Ok(store)
 }
 
 /// Run as root on a node whose store (or its directory) belongs to the service user,
@@ -1189,8 +1202,9 @@ fn user_name(uid: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
+/// A record named on the command line: one that is not `<Kind>/<id>` is a usage error.
 fn key(s: &str) -> Result<RecordKey, Failure> {
-    Ok(RecordKey::parse(s)?)
+    RecordKey::parse(s).map_err(|e| Failure::new(EXIT_USAGE, e.to_string()))
 }
 
 fn client(cfg: &Config) -> Result<HttpClient, Failure> {
@@ -1227,17 +1241,7 @@ fn with_config(cfg: &Config, cmd: Command) -> Out {
         Command::Fleet { json, silent_after } => fleet::run(cfg, json, silent_after, now),
         Command::Remote { node, action } => remote(cfg, &node, action, now),
         Command::Sync { json, bootstrap } => {
-            // A new or wiped clinic's first sync creates its store, as the service's
-            // first start does; said out loud, so a mistyped node.store is noticed
-            // before the catchment is pulled into the wrong file.
-            let created = !cfg.node.store.exists();
             let mut store = open(cfg)?;
-            if created {
-                eprintln!(
-                    "clinicsync: no store was at {} (node.store): created a new one, as for a new or wiped clinic. If node.store is mistyped, stop, remove that file and correct the configuration.",
-                    safe_display(cfg.node.store.display())
-                );
-            }
             let link = client::connect_parent(cfg).map_err(|e| {
                 // A credential file missing, unreadable or open to others is this
                 // node's configuration, not the link (exit 3, as `config check`).
@@ -1817,9 +1821,17 @@ fn keys(cfg: &Config, action: KeysCmd) -> Out {
     Ok(())
 }
 
+/// Whether a stored trusted-key line is `node`'s public key line.
+fn key_line_of(line: &str, node: &str) -> bool {
+    crate::keys::PublicKeys::parse(line).is_ok_and(|k| k.node == node)
+}
+
 /// The first 16 hex digits of the signing key in a public key line, to tell keys
-/// apart in messages and the audit log.
+/// apart in messages and the audit log ("damaged" for a line that is not a key).
 fn fingerprint(line: &str) -> String {
+    if crate::keys::PublicKeys::parse(line).is_err() {
+        return "damaged".into();
+    }
     line.split_whitespace()
         .nth(3)
         .map(|k| k.chars().take(16).collect())
@@ -1841,7 +1853,21 @@ fn trust(cfg: &Config, key: &str, parent: bool, replace: bool) -> Out {
             ),
         ));
     }
-    let line = std::fs::read_to_string(key).unwrap_or_else(|_| key.to_string());
+    // A file holding the line, or the line itself; a path that names no file is
+    // said to be one (not blamed as a malformed key).
+    let line = match std::fs::read_to_string(key) {
+        Ok(text) => text,
+        Err(e) if !key.trim_start().starts_with("clinicsync-node ") => {
+            return Err(Failure::new(
+                EXIT_FAILURE,
+                format!(
+                    "{}: {e} (give the file `keys show` wrote, or its line itself)",
+                    safe(key)
+                ),
+            ))
+        }
+        Err(_) => key.to_string(),
+    };
     let public =
         PublicKeys::parse(line.trim()).map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))?;
     if public.node == cfg.node.id {
@@ -1862,6 +1888,15 @@ fn trust(cfg: &Config, key: &str, parent: bool, replace: bool) -> Out {
         }
         // The same key in another role (parent or not): audited as a trust.
         Some((old, _)) if old == new_line => {}
+        Some((old, _)) if !replace && !key_line_of(&old, &node) => {
+            return Err(Failure::new(
+                EXIT_CORRUPT,
+                format!(
+                    "the stored key line of {node} is damaged (`clinicsync keys list` marks it DAMAGED); nothing was changed. \
+                     If this key is {node}'s (confirm it with the technician there), `clinicsync keys trust <key> --replace` stores it"
+                ),
+            ))
+        }
         Some((old, _)) if !replace => {
             return Err(Failure::new(
                 EXIT_FAILURE,
