@@ -832,6 +832,21 @@ fn a_garbled_trusted_key_is_named_as_corruption_not_as_an_untrusted_sender() {
             && listed.contains("trusted_keys.line of clinic-a"),
         "{listed}"
     );
+    let out = run(hub, &["keys", "list", "--json"]);
+    assert_eq!(out.status.code(), Some(10));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == "clinic-a")
+        .unwrap();
+    assert!(
+        row["damaged"]
+            .as_str()
+            .is_some_and(|d| d.contains("trusted_keys.line of clinic-a")),
+        "{rows}"
+    );
     // `doctor` fails it too, naming the row, before a stick arrives.
     let out = run(hub, &["doctor"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();

@@ -228,7 +228,11 @@ fn run_in(dir: &Path, patients: usize, cleanup: &mut Option<RemoveOnDrop>) -> Re
             dir.display()
         )));
     }
-    println!("Converged: the hub holds both clinics' patients and the metadata; clinic-a also got hub-p0 (its district); clinic-b did not.");
+    if patients == 0 {
+        println!("Converged: the hub holds the metadata; clinic-a also got hub-p0 (its district); clinic-b did not. (No clinic patients: --patients 0.)");
+    } else {
+        println!("Converged: the hub holds both clinics' patients and the metadata; clinic-a also got hub-p0 (its district); clinic-b did not.");
+    }
     if cleanup.is_some() {
         // The nodes go with the temporary directory: hints naming it would not work.
         println!(
@@ -238,8 +242,9 @@ fn run_in(dir: &Path, patients: usize, cleanup: &mut Option<RemoveOnDrop>) -> Re
         println!("  clinicsync --config <directory>/hub.toml fleet --json");
     } else {
         println!(
-            "Try: clinicsync --config {} history Patient/a-p0",
-            shell_word(&a.config)
+            "Try: clinicsync --config {} history Patient/{}",
+            shell_word(&a.config),
+            if patients == 0 { "hub-p0" } else { "a-p0" }
         );
         println!(
             "     clinicsync --config {} fleet --json",

@@ -315,8 +315,11 @@ pub enum KeysCmd {
     },
     /// Stop trusting a node's keys: its bundles are refused from then on (audited).
     Untrust { node: String },
-    /// List trusted nodes.
-    List,
+    /// List trusted nodes (a stored line that is not its node's key is marked DAMAGED).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `512M`, `4G`, `65536`.
@@ -1795,23 +1798,40 @@ fn keys(cfg: &Config, action: KeysCmd) -> Out {
                 }
             );
         }
-        KeysCmd::List => {
+        KeysCmd::List { json } => {
             // Every row is shown; one that does not hold its node's key is flagged
             // under it (bundles from that node are refused as corruption) and the
             // command ends with the corruption exit once all are listed.
             let store = open_existing(cfg)?;
             let mut damaged = None;
+            let mut rows = Vec::new();
             for (node, line, is_parent) in store.trusted_list()? {
-                println!(
-                    "{}{}\n  {}",
-                    safe(&node),
-                    if is_parent { " (parent)" } else { "" },
-                    safe(&line)
-                );
-                if let Err(e) = crate::sneakernet::trusted_keys(&store, &node) {
-                    println!("  DAMAGED: {}", safe(&e.to_string()));
+                let problem = crate::sneakernet::trusted_keys(&store, &node).err();
+                if !json {
+                    println!(
+                        "{}{}\n  {}",
+                        safe(&node),
+                        if is_parent { " (parent)" } else { "" },
+                        safe(&line)
+                    );
+                    if let Some(e) = &problem {
+                        println!("  DAMAGED: {}", safe(&e.to_string()));
+                    }
+                }
+                rows.push(serde_json::json!({
+                    "node": node,
+                    "parent": is_parent,
+                    "line": line,
+                    "damaged": problem.as_ref().map(|e| e.to_string()),
+                }));
+                if let Some(e) = problem {
                     damaged.get_or_insert(e);
                 }
+            }
+            if json {
+                print_json(&rows);
+            } else if rows.is_empty() {
+                eprintln!("no keys trusted yet: `clinicsync keys trust <key line or file>` (see `keys show` on the other node)");
             }
             if let Some(e) = damaged {
                 return Err(Failure::classified(&e, EXIT_BUNDLE));
