@@ -31,7 +31,8 @@ use crate::model::{
     VersionVector,
 };
 use crate::store::{
-    meta, CatchmentReason, PeerEvent, Stage, Store, StoreError, Tx, Unkept, VersionOutcome,
+    meta, CatchmentReason, InboxRow, PeerEvent, Stage, Store, StoreError, Tx, Unkept,
+    VersionOutcome,
 };
 use crate::wire::Receipt;
 use crate::wire::{
@@ -1603,26 +1604,19 @@ pub fn store_pull(
 ) -> Result<usize> {
     let mut tx = store.begin()?;
     let mut n = 0;
+    // Held records are rare: look for them once per page, not once per record.
+    let any_held = tx.any_quarantined(Stage::Pull)?;
     for rec in &resp.records {
-        let label = rec.key_string();
         match rec.clone().into_version() {
             Ok(v) => {
                 tx.to_inbox(parent, &v, now_ms)?;
+                if any_held {
+                    // A readable version replaces one held unreadable.
+                    tx.release(v.key(), Stage::Pull)?;
+                }
                 n += 1;
             }
-            Err(e) => {
-                // Our parent runs our code; a record we cannot read is a bug to report,
-                // not a reason to stop the page.
-                tracing::warn!(record = %label, error = %e, "unreadable record from parent");
-                tx.audit(
-                    now_ms,
-                    &format!("pull:{parent}"),
-                    "refuse",
-                    &label,
-                    "",
-                    &e.to_string(),
-                )?;
-            }
+            Err(e) => hold_unreadable(&mut tx, parent, rec, &e, now_ms)?,
         }
     }
     if restoring_own(tx.cursor(parent)?, tx.meta(&meta::RESTORING_OWN)?) {
@@ -1668,7 +1662,7 @@ impl ApplySummary {
 pub fn apply_inbox(store: &mut Store, policy: &Policy, now_ms: u64) -> Result<ApplySummary> {
     let mut summary = ApplySummary::default();
     loop {
-        let batch = store.inbox_batch(now_ms, 1_000)?;
+        let batch = inbox_batch(store, now_ms, 1_000)?;
         if batch.is_empty() {
             break;
         }
@@ -1681,6 +1675,86 @@ pub fn apply_inbox(store: &mut Store, policy: &Policy, now_ms: u64) -> Result<Ap
         tx.commit()?;
     }
     Ok(summary)
+}
+
+/// A pulled record this node cannot read (a parent on a newer version, or a bug):
+/// it is not a reason to stop the page. One with a valid name is held in the inbox as
+/// received and quarantined at stage `pull`, retried on the permanent backoff, so a
+/// technician sees it, and an upgraded node reads it on its next retry. One whose
+/// kind or id is not valid cannot be named by anyone: audited and logged only.
+fn hold_unreadable(
+    tx: &mut Tx<'_>,
+    parent: &str,
+    rec: &WireRecord,
+    e: &ModelError,
+    now_ms: u64,
+) -> Result<()> {
+    let label = rec.key_string();
+    let actor = format!("pull:{parent}");
+    tracing::warn!(record = %label, error = %e, "unreadable record from parent");
+    let Ok(key) = RecordKey::new(&rec.kind, &rec.id) else {
+        tx.audit(now_ms, &actor, "refuse", &label, "", &e.to_string())?;
+        return Ok(());
+    };
+    tx.hold_in_inbox(parent, &key, rec, now_ms)?;
+    let reason = crate::store::unreadable_reason(e, rec.body.as_bytes());
+    let attempts = tx.quarantine(&key, Stage::Pull, &reason, true, now_ms, |n| {
+        retry_delay_ms(n, true)
+    })?;
+    tx.audit(
+        now_ms,
+        &actor,
+        "quarantine",
+        &label,
+        "",
+        &format!("attempt {attempts}: {reason}"),
+    )?;
+    Ok(())
+}
+
+/// The next inbox rows to apply. A row this node cannot read is quarantined at stage
+/// `pull` (and skipped until its retry) instead of failing the pass; a held row that
+/// now reads (the node was upgraded) leaves the quarantine.
+pub(crate) fn inbox_batch(
+    store: &mut Store,
+    now_ms: u64,
+    limit: usize,
+) -> Result<Vec<(String, Version)>> {
+    loop {
+        let rows = store.inbox_batch(now_ms, limit)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ready = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in rows {
+            match row {
+                InboxRow::Ready { peer, version } => ready.push((peer, version)),
+                InboxRow::Unreadable { key, reason } => unreadable.push((key, reason)),
+            }
+        }
+        let mut tx = store.begin()?;
+        let mut changed = false;
+        if tx.any_quarantined(Stage::Pull)? {
+            for (_, v) in &ready {
+                changed |= tx.release(v.key(), Stage::Pull)?;
+            }
+        }
+        for (key, reason) in &unreadable {
+            let attempts = tx.quarantine(key, Stage::Pull, reason, true, now_ms, |n| {
+                retry_delay_ms(n, true)
+            })?;
+            tracing::warn!(record = %key, attempts, reason = %reason, "inbox record held unreadable");
+            changed = true;
+        }
+        if changed {
+            tx.commit()?;
+        }
+        if !ready.is_empty() {
+            return Ok(ready);
+        }
+        // Only unreadable rows: they are skipped now; read what comes after them.
+    }
 }
 
 /// What follows the integration of a pulled version, wherever it was applied.
@@ -2006,6 +2080,96 @@ mod tests {
         store_pull(&mut n.a, "hub", &resp, (0, 0), now).unwrap();
         apply_inbox(&mut n.a, &n.a_p, now).unwrap();
         resp
+    }
+
+    #[test]
+    fn an_unreadable_pulled_record_is_held_in_quarantine_and_the_page_applies() {
+        // A parent (newer, or broken) sends three Locations: one readable, one whose
+        // body names another record, one whose id is not an id at all. The cursor
+        // moves, the readable one applies, the misnamed one waits at stage `pull`
+        // with its bytes as received, and a readable version releases it.
+        let mut n = net();
+        let items: Vec<_> = ["l1", "l2"]
+            .iter()
+            .map(|id| {
+                (
+                    snap(json!({"resourceType":"Location","id":id,"name":"x"})),
+                    false,
+                )
+            })
+            .collect();
+        write_local(&mut n.hub, &n.hub_p, items, 10).unwrap();
+        let req = pull_request(&n.a, "hub", 1000, 1 << 20).unwrap();
+        let good = handle_pull(&n.hub, &n.hub_p, "a", &req).unwrap();
+        let mut resp = good.clone();
+        let held_body = r#"{"resourceType":"Location","id":"other","name":"x"}"#;
+        resp.records[1].body = held_body.into();
+        let mut nameless = resp.records[0].clone();
+        nameless.id = "bad id/..".into();
+        resp.records.push(nameless);
+        let entered = store_pull(&mut n.a, "hub", &resp, (0, 0), 11).unwrap();
+        assert_eq!(entered, 1, "only the readable record entered as a version");
+        assert_ne!(n.a.cursor("hub").unwrap().0, crate::wire::Cursor::default());
+
+        let applied = apply_inbox(&mut n.a, &n.a_p, 12).unwrap();
+        assert_eq!(applied.applied, 1);
+        let held_key = RecordKey::new("Location", &resp.records[1].id).unwrap();
+        assert!(n.a.current(&held_key).unwrap().is_none());
+        let q = n.a.quarantine_list().unwrap();
+        assert_eq!(q.len(), 1, "{q:?}");
+        assert_eq!(
+            (q[0].record.as_str(), q[0].stage),
+            (held_key.to_string().as_str(), Stage::Pull)
+        );
+        assert!(q[0].reason.contains("Location/other"), "{}", q[0].reason);
+        assert_eq!(
+            n.a.inbox_body(&held_key).unwrap().unwrap(),
+            held_body.as_bytes()
+        );
+        let audit = n.a.audit_list(None, None, 100).unwrap();
+        assert!(audit
+            .iter()
+            .any(|r| r.action == "refuse" && r.record.contains("bad id")));
+
+        // A retry reads it again, fails again, counts the attempt; nothing else moves.
+        let mut tx = n.a.begin().unwrap();
+        tx.retry_now(Some(&held_key), 13).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(apply_inbox(&mut n.a, &n.a_p, 13).unwrap().applied, 0);
+        assert_eq!(n.a.quarantine_list().unwrap()[0].attempts, 2);
+
+        // The parent sends it again, readable: released, applied.
+        store_pull(&mut n.a, "hub", &good, (0, 0), 14).unwrap();
+        assert!(n.a.quarantine_list().unwrap().is_empty());
+        assert_eq!(apply_inbox(&mut n.a, &n.a_p, 15).unwrap().applied, 1);
+        assert!(n.a.current(&held_key).unwrap().is_some());
+        assert_eq!(n.a.counts().unwrap().inbox, 0);
+    }
+
+    #[test]
+    fn a_held_record_dropped_leaves_the_inbox() {
+        let mut n = net();
+        write_local(
+            &mut n.hub,
+            &n.hub_p,
+            vec![(
+                snap(json!({"resourceType":"Location","id":"l1","name":"x"})),
+                false,
+            )],
+            10,
+        )
+        .unwrap();
+        let req = pull_request(&n.a, "hub", 1000, 1 << 20).unwrap();
+        let mut resp = handle_pull(&n.hub, &n.hub_p, "a", &req).unwrap();
+        resp.records[0].body = "not json".into();
+        store_pull(&mut n.a, "hub", &resp, (0, 0), 11).unwrap();
+        let key = RecordKey::new("Location", "l1").unwrap();
+        assert_eq!(n.a.counts().unwrap().inbox, 1);
+        let mut tx = n.a.begin().unwrap();
+        assert!(tx.drop_quarantined(&key, 12).unwrap());
+        tx.commit().unwrap();
+        assert_eq!(n.a.counts().unwrap().inbox, 0);
+        assert!(n.a.quarantine_list().unwrap().is_empty());
     }
 
     #[test]

@@ -355,3 +355,63 @@ fn a_conflict_reviewed_at_a_clinic_with_an_emr_is_written_into_it_and_sent_up() 
     );
     assert_eq!(get(&hub.store(), "Patient/p1").unwrap()["gender"], "female");
 }
+
+/// A pulled record the clinic cannot read (a newer or broken parent) does not stop a
+/// clinic's EMR pass: the rest is written into the EMR, the unreadable one waits in
+/// quarantine at stage `pull`, held as received, and is not written anywhere.
+#[test]
+fn an_unreadable_pulled_record_waits_and_the_rest_reaches_the_clinic_s_emr() {
+    use clinicsync::store::Stage;
+    use clinicsync::wire::{Cursor, Message, PullRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("a", "North")]),
+        &["a"],
+        8 << 20,
+    );
+    let mut a = TestClinic::new(dir.path(), "a", &hub.url, &hub.token("a"));
+    a.policy.external_emr = true;
+    let mut emr = FakeEmr::default();
+    let p =
+        |id: &str| json!({"resourceType": "Patient", "id": id, "address": [{"district": "North"}]});
+    hub.put(vec![p("p1"), p("p2")]);
+    let msg = Message::PullRequest(PullRequest {
+        node: "a".into(),
+        cursor: Cursor::default(),
+        max_bytes: 1 << 20,
+        max_records: 1000,
+        include_own: false,
+        answer_chunk: 0,
+        health: Vec::new(),
+        order_results: Vec::new(),
+    });
+    let Message::PullResponse(mut page) = a.client.exchange("/v1/pull", &msg).unwrap().0 else {
+        panic!("expected a pull response")
+    };
+    let bad = page
+        .records
+        .iter_mut()
+        .find(|r| r.id == "p2")
+        .expect("p2 pulled");
+    bad.body = r#"{"resourceType": "Patient", "id": "p2", "gender": }"#.into();
+    engine::store_pull(&mut a.store, "parent", &page, (0, 0), wall_ms()).unwrap();
+    let s = clinicsync::emr::flow::apply_inbox_to_emr(&mut a.store, &a.policy, &mut emr, wall_ms())
+        .unwrap();
+    assert_eq!(s.applied.applied, 1, "{s:?}");
+    assert!(emr.get("Patient/p1").is_some());
+    assert!(emr.get("Patient/p2").is_none());
+    let q = a.store.quarantine_list().unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(
+        (q[0].record.as_str(), q[0].stage),
+        ("Patient/p2", Stage::Pull)
+    );
+    assert_eq!(a.store.counts().unwrap().inbox, 1, "held as received");
+    // Nothing else is owed to the EMR: the held record is not an EMR retry.
+    let due = clinicsync::emr::flow::apply_due_to_emr(&mut a.store, &a.policy, &mut emr, wall_ms())
+        .unwrap();
+    assert_eq!(due.applied.applied, 0, "{due:?}");
+    assert!(emr.get("Patient/p2").is_none());
+}

@@ -196,3 +196,57 @@ fn control_characters_from_peers_and_files_print_escaped() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(v[0]["reason"].as_str().unwrap().contains("\x1b[31mred"));
 }
+
+/// A record held unreadable from a pull, as a technician meets it: `quarantine list`
+/// names the stage and says it is held; `quarantine show` prints the bytes as they
+/// arrived (escaped JSON text: a body crafted to move the cursor moves nothing);
+/// `quarantine drop` gives it up and empties the inbox.
+#[test]
+fn a_record_held_unreadable_from_a_pull_is_listed_shown_and_dropped() {
+    use clinicsync::model::{Hlc, VersionVector};
+    use clinicsync::wire::WireRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let l = cluster::write_layout(dir.path(), 1, &[("clinic-a", "North")], "", "").unwrap();
+    let clinic = &l.clinics[0].config;
+    ok(run(clinic, &["config", "check"]));
+    let body = "{\"resourceType\":\"Location\",\"id\":\"x\x1b[2J\",\"name\":";
+    {
+        let mut s = Store::open(&l.clinics[0].store, "clinic-a").unwrap();
+        let key = RecordKey::parse("Location/shed").unwrap();
+        let rec = WireRecord {
+            kind: key.kind.clone(),
+            id: key.id.clone(),
+            origin: "hub".into(),
+            hlc: Hlc {
+                wall_ms: 1,
+                counter: 0,
+            },
+            vv: VersionVector::default(),
+            deleted: false,
+            body: body.into(),
+        };
+        let mut tx = s.begin().unwrap();
+        tx.hold_in_inbox("parent", &key, &rec, wall_ms()).unwrap();
+        let reason = clinicsync::store::unreadable_reason(&"not JSON", body.as_bytes());
+        tx.quarantine(&key, Stage::Pull, &reason, true, wall_ms(), |_| 60_000)
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let list = ok(run(clinic, &["quarantine", "list"]));
+    assert!(list.starts_with("Location/shed"), "{list}");
+    assert!(
+        list.contains(" pull ") && list.contains("held: cannot read it"),
+        "{list}"
+    );
+    let shown = ok(run(clinic, &["quarantine", "show", "Location/shed"]));
+    assert!(!shown.contains('\x1b'), "{shown:?}");
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(v["held"], body, "{shown}");
+    assert_eq!(v["quarantine"]["stage"], "pull");
+    assert!(v["current"].is_null());
+    ok(run(clinic, &["quarantine", "drop", "Location/shed"]));
+    let status = ok(run(clinic, &["status", "--json"]));
+    let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(st["inbox"], 0, "{status}");
+    assert_eq!(st["quarantine"], 0, "{status}");
+}

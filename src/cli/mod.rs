@@ -23,7 +23,7 @@ use crate::daemon;
 use crate::engine::{self, PARENT};
 use crate::error::{Classify, ErrorClass};
 use crate::model::{RecordKey, Snapshot};
-use crate::store::{meta, AuditCheck, CatchmentReason, Store};
+use crate::store::{meta, AuditCheck, CatchmentReason, Stage, Store};
 use crate::textsafe::{safe, safe_display, safe_lines};
 use crate::time::wall_ms;
 use crate::transport::http::HttpClient;
@@ -345,12 +345,19 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 #[derive(Subcommand, Debug)]
 pub enum QuarantineCmd {
-    /// List quarantined records with their reasons.
+    /// List quarantined records with their stage and reason.
+    ///
+    /// Stages: push (refused by the parent), apply (not yet applied here or written
+    /// into the EMR), pull (arrived from the parent unreadable; held as received,
+    /// read again on each retry).
     List {
         #[arg(long)]
         json: bool,
     },
     /// Show one quarantined record, its reason and its current content.
+    ///
+    /// A record held unreadable from a pull (stage pull) also shows "held": its
+    /// text as it arrived.
     Show { record: String },
     /// Make a record (or --all) due for retry at the next sync.
     Retry {
@@ -2115,7 +2122,11 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
                         q.stage.as_str(),
                         q.attempts,
                         fmt_time(q.next_retry_ms),
-                        if q.permanent { "refused" } else { "failed" },
+                        match (q.stage, q.permanent) {
+                            (Stage::Pull, _) => "held",
+                            (_, true) => "refused",
+                            (_, false) => "failed",
+                        },
                         safe(&q.reason)
                     );
                 }
@@ -2130,7 +2141,19 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
                 .find(|q| q.record == k.to_string())
                 .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("{k} is not quarantined")))?;
             let content = store.current(&k)?.map(|s| s.version.snapshot.json());
-            print_json(&json!({"quarantine": q, "current": content}));
+            // A record held unreadable is shown as it arrived (text, not parsed).
+            let held = if q.stage == Stage::Pull {
+                store
+                    .inbox_body(&k)?
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+            } else {
+                None
+            };
+            let mut shown = json!({"quarantine": q, "current": content});
+            if let Some(h) = held {
+                shown["held"] = json!(h);
+            }
+            print_json(&shown);
         }
         QuarantineCmd::Retry { record, all } => {
             let k = match (record, all) {

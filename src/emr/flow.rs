@@ -269,7 +269,7 @@ pub fn apply_inbox_to_emr(
     use crate::emr::EmrError;
     let mut summary = EmrApplySummary::default();
     loop {
-        let batch = store.inbox_batch(now_ms, 200)?;
+        let batch = crate::engine::inbox_batch(store, now_ms, 200)?;
         if batch.is_empty() {
             break;
         }

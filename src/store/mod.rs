@@ -143,6 +143,7 @@ pub use audit::{AuditCheck, AuditRow};
 pub use bundles::{BundleIn, MAX_BUNDLE_SEQ};
 pub use catchment::{CatchmentReason, FeedPage};
 pub use conflicts::{ConflictEntry, ConflictSide, StoredConflict};
+pub use inbox::{unreadable_reason, InboxRow};
 pub use meta::{MetaKey, MetaValue};
 pub use migrations::SCHEMA_VERSION;
 pub use orders::{OrderRow, OrderState};

@@ -9,6 +9,9 @@
 //! - A record waiting for another (`blocked_by`, migration 10) is released by that
 //!   column when its blocker succeeds ([`Tx::release_blocked_by`]), never by matching
 //!   its reason's text; a new quarantine of the same row clears `blocked_by`.
+//! - A pulled record this node cannot read waits at stage `pull` with its row held
+//!   in the inbox as received; the cursor moves past it, the rest of the page
+//!   applies, and a readable version of it pulled later releases it.
 //! - Reasons are kept to [`MAX_REASON_CHARS`] characters (an EMR's answer can be a
 //!   whole error page).
 //!
@@ -31,6 +34,10 @@ text_enum! {
         Push = "push",
         /// It could not be applied locally after a pull.
         Apply = "apply",
+        /// It came from the parent but this node cannot read it (a body that is not
+        /// FHIR JSON or names another record); held in the inbox as received and
+        /// read again on each retry, so a node upgraded to read it recovers it.
+        Pull = "pull",
     }
 }
 
@@ -283,7 +290,7 @@ mod tests {
         assert!(err.is_corruption(), "{err}");
         assert_eq!(
             err.to_string(),
-            r#"store is corrupt: quarantine.stage of Patient/p1 holds "later": not one of push, apply"#
+            r#"store is corrupt: quarantine.stage of Patient/p1 holds "later": not one of push, apply, pull"#
         );
     }
 
