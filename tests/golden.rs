@@ -480,46 +480,55 @@ fn v2_messages() -> Vec<(&'static str, Message)> {
     out
 }
 
-/// The v2 payload is frozen byte for byte; frozen frames (without and with
-/// dictionary 1) decompress to it and decode to the message.
+/// The v2 payload is frozen byte for byte, with bodies as text and as shapes and
+/// columns (`v2cols`); frozen frames (without and with dictionary 1) decompress to it
+/// and decode to the message.
 #[test]
 fn frozen_v2_payloads_and_frames_still_decode() {
     for (name, msg) in v2_messages() {
-        let payload = v2::payload(&msg).unwrap().expect("within v2 bounds");
-        check(&format!("{name}.v2.payload.hex"), &payload);
-        for (suffix, dict) in [("v2", 0u32), ("v2.dict1", 1)] {
-            let file = format!("{name}.{suffix}.frame.hex");
-            let path = golden(&file);
-            if !path.exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
-                let f = encode_as(&msg, LEVEL_FAST, Encoding::V2 { dict }).unwrap();
-                std::fs::write(&path, hex::encode(f) + "\n").unwrap();
-            }
-            let bytes = read_hex(&file);
-            assert_eq!(&bytes[..6], b"CSYN\x00\x02", "{file}: magic and version 2");
-            assert_eq!(&bytes[6..10], &dict.to_be_bytes(), "{file}: dictionary id");
-            let unpacked = match dict {
-                0 => zstd::stream::decode_all(&bytes[10..]).unwrap(),
-                id => {
-                    let d = dict::bytes(id).expect("a shipped dictionary");
-                    zstd::bulk::Decompressor::with_dictionary(d)
-                        .unwrap()
-                        .decompress(&bytes[10..], 1 << 20)
-                        .unwrap_or_else(|e| {
-                            panic!("{file}: does not decompress with dictionary {id}: {e}")
-                        })
+        for (form, columns) in [("v2", false), ("v2cols", true)] {
+            let payload = v2::payload(&msg, columns)
+                .unwrap()
+                .expect("within v2 bounds");
+            check(&format!("{name}.{form}.payload.hex"), &payload);
+            for (suffix, dict) in [(form.to_string(), 0u32), (format!("{form}.dict1"), 1)] {
+                let file = format!("{name}.{suffix}.frame.hex");
+                let path = golden(&file);
+                if !path.exists() && std::env::var_os("CLINICSYNC_BLESS").is_some() {
+                    let f = encode_as(&msg, LEVEL_FAST, Encoding::V2 { dict, columns }).unwrap();
+                    std::fs::write(&path, hex::encode(f) + "\n").unwrap();
                 }
-            };
+                let bytes = read_hex(&file);
+                assert_eq!(&bytes[..6], b"CSYN\x00\x02", "{file}: magic and version 2");
+                assert_eq!(&bytes[6..10], &dict.to_be_bytes(), "{file}: dictionary id");
+                let unpacked = match dict {
+                    0 => zstd::stream::decode_all(&bytes[10..]).unwrap(),
+                    id => {
+                        let d = dict::bytes(id).expect("a shipped dictionary");
+                        zstd::bulk::Decompressor::with_dictionary(d)
+                            .unwrap()
+                            .decompress(&bytes[10..], 1 << 20)
+                            .unwrap_or_else(|e| {
+                                panic!("{file}: does not decompress with dictionary {id}: {e}")
+                            })
+                    }
+                };
+                assert_eq!(
+                    hex::encode(&unpacked),
+                    hex::encode(&payload),
+                    "{file}: the frame carries another payload than the frozen one"
+                );
+                assert_eq!(decode(&bytes, &Limits::default()).unwrap(), msg, "{file}");
+            }
+            // And v2 decodes to exactly what v1 does.
+            let v1 = decode(&encode(&msg).unwrap(), &Limits::default()).unwrap();
+            let v2 = encode_as(&msg, LEVEL_FAST, Encoding::V2 { dict: 1, columns }).unwrap();
             assert_eq!(
-                hex::encode(&unpacked),
-                hex::encode(&payload),
-                "{file}: the frame carries another payload than the frozen one"
+                decode(&v2, &Limits::default()).unwrap(),
+                v1,
+                "{name} {form}"
             );
-            assert_eq!(decode(&bytes, &Limits::default()).unwrap(), msg, "{file}");
         }
-        // And v2 decodes to exactly what v1 does.
-        let v1 = decode(&encode(&msg).unwrap(), &Limits::default()).unwrap();
-        let v2 = encode_as(&msg, LEVEL_FAST, Encoding::V2 { dict: 1 }).unwrap();
-        assert_eq!(decode(&v2, &Limits::default()).unwrap(), v1, "{name}");
     }
 }
 

@@ -142,7 +142,8 @@ fn v2_nodes_speak_v2_with_the_dictionary_after_the_first_answer() {
     assert_eq!(
         n.clinic.client.encoding(),
         Encoding::V2 {
-            dict: wire::dict::newest()
+            dict: wire::dict::newest(),
+            columns: true,
         }
     );
     let v1_before = n.seen.up(1);
@@ -180,7 +181,10 @@ fn a_v2_clinic_sends_a_v1_hub_only_v1_frames() {
             order_results: Vec::new(),
         }),
         3,
-        Encoding::V2 { dict: 0 },
+        Encoding::V2 {
+            dict: 0,
+            columns: false,
+        },
     )
     .unwrap();
     let r = ureq::post(&format!("{}/v1/pull", n.hub.url))
@@ -248,8 +252,30 @@ fn a_hub_without_our_dictionary_gets_v2_without_one() {
     n.hub.state.set_accept(Accept::v2_without_dictionary());
     sync_both_ways(&mut n, "1");
     sync_both_ways(&mut n, "2");
-    assert_eq!(n.clinic.client.encoding(), Encoding::V2 { dict: 0 });
+    assert_eq!(
+        n.clinic.client.encoding(),
+        Encoding::V2 {
+            dict: 0,
+            columns: true
+        }
+    );
     assert!(n.seen.up(2) >= 2);
+}
+
+#[test]
+fn a_v2_hub_of_before_bodies_as_columns_gets_bodies_as_text() {
+    let mut n = net();
+    n.hub.state.set_accept(Accept::v2_bodies_as_text());
+    sync_both_ways(&mut n, "1");
+    sync_both_ways(&mut n, "2");
+    assert_eq!(
+        n.clinic.client.encoding(),
+        Encoding::V2 {
+            dict: wire::dict::newest(),
+            columns: false
+        }
+    );
+    assert!(n.seen.up(2) >= 2 && n.seen.down(2) >= 2, "v2 both ways");
 }
 
 #[test]
@@ -475,7 +501,7 @@ mod over_mqtt {
         round(&mut n, "2");
         round(&mut n, "3");
         assert!(
-            matches!(mqtt(&n).encoding(), Encoding::V2 { dict } if dict == wire::dict::newest())
+            matches!(mqtt(&n).encoding(), Encoding::V2 { dict, columns: true } if dict == wire::dict::newest())
         );
         assert_eq!(n.seen.up(1), v1_up, "after the hello, no v1 request");
         // At least one exchange per round (one since pushes and pulls travel together).

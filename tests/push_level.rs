@@ -34,6 +34,7 @@ fn frame_at(clinic: &TestClinic, level: i32) -> usize {
         level,
         Encoding::V2 {
             dict: wire::dict::newest(),
+            columns: true,
         },
     )
     .unwrap()

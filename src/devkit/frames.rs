@@ -229,12 +229,16 @@ fn parse_effort(s: &str) -> Result<Effort, Failure> {
 
 /// Compresses v2 payloads with the dictionary at `effort`, one fresh context per
 /// frame as the product does: (bytes, seconds, largest context in bytes).
-fn explore(frames: &[Message], effort: Effort) -> Result<(usize, f64, usize), Failure> {
+fn explore(
+    frames: &[Message],
+    effort: Effort,
+    columns: bool,
+) -> Result<(usize, f64, usize), Failure> {
     use zstd::zstd_safe::{CCtx, CParameter};
     let d = dict::bytes(dict::newest()).ok_or_else(|| fail("no shipped dictionary"))?;
     let (mut bytes, mut secs, mut mem) = (0, 0.0, 0);
     for m in frames {
-        let Some(p) = wire::v2::payload(m).map_err(fail)? else {
+        let Some(p) = wire::v2::payload(m, columns).map_err(fail)? else {
             continue;
         };
         let t = Instant::now();
@@ -301,8 +305,8 @@ pub fn run(a: FramesArgs) -> Result<(), Failure> {
         dict::bytes(dict).map_or(0, <[u8]>::len)
     );
     println!();
-    println!("| data | frames (level) | records | zstd -19 NDJSON | v1 | v2 | v2 + dict | bytes/record v1 / v2 / v2+dict | ÷ zstd -19: v1 / v2 / v2+dict | encode ms v1 / v2 / v2+dict |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| data | frames (level) | records | zstd -19 NDJSON | v1 | v2 | v2 + dict | v2 + dict, bodies as columns | bytes/record v1 / v2 / v2+dict / columns | ÷ zstd -19: v1 / v2 / v2+dict / columns | encode ms v1 / v2 / v2+dict / columns |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut explored = Vec::new();
     for set in &sets {
         let z19 = zstd::encode_all(&super::linkbench::ndjson(&set.resources)[..], 19)
@@ -321,7 +325,7 @@ pub fn run(a: FramesArgs) -> Result<(), Failure> {
             std::fs::create_dir_all(d).map_err(fail)?;
             for (what, frames) in [("push", &pushes), ("page", &pages)] {
                 for (i, m) in frames.iter().enumerate() {
-                    if let Some(p) = wire::v2::payload(m).map_err(fail)? {
+                    if let Some(p) = wire::v2::payload(m, false).map_err(fail)? {
                         let name = format!(
                             "{}-{what}-{i}.v2",
                             set.name.replace(['/', ' ', ',', '(', ')', '\''], "_")
@@ -354,26 +358,52 @@ pub fn run(a: FramesArgs) -> Result<(), Failure> {
             ("pull pages", &pages, wire::LEVEL_BULK),
         ] {
             let v1 = measure(frames, level, Encoding::V1)?;
-            let v2 = measure(frames, level, Encoding::V2 { dict: 0 })?;
-            let v2d = measure(frames, level, Encoding::V2 { dict })?;
+            let v2 = measure(
+                frames,
+                level,
+                Encoding::V2 {
+                    dict: 0,
+                    columns: false,
+                },
+            )?;
+            let v2d = measure(
+                frames,
+                level,
+                Encoding::V2 {
+                    dict,
+                    columns: false,
+                },
+            )?;
+            let v2c = measure(
+                frames,
+                level,
+                Encoding::V2 {
+                    dict,
+                    columns: true,
+                },
+            )?;
             let per = |b: usize| b as f64 / n as f64;
             let ratio = |b: usize| b as f64 / z19 as f64;
             println!(
-                "| {} | {} {what} ({level}) | {n} | {z19} | {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.2}× / {:.2}× / {:.2}× | {:.0} / {:.0} / {:.0} |",
+                "| {} | {} {what} ({level}) | {n} | {z19} | {} | {} | {} | {} | {:.1} / {:.1} / {:.1} / {:.1} | {:.2}× / {:.2}× / {:.2}× / {:.2}× | {:.0} / {:.0} / {:.0} / {:.0} |",
                 set.name,
                 frames.len(),
                 v1.0,
                 v2.0,
                 v2d.0,
+                v2c.0,
                 per(v1.0),
                 per(v2.0),
                 per(v2d.0),
+                per(v2c.0),
                 ratio(v1.0),
                 ratio(v2.0),
                 ratio(v2d.0),
+                ratio(v2c.0),
                 v1.1 * 1e3,
                 v2.1 * 1e3,
                 v2d.1 * 1e3,
+                v2c.1 * 1e3,
             );
         }
         // Where the bytes go: the bodies alone and the whole v2 payload, both at 19.
@@ -386,7 +416,7 @@ pub fn run(a: FramesArgs) -> Result<(), Failure> {
                     bodies.push(b'\n');
                 }
             }
-            if let Some(p) = wire::v2::payload(m).map_err(fail)? {
+            if let Some(p) = wire::v2::payload(m, false).map_err(fail)? {
                 payloads += zstd::bulk::compress(&p, 19).map_err(fail)?.len();
             }
         }
@@ -396,21 +426,32 @@ pub fn run(a: FramesArgs) -> Result<(), Failure> {
             zstd::bulk::compress(&bodies, 19).map_err(fail)?.len()
         );
         for e in &efforts {
-            let (b, s, mem) = explore(&pushes, *e)?;
-            explored.push((set.name.clone(), *e, b, b as f64 / z19 as f64, s, mem));
+            for columns in [false, true] {
+                let (b, s, mem) = explore(&pushes, *e, columns)?;
+                explored.push((
+                    set.name.clone(),
+                    *e,
+                    columns,
+                    b,
+                    b as f64 / z19 as f64,
+                    s,
+                    mem,
+                ));
+            }
         }
     }
     println!();
     println!("Clinic pushes, v2 + dictionary, by zstd setting (one context per frame):");
     println!();
-    println!("| data | level | window/hash/chain log caps | bytes | ÷ zstd -19 | encode ms | context MiB |");
-    println!("|---|---|---|---|---|---|---|");
-    for (name, e, b, r, s, mem) in explored {
+    println!("| data | bodies | level | window/hash/chain log caps | bytes | ÷ zstd -19 | encode ms | context MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, e, columns, b, r, s, mem) in explored {
         let caps = e
             .caps
             .map_or("—".to_string(), |(w, h, c)| format!("{w}/{h}/{c}"));
         println!(
-            "| {name} | {} | {caps} | {b} | {r:.2}× | {:.0} | {:.1} |",
+            "| {name} | {} | {} | {caps} | {b} | {r:.2}× | {:.0} | {:.1} |",
+            if columns { "columns" } else { "text" },
             e.level,
             s * 1e3,
             mem as f64 / (1 << 20) as f64

@@ -703,6 +703,7 @@ fn clinicsync_frames(dir: &Path, resources: &[Value]) -> Result<u64, Failure> {
             crate::wire::LEVEL_FAST,
             crate::wire::Encoding::V2 {
                 dict: crate::wire::dict::newest(),
+                columns: true,
             },
         )
         .map_err(fail)?

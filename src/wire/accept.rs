@@ -3,8 +3,11 @@
 //!
 //! Announcement (HTTP header [`HEADER`], both directions):
 //! ```text
-//! X-Clinicsync-Accept: <newest version>[;dict=<id>]*      e.g. "2;dict=1"
+//! X-Clinicsync-Accept: <newest version>[;dict=<id>]*[;bodies=columns]
+//!                                                 e.g. "2;dict=1;bodies=columns"
 //! ```
+//! `bodies=columns`: the node reads v2 blocks whose bodies are shapes and columns
+//! ([`super::shape`]); nodes before it ignore the parameter and never get such a block.
 //! A node that announces nothing speaks v1 (every node before v2). Unknown
 //! parameters are ignored and an unreadable value counts as v1, so a later node can
 //! add to the announcement without breaking this one.
@@ -22,9 +25,10 @@ const MAX_DICTS: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
     V1,
-    /// `dict` 0: no dictionary.
+    /// `dict` 0: no dictionary; `columns`: bodies as shapes and columns.
     V2 {
         dict: u32,
+        columns: bool,
     },
 }
 
@@ -33,6 +37,8 @@ pub enum Encoding {
 pub struct Accept {
     pub version: u16,
     pub dicts: Vec<u32>,
+    /// Reads bodies as shapes and columns.
+    pub columns: bool,
 }
 
 impl Accept {
@@ -41,6 +47,7 @@ impl Accept {
         Accept {
             version: PROTOCOL_V2,
             dicts: dict::SHIPPED.iter().map(|(id, _)| *id).collect(),
+            columns: true,
         }
     }
 
@@ -49,6 +56,7 @@ impl Accept {
         Accept {
             version: PROTOCOL_VERSION,
             dicts: Vec::new(),
+            columns: false,
         }
     }
 
@@ -57,6 +65,15 @@ impl Accept {
         Accept {
             version: PROTOCOL_V2,
             dicts: Vec::new(),
+            columns: true,
+        }
+    }
+
+    /// A v2 node of before `bodies=columns` (it reads bodies as text only).
+    pub fn v2_bodies_as_text() -> Accept {
+        Accept {
+            columns: false,
+            ..Accept::ours()
         }
     }
 
@@ -68,6 +85,9 @@ impl Accept {
         let mut s = self.version.to_string();
         for d in &self.dicts {
             s.push_str(&format!(";dict={d}"));
+        }
+        if self.columns {
+            s.push_str(";bodies=columns");
         }
         Some(s)
     }
@@ -82,18 +102,27 @@ impl Accept {
             return Accept::v1();
         };
         let mut dicts = Vec::new();
+        let mut columns = false;
         for p in parts {
+            if p == "bodies=columns" {
+                columns = true;
+            }
             if let Some(id) = p.strip_prefix("dict=").and_then(|d| d.parse::<u32>().ok()) {
                 if id != 0 && dicts.len() < MAX_DICTS && !dicts.contains(&id) {
                     dicts.push(id);
                 }
             }
         }
-        Accept { version, dicts }
+        Accept {
+            version,
+            dicts,
+            columns,
+        }
     }
 
     /// How to encode for `peer`, given what this node can write (`self`): v2 when
-    /// both read it, with the newest dictionary both have (0 when none).
+    /// both read it, with the newest dictionary both have (0 when none), bodies as
+    /// columns when both read them.
     pub fn choose(&self, peer: &Accept) -> Encoding {
         if self.version.min(peer.version) < PROTOCOL_V2 {
             return Encoding::V1;
@@ -105,7 +134,10 @@ impl Accept {
             .max()
             .copied()
             .unwrap_or(0);
-        Encoding::V2 { dict }
+        Encoding::V2 {
+            dict,
+            columns: self.columns && peer.columns,
+        }
     }
 
     /// Whether a frame of protocol `version` is one this node reads.
@@ -133,7 +165,8 @@ mod tests {
             Accept::parse(Some("3; dict=7; zz=1; dict=x; dict=0; dict=7")),
             Accept {
                 version: 3,
-                dicts: vec![7]
+                dicts: vec![7],
+                columns: false,
             }
         );
     }
@@ -145,15 +178,39 @@ mod tests {
         assert_eq!(Accept::v1().choose(&ours), Encoding::V1);
         assert_eq!(
             ours.choose(&Accept::v2_without_dictionary()),
-            Encoding::V2 { dict: 0 }
+            Encoding::V2 {
+                dict: 0,
+                columns: true
+            }
         );
         let newest = *ours.dicts.iter().max().unwrap();
-        assert_eq!(ours.choose(&ours), Encoding::V2 { dict: newest });
+        assert_eq!(
+            ours.choose(&ours),
+            Encoding::V2 {
+                dict: newest,
+                columns: true
+            }
+        );
+        // A v2 peer of before columns gets bodies as text.
+        assert_eq!(
+            ours.choose(&Accept::v2_bodies_as_text()),
+            Encoding::V2 {
+                dict: newest,
+                columns: false
+            }
+        );
         // A peer with a later dictionary we lack, and one of ours: ours is used.
         let later = Accept {
             version: 3,
             dicts: vec![newest, 999],
+            columns: true,
         };
-        assert_eq!(ours.choose(&later), Encoding::V2 { dict: newest });
+        assert_eq!(
+            ours.choose(&later),
+            Encoding::V2 {
+                dict: newest,
+                columns: true
+            }
+        );
     }
 }

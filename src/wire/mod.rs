@@ -25,7 +25,8 @@
 //! }
 //! struct RecordBlock {                        // varint = LEB128; zz = zigzag varint
 //!     lists:   varint n, counts: [varint; n], // one per place v2::record_slots names
-//!     flags:   u8,                            // bit 0: bodies newline-ended
+//!     flags:   u8,                            // bit 0: bodies newline-ended;
+//!                                             // bit 1: bodies as shapes and columns
 //!     kinds:   varint k, [varint len, utf8]*k,        // first appearance order
 //!     nodes:   varint m, [varint len, utf8]*m,        // origins and vector nodes
 //!     kind:    [varint index into kinds; N],  // N = sum of counts
@@ -40,9 +41,11 @@
 //!              zz(counter - that node's previous counter in the block)),
 //!              nodes in name order,
 //!     deleted: [u8; ceil(N/8)],               // bit i%8 of byte i/8; spare bits 0
-//!     lengths: [varint; N] unless flags bit 0,
+//!     lengths: [varint; N] unless flags bit 0 or 1,
 //!     bodies:  the bodies grouped by kind index (record order within a kind),
-//!              each followed by b'\n' when flags bit 0,
+//!              each followed by b'\n' when flags bit 0; with bit 1, in the same
+//!              order as shape::Bodies (each body's shape, and its values in one
+//!              column per kind and path; see [`shape`]),
 //! }
 //! ```
 //! The version sits in front of the compressed payload so a node can refuse a frame
@@ -50,7 +53,8 @@
 //!
 //! Which version a frame uses is negotiated per exchange ([`accept`]): a node
 //! announces what it reads; a v2 frame goes only to a peer that announced v2, with
-//! the newest dictionary both announced. Every node decodes both versions.
+//! the newest dictionary both announced, and bodies as shapes and columns only to a
+//! peer that announced `bodies=columns`. Every node decodes both versions.
 //!
 //! Invariants
 //! - Every decoder bounds what it reads: compressed size, decompressed size (the zstd
@@ -86,6 +90,7 @@ pub mod dict;
 pub mod health;
 pub mod level;
 pub mod orders;
+pub mod shape;
 pub mod v2;
 
 pub use accept::{Accept, Encoding};
@@ -588,7 +593,7 @@ pub fn encode_with(msg: &Message, level: i32) -> Result<Vec<u8>, WireError> {
 pub fn encode_as(msg: &Message, level: i32, encoding: Encoding) -> Result<Vec<u8>, WireError> {
     match encoding {
         Encoding::V1 => encode_with(msg, level),
-        Encoding::V2 { dict } => match v2::encode(msg, level, dict)? {
+        Encoding::V2 { dict, columns } => match v2::encode(msg, level, dict, columns)? {
             Some(frame) => Ok(frame),
             None => encode_with(msg, level),
         },

@@ -88,7 +88,7 @@ fn take_records(msg: &mut Message) -> (Vec<u64>, Vec<WireRecord>) {
 
 // ------------------------------------------------------------------ varints
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -111,7 +111,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 /// A bounded reader over the decompressed payload; every error names what it was
 /// reading.
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
@@ -121,11 +121,11 @@ fn block(msg: impl Into<String>) -> WireError {
 }
 
 impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
+    pub(super) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
 
-    fn varint(&mut self, what: &dyn Fn() -> String) -> Result<u64, WireError> {
+    pub(super) fn varint(&mut self, what: &dyn Fn() -> String) -> Result<u64, WireError> {
         let mut v: u64 = 0;
         for shift in (0..64).step_by(7) {
             let Some(&b) = self.buf.get(self.pos) else {
@@ -144,7 +144,11 @@ impl<'a> Reader<'a> {
     }
 
     /// A count that must not pass `max` (checked before anything is allocated).
-    fn count(&mut self, max: usize, what: &dyn Fn() -> String) -> Result<usize, WireError> {
+    pub(super) fn count(
+        &mut self,
+        max: usize,
+        what: &dyn Fn() -> String,
+    ) -> Result<usize, WireError> {
         let n = self.varint(what)?;
         if n > max as u64 {
             return Err(block(format!("{} is {n}, over the limit of {max}", what())));
@@ -152,7 +156,11 @@ impl<'a> Reader<'a> {
         Ok(n as usize)
     }
 
-    fn bytes(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8], WireError> {
+    pub(super) fn bytes(
+        &mut self,
+        n: usize,
+        what: &dyn Fn() -> String,
+    ) -> Result<&'a [u8], WireError> {
         if n > self.remaining() {
             return Err(block(format!(
                 "{} needs {n} bytes, only {} remain",
@@ -248,18 +256,29 @@ fn body_order_of(kind_ix: &[usize]) -> Vec<usize> {
 /// Flag: every body ends with a newline in the stream and no length column is sent
 /// (no body holds a newline; canonical JSON never does).
 const FLAG_NEWLINES: u8 = 1;
+/// Flag: the bodies are sent as shapes and columns ([`super::shape`]); only to a peer
+/// that announced `bodies=columns`.
+const FLAG_BODY_COLUMNS: u8 = 2;
 
 /// The column block of `records` (without the bodies, which follow it in the same
 /// order, each exactly as long as the block says). `None` when a record falls
 /// outside the v2 bounds (the caller sends v1).
-fn columns(counts: &[u64], records: &[WireRecord]) -> Option<(Vec<u8>, Vec<usize>, bool)> {
+fn columns(
+    counts: &[u64],
+    records: &[WireRecord],
+    body_columns: bool,
+) -> Option<(Vec<u8>, Vec<usize>, Bodies)> {
     let mut out = Vec::with_capacity(64 + records.len() * 16);
     put_varint(&mut out, counts.len() as u64);
     for &c in counts {
         put_varint(&mut out, c);
     }
-    let newlines = !records.iter().any(|r| r.body.contains('\n'));
-    out.push(if newlines { FLAG_NEWLINES } else { 0 });
+    let newlines = !body_columns && !records.iter().any(|r| r.body.contains('\n'));
+    out.push(match (body_columns, newlines) {
+        (true, _) => FLAG_BODY_COLUMNS,
+        (false, true) => FLAG_NEWLINES,
+        (false, false) => 0,
+    });
     let mut kinds = Table::default();
     let mut nodes = Table::default();
     let mut kind_ix = Vec::with_capacity(records.len());
@@ -341,12 +360,26 @@ fn columns(counts: &[u64], records: &[WireRecord]) -> Option<(Vec<u8>, Vec<usize
     }
     out.extend_from_slice(&bits);
     let order = body_order(&kind_ix);
+    if body_columns {
+        let bodies: Vec<&str> = order.iter().map(|&i| records[i].body.as_str()).collect();
+        let kinds: Vec<usize> = order.iter().map(|&i| kind_ix[i] as usize).collect();
+        let pieces = super::shape::encode(&bodies, &kinds);
+        return Some((out, order, Bodies::Columns(pieces)));
+    }
     if !newlines {
         for &i in &order {
             put_varint(&mut out, records[i].body.len() as u64);
         }
     }
-    Some((out, order, newlines))
+    Some((out, order, Bodies::Text { newlines }))
+}
+
+/// How the bodies follow the column block.
+enum Bodies {
+    /// As text, in body order, newline-ended or after the length column.
+    Text { newlines: bool },
+    /// As shapes and columns, already written (in pieces, written one after another).
+    Columns(Vec<Vec<u8>>),
 }
 
 /// A message's records for encoding: borrowed from the message where it keeps them
@@ -424,13 +457,13 @@ struct Parts<'a> {
     records: Records<'a>,
     /// The order bodies are written in.
     order: Vec<usize>,
-    newlines: bool,
+    bodies: Bodies,
 }
 
 impl Parts<'_> {
-    fn of(msg: &Message) -> Result<Option<Parts<'_>>, WireError> {
+    fn of(msg: &Message, body_columns: bool) -> Result<Option<Parts<'_>>, WireError> {
         let (skeleton, counts, records) = split(msg);
-        let Some((cols, order, newlines)) = columns(&counts, &records) else {
+        let Some((cols, order, bodies)) = columns(&counts, &records, body_columns) else {
             return Ok(None);
         };
         let skel = super::to_cbor(&skeleton)?;
@@ -442,25 +475,37 @@ impl Parts<'_> {
             cols,
             records,
             order,
-            newlines,
+            bodies,
         }))
     }
 
     fn len(&self) -> usize {
-        let newlines = if self.newlines { self.records.len() } else { 0 };
-        self.head.len()
-            + self.cols.len()
-            + self.records.iter().map(|r| r.body.len()).sum::<usize>()
-            + newlines
+        let bodies = match &self.bodies {
+            Bodies::Columns(pieces) => pieces.iter().map(Vec::len).sum(),
+            Bodies::Text { newlines } => {
+                self.records.iter().map(|r| r.body.len()).sum::<usize>()
+                    + if *newlines { self.records.len() } else { 0 }
+            }
+        };
+        self.head.len() + self.cols.len() + bodies
     }
 
     fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
         w.write_all(&self.head)?;
         w.write_all(&self.cols)?;
-        for &i in &self.order {
-            w.write_all(self.records[i].body.as_bytes())?;
-            if self.newlines {
-                w.write_all(b"\n")?;
+        match &self.bodies {
+            Bodies::Columns(pieces) => {
+                for p in pieces {
+                    w.write_all(p)?;
+                }
+            }
+            Bodies::Text { newlines } => {
+                for &i in &self.order {
+                    w.write_all(self.records[i].body.as_bytes())?;
+                    if *newlines {
+                        w.write_all(b"\n")?;
+                    }
+                }
             }
         }
         Ok(())
@@ -469,8 +514,8 @@ impl Parts<'_> {
 
 /// The uncompressed v2 payload of `msg` (what [`encode`] compresses), for
 /// measurements; `None` outside v2's bounds.
-pub fn payload(msg: &Message) -> Result<Option<Vec<u8>>, WireError> {
-    let Some(parts) = Parts::of(msg)? else {
+pub fn payload(msg: &Message, body_columns: bool) -> Result<Option<Vec<u8>>, WireError> {
+    let Some(parts) = Parts::of(msg, body_columns)? else {
         return Ok(None);
     };
     let mut out = Vec::with_capacity(parts.len());
@@ -480,14 +525,20 @@ pub fn payload(msg: &Message) -> Result<Option<Vec<u8>>, WireError> {
     Ok(Some(out))
 }
 
-/// Encodes `msg` as a v2 frame with dictionary `dict` (0: none) at zstd `level`;
-/// `None` when the message falls outside v2's bounds (see [`MAX_TABLE_STRING`]).
-pub fn encode(msg: &Message, level: i32, dict: u32) -> Result<Option<Vec<u8>>, WireError> {
+/// Encodes `msg` as a v2 frame with dictionary `dict` (0: none) at zstd `level`, its
+/// bodies as shapes and columns when `body_columns`; `None` when the message falls
+/// outside v2's bounds (see [`MAX_TABLE_STRING`]).
+pub fn encode(
+    msg: &Message,
+    level: i32,
+    dict: u32,
+    body_columns: bool,
+) -> Result<Option<Vec<u8>>, WireError> {
     let dict_bytes = match dict {
         0 => None,
         id => Some(dict::bytes(id).ok_or(WireError::UnknownDictionary(id))?),
     };
-    let Some(parts) = Parts::of(msg)? else {
+    let Some(parts) = Parts::of(msg, body_columns)? else {
         return Ok(None);
     };
     let size = parts.len();
@@ -641,7 +692,9 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
         )));
     }
     let flags = r.bytes(1, &|| "flags".into())?[0];
-    if flags & !FLAG_NEWLINES != 0 {
+    if flags & !(FLAG_NEWLINES | FLAG_BODY_COLUMNS) != 0
+        || flags == FLAG_NEWLINES | FLAG_BODY_COLUMNS
+    {
         return Err(block(format!("unknown flags {flags:#04x}")));
     }
     let n_kinds = r.count(total, &|| "number of kinds".into())?;
@@ -735,8 +788,14 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
     // Bodies come grouped by kind (see `body_order`), newline-terminated or after a
     // length column.
     let order = body_order_of(&kind_ix);
-    let mut bodies: Vec<&str> = vec![""; total];
-    if flags & FLAG_NEWLINES != 0 {
+    let mut bodies: Vec<std::borrow::Cow<'_, str>> = vec![std::borrow::Cow::Borrowed(""); total];
+    if flags & FLAG_BODY_COLUMNS != 0 {
+        let kinds: Vec<usize> = order.iter().map(|&i| kind_ix[i]).collect();
+        let decoded = super::shape::decode(&mut r, &kinds, &order, &mut |n| spend(n, "body"))?;
+        for (&i, b) in order.iter().zip(decoded) {
+            bodies[i] = std::borrow::Cow::Owned(b);
+        }
+    } else if flags & FLAG_NEWLINES != 0 {
         for &i in &order {
             let rest = &r.buf[r.pos..];
             let len = rest
@@ -744,7 +803,8 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
                 .position(|&b| b == b'\n')
                 .ok_or_else(|| block(format!("record {i}: body has no end")))?;
             bodies[i] = std::str::from_utf8(&rest[..len])
-                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
+                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?
+                .into();
             r.pos += len + 1;
         }
     } else {
@@ -764,7 +824,8 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
         for (&i, &len) in order.iter().zip(&lens) {
             let b = r.bytes(len, &|| format!("record {i}: body"))?;
             bodies[i] = std::str::from_utf8(b)
-                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
+                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?
+                .into();
         }
     }
     if r.remaining() != 0 {
@@ -775,10 +836,10 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
     }
     let mut records = Vec::with_capacity(total);
     for i in 0..total {
-        let body = bodies[i];
+        let body = std::mem::take(&mut bodies[i]);
         let id = match &ids[i] {
             IdRef::Text(t) => t.clone(),
-            IdRef::InBody(k) => id_from_body(body, *k)
+            IdRef::InBody(k) => id_from_body(&body, *k)
                 .ok_or_else(|| {
                     block(format!(
                         "record {i}: its body has no id after \"id\" number {k}"
@@ -799,7 +860,7 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
             hlc: hlcs[i],
             vv: std::mem::take(&mut vvs[i]),
             deleted: bits[i / 8] & (1 << (i % 8)) != 0,
-            body: body.to_string(),
+            body: body.into_owned(),
         });
     }
     let mut records = records.into_iter();
@@ -989,12 +1050,22 @@ mod tests {
     fn every_message_decodes_from_v2_exactly_as_from_v1() {
         for msg in messages() {
             let v1 = decode_any(&encode_with(&msg, 3).unwrap(), &Limits::default()).unwrap();
-            for dict in [0, dict::newest()] {
-                let frame = encode_as(&msg, 3, Encoding::V2 { dict }).unwrap();
+            for (dict, columns) in [
+                (0, false),
+                (dict::newest(), false),
+                (0, true),
+                (dict::newest(), true),
+            ] {
+                let frame = encode_as(&msg, 3, Encoding::V2 { dict, columns }).unwrap();
                 assert_eq!(&frame[4..6], &[0, 2], "{} went as v2", msg.name());
                 assert_eq!(u32::from_be_bytes(frame[6..10].try_into().unwrap()), dict);
                 let back = decode_any(&frame, &Limits::default()).unwrap();
-                assert_eq!(back, v1, "{} with dictionary {dict}", msg.name());
+                assert_eq!(
+                    back,
+                    v1,
+                    "{} with dictionary {dict}, columns {columns}",
+                    msg.name()
+                );
                 assert_eq!(back, msg);
             }
         }
@@ -1010,13 +1081,14 @@ mod tests {
             orders: Vec::new(),
             bundle_seq: 0,
         });
-        assert!(payload(&big).unwrap().unwrap().len() > DICT_MAX_BULK_PAYLOAD);
+        assert!(payload(&big, false).unwrap().unwrap().len() > DICT_MAX_BULK_PAYLOAD);
         let dict_of = |m: &Message, level| {
             let f = encode_as(
                 m,
                 level,
                 Encoding::V2 {
                     dict: dict::newest(),
+                    columns: false,
                 },
             )
             .unwrap();
@@ -1044,7 +1116,15 @@ mod tests {
             node: "a".into(),
             records: vec![r],
         });
-        let frame = encode_as(&msg, 3, Encoding::V2 { dict: 0 }).unwrap();
+        let frame = encode_as(
+            &msg,
+            3,
+            Encoding::V2 {
+                dict: 0,
+                columns: false,
+            },
+        )
+        .unwrap();
         assert_eq!(&frame[4..6], &[0, 1]);
         assert_eq!(decode_any(&frame, &Limits::default()).unwrap(), msg);
     }
@@ -1060,11 +1140,16 @@ mod tests {
 
     /// The payload of a push of `records` as our encoder writes it.
     fn payload_of(records: Vec<WireRecord>) -> Vec<u8> {
+        payload_in(records, false)
+    }
+
+    /// The same, bodies as text or as shapes and columns.
+    fn payload_in(records: Vec<WireRecord>, columns: bool) -> Vec<u8> {
         let msg = Message::PushRequest(PushRequest {
             node: "clinic-a".into(),
             records,
         });
-        let f = encode_as(&msg, 1, Encoding::V2 { dict: 0 }).unwrap();
+        let f = encode_as(&msg, 1, Encoding::V2 { dict: 0, columns }).unwrap();
         zstd::stream::decode_all(&f[HEADER_LEN..]).unwrap()
     }
 
@@ -1083,6 +1168,7 @@ mod tests {
             3,
             Encoding::V2 {
                 dict: dict::newest(),
+                columns: false,
             },
         )
         .unwrap();
@@ -1095,37 +1181,52 @@ mod tests {
         assert!(decode_any(&f, &Limits::default()).is_err());
         // Encoding with a dictionary we do not have is an error too.
         assert!(matches!(
-            encode_as(msg, 3, Encoding::V2 { dict: 4242 }),
+            encode_as(
+                msg,
+                3,
+                Encoding::V2 {
+                    dict: 4242,
+                    columns: false
+                }
+            ),
             Err(WireError::UnknownDictionary(4242))
         ));
     }
 
     #[test]
     fn every_cut_of_a_payload_is_refused_with_a_clear_error() {
-        let p = payload_of(records(6));
-        for cut in 0..p.len() {
-            let r = decode_any(&frame(&p[..cut], 0), &Limits::default());
-            assert!(
-                matches!(r, Err(WireError::Block(_)) | Err(WireError::Decode(_))),
-                "cut at {cut}: {r:?}"
-            );
+        for columns in [false, true] {
+            let p = payload_in(records(6), columns);
+            for cut in 0..p.len() {
+                let r = decode_any(&frame(&p[..cut], 0), &Limits::default());
+                assert!(
+                    matches!(r, Err(WireError::Block(_)) | Err(WireError::Decode(_))),
+                    "columns {columns}, cut at {cut}: {r:?}"
+                );
+            }
+            // And trailing bytes are not ignored.
+            let mut long = p.clone();
+            long.push(0);
+            let err = block_err(&long);
+            assert!(err.contains("remain"), "columns {columns}: {err}");
         }
-        // And trailing bytes are not ignored.
-        let mut long = p.clone();
-        long.push(0);
-        assert!(block_err(&long).contains("remain"));
     }
 
     #[test]
     fn every_flipped_byte_is_refused_or_decodes_to_a_message_that_encodes_again() {
-        let p = payload_of(records(5));
-        for i in 0..p.len() {
-            for bit in [0x01u8, 0x80] {
-                let mut q = p.clone();
-                q[i] ^= bit;
-                if let Ok(m) = decode_any(&frame(&q, 0), &Limits::default()) {
-                    let again = encode_as(&m, 1, Encoding::V2 { dict: 0 }).unwrap();
-                    assert_eq!(decode_any(&again, &Limits::default()).unwrap(), m);
+        for columns in [false, true] {
+            let p = payload_in(records(5), columns);
+            for i in 0..p.len() {
+                for bit in [0x01u8, 0x80] {
+                    let mut q = p.clone();
+                    q[i] ^= bit;
+                    if let Ok(m) = decode_any(&frame(&q, 0), &Limits::default()) {
+                        for columns in [false, true] {
+                            let again =
+                                encode_as(&m, 1, Encoding::V2 { dict: 0, columns }).unwrap();
+                            assert_eq!(decode_any(&again, &Limits::default()).unwrap(), m);
+                        }
+                    }
                 }
             }
         }
@@ -1217,7 +1318,15 @@ mod tests {
             node: "a".into(),
             records: recs,
         });
-        let f = encode_as(&msg, 1, Encoding::V2 { dict: 0 }).unwrap();
+        let f = encode_as(
+            &msg,
+            1,
+            Encoding::V2 {
+                dict: 0,
+                columns: false,
+            },
+        )
+        .unwrap();
         let limits = Limits {
             max_decompressed: 4 << 20,
             ..Limits::default()
@@ -1233,6 +1342,121 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn bodies_as_columns_come_back_byte_for_byte_whatever_they_hold() {
+        // Bodies a hostile or broken peer could send: raw control characters (they go
+        // verbatim), placeholder bytes, whitespace, unbalanced brackets, bare words,
+        // numbers that are not numbers, keys with escapes, nothing at all.
+        let bodies = [
+            r#"{"id":"x","resourceType":"Patient","n":-1.5e+3,"ok":true,"z":null}"#,
+            "{\"a\":\"tab\there\"}",
+            "{\"a\":\u{1}}",
+            "{\"a\":\"\u{2}\"}",
+            " {\n\t\"k\\\"ey\" : [ 1 , \"v\" ] } ",
+            "]]]}}}{{{[[[\"a\":1",
+            "--12e-e+.",
+            "truefalse nul",
+            "\"unterminated",
+            "\"ends in a backslash\\",
+            "",
+            "{\"id\":\"x\",\"deep\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"v\"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}",
+        ];
+        let recs: Vec<WireRecord> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| WireRecord {
+                body: (*b).into(),
+                ..rec(i, ["Patient", "Observation"][i % 2], "x", "a", &[("a", 1)])
+            })
+            .collect();
+        let msg = Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records: recs,
+        });
+        for dict in [0, dict::newest()] {
+            let f = encode_as(
+                &msg,
+                3,
+                Encoding::V2 {
+                    dict,
+                    columns: true,
+                },
+            )
+            .unwrap();
+            assert_eq!(decode_any(&f, &Limits::default()).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn bodies_as_columns_are_smaller_than_bodies_as_text() {
+        let msg = Message::PushRequest(PushRequest {
+            node: "clinic-a".into(),
+            records: records(600),
+        });
+        let size = |columns| {
+            encode_as(&msg, 3, Encoding::V2 { dict: 0, columns })
+                .unwrap()
+                .len()
+        };
+        let (text, cols) = (size(false), size(true));
+        assert!(cols < text, "columns {cols} bytes, text {text}");
+    }
+
+    #[test]
+    fn a_shape_sent_once_cannot_rebuild_into_a_huge_message() {
+        // One body of 22 KB of keys, and 1,000 records of that shape with one value
+        // each: a block of ~30 KB that would rebuild into 22 MB of bodies.
+        let keys: String = (0..2_000).map(|i| format!("\"k{i:04}\":true,")).collect();
+        let recs: Vec<WireRecord> = (0..1000)
+            .map(|i| WireRecord {
+                body: format!("{{{keys}\"v\":{i}}}"),
+                ..rec(i, "Patient", "p", "a", &[])
+            })
+            .collect();
+        let msg = Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records: recs,
+        });
+        let f = encode_as(
+            &msg,
+            1,
+            Encoding::V2 {
+                dict: 0,
+                columns: true,
+            },
+        )
+        .unwrap();
+        assert!(f.len() < 64 << 10, "{} bytes", f.len());
+        let limits = Limits {
+            max_decompressed: 4 << 20,
+            ..Limits::default()
+        };
+        let err = decode_any(&f, &limits).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WireError::TooLarge {
+                    what: "decoded record block",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_column_with_values_left_over_or_run_out_is_refused() {
+        let p = payload_in(records(6), true);
+        // The last body column ends in b"\n": one value more, then one fewer.
+        let mut more = p.clone();
+        more.extend_from_slice(b"x\n");
+        assert!(block_err(&more).contains("remain"), "{}", block_err(&more));
+        let last_len_at = p.len() - 1;
+        let mut cut = p.clone();
+        cut.truncate(last_len_at);
+        assert!(decode_any(&frame(&cut, 0), &Limits::default()).is_err());
     }
 
     #[test]

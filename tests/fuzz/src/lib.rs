@@ -221,8 +221,8 @@ pub fn wire_v2(data: &[u8]) {
     for limits in [Limits::default(), TIGHT] {
         if let Ok(msg) = wire::decode(&frame, &limits) {
             check_message(&msg, &limits);
-            for dict in [0, wire::dict::newest()] {
-                let again = wire::encode_as(&msg, 3, wire::Encoding::V2 { dict })
+            for (dict, columns) in [(0, false), (wire::dict::newest(), true)] {
+                let again = wire::encode_as(&msg, 3, wire::Encoding::V2 { dict, columns })
                     .expect("a decoded message encodes as v2");
                 let back = wire::decode(&again, &Limits::default()).expect("our v2 frame decodes");
                 assert_eq!(back, msg, "v2 decode(encode(m)) != m");
