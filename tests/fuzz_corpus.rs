@@ -265,7 +265,7 @@ mod seeds {
         // v2: the golden payloads (framed by the harness, mode 0 and 1) and frames.
         for (stem, bytes) in out
             .iter()
-            .filter(|(_, stem, _)| stem.contains(".v2."))
+            .filter(|(_, stem, _)| stem.contains(".v2.") || stem.contains(".v2cols."))
             .map(|(_, s, b)| (s.clone(), b.clone()))
             .collect::<Vec<_>>()
         {
