@@ -325,12 +325,14 @@ pub fn run(a: FramesArgs) -> Result<(), Failure> {
             std::fs::create_dir_all(d).map_err(fail)?;
             for (what, frames) in [("push", &pushes), ("page", &pages)] {
                 for (i, m) in frames.iter().enumerate() {
-                    if let Some(p) = wire::v2::payload(m, false).map_err(fail)? {
-                        let name = format!(
-                            "{}-{what}-{i}.v2",
-                            set.name.replace(['/', ' ', ',', '(', ')', '\''], "_")
-                        );
-                        std::fs::write(d.join(name), p).map_err(fail)?;
+                    for (form, columns) in [("v2", false), ("v2cols", true)] {
+                        if let Some(p) = wire::v2::payload(m, columns).map_err(fail)? {
+                            let name = format!(
+                                "{}-{what}-{i}.{form}",
+                                set.name.replace(['/', ' ', ',', '(', ')', '\''], "_")
+                            );
+                            std::fs::write(d.join(name), p).map_err(fail)?;
+                        }
                     }
                 }
             }

@@ -15,8 +15,10 @@
 //!     shapes:   varint s, [varint len, bytes]*s,
 //!     shape:    [varint; N],              // 0: verbatim; i >= 1: shapes[i-1]
 //!     verbatim: [varint len, utf8] for each record whose shape is 0,
-//!     columns:  varint c, [varint len; c], then the c columns' bytes,
-//!               each value followed by b'\n'
+//!     columns:  varint c, [varint len; c], then the c columns' bytes: each
+//!               value as its text and b'\n', or, when it ends in a UUID in
+//!               canonical lower case (OpenMRS names everything so), as 0x03, the
+//!               text before the UUID, 0x00 and the UUID's 16 bytes
 //! }
 //! ```
 //! Column numbers are not sent: both ends number a (kind, path) column by its first
@@ -43,6 +45,82 @@ use super::WireError;
 pub const STRING: u8 = 0x01;
 /// Placeholder of a number in a shape.
 pub const NUMBER: u8 = 0x02;
+/// First byte of a value that ends in a UUID (see the module header).
+const UUID_VALUE: u8 = 0x03;
+/// Ends the text before a UUID.
+const UUID_AFTER: u8 = 0x00;
+/// A UUID's text: 8-4-4-4-12 lower-case hex digits.
+const UUID_TEXT: usize = 36;
+
+/// The text before a canonical lower-case UUID that ends `v`, and the UUID's bytes.
+fn uuid_tail(v: &[u8]) -> Option<(&[u8], [u8; 16])> {
+    let at = v.len().checked_sub(UUID_TEXT)?;
+    let (prefix, text) = v.split_at(at);
+    let mut bytes = [0u8; 16];
+    let mut nibbles = 0;
+    for (i, &c) in text.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if c != b'-' {
+                return None;
+            }
+            continue;
+        }
+        let n = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        bytes[nibbles / 2] |= n << (4 * (1 - nibbles % 2));
+        nibbles += 1;
+    }
+    if prefix.iter().any(|&c| c == UUID_AFTER || c == b'\n') {
+        return None;
+    }
+    Some((prefix, bytes))
+}
+
+/// Appends value `v` to a column.
+fn put_value(col: &mut Vec<u8>, v: &[u8]) {
+    match uuid_tail(v) {
+        Some((prefix, bytes)) => {
+            col.push(UUID_VALUE);
+            col.extend_from_slice(prefix);
+            col.push(UUID_AFTER);
+            col.extend_from_slice(&bytes);
+        }
+        None => {
+            col.extend_from_slice(v);
+            col.push(b'\n');
+        }
+    }
+}
+
+/// Takes the next value off column `col` into `out`; `None` when the column has run
+/// out (or a UUID value is cut short). Returns the bytes the value grew by (a UUID's
+/// text is longer than its bytes).
+fn take_value(col: &mut &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    if col.first() == Some(&UUID_VALUE) {
+        let rest = &col[1..];
+        let end = rest.iter().position(|&x| x == UUID_AFTER)?;
+        let bytes = rest.get(end + 1..end + 17)?;
+        out.extend_from_slice(&rest[..end]);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, &b) in bytes.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                out.push(b'-');
+            }
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 15)]);
+        }
+        *col = &rest[end + 17..];
+        return Some(UUID_TEXT);
+    }
+    let end = col.iter().position(|&x| x == b'\n')?;
+    out.extend_from_slice(&col[..end]);
+    *col = &col[end + 1..];
+    Some(0)
+}
+
 /// Deepest nesting a path names (deeper values share the column of their ancestor
 /// at this depth; it changes grouping, never content).
 const MAX_PATH_DEPTH: usize = 32;
@@ -266,8 +344,7 @@ pub fn encode(bodies: &[&str], kinds: &[usize]) -> Vec<Vec<u8>> {
             if c == data.len() {
                 data.push(Vec::new());
             }
-            data[c].extend_from_slice(&bodies[i].as_bytes()[a..b]);
-            data[c].push(b'\n');
+            put_value(&mut data[c], &bodies[i].as_bytes()[a..b]);
         }
     }
     put_varint(out, data.len() as u64);
@@ -362,18 +439,14 @@ pub(super) fn decode(
                     "record {i}: its shape reads body column {c}, the block has {n_cols}"
                 ))
             })?;
-            let end = col
-                .iter()
-                .position(|&x| x == b'\n')
-                .ok_or_else(|| block(format!("record {i}: body column {c} has run out")))?;
+            let run_out = || block(format!("record {i}: body column {c} has run out"));
             if b == STRING {
                 body.push(b'"');
-                body.extend_from_slice(&col[..end]);
+                spend(take_value(col, &mut body).ok_or_else(run_out)?)?;
                 body.push(b'"');
             } else {
-                body.extend_from_slice(&col[..end]);
+                spend(take_value(col, &mut body).ok_or_else(run_out)?)?;
             }
-            *col = &col[end + 1..];
         }
         let text =
             String::from_utf8(body).map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
@@ -409,6 +482,42 @@ mod tests {
         // The same path in another shape is the same node.
         let other = split(br#"{"c":{"e":"g"},"a":"z"}"#).unwrap();
         assert_eq!(p.of(1, &other.shape), [nodes[4], nodes[0]]);
+    }
+
+    #[test]
+    fn a_value_ending_in_a_uuid_travels_as_its_bytes() {
+        let cases: [(&str, bool); 7] = [
+            ("Observation/0b6a4f1e-5d3c-4f8a-9b1e-2c3d4e5f6a7b", true),
+            ("0b6a4f1e-5d3c-4f8a-9b1e-2c3d4e5f6a7b", true),
+            ("urn:uuid:00000000-0000-0000-0000-000000000000", true),
+            ("0B6A4F1E-5D3C-4F8A-9B1E-2C3D4E5F6A7B", false),
+            ("0b6a4f1e-5d3c-4f8a-9b1e-2c3d4e5f6a7b/_history/1", false),
+            ("0b6a4f1e5d3c-4f8a-9b1e-2c3d4e5f6a7b0", false),
+            ("x", false),
+        ];
+        for (v, packed) in cases {
+            let mut col = Vec::new();
+            put_value(&mut col, v.as_bytes());
+            put_value(&mut col, b"next");
+            assert_eq!(col[0] == UUID_VALUE, packed, "{v}");
+            let mut rest = &col[..];
+            let mut out = Vec::new();
+            take_value(&mut rest, &mut out).unwrap();
+            assert_eq!(out, v.as_bytes());
+            out.clear();
+            take_value(&mut rest, &mut out).unwrap();
+            assert_eq!(out, b"next");
+            assert!(rest.is_empty());
+        }
+        // A UUID value cut short is refused, not read past its end.
+        let mut col = Vec::new();
+        put_value(&mut col, b"0b6a4f1e-5d3c-4f8a-9b1e-2c3d4e5f6a7b");
+        for cut in 0..col.len() {
+            assert!(
+                take_value(&mut &col[..cut], &mut Vec::new()).is_none(),
+                "{cut}"
+            );
+        }
     }
 
     #[test]
