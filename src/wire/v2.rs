@@ -534,12 +534,33 @@ pub fn encode(
     dict: u32,
     body_columns: bool,
 ) -> Result<Option<Vec<u8>>, WireError> {
+    let Some(parts) = Parts::of(msg, body_columns)? else {
+        return Ok(None);
+    };
+    let frame = compress(&parts, level, dict)?;
+    // A handful of records gains less from columns than from the dictionary, which
+    // was trained on bodies as text (BENCHMARKS.md: a 10-record push is ~1.9× larger
+    // as columns): a small payload is encoded both ways and the smaller frame sent.
+    // Deterministic, so a frame built again for a resumed transfer is the same.
+    if body_columns && parts.len() <= COLUMNS_TRY_BOTH {
+        if let Some(text) = Parts::of(msg, false)? {
+            let other = compress(&text, level, dict)?;
+            if other.len() < frame.len() {
+                return Ok(Some(other));
+            }
+        }
+    }
+    Ok(Some(frame))
+}
+
+/// Payloads (as columns) up to this size are also encoded with bodies as text.
+pub const COLUMNS_TRY_BOTH: usize = 64 << 10;
+
+/// One zstd frame of `parts` behind the v2 header.
+fn compress(parts: &Parts<'_>, level: i32, dict: u32) -> Result<Vec<u8>, WireError> {
     let dict_bytes = match dict {
         0 => None,
         id => Some(dict::bytes(id).ok_or(WireError::UnknownDictionary(id))?),
-    };
-    let Some(parts) = Parts::of(msg, body_columns)? else {
-        return Ok(None);
     };
     let size = parts.len();
     // Measured (BENCHMARKS.md): at the hub's level a dictionary makes payloads over
@@ -565,7 +586,7 @@ pub fn encode(
     // The frame names the dictionary in our header already.
     enc.include_dictid(false).map_err(e)?;
     parts.write_to(&mut enc).map_err(e)?;
-    Ok(Some(enc.finish().map_err(e)?))
+    enc.finish().map_err(e)
 }
 
 // ------------------------------------------------------------------ decoding
@@ -1387,6 +1408,21 @@ mod tests {
             .unwrap();
             assert_eq!(decode_any(&f, &Limits::default()).unwrap(), msg);
         }
+    }
+
+    #[test]
+    fn a_small_payload_goes_in_whichever_form_is_smaller() {
+        let msg = Message::PushRequest(PushRequest {
+            node: "clinic-a".into(),
+            records: records(5),
+        });
+        let frame = |columns| {
+            encode_as(&msg, 3, Encoding::V2 { dict: dict::newest(), columns }).unwrap()
+        };
+        let (text, chosen) = (frame(false), frame(true));
+        assert!(chosen.len() <= text.len(), "{} > {}", chosen.len(), text.len());
+        assert_eq!(decode_any(&chosen, &Limits::default()).unwrap(), msg);
+        assert_eq!(chosen, frame(true), "the same frame every time");
     }
 
     #[test]
