@@ -47,11 +47,11 @@ pub const CPU_FACTOR: f64 = 1.0;
 #[cfg(not(target_arch = "x86_64"))]
 pub const CPU_FACTOR: f64 = 4.0;
 
-/// Bytes of a level-3 push frame per byte of its v2 payload, on held-out carebundle
-/// data (0.036-0.043; ours 0.031). With [`CANDIDATES`]' saving this is the smaller
-/// of the two absolute savings measured (0.0044 bytes per payload byte held out,
-/// 0.0061 ours).
-pub const FAST_BYTES_PER_PAYLOAD: f64 = 0.040;
+/// Bytes of a level-3 push frame per byte of its v2 payload (bodies as columns), on
+/// held-out carebundle data (0.0444; ours 0.0439). With [`CANDIDATES`]' saving this
+/// is the smaller of the two absolute savings measured (0.0020 bytes per payload byte
+/// held out, 0.0088 ours).
+pub const FAST_BYTES_PER_PAYLOAD: f64 = 0.044;
 
 /// A level a push may use: its frame's size relative to level 3's, and its encoder's
 /// seconds per MiB of payload on the machine of the measurements.
@@ -63,21 +63,21 @@ pub struct Candidate {
 }
 
 /// The levels an automatic choice picks from, as measured (v2 with the shipped
-/// dictionary, one context per frame, on a quiet x86-64 machine): level 15 makes a
-/// push 11 % smaller held out (20 % on ours) at 0.2 s per MiB of payload (ours, the
-/// slower of the two per byte). Levels 9 and 12 save 12-13 % on our data but nothing
-/// on held-out data, and 19 is no smaller than 15 on either at twice its CPU: none is
-/// listed.
+/// dictionary and bodies as columns, one context per frame, x86-64; BENCHMARKS.md
+/// "Bodies as shapes and columns"): level 15 makes a push 4.6 % smaller held out
+/// (20 % on ours) at 0.083 s per MiB of payload (ours, the slower of the two per
+/// byte), level 3 0.003 s. Level 9 saves as much as 15 held out but 11 % on ours
+/// against 20 %, and 19 is within 3 % of 15 at twice its CPU: neither is listed.
 pub const CANDIDATES: [Candidate; 2] = [
     Candidate {
         level: LEVEL_FAST,
         bytes_vs_fast: 1.0,
-        cpu_s_per_mib: 0.01,
+        cpu_s_per_mib: 0.003,
     },
     Candidate {
         level: LEVEL_SLOW_LINK,
-        bytes_vs_fast: 0.89,
-        cpu_s_per_mib: 0.20,
+        bytes_vs_fast: 0.954,
+        cpu_s_per_mib: 0.083,
     },
 ];
 
@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn the_threshold_is_where_the_measurements_put_it() {
-        // x86-64: ~190 kbit/s (a 128 kbit/s link pushes at 15); arm64: a quarter.
+        // x86-64: ~210 kbit/s (a 128 kbit/s link pushes at 15); arm64: a quarter.
         let t = slow_link_below_bps();
         if cfg!(target_arch = "x86_64") {
             assert!((150_000..250_000).contains(&t), "{t}");

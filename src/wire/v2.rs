@@ -1417,10 +1417,23 @@ mod tests {
             records: records(5),
         });
         let frame = |columns| {
-            encode_as(&msg, 3, Encoding::V2 { dict: dict::newest(), columns }).unwrap()
+            encode_as(
+                &msg,
+                3,
+                Encoding::V2 {
+                    dict: dict::newest(),
+                    columns,
+                },
+            )
+            .unwrap()
         };
         let (text, chosen) = (frame(false), frame(true));
-        assert!(chosen.len() <= text.len(), "{} > {}", chosen.len(), text.len());
+        assert!(
+            chosen.len() <= text.len(),
+            "{} > {}",
+            chosen.len(),
+            text.len()
+        );
         assert_eq!(decode_any(&chosen, &Limits::default()).unwrap(), msg);
         assert_eq!(chosen, frame(true), "the same frame every time");
     }
