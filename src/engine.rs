@@ -2165,10 +2165,28 @@ mod tests {
         store_pull(&mut n.a, "hub", &resp, (0, 0), 11).unwrap();
         let key = RecordKey::new("Location", "l1").unwrap();
         assert_eq!(n.a.counts().unwrap().inbox, 1);
+        // A local edit of the same record waits to go up: dropping the held pull
+        // must not throw it away.
+        write_local(
+            &mut n.a,
+            &n.a_p,
+            vec![(
+                snap(json!({"resourceType":"Location","id":"l1","name":"local"})),
+                false,
+            )],
+            12,
+        )
+        .unwrap();
+        assert_eq!(n.a.counts().unwrap().outbox, 1);
         let mut tx = n.a.begin().unwrap();
-        assert!(tx.drop_quarantined(&key, 12).unwrap());
+        assert!(tx.drop_quarantined(&key, 13).unwrap());
         tx.commit().unwrap();
         assert_eq!(n.a.counts().unwrap().inbox, 0);
+        assert_eq!(
+            n.a.counts().unwrap().outbox,
+            1,
+            "the local edit still goes up"
+        );
         assert!(n.a.quarantine_list().unwrap().is_empty());
     }
 

@@ -225,24 +225,39 @@ impl Tx<'_> {
         Ok(n)
     }
 
-    /// Removes a record from quarantine, the outbox and the inbox. The replica keeps
-    /// whatever it holds; history keeps every version.
+    /// Removes a record from quarantine and from the queue each of its stages waits
+    /// in: the outbox for `push`, the inbox for `apply` and `pull`. A queue no stage
+    /// holds is left alone (a record held unreadable from a pull keeps its local edit
+    /// waiting to go up). The replica keeps whatever it holds; history keeps every
+    /// version.
     pub fn drop_quarantined(&mut self, key: &RecordKey, now_ms: u64) -> Result<bool> {
-        let q = self.tx.execute(
-            "DELETE FROM quarantine WHERE kind=?1 AND id=?2",
-            params![key.kind, key.id],
-        )?;
-        if q == 0 {
+        let stages: Vec<String> = self
+            .tx
+            .prepare_cached("SELECT stage FROM quarantine WHERE kind=?1 AND id=?2")?
+            .query_map(params![key.kind, key.id], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        if stages.is_empty() {
             return Ok(false);
         }
         self.tx.execute(
-            "DELETE FROM outbox WHERE kind=?1 AND id=?2",
+            "DELETE FROM quarantine WHERE kind=?1 AND id=?2",
             params![key.kind, key.id],
         )?;
-        self.tx.execute(
-            "DELETE FROM inbox WHERE kind=?1 AND id=?2",
-            params![key.kind, key.id],
-        )?;
+        if stages.iter().any(|s| s == Stage::Push.as_str()) {
+            self.tx.execute(
+                "DELETE FROM outbox WHERE kind=?1 AND id=?2",
+                params![key.kind, key.id],
+            )?;
+        }
+        if stages
+            .iter()
+            .any(|s| s == Stage::Apply.as_str() || s == Stage::Pull.as_str())
+        {
+            self.tx.execute(
+                "DELETE FROM inbox WHERE kind=?1 AND id=?2",
+                params![key.kind, key.id],
+            )?;
+        }
         // Records that waited behind it try again now (and meet whatever the EMR says).
         self.release_blocked_by(key, now_ms)?;
         Ok(true)

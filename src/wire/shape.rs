@@ -200,50 +200,83 @@ enum Step {
 
 /// Paths as numbered nodes (a node is its parent's node and one [`Step`]; the top is
 /// node 0), shared by every shape of a block so that one path in two shapes is one
-/// node; and each shape's placeholders as the nodes of their paths. Memory is
-/// bounded by the shapes' bytes (a node per key read), whatever the shapes hold.
+/// node; and each shape's placeholders as the nodes of their paths. What it holds
+/// (a node per distinct key read, a number per placeholder) is charged to the
+/// caller's budget before it is allocated; nesting deeper than [`MAX_PATH_DEPTH`] is
+/// counted, not stacked.
 #[derive(Default)]
 struct Paths {
     steps: HashMap<(usize, Step), usize>,
     of_shape: HashMap<usize, Vec<usize>>,
 }
 
+/// What a path node costs in memory besides its key's text (the map entry).
+const STEP_COST: usize = 64;
+
+/// Charges `n` bytes of memory to the decoder's budget (a no-op when encoding).
+pub(super) type Charge<'a> = &'a mut dyn FnMut(usize) -> Result<(), WireError>;
+
+/// Placeholders in `shape`.
+fn placeholders(shape: &[u8]) -> usize {
+    shape
+        .iter()
+        .filter(|&&b| b == STRING || b == NUMBER)
+        .count()
+}
+
 impl Paths {
-    fn step(&mut self, parent: usize, step: Step) -> usize {
+    fn step(&mut self, parent: usize, step: Step, charge: Charge<'_>) -> Result<usize, WireError> {
         let next = self.steps.len() + 1;
-        *self.steps.entry((parent, step)).or_insert(next)
+        let key_len = match &step {
+            Step::Key(k) => k.len(),
+            Step::NoKey | Step::Elements => 0,
+        };
+        match self.steps.entry((parent, step)) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                charge(STEP_COST + key_len)?;
+                Ok(*e.insert(next))
+            }
+        }
     }
 
     /// The path node of each placeholder of shape `ix`, in order: its keys from the
     /// top, an array level as one step. Read from the shape alone, so both ends
     /// agree.
-    fn of(&mut self, ix: usize, shape: &[u8]) -> &[usize] {
+    fn of(&mut self, ix: usize, shape: &[u8], charge: Charge<'_>) -> Result<&[usize], WireError> {
         if !self.of_shape.contains_key(&ix) {
-            let nodes = self.walk(shape);
+            charge(8 * placeholders(shape))?;
+            let nodes = self.walk(shape, charge)?;
             self.of_shape.insert(ix, nodes);
         }
-        &self.of_shape[&ix]
+        Ok(&self.of_shape[&ix])
     }
 
-    fn walk(&mut self, shape: &[u8]) -> Vec<usize> {
-        // Per open container: its own node, and the node of what is read in it now.
-        let mut stack: Vec<(usize, usize)> = Vec::new();
-        let mut out = Vec::new();
+    fn walk(&mut self, shape: &[u8], charge: Charge<'_>) -> Result<Vec<usize>, WireError> {
+        // Per open container: its own node, and the node of what is read in it now;
+        // containers nested deeper than the stack holds only counted.
+        let mut stack: Vec<(usize, usize)> = Vec::with_capacity(MAX_PATH_DEPTH);
+        let mut deeper = 0usize;
+        let mut out = Vec::with_capacity(placeholders(shape));
         let mut i = 0;
         while i < shape.len() {
             let here = stack.last().map_or(0, |&(_, child)| child);
             match shape[i] {
-                b'{' | b'[' if stack.len() >= MAX_PATH_DEPTH => stack.push((here, here)),
+                b'{' | b'[' if stack.len() >= MAX_PATH_DEPTH => deeper += 1,
                 b'{' => {
-                    let child = self.step(here, Step::NoKey);
+                    let child = self.step(here, Step::NoKey, charge)?;
                     stack.push((here, child));
                 }
                 b'[' => {
-                    let child = self.step(here, Step::Elements);
+                    let child = self.step(here, Step::Elements, charge)?;
                     stack.push((here, child));
                 }
                 b'}' | b']' => {
-                    stack.pop();
+                    if deeper > 0 {
+                        deeper -= 1;
+                    } else {
+                        stack.pop();
+                    }
                 }
                 b'"' => {
                     let start = i + 1;
@@ -252,9 +285,10 @@ impl Paths {
                         j += if shape[j] == b'\\' { 2 } else { 1 };
                     }
                     let end = j.min(shape.len());
-                    if stack.len() < MAX_PATH_DEPTH {
+                    if deeper == 0 {
                         if let Some(&(node, _)) = stack.last() {
-                            let child = self.step(node, Step::Key(shape[start..end].to_vec()));
+                            let key = Step::Key(shape[start..end].to_vec());
+                            let child = self.step(node, key, charge)?;
                             if let Some(top) = stack.last_mut() {
                                 top.1 = child;
                             }
@@ -267,21 +301,18 @@ impl Paths {
             }
             i += 1;
         }
-        out
+        Ok(out)
     }
 }
 
 /// Numbers (kind, path node) columns by first appearance.
 #[derive(Default)]
-struct Columns {
-    paths: Paths,
-    index: HashMap<(usize, usize), usize>,
-}
+struct ColumnIndex(HashMap<(usize, usize), usize>);
 
-impl Columns {
+impl ColumnIndex {
     fn column(&mut self, kind: usize, node: usize) -> usize {
-        let next = self.index.len();
-        *self.index.entry((kind, node)).or_insert(next)
+        let next = self.0.len();
+        *self.0.entry((kind, node)).or_insert(next)
     }
 }
 
@@ -333,14 +364,17 @@ pub fn encode(bodies: &[&str], kinds: &[usize]) -> Vec<Vec<u8>> {
             out.extend_from_slice(body.as_bytes());
         }
     }
-    let mut cols = Columns::default();
+    let (mut paths, mut index) = (Paths::default(), ColumnIndex::default());
     let mut data: Vec<Vec<u8>> = Vec::new();
     for (i, values) in splits.iter().enumerate() {
         let Some(values) = values else { continue };
         let shape_ix = shape_of[i] - 1;
-        let nodes = cols.paths.of(shape_ix, &shapes[shape_ix]).to_vec();
+        // Encoding charges nothing: the shapes are this node's own.
+        let Ok(nodes) = paths.of(shape_ix, &shapes[shape_ix], &mut |_| Ok(())) else {
+            continue;
+        };
         for (&node, &(a, b)) in nodes.iter().zip(values) {
-            let c = cols.column(kinds[i], node);
+            let c = index.column(kinds[i], node);
             if c == data.len() {
                 data.push(Vec::new());
             }
@@ -363,7 +397,7 @@ pub(super) fn decode(
     r: &mut Reader<'_>,
     kinds: &[usize],
     order: &[usize],
-    spend: &mut dyn FnMut(usize) -> Result<(), WireError>,
+    spend: Charge<'_>,
 ) -> Result<Vec<String>, WireError> {
     let n = kinds.len();
     let n_shapes = r.count(n.min(r.remaining()), &|| "number of body shapes".into())?;
@@ -372,16 +406,22 @@ pub(super) fn decode(
         let len = r.count(r.remaining(), &|| format!("body shape {s}: length"))?;
         shapes.push(r.bytes(len, &|| format!("body shape {s}"))?);
     }
+    let counts: Vec<usize> = shapes.iter().map(|s| placeholders(s)).collect();
     let mut shape_of = Vec::with_capacity(n);
-    for (pos, &i) in order.iter().enumerate() {
+    // Values the records read: no more columns than that can be read.
+    let mut values = 0usize;
+    for &i in order {
         let s = r.varint(&|| format!("record {i}: body shape"))?;
         if s > n_shapes as u64 {
             return Err(block(format!(
                 "record {i}: body shape {s} is outside the shape table ({n_shapes} entries)"
             )));
         }
-        let _ = pos;
-        shape_of.push(s as usize);
+        let s = s as usize;
+        if s > 0 {
+            values = values.saturating_add(counts[s - 1]);
+        }
+        shape_of.push(s);
     }
     let mut bodies: Vec<String> = Vec::with_capacity(n);
     let mut verbatim = Vec::with_capacity(n);
@@ -396,7 +436,11 @@ pub(super) fn decode(
             verbatim.push(None);
         }
     }
-    let n_cols = r.count(r.remaining(), &|| "number of body columns".into())?;
+    let n_cols = r.count(values.min(r.remaining()), &|| {
+        "number of body columns".into()
+    })?;
+    // Its length and its slice, before they are allocated.
+    spend(n_cols.saturating_mul(24))?;
     let mut lens = Vec::with_capacity(n_cols);
     let mut total = 0usize;
     for c in 0..n_cols {
@@ -414,7 +458,7 @@ pub(super) fn decode(
     for (c, &len) in lens.iter().enumerate() {
         cols.push(r.bytes(len, &|| format!("body column {c}"))?);
     }
-    let mut columns = Columns::default();
+    let (mut paths, mut index) = (Paths::default(), ColumnIndex::default());
     for (pos, &i) in order.iter().enumerate() {
         let s = shape_of[pos];
         if let Some(text) = verbatim[pos] {
@@ -422,7 +466,7 @@ pub(super) fn decode(
             continue;
         }
         let shape = shapes[s - 1];
-        let nodes = columns.paths.of(s - 1, shape).to_vec();
+        let nodes = paths.of(s - 1, shape, spend)?;
         // What the rebuilt body adds to the payload: its shape and the quotes.
         spend(shape.len() + 2 * nodes.len())?;
         let mut body = Vec::with_capacity(shape.len() + 16 * nodes.len());
@@ -433,7 +477,7 @@ pub(super) fn decode(
                 continue;
             }
             let node = *next.next().unwrap_or(&0);
-            let c = columns.column(kinds[pos], node);
+            let c = index.column(kinds[pos], node);
             let col = cols.get_mut(c).ok_or_else(|| {
                 block(format!(
                     "record {i}: its shape reads body column {c}, the block has {n_cols}"
@@ -475,13 +519,14 @@ mod tests {
         let vals: Vec<&str> = s.values.iter().map(|&(a, b)| &body[a..b]).collect();
         assert_eq!(vals, ["x\\\"y", "1", "-2.5e3", "", "f"]);
         let mut p = Paths::default();
-        let nodes = p.of(0, &s.shape).to_vec();
+        let free: Charge<'_> = &mut |_| Ok(());
+        let nodes = p.of(0, &s.shape, free).unwrap().to_vec();
         assert_eq!(nodes.len(), 5);
         assert_eq!(nodes[1], nodes[2], "elements of one array share a path");
         assert!(nodes[0] != nodes[3] && nodes[3] != nodes[4]);
         // The same path in another shape is the same node.
         let other = split(br#"{"c":{"e":"g"},"a":"z"}"#).unwrap();
-        assert_eq!(p.of(1, &other.shape), [nodes[4], nodes[0]]);
+        assert_eq!(p.of(1, &other.shape, free).unwrap(), [nodes[4], nodes[0]]);
     }
 
     #[test]
@@ -518,6 +563,86 @@ mod tests {
                 "{cut}"
             );
         }
+    }
+
+    /// A body section by hand: `shapes`, each record's shape number, then the column
+    /// count and lengths and bytes as given.
+    fn section(shapes: &[&[u8]], shape_of: &[u64], n_cols: u64, cols: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_varint(&mut out, shapes.len() as u64);
+        for s in shapes {
+            put_varint(&mut out, s.len() as u64);
+            out.extend_from_slice(s);
+        }
+        for &s in shape_of {
+            put_varint(&mut out, s);
+        }
+        put_varint(&mut out, n_cols);
+        for c in cols {
+            put_varint(&mut out, c.len() as u64);
+        }
+        for c in cols {
+            out.extend_from_slice(c);
+        }
+        out
+    }
+
+    /// Decodes a section for `n` records of kind 0, counting what it charges.
+    fn decode_counted(
+        bytes: &[u8],
+        n: usize,
+        budget: usize,
+    ) -> (Result<Vec<String>, WireError>, usize) {
+        let mut spent = 0usize;
+        let mut charge = |b: usize| {
+            spent += b;
+            if spent > budget {
+                Err(WireError::TooLarge {
+                    what: "decoded record block",
+                    size: spent,
+                    limit: budget,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let order: Vec<usize> = (0..n).collect();
+        let r = decode(&mut Reader::new(bytes), &vec![0; n], &order, &mut charge);
+        (r, spent)
+    }
+
+    #[test]
+    fn a_column_count_no_record_can_read_is_refused_before_it_is_allocated() {
+        let bytes = section(&[b"{\"a\":\x02}"], &[1], 30_000_000, &[]);
+        let (r, spent) = decode_counted(&bytes, 1, 1 << 20);
+        let err = r.unwrap_err().to_string();
+        assert!(err.contains("number of body columns"), "{err}");
+        assert_eq!(spent, 0);
+        // The honest section decodes.
+        let ok = section(&[b"{\"a\":\x02}"], &[1], 1, &[b"7\n"]);
+        assert_eq!(decode_counted(&ok, 1, 1 << 20).0.unwrap(), ["{\"a\":7}"]);
+    }
+
+    #[test]
+    fn nesting_past_the_path_depth_costs_nothing_more_and_keys_are_charged() {
+        // A million brackets: paths stop at MAX_PATH_DEPTH levels.
+        let deep = [vec![b'['; 1_000_000], vec![NUMBER], vec![b']'; 1_000_000]].concat();
+        let bytes = section(&[&deep], &[1], 1, &[b"1\n"]);
+        let (r, spent) = decode_counted(&bytes, 1, 4 << 20);
+        assert_eq!(r.unwrap()[0].len(), 2_000_001);
+        assert!(
+            spent < 2_000_001 + 64 * (MAX_PATH_DEPTH + 2) + 64,
+            "{spent}"
+        );
+        // 20,000 distinct keys: each a path node, each charged.
+        let keys: String = (0..20_000).map(|i| format!("\"k{i}\":true,")).collect();
+        let wide = format!("{{{keys}\"v\":\u{2}}}");
+        let bytes = section(&[wide.as_bytes()], &[1], 1, &[b"1\n"]);
+        let (r, spent) = decode_counted(&bytes, 1, 64 << 20);
+        assert!(r.is_ok());
+        assert!(spent >= 20_000 * STEP_COST, "{spent}");
+        let (r, _) = decode_counted(&bytes, 1, 1 << 20);
+        assert!(r.is_err(), "over a 1 MiB budget");
     }
 
     #[test]

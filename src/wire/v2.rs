@@ -121,6 +121,10 @@ fn block(msg: impl Into<String>) -> WireError {
 }
 
 impl<'a> Reader<'a> {
+    pub(super) fn new(buf: &'a [u8]) -> Reader<'a> {
+        Reader { buf, pos: 0 }
+    }
+
     pub(super) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
