@@ -650,10 +650,7 @@ enum IdRef {
 
 /// The message in a decompressed v2 payload.
 pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireError> {
-    let mut r = Reader {
-        buf: payload,
-        pos: 0,
-    };
+    let mut r = Reader::new(payload);
     let skel_len = r.count(payload.len(), &|| "skeleton length".into())?;
     let skel = r.bytes(skel_len, &|| "skeleton".into())?;
     let mut msg: Message = ciborium::de::from_reader_with_recursion_limit(skel, MAX_DEPTH)
