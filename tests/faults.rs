@@ -587,7 +587,8 @@ fn a_clinic_killed_in_the_middle_of_a_large_page_continues_that_page_after_a_res
     let mut hub = Proc::spawn(exe, "hub", &layout.hub.config, &["run"]).unwrap();
     cluster::wait_healthy(&layout.hub_url, Duration::from_secs(20)).unwrap();
     // A slow link, so the first page (5,000 of 5,200 records, one answer of several
-    // chunks: ~85 KB in protocol v2) is still arriving when the clinic is killed.
+    // chunks: ~60 KB in protocol v2 with bodies as columns) is still arriving when the
+    // clinic is killed, three quarters in.
     let proxy = FaultProxy::start(
         port,
         Faults {
@@ -617,7 +618,7 @@ fn a_clinic_killed_in_the_middle_of_a_large_page_continues_that_page_after_a_res
     let mut boot = Proc::spawn(exe, "clinic-a", &clinic.config, &["sync", "--bootstrap"]).unwrap();
     assert!(
         cluster::wait_until(Duration::from_secs(60), || answer()
-            .is_some_and(|(_, got)| got >= 60 << 10)),
+            .is_some_and(|(total, got)| total >= 48 << 10 && got * 4 >= total * 3)),
         "the first page never came in pieces: {:?}; clinic log: {}",
         answer(),
         std::fs::read_to_string(clinic.config.with_extension("log")).unwrap_or_default()
