@@ -305,14 +305,36 @@ impl Paths {
     }
 }
 
-/// Numbers (kind, path node) columns by first appearance.
+/// Numbers (kind, path node) columns by first appearance, and keeps each
+/// (kind, shape)'s columns in placeholder order (its plan), so a record costs one
+/// lookup, not one per value. Numbering a plan's columns when it is first made is
+/// numbering them as its first record's values are met: both ends agree.
 #[derive(Default)]
-struct ColumnIndex(HashMap<(usize, usize), usize>);
+struct ColumnIndex {
+    columns: HashMap<(usize, usize), usize>,
+    plans: HashMap<(usize, usize), Vec<usize>>,
+}
 
 impl ColumnIndex {
-    fn column(&mut self, kind: usize, node: usize) -> usize {
-        let next = self.0.len();
-        *self.0.entry((kind, node)).or_insert(next)
+    /// The plan of records of `kind` and shape `shape_ix`, whose placeholders sit at
+    /// path nodes `nodes`; a new plan is charged first.
+    fn plan(
+        &mut self,
+        kind: usize,
+        shape_ix: usize,
+        nodes: &[usize],
+        charge: Charge<'_>,
+    ) -> Result<&[usize], WireError> {
+        if !self.plans.contains_key(&(kind, shape_ix)) {
+            charge(8 * nodes.len())?;
+            let mut plan = Vec::with_capacity(nodes.len());
+            for &node in nodes {
+                let next = self.columns.len();
+                plan.push(*self.columns.entry((kind, node)).or_insert(next));
+            }
+            self.plans.insert((kind, shape_ix), plan);
+        }
+        Ok(&self.plans[&(kind, shape_ix)])
     }
 }
 
@@ -370,11 +392,14 @@ pub fn encode(bodies: &[&str], kinds: &[usize]) -> Vec<Vec<u8>> {
         let Some(values) = values else { continue };
         let shape_ix = shape_of[i] - 1;
         // Encoding charges nothing: the shapes are this node's own.
-        let Ok(nodes) = paths.of(shape_ix, &shapes[shape_ix], &mut |_| Ok(())) else {
+        let free: Charge<'_> = &mut |_| Ok(());
+        let Ok(nodes) = paths.of(shape_ix, &shapes[shape_ix], free) else {
             continue;
         };
-        for (&node, &(a, b)) in nodes.iter().zip(values) {
-            let c = index.column(kinds[i], node);
+        let Ok(plan) = index.plan(kinds[i], shape_ix, nodes, free) else {
+            continue;
+        };
+        for (&c, &(a, b)) in plan.iter().zip(values) {
             if c == data.len() {
                 data.push(Vec::new());
             }
@@ -467,17 +492,17 @@ pub(super) fn decode(
         }
         let shape = shapes[s - 1];
         let nodes = paths.of(s - 1, shape, spend)?;
+        let plan = index.plan(kinds[pos], s - 1, nodes, spend)?;
         // What the rebuilt body adds to the payload: its shape and the quotes.
-        spend(shape.len() + 2 * nodes.len())?;
-        let mut body = Vec::with_capacity(shape.len() + 16 * nodes.len());
-        let mut next = nodes.iter();
-        for &b in shape {
-            if b != STRING && b != NUMBER {
-                body.push(b);
-                continue;
-            }
-            let node = *next.next().unwrap_or(&0);
-            let c = index.column(kinds[pos], node);
+        spend(shape.len() + 2 * plan.len())?;
+        let mut body = Vec::with_capacity(shape.len() + 16 * plan.len());
+        let mut next = plan.iter();
+        let mut rest = shape;
+        while let Some(at) = rest.iter().position(|&b| b == STRING || b == NUMBER) {
+            body.extend_from_slice(&rest[..at]);
+            let b = rest[at];
+            rest = &rest[at + 1..];
+            let c = *next.next().unwrap_or(&usize::MAX);
             let col = cols.get_mut(c).ok_or_else(|| {
                 block(format!(
                     "record {i}: its shape reads body column {c}, the block has {n_cols}"
@@ -492,6 +517,7 @@ pub(super) fn decode(
                 spend(take_value(col, &mut body).ok_or_else(run_out)?)?;
             }
         }
+        body.extend_from_slice(rest);
         let text =
             String::from_utf8(body).map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
         bodies.push(text);
