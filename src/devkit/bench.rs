@@ -76,8 +76,9 @@ pub enum BenchCmd {
     /// clinicsync against per-resource FHIR REST, CouchDB replication and the
     /// physical floor, side by side over an emulated 2G/EDGE link.
     Link(super::linkbench::LinkArgs),
-    /// Bytes per record of push frames and pull pages in protocol v1, v2 and v2
-    /// with the shipped dictionary, against zstd -19 of the NDJSON.
+    /// Bytes per record of push frames and pull pages in protocol v1, v2, v2 with
+    /// the shipped dictionary and v2 with bodies as columns, against zstd -19 of the
+    /// NDJSON.
     Frames(super::frames::FramesArgs),
     /// Writes the dictionary's training samples (tests/bench/train-dict.sh).
     DictSamples(super::frames::DictSamplesArgs),
