@@ -502,7 +502,11 @@ pub(super) fn decode(
             body.extend_from_slice(&rest[..at]);
             let b = rest[at];
             rest = &rest[at + 1..];
-            let c = *next.next().unwrap_or(&usize::MAX);
+            let Some(&c) = next.next() else {
+                return Err(block(format!(
+                    "record {i}: its shape has a placeholder where no value can go (inside a key)"
+                )));
+            };
             let col = cols.get_mut(c).ok_or_else(|| {
                 block(format!(
                     "record {i}: its shape reads body column {c}, the block has {n_cols}"
@@ -647,6 +651,19 @@ mod tests {
         // The honest section decodes.
         let ok = section(&[b"{\"a\":\x02}"], &[1], 1, &[b"7\n"]);
         assert_eq!(decode_counted(&ok, 1, 1 << 20).0.unwrap(), ["{\"a\":7}"]);
+    }
+
+    #[test]
+    fn a_placeholder_inside_a_key_is_refused_by_name() {
+        let bytes = section(&[b"{\"a\x01\":\x02}"], &[1], 1, &[b"1\n"]);
+        let err = decode_counted(&bytes, 1, 1 << 20)
+            .0
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("record 0: its shape has a placeholder where no value can go"),
+            "{err}"
+        );
     }
 
     #[test]
