@@ -232,6 +232,11 @@ fn a_record_held_unreadable_from_a_pull_is_listed_shown_and_dropped() {
             .unwrap();
         tx.commit().unwrap();
     }
+    let st = ok(run(clinic, &["status"]));
+    assert!(
+        st.contains("1 of them held unreadable from the parent"),
+        "{st}"
+    );
     let list = ok(run(clinic, &["quarantine", "list"]));
     assert!(list.starts_with("Location/shed"), "{list}");
     assert!(

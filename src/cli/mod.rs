@@ -2277,7 +2277,7 @@ fn status_of(cfg: &Config, json: bool) -> Out {
             "daemon_stopped": crate::lock::stop_note(&cfg.node.store),
             "schema": store.schema_version()?,
             "parent": cfg.parent.as_ref().map(|p| p.url.clone()),
-            "records": c.records, "outbox": c.outbox, "inbox": c.inbox,
+            "records": c.records, "outbox": c.outbox, "inbox": c.inbox, "inbox_held": c.inbox_held,
             "quarantine": c.quarantine, "conflicts": c.conflicts, "conflicts_lost": c.conflicts_lost, "audit_entries": c.audit, "head_seq": c.head_seq,
             "link": peer, "cursor": {"eff": cursor.eff, "seq": cursor.seq, "parent_head": head, "lag": lag},
             "emr": store.peer_state("emr")?,
@@ -2299,7 +2299,14 @@ fn status_of(cfg: &Config, json: bool) -> Out {
         println!("parent      {}", safe(&p.url));
     }
     println!("outbox      {} waiting to push", c.outbox);
-    println!("inbox       {} waiting to apply", c.inbox);
+    if c.inbox_held > 0 {
+        println!(
+            "inbox       {} waiting to apply ({} of them held unreadable from the parent: clinicsync quarantine list)",
+            c.inbox, c.inbox_held
+        );
+    } else {
+        println!("inbox       {} waiting to apply", c.inbox);
+    }
     if let Some(n) = to_emr {
         println!("to EMR      {n} changed since the last pass into the EMR (children's records, resolutions; echoes included)");
     }

@@ -333,6 +333,8 @@ pub struct Counts {
     pub records: u64,
     pub outbox: u64,
     pub inbox: u64,
+    /// Of `inbox`: rows held unreadable (quarantined at stage `pull`).
+    pub inbox_held: u64,
     pub quarantine: u64,
     pub conflicts: u64,
     /// Of `conflicts`: this node's version lost at its parent.
@@ -501,6 +503,7 @@ impl Store {
             records: q("SELECT COUNT(*) FROM replica")?,
             outbox: q("SELECT COUNT(*) FROM outbox")?,
             inbox: q("SELECT COUNT(*) FROM inbox")?,
+            inbox_held: q("SELECT COUNT(*) FROM quarantine q JOIN inbox i ON i.kind=q.kind AND i.id=q.id WHERE q.stage='pull'")?,
             quarantine: q("SELECT COUNT(*) FROM quarantine")?,
             conflicts: q("SELECT COUNT(*) FROM conflicts")?,
             conflicts_lost: q("SELECT COUNT(*) FROM conflicts WHERE lost_at != ''")?,
