@@ -3,10 +3,11 @@
 //!
 //! Announcement (HTTP header [`HEADER`], both directions):
 //! ```text
-//! X-Clinicsync-Accept: <newest version>[;dict=<id>]*[;bodies=columns]
-//!                                                 e.g. "2;dict=1;bodies=columns"
+//! X-Clinicsync-Accept: <newest version>[;dict=<id>]*[;columns]
+//!                                                 e.g. "2;dict=1;columns"
 //! ```
-//! `bodies=columns`: the node reads v2 blocks whose bodies are shapes and columns
+//! `columns`: the node reads v2 blocks whose bodies are shapes and columns and whose
+//! push results are columns
 //! ([`super::shape`]); nodes before it ignore the parameter and never get such a block.
 //! A node that announces nothing speaks v1 (every node before v2). Unknown
 //! parameters are ignored and an unreadable value counts as v1, so a later node can
@@ -69,7 +70,7 @@ impl Accept {
         }
     }
 
-    /// A v2 node of before `bodies=columns` (it reads bodies as text only).
+    /// A v2 node of before `columns` (it reads bodies as text only).
     pub fn v2_bodies_as_text() -> Accept {
         Accept {
             columns: false,
@@ -87,7 +88,7 @@ impl Accept {
             s.push_str(&format!(";dict={d}"));
         }
         if self.columns {
-            s.push_str(";bodies=columns");
+            s.push_str(";columns");
         }
         Some(s)
     }
@@ -104,7 +105,7 @@ impl Accept {
         let mut dicts = Vec::new();
         let mut columns = false;
         for p in parts {
-            if p == "bodies=columns" {
+            if p == "columns" {
                 columns = true;
             }
             if let Some(id) = p.strip_prefix("dict=").and_then(|d| d.parse::<u32>().ok()) {

@@ -26,7 +26,8 @@
 //! struct RecordBlock {                        // varint = LEB128; zz = zigzag varint
 //!     lists:   varint n, counts: [varint; n], // one per place v2::record_slots names
 //!     flags:   u8,                            // bit 0: bodies newline-ended;
-//!                                             // bit 1: bodies as shapes and columns
+//!                                             // bit 1: bodies as shapes and columns;
+//!                                             // bit 2: push results follow the bodies
 //!     kinds:   varint k, [varint len, utf8]*k,        // first appearance order
 //!     nodes:   varint m, [varint len, utf8]*m,        // origins and vector nodes
 //!     kind:    [varint index into kinds; N],  // N = sum of counts
@@ -46,6 +47,11 @@
 //!              each followed by b'\n' when flags bit 0; with bit 1, in the same
 //!              order as shape::Bodies (each body's shape, and its values in one
 //!              column per kind and path; see [`shape`]),
+//!     results: with flags bit 2 (a push or sync answer whose skeleton then has
+//!              no results): varint n, nodes table, per result zz(i - previous i),
+//!              outcome u8 (0 accepted, 1 duplicate, 2 stale, 3/4 conflict kept/lost
+//!              + resolution text, 5/6 rejected retryable/permanent + reason text),
+//!              and its vector as the record block's vv column,
 //! }
 //! ```
 //! The version sits in front of the compressed payload so a node can refuse a frame
@@ -54,7 +60,7 @@
 //! Which version a frame uses is negotiated per exchange ([`accept`]): a node
 //! announces what it reads; a v2 frame goes only to a peer that announced v2, with
 //! the newest dictionary both announced, and bodies as shapes and columns only to a
-//! peer that announced `bodies=columns`. Every node decodes both versions.
+//! peer that announced `columns`. Every node decodes both versions.
 //!
 //! Invariants
 //! - Every decoder bounds what it reads: compressed size, decompressed size (the zstd

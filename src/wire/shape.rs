@@ -1,5 +1,5 @@
 //! Bodies as shapes and columns: the body section of a v2 record block when both
-//! ends announced `bodies=columns` ([`super::accept`]).
+//! ends announced `columns` ([`super::accept`]).
 //!
 //! A FHIR body is split, byte for byte, into its *shape* (the JSON text with every
 //! string value replaced by [`STRING`] and every number by [`NUMBER`]; keys,
