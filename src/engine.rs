@@ -1477,12 +1477,21 @@ fn settle_all(
     // Usually nothing is held back at the push stage: one look per batch then spares
     // a statement per acknowledged record.
     let mut any_held = tx.any_quarantined(Stage::Push)?;
+    // One answer per record: a parent (broken or hostile) repeating a position or a
+    // record is heard once, the first time.
+    let mut settled = std::collections::HashSet::new();
     for r in receipts {
         let Ok(key) = RecordKey::new(&r.kind, &r.id) else {
             continue;
         };
+        if !settled.insert(key.clone()) {
+            tracing::warn!(record = %key, "the parent answered for this record more than once: the first answer counts");
+            continue;
+        }
         match &r.outcome {
             Outcome::Rejected { reason, permanent } => {
+                // The parent's text is kept to its head, here and in the audit.
+                let reason = crate::store::clip_reason(reason);
                 // Only the version still queued can be quarantined for this reason.
                 let current = tx.current(&key)?;
                 if current.as_ref().map(|c| &c.version.vv) != Some(&r.vv) || !tx.in_outbox(&key)? {
@@ -1491,7 +1500,7 @@ fn settle_all(
                 summary.rejected += 1;
                 any_held = true;
                 let attempts =
-                    tx.quarantine(&key, Stage::Push, reason, *permanent, now_ms, |n| {
+                    tx.quarantine(&key, Stage::Push, &reason, *permanent, now_ms, |n| {
                         retry_delay_ms(n, *permanent)
                     })?;
                 tx.audit(
@@ -1511,6 +1520,8 @@ fn settle_all(
                 {
                     // This node's version lost at the parent: its winner comes with
                     // the next pull, and the technician sees the loss here.
+                    let resolution = crate::store::clip_reason(resolution);
+                    let resolution = resolution.as_ref();
                     if let Some(mine) = tx.version_by_vv(&key, &r.vv)? {
                         if tx.add_lost_conflict(&key, &mine, parent, resolution, now_ms)? {
                             summary.lost += 1;
@@ -2080,6 +2091,57 @@ mod tests {
         store_pull(&mut n.a, "hub", &resp, (0, 0), now).unwrap();
         apply_inbox(&mut n.a, &n.a_p, now).unwrap();
         resp
+    }
+
+    #[test]
+    fn a_parent_repeating_an_answer_or_sending_megabytes_of_reason_is_heard_once_and_clipped() {
+        let mut n = net();
+        write_local(
+            &mut n.a,
+            &n.a_p,
+            vec![(
+                snap(json!({"resourceType":"Patient","id":"p1","address":[{"district":"North"}]})),
+                false,
+            )],
+            10,
+        )
+        .unwrap();
+        let req = next_push(&n.a, 11, 1000, 1 << 20).unwrap().unwrap();
+        let answer = |outcome: Outcome| PushResult {
+            i: 0,
+            vv: req.records[0].vv.clone(),
+            outcome,
+        };
+        let rejected = answer(Outcome::Rejected {
+            reason: "x".repeat(1_000_000),
+            permanent: false,
+        });
+        let resp = PushResponse {
+            results: vec![rejected; 50],
+        };
+        let s = apply_push_results(&mut n.a, "hub", &req, &resp, (0, 0), 12).unwrap();
+        assert_eq!(s.rejected, 1);
+        let q = n.a.quarantine_list().unwrap();
+        assert_eq!(q[0].attempts, 1, "fifty copies are one answer");
+        let audit = n.a.audit_list(None, Some("quarantine"), 100).unwrap();
+        assert_eq!(audit.len(), 1);
+        assert!(audit[0].detail.len() < 3_000, "{}", audit[0].detail.len());
+        assert!(audit[0].detail.ends_with("(998000 more characters)"));
+        // A later answer accepting it, repeated behind a rejection, is the first
+        // answer for it and clears it; the rejection behind it is not heard.
+        let resp = PushResponse {
+            results: vec![
+                answer(Outcome::Accepted),
+                answer(Outcome::Rejected {
+                    reason: "late".into(),
+                    permanent: true,
+                }),
+            ],
+        };
+        let s = apply_push_results(&mut n.a, "hub", &req, &resp, (0, 0), 13).unwrap();
+        assert_eq!((s.accepted, s.rejected), (1, 0));
+        assert!(n.a.quarantine_list().unwrap().is_empty());
+        assert_eq!(n.a.counts().unwrap().outbox, 0);
     }
 
     #[test]

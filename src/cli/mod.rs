@@ -1226,22 +1226,29 @@ fn client(cfg: &Config) -> Result<HttpClient, Failure> {
         .map_err(|e| Failure::new(EXIT_CONFIG, e))
 }
 
-/// Prints JSON with bidirectional-override and other invisible format characters
-/// as `\uXXXX` escapes: still the same JSON value, but one that cannot reorder what a
-/// technician's terminal shows. (JSON itself already escapes control characters.)
+/// Prints JSON with C1 controls (U+0080–U+009F: U+009B starts a terminal escape
+/// sequence on some terminals), bidirectional-override and other invisible format
+/// characters as `\uXXXX` escapes: still the same JSON value, but one that cannot
+/// drive or reorder what a technician's terminal shows. (JSON itself already escapes
+/// C0 control characters.)
 pub(crate) fn print_json(v: &impl serde::Serialize) {
+    println!("{}", json_text(v));
+}
+
+/// The text [`print_json`] prints.
+fn json_text(v: &impl serde::Serialize) -> String {
     let text = serde_json::to_string_pretty(v).unwrap_or_default();
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         // Only inside strings can such characters occur in serialized JSON.
-        if matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+        if matches!(c, '\u{80}'..='\u{9f}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
         {
             out.push_str(&format!("\\u{:04x}", c as u32));
         } else {
             out.push(c);
         }
     }
-    println!("{out}");
+    out
 }
 
 fn with_config(cfg: &Config, cmd: Command) -> Out {
@@ -2427,6 +2434,21 @@ fn clock_skew(store: &Store) -> Result<Option<(i64, u64)>, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_output_escapes_c1_controls_and_bidi_overrides_and_stays_the_same_value() {
+        let v = json!({"reason": "a\u{9b}31mred\u{202e}txt\u{85}"});
+        let text = json_text(&v);
+        assert!(
+            !text.contains('\u{9b}') && !text.contains('\u{202e}') && !text.contains('\u{85}'),
+            "{text}"
+        );
+        assert!(
+            text.contains("\\u009b") && text.contains("\\u202e"),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), v);
+    }
 
     #[test]
     fn the_readme_exit_code_table_matches_the_consts() {

@@ -149,6 +149,7 @@ pub use migrations::SCHEMA_VERSION;
 pub use orders::{OrderRow, OrderState};
 pub use outbox::MAX_RECORD_BYTES;
 pub use peers::{PeerEvent, PeerState};
+pub use quarantine::clip_reason;
 pub use quarantine::{QuarantineEntry, Stage, MAX_REASON_CHARS};
 pub use replica::{HistoryEntry, Stored, Unkept, VersionOutcome};
 pub use transfers::{TransferDir, TransferKey};

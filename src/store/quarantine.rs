@@ -27,6 +27,19 @@ use crate::model::RecordKey;
 /// Longest quarantine reason kept, in characters.
 pub const MAX_REASON_CHARS: usize = 2_000;
 
+/// `text` as a peer's reason is kept: its first [`MAX_REASON_CHARS`] characters and
+/// how many more there were (an EMR's error page, a hostile parent's megabytes).
+pub fn clip_reason(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(MAX_REASON_CHARS) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((at, _)) => std::borrow::Cow::Owned(format!(
+            "{}… ({} more characters)",
+            &text[..at],
+            text[at..].chars().count()
+        )),
+    }
+}
+
 text_enum! {
     /// Where a quarantined record is stuck (`quarantine.stage`).
     pub enum Stage {
@@ -129,17 +142,8 @@ impl Tx<'_> {
         retry_after_ms: impl Fn(u32) -> u64,
     ) -> Result<u32> {
         // An EMR's answer can be a whole error page or stack trace: keep the head.
-        let clipped;
-        let reason = if reason.chars().count() > MAX_REASON_CHARS {
-            clipped = format!(
-                "{}… ({} more characters)",
-                reason.chars().take(MAX_REASON_CHARS).collect::<String>(),
-                reason.chars().count() - MAX_REASON_CHARS
-            );
-            clipped.as_str()
-        } else {
-            reason
-        };
+        let reason = clip_reason(reason);
+        let reason = reason.as_ref();
         let attempts: u32 = self
             .tx
             .prepare_cached("SELECT attempts FROM quarantine WHERE kind=?1 AND id=?2 AND stage=?3")?
