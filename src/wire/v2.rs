@@ -1525,6 +1525,25 @@ mod tests {
         assert!(m.contains("record 0: version vector"), "{m}");
     }
 
+    /// `frame` decodes into more than 4 MiB and is refused for it.
+    fn refused_as_too_large_under_4_mib(frame: &[u8]) {
+        let limits = Limits {
+            max_decompressed: 4 << 20,
+            ..Limits::default()
+        };
+        let err = decode_any(frame, &limits).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WireError::TooLarge {
+                    what: "decoded record block",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_small_block_cannot_decode_into_a_huge_message() {
         // 2,000 records each naming 64 nodes of 256 bytes in their vectors: a few
@@ -1549,21 +1568,7 @@ mod tests {
             },
         )
         .unwrap();
-        let limits = Limits {
-            max_decompressed: 4 << 20,
-            ..Limits::default()
-        };
-        let err = decode_any(&f, &limits).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                WireError::TooLarge {
-                    what: "decoded record block",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        refused_as_too_large_under_4_mib(&f);
     }
 
     #[test]
@@ -1816,21 +1821,7 @@ mod tests {
         )
         .unwrap();
         assert!(f.len() < 64 << 10, "{} bytes", f.len());
-        let limits = Limits {
-            max_decompressed: 4 << 20,
-            ..Limits::default()
-        };
-        let err = decode_any(&f, &limits).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                WireError::TooLarge {
-                    what: "decoded record block",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        refused_as_too_large_under_4_mib(&f);
     }
 
     #[test]
