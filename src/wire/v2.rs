@@ -336,15 +336,61 @@ fn put_results(results: &[super::PushResult]) -> Option<Vec<u8>> {
                 put_str(&mut out, reason);
             }
         }
-        put_varint(&mut out, r.vv.0.len() as u64);
-        for (node, &c) in &r.vv.0 {
-            let k = nodes.index[node.as_str()] as usize;
-            put_varint(&mut out, k as u64);
-            put_varint(&mut out, zigzag(c.wrapping_sub(last[k]) as i64));
-            last[k] = c;
-        }
+        put_vv(&mut out, &r.vv, &nodes, &mut last);
     }
     Some(out)
+}
+
+/// A version vector as the block writes one: its size, then (node index, counter as
+/// its difference from that node's previous counter in `last`), in name order.
+fn put_vv(out: &mut Vec<u8>, vv: &VersionVector, nodes: &Table<'_>, last: &mut [u64]) {
+    put_varint(out, vv.0.len() as u64);
+    for (node, &c) in &vv.0 {
+        let k = nodes.index[node.as_str()] as usize;
+        put_varint(out, k as u64);
+        put_varint(out, zigzag(c.wrapping_sub(last[k]) as i64));
+        last[k] = c;
+    }
+}
+
+/// Reads a vector [`put_vv`] wrote; `what` names its owner ("record 3") in errors.
+fn read_vv(
+    r: &mut Reader<'_>,
+    nodes: &[String],
+    last: &mut [u64],
+    what: &str,
+    spend: &mut dyn FnMut(usize, &str) -> Result<(), WireError>,
+) -> Result<VersionVector, WireError> {
+    let n = r.count(MAX_VV_ENTRIES.min(nodes.len()), &|| {
+        format!("{what}: version vector size")
+    })?;
+    let mut vv = VersionVector::default();
+    let mut prev_name: Option<&str> = None;
+    for _ in 0..n {
+        let k = r.varint(&|| format!("{what}: node index"))?;
+        let k = usize::try_from(k)
+            .ok()
+            .filter(|&k| k < nodes.len())
+            .ok_or_else(|| {
+                block(format!(
+                    "{what}: node index {k} is outside the node table ({} entries)",
+                    nodes.len()
+                ))
+            })?;
+        let d = r.varint(&|| format!("{what}: version vector counter"))?;
+        let c = last[k].wrapping_add(unzigzag(d) as u64);
+        last[k] = c;
+        let name = nodes[k].as_str();
+        if prev_name.is_some_and(|p| p >= name) {
+            return Err(block(format!(
+                "{what}: version vector entries are not in order or repeat node {name}"
+            )));
+        }
+        prev_name = Some(name);
+        spend(name.len() + VV_ENTRY_OVERHEAD, "version vector")?;
+        vv.0.insert(name.to_string(), c);
+    }
+    Ok(vv)
 }
 
 /// Reads the results block [`put_results`] writes.
@@ -398,35 +444,7 @@ fn read_results(
         {
             spend(t.len(), "push result")?;
         }
-        let e = r.count(MAX_VV_ENTRIES.min(nodes.len()), &|| {
-            format!("result {x}: version vector size")
-        })?;
-        let mut vv = VersionVector::default();
-        let mut prev_name: Option<&str> = None;
-        for _ in 0..e {
-            let k = r.varint(&|| format!("result {x}: version vector node"))?;
-            let k = usize::try_from(k)
-                .ok()
-                .filter(|&k| k < nodes.len())
-                .ok_or_else(|| {
-                    block(format!(
-                        "result {x}: node index {k} is outside the node table ({} entries)",
-                        nodes.len()
-                    ))
-                })?;
-            let d = r.varint(&|| format!("result {x}: version vector counter"))?;
-            let c = last[k].wrapping_add(unzigzag(d) as u64);
-            last[k] = c;
-            let name = nodes[k].as_str();
-            if prev_name.is_some_and(|p| p >= name) {
-                return Err(block(format!(
-                    "result {x}: version vector entries are not in order or repeat node {name}"
-                )));
-            }
-            prev_name = Some(name);
-            spend(name.len() + VV_ENTRY_OVERHEAD, "version vector")?;
-            vv.0.insert(name.to_string(), c);
-        }
+        let vv = read_vv(r, &nodes, &mut last, &format!("result {x}"), spend)?;
         out.push(super::PushResult { i, vv, outcome });
     }
     Ok(out)
@@ -519,13 +537,7 @@ fn columns(
     // the batch); entries in the map's (name) order.
     let mut last = vec![0u64; nodes.items.len()];
     for r in records {
-        put_varint(&mut out, r.vv.0.len() as u64);
-        for (node, &c) in &r.vv.0 {
-            let i = nodes.index[node.as_str()] as usize;
-            put_varint(&mut out, i as u64);
-            put_varint(&mut out, zigzag(c.wrapping_sub(last[i]) as i64));
-            last[i] = c;
-        }
+        put_vv(&mut out, &r.vv, &nodes, &mut last);
     }
     let mut bits = vec![0u8; records.len().div_ceil(8)];
     for (i, r) in records.iter().enumerate() {
@@ -968,27 +980,13 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
     let mut last = vec![0u64; nodes.len()];
     let mut vvs = Vec::with_capacity(total);
     for i in 0..total {
-        let n = r.count(MAX_VV_ENTRIES.min(nodes.len()), &|| {
-            format!("record {i}: version vector size")
-        })?;
-        let mut vv = VersionVector::default();
-        let mut prev_name: Option<&str> = None;
-        for _ in 0..n {
-            let k = index(&mut r, nodes.len(), i, "node")?;
-            let d = r.varint(&|| format!("record {i}: version vector counter"))?;
-            let c = last[k].wrapping_add(unzigzag(d) as u64);
-            last[k] = c;
-            let name = nodes[k].as_str();
-            if prev_name.is_some_and(|p| p >= name) {
-                return Err(block(format!(
-                    "record {i}: version vector entries are not in order or repeat node {name}"
-                )));
-            }
-            prev_name = Some(name);
-            spend(name.len() + VV_ENTRY_OVERHEAD, "version vector")?;
-            vv.0.insert(name.to_string(), c);
-        }
-        vvs.push(vv);
+        vvs.push(read_vv(
+            &mut r,
+            &nodes,
+            &mut last,
+            &format!("record {i}"),
+            &mut spend,
+        )?);
     }
     let bits = r.bytes(total.div_ceil(8), &|| "deleted bitmap".into())?;
     if total % 8 != 0 && bits[total / 8] >> (total % 8) != 0 {
