@@ -275,11 +275,29 @@ fn a_root_hub_may_have_an_emr() {
     );
 }
 
+/// Clinic "a"'s first pull page from its hub, fetched by hand (not yet stored).
+fn first_pull_page(a: &mut TestClinic) -> clinicsync::wire::PullResponse {
+    use clinicsync::wire::{Cursor, Message, PullRequest};
+    let msg = Message::PullRequest(PullRequest {
+        node: "a".into(),
+        cursor: Cursor::default(),
+        max_bytes: 1 << 20,
+        max_records: 1000,
+        include_own: false,
+        answer_chunk: 0,
+        health: Vec::new(),
+        order_results: Vec::new(),
+    });
+    let Message::PullResponse(page) = a.client.exchange("/v1/pull", &msg).unwrap().0 else {
+        panic!("expected a pull response")
+    };
+    page
+}
+
 /// The same in-memory EMR as a clinic's: a conflict found while applying a pulled
 /// version, then reviewed at the clinic, ends in the clinic's EMR and at the hub.
 #[test]
 fn a_conflict_reviewed_at_a_clinic_with_an_emr_is_written_into_it_and_sent_up() {
-    use clinicsync::wire::{Cursor, Message, PullRequest};
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(
         dir.path(),
@@ -302,19 +320,7 @@ fn a_conflict_reviewed_at_a_clinic_with_an_emr_is_written_into_it_and_sent_up() 
     clinicsync::emr::flow::capture_from_emr(&mut a.store, &a.policy, &mut emr, wall_ms()).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(5));
     hub.put(vec![p("unknown")]);
-    let msg = Message::PullRequest(PullRequest {
-        node: "a".into(),
-        cursor: Cursor::default(),
-        max_bytes: 1 << 20,
-        max_records: 1000,
-        include_own: false,
-        answer_chunk: 0,
-        health: Vec::new(),
-        order_results: Vec::new(),
-    });
-    let Message::PullResponse(page) = a.client.exchange("/v1/pull", &msg).unwrap().0 else {
-        panic!("expected a pull response")
-    };
+    let page = first_pull_page(&mut a);
     engine::store_pull(&mut a.store, "parent", &page, (0, 0), wall_ms()).unwrap();
     clinicsync::emr::flow::apply_inbox_to_emr(&mut a.store, &a.policy, &mut emr, wall_ms())
         .unwrap();
@@ -362,7 +368,6 @@ fn a_conflict_reviewed_at_a_clinic_with_an_emr_is_written_into_it_and_sent_up() 
 #[test]
 fn an_unreadable_pulled_record_waits_and_the_rest_reaches_the_clinic_s_emr() {
     use clinicsync::store::Stage;
-    use clinicsync::wire::{Cursor, Message, PullRequest};
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(
         dir.path(),
@@ -377,19 +382,7 @@ fn an_unreadable_pulled_record_waits_and_the_rest_reaches_the_clinic_s_emr() {
     let p =
         |id: &str| json!({"resourceType": "Patient", "id": id, "address": [{"district": "North"}]});
     hub.put(vec![p("p1"), p("p2")]);
-    let msg = Message::PullRequest(PullRequest {
-        node: "a".into(),
-        cursor: Cursor::default(),
-        max_bytes: 1 << 20,
-        max_records: 1000,
-        include_own: false,
-        answer_chunk: 0,
-        health: Vec::new(),
-        order_results: Vec::new(),
-    });
-    let Message::PullResponse(mut page) = a.client.exchange("/v1/pull", &msg).unwrap().0 else {
-        panic!("expected a pull response")
-    };
+    let mut page = first_pull_page(&mut a);
     let bad = page
         .records
         .iter_mut()
