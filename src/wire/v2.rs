@@ -1769,6 +1769,15 @@ mod tests {
             .unwrap()
         };
         let (text, chosen) = (frame(false), frame(true));
+        // The case is one where columns alone would lose: the choice is what wins.
+        let parts = Parts::of(&msg, true).unwrap().unwrap();
+        let columns_only = compress(&parts, 3, dict::newest()).unwrap();
+        assert!(
+            columns_only.len() > text.len(),
+            "{} <= {}",
+            columns_only.len(),
+            text.len()
+        );
         assert!(
             chosen.len() <= text.len(),
             "{} > {}",
