@@ -226,12 +226,14 @@ pub struct Faults {
 
 /// The project's fault harness: a TCP proxy on 127.0.0.1 that rate-limits, adds
 /// latency, cuts connections at given or random byte offsets, or black-holes them,
-/// and counts the bytes it forwards and the cuts it makes. Stops when dropped.
+/// and counts the bytes it forwards, the cuts it makes and the pipes still open (two
+/// per connection). Stops when dropped.
 pub struct FaultProxy {
     pub port: u16,
     pub faults: std::sync::Arc<std::sync::Mutex<Faults>>,
     pub forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    open: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -244,12 +246,14 @@ impl FaultProxy {
         let faults = Arc::new(Mutex::new(faults));
         let forwarded = Arc::new(AtomicU64::new(0));
         let cuts = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (f, fw, c, s) = (
+        let (f, fw, c, s, o) = (
             faults.clone(),
             forwarded.clone(),
             cuts.clone(),
             stop.clone(),
+            open.clone(),
         );
         std::thread::spawn(move || {
             let mut seed = crate::time::wall_ms() | 1;
@@ -285,6 +289,8 @@ impl FaultProxy {
                 let left = Arc::new(AtomicI64::new(budget));
                 let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
                     let (f, fw, c, left) = (f.clone(), fw.clone(), c.clone(), left.clone());
+                    let o = o.clone();
+                    o.fetch_add(1, Ordering::SeqCst);
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 8 << 10];
                         loop {
@@ -321,6 +327,7 @@ impl FaultProxy {
                         }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                         let _ = from.shutdown(std::net::Shutdown::Both);
+                        o.fetch_sub(1, Ordering::SeqCst);
                     });
                 };
                 if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
@@ -334,8 +341,15 @@ impl FaultProxy {
             faults,
             forwarded,
             cuts,
+            open,
             stop,
         })
+    }
+
+    /// Pipes still forwarding (two per open connection). After a client is killed,
+    /// its pipes may still count bytes the parent had already sent until they close.
+    pub fn open_pipes(&self) -> u64 {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn set(&self, faults: Faults) {
