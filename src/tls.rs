@@ -570,6 +570,25 @@ pub fn https_host_port(url: &str) -> Option<(String, u16)> {
     }
 }
 
+/// The host of an `http://` URL whose traffic leaves this machine: anything but
+/// `localhost` and loopback addresses. `None` for `https://` and for loopback.
+/// (For `doctor`: plain HTTP across a real link lets anyone on the path read the
+/// records and forge the hub's answers.)
+pub fn plain_http_remote_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']')?.0,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| host.to_string())
+}
+
 /// A certificate's notAfter, in seconds since the epoch (for `doctor`'s expiry
 /// warning). `None` when the DER does not have the X.509 shape.
 pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
@@ -700,6 +719,31 @@ mod tests {
         );
         assert_eq!(hp("https://[::1]:8443"), Some(("::1".into(), 8443)));
         assert_eq!(hp("http://hub:80"), None);
+    }
+
+    #[test]
+    fn plain_http_is_named_unless_it_stays_on_this_machine() {
+        let h = plain_http_remote_host;
+        assert_eq!(
+            h("http://hub.example.org:7070/x"),
+            Some("hub.example.org".into())
+        );
+        assert_eq!(h("http://10.8.0.1"), Some("10.8.0.1".into()));
+        assert_eq!(h("http://[2001:db8::1]:80/"), Some("2001:db8::1".into()));
+        assert_eq!(
+            h("http://user@hub.example.org"),
+            Some("hub.example.org".into())
+        );
+        for local in [
+            "http://127.0.0.1:7070",
+            "http://127.8.9.10",
+            "http://localhost:7070/",
+            "http://LOCALHOST",
+            "http://[::1]:7070",
+            "https://hub.example.org",
+        ] {
+            assert_eq!(h(local), None, "{local}");
+        }
     }
 
     #[test]

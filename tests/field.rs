@@ -257,6 +257,59 @@ fn doctor_fails_a_hub_that_is_not_listening_and_runs_every_check() {
 }
 
 #[test]
+fn doctor_warns_of_plain_http_that_leaves_the_machine_on_either_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_line = |config: &std::path::Path| {
+        let out = cli(config, &["doctor"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("tls"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let write = |name: &str, body: String| {
+        let config = dir.path().join(format!("{name}.toml"));
+        let store = dir.path().join(format!("{name}.db"));
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nid = \"{name}\"\nstore = \"{}\"\n{body}",
+                store.display()
+            ),
+        )
+        .unwrap();
+        config
+    };
+    // A hub on every address without TLS: children's records cross the link in clear.
+    let port = clinicsync::devkit::cluster::free_port().unwrap();
+    let open_hub = write("h1", format!("[hub]\nlisten = \"0.0.0.0:{port}\"\n"));
+    let line = tls_line(&open_hub);
+    assert!(
+        line.starts_with("WARN") && line.contains("plain HTTP on 0.0.0.0"),
+        "{line}"
+    );
+    // On loopback it may sit behind a TLS proxy on the same machine: no warning.
+    let local_hub = write("h2", format!("[hub]\nlisten = \"127.0.0.1:{port}\"\n"));
+    assert_eq!(tls_line(&local_hub), "");
+    // A clinic whose parent is plain HTTP across the link (a name that does not
+    // resolve here, so the probe fails at once): warned even though it is unreachable.
+    let parent = |url: &str| {
+        format!(
+            "[parent]\nurl = \"{url}\"\ntoken_file = \"{}\"\n",
+            dir.path().join("token").display()
+        )
+    };
+    let open_clinic = write("c1", parent("http://hub.invalid:7070"));
+    let line = tls_line(&open_clinic);
+    assert!(
+        line.starts_with("WARN") && line.contains("plain HTTP to hub.invalid"),
+        "{line}"
+    );
+    let local_clinic = write("c2", parent("http://127.0.0.1:9"));
+    assert_eq!(tls_line(&local_clinic), "");
+}
+
+#[test]
 fn doctor_names_a_counter_that_is_not_a_number_which_sqlite_s_check_passes() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");

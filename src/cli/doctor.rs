@@ -6,7 +6,9 @@
 //! (unknown CA, name mismatch, expired, pin mismatch, a plain-HTTP hub behind an
 //! `https://` URL, an HTTPS hub behind `http://`); when it succeeds it shows the
 //! hub certificate's expiry and pin. A hub with `hub.tls_*` checks its own pair
-//! (readable, key matches, expiry) and prints the pin clinics may use.
+//! (readable, key matches, expiry) and prints the pin clinics may use. Plain HTTP
+//! that leaves the machine (a non-loopback `http://` parent, a hub without TLS
+//! listening beyond loopback) is a WARN: anyone on the link can forge answers.
 //! Credential files are checked (and refused when others may read them) even when
 //! the parent is out of reach. Details quote peers and EMRs, so the human output
 //! goes through [`crate::textsafe::safe`].
@@ -453,6 +455,23 @@ fn expiry_check(what: &'static str, detail: String, days: Option<i64>) -> Check 
 /// The hub's own certificate and key (`hub.tls_*`).
 fn hub_tls_check(hub: &crate::config::HubSection, checks: &mut Vec<Check>) {
     let (Some(cert), Some(key)) = (&hub.tls_cert_file, &hub.tls_key_file) else {
+        // Plain HTTP is fine behind a TLS proxy on this machine (a loopback listen
+        // address); on any other address children's records cross the link in clear.
+        let off_host = hub
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_or(true, |a| !a.ip().is_loopback());
+        if off_host {
+            checks.push(check(
+                Level::Warn,
+                "tls",
+                format!(
+                    "serves plain HTTP on {}: anyone on a child's link can read its records and forge this hub's answers",
+                    hub.listen
+                ),
+                Some("set hub.tls_cert_file and hub.tls_key_file (or listen on 127.0.0.1 behind a TLS proxy)"),
+            ));
+        }
         return;
     };
     match crate::tls::ServerTls::load(cert, key) {
@@ -546,6 +565,17 @@ fn parent_checks(cfg: &Config, parent: &crate::config::ParentSection, checks: &m
             return;
         }
     };
+    if let Some(host) = crate::tls::plain_http_remote_host(&parent.url) {
+        checks.push(check(
+            Level::Warn,
+            "tls",
+            format!(
+                "{} is plain HTTP to {host}: anyone on the link can read the records and forge the hub's answers (a forged \"accepted\" clears records from the outbox)",
+                parent.url
+            ),
+            Some("serve the hub over HTTPS (hub.tls_cert_file, hub.tls_key_file) and use https:// in parent.url with parent.ca_file or parent.pin_sha256"),
+        ));
+    }
     let mut builder = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(15));
     if let Some(t) = &tls {
         builder = builder.tls_config(t.clone());
