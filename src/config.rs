@@ -582,10 +582,8 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let mut cfg: Config =
+            toml::from_str(text).map_err(|first| Config::every_problem(text, path, first))?;
         cfg.path = path.to_path_buf();
         let problems = cfg.problems();
         if !problems.is_empty() {
@@ -650,6 +648,110 @@ impl Config {
             cfg.transport = TransportSection::default();
         }
         Some((cfg, broken))
+    }
+
+    /// A file that is TOML but does not deserialize: every problem in it, not only the
+    /// first serde stops at, so a technician on a slow link fixes them in one pass.
+    /// Each wrong entry is blanked (spaces, so line and column numbers stay true; an
+    /// unknown table with its keys) and the file read again. A required key missing
+    /// because its wrong value was blanked is not named twice: its table is blanked
+    /// instead. A key missing from the file is named, and its table blanked. At most
+    /// 20 problems; the semantic checks of what then reads are added. Text that is not
+    /// TOML gets the parser's own error.
+    fn every_problem(text: &str, path: &Path, first: toml::de::Error) -> ConfigError {
+        const MAX: usize = 20;
+        let invalid = |problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        };
+        if toml::from_str::<toml::Table>(text).is_err() {
+            return ConfigError::Parse {
+                path: path.to_path_buf(),
+                source: first,
+            };
+        }
+        let mut text = text.to_string();
+        let mut problems = Vec::new();
+        let mut blanked_keys: Vec<String> = Vec::new();
+        let mut blanked_tables: Vec<String> = Vec::new();
+        let mut err = first;
+        for _ in 0..3 * MAX {
+            let Some(span) = err.span() else {
+                problems.push(err.message().to_string());
+                return invalid(problems);
+            };
+            let lines = entry_lines(&text, span.start);
+            let header = text[lines.clone()].trim_start().starts_with('[');
+            let missing = err
+                .message()
+                .strip_prefix("missing field `")
+                .and_then(|m| m.split('`').next());
+            if !missing.is_some_and(|k| blanked_keys.iter().any(|b| b == k)) {
+                let (line, column) = line_column(&text, span.start);
+                let shown: String = text[lines.start..]
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .chars()
+                    .take(60)
+                    .collect();
+                problems.push(format!(
+                    "line {line}, column {column} ({shown}): {}",
+                    err.message()
+                ));
+            }
+            if problems.len() >= MAX || (missing.is_some() && !header) {
+                return invalid(problems);
+            }
+            let line = text[lines.clone()]
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim();
+            let name = match header {
+                true => line.trim_matches(['[', ']', ' ']),
+                false => line.split_once('=').map_or("", |(k, _)| k.trim()),
+            };
+            if header {
+                blanked_tables.push(name.split('.').next().unwrap_or_default().to_string());
+            }
+            let last = name.rsplit('.').next().unwrap_or_default();
+            blanked_keys.push(last.trim_matches(['"', '\'']).to_string());
+            // Spaces only: the same byte length, so every later span and line stays
+            // put. A value over several lines is blanked until the rest reads.
+            let mut end = lines.end;
+            loop {
+                let mut next = text.clone();
+                let spaces: String = text[lines.start..end]
+                    .chars()
+                    .map(|c| if c == '\n' { '\n' } else { ' ' })
+                    .collect();
+                next.replace_range(lines.start..end, &spaces);
+                if toml::from_str::<toml::Table>(&next).is_ok() {
+                    text = next;
+                    break;
+                }
+                let more = end + 1;
+                if more >= text.len() || text[more..].trim_start().starts_with('[') {
+                    return invalid(problems);
+                }
+                end = text[more..].find('\n').map_or(text.len(), |i| more + i);
+            }
+            match toml::from_str::<Config>(&text) {
+                Ok(rest) => {
+                    // Not the checks that would only see a table blanked here as absent.
+                    problems.extend(rest.problems().into_iter().filter(|p| {
+                        !blanked_tables.iter().any(|t| {
+                            p.starts_with(&format!("{t}.")) || p.contains(&format!("[{t}]"))
+                        })
+                    }));
+                    return invalid(problems);
+                }
+                Err(e) => err = e,
+            }
+        }
+        invalid(problems)
     }
 
     /// Everything wrong with the configuration, each naming its key.
@@ -1121,9 +1223,107 @@ impl ParentSection {
     }
 }
 
+/// The nearest char boundary at or before byte `at` (within `text`).
+fn char_floor(text: &str, at: usize) -> usize {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// 1-based line and column (in characters) of byte `at` in `text`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..char_floor(text, at)];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
+/// The bytes of the line holding byte `at`, without its newline; when that line is a
+/// table header (`[hub]`, `[[hub.children]]`), through the line before the next
+/// header, so the table's keys do not fall into the table above.
+fn entry_lines(text: &str, at: usize) -> std::ops::Range<usize> {
+    let at = char_floor(text, at);
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = |from: usize| text[from..].find('\n').map_or(text.len(), |i| from + i);
+    let mut end = line_end(start);
+    if text[start..end].trim_start().starts_with('[') {
+        while end < text.len() {
+            let next = end + 1;
+            let next_end = line_end(next);
+            if text[next..next_end].trim_start().starts_with('[') {
+                break;
+            }
+            end = next_end;
+        }
+    }
+    start..end
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn problems_of(text: &str) -> Vec<String> {
+        match Config::parse(text, Path::new("c.toml")) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("not a list of problems: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_file_that_does_not_deserialize_gets_every_problem_with_its_line() {
+        let text = "[bogus]\nx = 1\n[node]\nid = \"c 1\"\nstore = \"c.db\"\nextra = 3\n\
+                    [parent]\nurl = 5\ntoken_file = \"t\"\n[sync]\nwindows = [\n  1,\n  \"a\"]\n\
+                    pull_page_records = -1\ninterval_secs = 0\n";
+        let p = problems_of(text);
+        let expected = [
+            "line 1, column 2 ([bogus]): unknown field `bogus`",
+            "line 6, column 1 (extra = 3): unknown field `extra`",
+            "line 8, column 7 (url = 5): invalid type: integer `5`, expected a string",
+            "line 11, column 1 (windows = [): unknown field `windows`",
+            "line 14, column 21 (pull_page_records = -1): invalid value: integer `-1`",
+            "node.id \"c 1\" must be",
+            "sync.interval_secs must be greater than 0",
+        ];
+        assert_eq!(p.len(), expected.len(), "{p:#?}");
+        for (got, want) in p.iter().zip(expected) {
+            assert!(
+                got.starts_with(want),
+                "{got:?} does not start with {want:?}"
+            );
+        }
+        // `url` blanked for its wrong value is not named again as missing, and the
+        // blanked [parent] does not make "a node needs a [parent] section" appear.
+        assert!(!p
+            .iter()
+            .any(|p| p.contains("missing") || p.contains("needs a [parent]")));
+    }
+
+    #[test]
+    fn a_key_missing_from_the_file_is_named_and_the_rest_still_checked() {
+        let p = problems_of(
+            "[node]\nid = \"c\"\nstore = \"c.db\"\n[parent]\nurl = \"http://x\"\n[sync]\npush_level = \"fast\"\n",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(p[0].starts_with("line 4, column 1 ([parent]): missing field `token_file`"));
+        assert!(p[1].starts_with("sync.push_level \"fast\""), "{}", p[1]);
+        // Text that is not TOML keeps the parser's own error, with its snippet.
+        assert!(matches!(
+            Config::parse("[node\nid = 1", Path::new("c.toml")),
+            Err(ConfigError::Parse { .. })
+        ));
+        // Many bad keys: at most 20 named, and no panic on multi-byte text around them.
+        let many: String = (0..50).map(|i| format!("\"k{i}é\" = 1\n")).collect();
+        let p = problems_of(&format!("[node]\nid = \"c\"\nstore = \"ç.db\"\n{many}"));
+        assert_eq!(p.len(), 20, "{p:#?}");
+        assert!(
+            p[19].starts_with("line 23, column 1 (\"k19é\" = 1): unknown field `k19é`"),
+            "{}",
+            p[19]
+        );
+    }
 
     #[test]
     fn configuration_errors_are_permanent_and_keep_their_sources() {
