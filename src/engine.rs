@@ -1643,10 +1643,10 @@ pub fn store_pull(
     if restoring_own(tx.cursor(parent)?, tx.meta(&meta::RESTORING_OWN)?) {
         tx.set_meta(&meta::RESTORING_OWN, resp.more)?;
     }
-    // A parent's count beyond any real one (its store cannot hold it) is not kept:
-    // it would leave this node unable to number another bundle.
+    // A parent's count beyond any real one is not kept: near the end of the range
+    // it would leave this node (almost) unable to number another bundle.
     let known = tx.meta(&meta::BUNDLE_SEQ_AT_PARENT)?.unwrap_or(0);
-    if resp.bundle_seq > known && resp.bundle_seq <= crate::store::MAX_BUNDLE_SEQ {
+    if resp.bundle_seq > known && resp.bundle_seq <= crate::store::PLAUSIBLE_BUNDLE_SEQ {
         tx.set_meta(&meta::BUNDLE_SEQ_AT_PARENT, resp.bundle_seq)?;
     }
     tx.set_cursor(parent, resp.next, resp.head, now_ms)?;
@@ -2274,9 +2274,15 @@ mod tests {
             &pull_request(&n.a, "hub", 1000, 1 << 20).unwrap(),
         )
         .unwrap();
-        resp.bundle_seq = u64::MAX - 1;
-        store_pull(&mut n.a, "hub", &resp, (0, 0), 10).unwrap();
-        assert_eq!(n.a.meta(&meta::BUNDLE_SEQ_AT_PARENT).unwrap(), None);
+        for forged in [
+            u64::MAX - 1,
+            crate::store::MAX_BUNDLE_SEQ - 1,
+            crate::store::PLAUSIBLE_BUNDLE_SEQ + 1,
+        ] {
+            resp.bundle_seq = forged;
+            store_pull(&mut n.a, "hub", &resp, (0, 0), 10).unwrap();
+            assert_eq!(n.a.meta(&meta::BUNDLE_SEQ_AT_PARENT).unwrap(), None);
+        }
         resp.bundle_seq = 7;
         store_pull(&mut n.a, "hub", &resp, (0, 0), 11).unwrap();
         assert_eq!(n.a.meta(&meta::BUNDLE_SEQ_AT_PARENT).unwrap(), Some(7));

@@ -759,19 +759,26 @@ fn a_bundle_numbered_beyond_any_real_count_is_refused_at_import_and_named_by_doc
     let real = parts_in(&stick, "clinic-a-to-hub")[0].clone();
     assert!(ok(run(hub, &["import", real.to_str().unwrap()])).contains("1 records"));
 
-    // A count at the end of the range in the clinic's own store (edited, or written
-    // by an older build from a parent's answer) is a doctor finding, not a surprise
-    // at the next export.
-    {
+    // A count at (or near) the end of the range in the clinic's own store (edited,
+    // or written by an older build from a parent's answer) is a doctor finding, not
+    // a surprise at the next export.
+    let set_count = |v: u64| {
         let mut s = Store::open_existing(&l.clinics[0].store).unwrap();
         let mut tx = s.begin().unwrap();
-        tx.set_meta(
-            &clinicsync::store::meta::bundle_seq_out("hub"),
-            clinicsync::store::MAX_BUNDLE_SEQ,
-        )
-        .unwrap();
+        tx.set_meta(&clinicsync::store::meta::bundle_seq_out("hub"), v)
+            .unwrap();
         tx.commit().unwrap();
-    }
+    };
+    set_count(clinicsync::store::MAX_BUNDLE_SEQ - 1);
+    let out = run(clinic, &["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains(
+            "bundle_seq_out:hub is 9223372036854775806: beyond any real count, 1 numbers left"
+        ),
+        "{text}"
+    );
+    set_count(clinicsync::store::MAX_BUNDLE_SEQ);
     let out = run(clinic, &["doctor"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(

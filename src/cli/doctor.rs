@@ -195,17 +195,18 @@ fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
                         Some("restore the store from a backup; keep the damaged file for analysis"),
                     )),
                 }
-                match store.exhausted_bundle_counts() {
+                match store.implausible_bundle_counts() {
                     Ok(full) if !full.is_empty() => checks.push(check(
                         Level::Warn,
                         "bundles",
                         full.iter()
-                            .map(|(key, v)| {
-                                format!("USB bundle count {key} is {v}: no next bundle number")
+                            .map(|(key, v)| match crate::store::MAX_BUNDLE_SEQ.saturating_sub(*v) {
+                                0 => format!("USB bundle count {key} is {v}: no next bundle number"),
+                                left => format!("USB bundle count {key} is {v}: beyond any real count, {left} numbers left"),
                             })
                             .collect::<Vec<_>>()
                             .join("; "),
-                        Some("clinicsync never writes such a count (a forged parent answer or an edited store): USB export stays refused; restore the store from a backup (README, Backup and restore)"),
+                        Some("clinicsync never writes such a count (an edited store): at the end of the range USB export is refused; restore the store from a backup (README, Backup and restore)"),
                     )),
                     _ => {}
                 }

@@ -22,6 +22,12 @@ use super::{Result, Store, Tx};
 /// corrupt value, refused where it comes in.
 pub const MAX_BUNDLE_SEQ: u64 = i64::MAX as u64;
 
+/// The largest bundle count a node takes from its parent's answer (a bundle a second
+/// for 34,000 years). Above it the count is a forged answer, not a wiped clinic's
+/// earlier bundles, and is not kept: a parent that could set it near
+/// [`MAX_BUNDLE_SEQ`] would leave the clinic with no bundle numbers to write.
+pub const PLAUSIBLE_BUNDLE_SEQ: u64 = 1 << 40;
+
 /// An imported bundle, as the store tracks it.
 pub struct BundleIn<'a> {
     pub id: &'a str,

@@ -303,15 +303,19 @@ impl Store {
             .collect::<std::result::Result<_, _>>()?)
     }
 
-    /// The USB bundle counts that leave no next number (at or above
-    /// [`super::MAX_BUNDLE_SEQ`]; clinicsync never writes one): (meta key, value).
-    /// An export to that peer is refused until the count is put right (`doctor`).
-    pub fn exhausted_bundle_counts(&self) -> Result<Vec<(String, u64)>> {
+    /// The USB bundle counts beyond any real one (above
+    /// [`super::PLAUSIBLE_BUNDLE_SEQ`]; clinicsync never writes one): (meta key,
+    /// value). At [`super::MAX_BUNDLE_SEQ`] an export to that peer is refused until
+    /// the count is put right (`doctor`).
+    pub fn implausible_bundle_counts(&self) -> Result<Vec<(String, u64)>> {
         let mut keys = vec![BUNDLE_SEQ_AT_PARENT];
         keys.extend(self.bundle_peers()?.iter().map(|p| bundle_seq_out(p)));
         let mut out = Vec::new();
         for key in keys {
-            if let Some(v) = self.meta(&key)?.filter(|v| *v >= super::MAX_BUNDLE_SEQ) {
+            if let Some(v) = self
+                .meta(&key)?
+                .filter(|v| *v > super::PLAUSIBLE_BUNDLE_SEQ)
+            {
                 out.push((key.name().to_string(), v));
             }
         }

@@ -140,7 +140,7 @@ mod replica;
 mod transfers;
 
 pub use audit::{AuditCheck, AuditRow};
-pub use bundles::{BundleIn, MAX_BUNDLE_SEQ};
+pub use bundles::{BundleIn, MAX_BUNDLE_SEQ, PLAUSIBLE_BUNDLE_SEQ};
 pub use catchment::{CatchmentReason, FeedPage};
 pub use conflicts::{ConflictEntry, ConflictSide, StoredConflict};
 pub use inbox::{unreadable_reason, InboxRow};
