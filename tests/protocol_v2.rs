@@ -301,15 +301,17 @@ fn chunked_transfers_carry_v2_frames_and_resume_across_cuts() {
     );
     clinic.sync_cfg.chunk_bytes = 4096;
     // Learn the parent's protocol on a quiet round first, then move enough in both
-    // directions that every frame goes in pieces.
+    // directions that every frame goes in pieces: with bodies as columns, 120
+    // patients' records each way are ~35 pieces of 4 KiB (40 were ~12, too close to
+    // the bound below when the random cuts fell late).
     clinic.sync().unwrap();
     assert!(matches!(clinic.client.encoding(), Encoding::V2 { .. }));
     let many: Vec<serde_json::Value> =
-        clinicsync::synth::clinic_records(5, "c", "North", "loc-1", 40, 2, 4)
+        clinicsync::synth::clinic_records(5, "c", "North", "loc-1", 120, 2, 4)
             .into_iter()
             .collect();
     let from_hub: Vec<serde_json::Value> =
-        clinicsync::synth::clinic_records(6, "h", "North", "loc-1", 40, 2, 4);
+        clinicsync::synth::clinic_records(6, "h", "North", "loc-1", 120, 2, 4);
     clinic.put(many.clone());
     n.hub.put(from_hub.clone());
     let mut report = None;
