@@ -585,7 +585,9 @@ impl Config {
         let mut cfg: Config =
             toml::from_str(text).map_err(|first| Config::every_problem(text, path, first))?;
         cfg.path = path.to_path_buf();
-        let problems = cfg.problems();
+        let mut problems = cfg.problems();
+        let mut seen = std::collections::HashSet::new();
+        problems.retain(|p| seen.insert(p.clone()));
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -652,17 +654,31 @@ impl Config {
 
     /// A file that is TOML but does not deserialize: every problem in it, not only the
     /// first serde stops at, so a technician on a slow link fixes them in one pass.
+    ///
     /// Each wrong entry is blanked (spaces, so line and column numbers stay true; an
-    /// unknown table with its keys) and the file read again. A required key missing
-    /// because its wrong value was blanked is not named twice: its table is blanked
-    /// instead. A key missing from the file is named, and its table blanked. At most
-    /// 20 problems; the semantic checks of what then reads are added. Text that is not
-    /// TOML gets the parser's own error.
+    /// unknown table with its keys; a value over several lines until the rest reads)
+    /// and the file read again. A required key reported missing because its own
+    /// wrong value was blanked is an echo, not named; its table is blanked instead. A
+    /// key missing from the file is named, and its table blanked. Without a usable
+    /// `[node]` a placeholder stands in, so the other sections are still checked. The
+    /// semantic checks of what finally reads are added, less those about a key or
+    /// table blanked here. At most [`MAX_LISTED`] problems, then a line saying so.
+    /// Text that is not TOML gets the parser's own error.
     fn every_problem(text: &str, path: &Path, first: toml::de::Error) -> ConfigError {
-        const MAX: usize = 20;
-        let invalid = |problems| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problems,
+        const PLACEHOLDER_NODE: &str = "\n[node]\nid = \"placeholder\"\nstore = \"placeholder\"\n";
+        let invalid = |mut problems: Vec<String>| {
+            let mut seen = std::collections::HashSet::new();
+            problems.retain(|p| seen.insert(p.clone()));
+            if problems.len() > MAX_LISTED {
+                problems.truncate(MAX_LISTED);
+                problems.push(format!(
+                    "(stopped after {MAX_LISTED} problems: fix these and run `config check` again)"
+                ));
+            }
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            }
         };
         if toml::from_str::<toml::Table>(text).is_err() {
             return ConfigError::Parse {
@@ -672,78 +688,106 @@ impl Config {
         }
         let mut text = text.to_string();
         let mut problems = Vec::new();
-        let mut blanked_keys: Vec<String> = Vec::new();
-        let mut blanked_tables: Vec<String> = Vec::new();
+        // What was blanked: (bytes, dotted path of the key or table).
+        let mut blanked: Vec<(std::ops::Range<usize>, String)> = Vec::new();
         let mut err = first;
-        for _ in 0..3 * MAX {
+        let mut placeholder = false;
+        for _ in 0..4 * MAX_LISTED {
             let Some(span) = err.span() else {
                 problems.push(err.message().to_string());
                 return invalid(problems);
             };
+            // A key missing at the top level has an empty span; one missing from a
+            // table spans the table (from its header) or the inline table's value.
+            let top = span.is_empty();
             let lines = entry_lines(&text, span.start);
-            let header = text[lines.clone()].trim_start().starts_with('[');
+            let header = table_header(&text[lines.clone()]);
             let missing = err
                 .message()
                 .strip_prefix("missing field `")
-                .and_then(|m| m.split('`').next());
-            if !missing.is_some_and(|k| blanked_keys.iter().any(|b| b == k)) {
+                .and_then(|m| m.split('`').next())
+                .map(str::to_string);
+            let echo = missing.as_deref().is_some_and(|k| {
+                blanked.iter().any(|(r, name)| match (top, &header) {
+                    (true, _) => name == k || name.starts_with(&format!("{k}.")),
+                    // In a table with a header: a key blanked in that table.
+                    (false, Some(_)) => {
+                        name.rsplit('.').next() == Some(k) && lines.contains(&r.start)
+                    }
+                    // Dotted keys or an inline table: a key of that name blanked.
+                    (false, None) => name.rsplit('.').next() == Some(k),
+                })
+            });
+            if !echo {
                 let (line, column) = line_column(&text, span.start);
-                let shown: String = text[lines.start..]
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .chars()
-                    .take(60)
-                    .collect();
-                problems.push(format!(
-                    "line {line}, column {column} ({shown}): {}",
-                    err.message()
-                ));
+                let shown = match top {
+                    true => "",
+                    false => text[lines.start..]
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim(),
+                };
+                let shown: String = shown.chars().take(60).collect();
+                problems.push(match top {
+                    true => err.message().to_string(),
+                    false => format!("line {line}, column {column} ({shown}): {}", err.message()),
+                });
             }
-            if problems.len() >= MAX || (missing.is_some() && !header) {
+            if problems.len() > MAX_LISTED {
                 return invalid(problems);
             }
-            let line = text[lines.clone()]
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim();
-            let name = match header {
-                true => line.trim_matches(['[', ']', ' ']),
-                false => line.split_once('=').map_or("", |(k, _)| k.trim()),
-            };
-            if header {
-                blanked_tables.push(name.split('.').next().unwrap_or_default().to_string());
-            }
-            let last = name.rsplit('.').next().unwrap_or_default();
-            blanked_keys.push(last.trim_matches(['"', '\'']).to_string());
-            // Spaces only: the same byte length, so every later span and line stays
-            // put. A value over several lines is blanked until the rest reads.
-            let mut end = lines.end;
-            loop {
-                let mut next = text.clone();
-                let spaces: String = text[lines.start..end]
-                    .chars()
-                    .map(|c| if c == '\n' { '\n' } else { ' ' })
-                    .collect();
-                next.replace_range(lines.start..end, &spaces);
-                if toml::from_str::<toml::Table>(&next).is_ok() {
-                    text = next;
-                    break;
-                }
-                let more = end + 1;
-                if more >= text.len() || text[more..].trim_start().starts_with('[') {
+            let inline = text.get(span.clone()).is_some_and(|v| v.starts_with('{'));
+            if top {
+                if missing.as_deref() != Some("node") || placeholder {
                     return invalid(problems);
                 }
-                end = text[more..].find('\n').map_or(text.len(), |i| more + i);
+                // No usable [node]: check the rest against a stand-in.
+                placeholder = true;
+                text.push_str(PLACEHOLDER_NODE);
+                blanked.push((text.len()..text.len(), "node".into()));
+            } else if missing.is_some() && header.is_none() && !inline {
+                // A key missing from a table written with dotted keys: nothing to
+                // blank that would not hide what is around it.
+                return invalid(problems);
+            } else {
+                let name = match &header {
+                    Some(h) => h.clone(),
+                    None => key_path(&text, lines.start),
+                };
+                // Spaces only: the same byte length, so every later span and line stays
+                // put. A value over several lines is blanked until the rest reads.
+                let mut end = lines.end;
+                loop {
+                    let mut next = text.clone();
+                    let spaces: String = text[lines.start..end]
+                        .chars()
+                        .map(|c| if c == '\n' { '\n' } else { ' ' })
+                        .collect();
+                    next.replace_range(lines.start..end, &spaces);
+                    if toml::from_str::<toml::Table>(&next).is_ok() {
+                        text = next;
+                        break;
+                    }
+                    let more = end + 1;
+                    if more >= text.len() || table_header(&text[more..]).is_some() {
+                        return invalid(problems);
+                    }
+                    end = text[more..].find('\n').map_or(text.len(), |i| more + i);
+                }
+                blanked.push((lines.start..end, name));
             }
             match toml::from_str::<Config>(&text) {
                 Ok(rest) => {
-                    // Not the checks that would only see a table blanked here as absent.
+                    // Not the checks that would only see a key or table blanked here
+                    // as absent or at its default.
                     problems.extend(rest.problems().into_iter().filter(|p| {
-                        !blanked_tables.iter().any(|t| {
-                            p.starts_with(&format!("{t}.")) || p.contains(&format!("[{t}]"))
+                        !blanked.iter().any(|(_, name)| {
+                            let section = name.split('.').next().unwrap_or_default();
+                            p.contains(name.as_str())
+                                || p.starts_with(&format!("{section}."))
+                                    && blanked.iter().any(|(_, n)| n == section)
+                                || p.contains(&format!("[{section}]"))
                         })
                     }));
                     return invalid(problems);
@@ -1223,6 +1267,41 @@ impl ParentSection {
     }
 }
 
+/// The most problems `config check` lists for one file.
+const MAX_LISTED: usize = 20;
+
+/// The table a line opens (`[hub]` → `hub`, `[[hub.children]]` → `hub.children`), or
+/// `None` when the line is not a table header.
+fn table_header(line: &str) -> Option<String> {
+    let line = line.lines().next().unwrap_or_default().trim();
+    let inner = line.strip_prefix('[')?;
+    let inner = inner.strip_prefix('[').unwrap_or(inner);
+    let name = inner.split(']').next()?;
+    Some(
+        name.split('.')
+            .map(|p| p.trim().trim_matches(['"', '\'']))
+            .collect::<Vec<_>>()
+            .join("."),
+    )
+}
+
+/// The dotted path of the key on the line starting at byte `start`: the table it
+/// is in (the header above it, if any) and the key as written.
+fn key_path(text: &str, start: usize) -> String {
+    let line = text[start..].lines().next().unwrap_or_default();
+    let key = line.split_once('=').map_or("", |(k, _)| k.trim());
+    let key = key
+        .split('.')
+        .map(|p| p.trim().trim_matches(['"', '\'']))
+        .collect::<Vec<_>>()
+        .join(".");
+    let table = text[..start].lines().rev().find_map(table_header);
+    match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key,
+    }
+}
+
 /// The nearest char boundary at or before byte `at` (within `text`).
 fn char_floor(text: &str, at: usize) -> usize {
     let mut at = at.min(text.len());
@@ -1248,11 +1327,11 @@ fn entry_lines(text: &str, at: usize) -> std::ops::Range<usize> {
     let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
     let line_end = |from: usize| text[from..].find('\n').map_or(text.len(), |i| from + i);
     let mut end = line_end(start);
-    if text[start..end].trim_start().starts_with('[') {
+    if table_header(&text[start..end]).is_some() {
         while end < text.len() {
             let next = end + 1;
             let next_end = line_end(next);
-            if text[next..next_end].trim_start().starts_with('[') {
+            if table_header(&text[next..next_end]).is_some() {
                 break;
             }
             end = next_end;
@@ -1302,6 +1381,40 @@ mod tests {
     }
 
     #[test]
+    fn problems_behind_a_broken_node_or_table_entry_are_still_found_and_echoes_are_not() {
+        // No usable [node]: the other sections are checked against a stand-in.
+        let p = problems_of(
+            "[node]\nstore = \"c.db\"\n[parent]\nurl = \"ftp://hub\"\ntoken_file = \"t\"\n[sync]\npush_level = 25\n",
+        );
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(p[0].starts_with("line 1, column 1 ([node]): missing field `id`"));
+        assert!(p[1].starts_with("parent.url \"ftp://hub\""), "{}", p[1]);
+        assert!(p[2].starts_with("sync.push_level 25"), "{}", p[2]);
+        let p = problems_of("[parent]\nurl = \"ftp://hub\"\ntoken_file = \"t\"\n");
+        assert_eq!(p[0], "missing field `node`");
+        assert_eq!(p.len(), 2, "{p:#?}");
+        // A wrong value in one entry of an array of tables does not hide the next
+        // entry's missing key, nor is it named again as missing.
+        let p = problems_of(
+            "[node]\nid = \"h\"\nstore = \"h.db\"\n[hub]\nlisten = \"127.0.0.1:1\"\n\
+             [[hub.children]]\nnode = 5\ntoken_sha256 = \"x\"\n[[hub.children]]\ntoken_sha256 = \"y\"\n",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(p[0].starts_with("line 7, column 8 (node = 5): invalid type"));
+        assert!(p[1].starts_with("line 9, column 1 ([[hub.children]]): missing field `node`"));
+        // Dotted keys: each wrong value once, and no echo of the keys blanked.
+        let p = problems_of(
+            "node.id = 1\nnode.store = 5\nparent.url = 5\nparent.token_file = 5\nsync.interval_secs = \"x\"\n",
+        );
+        assert_eq!(p.len(), 5, "{p:#?}");
+        assert!(p.iter().all(|p| p.contains("invalid type")), "{p:#?}");
+        // A section given as a plain value: named once, and "a node needs a [parent]
+        // section" is not added as if it were absent.
+        let p = problems_of("parent = \"https://hub\"\n[node]\nid = \"c\"\nstore = \"c.db\"\n");
+        assert_eq!(p.len(), 1, "{p:#?}");
+    }
+
+    #[test]
     fn a_key_missing_from_the_file_is_named_and_the_rest_still_checked() {
         let p = problems_of(
             "[node]\nid = \"c\"\nstore = \"c.db\"\n[parent]\nurl = \"http://x\"\n[sync]\npush_level = \"fast\"\n",
@@ -1317,7 +1430,8 @@ mod tests {
         // Many bad keys: at most 20 named, and no panic on multi-byte text around them.
         let many: String = (0..50).map(|i| format!("\"k{i}é\" = 1\n")).collect();
         let p = problems_of(&format!("[node]\nid = \"c\"\nstore = \"ç.db\"\n{many}"));
-        assert_eq!(p.len(), 20, "{p:#?}");
+        assert_eq!(p.len(), 21, "{p:#?}");
+        assert!(p[20].starts_with("(stopped after 20 problems"), "{}", p[20]);
         assert!(
             p[19].starts_with("line 23, column 1 (\"k19é\" = 1): unknown field `k19é`"),
             "{}",

@@ -570,23 +570,46 @@ pub fn https_host_port(url: &str) -> Option<(String, u16)> {
     }
 }
 
-/// The host of an `http://` URL whose traffic leaves this machine: anything but
-/// `localhost` and loopback addresses. `None` for `https://` and for loopback.
-/// (For `doctor`: plain HTTP across a real link lets anyone on the path read the
-/// records and forge the hub's answers.)
-pub fn plain_http_remote_host(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("http://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split_once(']')?.0,
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+/// Whether `ip` is a loopback address, IPv4-mapped IPv6 (`::ffff:127.0.0.1`) included.
+pub fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Whether a connection to `ip` stays on this machine: loopback, and the unspecified
+/// address (`0.0.0.0`, `::`), which Linux connects to locally.
+pub fn stays_on_this_machine(ip: std::net::IpAddr) -> bool {
+    let unspecified = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_unspecified() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified())
+        }
     };
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    (!loopback).then(|| host.to_string())
+    unspecified || is_loopback(ip)
+}
+
+/// The host of an `http://` URL whose traffic leaves this machine: anything but
+/// `localhost` and the addresses of [`stays_on_this_machine`]. `None` for other
+/// schemes, for those, and for text that is not a URL (nothing is sent to it). The
+/// URL is read by the parser the HTTP client uses (WHATWG rules: `\` is `/`, `127.1`
+/// and `0x7f000001` are 127.0.0.1, `%6cocalhost` is localhost), so the host named is
+/// the one the client connects to. (For `doctor`: plain HTTP across a real link lets
+/// anyone on the path read the records and forge the hub's answers.)
+pub fn plain_http_remote_host(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    if parsed.scheme() != "http" {
+        return None;
+    }
+    let local = match parsed.host()? {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => stays_on_this_machine(ip.into()),
+        url::Host::Ipv6(ip) => stays_on_this_machine(ip.into()),
+    };
+    (!local).then(|| parsed.host_str().unwrap_or_default().to_string())
 }
 
 /// A certificate's notAfter, in seconds since the epoch (for `doctor`'s expiry
@@ -724,26 +747,40 @@ mod tests {
     #[test]
     fn plain_http_is_named_unless_it_stays_on_this_machine() {
         let h = plain_http_remote_host;
-        assert_eq!(
-            h("http://hub.example.org:7070/x"),
-            Some("hub.example.org".into())
-        );
-        assert_eq!(h("http://10.8.0.1"), Some("10.8.0.1".into()));
-        assert_eq!(h("http://[2001:db8::1]:80/"), Some("2001:db8::1".into()));
-        assert_eq!(
-            h("http://user@hub.example.org"),
-            Some("hub.example.org".into())
-        );
+        for (url, host) in [
+            ("http://hub.example.org:7070/x", "hub.example.org"),
+            ("http://10.8.0.1", "10.8.0.1"),
+            ("http://[2001:db8::1]:80/", "[2001:db8::1]"),
+            ("http://user@hub.example.org", "hub.example.org"),
+            ("http://127.0.0.1.nip.io", "127.0.0.1.nip.io"),
+            ("http://localhost.evil.org", "localhost.evil.org"),
+            ("http://127.0.0.1@hub.example.org", "hub.example.org"),
+            // The client reads `\` as `/`: the host is the one before it.
+            ("http://hub.example.org\\@127.0.0.1", "hub.example.org"),
+            ("HTTP://hub.example.org", "hub.example.org"),
+        ] {
+            assert_eq!(h(url).as_deref(), Some(host), "{url}");
+        }
         for local in [
             "http://127.0.0.1:7070",
             "http://127.8.9.10",
             "http://localhost:7070/",
             "http://LOCALHOST",
             "http://[::1]:7070",
+            "http://127.1",
+            "http://2130706433",
+            "http://0x7f000001",
+            "http://%6cocalhost",
+            "http://localhost\\@hub.example.org",
+            "http://[::ffff:127.0.0.1]",
+            "http://0.0.0.0",
             "https://hub.example.org",
+            "not a url",
         ] {
             assert_eq!(h(local), None, "{local}");
         }
+        assert!(is_loopback("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!is_loopback("0.0.0.0".parse().unwrap()));
     }
 
     #[test]

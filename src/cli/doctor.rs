@@ -72,7 +72,7 @@ pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
             checks.push(check(
                 Level::Fail,
                 "config",
-                e.to_string(),
+                one_line(&e),
                 Some("fix the file; `clinicsync config check` lists every problem"),
             ));
             None
@@ -129,6 +129,27 @@ pub fn run(path: &std::path::Path, json: bool) -> Result<(), Failure> {
 }
 
 /// The check that covers a configuration section.
+/// A configuration error on one line (doctor's report is one line per check): the
+/// problems joined with "; ", a TOML syntax error as its place and its message
+/// without the snippet.
+fn one_line(e: &crate::config::ConfigError) -> String {
+    match e {
+        crate::config::ConfigError::Invalid { path, problems } => {
+            format!("{} is invalid: {}", path.display(), problems.join("; "))
+        }
+        crate::config::ConfigError::Parse { .. } => {
+            let text = e.to_string();
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            let first = lines.next().unwrap_or_default();
+            match lines.next_back() {
+                Some(last) => format!("{first}: {last}"),
+                None => first.to_string(),
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
 fn check_name(section: &str) -> &'static str {
     match section {
         "parent" => "parent",
@@ -461,7 +482,7 @@ fn hub_tls_check(hub: &crate::config::HubSection, checks: &mut Vec<Check>) {
         let off_host = hub
             .listen
             .parse::<std::net::SocketAddr>()
-            .map_or(true, |a| !a.ip().is_loopback());
+            .map_or(true, |a| !crate::tls::is_loopback(a.ip()));
         if off_host {
             checks.push(check(
                 Level::Warn,
