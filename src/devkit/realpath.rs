@@ -12,9 +12,11 @@
 //! It changes the loopback device, so it runs only inside a private network namespace
 //! as root (`tests/bench/real-path.sh` does `unshare -n`), and refuses otherwise
 //! (`CLINICSYNC_BENCH_NETNS=1` is the script's promise that it is one). Loopback's MTU
-//! is set to 1500 so segments are the size a modem link carries. Bytes on the wire are
-//! read from the htb classes' counters: IP and TCP headers, retransmissions and ACKs
-//! included, as a modem would count them.
+//! is set to 1500 and its GSO size too (`gso_max_size`: without it, TCP hands the
+//! qdisc segments of up to 64 KiB, which htb lets through whole and then pays for, so
+//! bursts beat the rate), so segments are the size a modem link carries. Bytes on
+//! the wire are read from the htb classes' counters: IP and TCP headers,
+//! retransmissions and ACKs included, as a modem would count them.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -52,6 +54,13 @@ impl Shaping {
         let rate = format!("{}bit", spec.rate * 8);
         let port = hub_port.to_string();
         sh("ip", &["link", "set", "lo", "up", "mtu", "1500"])?;
+        // Loopback hands TCP segments of up to 64 KiB to the qdisc (GSO/TSO: nothing
+        // ever splits them on lo). htb lets a packet through whenever its class has
+        // tokens left and charges the debt afterwards, so a 28 KB push went through
+        // as one or two such packets and beat the rate (1.7 s where 128 kbit/s
+        // needs 1.75 s for the bytes alone). Segments of at most one MTU, as a modem
+        // link carries them, make htb pace every one.
+        sh("ip", &["link", "set", "lo", "gso_max_size", "1500"])?;
         let _ = sh("tc", &["qdisc", "del", "dev", "lo", "root"]);
         sh(
             "tc",
