@@ -747,9 +747,30 @@ impl Config {
                 text.push_str(PLACEHOLDER_NODE);
                 blanked.push((text.len()..text.len(), "node".into()));
             } else if missing.is_some() && header.is_none() && !inline {
-                // A key missing from a table written with dotted keys: nothing to
-                // blank that would not hide what is around it.
-                return invalid(problems);
+                // A key missing from a table written with dotted keys (`node.id = …`
+                // above any header): the table is every top-level line of that prefix.
+                let path = key_path(&text, lines.start);
+                let table = path.split('.').next().unwrap_or_default().to_string();
+                let first_header = text
+                    .match_indices('\n')
+                    .map(|(i, _)| i + 1)
+                    .find(|&i| table_header(&text[i..]).is_some())
+                    .unwrap_or(text.len());
+                let mut next = text.clone();
+                let mut at = 0;
+                while at < first_header {
+                    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+                    if line_key(&text[at..end]).starts_with(&format!("{table}.")) {
+                        let spaces: String = text[at..end].chars().map(|_| ' ').collect();
+                        next.replace_range(at..end, &spaces);
+                    }
+                    at = end + 1;
+                }
+                if table.is_empty() || toml::from_str::<toml::Table>(&next).is_err() {
+                    return invalid(problems);
+                }
+                text = next;
+                blanked.push((0..0, table));
             } else {
                 let name = match &header {
                     Some(h) => h.clone(),
@@ -1288,18 +1309,21 @@ fn table_header(line: &str) -> Option<String> {
 /// The dotted path of the key on the line starting at byte `start`: the table it
 /// is in (the header above it, if any) and the key as written.
 fn key_path(text: &str, start: usize) -> String {
-    let line = text[start..].lines().next().unwrap_or_default();
-    let key = line.split_once('=').map_or("", |(k, _)| k.trim());
-    let key = key
-        .split('.')
-        .map(|p| p.trim().trim_matches(['"', '\'']))
-        .collect::<Vec<_>>()
-        .join(".");
+    let key = line_key(text[start..].lines().next().unwrap_or_default());
     let table = text[..start].lines().rev().find_map(table_header);
     match table {
         Some(t) => format!("{t}.{key}"),
         None => key,
     }
+}
+
+/// The key a `key = value` line sets, dotted, without quotes (`""` for other lines).
+fn line_key(line: &str) -> String {
+    let key = line.split_once('=').map_or("", |(k, _)| k.trim());
+    key.split('.')
+        .map(|p| p.trim().trim_matches(['"', '\'']))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// The nearest char boundary at or before byte `at` (within `text`).
@@ -1402,12 +1426,27 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:#?}");
         assert!(p[0].starts_with("line 7, column 8 (node = 5): invalid type"));
         assert!(p[1].starts_with("line 9, column 1 ([[hub.children]]): missing field `node`"));
-        // Dotted keys: each wrong value once, and no echo of the keys blanked.
+        // Dotted keys: each wrong value once, and no echo of the keys blanked; a
+        // table of dotted keys with a key missing does not hide the next one.
         let p = problems_of(
             "node.id = 1\nnode.store = 5\nparent.url = 5\nparent.token_file = 5\nsync.interval_secs = \"x\"\n",
         );
         assert_eq!(p.len(), 5, "{p:#?}");
         assert!(p.iter().all(|p| p.contains("invalid type")), "{p:#?}");
+        let p = problems_of(
+            "node.id = \"c\"\nnode.store = 5\nparent.url = \"http://h\"\nparent.token_file = \"t\"\nsync.interval_secs = \"x\"\n",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            p[0].starts_with("line 2, column 14 (node.store = 5)"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].starts_with("line 5, column 22 (sync.interval_secs"),
+            "{}",
+            p[1]
+        );
         // A section given as a plain value: named once, and "a node needs a [parent]
         // section" is not added as if it were absent.
         let p = problems_of("parent = \"https://hub\"\n[node]\nid = \"c\"\nstore = \"c.db\"\n");
