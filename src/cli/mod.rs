@@ -142,7 +142,8 @@ pub enum Command {
         #[command(subcommand)]
         action: RemoteCmd,
     },
-    /// Check config, store, disk, keys, parent, credential, clock and broker.
+    /// Check config, store, disk, keys, parent, credential, TLS (certificates, plain
+    /// HTTP leaving the machine), clock and broker.
     #[command(after_long_help = "Examples:
   sudo -u clinicsync clinicsync doctor          # OK/WARN/FAIL per check, with hints; exit 1 on a FAIL
   sudo -u clinicsync clinicsync doctor --json")]
@@ -501,7 +502,8 @@ pub enum AuditCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum ConfigCmd {
-    /// Validate the configuration file and say what is wrong.
+    /// Validate the configuration file and list every problem, each with its key or
+    /// line; exit 3 when there is one.
     Check,
 }
 
