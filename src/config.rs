@@ -697,11 +697,13 @@ impl Config {
                 problems.push(err.message().to_string());
                 return invalid(problems);
             };
-            // A key missing at the top level has an empty span; one missing from a
-            // table spans the table (from its header) or the inline table's value.
-            let top = span.is_empty();
+            // A key missing at the top level has an empty span, or one over the whole
+            // file when it has no table header; one missing from a table spans the
+            // table (from its header), its first dotted key or the inline table.
             let lines = entry_lines(&text, span.start);
             let header = table_header(&text[lines.clone()]);
+            let top = span.is_empty()
+                || (span.start == 0 && span.end >= text.trim_end().len() && header.is_none());
             let missing = err
                 .message()
                 .strip_prefix("missing field `")
@@ -726,12 +728,24 @@ impl Config {
                         .lines()
                         .next()
                         .unwrap_or_default()
+                        .trim_start_matches('\u{feff}')
                         .trim(),
                 };
                 let shown: String = shown.chars().take(60).collect();
+                // `[[sync]]` makes an array where one table belongs: serde says "invalid
+                // type: map", which names neither.
+                let array = match (&header, shown.starts_with("[[")) {
+                    (Some(h), true) if err.message().starts_with("invalid type") => format!(
+                        " ([[{h}]] makes a list of tables; this section is one table: write [{h}])"
+                    ),
+                    _ => String::new(),
+                };
                 problems.push(match top {
                     true => err.message().to_string(),
-                    false => format!("line {line}, column {column} ({shown}): {}", err.message()),
+                    false => format!(
+                        "line {line}, column {column} ({shown}): {}{array}",
+                        err.message()
+                    ),
                 });
             }
             if problems.len() > MAX_LISTED {
@@ -761,8 +775,7 @@ impl Config {
                 while at < first_header {
                     let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
                     if line_key(&text[at..end]).starts_with(&format!("{table}.")) {
-                        let spaces: String = text[at..end].chars().map(|_| ' ').collect();
-                        next.replace_range(at..end, &spaces);
+                        next.replace_range(at..end, &blank(&text[at..end]));
                     }
                     at = end + 1;
                 }
@@ -776,16 +789,11 @@ impl Config {
                     Some(h) => h.clone(),
                     None => key_path(&text, lines.start),
                 };
-                // Spaces only: the same byte length, so every later span and line stays
-                // put. A value over several lines is blanked until the rest reads.
+                // A value over several lines is blanked until the rest reads.
                 let mut end = lines.end;
                 loop {
                     let mut next = text.clone();
-                    let spaces: String = text[lines.start..end]
-                        .chars()
-                        .map(|c| if c == '\n' { '\n' } else { ' ' })
-                        .collect();
-                    next.replace_range(lines.start..end, &spaces);
+                    next.replace_range(lines.start..end, &blank(&text[lines.start..end]));
                     if toml::from_str::<toml::Table>(&next).is_ok() {
                         text = next;
                         break;
@@ -805,7 +813,9 @@ impl Config {
                     problems.extend(rest.problems().into_iter().filter(|p| {
                         !blanked.iter().any(|(_, name)| {
                             let section = name.split('.').next().unwrap_or_default();
-                            p.contains(name.as_str())
+                            let last = name.rsplit('.').next().unwrap_or_default();
+                            (name.contains('.') && p.contains(name.as_str()))
+                                || p.contains(&format!("[{last}]"))
                                 || p.starts_with(&format!("{section}."))
                                     && blanked.iter().any(|(_, n)| n == section)
                                 || p.contains(&format!("[{section}]"))
@@ -837,6 +847,14 @@ impl Config {
                     "parent.url {:?} must start with http:// or https://",
                     parent.url
                 ));
+            } else {
+                // Read as the HTTP client will read it: `http://` alone would send to a
+                // host named after the request's path (`http:///v1/pull` is host v1).
+                match url::Url::parse(&parent.url) {
+                    Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => {}
+                    Ok(_) => p.push(format!("parent.url {:?} names no host", parent.url)),
+                    Err(e) => p.push(format!("parent.url {:?} is not a URL: {e}", parent.url)),
+                }
             }
             if parent.token_file.as_os_str().is_empty() {
                 p.push("parent.token_file must name the credential file".into());
@@ -923,6 +941,14 @@ impl Config {
                     p.push(format!("{name} must be greater than 0"));
                 }
             }
+            for (key, file) in [
+                ("hub.tls_cert_file", &hub.tls_cert_file),
+                ("hub.tls_key_file", &hub.tls_key_file),
+            ] {
+                if file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+                    p.push(format!("{key} must name a file (or be left out)"));
+                }
+            }
             if hub.tls_cert_file.is_some() != hub.tls_key_file.is_some() {
                 p.push(
                     "hub.tls_cert_file and hub.tls_key_file go together: set both or neither"
@@ -961,6 +987,27 @@ impl Config {
                 }
                 if hub.children.iter().filter(|o| o.node == c.node).count() > 1 {
                     p.push(format!("hub.children: node {:?} is listed twice", c.node));
+                }
+                // The hub knows a child by its token alone: a hash two children share
+                // lets each sign in as whichever is listed first.
+                let hashes = |c: &Child| {
+                    std::iter::once(c.token_sha256.to_ascii_lowercase())
+                        .chain(
+                            c.previous_token_sha256
+                                .iter()
+                                .map(|h| h.to_ascii_lowercase()),
+                        )
+                        .collect::<Vec<_>>()
+                };
+                let mine = hashes(c);
+                if let Some(other) = hub.children[..i]
+                    .iter()
+                    .find(|o| o.node != c.node && hashes(o).iter().any(|h| mine.contains(h)))
+                {
+                    p.push(format!(
+                        "hub.children: {:?} and {:?} have the same token (token_sha256 or previous_token_sha256): each could sign in as the other; give each its own (`clinicsync token new`)",
+                        other.node, c.node
+                    ));
                 }
                 for d in &c.descendants {
                     if !valid_node_id(d) {
@@ -1288,13 +1335,28 @@ impl ParentSection {
     }
 }
 
+/// `text` as spaces, newlines kept, byte for byte (a character of n bytes becomes n
+/// spaces): every later byte offset, line and column stays where it was.
+fn blank(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let n = if c == '\n' { 0 } else { c.len_utf8() };
+            std::iter::repeat(' ')
+                .take(n)
+                .chain((c == '\n').then_some('\n'))
+        })
+        .collect()
+}
+
 /// The most problems `config check` lists for one file.
 const MAX_LISTED: usize = 20;
 
 /// The table a line opens (`[hub]` → `hub`, `[[hub.children]]` → `hub.children`), or
 /// `None` when the line is not a table header.
 fn table_header(line: &str) -> Option<String> {
-    let line = line.lines().next().unwrap_or_default().trim();
+    let line = line.lines().next().unwrap_or_default();
+    // A byte order mark (Windows editors write one) is no part of the first line.
+    let line = line.trim_start_matches('\u{feff}').trim();
     let inner = line.strip_prefix('[')?;
     let inner = inner.strip_prefix('[').unwrap_or(inner);
     let name = inner.split(']').next()?;
@@ -1319,6 +1381,7 @@ fn key_path(text: &str, start: usize) -> String {
 
 /// The key a `key = value` line sets, dotted, without quotes (`""` for other lines).
 fn line_key(line: &str) -> String {
+    let line = line.trim_start_matches('\u{feff}');
     let key = line.split_once('=').map_or("", |(k, _)| k.trim());
     key.split('.')
         .map(|p| p.trim().trim_matches(['"', '\'']))
@@ -1340,7 +1403,8 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
     let before = &text[..char_floor(text, at)];
     let line = before.matches('\n').count() + 1;
     let start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[start..].chars().count() + 1)
+    let on_line = before[start..].trim_start_matches('\u{feff}');
+    (line, on_line.chars().count() + 1)
 }
 
 /// The bytes of the line holding byte `at`, without its newline; when that line is a
@@ -1451,6 +1515,82 @@ mod tests {
         // section" is not added as if it were absent.
         let p = problems_of("parent = \"https://hub\"\n[node]\nid = \"c\"\nstore = \"c.db\"\n");
         assert_eq!(p.len(), 1, "{p:#?}");
+    }
+
+    #[test]
+    fn urls_tls_files_and_tokens_are_checked_as_the_client_and_the_hub_use_them() {
+        // `http://` alone: the client would send to a host named `v1`.
+        for (url, why) in [
+            ("http://", "is not a URL: empty host"),
+            ("http://hub:99999", "is not a URL: invalid port"),
+            ("http://a b", "is not a URL"),
+        ] {
+            let p = problems_of(&format!(
+                "[node]\nid = \"c\"\nstore = \"c.db\"\n[parent]\nurl = \"{url}\"\ntoken_file = \"t\"\n"
+            ));
+            assert!(p.len() == 1 && p[0].contains(why), "{url}: {p:#?}");
+        }
+        let hub = |rest: &str| {
+            problems_of(&format!(
+                "[node]\nid = \"h\"\nstore = \"h.db\"\n[hub]\nlisten = \"127.0.0.1:1\"\n{rest}"
+            ))
+        };
+        let p = hub("tls_cert_file = \"\"\ntls_key_file = \"\"\n");
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(p[0].starts_with("hub.tls_cert_file must name a file"));
+        // The hub knows a child by its token alone: two children may not share one,
+        // current or previous.
+        let a = "a".repeat(64);
+        let b = "b".repeat(64);
+        let p = hub(&format!(
+            "[[hub.children]]\nnode = \"c1\"\ntoken_sha256 = \"{a}\"\n\
+             [[hub.children]]\nnode = \"c2\"\ntoken_sha256 = \"{}\"\n",
+            a.to_uppercase()
+        ));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].contains("\"c1\" and \"c2\" have the same token"),
+            "{}",
+            p[0]
+        );
+        let p = hub(&format!(
+            "[[hub.children]]\nnode = \"c1\"\ntoken_sha256 = \"{a}\"\n\
+             [[hub.children]]\nnode = \"c2\"\ntoken_sha256 = \"{b}\"\n\
+             previous_token_sha256 = \"{a}\"\nprevious_token_expires = \"2030-01-01T00:00:00Z\"\n"
+        ));
+        assert!(
+            p.iter().any(|p| p.contains("have the same token")),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_an_array_header_and_dotted_tables_are_read_as_written() {
+        let p = problems_of(
+            "\u{feff}[node]\nid = \"c\"\nstore = 5\n[parent]\nurl = \"ftp://h\"\ntoken_file = \"t\"\n",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(p[0].starts_with("line 3, column 9 (store = 5)"), "{}", p[0]);
+        assert!(p[1].starts_with("parent.url \"ftp://h\""), "{}", p[1]);
+        let p = problems_of("\u{feff}bogus = 1\n[node]\nid = \"c\"\nstore = \"s\"\n");
+        assert!(p[0].starts_with("line 1, column 1 (bogus = 1)"), "{}", p[0]);
+        let p = problems_of("[node]\nid = \"c\"\nstore = \"s\"\n[[sync]]\ninterval_secs = 1\n");
+        assert!(
+            p[0].contains(
+                "[[sync]] makes a list of tables; this section is one table: write [sync]"
+            ),
+            "{p:#?}"
+        );
+        // A wrong value in a table of dotted keys hides neither the range checks of
+        // the others nor "a node needs [parent] or [hub]" when that is true.
+        let p = problems_of("node.id = \"c\"\nnode.store = 5\nsync.push_level = 25\n");
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(p[1].starts_with("sync.push_level 25"), "{}", p[1]);
+        assert!(
+            p[2].starts_with("a node needs a [parent] section"),
+            "{}",
+            p[2]
+        );
     }
 
     #[test]
