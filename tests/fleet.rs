@@ -205,7 +205,7 @@ fn fleet_over_a_thousand_nodes() {
         let below: Vec<String> = (0..99).map(|j| format!("\"c{i}-{j}\"")).collect();
         children.push_str(&format!(
             "[[hub.children]]\nnode = \"d{i}\"\ntoken_sha256 = \"{}\"\ndescendants = [{}]\n\n",
-            "ab".repeat(32),
+            clinicsync::auth::token_hash(&format!("token of d{i}")),
             below.join(", ")
         ));
     }
