@@ -1593,6 +1593,65 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(600))]
+        /// Whatever lines are put into or taken out of a file, reading it names
+        /// problems (or accepts it) without a panic, and lists at most 21 lines. The
+        /// edits are whole lines, so most files stay TOML and reach the problem finder.
+        #[test]
+        fn a_mangled_file_never_panics_the_problem_finder(
+            edits in proptest::collection::vec((0.0f64..1.0, 0usize..BITS.len(), proptest::bool::ANY), 1..5),
+        ) {
+            let mut lines: Vec<String> = BASE.lines().map(str::to_string).collect();
+            for (at, bit, replace) in edits {
+                let i = ((lines.len() as f64) * at) as usize;
+                if replace && i < lines.len() {
+                    lines[i] = BITS[bit].to_string();
+                } else {
+                    lines.insert(i.min(lines.len()), BITS[bit].to_string());
+                }
+            }
+            let text = lines.join("\n");
+            let r = Config::parse(&text, Path::new("c.toml"));
+            if let Err(ConfigError::Invalid { problems, .. }) = r {
+                proptest::prop_assert!(!problems.is_empty() && problems.len() <= MAX_LISTED + 1);
+            }
+        }
+    }
+
+    const BASE: &str = "\u{feff}[node]\nid = \"h\"\nstore = \"h.db\"\n\
+        [parent]\nurl = \"https://up.example\"\ntoken_file = \"t\"\n\
+        sync.interval_secs = 30\n[hub]\nlisten = \"127.0.0.1:1\"\n\
+        [[hub.children]]\nnode = \"c1\"\ntoken_sha256 = \"aaaa\"\n\
+        [[hub.children]]\nnode = \"c2\"\ntoken_sha256 = \"bbbb\"\ndescendants = [\n  \"x\",\n  \"é\"]\n\
+        [[hub.catchment]]\nnode = \"c1\"\npath = \"address.district\"\nequals = \"ø\"\n\
+        [mqtt]\nurl = \"mqtt://b\"\nx = { a = 1, b = [2, 3] }\n";
+
+    const BITS: [&str; 22] = [
+        "x = 1",
+        "id = 7",
+        "store = 5",
+        "[node]",
+        "[[sync]]",
+        "[sync]",
+        "node.id = 1",
+        "node.store = \"s\"",
+        "[hub.children]",
+        "[[hub.children]]",
+        "[bogus]",
+        "url = \"http://\"",
+        "\u{feff}",
+        "é = 1",
+        "\"é\" = 1",
+        "parent = \"https://h\"",
+        "node = { id = 1 }",
+        "interval_secs = \"x\"",
+        "push_level = 25",
+        "token_sha256 = \"aaaa\"",
+        "",
+        "  \"y\",",
+    ];
+
     #[test]
     fn a_key_missing_from_the_file_is_named_and_the_rest_still_checked() {
         let p = problems_of(
