@@ -585,9 +585,7 @@ impl Config {
         let mut cfg: Config =
             toml::from_str(text).map_err(|first| Config::every_problem(text, path, first))?;
         cfg.path = path.to_path_buf();
-        let mut problems = cfg.problems();
-        let mut seen = std::collections::HashSet::new();
-        problems.retain(|p| seen.insert(p.clone()));
+        let problems = once_each(cfg.problems());
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -666,9 +664,8 @@ impl Config {
     /// Text that is not TOML gets the parser's own error.
     fn every_problem(text: &str, path: &Path, first: toml::de::Error) -> ConfigError {
         const PLACEHOLDER_NODE: &str = "\n[node]\nid = \"placeholder\"\nstore = \"placeholder\"\n";
-        let invalid = |mut problems: Vec<String>| {
-            let mut seen = std::collections::HashSet::new();
-            problems.retain(|p| seen.insert(p.clone()));
+        let invalid = |problems: Vec<String>| {
+            let mut problems = once_each(problems);
             if problems.len() > MAX_LISTED {
                 problems.truncate(MAX_LISTED);
                 problems.push(format!(
@@ -1348,6 +1345,14 @@ fn blank(text: &str) -> String {
         .collect()
 }
 
+/// `problems` in their order, each named once (a check that meets the same fault
+/// twice, such as a child listed three times, says it once).
+fn once_each(mut problems: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|p| seen.insert(p.clone()));
+    problems
+}
+
 /// The most problems `config check` lists for one file.
 const MAX_LISTED: usize = 20;
 
@@ -1562,6 +1567,13 @@ mod tests {
             p.iter().any(|p| p.contains("have the same token")),
             "{p:#?}"
         );
+        // A fault met more than once is said once.
+        let p = hub(&format!(
+            "[[hub.children]]\nnode = \"c1\"\ntoken_sha256 = \"{a}\"\n\
+             [[hub.children]]\nnode = \"c1\"\ntoken_sha256 = \"{a}\"\n\
+             [[hub.children]]\nnode = \"c1\"\ntoken_sha256 = \"{a}\"\n"
+        ));
+        assert_eq!(p, ["hub.children: node \"c1\" is listed twice"], "{p:#?}");
     }
 
     #[test]
