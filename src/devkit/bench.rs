@@ -123,6 +123,8 @@ struct Run {
     json_bytes: u64,
     hub_rss_kb: u64,
     clinic_rss_kb: u64,
+    /// The hub's store file (and its WAL, if any) after the run, in bytes.
+    hub_store_bytes: u64,
 }
 
 /// CPU seconds (user + system, all threads) process `pid` has spent so far.
@@ -272,6 +274,11 @@ fn push_table(name: &str, records: usize, first_contact: bool, results: &[Run]) 
         wire / records as f64
     );
     println!("| wire / JSON | 1/{:.1} | ≤ 1/10 |", json / wire);
+    let stored = median(results.iter().map(|r| r.hub_store_bytes as f64).collect());
+    println!(
+        "| hub store bytes per record (file and WAL, after the run) | {:.0} | |",
+        stored / records as f64
+    );
     println!("| hub peak RSS | {:.1} MiB | |", hub_rss / 1024.0);
     println!(
         "| clinic peak RSS | {:.1} MiB | ≤ 30 MiB |",
@@ -708,8 +715,19 @@ fn one_run(
             clinic.config.with_extension("log").display()
         )));
     }
-    let hub_store = Store::open_existing(&layout.hub.store).map_err(fail)?;
-    let held = hub_store.counts().map_err(fail)?.records;
+    let held = Store::open_existing(&layout.hub.store)
+        .map_err(fail)?
+        .counts()
+        .map_err(fail)?
+        .records;
+    // The last connection to close has copied the WAL into the file and removed it.
+    let hub_store_bytes = ["", "-wal"]
+        .iter()
+        .filter_map(|suffix| {
+            std::fs::metadata(format!("{}{suffix}", layout.hub.store.display())).ok()
+        })
+        .map(|m| m.len())
+        .sum();
     if held as usize != records + 1 {
         return Err(fail(format!(
             "hub holds {held} records, expected {records} and its Location"
@@ -723,6 +741,7 @@ fn one_run(
         json_bytes,
         hub_rss_kb,
         clinic_rss_kb,
+        hub_store_bytes,
     })
 }
 

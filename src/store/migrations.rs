@@ -186,6 +186,22 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE catchment ADD COLUMN moved_ms INTEGER;
     "#,
+    // 12: a record's body is stored once. The history row of the current version
+    // holds an empty body (`X''`) and means the replica's; when the replica's body
+    // is replaced or its row deleted, the old body is first moved into that
+    // history row. Rows written before keep their own copy.
+    r#"
+    CREATE TRIGGER replica_body_to_history BEFORE UPDATE OF body ON replica
+    BEGIN
+        UPDATE versions SET body = OLD.body
+         WHERE kind = OLD.kind AND id = OLD.id AND length(body) = 0;
+    END;
+    CREATE TRIGGER replica_delete_to_history BEFORE DELETE ON replica
+    BEGIN
+        UPDATE versions SET body = OLD.body
+         WHERE kind = OLD.kind AND id = OLD.id AND length(body) = 0;
+    END;
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

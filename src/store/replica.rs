@@ -9,7 +9,9 @@
 //!           it (NULL: written here, pulled, or a resolution)
 //! versions(n, kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body,
 //!          seen_ms, source, outcome)
-//!           every version this node has seen, once per (record, vv, hash)
+//!           every version this node has seen, once per (record, vv, hash); the
+//!           current version's row written by [`Tx::write_version`] holds an empty
+//!           body, which means the replica's (the body is stored once)
 //! ```
 //! and the hybrid logical clock, kept in `meta` (`hlc`) and held in the [`Tx`].
 //!
@@ -21,6 +23,11 @@
 //!   ([`VersionOutcome`]).
 //! - A replica row's `seq` is unique (the change sequence, [`Tx::next_seq`]): a
 //!   record written again moves to the head, so "changed after seq" is a scan.
+//! - A history row with an empty body is the current version of its record: its
+//!   body is the replica row's. Two triggers (migration 12) move the replica's
+//!   body into that row before the replica's body is replaced or its row deleted,
+//!   so no version's body is lost and the bytes are written once for a record
+//!   written once. Readers of `versions.body` go through [`HISTORY_BODY`].
 //! - History is append-only except for [`Tx::rebase_clock`] (re-stamping this node's
 //!   own unpushed versions) and [`Tx::purge_patient`] (records that moved away).
 //! - The clock only moves forward within a transaction: [`Tx::tick`] for a local
@@ -182,8 +189,37 @@ pub(super) const UPSERT_SQL: &str = "INSERT INTO replica(kind, id, seq, hash, or
                    class=excluded.class, patient=excluded.patient, body=excluded.body, updated_ms=excluded.updated_ms,
                    sender=excluded.sender";
 
+/// `versions.body` as a reader sees it, for a query over `versions v`: the row's
+/// own body, or the replica's when the row is the current version (an empty body).
+/// NULL when that replica row is missing, which only a damaged store can hold (a
+/// body is never empty: it is a JSON object), and reads as corruption.
+const HISTORY_BODY: &str = "CASE WHEN length(v.body) > 0 THEN v.body ELSE (SELECT r.body FROM replica r WHERE r.kind = v.kind AND r.id = v.id) END";
+
 pub(super) const INSERT_VERSION_SQL: &str = "INSERT OR IGNORE INTO versions(kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body, seen_ms, source, outcome)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+/// A body read through [`HISTORY_BODY`]: NULL is a history row that means the
+/// replica's body where the replica holds no row for the record.
+fn history_body(key: &RecordKey, body: Option<Vec<u8>>) -> Result<Vec<u8>> {
+    body.ok_or_else(|| {
+        StoreError::bad_value(
+            "versions",
+            "body",
+            key,
+            "x''".into(),
+            "empty (the current version's) but the replica holds no row for the record",
+        )
+    })
+}
+
+/// Where a history row's body is (see the module's invariants).
+#[derive(Clone, Copy)]
+enum Body {
+    /// In the row.
+    Own,
+    /// In the replica row: the version is current.
+    Replica,
+}
 
 impl Store {
     pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
@@ -200,16 +236,16 @@ impl Store {
     /// Every version of `key` this node has seen, oldest first, with the top-level
     /// fields each changed against the one before it.
     pub fn history(&self, key: &RecordKey) -> Result<Vec<HistoryEntry>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT seen_ms, origin, source, outcome, vv, hlc_wall, hlc_ctr, hash, deleted, body FROM versions
-             WHERE kind=?1 AND id=?2 ORDER BY n",
-        )?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT v.seen_ms, v.origin, v.source, v.outcome, v.vv, v.hlc_wall, v.hlc_ctr, v.hash, v.deleted, {HISTORY_BODY}
+             FROM versions v WHERE v.kind=?1 AND v.id=?2 ORDER BY v.n"
+        ))?;
         let mut rows = stmt.query(params![key.kind, key.id])?;
         let mut out = Vec::new();
         let mut prev = serde_json::Value::Null;
         while let Some(r) = rows.next()? {
             let hash: Vec<u8> = r.get(7)?;
-            let body: Vec<u8> = r.get(9)?;
+            let body = history_body(key, r.get(9)?)?;
             let cur: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
                 StoreError::bad_value("versions", "body", key, shown_blob(&body), e)
             })?;
@@ -332,7 +368,7 @@ impl Tx<'_> {
     ) -> Result<u64> {
         let vv = v.vv.to_json();
         let seq = self.put_current(v, &vv, sender, now_ms)?;
-        self.remember_with(v, &vv, source, outcome, now_ms)?;
+        self.remember_with(v, &vv, source, outcome, Body::Replica, now_ms)?;
         let action = if v.deleted { "delete" } else { "write" };
         let detail = format!("origin={} vv={}", v.origin, v.vv);
         self.audit(
@@ -405,19 +441,26 @@ impl Tx<'_> {
         outcome: VersionOutcome,
         now_ms: u64,
     ) -> Result<bool> {
-        self.remember_with(v, &v.vv.to_json(), source, outcome, now_ms)
+        self.remember_with(v, &v.vv.to_json(), source, outcome, Body::Own, now_ms)
     }
 
-    /// [`Tx::remember`] with `v.vv` already as JSON.
+    /// [`Tx::remember`] with `v.vv` already as JSON; `body` says whether the row
+    /// holds the body or means the replica's (only for the version just made
+    /// current).
     fn remember_with(
         &mut self,
         v: &Version,
         vv: &str,
         source: &str,
         outcome: VersionOutcome,
+        body: Body,
         now_ms: u64,
     ) -> Result<bool> {
         let s = &v.snapshot;
+        let stored: &[u8] = match body {
+            Body::Own => &s.body,
+            Body::Replica => &[],
+        };
         let n = self.with_hot(Hot::InsertVersion, |stmt| {
             Ok(stmt.execute(params![
                 s.key.kind,
@@ -428,7 +471,7 @@ impl Tx<'_> {
                 v.hlc.counter as i64,
                 vv,
                 v.deleted,
-                s.body,
+                stored,
                 now_ms as i64,
                 source,
                 outcome.as_str()
@@ -441,16 +484,24 @@ impl Tx<'_> {
     pub fn version_by_vv(&self, key: &RecordKey, vv: &VersionVector) -> Result<Option<Version>> {
         let row = self
             .tx
-            .prepare_cached(
-                "SELECT origin, hlc_wall, hlc_ctr, deleted, body FROM versions WHERE kind=?1 AND id=?2 AND vv=?3 ORDER BY n LIMIT 1",
-            )?
+            .prepare_cached(&format!(
+                "SELECT v.origin, v.hlc_wall, v.hlc_ctr, v.deleted, {HISTORY_BODY} FROM versions v
+                 WHERE v.kind=?1 AND v.id=?2 AND v.vv=?3 ORDER BY v.n LIMIT 1"
+            ))?
             .query_row(params![key.kind, key.id, vv.to_json()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, Vec<u8>>(4)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, bool>(3)?,
+                    r.get::<_, Option<Vec<u8>>>(4)?,
+                ))
             })
             .optional()?;
         let Some((origin, wall, ctr, deleted, body)) = row else {
             return Ok(None);
         };
+        let body = history_body(key, body)?;
         let snapshot = Snapshot::for_key(key, &body)
             .map_err(|e| StoreError::bad_value("versions", "body", key, shown_blob(&body), e))?;
         Ok(Some(Version {
@@ -694,6 +745,144 @@ mod tests {
         assert!(
             err.is_corruption() && err.to_string().contains("versions.hash"),
             "{err}"
+        );
+    }
+
+    /// `key`'s history rows: (outcome, length of the stored body), oldest first.
+    fn stored_history(store: &Store, key: &RecordKey) -> Vec<(String, usize)> {
+        store
+            .conn()
+            .prepare(
+                "SELECT outcome, length(body) FROM versions WHERE kind=?1 AND id=?2 ORDER BY n",
+            )
+            .unwrap()
+            .query_map(params![key.kind, key.id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap()
+    }
+
+    fn edited(v: &Version, node: &str, name: &str, wall_ms: u64) -> Version {
+        let mut next = v.clone();
+        next.snapshot = Snapshot::from_json_value(
+            json!({"resourceType": "Patient", "id": "p1", "name": [{"text": name}]}),
+        )
+        .unwrap();
+        next.vv = v.vv.bumped(node);
+        next.hlc.wall_ms = wall_ms;
+        next
+    }
+
+    #[test]
+    fn a_body_is_stored_once_and_every_version_still_reads_back_whole() {
+        let (_d, mut store, v1) = holding_p1();
+        let key = v1.key().clone();
+        // The current version's history row holds no copy of the body.
+        assert_eq!(stored_history(&store, &key), [("written".into(), 0)]);
+        let v2 = edited(&v1, "a", "Achieng", 2);
+        let v3 = edited(&v2, "a", "Achieng Otieno", 3);
+        // A stale copy (history only) keeps its own body, current or not.
+        let mut stale = edited(&v1, "b", "Old", 2);
+        stale.origin = "b".into();
+        let mut tx = store.begin().unwrap();
+        tx.write_version(&v2, "local", None, VersionOutcome::Written, 2)
+            .unwrap();
+        tx.remember_unkept(&stale, "push:b", Unkept::Stale, 2)
+            .unwrap();
+        tx.write_version(&v3, "local", None, VersionOutcome::Written, 3)
+            .unwrap();
+        tx.commit().unwrap();
+        let rows = stored_history(&store, &key);
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert!(rows[..3].iter().all(|(_, n)| *n > 0), "{rows:?}");
+        assert_eq!(rows[3], ("written".into(), 0), "{rows:?}");
+        let bodies: Vec<Vec<u8>> = store
+            .history(&key)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.body)
+            .collect();
+        assert_eq!(
+            bodies,
+            [&v1, &v2, &stale, &v3].map(|v| v.snapshot.body.clone())
+        );
+        // An ancestor found by its vector, whether it moved into history or is current.
+        let tx = store.begin().unwrap();
+        for v in [&v1, &v3] {
+            let found = tx.version_by_vv(&key, &v.vv).unwrap().unwrap();
+            assert_eq!(found.snapshot.body, v.snapshot.body);
+        }
+    }
+
+    #[test]
+    fn the_same_version_written_again_or_a_record_purged_loses_no_body() {
+        let (_d, mut store, v1) = holding_p1();
+        let key = v1.key().clone();
+        // Written again as it is (an idempotent re-delivery): the row keeps a body,
+        // its own or the replica's, and reads back.
+        let mut tx = store.begin().unwrap();
+        tx.write_version(&v1, "local", None, VersionOutcome::Written, 2)
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(store.history(&key).unwrap()[0].body, v1.snapshot.body);
+        // The replica row deleted alone (what no path does but purge, which deletes
+        // history too): the trigger keeps the body in history first.
+        store
+            .conn()
+            .execute("DELETE FROM replica WHERE kind='Patient' AND id='p1'", [])
+            .unwrap();
+        assert_eq!(store.history(&key).unwrap()[0].body, v1.snapshot.body);
+        // Purged: nothing of the record is left.
+        let v = test_version("a", json!({"resourceType": "Patient", "id": "p2"}));
+        let mut tx = store.begin().unwrap();
+        tx.write_version(&v, "local", None, VersionOutcome::Written, 3)
+            .unwrap();
+        assert_eq!(tx.purge_patient("p2").unwrap(), (1, 0));
+        tx.commit().unwrap();
+        assert!(store.history(v.key()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn history_from_before_the_body_was_stored_once_reads_as_before() {
+        // A store written by the schema before migration 12: every history row
+        // holds its body. Made here by filling the current row's copy in.
+        let (_d, mut store, v1) = holding_p1();
+        let key = v1.key().clone();
+        store
+            .conn()
+            .execute(
+                "UPDATE versions SET body=(SELECT body FROM replica WHERE kind='Patient' AND id='p1')",
+                [],
+            )
+            .unwrap();
+        let v2 = edited(&v1, "a", "Achieng", 2);
+        let mut tx = store.begin().unwrap();
+        tx.write_version(&v2, "local", None, VersionOutcome::Written, 2)
+            .unwrap();
+        tx.commit().unwrap();
+        let bodies: Vec<Vec<u8>> = store
+            .history(&key)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.body)
+            .collect();
+        assert_eq!(bodies, [&v1, &v2].map(|v| v.snapshot.body.clone()));
+    }
+
+    #[test]
+    fn an_empty_history_body_with_no_replica_row_is_corruption_naming_it() {
+        let (_d, store, v) = holding_p1();
+        store
+            .conn()
+            .execute_batch("DROP TRIGGER replica_delete_to_history; DELETE FROM replica;")
+            .unwrap();
+        let err = store.history(v.key()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            err.is_corruption()
+                && text.contains("versions.body of Patient/p1")
+                && text.contains("replica holds no row"),
+            "{text}"
         );
     }
 
