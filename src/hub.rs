@@ -132,6 +132,8 @@ pub struct HubState {
     /// What this hub reads and announces ([`wire::Accept::ours`]; tests force v1 to
     /// play a hub of before v2).
     accept: RwLock<wire::Accept>,
+    /// Each child's last push payloads, the prefixes its chained frames refer to.
+    chains: Mutex<wire::chain::Kept>,
 }
 
 /// The hub's store turned out damaged while it served: it stops (`run` exits 10).
@@ -198,6 +200,7 @@ impl HubState {
             corrupt: Mutex::new(None),
             corrupt_seen: tokio::sync::watch::Sender::new(false),
             accept: RwLock::new(wire::Accept::ours()),
+            chains: Mutex::new(wire::chain::Kept::default()),
         })
     }
 
@@ -1175,6 +1178,8 @@ impl Refusal {
 fn wire_refusal(e: WireError) -> Refusal {
     let status = match e {
         WireError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        // The child sends the frame again unchained (crate::transport::http).
+        WireError::UnknownPrefix(_) => StatusCode::PRECONDITION_FAILED,
         _ => StatusCode::BAD_REQUEST,
     };
     Refusal::new(status, e.to_string())
@@ -1246,7 +1251,11 @@ impl HubState {
         expect: Option<&'static str>,
         encoding: wire::Encoding,
     ) -> Result<Message, Refusal> {
-        let answered = self.answer_checked(child, frame, expect, encoding);
+        self.note_corrupt(self.answer_checked(child, frame, expect, encoding, false))
+    }
+
+    /// Notes a refusal that met a damaged store (the daemon stops for it).
+    fn note_corrupt(&self, answered: Result<Message, Refusal>) -> Result<Message, Refusal> {
         if let Err(Refusal {
             corrupt: Some(what),
             ..
@@ -1261,16 +1270,33 @@ impl HubState {
         answered
     }
 
+    /// [`HubState::answer_for`] of a request that announced `chain`: the payload of
+    /// a push in it is kept as the prefix of the child's next chained frame
+    /// ([`wire::chain`]).
+    pub fn answer_keeping(
+        &self,
+        child: &str,
+        frame: &[u8],
+        expect: Option<&'static str>,
+        encoding: wire::Encoding,
+        keep: bool,
+    ) -> Result<Message, Refusal> {
+        self.note_corrupt(self.answer_checked(child, frame, expect, encoding, keep))
+    }
+
     fn answer_checked(
         &self,
         child: &str,
         frame: &[u8],
         expect: Option<&'static str>,
         encoding: wire::Encoding,
+        keep: bool,
     ) -> Result<Message, Refusal> {
         // A hub set to an older protocol refuses newer frames as that hub would.
         let reads = self.accept().version;
-        let msg = wire::check_header(frame)
+        let chains = || self.chains.lock().unwrap_or_else(|p| p.into_inner());
+        let find = |id: &[u8; 8]| chains().find(child, id, Instant::now());
+        let (msg, payload) = wire::check_header(frame)
             .and_then(|v| {
                 if v > reads {
                     Err(WireError::UnsupportedVersion {
@@ -1278,13 +1304,18 @@ impl HubState {
                         supported: reads,
                     })
                 } else {
-                    wire::decode(frame, &self.limits)
+                    wire::decode_keeping(frame, &self.limits, Some(&find))
                 }
             })
             .map_err(|e| {
                 tracing::warn!(peer = %child, error = %e, "undecodable request");
                 wire_refusal(e)
             })?;
+        if let (true, Some(payload)) = (keep && wire::v2::pushes_records(&msg), payload) {
+            if let Some(prefix) = wire::v2::Prefix::of(payload) {
+                chains().keep(child, prefix, Instant::now());
+            }
+        }
         if let Some(kind) = expect {
             let fits = msg.name() == kind || (kind == "chunk" && msg.name().starts_with("chunk_"));
             if !fits {
@@ -1890,13 +1921,14 @@ async fn answer_request(state: Arc<HubState>, req: Request, expect: &'static str
             .and_then(|v| v.to_str().ok()),
     );
     let encoding = ours.choose(&peer);
+    let keep = ours.chains_with(&peer);
     let announce = ours
         .header_value()
         .and_then(|v| HeaderValue::from_str(&v).ok());
     let mut r = blocking(move || {
         let _entered = span.enter();
         let _held = (slot, budget);
-        match state.answer_for(&child, &body, Some(expect), encoding) {
+        match state.answer_keeping(&child, &body, Some(expect), encoding, keep) {
             Ok(msg) => reply(&msg, encoding),
             Err(r) => text(
                 StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

@@ -21,6 +21,8 @@ use common::*;
 struct Seen {
     up: [AtomicU64; 3],
     down: [AtomicU64; 3],
+    /// Chained v2 frames going up (their dictionary field is `wire::v2::CHAINED`).
+    chained: AtomicU64,
 }
 
 impl Seen {
@@ -29,6 +31,9 @@ impl Seen {
     }
     fn down(&self, v: usize) -> u64 {
         self.down[v].load(Ordering::Relaxed)
+    }
+    fn chained(&self) -> u64 {
+        self.chained.load(Ordering::Relaxed)
     }
 }
 
@@ -58,13 +63,23 @@ fn spy(target: u16) -> (u16, Arc<Seen>) {
                             Ok(n) => n,
                         };
                         tail.extend_from_slice(&buf[..n]);
-                        for w in tail.windows(6) {
+                        // A header is counted once its ten bytes (magic, version,
+                        // dictionary field) are all here, on the read that completed them.
+                        let before = tail.len() - n;
+                        let chained = wire::v2::CHAINED.to_be_bytes();
+                        for (i, w) in tail.windows(10).enumerate() {
+                            if i + 10 <= before {
+                                continue;
+                            }
                             if &w[..4] == wire::MAGIC && w[4] == 0 && (w[5] == 1 || w[5] == 2) {
                                 let c = if up { &s.up } else { &s.down };
                                 c[w[5] as usize].fetch_add(1, Ordering::Relaxed);
+                                if up && w[6..] == chained {
+                                    s.chained.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
-                        let keep = tail.len().min(5);
+                        let keep = tail.len().min(9);
                         tail.drain(..tail.len() - keep);
                         if to.write_all(&buf[..n]).is_err() {
                             break;
@@ -415,6 +430,131 @@ fn a_restarted_clinic_sends_its_first_request_in_the_protocol_its_parent_announc
     sync_both_ways(&mut n, "3");
     assert_eq!(n.seen.up(2), v2_before + 1, "one v2 request, refused");
     assert_eq!(n.clinic.client.encoding(), Encoding::V1);
+}
+
+/// The keys of `records` ("Kind/id").
+fn keys(records: &[serde_json::Value]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// A clinic on a slow link (push level 15, fixed) pushing its backlog in batches of
+/// 300 records (payloads too large for the encoder to weigh the dictionary against
+/// the chain: each batch after the first goes chained), through its own spy.
+fn slow_clinic(dir: &std::path::Path, id: &str, hub: &TestHub) -> (TestClinic, Arc<Seen>) {
+    let (port, seen) = spy(hub.port);
+    let mut c = TestClinic::new(dir, id, &format!("http://127.0.0.1:{port}"), &hub.token(id));
+    c.sync_cfg.push_level = clinicsync::config::PushLevelSetting::Number(15);
+    c.sync_cfg.push_batch_records = 300;
+    (c, seen)
+}
+
+#[test]
+fn a_slow_link_push_chains_its_batches_and_starts_a_new_chain_when_the_hub_forgot() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = hub_policy(&[("clinic-a", "North"), ("clinic-b", "North")]);
+    let children = ["clinic-a", "clinic-b"];
+    let hub = TestHub::start(dir.path(), 0, policy.clone(), &children, 8 << 20);
+    let hub_port = hub.port;
+    let (mut a, seen_a) = slow_clinic(dir.path(), "clinic-a", &hub);
+    // The first round learns the parent's announcement (v2, chain).
+    a.sync().unwrap();
+    assert_eq!(
+        seen_a.chained(),
+        0,
+        "nothing pushed yet, nothing to chain to"
+    );
+    let first = clinicsync::synth::clinic_records(7, "a1", "North", "loc-1", 100, 2, 4);
+    assert!(
+        first.len() > 300,
+        "{} records: several batches",
+        first.len()
+    );
+    a.put(first.clone());
+    let r = a.sync().unwrap();
+    assert_eq!(r.pushed.cleared, first.len());
+    // The first batch has nothing to refer to; each one after it refers to the last.
+    let batches = first.len().div_ceil(300) as u64;
+    assert!(
+        seen_a.chained() >= batches - 1,
+        "{} of {batches} batches went chained",
+        seen_a.chained()
+    );
+    for key in keys(&first) {
+        assert!(get(&hub.store(), &key).is_some(), "{key} reached the hub");
+    }
+
+    // A clinic that does not chain (a build before chains, or one that turned it
+    // off) sends plain frames to the same hub.
+    let (mut b, seen_b) = slow_clinic(dir.path(), "clinic-b", &hub);
+    b.client.set_accept(Accept {
+        chain: false,
+        ..Accept::ours()
+    });
+    b.sync().unwrap();
+    let theirs = clinicsync::synth::clinic_records(8, "b1", "North", "loc-2", 20, 2, 4);
+    b.put(theirs.clone());
+    assert_eq!(b.sync().unwrap().pushed.cleared, theirs.len());
+    assert!(seen_b.up(2) >= 1, "v2 all the same");
+    assert_eq!(
+        seen_b.chained(),
+        0,
+        "no chained frame from a clinic that did not ask"
+    );
+
+    // The hub restarts and holds no payload: the first frame that refers to one is
+    // refused (412) and sent again unchained; the chain starts over from there.
+    hub.stop();
+    let hub = TestHub::start(dir.path(), hub_port, policy.clone(), &children, 8 << 20);
+    let before = seen_a.chained();
+    let second = clinicsync::synth::clinic_records(9, "a2", "North", "loc-1", 100, 2, 4);
+    a.put(second.clone());
+    let r = a.sync().unwrap();
+    assert_eq!(
+        r.pushed.cleared,
+        second.len(),
+        "every record once, none lost"
+    );
+    let batches = second.len().div_ceil(300) as u64;
+    assert!(
+        seen_a.chained() >= before + batches - 1,
+        "the refused frame and a new chain: {} chained after {before}",
+        seen_a.chained()
+    );
+    for key in keys(&second) {
+        assert!(
+            get(&hub.store(), &key).is_some(),
+            "{key} reached the restarted hub"
+        );
+    }
+    assert_eq!(a.store.counts().unwrap().outbox, 0, "nothing left to push");
+
+    // A hub that does not read chains (set to v2 before them) gets none.
+    hub.state.set_accept(Accept {
+        chain: false,
+        ..Accept::ours()
+    });
+    let before = seen_a.chained();
+    a.sync().unwrap();
+    let third = clinicsync::synth::clinic_records(10, "a3", "North", "loc-1", 20, 2, 4);
+    a.put(third.clone());
+    assert_eq!(a.sync().unwrap().pushed.cleared, third.len());
+    assert_eq!(
+        seen_a.chained(),
+        before,
+        "no chained frame to a hub that does not read them"
+    );
+    for key in keys(&third) {
+        assert!(get(&hub.store(), &key).is_some(), "{key} reached the hub");
+    }
 }
 
 // ------------------------------------------------------------------ MQTT

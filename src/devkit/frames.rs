@@ -265,6 +265,26 @@ fn explore(
     Ok((bytes, secs, mem))
 }
 
+/// Bytes of `frames` encoded by the product at `level` with dictionary `dict` and
+/// bodies as columns: each alone ([`wire::v2::encode`]) and chained
+/// ([`wire::v2::encode_chained`], each frame's prefix the payload of the one before).
+fn chained_sizes(frames: &[Message], level: i32, dict: u32) -> Result<(usize, usize), Failure> {
+    let (mut alone, mut chained) = (0, 0);
+    let mut prefix = None;
+    for m in frames {
+        if let Some(f) = wire::v2::encode(m, level, dict, true).map_err(fail)? {
+            alone += f.len();
+        }
+        if let Some((f, next)) =
+            wire::v2::encode_chained(m, level, dict, true, prefix.as_ref()).map_err(fail)?
+        {
+            chained += f.len();
+            prefix = next;
+        }
+    }
+    Ok((alone, chained))
+}
+
 /// Records per push of a clinic's ordinary sync (a few minutes of work).
 const TRICKLE: usize = 10;
 
@@ -308,6 +328,7 @@ pub fn run(a: FramesArgs) -> Result<(), Failure> {
     println!("| data | frames (level) | records | zstd -19 NDJSON | v1 | v2 | v2 + dict | v2 + dict, bodies as columns | bytes/record v1 / v2 / v2+dict / columns | ÷ zstd -19: v1 / v2 / v2+dict / columns | encode ms v1 / v2 / v2+dict / columns |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut explored = Vec::new();
+    let mut chains = Vec::new();
     for set in &sets {
         let z19 = zstd::encode_all(&super::linkbench::ndjson(&set.resources)[..], 19)
             .map_err(fail)?
@@ -408,6 +429,19 @@ pub fn run(a: FramesArgs) -> Result<(), Failure> {
                 v2c.1 * 1e3,
             );
         }
+        for (what, frames) in [("push", &pushes), ("trickle push", &trickle)] {
+            for level in [wire::LEVEL_FAST, wire::level::LEVEL_SLOW_LINK] {
+                let (alone, chained) = chained_sizes(frames, level, dict)?;
+                chains.push((
+                    set.name.clone(),
+                    format!("{} {what}", frames.len()),
+                    level,
+                    alone,
+                    chained,
+                    z19,
+                ));
+            }
+        }
         // Where the bytes go: the bodies alone and the whole v2 payload, both at 19.
         let mut bodies = Vec::new();
         let mut payloads = 0;
@@ -441,6 +475,22 @@ pub fn run(a: FramesArgs) -> Result<(), Failure> {
                 ));
             }
         }
+    }
+    println!();
+    println!("Clinic pushes as the product encodes them (v2, dictionary, columns): each frame alone, and chained (each frame's prefix the payload before it):");
+    println!();
+    println!(
+        "| data | frames | level | alone | ÷ zstd -19 | chained | ÷ zstd -19 | chained ÷ alone |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, frames, level, alone, chained, z19) in chains {
+        let r = |b: usize| b as f64 / z19 as f64;
+        println!(
+            "| {name} | {frames} | {level} | {alone} | {:.2}× | {chained} | {:.2}× | {:.2} |",
+            r(alone),
+            r(chained),
+            chained as f64 / alone as f64
+        );
     }
     println!();
     println!("Clinic pushes, v2 + dictionary, by zstd setting (one context per frame):");

@@ -569,7 +569,12 @@ impl Exchange for Chunked<'_> {
         // The push level is fixed for the round: a frame built again after a cut or
         // a restart is the same frame, and resumes the same transfer.
         let level = wire::level::for_message(msg, self.inner.push_level());
-        let mut frame = wire::encode_as(msg, level, encoding)?;
+        let mut frame = self.inner.encode_request(msg, level, encoding)?;
+        if frame.len() > self.piece() && wire::v2::chained_prefix(&frame).is_some() {
+            // A transfer must be the same frame after a restart of this side, which
+            // forgets the chain: built again unchained.
+            frame = wire::encode_as(msg, level, encoding)?;
+        }
         let mut traffic = Traffic::default();
         let mut renegotiated = 0;
         // The frame just built is sent as it is (not encoded again by the transport).

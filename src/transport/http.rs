@@ -27,6 +27,15 @@
 //! sync round chooses the zstd level of the next round's push frames
 //! ([`crate::wire::level`]); this client encodes frames carrying pushed records at the
 //! level it was given ([`HttpClient::set_push_level`]), everything else at level 3.
+//!
+//! At the slow-link level, to a parent that reads them, push frames are **chained**
+//! ([`crate::wire::v2::encode_chained`]): each refers to the payload of the last push
+//! the parent answered, which both ends keep (the client here, the hub per child),
+//! so the second batch of a push costs about half its bytes. A parent that no
+//! longer holds that payload (restarted, or let it go) answers 412, and the frame is
+//! sent again unchained, starting a new chain. A frame that travels as a resumable
+//! transfer is never chained: it must be the same frame after a restart of the
+//! clinic, which forgets the chain.
 
 use crate::time::http_date_ms;
 use std::io::Read;
@@ -151,6 +160,12 @@ pub struct HttpClient {
     fresh_agent: std::sync::atomic::AtomicBool,
     /// The zstd level of frames carrying pushed records ([`wire::level`]).
     push_level: std::sync::atomic::AtomicI32,
+    /// The payload of the last push the parent answered: the prefix of the next
+    /// chained frame (see the module header).
+    chain: std::sync::Mutex<Option<wire::v2::Prefix>>,
+    /// The chained frame last built (its SHA-256) and its own payload, which becomes
+    /// [`HttpClient::chain`] once the parent answers that very frame.
+    pending: std::sync::Mutex<Option<([u8; 32], Option<wire::v2::Prefix>)>>,
 }
 
 impl HttpClient {
@@ -186,6 +201,63 @@ impl HttpClient {
             rate: std::sync::Mutex::new(LinkRate::default()),
             fresh_agent: std::sync::atomic::AtomicBool::new(true),
             push_level: std::sync::atomic::AtomicI32::new(wire::LEVEL_FAST),
+            chain: std::sync::Mutex::new(None),
+            pending: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether this client wants its push frames chained: at the slow-link level,
+    /// where bytes cost more than the memory and CPU of a chain. Announced with each
+    /// request, so the parent keeps payloads only then.
+    fn wants_chain(&self) -> bool {
+        self.push_level() >= wire::level::LEVEL_SLOW_LINK
+            && self.accept.lock().unwrap_or_else(|p| p.into_inner()).chain
+    }
+
+    /// Whether push frames are chained now: wanted, and the parent reads them.
+    fn chaining(&self) -> bool {
+        self.wants_chain()
+            && self.parent_accept().is_some_and(|parent| {
+                self.accept
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .chains_with(&parent)
+            })
+    }
+
+    /// Encodes a request as this client sends it: `encoding` at `level`, and a push
+    /// chained to the last one answered when [`HttpClient::chaining`].
+    pub fn encode_request(
+        &self,
+        msg: &Message,
+        level: i32,
+        encoding: Encoding,
+    ) -> Result<Vec<u8>, WireError> {
+        let pushes = matches!(msg, Message::PushRequest(_) | Message::SyncRequest(_));
+        if let (true, Encoding::V2 { dict, columns }) = (pushes && self.chaining(), encoding) {
+            let prefix = self.chain.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some((frame, next)) =
+                wire::v2::encode_chained(msg, level, dict, columns, prefix.as_ref())?
+            {
+                *self.pending.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((sha256(&frame), next));
+                return Ok(frame);
+            }
+        }
+        wire::encode_as(msg, level, encoding)
+    }
+
+    /// The parent answered `frame`: if it is the chained frame last built, its
+    /// payload is the next prefix (the parent kept it too).
+    fn answered(&self, frame: &[u8]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending
+            .as_ref()
+            .is_some_and(|(sha, _)| *sha == sha256(frame))
+        {
+            if let Some((_, Some(next))) = pending.take() {
+                *self.chain.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
+            }
         }
     }
 
@@ -297,7 +369,7 @@ impl HttpClient {
     ) -> Result<(Message, Traffic), TransportError> {
         let encoding = self.encoding();
         let level = wire::level::for_message(msg, self.push_level());
-        let body = wire::encode_as(msg, level, encoding)?;
+        let body = self.encode_request(msg, level, encoding)?;
         self.exchange_body(path, msg, &body, encoding)
     }
 
@@ -325,6 +397,22 @@ impl HttpClient {
         encoding: Encoding,
     ) -> Result<(Message, Traffic), TransportError> {
         match self.send_waiting(path, body) {
+            Ok(answer) => {
+                self.answered(body);
+                Ok(answer)
+            }
+            // A chained frame whose prefix the parent no longer holds: a new chain.
+            Err(TransportError::Status { status: 412, .. })
+                if wire::v2::chained_prefix(body).is_some() =>
+            {
+                tracing::info!("parent no longer holds the push this one refers to; sending it again unchained");
+                *self.chain.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                let level = wire::level::for_message(msg, self.push_level());
+                let body = self.encode_request(msg, level, encoding)?;
+                let answer = self.send_waiting(path, &body)?;
+                self.answered(&body);
+                Ok(answer)
+            }
             // A parent that announced v2 and then refuses a v2 frame was replaced by
             // an older build: forget its announcement and say it again in v1.
             Err(TransportError::Status { status: 400, .. }) if encoding != Encoding::V1 => {
@@ -366,11 +454,16 @@ impl HttpClient {
             .post(&url)
             .set("Authorization", &format!("Bearer {}", self.token.expose()))
             .set("Content-Type", wire::CONTENT_TYPE);
-        let announce = self
-            .accept
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .header_value();
+        let wants_chain = self.wants_chain();
+        let announce = {
+            let mut ours = self
+                .accept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            ours.chain = wants_chain;
+            ours.header_value()
+        };
         if let Some(v) = &announce {
             req = req.set(wire::accept::HEADER, v);
         }
@@ -494,4 +587,9 @@ pub fn skew_words(skew_ms: i64) -> String {
         crate::time::words_for_ms(skew_ms.unsigned_abs()),
         if skew_ms >= 0 { "ahead of" } else { "behind" }
     )
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }

@@ -64,6 +64,18 @@ pub trait Exchange: Sync {
         let _ = (frame, encoding);
         self.exchange(path, msg)
     }
+    /// Encodes a request as this transport would send it (a wrapper that builds
+    /// frames itself asks here, then hands the frame to [`Exchange::exchange_frame`]):
+    /// `encoding` at `level`, and over HTTP a push may be chained to the last one
+    /// (see [`http`]'s module header). By default: [`crate::wire::encode_as`].
+    fn encode_request(
+        &self,
+        msg: &Message,
+        level: i32,
+        encoding: Encoding,
+    ) -> Result<Vec<u8>, crate::wire::WireError> {
+        crate::wire::encode_as(msg, level, encoding)
+    }
     /// The zstd level of frames carrying pushed records (push and sync requests);
     /// every other frame goes at [`crate::wire::LEVEL_FAST`]. A wrapper that builds
     /// frames itself (the chunked transfer) encodes at this level too.
@@ -110,6 +122,14 @@ impl Exchange for HttpClient {
         encoding: Encoding,
     ) -> Result<(Message, Traffic), TransportError> {
         HttpClient::exchange_frame(self, path, msg, frame, encoding)
+    }
+    fn encode_request(
+        &self,
+        msg: &Message,
+        level: i32,
+        encoding: Encoding,
+    ) -> Result<Vec<u8>, crate::wire::WireError> {
+        HttpClient::encode_request(self, msg, level, encoding)
     }
     fn push_level(&self) -> i32 {
         HttpClient::push_level(self)

@@ -3,12 +3,16 @@
 //!
 //! Announcement (HTTP header [`HEADER`], both directions):
 //! ```text
-//! X-Clinicsync-Accept: <newest version>[;dict=<id>]*[;columns]
-//!                                                 e.g. "2;dict=1;columns"
+//! X-Clinicsync-Accept: <newest version>[;dict=<id>]*[;columns][;chain]
+//!                                                 e.g. "2;dict=1;columns;chain"
 //! ```
 //! `columns`: the node reads v2 blocks whose bodies are shapes and columns and whose
 //! push results are columns
 //! ([`super::shape`]); nodes before it ignore the parameter and never get such a block.
+//! `chain`: the node reads chained v2 frames ([`super::v2::encode_chained`]), and a
+//! child announcing it asks the hub to keep its push payloads as prefixes. A clinic
+//! announces it only while it pushes at the slow-link level (bytes cost more than
+//! the memory and CPU a chain takes).
 //! A node that announces nothing speaks v1 (every node before v2). Unknown
 //! parameters are ignored and an unreadable value counts as v1, so a later node can
 //! add to the announcement without breaking this one.
@@ -40,6 +44,8 @@ pub struct Accept {
     pub dicts: Vec<u32>,
     /// Reads bodies as shapes and columns.
     pub columns: bool,
+    /// Reads chained frames (and, from a child, asks for its payloads to be kept).
+    pub chain: bool,
 }
 
 impl Accept {
@@ -49,6 +55,7 @@ impl Accept {
             version: PROTOCOL_V2,
             dicts: dict::SHIPPED.iter().map(|(id, _)| *id).collect(),
             columns: true,
+            chain: true,
         }
     }
 
@@ -58,6 +65,7 @@ impl Accept {
             version: PROTOCOL_VERSION,
             dicts: Vec::new(),
             columns: false,
+            chain: false,
         }
     }
 
@@ -67,6 +75,7 @@ impl Accept {
             version: PROTOCOL_V2,
             dicts: Vec::new(),
             columns: true,
+            chain: true,
         }
     }
 
@@ -74,6 +83,7 @@ impl Accept {
     pub fn v2_bodies_as_text() -> Accept {
         Accept {
             columns: false,
+            chain: false,
             ..Accept::ours()
         }
     }
@@ -90,6 +100,9 @@ impl Accept {
         if self.columns {
             s.push_str(";columns");
         }
+        if self.chain {
+            s.push_str(";chain");
+        }
         Some(s)
     }
 
@@ -104,9 +117,13 @@ impl Accept {
         };
         let mut dicts = Vec::new();
         let mut columns = false;
+        let mut chain = false;
         for p in parts {
             if p == "columns" {
                 columns = true;
+            }
+            if p == "chain" {
+                chain = true;
             }
             if let Some(id) = p.strip_prefix("dict=").and_then(|d| d.parse::<u32>().ok()) {
                 if id != 0 && dicts.len() < MAX_DICTS && !dicts.contains(&id) {
@@ -118,7 +135,13 @@ impl Accept {
             version,
             dicts,
             columns,
+            chain,
         }
+    }
+
+    /// Whether frames to `peer` may be chained: both read v2 and chains.
+    pub fn chains_with(&self, peer: &Accept) -> bool {
+        self.chain && peer.chain && self.version.min(peer.version) >= PROTOCOL_V2
     }
 
     /// How to encode for `peer`, given what this node can write (`self`): v2 when
@@ -168,8 +191,26 @@ mod tests {
                 version: 3,
                 dicts: vec![7],
                 columns: false,
+                chain: false,
             }
         );
+    }
+
+    #[test]
+    fn frames_are_chained_only_between_two_v2_nodes_that_both_announce_it() {
+        let ours = Accept::ours();
+        assert!(ours.header_value().unwrap().ends_with(";chain"));
+        assert!(ours.chains_with(&Accept::parse(Some("2;dict=1;columns;chain"))));
+        // A v2 node of before chains, a v1 node, and a later version: by the flag alone.
+        assert!(!ours.chains_with(&Accept::parse(Some("2;dict=1;columns"))));
+        assert!(!ours.chains_with(&Accept::v1()));
+        assert!(!ours.chains_with(&Accept::v2_bodies_as_text()));
+        assert!(ours.chains_with(&Accept::parse(Some("3;chain"))));
+        let without = Accept {
+            chain: false,
+            ..Accept::ours()
+        };
+        assert!(!without.chains_with(&ours));
     }
 
     #[test]
@@ -205,6 +246,7 @@ mod tests {
             version: 3,
             dicts: vec![newest, 999],
             columns: true,
+            chain: true,
         };
         assert_eq!(
             ours.choose(&later),

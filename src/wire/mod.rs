@@ -92,6 +92,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector};
 
 pub mod accept;
+pub mod chain;
 pub mod dict;
 pub mod health;
 pub mod level;
@@ -142,6 +143,10 @@ pub enum WireError {
     /// peer that ignored what this node announced).
     #[error("message uses zstd dictionary {0}, which this node does not have (it has {known}); the sender must use a dictionary this node announced", known = dict::known())]
     UnknownDictionary(u32),
+    /// A chained v2 frame whose prefix (an earlier request's payload) this node does
+    /// not hold: the hub restarted or let it go. The sender sends it again unchained.
+    #[error("message refers to an earlier message ({0}) this node no longer holds; send it again without the reference")]
+    UnknownPrefix(String),
     /// A v2 record block that does not hold together; names what and which record.
     #[error("message has a broken record block: {0}")]
     Block(String),
@@ -160,6 +165,7 @@ impl crate::error::Classify for WireError {
             | WireError::TooManyRecords { .. }
             | WireError::Encode(_)
             | WireError::UnknownDictionary(_)
+            | WireError::UnknownPrefix(_)
             | WireError::Block(_) => crate::error::ErrorClass::Permanent,
         }
     }
@@ -647,6 +653,17 @@ pub fn check_header(bytes: &[u8]) -> Result<u16, WireError> {
 
 /// Decodes a frame within `limits`.
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
+    decode_keeping(bytes, limits, None).map(|(m, _)| m)
+}
+
+/// [`decode`] that reads chained v2 frames against `prefixes` and returns a v2
+/// frame's payload (`None` for v1), which the receiver may keep as the sender's next
+/// prefix ([`v2::encode_chained`]).
+pub fn decode_keeping(
+    bytes: &[u8],
+    limits: &Limits,
+    prefixes: Option<v2::Prefixes<'_>>,
+) -> Result<(Message, Option<Vec<u8>>), WireError> {
     if bytes.len() > limits.max_compressed {
         return Err(WireError::TooLarge {
             what: "compressed message",
@@ -654,9 +671,12 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
             limit: limits.max_compressed,
         });
     }
-    let msg = match check_header(bytes)? {
-        PROTOCOL_V2 => v2::decode(bytes, limits)?,
-        _ => decode_v1(bytes, limits)?,
+    let (msg, payload) = match check_header(bytes)? {
+        PROTOCOL_V2 => {
+            let (m, p) = v2::decode_keeping(bytes, limits, prefixes)?;
+            (m, Some(p))
+        }
+        _ => (decode_v1(bytes, limits)?, None),
     };
     let count = msg.record_count();
     if count > limits.max_records {
@@ -665,7 +685,7 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
             limit: limits.max_records,
         });
     }
-    Ok(msg)
+    Ok((msg, payload))
 }
 
 fn decode_v1(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
