@@ -45,8 +45,9 @@ pub enum BenchCmd {
         /// with it too, alternating (this build first), and both are reported.
         #[arg(long)]
         against: Option<PathBuf>,
-        /// `sync.push_level` of this build's clinic (1-19; default: "auto", which on
-        /// loopback is level 3): the clinic's memory at a slow link's level.
+        /// `sync.push_level` of the clinic (1-19; default: "auto", which on loopback
+        /// is level 3): the clinic's memory at a slow link's level. With `--against`,
+        /// that build's clinic gets it too (it must know `sync.push_level`).
         #[arg(long)]
         push_level: Option<u8>,
     },
@@ -203,10 +204,9 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
     let mut results: Vec<Vec<Run>> = builds.iter().map(|_| Vec::new()).collect();
     for i in 0..runs.max(1) {
         for (b, (name, exe)) in builds.iter().enumerate() {
-            // Only this build knows `sync.push_level`.
             let sync = match push_level {
-                Some(l) if b == 0 => format!("interval_secs = 3600\npush_level = {l}"),
-                _ => "interval_secs = 3600".to_string(),
+                Some(l) => format!("interval_secs = 3600\npush_level = {l}"),
+                None => "interval_secs = 3600".to_string(),
             };
             let r = one_run(
                 exe,

@@ -895,7 +895,11 @@ pub fn encode_chained(
     // text (which the dictionary was trained on), and compressed with the dictionary
     // alone as well as against the prefix: a handful of records may gain more from
     // the dictionary (measured: our own trickle pushes are 1-5 % smaller so). The
-    // smallest frame is sent and its payload, whichever form, is the next prefix.
+    // smallest frame is sent and its payload, whichever form, is the next prefix (the
+    // hub keeps a payload however it came). A large payload goes chained only:
+    // trying the dictionary too raised a clinic's peak RSS by 1.1 MiB (past its
+    // 30 MiB) to save 1.8 % on data like the dictionary's own training (our
+    // generator's), while held-out batches are 19 % smaller chained (BENCHMARKS.md).
     let small = payload.len() <= COLUMNS_TRY_BOTH;
     let mut forms = vec![payload];
     if body_columns && small {
@@ -944,9 +948,22 @@ fn compress_chained(payload: &[u8], level: i32, prefix: &Prefix) -> Result<Vec<u
     // The window must reach back over the prefix for its matches to count.
     enc.window_log(chain_window_log(prefix.payload.len() + payload.len()))
         .map_err(e)?;
+    // zstd sizes its match tables to prefix and payload together: 32.5 MiB at level
+    // 15 for two 1 MiB batches, which doubled a clinic's peak RSS. Capped, the context
+    // is 2.5 MiB and the held-out second batch 0.9 % larger (15,177 → 15,316 bytes);
+    // at 2^16 the tables no longer reach over the prefix and the frame doubles.
+    use zstd::zstd_safe::CParameter;
+    enc.set_parameter(CParameter::HashLog(CHAIN_TABLE_LOG))
+        .map_err(e)?;
+    enc.set_parameter(CParameter::ChainLog(CHAIN_TABLE_LOG))
+        .map_err(e)?;
     enc.write_all(payload).map_err(e)?;
     enc.finish().map_err(e)
 }
+
+/// The hash and chain table logs of a chained frame's encoder (see
+/// [`compress_chained`]).
+const CHAIN_TABLE_LOG: u32 = 18;
 
 /// The window of a chained frame: the prefix and the payload, within what decoders
 /// accept (and no smaller than a frame's usual window).
