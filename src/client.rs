@@ -361,7 +361,7 @@ fn push_level(store: &Store, client: &dyn Exchange, cfg: &SyncSection) -> Result
         }
     };
     if level != previous {
-        info!(level, previous, upload_bps = ?client.link_rate().and_then(|r| r.up_bps()), "push frames change zstd level");
+        info!(peer = PARENT, level, previous, upload_bps = ?client.link_rate().and_then(|r| r.up_bps()), "push frames change zstd level");
     }
     client.set_push_level(level);
     Ok(level)

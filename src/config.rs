@@ -356,6 +356,11 @@ pub struct SyncSection {
     pub push_level: PushLevelSetting,
 }
 
+/// The largest `sync.chunk_bytes`: a hub's default `hub.max_message_bytes` (an upload
+/// piece is one request). Answers come in pieces of at most
+/// [`crate::wire::MAX_ANSWER_PIECE`] whatever it is.
+pub const MAX_CHUNK_BYTES: usize = 16 << 20;
+
 /// `sync.push_level` as written: `"auto"`, a number, or anything else (kept as written
 /// so validation names it).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -891,6 +896,12 @@ impl Config {
         }
         if let Some(problem) = s.push_level.problem() {
             p.push(problem);
+        }
+        if s.chunk_bytes > MAX_CHUNK_BYTES {
+            p.push(format!(
+                "sync.chunk_bytes {} must be at most {MAX_CHUNK_BYTES} (a parent takes no larger request; 0 sends frames whole)",
+                s.chunk_bytes
+            ));
         }
         if s.backoff_max_secs < s.backoff_min_secs {
             p.push("sync.backoff_max_secs must not be below sync.backoff_min_secs".into());
@@ -1471,6 +1482,26 @@ mod tests {
         assert!(!p
             .iter()
             .any(|p| p.contains("missing") || p.contains("needs a [parent]")));
+    }
+
+    #[test]
+    fn a_chunk_size_no_parent_takes_is_named() {
+        let cfg = |chunk: &str| {
+            format!("[node]\nid = \"c\"\nstore = \"c.db\"\n[parent]\nurl = \"http://hub\"\ntoken_file = \"t\"\n[sync]\nchunk_bytes = {chunk}\n")
+        };
+        let p = problems_of(&cfg("99999999999"));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].starts_with("sync.chunk_bytes 99999999999 must be at most 16777216"),
+            "{}",
+            p[0]
+        );
+        for fine in ["0", "65536", "262144", "16777216"] {
+            assert!(
+                Config::parse(&cfg(fine), Path::new("c.toml")).is_ok(),
+                "{fine}"
+            );
+        }
     }
 
     #[test]

@@ -85,7 +85,7 @@ use crate::time::wall_ms;
 use crate::wire::{self, Limits, Message, WireError};
 
 /// Chunk size of answers, and the largest chunk fetch served.
-const MAX_CHUNK: u64 = 64 << 10;
+const MAX_CHUNK: u64 = wire::MAX_ANSWER_PIECE;
 /// Transfers a child may hold open per direction; starting one more forgets its
 /// oldest (a real client has one in flight; one killed mid-way may leave another).
 pub const MAX_OPEN_TRANSFERS: usize = 4;
@@ -1308,7 +1308,12 @@ impl HubState {
                 }
             })
             .map_err(|e| {
-                tracing::warn!(peer = %child, error = %e, "undecodable request");
+                if let WireError::UnknownPrefix(_) = e {
+                    // Routine after a restart: the child sends it again unchained.
+                    tracing::info!(peer = %child, error = %e, "chained request refers to a push this hub does not hold; asked again unchained");
+                } else {
+                    tracing::warn!(peer = %child, error = %e, "undecodable request");
+                }
                 wire_refusal(e)
             })?;
         if let (true, Some(payload)) = (keep && wire::v2::pushes_records(&msg), payload) {

@@ -557,6 +557,59 @@ fn a_slow_link_push_chains_its_batches_and_starts_a_new_chain_when_the_hub_forgo
     }
 }
 
+#[test]
+fn pieces_larger_than_the_parent_serves_still_fetch_a_large_answer_whole() {
+    // `sync.chunk_bytes` of 256 KiB (a good link's technician): uploads take pieces
+    // that large, but a parent serves at most 64 KiB of an answer per piece, and a
+    // fetch that assumed its own size placed the next piece past a short one (409,
+    // "answer chunk out of place").
+    let n = net();
+    let dir = tempfile::tempdir().unwrap();
+    let mut clinic = TestClinic::new(dir.path(), "clinic-a", &n.url, &n.hub.token("clinic-a"));
+    clinic.sync_cfg.chunk_bytes = 256 << 10;
+    // Patients with names that do not compress (a page well over 64 KiB on the wire).
+    let theirs: Vec<serde_json::Value> = (0..5000u64)
+        .map(|i| {
+            let mut p = patient(&format!("h-{i}"), "North");
+            let noise: String = (1..=4u64)
+                .map(|k| {
+                    format!(
+                        "{:016x}",
+                        (i * 4 + k)
+                            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                            .rotate_left(17)
+                            ^ (i << 32)
+                    )
+                })
+                .collect();
+            p["name"] = serde_json::json!([{ "family": noise }]);
+            p
+        })
+        .collect();
+    n.hub.put(theirs.clone());
+    let mine = clinicsync::synth::clinic_records(12, "c", "North", "loc-1", 300, 2, 4);
+    clinic.put(mine.clone());
+    let before = n.seen.up(1) + n.seen.up(2);
+    let r = clinic.sync().unwrap();
+    assert!(
+        r.bytes_received > 128 << 10,
+        "{} bytes came down",
+        r.bytes_received
+    );
+    assert!(
+        n.seen.up(1) + n.seen.up(2) - before > 4,
+        "the answer came in several pieces (frames up: {})",
+        n.seen.up(1) + n.seen.up(2) - before
+    );
+    for key in keys(&theirs) {
+        assert!(clinic.get(&key).is_some(), "{key} reached the clinic");
+    }
+    let hub = n.hub.store();
+    for key in keys(&mine) {
+        assert!(get(&hub, &key).is_some(), "{key} reached the hub");
+    }
+}
+
 // ------------------------------------------------------------------ MQTT
 
 mod over_mqtt {

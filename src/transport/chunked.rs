@@ -309,10 +309,13 @@ impl<'a> Chunked<'a> {
                 ),
             });
         }
+        // Never more than a parent serves in one piece: a larger `sync.chunk_bytes`
+        // (uploads take it) would place the next piece past the one that came short.
+        let whole = (self.piece() as u64).min(wire::MAX_ANSWER_PIECE);
         let (window, piece) = if self.inner.parallel() {
-            (2, (self.piece() as u64 / 2).max(1024))
+            (2, (whole / 2).max(1024))
         } else {
-            (1, self.piece() as u64)
+            (1, whole)
         };
         let inner = self.inner;
         std::thread::scope(|scope| {

@@ -405,7 +405,7 @@ impl HttpClient {
             Err(TransportError::Status { status: 412, .. })
                 if wire::v2::chained_prefix(body).is_some() =>
             {
-                tracing::info!("parent no longer holds the push this one refers to; sending it again unchained");
+                tracing::info!(peer = "parent", direction = "push", "parent no longer holds the push this one refers to; sending it again unchained");
                 *self.chain.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let level = wire::level::for_message(msg, self.push_level());
                 let body = self.encode_request(msg, level, encoding)?;

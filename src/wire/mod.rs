@@ -116,6 +116,10 @@ const MAX_DEPTH: usize = 16;
 /// Largest zstd window accepted (2^24 = 16 MiB), whatever the frame header asks for.
 const MAX_WINDOW_LOG: u32 = 24;
 pub const CONTENT_TYPE: &str = "application/vnd.clinicsync.v1+cbor+zstd";
+/// The most a parent sends of an answer in one piece (the first piece inline, each
+/// `ChunkGet`), whatever a child asks: every hub so far. A child fetching larger
+/// pieces would place the next one at the wrong offset.
+pub const MAX_ANSWER_PIECE: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -145,7 +149,7 @@ pub enum WireError {
     UnknownDictionary(u32),
     /// A chained v2 frame whose prefix (an earlier request's payload) this node does
     /// not hold: the hub restarted or let it go. The sender sends it again unchained.
-    #[error("message refers to an earlier message ({0}) this node no longer holds; send it again without the reference")]
+    #[error("message refers to an earlier message ({0}) this node does not hold (any more); send it again without the reference")]
     UnknownPrefix(String),
     /// A v2 record block that does not hold together; names what and which record.
     #[error("message has a broken record block: {0}")]
