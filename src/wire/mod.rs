@@ -85,8 +85,6 @@
 //! ([`WireError::UnknownDictionary`]: never decoded without it), a record block that
 //! does not hold together ([`WireError::Block`], naming the column and the record).
 
-use std::io::Read;
-
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector};
@@ -693,24 +691,9 @@ pub fn decode_keeping(
 }
 
 fn decode_v1(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
-    let mut decoder = zstd::stream::read::Decoder::new(&bytes[HEADER_LEN..])
+    let decoder = zstd::stream::read::Decoder::new(&bytes[HEADER_LEN..])
         .map_err(|e| WireError::Decompress(e.to_string()))?;
-    decoder
-        .window_log_max(MAX_WINDOW_LOG)
-        .map_err(|e| WireError::Decompress(e.to_string()))?;
-    let decoder = decoder.single_frame();
-    let mut cbor = Vec::new();
-    decoder
-        .take(limits.max_decompressed as u64 + 1)
-        .read_to_end(&mut cbor)
-        .map_err(|e| WireError::Decompress(e.to_string()))?;
-    if cbor.len() > limits.max_decompressed {
-        return Err(WireError::TooLarge {
-            what: "decompressed message",
-            size: cbor.len(),
-            limit: limits.max_decompressed,
-        });
-    }
+    let cbor = v2::inflate(decoder, limits)?;
     ciborium::de::from_reader_with_recursion_limit(cbor.as_slice(), MAX_DEPTH)
         .map_err(|e| WireError::Decode(e.to_string()))
 }
@@ -737,6 +720,36 @@ mod tests {
         let bytes = encode(&sample()).unwrap();
         assert_eq!(&bytes[..4], MAGIC);
         assert_eq!(decode(&bytes, &Limits::default()).unwrap(), sample());
+    }
+
+    #[test]
+    fn bytes_after_the_compressed_message_are_refused_in_each_version() {
+        let encodings = [
+            Encoding::V1,
+            Encoding::V2 {
+                dict: 0,
+                columns: true,
+            },
+            Encoding::V2 {
+                dict: dict::newest(),
+                columns: true,
+            },
+        ];
+        for encoding in encodings {
+            let frame = encode_as(&sample(), LEVEL_FAST, encoding).unwrap();
+            assert_eq!(decode(&frame, &Limits::default()).unwrap(), sample());
+            let second = zstd::encode_all(&b"more"[..], 3).unwrap();
+            for tail in [&b"JUNKJUNK"[..], &second[..], &[0u8][..]] {
+                let mut bytes = frame.clone();
+                bytes.extend_from_slice(tail);
+                let err = decode(&bytes, &Limits::default()).unwrap_err();
+                assert!(
+                    err.to_string()
+                        .contains("after the end of the compressed message"),
+                    "{encoding:?}: {err}"
+                );
+            }
+        }
     }
 
     #[test]

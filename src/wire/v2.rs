@@ -1045,23 +1045,29 @@ pub fn decode_keeping(
     Ok((msg, payload))
 }
 
-fn inflate<R: std::io::BufRead>(
+pub(super) fn inflate<R: std::io::BufRead>(
     mut d: zstd::stream::read::Decoder<'_, R>,
     limits: &Limits,
 ) -> Result<Vec<u8>, WireError> {
-    d.window_log_max(MAX_WINDOW_LOG)
-        .map_err(|e| WireError::Decompress(e.to_string()))?;
-    let d = d.single_frame();
+    let e = |e: std::io::Error| WireError::Decompress(e.to_string());
+    d.window_log_max(MAX_WINDOW_LOG).map_err(e)?;
+    let mut d = d.single_frame().take(limits.max_decompressed as u64 + 1);
     let mut out = Vec::new();
-    d.take(limits.max_decompressed as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| WireError::Decompress(e.to_string()))?;
+    d.read_to_end(&mut out).map_err(e)?;
     if out.len() > limits.max_decompressed {
         return Err(WireError::TooLarge {
             what: "decompressed message",
             size: out.len(),
             limit: limits.max_decompressed,
         });
+    }
+    // A message is one zstd frame: anything after it is not ours to ignore.
+    let mut rest = d.into_inner().finish();
+    let after = std::io::BufRead::fill_buf(&mut rest).map_err(e)?.len();
+    if after > 0 {
+        return Err(WireError::Decompress(format!(
+            "{after}+ byte(s) after the end of the compressed message"
+        )));
     }
     Ok(out)
 }
