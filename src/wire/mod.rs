@@ -85,6 +85,8 @@
 //! ([`WireError::UnknownDictionary`]: never decoded without it), a record block that
 //! does not hold together ([`WireError::Block`], naming the column and the record).
 
+use std::io::Read;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Hlc, ModelError, RecordKey, Snapshot, Version, VersionVector};
@@ -693,9 +695,38 @@ pub fn decode_keeping(
 fn decode_v1(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
     let decoder = zstd::stream::read::Decoder::new(&bytes[HEADER_LEN..])
         .map_err(|e| WireError::Decompress(e.to_string()))?;
-    let cbor = v2::inflate(decoder, limits)?;
+    let cbor = inflate(decoder, limits)?;
     ciborium::de::from_reader_with_recursion_limit(cbor.as_slice(), MAX_DEPTH)
         .map_err(|e| WireError::Decode(e.to_string()))
+}
+
+/// One zstd frame decompressed within `limits` (window and size), and nothing after
+/// it: the body of every v1 and v2 frame, chained or not.
+fn inflate<R: std::io::BufRead>(
+    mut d: zstd::stream::read::Decoder<'_, R>,
+    limits: &Limits,
+) -> Result<Vec<u8>, WireError> {
+    let e = |e: std::io::Error| WireError::Decompress(e.to_string());
+    d.window_log_max(MAX_WINDOW_LOG).map_err(e)?;
+    let mut d = d.single_frame().take(limits.max_decompressed as u64 + 1);
+    let mut out = Vec::new();
+    d.read_to_end(&mut out).map_err(e)?;
+    if out.len() > limits.max_decompressed {
+        return Err(WireError::TooLarge {
+            what: "decompressed message",
+            size: out.len(),
+            limit: limits.max_decompressed,
+        });
+    }
+    // A message is one zstd frame: anything after it is not ours to ignore.
+    let mut rest = d.into_inner().finish();
+    let after = std::io::BufRead::fill_buf(&mut rest).map_err(e)?.len();
+    if after > 0 {
+        return Err(WireError::Decompress(format!(
+            "{after}+ byte(s) after the end of the compressed message"
+        )));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! a message holds records in a fixed order. A new message that carries records
 //! adds its places there and nowhere else.
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 use crate::model::{Hlc, VersionVector};
 
@@ -1017,7 +1017,7 @@ pub fn decode_keeping(
         0 => {
             let d = zstd::stream::read::Decoder::new(src)
                 .map_err(|e| WireError::Decompress(e.to_string()))?;
-            inflate(d, limits)?
+            super::inflate(d, limits)?
         }
         CHAINED => {
             let id = chained_prefix(bytes).ok_or(WireError::TooShort(bytes.len()))?;
@@ -1029,7 +1029,7 @@ pub fn decode_keeping(
                 &prefix,
             )
             .map_err(|e| WireError::Decompress(e.to_string()))?;
-            inflate(d, limits)?
+            super::inflate(d, limits)?
         }
         id => {
             let dict_bytes = dict::bytes(id).ok_or(WireError::UnknownDictionary(id))?;
@@ -1038,38 +1038,11 @@ pub fn decode_keeping(
                 dict_bytes,
             )
             .map_err(|e| WireError::Decompress(e.to_string()))?;
-            inflate(d, limits)?
+            super::inflate(d, limits)?
         }
     };
     let msg = from_payload(&payload, limits)?;
     Ok((msg, payload))
-}
-
-pub(super) fn inflate<R: std::io::BufRead>(
-    mut d: zstd::stream::read::Decoder<'_, R>,
-    limits: &Limits,
-) -> Result<Vec<u8>, WireError> {
-    let e = |e: std::io::Error| WireError::Decompress(e.to_string());
-    d.window_log_max(MAX_WINDOW_LOG).map_err(e)?;
-    let mut d = d.single_frame().take(limits.max_decompressed as u64 + 1);
-    let mut out = Vec::new();
-    d.read_to_end(&mut out).map_err(e)?;
-    if out.len() > limits.max_decompressed {
-        return Err(WireError::TooLarge {
-            what: "decompressed message",
-            size: out.len(),
-            limit: limits.max_decompressed,
-        });
-    }
-    // A message is one zstd frame: anything after it is not ours to ignore.
-    let mut rest = d.into_inner().finish();
-    let after = std::io::BufRead::fill_buf(&mut rest).map_err(e)?.len();
-    if after > 0 {
-        return Err(WireError::Decompress(format!(
-            "{after}+ byte(s) after the end of the compressed message"
-        )));
-    }
-    Ok(out)
 }
 
 /// One record's id as the block gives it: inside its body, or spelled out.
