@@ -558,6 +558,72 @@ fn a_slow_link_push_chains_its_batches_and_starts_a_new_chain_when_the_hub_forgo
 }
 
 #[test]
+fn a_chained_push_whose_answers_are_cut_delivers_each_record_once() {
+    // Answers lost mid-way: the hub kept a batch's payload, the clinic never heard it
+    // was answered and refers to the batch before (the hub keeps two), or sends the
+    // same frame again; a cut transfer resumes unchained. Every record once.
+    use clinicsync::devkit::cluster::{FaultProxy, Faults};
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(
+        dir.path(),
+        0,
+        hub_policy(&[("clinic-a", "North")]),
+        &["clinic-a"],
+        8 << 20,
+    );
+    let proxy = FaultProxy::start(
+        hub.port,
+        Faults {
+            cut_every: Some((2 << 10, 12 << 10)),
+            ..Faults::default()
+        },
+    )
+    .unwrap();
+    // The spy sees the frames before the cuts do.
+    let (port, seen) = spy(proxy.port);
+    let mut a = TestClinic::new(
+        dir.path(),
+        "clinic-a",
+        &format!("http://127.0.0.1:{port}"),
+        &hub.token("clinic-a"),
+    );
+    a.sync_cfg.push_level = clinicsync::config::PushLevelSetting::Number(15);
+    a.sync_cfg.push_batch_records = 300;
+    a.sync_cfg.timeout_secs = 10;
+    let mine = clinicsync::synth::clinic_records(13, "a", "North", "loc-1", 400, 2, 4);
+    a.put(mine.clone());
+    for _ in 0..60 {
+        let _ = a.sync();
+        if a.store.counts().unwrap().outbox == 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        a.store.counts().unwrap().outbox,
+        0,
+        "the push never finished"
+    );
+    assert!(
+        proxy.cuts() > 3,
+        "only {} cuts: the test proves nothing",
+        proxy.cuts()
+    );
+    let h = hub.store();
+    for key in keys(&mine) {
+        assert!(get(&h, &key).is_some(), "{key} reached the hub");
+    }
+    let versions: i64 = h
+        .conn()
+        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        versions as usize,
+        mine.len(),
+        "a record stored twice at the hub"
+    );
+}
+
+#[test]
 fn pieces_larger_than_the_parent_serves_still_fetch_a_large_answer_whole() {
     // `sync.chunk_bytes` of 256 KiB (a good link's technician): uploads take pieces
     // that large, but a parent serves at most 64 KiB of an answer per piece, and a
