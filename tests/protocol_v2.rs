@@ -608,6 +608,7 @@ fn a_chained_push_whose_answers_are_cut_delivers_each_record_once() {
         "only {} cuts: the test proves nothing",
         proxy.cuts()
     );
+    assert!(seen.chained() > 3, "{} chained frames", seen.chained());
     let h = hub.store();
     for key in keys(&mine) {
         assert!(get(&h, &key).is_some(), "{key} reached the hub");
