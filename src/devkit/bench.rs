@@ -61,6 +61,11 @@ pub enum BenchCmd {
         /// Records per push frame (the clinic's default `sync.push_batch_records`).
         #[arg(long, default_value_t = 2_000)]
         batch: usize,
+        /// Records the hub already holds before each timed run (pushed by a second
+        /// clinic, untimed): the rate of a hub that has been serving for a while,
+        /// whose indexes no longer fit the pages one push touches.
+        #[arg(long, default_value_t = 0)]
+        hub_holds: usize,
     },
     /// MQTT against HTTP: wake-up latency of a connected clinic, and bytes on the
     /// wire for a day's clinic work, measured by a counting proxy.
@@ -176,7 +181,8 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
             records,
             runs,
             batch,
-        } => return apply(records, runs, batch),
+            hub_holds,
+        } => return apply(records, runs, batch, hub_holds),
         BenchCmd::Usb { records, runs, dir } => return usb(records, runs, dir),
         BenchCmd::Link(args) => return super::linkbench::run(args),
         BenchCmd::Frames(args) => return super::frames::run(args),
@@ -746,15 +752,16 @@ fn one_run(
 }
 
 /// `bench apply`: the frames of a clinic's backlog, answered by an in-process hub.
-fn apply(records: usize, runs: usize, batch: usize) -> Result<(), Failure> {
-    let tmp = tempfile::Builder::new()
-        .prefix("clinicsync-bench-")
-        .tempdir()
-        .map_err(fail)?;
-    // The frames a clinic sends for its backlog, built once (not timed): what
-    // `clinicsync sync` puts on the wire, at its default batch byte budget.
-    let clinic_store = tmp.path().join("clinic.db");
-    fill(&clinic_store, "clinic-a", records)?;
+/// The push frames `node` sends for a backlog of `records` (built once, not timed):
+/// what `clinicsync sync` puts on the wire, at its default batch byte budget.
+fn push_frames(
+    dir: &std::path::Path,
+    node: &str,
+    records: usize,
+    batch: usize,
+) -> Result<Vec<Vec<u8>>, Failure> {
+    let clinic_store = dir.join(format!("{node}.db"));
+    fill(&clinic_store, node, records)?;
     let frames = {
         let store = Store::open_existing(&clinic_store).map_err(fail)?;
         let budget = crate::config::SyncSection::default().push_batch_bytes;
@@ -769,7 +776,37 @@ fn apply(records: usize, runs: usize, batch: usize) -> Result<(), Failure> {
         }
         frames
     };
-    let _ = std::fs::remove_file(&clinic_store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", clinic_store.display()));
+    }
+    Ok(frames)
+}
+
+/// Pushes `frames` of `child` into `hub`; returns how many records it accepted.
+fn push_all(hub: &crate::hub::HubState, child: &str, frames: &[Vec<u8>]) -> Result<usize, Failure> {
+    let mut accepted = 0usize;
+    for frame in frames {
+        let answer = hub
+            .answer(child, frame, Some("push_request"))
+            .map_err(|r| fail(format!("push refused: {} {}", r.status, r.reason)))?;
+        let crate::wire::Message::PushResponse(resp) = answer else {
+            return Err(fail(format!("a push was answered by a {}", answer.name())));
+        };
+        accepted += resp
+            .results
+            .iter()
+            .filter(|r| r.outcome == crate::wire::Outcome::Accepted)
+            .count();
+    }
+    Ok(accepted)
+}
+
+fn apply(records: usize, runs: usize, batch: usize, hub_holds: usize) -> Result<(), Failure> {
+    let tmp = tempfile::Builder::new()
+        .prefix("clinicsync-bench-")
+        .tempdir()
+        .map_err(fail)?;
+    let frames = push_frames(tmp.path(), "clinic-a", records, batch)?;
     let mut policy = engine::Policy::new("hub", false);
     policy.serves_children = true;
     policy.catchment = vec![engine::CatchmentRule {
@@ -777,31 +814,38 @@ fn apply(records: usize, runs: usize, batch: usize) -> Result<(), Failure> {
         path: "address.district".into(),
         equals: "Kakamega".into(),
     }];
+    let children = vec![("clinic-a".into(), [0; 32]), ("clinic-b".into(), [0; 32])];
+    // A hub that already holds `hub_holds` records: filled once, copied for each run.
+    let template = tmp.path().join("hub-template.db");
+    if hub_holds > 0 {
+        let earlier = push_frames(tmp.path(), "clinic-b", hub_holds, batch)?;
+        let hub = crate::hub::HubState::new(&template, policy.clone(), children.clone(), 32 << 20)
+            .map_err(fail)?;
+        let held = push_all(&hub, "clinic-b", &earlier)?;
+        drop(hub);
+        if held != hub_holds {
+            return Err(fail(format!(
+                "the hub took {held} of {hub_holds} earlier records"
+            )));
+        }
+    }
     let (mut rates, mut cpus) = (Vec::new(), Vec::new());
     for run in 0..runs.max(1) {
         let path = tmp.path().join(format!("hub{run}.db"));
-        let hub = crate::hub::HubState::new(
-            &path,
-            policy.clone(),
-            vec![("clinic-a".into(), [0; 32])],
-            32 << 20,
-        )
-        .map_err(fail)?;
-        let (started, cpu) = (Instant::now(), own_cpu_secs());
-        let mut accepted = 0usize;
-        for frame in &frames {
-            let answer = hub
-                .answer("clinic-a", frame, Some("push_request"))
-                .map_err(|r| fail(format!("push refused: {} {}", r.status, r.reason)))?;
-            let crate::wire::Message::PushResponse(resp) = answer else {
-                return Err(fail(format!("a push was answered by a {}", answer.name())));
-            };
-            accepted += resp
-                .results
-                .iter()
-                .filter(|r| r.outcome == crate::wire::Outcome::Accepted)
-                .count();
+        if hub_holds > 0 {
+            // Closing the template's last connection checkpointed its WAL; a WAL
+            // left behind is copied with it (SQLite reads it back on open).
+            for suffix in ["", "-wal"] {
+                let from = PathBuf::from(format!("{}{suffix}", template.display()));
+                if from.exists() {
+                    std::fs::copy(&from, format!("{}{suffix}", path.display())).map_err(fail)?;
+                }
+            }
         }
+        let hub = crate::hub::HubState::new(&path, policy.clone(), children.clone(), 32 << 20)
+            .map_err(fail)?;
+        let (started, cpu) = (Instant::now(), own_cpu_secs());
+        let accepted = push_all(&hub, "clinic-a", &frames)?;
         let secs = started.elapsed().as_secs_f64();
         let cpu = own_cpu_secs() - cpu;
         drop(hub);
@@ -826,7 +870,7 @@ fn apply(records: usize, runs: usize, batch: usize) -> Result<(), Failure> {
     );
     println!("|---|---|---|");
     println!(
-        "| records/s, {records} records in frames of {batch} | {:.0} | ≥ 100,000 |",
+        "| records/s, {records} records in frames of {batch}, into a hub holding {hub_holds} | {:.0} | ≥ 100,000 |",
         median(rates)
     );
     let cpu = median(cpus);
