@@ -802,6 +802,12 @@ fn push_all(hub: &crate::hub::HubState, child: &str, frames: &[Vec<u8>]) -> Resu
 }
 
 fn apply(records: usize, runs: usize, batch: usize, hub_holds: usize) -> Result<(), Failure> {
+    if records == 0 || batch == 0 {
+        return Err(Failure::new(
+            2,
+            "bench apply: --records and --batch must be at least 1 (a rate of nothing is no figure)",
+        ));
+    }
     let tmp = tempfile::Builder::new()
         .prefix("clinicsync-bench-")
         .tempdir()
@@ -874,10 +880,13 @@ fn apply(records: usize, runs: usize, batch: usize, hub_holds: usize) -> Result<
         median(rates)
     );
     let cpu = median(cpus);
-    println!(
-        "| CPU seconds, all threads (records per CPU-second) | {cpu:.2} ({:.0}) | |",
-        records as f64 / cpu.max(1e-9)
-    );
+    // Below the clock's tick a per-CPU-second figure would be a division by noise.
+    let per_cpu = if cpu >= 0.05 {
+        format!("{:.0}", records as f64 / cpu)
+    } else {
+        "too short to say".into()
+    };
+    println!("| CPU seconds, all threads (records per CPU-second) | {cpu:.2} ({per_cpu}) | |");
     Ok(())
 }
 
@@ -895,6 +904,14 @@ mod tests {
     #[test]
     fn apply_into_a_hub_that_already_holds_records() {
         ok(apply(120, 2, 50, 300));
+    }
+
+    #[test]
+    fn apply_refuses_an_empty_run_by_name() {
+        let Err(f) = apply(0, 1, 2_000, 0) else {
+            panic!("a run of no records was measured");
+        };
+        assert!(f.message.contains("--records"), "{}", f.message);
     }
 
     #[test]
