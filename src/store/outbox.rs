@@ -114,9 +114,11 @@ impl Tx<'_> {
         let big: Vec<(RecordKey, u64)> = self
             .tx
             .prepare_cached(&format!(
-                "SELECT o.kind, o.id, length(r.body) FROM outbox o JOIN replica r ON r.kind=o.kind AND r.id=o.id
-                 WHERE length(r.body) > {MAX_RECORD_BYTES} AND NOT EXISTS (SELECT 1 FROM quarantine q
-                   WHERE q.kind=o.kind AND q.id=o.id AND q.stage='push' AND q.next_retry_ms > ?1)"
+                "SELECT r.kind, r.id, length(r.body) FROM replica r INDEXED BY replica_oversized
+                 WHERE length(r.body) > {MAX_RECORD_BYTES}
+                   AND EXISTS (SELECT 1 FROM outbox o WHERE o.kind=r.kind AND o.id=r.id)
+                   AND NOT EXISTS (SELECT 1 FROM quarantine q
+                   WHERE q.kind=r.kind AND q.id=r.id AND q.stage='push' AND q.next_retry_ms > ?1)"
             ))?
             .query_map([now_ms as i64], |r| {
                 Ok((
