@@ -812,7 +812,10 @@ fn push_pass(
     std::thread::scope(|scope| -> Result<(), SyncError> {
         // Sends a batch on its own thread, carrying the first pull unless the parent
         // refused the two together in this pass (`apart`).
-        let launch = |req: PushRequest, carry: &mut Option<FirstPull>, apart: bool| {
+        let launch = |req: PushRequest,
+                      pre: Option<crate::transport::Prebuilt>,
+                      carry: &mut Option<FirstPull>,
+                      apart: bool| {
             let mut with = if apart { None } else { carry.take() };
             // The batch moves into the message and the message into the exchange
             // thread, which hands it back with the answer: one copy of the batch in
@@ -851,24 +854,44 @@ fn push_pass(
                 "/v1/push"
             };
             let handle = scope.spawn(move || {
-                let answer = client.exchange(path, &msg);
+                // A frame built ahead is for the batch alone: one that carries the
+                // pull is built now.
+                let answer = match pre {
+                    Some(pre) if matches!(msg, Message::PushRequest(_)) => {
+                        client.exchange_prebuilt(path, &msg, pre)
+                    }
+                    _ => client.exchange(path, &msg),
+                };
                 (msg, answer)
             });
             (handle, with)
         };
+        // The next batch's frame is built here, while the batch before it is with the
+        // parent, when it will go alone (no pull left to carry): the parent then gets
+        // it as soon as it answers, instead of after the clinic encoded it.
+        let ahead = |built: Option<(PushRequest, u64)>, carry: &Option<FirstPull>, apart: bool| {
+            built.map(|(req, last)| {
+                if carry.is_some() && !apart {
+                    return (req, last, None);
+                }
+                let msg = Message::PushRequest(req);
+                let pre = client.prebuild(&msg);
+                (pushed_batch(msg), last, pre)
+            })
+        };
         let mut apart = false;
         let mut inflight = None;
-        let mut next = build(store, pace, after)?;
+        let mut next = ahead(build(store, pace, after)?, carry, apart);
         loop {
             let Some((handle, with)) = inflight.take() else {
                 // Nothing in flight: send the next batch and build the one after it
                 // while this one travels.
-                let Some((req, last)) = next.take() else {
+                let Some((req, last, pre)) = next.take() else {
                     break;
                 };
                 after = last;
-                inflight = Some(launch(req, carry, apart));
-                next = build(store, pace, after)?;
+                inflight = Some(launch(req, pre, carry, apart));
+                next = ahead(build(store, pace, after)?, carry, apart);
                 continue;
             };
             let (handle, with): (std::thread::ScopedJoinHandle<'_, _>, Option<FirstPull>) =
@@ -914,9 +937,9 @@ fn push_pass(
             };
             // Answered: the next batch (built while this one travelled) goes before
             // this one is settled, so the parent works on it meanwhile.
-            if let Some((req, last)) = next.take() {
+            if let Some((req, last, pre)) = next.take() {
                 after = last;
-                inflight = Some(launch(req, carry, apart));
+                inflight = Some(launch(req, pre, carry, apart));
             }
             let s = engine::apply_push_results(
                 store,
@@ -948,7 +971,7 @@ fn push_pass(
                 page_more = Some(more);
             }
             if inflight.is_some() {
-                next = build(store, pace, after)?;
+                next = ahead(build(store, pace, after)?, carry, apart);
             }
         }
         Ok(())

@@ -590,3 +590,111 @@ fn an_upload_begun_before_a_failed_round_asks_where_it_stands_and_sends_nothing_
         "the same frame, rebuilt"
     );
 }
+
+/// The real link, noting when a push frame is encoded and when a push is answered;
+/// the first push's answer is held (up to 3 s) until a second push frame is encoded.
+struct Ordered {
+    inner: HttpClient,
+    events: Mutex<Vec<&'static str>>,
+    encoded: std::sync::Condvar,
+}
+
+impl Ordered {
+    fn note_answer(&self) {
+        let mut events = self.events.lock().unwrap();
+        if !events.contains(&"answered") {
+            let encodes = |e: &Vec<&str>| e.iter().filter(|x| **x == "encoded").count();
+            events = self
+                .encoded
+                .wait_timeout_while(events, std::time::Duration::from_secs(3), |e| {
+                    encodes(e) < 2
+                })
+                .unwrap()
+                .0;
+        }
+        events.push("answered");
+    }
+}
+
+impl Exchange for Ordered {
+    fn exchange(&self, path: &str, msg: &Message) -> Result<(Message, Traffic), TransportError> {
+        let answer = Exchange::exchange(&self.inner, path, msg)?;
+        if matches!(msg, Message::PushRequest(_) | Message::SyncRequest(_)) {
+            self.note_answer();
+        }
+        Ok(answer)
+    }
+    fn exchange_frame(
+        &self,
+        path: &str,
+        msg: &Message,
+        frame: &[u8],
+        encoding: clinicsync::wire::Encoding,
+    ) -> Result<(Message, Traffic), TransportError> {
+        let answer = self.inner.exchange_frame(path, msg, frame, encoding)?;
+        if matches!(msg, Message::PushRequest(_) | Message::SyncRequest(_)) {
+            self.note_answer();
+        }
+        Ok(answer)
+    }
+    fn encode_request(
+        &self,
+        msg: &Message,
+        level: i32,
+        encoding: clinicsync::wire::Encoding,
+    ) -> Result<Vec<u8>, clinicsync::wire::WireError> {
+        if matches!(msg, Message::PushRequest(_) | Message::SyncRequest(_)) {
+            self.events.lock().unwrap().push("encoded");
+            self.encoded.notify_all();
+        }
+        self.inner.encode_request(msg, level, encoding)
+    }
+    fn encoding(&self) -> clinicsync::wire::Encoding {
+        self.inner.encoding()
+    }
+    fn parent_accept(&self) -> Option<clinicsync::wire::Accept> {
+        self.inner.parent_accept()
+    }
+    fn assume_parent_accept(&self, accept: clinicsync::wire::Accept) {
+        self.inner.assume_parent_accept(accept)
+    }
+    fn parallel(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn the_next_batch_s_frame_is_built_while_the_batch_before_it_is_with_the_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, mut a) = hub_and_clinic(dir.path());
+    a.put(
+        (0..30)
+            .map(|i| patient(&format!("p{i}"), "North"))
+            .collect(),
+    );
+    a.sync_cfg.push_batch_records = 10;
+    let link = Ordered {
+        inner: HttpClient::new(
+            &hub.url,
+            Secret::new(hub.token("a")),
+            std::time::Duration::from_secs(10),
+        ),
+        events: Mutex::new(Vec::new()),
+        encoded: std::sync::Condvar::new(),
+    };
+    let report = sync_through(&mut a, &link);
+    assert_eq!(report.pushed.accepted, 30);
+    // Each frame once, the second and third built while the batch before them was
+    // with the parent. A clinic that encodes a batch only when it sends it shows
+    // encoded, answered, encoded, ... (the first answer waits 3 s for nothing).
+    // (The third batch's frame races the second batch's answer.)
+    let events = link.events.lock().unwrap().clone();
+    assert_eq!(
+        events[..3],
+        ["encoded", "encoded", "answered"],
+        "{events:?}"
+    );
+    let count = |what: &str| events.iter().filter(|e| **e == what).count();
+    assert_eq!((count("encoded"), count("answered")), (3, 3), "{events:?}");
+    assert_eq!(get(&hub.store(), "Patient/p29").unwrap()["id"], "p29");
+}

@@ -568,7 +568,7 @@ impl Exchange for Chunked<'_> {
             }
             other => other,
         };
-        let mut encoding = self.inner.encoding();
+        let encoding = self.inner.encoding();
         // The push level is fixed for the round: a frame built again after a cut or
         // a restart is the same frame, and resumes the same transfer.
         let level = wire::level::for_message(msg, self.inner.push_level());
@@ -578,6 +578,59 @@ impl Exchange for Chunked<'_> {
             // forgets the chain: built again unchained.
             frame = wire::encode_as(msg, level, encoding)?;
         }
+        self.send(path, msg, frame, encoding, level)
+    }
+
+    /// Push frames below the slow-link level are never chained
+    /// ([`super::http`]'s module header), so such a frame is the same whenever it is
+    /// built: the next batch's is built while the previous batch is in flight.
+    fn prebuild(&self, msg: &Message) -> Option<super::Prebuilt> {
+        if !matches!(msg, Message::PushRequest(_)) {
+            return None;
+        }
+        let level = wire::level::for_message(msg, self.inner.push_level());
+        if level >= wire::level::LEVEL_SLOW_LINK {
+            return None;
+        }
+        let encoding = self.inner.encoding();
+        let frame = self.inner.encode_request(msg, level, encoding).ok()?;
+        Some(super::Prebuilt {
+            frame,
+            encoding,
+            level,
+        })
+    }
+
+    fn exchange_prebuilt(
+        &self,
+        path: &str,
+        msg: &Message,
+        pre: super::Prebuilt,
+    ) -> Result<(Message, Traffic), TransportError> {
+        // The answer to the previous batch may have changed the encoding (the parent
+        // announced another protocol or dictionary), or the round its level.
+        let now = (
+            self.inner.encoding(),
+            wire::level::for_message(msg, self.inner.push_level()),
+        );
+        if !matches!(msg, Message::PushRequest(_)) || now != (pre.encoding, pre.level) {
+            return self.exchange(path, msg);
+        }
+        self.send(path, msg, pre.frame, pre.encoding, pre.level)
+    }
+}
+
+impl Chunked<'_> {
+    /// Sends `msg` as `frame` (built in `encoding` at `level`): in one request when it
+    /// fits a piece, else as a resumable transfer.
+    fn send(
+        &self,
+        path: &str,
+        msg: &Message,
+        mut frame: Vec<u8>,
+        mut encoding: wire::Encoding,
+        level: i32,
+    ) -> Result<(Message, Traffic), TransportError> {
         let mut traffic = Traffic::default();
         let mut renegotiated = 0;
         // The frame just built is sent as it is (not encoded again by the transport).
@@ -665,5 +718,147 @@ impl Exchange for Chunked<'_> {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Hlc, VersionVector};
+    use crate::wire::{Encoding, PushRequest, PushResponse, WireRecord};
+    use std::sync::Mutex;
+
+    /// A parent link that answers every push with no results, notes the frames it was
+    /// handed and how many it encoded, and encodes as `encoding` says now.
+    struct Spy {
+        encoding: Mutex<Encoding>,
+        level: Mutex<i32>,
+        encoded: Mutex<usize>,
+        sent: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl Spy {
+        fn new(encoding: Encoding) -> Spy {
+            Spy {
+                encoding: Mutex::new(encoding),
+                level: Mutex::new(wire::LEVEL_FAST),
+                encoded: Mutex::new(0),
+                sent: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl Exchange for Spy {
+        fn exchange(
+            &self,
+            path: &str,
+            msg: &Message,
+        ) -> Result<(Message, Traffic), TransportError> {
+            let frame = self.encode_request(msg, wire::LEVEL_FAST, self.encoding())?;
+            self.exchange_frame(path, msg, &frame, self.encoding())
+        }
+        fn exchange_frame(
+            &self,
+            _path: &str,
+            _msg: &Message,
+            frame: &[u8],
+            _encoding: Encoding,
+        ) -> Result<(Message, Traffic), TransportError> {
+            self.sent.lock().unwrap().push(frame.to_vec());
+            let answer = Message::PushResponse(PushResponse {
+                results: Vec::new(),
+            });
+            Ok((answer, Traffic::default()))
+        }
+        fn encode_request(
+            &self,
+            msg: &Message,
+            level: i32,
+            encoding: Encoding,
+        ) -> Result<Vec<u8>, wire::WireError> {
+            *self.encoded.lock().unwrap() += 1;
+            wire::encode_as(msg, level, encoding)
+        }
+        fn encoding(&self) -> Encoding {
+            *self.encoding.lock().unwrap()
+        }
+        fn push_level(&self) -> i32 {
+            *self.level.lock().unwrap()
+        }
+    }
+
+    fn push() -> Message {
+        let records = (0..20)
+            .map(|i| WireRecord {
+                kind: "Patient".into(),
+                id: format!("p{i}"),
+                origin: "a".into(),
+                hlc: Hlc {
+                    wall_ms: 1_000 + i,
+                    counter: 0,
+                },
+                vv: VersionVector::default().bumped("a"),
+                deleted: false,
+                body: format!(r#"{{"id":"p{i}","resourceType":"Patient"}}"#),
+            })
+            .collect();
+        Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records,
+        })
+    }
+
+    const V2: Encoding = Encoding::V2 {
+        dict: 0,
+        columns: true,
+    };
+
+    #[test]
+    fn a_frame_built_ahead_is_sent_as_built_and_not_encoded_again() {
+        let spy = Spy::new(V2);
+        let link = Chunked::new(&spy, 1 << 20);
+        let msg = push();
+        let pre = link
+            .prebuild(&msg)
+            .expect("a push at the fast level is built ahead");
+        let built = pre.frame.clone();
+        assert_eq!(*spy.encoded.lock().unwrap(), 1);
+        link.exchange_prebuilt("/v1/push", &msg, pre).unwrap();
+        assert_eq!(*spy.encoded.lock().unwrap(), 1, "not encoded a second time");
+        assert_eq!(spy.sent.lock().unwrap().as_slice(), [built]);
+    }
+
+    #[test]
+    fn a_frame_built_before_the_encoding_changed_is_built_again() {
+        let spy = Spy::new(Encoding::V1);
+        let link = Chunked::new(&spy, 1 << 20);
+        let msg = push();
+        let pre = link.prebuild(&msg).unwrap();
+        // The previous batch's answer announced v2.
+        *spy.encoding.lock().unwrap() = V2;
+        link.exchange_prebuilt("/v1/push", &msg, pre).unwrap();
+        let sent = spy.sent.lock().unwrap().clone();
+        assert_eq!(sent, [wire::encode_as(&msg, wire::LEVEL_FAST, V2).unwrap()]);
+        assert_ne!(
+            sent[0],
+            wire::encode_as(&msg, wire::LEVEL_FAST, Encoding::V1).unwrap()
+        );
+    }
+
+    #[test]
+    fn frames_that_may_be_chained_or_carry_more_than_a_push_are_not_built_ahead() {
+        let spy = Spy::new(V2);
+        let link = Chunked::new(&spy, 1 << 20);
+        *spy.level.lock().unwrap() = wire::level::LEVEL_SLOW_LINK;
+        assert!(
+            link.prebuild(&push()).is_none(),
+            "the slow-link level chains"
+        );
+        *spy.level.lock().unwrap() = wire::LEVEL_FAST;
+        let pull = Message::PushResponse(PushResponse {
+            results: Vec::new(),
+        });
+        assert!(link.prebuild(&pull).is_none());
+        assert_eq!(*spy.encoded.lock().unwrap(), 0);
     }
 }

@@ -93,6 +93,34 @@ pub trait Exchange: Sync {
     /// Starts from the estimate an earlier process kept; ignored once this transport
     /// measured something.
     fn assume_link_rate(&self, _rate: LinkRate) {}
+    /// Encodes a push request ahead of sending it (a sync round builds the next
+    /// batch's frame while the previous batch is still with the parent), when the
+    /// frame cannot depend on what that answer brings; `None`: the frame is built
+    /// when it is sent. By default `None`.
+    fn prebuild(&self, msg: &Message) -> Option<Prebuilt> {
+        let _ = msg;
+        None
+    }
+    /// [`Exchange::exchange`] of `msg`, with the frame [`Exchange::prebuild`] made for
+    /// it: sent as it is if it is still the frame this transport would build now
+    /// (same encoding and level), built again otherwise.
+    fn exchange_prebuilt(
+        &self,
+        path: &str,
+        msg: &Message,
+        pre: Prebuilt,
+    ) -> Result<(Message, Traffic), TransportError> {
+        let _ = pre;
+        self.exchange(path, msg)
+    }
+}
+
+/// A request's frame built before it is sent ([`Exchange::prebuild`]), with what it
+/// was built for.
+pub struct Prebuilt {
+    pub frame: Vec<u8>,
+    pub encoding: Encoding,
+    pub level: i32,
 }
 
 impl Exchange for HttpClient {
