@@ -970,6 +970,9 @@ fn push_pass(
                 )?;
                 page_more = Some(more);
             }
+            // Settled: this batch and its answer go before the one after next is read
+            // and encoded, so a clinic holds two batches at a time, not three.
+            drop((req, resp));
             if inflight.is_some() {
                 next = ahead(build(store, pace, after)?, carry, apart);
             }
