@@ -151,6 +151,16 @@ impl Exchange for Watched {
     }
 }
 
+/// Patients p0 … p29 queued at `a`, pushed 10 to a batch.
+fn queue_thirty_in_batches_of_ten(a: &mut TestClinic) {
+    a.put(
+        (0..30)
+            .map(|i| patient(&format!("p{i}"), "North"))
+            .collect(),
+    );
+    a.sync_cfg.push_batch_records = 10;
+}
+
 fn sync_through(c: &mut TestClinic, link: &dyn Exchange) -> client::SyncReport {
     client::sync_once(
         &mut c.store,
@@ -357,12 +367,7 @@ fn an_older_parent_gets_a_push_and_a_pull_apart_and_is_asked_again_a_day_later()
 fn the_next_batch_goes_before_the_answered_one_is_settled() {
     let dir = tempfile::tempdir().unwrap();
     let (hub, mut a) = hub_and_clinic(dir.path());
-    a.put(
-        (0..30)
-            .map(|i| patient(&format!("p{i}"), "North"))
-            .collect(),
-    );
-    a.sync_cfg.push_batch_records = 10;
+    queue_thirty_in_batches_of_ten(&mut a);
     let mut link = Watched::new(&hub.url, &hub, "a");
     link.hold_store = Some(dir.path().join("a.db"));
     let report = sync_through(&mut a, &link);
@@ -389,12 +394,7 @@ fn an_older_parent_is_refused_once_per_pass_not_once_per_batch() {
     let Err(ureq::Error::Status(status, r)) = unknown else {
         panic!("an unknown endpoint is refused")
     };
-    a.put(
-        (0..30)
-            .map(|i| patient(&format!("p{i}"), "North"))
-            .collect(),
-    );
-    a.sync_cfg.push_batch_records = 10;
+    queue_thirty_in_batches_of_ten(&mut a);
     let mut link = Watched::new(&hub.url, &hub, "a");
     link.older_parent = Some((status, r.into_string().unwrap()));
     let report = sync_through(&mut a, &link);
@@ -667,12 +667,7 @@ impl Exchange for Ordered {
 fn the_next_batch_s_frame_is_built_while_the_batch_before_it_is_with_the_parent() {
     let dir = tempfile::tempdir().unwrap();
     let (hub, mut a) = hub_and_clinic(dir.path());
-    a.put(
-        (0..30)
-            .map(|i| patient(&format!("p{i}"), "North"))
-            .collect(),
-    );
-    a.sync_cfg.push_batch_records = 10;
+    queue_thirty_in_batches_of_ten(&mut a);
     let link = Ordered {
         inner: HttpClient::new(
             &hub.url,

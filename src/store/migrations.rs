@@ -221,6 +221,23 @@ mod tests {
     use crate::store::{Stage, Store};
     use rusqlite::Connection;
 
+    /// A store of node `a` as a release at schema `version` left it.
+    fn store_at(path: &std::path::Path, version: usize) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL);").unwrap();
+        for (i, m) in MIGRATIONS[..version].iter().enumerate() {
+            conn.execute_batch(m).unwrap();
+            conn.execute(
+                "INSERT INTO schema_migrations VALUES (?1, 0)",
+                [i as i64 + 1],
+            )
+            .unwrap();
+        }
+        conn.execute("INSERT INTO meta VALUES ('node_id', 'a')", [])
+            .unwrap();
+        conn
+    }
+
     #[test]
     fn a_store_at_schema_1_is_migrated_and_keeps_its_data() {
         let dir = tempfile::tempdir().unwrap();
@@ -252,18 +269,7 @@ mod tests {
         {
             // A store at schema 12 with a queued record one byte over the limit (an
             // EMR capture) and one at the limit.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL);").unwrap();
-            for (i, m) in MIGRATIONS[..12].iter().enumerate() {
-                conn.execute_batch(m).unwrap();
-                conn.execute(
-                    "INSERT INTO schema_migrations VALUES (?1, 0)",
-                    [i as i64 + 1],
-                )
-                .unwrap();
-            }
-            conn.execute("INSERT INTO meta VALUES ('node_id', 'a')", [])
-                .unwrap();
+            let conn = store_at(&path, 12);
             for (n, (id, body)) in [("big", &big[..]), ("edge", &big[1..])].iter().enumerate() {
                 conn.execute(
                     "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms, sender)
@@ -300,18 +306,7 @@ mod tests {
         let path = dir.path().join("s.db");
         {
             // A store at schema 9, with a record waiting for its Patient.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL);").unwrap();
-            for (i, m) in MIGRATIONS[..9].iter().enumerate() {
-                conn.execute_batch(m).unwrap();
-                conn.execute(
-                    "INSERT INTO schema_migrations VALUES (?1, 0)",
-                    [i as i64 + 1],
-                )
-                .unwrap();
-            }
-            conn.execute("INSERT INTO meta VALUES ('node_id', 'a')", [])
-                .unwrap();
+            let conn = store_at(&path, 9);
             conn.execute(
                 "INSERT INTO quarantine VALUES ('Encounter', 'e1', 'apply', 'waiting for Patient/p1: not in the EMR yet', 0, 1, 0, 0, 999999999999)",
                 [],
