@@ -205,8 +205,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 13: the records too large to carry (over `outbox::MAX_RECORD_BYTES`, 16 MiB),
     // found by this index at the start of every round instead of by reading the
     // whole outbox against the replica (0.13 CPU-s a round for a backlog of 100,000).
-    // Almost always empty; the literal is the constant's value (a query that names
-    // the index with another bound fails, `INDEXED BY`).
+    // Almost always empty; the literal is the constant's value (a test reads the
+    // query's plan: `records_too_large_to_carry_are_found_by_their_index`).
     r#"
     CREATE INDEX replica_oversized ON replica(kind, id) WHERE length(body) > 16777216;
     "#,

@@ -285,6 +285,7 @@ fn results_of(msg: &Message) -> Option<&Vec<super::PushResult>> {
     }
 }
 
+/// [`results_of`], to change them.
 fn results_slot(msg: &mut Message) -> Option<&mut Vec<super::PushResult>> {
     match msg {
         Message::PushResponse(m) => Some(&mut m.results),
