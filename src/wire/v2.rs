@@ -610,7 +610,9 @@ impl std::ops::Deref for Records<'_> {
 /// encoding a 2,000-record batch does not copy the batch (a clinic's box holds one
 /// batch in flight and builds the next meanwhile; a third copy was ~2 MiB of its peak).
 /// The struct literals name every field, so a new field must be placed here too;
-/// `split_is_take_records_without_the_copy` checks both ways agree.
+/// `split_is_take_records_without_the_copy` checks both ways agree (but for the
+/// results below).
+///
 /// A push answer's results are left out of the skeleton (empty there): they go in
 /// their own block, or [`Parts::of`] puts them back when they cannot. Copying 2,000
 /// results (each with its version vector) only to move them out again was a few
