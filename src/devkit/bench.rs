@@ -66,6 +66,11 @@ pub enum BenchCmd {
         /// whose indexes no longer fit the pages one push touches.
         #[arg(long, default_value_t = 0)]
         hub_holds: usize,
+        /// Frame encoding: `v2` (what a clinic of this build sends a hub of this
+        /// build: records as columns, bodies in one zstd stream with the shipped
+        /// dictionary) or `v1` (one CBOR record after the other, an older clinic's).
+        #[arg(long, default_value = "v2", value_parser = ["v1", "v2"])]
+        encoding: String,
     },
     /// MQTT against HTTP: wake-up latency of a connected clinic, and bytes on the
     /// wire for a day's clinic work, measured by a counting proxy.
@@ -182,7 +187,16 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
             runs,
             batch,
             hub_holds,
-        } => return apply(records, runs, batch, hub_holds),
+            encoding,
+        } => {
+            let encoding = if encoding == "v1" {
+                crate::wire::Encoding::V1
+            } else {
+                let ours = crate::wire::Accept::ours();
+                ours.choose(&ours)
+            };
+            return apply(records, runs, batch, hub_holds, encoding);
+        }
         BenchCmd::Usb { records, runs, dir } => return usb(records, runs, dir),
         BenchCmd::Link(args) => return super::linkbench::run(args),
         BenchCmd::Frames(args) => return super::frames::run(args),
@@ -759,6 +773,7 @@ fn push_frames(
     node: &str,
     records: usize,
     batch: usize,
+    encoding: crate::wire::Encoding,
 ) -> Result<Vec<Vec<u8>>, Failure> {
     let clinic_store = dir.join(format!("{node}.db"));
     fill(&clinic_store, node, records)?;
@@ -771,8 +786,10 @@ fn push_frames(
             engine::next_push_after(&store, wall_ms(), batch, budget, after).map_err(fail)?
         {
             after = last;
-            frames
-                .push(crate::wire::encode(&crate::wire::Message::PushRequest(req)).map_err(fail)?);
+            let msg = crate::wire::Message::PushRequest(req);
+            frames.push(
+                crate::wire::encode_as(&msg, crate::wire::LEVEL_FAST, encoding).map_err(fail)?,
+            );
         }
         frames
     };
@@ -801,7 +818,13 @@ fn push_all(hub: &crate::hub::HubState, child: &str, frames: &[Vec<u8>]) -> Resu
     Ok(accepted)
 }
 
-fn apply(records: usize, runs: usize, batch: usize, hub_holds: usize) -> Result<(), Failure> {
+fn apply(
+    records: usize,
+    runs: usize,
+    batch: usize,
+    hub_holds: usize,
+    encoding: crate::wire::Encoding,
+) -> Result<(), Failure> {
     if records == 0 || batch == 0 {
         return Err(Failure::new(
             2,
@@ -812,7 +835,7 @@ fn apply(records: usize, runs: usize, batch: usize, hub_holds: usize) -> Result<
         .prefix("clinicsync-bench-")
         .tempdir()
         .map_err(fail)?;
-    let frames = push_frames(tmp.path(), "clinic-a", records, batch)?;
+    let frames = push_frames(tmp.path(), "clinic-a", records, batch, encoding)?;
     let mut policy = engine::Policy::new("hub", false);
     policy.serves_children = true;
     policy.catchment = vec![engine::CatchmentRule {
@@ -824,7 +847,7 @@ fn apply(records: usize, runs: usize, batch: usize, hub_holds: usize) -> Result<
     // A hub that already holds `hub_holds` records: filled once, copied for each run.
     let template = tmp.path().join("hub-template.db");
     if hub_holds > 0 {
-        let earlier = push_frames(tmp.path(), "clinic-b", hub_holds, batch)?;
+        let earlier = push_frames(tmp.path(), "clinic-b", hub_holds, batch, encoding)?;
         let hub = crate::hub::HubState::new(&template, policy.clone(), children.clone(), 32 << 20)
             .map_err(fail)?;
         let held = push_all(&hub, "clinic-b", &earlier)?;
@@ -876,7 +899,11 @@ fn apply(records: usize, runs: usize, batch: usize, hub_holds: usize) -> Result<
     );
     println!("|---|---|---|");
     println!(
-        "| records/s, {records} records in frames of {batch}, into a hub holding {hub_holds} | {:.0} | ≥ 100,000 |",
+        "| records/s, {records} records in {} frames of {batch}, into a hub holding {hub_holds} | {:.0} | ≥ 100,000 |",
+        match encoding {
+            crate::wire::Encoding::V1 => "v1",
+            crate::wire::Encoding::V2 { .. } => "v2",
+        },
         median(rates)
     );
     let cpu = median(cpus);
@@ -903,12 +930,14 @@ mod tests {
     /// records are all accepted on top of them.
     #[test]
     fn apply_into_a_hub_that_already_holds_records() {
-        ok(apply(120, 2, 50, 300));
+        let ours = crate::wire::Accept::ours();
+        ok(apply(120, 2, 50, 300, ours.choose(&ours)));
+        ok(apply(60, 1, 50, 100, crate::wire::Encoding::V1));
     }
 
     #[test]
     fn apply_refuses_an_empty_run_by_name() {
-        let Err(f) = apply(0, 1, 2_000, 0) else {
+        let Err(f) = apply(0, 1, 2_000, 0, crate::wire::Encoding::V1) else {
             panic!("a run of no records was measured");
         };
         assert!(f.message.contains("--records"), "{}", f.message);
@@ -917,7 +946,13 @@ mod tests {
     #[test]
     fn push_all_counts_only_accepted_records() {
         let tmp = tempfile::tempdir().unwrap();
-        let frames = ok(push_frames(tmp.path(), "clinic-b", 40, 25));
+        let frames = ok(push_frames(
+            tmp.path(),
+            "clinic-b",
+            40,
+            25,
+            crate::wire::Encoding::V1,
+        ));
         assert_eq!(frames.len(), 2);
         let mut policy = engine::Policy::new("hub", false);
         policy.serves_children = true;

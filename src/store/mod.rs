@@ -551,19 +551,21 @@ impl Store {
 pub(crate) enum Hot {
     Current,
     CatchmentEntry,
-    UpsertReplica,
+    InsertReplica,
+    UpdateReplica,
     InsertVersion,
     InsertAudit,
 }
 
 impl Hot {
-    const COUNT: usize = 5;
+    const COUNT: usize = 6;
 
     fn sql(self) -> &'static str {
         match self {
             Hot::Current => replica::CURRENT_SQL,
             Hot::CatchmentEntry => catchment::ENTRY_SQL,
-            Hot::UpsertReplica => replica::UPSERT_SQL,
+            Hot::InsertReplica => replica::INSERT_SQL,
+            Hot::UpdateReplica => replica::UPDATE_SQL,
             Hot::InsertVersion => replica::INSERT_VERSION_SQL,
             Hot::InsertAudit => audit::INSERT_SQL,
         }
