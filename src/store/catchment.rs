@@ -201,7 +201,22 @@ pub struct CatchmentEntry {
     pub moved_ms: Option<u64>,
 }
 
+/// A node, a patient and that patient's row in the node's catchment, as last read
+/// inside one transaction ([`Tx::catchment_entry`]).
+#[derive(Debug)]
+pub(super) struct Memo {
+    node: String,
+    patient: String,
+    entry: Option<CatchmentEntry>,
+}
+
 impl Tx<'_> {
+    /// Every write to `catchment` goes through here first: what the memo holds may
+    /// no longer be the row.
+    fn forget_catchment_entry(&mut self) {
+        *self.catchment_memo.get_mut() = None;
+    }
+
     /// May `node` write for `patient` (inside this transaction)? A clinic a patient
     /// moved away from still may: what it wrote before the move and had not yet
     /// pushed is accepted, never lost (`catchment move`).
@@ -221,6 +236,7 @@ impl Tx<'_> {
         patient: &str,
         reason: CatchmentReason,
     ) -> Result<bool> {
+        self.forget_catchment_entry();
         let exists = self
             .tx
             .prepare_cached("SELECT 1 FROM catchment WHERE node=?1 AND patient=?2")?
@@ -254,6 +270,7 @@ impl Tx<'_> {
     /// may still push what it wrote before, and no rule gives it back (the row
     /// stays, as `moved`, until `catchment remove` or a grant).
     pub fn mark_moved(&mut self, node: &str, patient: &str, now_ms: u64) -> Result<bool> {
+        self.forget_catchment_entry();
         Ok(self
             .tx
             .prepare_cached(
@@ -265,8 +282,15 @@ impl Tx<'_> {
 
     /// A patient's row in a node's catchment, in one lookup: `None` when it has none
     /// ([`Tx::in_catchment`] false), else when the patient moved away, if it did.
+    /// The same question twice running is answered from memory the second time
+    /// (until a catchment write).
     pub fn catchment_entry(&self, node: &str, patient: &str) -> Result<Option<CatchmentEntry>> {
-        self.with_hot(Hot::CatchmentEntry, |stmt| {
+        if let Some(m) = self.catchment_memo.borrow().as_ref() {
+            if m.node == node && m.patient == patient {
+                return Ok(m.entry);
+            }
+        }
+        let entry = self.with_hot(Hot::CatchmentEntry, |stmt| {
             Ok(stmt
                 .query_row([node, patient], |r| {
                     let moved: bool = r.get(0)?;
@@ -276,11 +300,18 @@ impl Tx<'_> {
                     })
                 })
                 .optional()?)
-        })
+        })?;
+        *self.catchment_memo.borrow_mut() = Some(Memo {
+            node: node.to_string(),
+            patient: patient.to_string(),
+            entry,
+        });
+        Ok(entry)
     }
 
     /// Takes a patient out of a node's catchment, whatever put it there.
     pub fn remove_from_catchment(&mut self, node: &str, patient: &str) -> Result<bool> {
+        self.forget_catchment_entry();
         Ok(self
             .tx
             .prepare_cached("DELETE FROM catchment WHERE node=?1 AND patient=?2")?
@@ -290,6 +321,7 @@ impl Tx<'_> {
 
     /// Removes rule-derived memberships of `patient` for nodes not in `keep`.
     pub fn prune_rule_catchment(&mut self, patient: &str, keep: &[String]) -> Result<usize> {
+        self.forget_catchment_entry();
         let nodes: Vec<String> = self
             .tx
             .prepare_cached("SELECT node FROM catchment WHERE patient=?1 AND reason='rule'")?
@@ -313,6 +345,37 @@ mod tests {
 
     use super::*;
     use crate::store::temp_store;
+
+    #[test]
+    fn a_catchment_entry_read_twice_follows_every_write_between() {
+        let (_d, mut store) = temp_store("hub");
+        let mut tx = store.begin().unwrap();
+        let entry = |tx: &Tx<'_>| tx.catchment_entry("c", "p").unwrap();
+        assert_eq!(entry(&tx), None);
+        assert_eq!(entry(&tx), None, "asked twice, same answer");
+        tx.add_to_catchment("c", "p", CatchmentReason::Rule)
+            .unwrap();
+        assert_eq!(entry(&tx), Some(CatchmentEntry { moved_ms: None }));
+        tx.mark_moved("c", "p", 7).unwrap();
+        assert_eq!(entry(&tx), Some(CatchmentEntry { moved_ms: Some(7) }));
+        assert_eq!(
+            tx.catchment_entry("c", "q").unwrap(),
+            None,
+            "another patient"
+        );
+        assert_eq!(entry(&tx), Some(CatchmentEntry { moved_ms: Some(7) }));
+        tx.add_to_catchment("c", "p", CatchmentReason::Granted)
+            .unwrap();
+        assert_eq!(entry(&tx), Some(CatchmentEntry { moved_ms: None }));
+        tx.remove_from_catchment("c", "p").unwrap();
+        assert_eq!(entry(&tx), None);
+        tx.add_to_catchment("c", "p", CatchmentReason::Rule)
+            .unwrap();
+        assert!(entry(&tx).is_some());
+        tx.prune_rule_catchment("p", &[]).unwrap();
+        assert_eq!(entry(&tx), None, "pruned");
+        tx.commit().unwrap();
+    }
 
     #[test]
     fn catchment_reasons_round_trip_and_an_unknown_one_is_corruption() {

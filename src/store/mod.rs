@@ -370,6 +370,10 @@ pub struct Tx<'a> {
     next_seq: Option<u64>,
     audit_head: Option<(i64, [u8; 32])>,
     hlc: Option<Hlc>,
+    /// The last answer of [`Tx::catchment_entry`]: a push carries a patient's records
+    /// one after another, so most lookups ask what the one before asked. Every
+    /// catchment write of this transaction clears it.
+    catchment_memo: std::cell::RefCell<Option<catchment::Memo>>,
 }
 
 impl Store {
@@ -489,6 +493,7 @@ impl Store {
             next_seq: None,
             audit_head: None,
             hlc: None,
+            catchment_memo: Default::default(),
         })
     }
 
