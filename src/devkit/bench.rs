@@ -69,8 +69,8 @@ pub enum BenchCmd {
         /// Frame encoding: `v2` (what a clinic of this build sends a hub of this
         /// build: records as columns, bodies in one zstd stream with the shipped
         /// dictionary) or `v1` (one CBOR record after the other, an older clinic's).
-        #[arg(long, default_value = "v2", value_parser = ["v1", "v2"])]
-        encoding: String,
+        #[arg(long, value_enum, default_value_t = FrameEncoding::V2)]
+        encoding: FrameEncoding,
     },
     /// MQTT against HTTP: wake-up latency of a connected clinic, and bytes on the
     /// wire for a day's clinic work, measured by a counting proxy.
@@ -172,6 +172,34 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The frames `bench apply` pushes (`--encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FrameEncoding {
+    /// One CBOR record after the other, an older clinic's.
+    V1,
+    /// What a clinic of this build sends a hub of this build.
+    V2,
+}
+
+impl FrameEncoding {
+    fn name(self) -> &'static str {
+        match self {
+            FrameEncoding::V1 => "v1",
+            FrameEncoding::V2 => "v2",
+        }
+    }
+
+    fn wire(self) -> crate::wire::Encoding {
+        match self {
+            FrameEncoding::V1 => crate::wire::Encoding::V1,
+            FrameEncoding::V2 => {
+                let ours = crate::wire::Accept::ours();
+                ours.choose(&ours)
+            }
+        }
+    }
+}
+
 pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
     let (records, runs, dir, first_contact, against, push_level) = match cmd {
         BenchCmd::Push {
@@ -188,15 +216,7 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
             batch,
             hub_holds,
             encoding,
-        } => {
-            let encoding = if encoding == "v1" {
-                crate::wire::Encoding::V1
-            } else {
-                let ours = crate::wire::Accept::ours();
-                ours.choose(&ours)
-            };
-            return apply(records, runs, batch, hub_holds, encoding);
-        }
+        } => return apply(records, runs, batch, hub_holds, encoding),
         BenchCmd::Usb { records, runs, dir } => return usb(records, runs, dir),
         BenchCmd::Link(args) => return super::linkbench::run(args),
         BenchCmd::Frames(args) => return super::frames::run(args),
@@ -823,7 +843,7 @@ fn apply(
     runs: usize,
     batch: usize,
     hub_holds: usize,
-    encoding: crate::wire::Encoding,
+    encoding: FrameEncoding,
 ) -> Result<(), Failure> {
     if records == 0 || batch == 0 {
         return Err(Failure::new(
@@ -835,7 +855,8 @@ fn apply(
         .prefix("clinicsync-bench-")
         .tempdir()
         .map_err(fail)?;
-    let frames = push_frames(tmp.path(), "clinic-a", records, batch, encoding)?;
+    let wire_encoding = encoding.wire();
+    let frames = push_frames(tmp.path(), "clinic-a", records, batch, wire_encoding)?;
     let mut policy = engine::Policy::new("hub", false);
     policy.serves_children = true;
     policy.catchment = vec![engine::CatchmentRule {
@@ -847,7 +868,7 @@ fn apply(
     // A hub that already holds `hub_holds` records: filled once, copied for each run.
     let template = tmp.path().join("hub-template.db");
     if hub_holds > 0 {
-        let earlier = push_frames(tmp.path(), "clinic-b", hub_holds, batch, encoding)?;
+        let earlier = push_frames(tmp.path(), "clinic-b", hub_holds, batch, wire_encoding)?;
         let hub = crate::hub::HubState::new(&template, policy.clone(), children.clone(), 32 << 20)
             .map_err(fail)?;
         let held = push_all(&hub, "clinic-b", &earlier)?;
@@ -900,10 +921,7 @@ fn apply(
     println!("|---|---|---|");
     println!(
         "| records/s, {records} records in {} frames of {batch}, into a hub holding {hub_holds} | {:.0} | ≥ 100,000 |",
-        match encoding {
-            crate::wire::Encoding::V1 => "v1",
-            crate::wire::Encoding::V2 { .. } => "v2",
-        },
+        encoding.name(),
         median(rates)
     );
     let cpu = median(cpus);
@@ -930,14 +948,13 @@ mod tests {
     /// records are all accepted on top of them.
     #[test]
     fn apply_into_a_hub_that_already_holds_records() {
-        let ours = crate::wire::Accept::ours();
-        ok(apply(120, 2, 50, 300, ours.choose(&ours)));
-        ok(apply(60, 1, 50, 100, crate::wire::Encoding::V1));
+        ok(apply(120, 2, 50, 300, FrameEncoding::V2));
+        ok(apply(60, 1, 50, 100, FrameEncoding::V1));
     }
 
     #[test]
     fn apply_refuses_an_empty_run_by_name() {
-        let Err(f) = apply(0, 1, 2_000, 0, crate::wire::Encoding::V1) else {
+        let Err(f) = apply(0, 1, 2_000, 0, FrameEncoding::V1) else {
             panic!("a run of no records was measured");
         };
         assert!(f.message.contains("--records"), "{}", f.message);
