@@ -32,7 +32,7 @@ use crate::model::{
 };
 use crate::store::{
     meta, CatchmentReason, InboxRow, PeerEvent, Stage, Store, StoreError, Tx, Unkept,
-    VersionOutcome,
+    VersionOutcome, VersionText,
 };
 use crate::wire::Receipt;
 use crate::wire::{
@@ -231,14 +231,27 @@ pub(crate) fn integrate(
     now_ms: u64,
 ) -> Result<Integrated> {
     let current = tx.current(incoming.key())?;
-    integrate_over(tx, incoming, current, source, sender, from_upstream, now_ms)
+    integrate_over(
+        tx,
+        incoming,
+        None,
+        current,
+        source,
+        sender,
+        from_upstream,
+        now_ms,
+    )
 }
 
 /// [`integrate`] when the caller has just read `current` (what the replica holds
-/// for the record) in the same transaction: a push's `authorize` has.
+/// for the record) in the same transaction: a push's `authorize` has. `text` is
+/// `VersionText::of(incoming)` when the caller made it beforehand (a push, on its
+/// checking thread); else it is made here if the version is written.
+#[allow(clippy::too_many_arguments)]
 fn integrate_over(
     tx: &mut Tx<'_>,
     incoming: &Version,
+    text: Option<&VersionText>,
     current: Option<crate::store::Stored>,
     source: &str,
     sender: Option<&str>,
@@ -247,9 +260,27 @@ fn integrate_over(
 ) -> Result<Integrated> {
     tx.observe(incoming.hlc, now_ms)?;
     let key = incoming.key().clone();
+    let accept = |tx: &mut Tx<'_>| -> Result<Integrated> {
+        let made;
+        let text = match text {
+            Some(t) => t,
+            None => {
+                made = VersionText::of(incoming);
+                &made
+            }
+        };
+        tx.write_described(
+            incoming,
+            text,
+            source,
+            sender,
+            VersionOutcome::Accepted,
+            now_ms,
+        )?;
+        Ok(Integrated::Accepted)
+    };
     let Some(current) = current else {
-        tx.write_version(incoming, source, sender, VersionOutcome::Accepted, now_ms)?;
-        return Ok(Integrated::Accepted);
+        return accept(tx);
     };
     let local = current.version;
     let same_content =
@@ -291,10 +322,7 @@ fn integrate_over(
                 tx, &local, incoming, result, resolution, local_wins, source, now_ms,
             )
         }
-        Causality::Newer => {
-            tx.write_version(incoming, source, sender, VersionOutcome::Accepted, now_ms)?;
-            Ok(Integrated::Accepted)
-        }
+        Causality::Newer => accept(tx),
         Causality::Older
             if sender.is_some()
                 && tx
@@ -511,8 +539,15 @@ fn resolve(
 /// `prune`, rule memberships it no longer matches are removed (a write at this node
 /// or from upstream); a child's push only ever adds.
 fn update_catchment(tx: &mut Tx<'_>, policy: &Policy, v: &Version, prune: bool) -> Result<()> {
+    set_rule_catchment(tx, v, rule_nodes(policy, v).as_deref(), prune)
+}
+
+/// The nodes whose catchment rules Patient `v` matches; `None` for another kind or
+/// where no rules are set (nothing to add or prune). Reads the version alone, so a
+/// push finds them on its checking thread.
+fn rule_nodes(policy: &Policy, v: &Version) -> Option<Vec<String>> {
     if v.key().kind != "Patient" || policy.catchment.is_empty() {
-        return Ok(());
+        return None;
     }
     let body = v.snapshot.json();
     let mut matched: Vec<String> = policy
@@ -522,11 +557,25 @@ fn update_catchment(tx: &mut Tx<'_>, policy: &Policy, v: &Version, prune: bool) 
         .map(|r| r.node.clone())
         .collect();
     matched.dedup();
-    for node in &matched {
+    Some(matched)
+}
+
+/// [`update_catchment`] with the rules' answer for `v` already found (`matched`:
+/// [`rule_nodes`] of `v`).
+fn set_rule_catchment(
+    tx: &mut Tx<'_>,
+    v: &Version,
+    matched: Option<&[String]>,
+    prune: bool,
+) -> Result<()> {
+    let Some(matched) = matched else {
+        return Ok(());
+    };
+    for node in matched {
         tx.add_to_catchment(node, &v.key().id, CatchmentReason::Rule)?;
     }
     if prune {
-        tx.prune_rule_catchment(&v.key().id, &matched)?;
+        tx.prune_rule_catchment(&v.key().id, matched)?;
     }
     Ok(())
 }
@@ -811,6 +860,10 @@ type Refused = (String, bool);
 /// field is named, never stored whole.
 fn clip(s: &str) -> String {
     const MAX: usize = 80;
+    if s.len() <= MAX {
+        // No more characters than bytes: nothing to cut (and no per-char copy).
+        return s.to_string();
+    }
     let mut out: String = s.chars().take(MAX).collect();
     if out.len() < s.len() {
         out.push('…');
@@ -1066,7 +1119,16 @@ struct Checked {
     kind: String,
     id: String,
     vv: VersionVector,
-    version: std::result::Result<Version, Refused>,
+    version: std::result::Result<Ready, Refused>,
+}
+
+/// A valid pushed version with what can be made of it before the transaction (on
+/// the checking thread): its text for history and audit, and for a Patient the
+/// nodes whose catchment rules it matches.
+struct Ready {
+    version: Version,
+    text: VersionText,
+    rule_nodes: Option<Vec<String>>,
 }
 
 fn checked(policy: &Policy, child: &str, i: usize, rec: WireRecord, now_ms: u64) -> Checked {
@@ -1082,7 +1144,11 @@ fn checked(policy: &Policy, child: &str, i: usize, rec: WireRecord, now_ms: u64)
         kind,
         id,
         vv,
-        version: validate(policy, child, rec, now_ms),
+        version: validate(policy, child, rec, now_ms).map(|version| Ready {
+            text: VersionText::of(&version),
+            rule_nodes: rule_nodes(policy, &version),
+            version,
+        }),
     }
 }
 
@@ -1107,7 +1173,7 @@ fn push_one(
         version,
     } = one;
     let checked = version.and_then(|v| {
-        authorize(tx, policy, child, &v)
+        authorize(tx, policy, child, &v.version)
             .map(|g| (v, g))
             .inspect_err(|e| {
                 // A refusal at the trust boundary is worth a line in the log.
@@ -1121,18 +1187,33 @@ fn push_one(
             }
             Outcome::Rejected { reason, permanent }
         }
-        Ok((version, (grant, current))) => {
-            let integrated =
-                integrate_over(tx, &version, current, source, Some(child), false, now_ms)?;
+        Ok((ready, (grant, current))) => {
+            let Ready {
+                version,
+                text,
+                rule_nodes,
+            } = ready;
+            let integrated = integrate_over(
+                tx,
+                &version,
+                Some(&text),
+                current,
+                source,
+                Some(child),
+                false,
+                now_ms,
+            )?;
             let stored = match &integrated {
-                Integrated::Accepted => Some(&version),
-                Integrated::Conflict { result, .. } => Some(&**result),
+                Integrated::Accepted => Some((&version, rule_nodes)),
+                Integrated::Conflict { result, .. } => {
+                    Some((&**result, self::rule_nodes(policy, result)))
+                }
                 _ => None,
             };
-            if let Some(v) = stored {
+            if let Some((v, rule_nodes)) = stored {
                 // A child's edit may bring a patient into catchments by rule but
                 // never takes it out of one: moving patients is the hub's call.
-                update_catchment(tx, policy, v, false)?;
+                set_rule_catchment(tx, v, rule_nodes.as_deref(), false)?;
                 if grant == Grant::Registers {
                     tx.add_to_catchment(child, &v.key().id, CatchmentReason::Registered)?;
                 }
@@ -2561,6 +2642,69 @@ mod tests {
         apply_inbox(&mut n.a, &n.a_p, 12).unwrap();
         assert!(pages >= 5);
         assert_eq!(n.a.counts().unwrap().records, 50);
+    }
+
+    #[test]
+    fn a_conflicts_catchment_follows_the_result_not_the_incoming_side() {
+        // The rules are read from each pushed record ahead of the transaction; a
+        // conflict stores another version than the one read, and its rules decide.
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = Store::open(&dir.path().join("hub.db"), "hub").unwrap();
+        let mut policy = Policy::new("hub", false);
+        policy.catchment.push(CatchmentRule {
+            node: "c".into(),
+            path: "address.district".into(),
+            equals: "North".into(),
+        });
+        let p = |district: &str| json!({"resourceType": "Patient", "id": "p1", "address": [{"district": district}]});
+        let push = |hub: &mut Store, rec: WireRecord, now: u64| {
+            let req = PushRequest {
+                node: "a".into(),
+                records: vec![rec],
+            };
+            handle_push(hub, &policy, "a", req, now)
+                .unwrap()
+                .results
+                .remove(0)
+        };
+        let first = push(
+            &mut hub,
+            wire_rec(p("South"), "a", &[("a", 1)], 1_000),
+            1_000,
+        );
+        assert_eq!(first.outcome, Outcome::Accepted);
+        // The hub moves p1 East; a, not knowing, moves it North with an earlier clock.
+        write_local(&mut hub, &policy, vec![(snap(p("East")), false)], 5_000).unwrap();
+        let second = push(
+            &mut hub,
+            wire_rec(p("North"), "a", &[("a", 2)], 2_000),
+            6_000,
+        );
+        assert!(
+            matches!(second.outcome, Outcome::Conflict { .. }),
+            "{second:?}"
+        );
+        let held = hub
+            .current(&RecordKey::new("Patient", "p1").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            held.version.snapshot.json()["address"][0]["district"],
+            "East"
+        );
+        assert!(
+            !hub.in_catchment("c", "p1").unwrap(),
+            "the incoming side matched c's rule, the stored result does not"
+        );
+        // And a push whose version is stored as sent brings it in by the rule.
+        let hub_counter = held.version.vv.get("hub");
+        let third = push(
+            &mut hub,
+            wire_rec(p("North"), "a", &[("a", 3), ("hub", hub_counter)], 7_000),
+            7_000,
+        );
+        assert_eq!(third.outcome, Outcome::Accepted, "{third:?}");
+        assert!(hub.in_catchment("c", "p1").unwrap());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! clinicsync: store-and-forward sync of OpenMRS/FHIR records between rural clinics
 //! and their hubs. See ARCHITECTURE.md for the modules and the path of a record.
 
+pub mod allocator;
 pub mod auth;
 pub mod cli;
 pub mod client;

@@ -22,6 +22,7 @@ const LAYERS: &[(&str, i8)] = &[
     ("lock", 0),
     ("model", 0),
     ("synth", 0),
+    ("allocator", 0),
     // Formats and identities.
     ("wire", 1),
     ("auth", 1),

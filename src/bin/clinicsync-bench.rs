@@ -3,6 +3,10 @@
 //! `target/release/clinicsync-bench push|apply|usb|mqtt|link …`. The nodes they start are
 //! the real `clinicsync` binary from the same directory.
 
+// mimalloc, not glibc's malloc: blocks made on one thread and freed on another
+// (every pushed record) cost no arena lock (`clinicsync::allocator`).
+clinicsync::install_allocator!();
+
 use clap::Parser;
 
 /// Reproducible benchmarks of clinicsync (figures for BENCHMARKS.md).

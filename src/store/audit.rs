@@ -47,33 +47,27 @@ pub enum AuditCheck {
     Broken { row: i64, problem: String },
 }
 
-struct AuditFields {
+struct AuditFields<'a> {
     n: i64,
     at_ms: i64,
-    actor: String,
-    action: String,
-    record: String,
-    hash: String,
-    detail: String,
+    actor: &'a str,
+    action: &'a str,
+    record: &'a str,
+    hash: &'a str,
+    detail: &'a str,
 }
 
-impl AuditFields {
-    fn entry_hash(&self, prev: &[u8; 32]) -> Vec<u8> {
+impl AuditFields<'_> {
+    fn entry_hash(&self, prev: &[u8; 32]) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(prev);
         h.update(self.n.to_be_bytes());
         h.update(self.at_ms.to_be_bytes());
-        for field in [
-            &self.actor,
-            &self.action,
-            &self.record,
-            &self.hash,
-            &self.detail,
-        ] {
+        for field in [self.actor, self.action, self.record, self.hash, self.detail] {
             h.update((field.len() as u64).to_be_bytes());
             h.update(field.as_bytes());
         }
-        h.finalize().to_vec()
+        h.finalize().into()
     }
 }
 
@@ -141,23 +135,24 @@ impl Store {
                     problem: format!("row {n} does not link to row {} (chain broken)", n - 1),
                 });
             }
+            let text: [String; 5] = [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?];
             let fields = AuditFields {
                 n,
                 at_ms: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                record: r.get(4)?,
-                hash: r.get(5)?,
-                detail: r.get(6)?,
+                actor: &text[0],
+                action: &text[1],
+                record: &text[2],
+                hash: &text[3],
+                detail: &text[4],
             };
             let computed = fields.entry_hash(&prev);
-            if stored_entry != computed {
+            if stored_entry != computed[..] {
                 return Ok(AuditCheck::Broken {
                     row: n,
                     problem: format!("row {n} was altered (its content does not match its hash)"),
                 });
             }
-            prev.copy_from_slice(&computed);
+            prev = computed;
             expected_n += 1;
             count += 1;
         }
@@ -208,11 +203,11 @@ impl Tx<'_> {
         let fields = AuditFields {
             n: last_n + 1,
             at_ms: now_ms as i64,
-            actor: actor.to_string(),
-            action: action.to_string(),
-            record: record.to_string(),
-            hash: hash.to_string(),
-            detail: detail.to_string(),
+            actor,
+            action,
+            record,
+            hash,
+            detail,
         };
         let entry = fields.entry_hash(&prev);
         self.with_hot(Hot::InsertAudit, |stmt| {
@@ -225,13 +220,11 @@ impl Tx<'_> {
                 hash,
                 detail,
                 &prev[..],
-                &entry
+                &entry[..]
             ])?;
             Ok(())
         })?;
-        let mut head = [0u8; 32];
-        head.copy_from_slice(&entry);
-        self.audit_head = Some((fields.n, head));
+        self.audit_head = Some((fields.n, entry));
         Ok(())
     }
 }

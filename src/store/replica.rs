@@ -223,6 +223,34 @@ fn history_body(key: &RecordKey, body: Option<Vec<u8>>) -> Result<Vec<u8>> {
     })
 }
 
+/// What a version's rows and audit entry say of it in text: its vector as JSON, and
+/// the audit entry's record, short hash and detail (`origin=<node> vv=<vector>`).
+/// Made from the version alone, so a push makes it on its checking thread, off the
+/// thread that holds the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionText {
+    vv: String,
+    record: String,
+    hash: String,
+    detail: String,
+}
+
+impl VersionText {
+    pub fn of(v: &Version) -> VersionText {
+        VersionText {
+            vv: v.vv.to_json(),
+            record: v.key().to_string(),
+            hash: v.snapshot.hash.short(),
+            detail: format!("origin={} vv={}", v.origin, v.vv),
+        }
+    }
+
+    /// True when this is the text of `v` (checked in debug builds when written).
+    fn describes(&self, v: &Version) -> bool {
+        VersionText::of(v) == *self
+    }
+}
+
 /// Where a history row's body is (see the module's invariants).
 #[derive(Clone, Copy)]
 enum Body {
@@ -377,18 +405,31 @@ impl Tx<'_> {
         outcome: VersionOutcome,
         now_ms: u64,
     ) -> Result<u64> {
-        let vv = v.vv.to_json();
-        let seq = self.put_current(v, &vv, sender, now_ms)?;
-        self.remember_with(v, &vv, source, outcome, Body::Replica, now_ms)?;
+        self.write_described(v, &VersionText::of(v), source, sender, outcome, now_ms)
+    }
+
+    /// [`Tx::write_version`] with the version's text made beforehand (a push makes
+    /// it on its checking thread). `text` must be `VersionText::of(v)`.
+    pub fn write_described(
+        &mut self,
+        v: &Version,
+        text: &VersionText,
+        source: &str,
+        sender: Option<&str>,
+        outcome: VersionOutcome,
+        now_ms: u64,
+    ) -> Result<u64> {
+        debug_assert!(text.describes(v), "a version written with another's text");
+        let seq = self.put_current(v, &text.vv, sender, now_ms)?;
+        self.remember_with(v, &text.vv, source, outcome, Body::Replica, now_ms)?;
         let action = if v.deleted { "delete" } else { "write" };
-        let detail = format!("origin={} vv={}", v.origin, v.vv);
         self.audit(
             now_ms,
             source,
             action,
-            &v.key().to_string(),
-            &v.snapshot.hash.short(),
-            &detail,
+            &text.record,
+            &text.hash,
+            &text.detail,
         )?;
         Ok(seq)
     }
