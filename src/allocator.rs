@@ -10,7 +10,8 @@
 //! The tuning keeps a clinic's resident memory where glibc's was: mimalloc's
 //! defaults commit its arena up front and give freed pages back to the kernel a
 //! second later, which held a clinic pushing 100,000 records at 54 MiB resident
-//! instead of 25. [`tune`] turns both off before the program allocates in earnest.
+//! instead of 25. [`tune`] makes both off by default before the program allocates in
+//! earnest (mimalloc's `MIMALLOC_*` variables still override it).
 //!
 //! The binaries (`src/main.rs`, `src/bin/clinicsync-bench.rs`) install it with
 //! [`install_allocator!`](crate::install_allocator), which also runs [`tune`] before
@@ -59,21 +60,24 @@ const PURGE_DELAY_MS: c_long = 10;
 /// The mimalloc line (`mi_version() / 100`) whose option numbers are above.
 pub const MIMALLOC_VERSION_LINE: c_int = 3;
 
-/// Sets mimalloc's options for this process: arenas committed as they are used,
+/// Sets mimalloc's defaults for this process: arenas committed as they are used,
 /// not up front, and freed pages given back to the kernel after
-/// [`PURGE_DELAY_MS`], not a second.
+/// [`PURGE_DELAY_MS`], not a second. They are defaults, not settings: mimalloc's
+/// own variables (`MIMALLOC_ARENA_EAGER_COMMIT`, `MIMALLOC_PURGE_DELAY`) still
+/// override them, as mimalloc documents, for whoever measures another choice.
 /// Call before starting threads. Does nothing when the linked mimalloc is not of
 /// [`MIMALLOC_VERSION_LINE`] (its option numbers may mean other options there).
 pub fn tune() {
-    // SAFETY: mi_version reads a constant; mi_option_set writes one entry of
-    // mimalloc's option table, by a number checked against the version above
-    // (not thread safe: called before any thread is started).
+    // SAFETY: mi_version reads a constant; mi_option_set_default writes one entry
+    // of mimalloc's option table unless the environment set it, by a number
+    // checked against the version above (not thread safe: called before any
+    // thread is started).
     unsafe {
         if libmimalloc_sys::mi_version() / 10_000 != MIMALLOC_VERSION_LINE {
             return;
         }
-        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
-        libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_MS);
+        libmimalloc_sys::mi_option_set_default(ARENA_EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set_default(PURGE_DELAY, PURGE_DELAY_MS);
     }
 }
 
