@@ -25,11 +25,42 @@ pub struct Layout {
     pub port: u16,
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, chosen below the kernel's ephemeral range
+/// when it can be: a port from that range (what binding port 0 gives) is handed to
+/// the next outgoing connection as its source port once it is released, and the
+/// listener meant for it then fails with "address in use" (seen in a test that
+/// picks a hub's port, lets a clinic fail to reach it, then starts the hub).
 pub fn free_port() -> std::io::Result<u16> {
+    let low = ephemeral_low().unwrap_or(32_768);
+    if let Some(span) = low.checked_sub(FIXED_PORTS_FROM).filter(|s| *s >= 1_000) {
+        use std::hash::{BuildHasher, Hasher};
+        let start = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        for i in 0..64u64 {
+            // 7,919 is prime: 64 distinct ports unless the span is a multiple of it.
+            let port = FIXED_PORTS_FROM + (start.wrapping_add(i * 7_919) % u64::from(span)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// The lowest port [`free_port`] picks outside the ephemeral range.
+const FIXED_PORTS_FROM: u16 = 10_000;
+
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`).
+fn ephemeral_low() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Writes configs for a hub on `port` and one clinic per `(id, district)`; each
@@ -220,4 +251,21 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// backslash or a newline cannot break or add to the configuration.
 fn toml_path(p: &Path) -> String {
     toml::Value::String(p.display().to_string()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_free_port_lies_below_the_ephemeral_range_and_is_free() {
+        let port = free_port().unwrap();
+        if let Some(low) = ephemeral_low().filter(|l| *l >= FIXED_PORTS_FROM + 1_000) {
+            assert!(
+                (FIXED_PORTS_FROM..low).contains(&port),
+                "{port} is not in {FIXED_PORTS_FROM}..{low}"
+            );
+        }
+        std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    }
 }
