@@ -261,22 +261,11 @@ fn integrate_over(
     tx.observe(incoming.hlc, now_ms)?;
     let key = incoming.key().clone();
     let accept = |tx: &mut Tx<'_>| -> Result<Integrated> {
-        let made;
-        let text = match text {
-            Some(t) => t,
-            None => {
-                made = VersionText::of(incoming);
-                &made
-            }
+        let outcome = VersionOutcome::Accepted;
+        match text {
+            Some(text) => tx.write_described(incoming, text, source, sender, outcome, now_ms)?,
+            None => tx.write_version(incoming, source, sender, outcome, now_ms)?,
         };
-        tx.write_described(
-            incoming,
-            text,
-            source,
-            sender,
-            VersionOutcome::Accepted,
-            now_ms,
-        )?;
         Ok(Integrated::Accepted)
     };
     let Some(current) = current else {

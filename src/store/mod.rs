@@ -151,7 +151,8 @@ pub use outbox::MAX_RECORD_BYTES;
 pub use peers::{PeerEvent, PeerState};
 pub use quarantine::clip_reason;
 pub use quarantine::{QuarantineEntry, Stage, MAX_REASON_CHARS};
-pub use replica::{HistoryEntry, Stored, Unkept, VersionOutcome, VersionText};
+pub(crate) use replica::VersionText;
+pub use replica::{HistoryEntry, Stored, Unkept, VersionOutcome};
 pub use transfers::{TransferDir, TransferKey};
 
 #[derive(Debug, thiserror::Error)]

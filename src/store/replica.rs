@@ -228,7 +228,7 @@ fn history_body(key: &RecordKey, body: Option<Vec<u8>>) -> Result<Vec<u8>> {
 /// Made from the version alone, so a push makes it on its checking thread, off the
 /// thread that holds the transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VersionText {
+pub(crate) struct VersionText {
     vv: String,
     record: String,
     hash: String,
@@ -236,7 +236,7 @@ pub struct VersionText {
 }
 
 impl VersionText {
-    pub fn of(v: &Version) -> VersionText {
+    pub(crate) fn of(v: &Version) -> VersionText {
         VersionText {
             vv: v.vv.to_json(),
             record: v.key().to_string(),
@@ -409,8 +409,10 @@ impl Tx<'_> {
     }
 
     /// [`Tx::write_version`] with the version's text made beforehand (a push makes
-    /// it on its checking thread). `text` must be `VersionText::of(v)`.
-    pub fn write_described(
+    /// it on its checking thread, with the version, in one `engine::Ready`). `text`
+    /// must be `VersionText::of(v)`: crate-private so that its one caller is the
+    /// push path, and checked in every debug build (the tests).
+    pub(crate) fn write_described(
         &mut self,
         v: &Version,
         text: &VersionText,
