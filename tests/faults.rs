@@ -217,7 +217,7 @@ fn a_clinic_killed_mid_sync_of_5000_records_delivers_each_exactly_once() {
     // Exactly once: the hub stored one version, and wrote one audit entry, per record.
     let versions: i64 = hub_store
         .conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap();
     let writes: i64 = hub_store
         .conn()
@@ -299,7 +299,7 @@ fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() 
     assert_eq!(hs.counts().unwrap().records as usize, n);
     let versions: i64 = hs
         .conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions as usize, n, "each record stored once");
     // Transfers resumed where they stopped: a cut cost at most the chunk in flight.
@@ -360,7 +360,7 @@ fn a_sync_over_a_link_cut_every_50_to_200_kib_completes_with_each_record_once() 
     let inbox: i64 = b
         .store
         .conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap();
     assert_eq!(inbox as usize, n, "each pulled record stored once");
     eprintln!("pull: {cuts} cuts, {resumed} resumed, {resent} bytes fetched again, {failures} failed rounds");
@@ -564,7 +564,7 @@ fn a_bootstrap_killed_on_either_side_resumes_where_it_was() {
     let versions: i64 = Store::open_existing(&clinic.store)
         .unwrap()
         .conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions as usize, total, "no record applied twice");
 }

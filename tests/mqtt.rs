@@ -143,7 +143,7 @@ fn broker_restart_mid_transfer(kill: bool) {
     }
     let versions: i64 = hs
         .conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions, 5000, "each record stored once");
 }

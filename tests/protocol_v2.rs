@@ -615,7 +615,7 @@ fn a_chained_push_whose_answers_are_cut_delivers_each_record_once() {
     }
     let versions: i64 = h
         .conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap();
     assert_eq!(
         versions as usize,

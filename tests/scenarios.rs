@@ -269,7 +269,7 @@ fn a_pull_page_received_twice_creates_no_duplicates() {
     let versions: i64 = a
         .store
         .conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions, 20);
 }

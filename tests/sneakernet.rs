@@ -433,7 +433,7 @@ fn an_import_killed_midway_resumes_and_applies_each_record_once() {
     assert_eq!(h.counts().unwrap().records, 33_000);
     let versions: i64 = h
         .conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions, 33_000, "each record applied once");
     let ret = parts_in(&stick, "hub-to-clinic-a");
@@ -495,7 +495,7 @@ fn records_sent_both_by_network_and_by_stick_arrive_once() {
     let h = Store::open_existing(&l.hub.store).unwrap();
     let versions: i64 = h
         .conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions, 30, "each record arrived once");
     let c = Store::open_existing(&l.clinics[0].store).unwrap();

@@ -48,7 +48,7 @@ fn wire_size(records: &[serde_json::Value]) -> usize {
 
 fn versions(s: &Store) -> i64 {
     s.conn()
-        .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
         .unwrap()
 }
 

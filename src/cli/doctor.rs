@@ -202,7 +202,10 @@ fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
                 }
                 // SQLite's check sees pages, not meaning: a counter or cursor that is
                 // not a number passes it and would stop the daemon mid-round.
-                match store.check_values() {
+                match store
+                    .check_values()
+                    .and_then(|n| store.check_history_places().map(|_| n))
+                {
                     Ok(n) => checks.push(check(
                         Level::Ok,
                         "values",

@@ -148,6 +148,9 @@ impl MetaValue for Hlc {
 pub(super) const NODE_ID: MetaKey<String> = MetaKey::fixed("node_id");
 /// The last change sequence handed out ([`Tx::next_seq`]).
 pub(super) const SEQ: MetaKey<u64> = MetaKey::fixed("seq");
+/// The last place in history handed out ([`Tx::next_history_n`]): `versions.n`
+/// and `replica.hn` (migration 14).
+pub(super) const HISTORY_N: MetaKey<u64> = MetaKey::fixed("history_n");
 /// The hybrid logical clock ([`Tx::tick`], [`Tx::observe`]).
 pub(super) const HLC: MetaKey<Hlc> = MetaKey::fixed("hlc");
 
@@ -226,6 +229,40 @@ pub(super) fn read<T: MetaValue>(conn: &Connection, key: &MetaKey<T>) -> Result<
     .transpose()
 }
 
+/// The last place in history handed out (meta `history_n`), checked against the
+/// places `versions` holds (and, with `current_too`, the current versions' `hn`: a
+/// scan of the replica, for `doctor`). A counter missing or behind them would list
+/// new versions before older ones and later fail a write on `versions.n`:
+/// corruption, named, never used.
+pub(super) fn history_n_checked(conn: &Connection, current_too: bool) -> Result<u64> {
+    let fix = "restore the store from a backup; keep the damaged file for analysis";
+    let stored = read(conn, &HISTORY_N)?.ok_or_else(|| {
+        StoreError::bad_value(
+            "meta",
+            "value",
+            HISTORY_N.name(),
+            "nothing".into(),
+            format!("missing: the counter of places in history (schema 14); {fix}"),
+        )
+    })?;
+    let sql = if current_too {
+        "SELECT max(coalesce((SELECT max(n) FROM versions), 0), coalesce((SELECT max(hn) FROM replica), 0))"
+    } else {
+        "SELECT coalesce(max(n), 0) FROM versions"
+    };
+    let held: i64 = conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?;
+    if i64::try_from(stored).is_ok_and(|s| s < held) {
+        return Err(StoreError::bad_value(
+            "meta",
+            "value",
+            HISTORY_N.name(),
+            shown_text(&stored.to_string()),
+            format!("is behind place {held}, which history already holds: new versions would be listed before older ones; {fix}"),
+        ));
+    }
+    Ok(stored)
+}
+
 /// Writes `key` on `conn`.
 pub(super) fn write<T: MetaValue>(conn: &Connection, key: &MetaKey<T>, value: &T) -> Result<()> {
     conn.prepare_cached(
@@ -257,6 +294,7 @@ impl Store {
         let mut n = 0;
         for key in [
             &SEQ,
+            &HISTORY_N,
             &LINK_BUDGET_BYTES,
             &LINK_PIECE_BYTES,
             &TRAFFIC_DAY,
@@ -277,6 +315,7 @@ impl Store {
         one(self, &PARENT_CLOCK_SKEW_MS, &mut n)?;
         one(self, &RESTORING_OWN, &mut n)?;
         one(self, &HLC, &mut n)?;
+        history_n_checked(&self.conn, false)?;
         for peer in self.bundle_peers()? {
             one(self, &bundle_seq_out(&peer), &mut n)?;
         }
@@ -290,6 +329,14 @@ impl Store {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+impl Store {
+    /// [`Store::check_values`]' check of the history counter against every place
+    /// history holds, the current versions' too (a scan of the replica: `doctor`).
+    pub fn check_history_places(&self) -> Result<u64> {
+        history_n_checked(&self.conn, true)
     }
 }
 
@@ -370,6 +417,7 @@ mod tests {
             (&EMR_OUT_CURSOR, "emr_out_cursor"),
             (&PARENT_SYNC_REFUSED_MS, "parent_sync_refused_ms"),
             (&SEQ, "seq"),
+            (&HISTORY_N, "history_n"),
         ];
         for (key, text) in u64_keys {
             assert_eq!(key.name(), text);

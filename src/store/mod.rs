@@ -369,6 +369,7 @@ pub struct Tx<'a> {
     tx: Transaction<'a>,
     node_id: &'a str,
     next_seq: Option<u64>,
+    next_hn: Option<u64>,
     audit_head: Option<(i64, [u8; 32])>,
     hlc: Option<Hlc>,
     /// The last answer of [`Tx::catchment_entry`]: a push carries a patient's records
@@ -492,6 +493,7 @@ impl Store {
             tx,
             node_id: &store.node_id,
             next_seq: None,
+            next_hn: None,
             audit_head: None,
             hlc: None,
             catchment_memo: Default::default(),
@@ -606,6 +608,9 @@ impl Tx<'_> {
         if let Some(seq) = self.next_seq {
             self.set_meta(&meta::SEQ, seq - 1)?;
         }
+        if let Some(n) = self.next_hn {
+            self.set_meta(&meta::HISTORY_N, n - 1)?;
+        }
         if let Some(h) = self.hlc {
             self.set_meta(&meta::HLC, h)?;
         }
@@ -624,6 +629,18 @@ impl Tx<'_> {
         };
         self.next_seq = Some(seq + 1);
         Ok(seq)
+    }
+
+    /// Allocates the next place in history (a `versions.n` or a current version's
+    /// `replica.hn`): one counter for both, so history reads in the order versions
+    /// were seen.
+    pub(crate) fn next_history_n(&mut self) -> Result<u64> {
+        let n = match self.next_hn {
+            Some(n) => n,
+            None => meta::history_n_checked(&self.tx, false)? + 1,
+        };
+        self.next_hn = Some(n + 1);
+        Ok(n)
     }
 }
 

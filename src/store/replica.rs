@@ -3,31 +3,38 @@
 //! Tables
 //! ```text
 //! replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class,
-//!         patient, body, updated_ms, sender)
+//!         patient, body, updated_ms, sender, hn, source, outcome)
 //!           the latest version of every record this node holds; `seq` is this
 //!           node's change sequence at the write; `sender` is the child that pushed
-//!           it (NULL: written here, pulled, or a resolution)
+//!           it (NULL: written here, pulled, or a resolution); `hn`, `source`,
+//!           `outcome` and `updated_ms` are its history row's `n`, `source`,
+//!           `outcome` and `seen_ms` (NULL `source`: a row from before migration 14
+//!           whose version has its own row in `versions`)
 //! versions(n, kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body,
 //!          seen_ms, source, outcome)
-//!           every version this node has seen, once per (record, vv, hash); the
-//!           current version's row written by [`Tx::write_version`] holds an empty
-//!           body, which means the replica's (the body is stored once)
+//!           every version this node has seen and no longer holds as current, once
+//!           per (record, vv, hash)
+//! history   (view) `versions` and the current versions: every version seen, once
+//!           per (record, vv, hash), in the order of `n`
 //! ```
 //! and the hybrid logical clock, kept in `meta` (`hlc`) and held in the [`Tx`].
 //!
 //! Invariants
 //! - A version reaches the replica only through [`Tx::write_version`], which writes
-//!   its history row and its audit entry in the same transaction: no caller can
-//!   skip the audit. History-only rows (a stale copy, a conflict's incoming side)
-//!   come through [`Tx::remember_unkept`]; `versions.outcome` says which
+//!   it with its history columns and its audit entry in the same transaction: no
+//!   caller can skip the audit. History-only rows (a stale copy, a conflict's
+//!   incoming side) come through [`Tx::remember_unkept`]; `outcome` says which
 //!   ([`VersionOutcome`]).
 //! - A replica row's `seq` is unique (the change sequence, [`Tx::next_seq`]): a
 //!   record written again moves to the head, so "changed after seq" is a scan.
-//! - A history row with an empty body is the current version of its record: its
-//!   body is the replica row's. Two triggers (migration 12) move the replica's
-//!   body into that row before the replica's body is replaced or its row deleted,
-//!   so no version's body is lost and the bytes are written once for a record
-//!   written once. Readers of `versions.body` go through [`HISTORY_BODY`].
+//! - The current version of a record is in history as its replica row (view
+//!   `history`); two triggers (migration 14) copy it into `versions`, with its
+//!   place `hn`, before the replica row is replaced (every write gives it a new
+//!   `seq`) or deleted, so no version is lost and a record written once is
+//!   written once. History places (`versions.n`, `replica.hn`) come from one
+//!   counter ([`Tx::next_history_n`], meta `history_n`): history reads in the
+//!   order versions were seen, whichever table holds them. Readers of history
+//!   read the view.
 //! - History is append-only except for [`Tx::rebase_clock`] (re-stamping this node's
 //!   own unpushed versions) and [`Tx::purge_patient`] (records that moved away).
 //! - The clock only moves forward within a transaction: [`Tx::tick`] for a local
@@ -182,46 +189,32 @@ pub(super) fn current_in(conn: &Connection, key: &RecordKey) -> Result<Option<St
     Ok(stored_rows(&mut stmt, params![key.kind, key.id])?.pop())
 }
 
-/// A record new here. `DO NOTHING` on its key, so a record already held (the
+/// A record new here (parameters: the replica's columns in table order, `?15..?17`
+/// its history columns `hn`, `source`, `outcome`). `DO NOTHING` on its key, so a record already held (the
 /// caller's read of it may be older than this transaction) falls to
 /// [`UPDATE_SQL`]. No trigger fires on an insert, and SQLite checks every
 /// constraint before it writes a b-tree, so the statement needs no statement
 /// journal: the upsert it replaced fired the migration-12 trigger program and had
 /// SQLite copy each page it touched into one first — half of the statement's time
 /// in a hub applying new records (perf, `bench apply`).
-pub(super) const INSERT_SQL: &str = "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms, sender)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+pub(super) const INSERT_SQL: &str = "INSERT INTO replica(kind, id, seq, hash, origin, hlc_wall, hlc_ctr, vv, deleted, class, patient, body, updated_ms, sender, hn, source, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
                  ON CONFLICT(kind, id) DO NOTHING";
 
-/// A record held here, written again (the `replica_body_to_history` trigger moves
-/// its old body into history first). Same parameters as [`INSERT_SQL`].
+/// A record held here, written again (the `replica_to_history` trigger copies the
+/// version it replaces into `versions` first). Same parameters as [`INSERT_SQL`].
 pub(super) const UPDATE_SQL: &str =
     "UPDATE replica SET seq=?3, hash=?4, origin=?5, hlc_wall=?6, hlc_ctr=?7, vv=?8, deleted=?9,
-                   class=?10, patient=?11, body=?12, updated_ms=?13, sender=?14
+                   class=?10, patient=?11, body=?12, updated_ms=?13, sender=?14,
+                   hn=?15, source=?16, outcome=?17
                  WHERE kind=?1 AND id=?2";
 
-/// `versions.body` as a reader sees it, for a query over `versions v`: the row's
-/// own body, or the replica's when the row is the current version (an empty body).
-/// NULL when that replica row is missing, which only a damaged store can hold (a
-/// body is never empty: it is a JSON object), and reads as corruption.
-const HISTORY_BODY: &str = "CASE WHEN length(v.body) > 0 THEN v.body ELSE (SELECT r.body FROM replica r WHERE r.kind = v.kind AND r.id = v.id) END";
-
-pub(super) const INSERT_VERSION_SQL: &str = "INSERT OR IGNORE INTO versions(kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body, seen_ms, source, outcome)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
-
-/// A body read through [`HISTORY_BODY`]: NULL is a history row that means the
-/// replica's body where the replica holds no row for the record.
-fn history_body(key: &RecordKey, body: Option<Vec<u8>>) -> Result<Vec<u8>> {
-    body.ok_or_else(|| {
-        StoreError::bad_value(
-            "versions",
-            "body",
-            key,
-            "x''".into(),
-            "empty (the current version's) but the replica holds no row for the record",
-        )
-    })
-}
+/// A version seen and not kept (at place `?1`), unless history holds it already,
+/// in `versions` or as the current version.
+pub(super) const INSERT_VERSION_SQL: &str = "INSERT INTO versions(n, kind, id, hash, origin, hlc_wall, hlc_ctr, vv, deleted, body, seen_ms, source, outcome)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13
+                  WHERE NOT EXISTS (SELECT 1 FROM versions WHERE kind=?2 AND id=?3 AND vv=?8 AND hash=?4)
+                    AND NOT EXISTS (SELECT 1 FROM replica WHERE kind=?2 AND id=?3 AND vv=?8 AND hash=?4)";
 
 /// What a version's rows and audit entry say of it in text: its vector as JSON, and
 /// the audit entry's record, short hash and detail (`origin=<node> vv=<vector>`).
@@ -251,15 +244,6 @@ impl VersionText {
     }
 }
 
-/// Where a history row's body is (see the module's invariants).
-#[derive(Clone, Copy)]
-enum Body {
-    /// In the row.
-    Own,
-    /// In the replica row: the version is current.
-    Replica,
-}
-
 impl Store {
     pub fn current(&self, key: &RecordKey) -> Result<Option<Stored>> {
         current_in(&self.conn, key)
@@ -275,25 +259,24 @@ impl Store {
     /// Every version of `key` this node has seen, oldest first, with the top-level
     /// fields each changed against the one before it.
     pub fn history(&self, key: &RecordKey) -> Result<Vec<HistoryEntry>> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT v.seen_ms, v.origin, v.source, v.outcome, v.vv, v.hlc_wall, v.hlc_ctr, v.hash, v.deleted, {HISTORY_BODY}
-             FROM versions v WHERE v.kind=?1 AND v.id=?2 ORDER BY v.n"
-        ))?;
+        let mut stmt = self.conn.prepare(
+            "SELECT seen_ms, origin, source, outcome, vv, hlc_wall, hlc_ctr, hash, deleted, body
+             FROM history WHERE kind=?1 AND id=?2 ORDER BY n",
+        )?;
         let mut rows = stmt.query(params![key.kind, key.id])?;
         let mut out = Vec::new();
         let mut prev = serde_json::Value::Null;
         while let Some(r) = rows.next()? {
             let hash: Vec<u8> = r.get(7)?;
-            let body = history_body(key, r.get(9)?)?;
-            let cur: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-                StoreError::bad_value("versions", "body", key, shown_blob(&body), e)
-            })?;
+            let body: Vec<u8> = r.get(9)?;
+            let cur: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| StoreError::bad_value("history", "body", key, shown_blob(&body), e))?;
             out.push(HistoryEntry {
                 seen_ms: r.get::<_, i64>(0)? as u64,
                 origin: r.get(1)?,
                 source: r.get(2)?,
                 outcome: VersionOutcome::decode(
-                    "versions",
+                    "history",
                     "outcome",
                     key,
                     &r.get::<_, String>(3)?,
@@ -304,7 +287,7 @@ impl Store {
                     counter: r.get::<_, i64>(6)? as u32,
                 }
                 .to_string(),
-                hash: parse_hash("versions", key, &hash)?.short(),
+                hash: parse_hash("history", key, &hash)?.short(),
                 deleted: r.get(8)?,
                 changed: crate::model::changed_fields(&prev, &cur),
                 body,
@@ -422,8 +405,7 @@ impl Tx<'_> {
         now_ms: u64,
     ) -> Result<u64> {
         debug_assert!(text.describes(v), "a version written with another's text");
-        let seq = self.put_current(v, &text.vv, sender, now_ms)?;
-        self.remember_with(v, &text.vv, source, outcome, Body::Replica, now_ms)?;
+        let seq = self.put_current(v, &text.vv, sender, (source, outcome), now_ms)?;
         let action = if v.deleted { "delete" } else { "write" };
         self.audit(
             now_ms,
@@ -453,17 +435,20 @@ impl Tx<'_> {
         self.remember(v, source, outcome, now_ms)
     }
 
-    /// Makes `v` the current version of its record, with a new change sequence
-    /// (only through [`Tx::write_version`]).
-    /// `vv` is `v.vv` as JSON, made once for this row and its history row.
+    /// Makes `v` the current version of its record, with a new change sequence and
+    /// the next place in history (only through [`Tx::write_version`]); `seen` is its
+    /// history row's source and outcome.
+    /// `vv` is `v.vv` as JSON, made on the checking thread for a push.
     fn put_current(
         &mut self,
         v: &Version,
         vv: &str,
         sender: Option<&str>,
+        seen: (&str, VersionOutcome),
         now_ms: u64,
     ) -> Result<u64> {
         let seq = self.next_seq()?;
+        let hn = self.next_history_n()?;
         let s = &v.snapshot;
         let row = params![
             s.key.kind,
@@ -479,7 +464,10 @@ impl Tx<'_> {
             s.patient,
             s.body,
             now_ms as i64,
-            sender
+            sender,
+            hn as i64,
+            seen.0,
+            seen.1.as_str()
         ];
         let inserted = self.with_hot(Hot::InsertReplica, |stmt| Ok(stmt.execute(row)?))?;
         if inserted == 0 {
@@ -496,28 +484,14 @@ impl Tx<'_> {
         outcome: VersionOutcome,
         now_ms: u64,
     ) -> Result<bool> {
-        self.remember_with(v, &v.vv.to_json(), source, outcome, Body::Own, now_ms)
-    }
-
-    /// [`Tx::remember`] with `v.vv` already as JSON; `body` says whether the row
-    /// holds the body or means the replica's (only for the version just made
-    /// current).
-    fn remember_with(
-        &mut self,
-        v: &Version,
-        vv: &str,
-        source: &str,
-        outcome: VersionOutcome,
-        body: Body,
-        now_ms: u64,
-    ) -> Result<bool> {
         let s = &v.snapshot;
-        let stored: &[u8] = match body {
-            Body::Own => &s.body,
-            Body::Replica => &[],
-        };
+        let vv = v.vv.to_json();
+        // A place not taken (a version seen before) is a gap in the numbering, no
+        // more.
+        let place = self.next_history_n()?;
         let n = self.with_hot(Hot::InsertVersion, |stmt| {
             Ok(stmt.execute(params![
+                place as i64,
                 s.key.kind,
                 s.key.id,
                 &s.hash.0[..],
@@ -526,7 +500,7 @@ impl Tx<'_> {
                 v.hlc.counter as i64,
                 vv,
                 v.deleted,
-                stored,
+                s.body,
                 now_ms as i64,
                 source,
                 outcome.as_str()
@@ -539,26 +513,25 @@ impl Tx<'_> {
     pub fn version_by_vv(&self, key: &RecordKey, vv: &VersionVector) -> Result<Option<Version>> {
         let row = self
             .tx
-            .prepare_cached(&format!(
-                "SELECT v.origin, v.hlc_wall, v.hlc_ctr, v.deleted, {HISTORY_BODY} FROM versions v
-                 WHERE v.kind=?1 AND v.id=?2 AND v.vv=?3 ORDER BY v.n LIMIT 1"
-            ))?
+            .prepare_cached(
+                "SELECT origin, hlc_wall, hlc_ctr, deleted, body FROM history
+                 WHERE kind=?1 AND id=?2 AND vv=?3 ORDER BY n LIMIT 1",
+            )?
             .query_row(params![key.kind, key.id, vv.to_json()], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, bool>(3)?,
-                    r.get::<_, Option<Vec<u8>>>(4)?,
+                    r.get::<_, Vec<u8>>(4)?,
                 ))
             })
             .optional()?;
         let Some((origin, wall, ctr, deleted, body)) = row else {
             return Ok(None);
         };
-        let body = history_body(key, body)?;
         let snapshot = Snapshot::for_key(key, &body)
-            .map_err(|e| StoreError::bad_value("versions", "body", key, shown_blob(&body), e))?;
+            .map_err(|e| StoreError::bad_value("history", "body", key, shown_blob(&body), e))?;
         Ok(Some(Version {
             snapshot,
             origin,
@@ -781,35 +754,51 @@ mod tests {
 
     #[test]
     fn a_history_body_or_hash_that_does_not_decode_is_corruption() {
-        let (_d, store, v) = holding_p1();
-        assert_eq!(store.history(v.key()).unwrap().len(), 1);
-        store
-            .conn()
-            .execute("UPDATE versions SET body=x'7b22'", [])
-            .unwrap();
-        let err = store.history(v.key()).unwrap_err();
-        assert!(
-            err.is_corruption() && err.to_string().contains("versions.body"),
-            "{err}"
-        );
-        store
-            .conn()
-            .execute("UPDATE versions SET body=x'7b7d', hash=x''", [])
-            .unwrap();
-        let err = store.history(v.key()).unwrap_err();
-        assert!(
-            err.is_corruption() && err.to_string().contains("versions.hash"),
-            "{err}"
-        );
+        let (_d, mut store, v) = holding_p1();
+        let mut tx = store.begin().unwrap();
+        tx.write_version(
+            &edited(&v, "a", "Achieng", 2),
+            "local",
+            None,
+            VersionOutcome::Written,
+            2,
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(store.history(v.key()).unwrap().len(), 2);
+        // In `versions` (the version before) and in the replica (the current one).
+        for table in ["versions", "replica"] {
+            store
+                .conn()
+                .execute_batch(&format!("SAVEPOINT s; UPDATE {table} SET body=x'7b22'"))
+                .unwrap();
+            let err = store.history(v.key()).unwrap_err();
+            assert!(
+                err.is_corruption() && err.to_string().contains("history.body of Patient/p1"),
+                "{table}: {err}"
+            );
+            store
+                .conn()
+                .execute_batch(&format!("ROLLBACK TO s; UPDATE {table} SET hash=x''; "))
+                .unwrap();
+            let err = store.history(v.key()).unwrap_err();
+            assert!(
+                err.is_corruption() && err.to_string().contains("history.hash of Patient/p1"),
+                "{table}: {err}"
+            );
+            store
+                .conn()
+                .execute_batch("ROLLBACK TO s; RELEASE s")
+                .unwrap();
+        }
+        assert_eq!(store.history(v.key()).unwrap().len(), 2);
     }
 
-    /// `key`'s history rows: (outcome, length of the stored body), oldest first.
-    fn stored_history(store: &Store, key: &RecordKey) -> Vec<(String, usize)> {
+    /// `key`'s rows in `versions`: (place, outcome), in order.
+    fn stored_history(store: &Store, key: &RecordKey) -> Vec<(i64, String)> {
         store
             .conn()
-            .prepare(
-                "SELECT outcome, length(body) FROM versions WHERE kind=?1 AND id=?2 ORDER BY n",
-            )
+            .prepare("SELECT n, outcome FROM versions WHERE kind=?1 AND id=?2 ORDER BY n")
             .unwrap()
             .query_map(params![key.kind, key.id], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()
@@ -832,8 +821,10 @@ mod tests {
     fn a_body_is_stored_once_and_every_version_still_reads_back_whole() {
         let (_d, mut store, v1) = holding_p1();
         let key = v1.key().clone();
-        // The current version's history row holds no copy of the body.
-        assert_eq!(stored_history(&store, &key), [("written".into(), 0)]);
+        // A record written once has no row in `versions`: its replica row is its
+        // history.
+        assert!(stored_history(&store, &key).is_empty());
+        assert_eq!(store.history(&key).unwrap().len(), 1);
         let v2 = edited(&v1, "a", "Achieng", 2);
         let v3 = edited(&v2, "a", "Achieng Otieno", 3);
         // A stale copy (history only) keeps its own body, current or not.
@@ -847,10 +838,17 @@ mod tests {
         tx.write_version(&v3, "local", None, VersionOutcome::Written, 3)
             .unwrap();
         tx.commit().unwrap();
+        // v1 and v2 moved into `versions` at the places they took when written: the
+        // stale copy, seen while v2 was current, sits between them and v3.
         let rows = stored_history(&store, &key);
-        assert_eq!(rows.len(), 4, "{rows:?}");
-        assert!(rows[..3].iter().all(|(_, n)| *n > 0), "{rows:?}");
-        assert_eq!(rows[3], ("written".into(), 0), "{rows:?}");
+        assert_eq!(
+            rows,
+            [
+                (1, "written".into()),
+                (2, "written".into()),
+                (3, "stale".into())
+            ]
+        );
         let bodies: Vec<Vec<u8>> = store
             .history(&key)
             .unwrap()
@@ -898,47 +896,54 @@ mod tests {
     }
 
     #[test]
-    fn history_from_before_the_body_was_stored_once_reads_as_before() {
-        // A store written by the schema before migration 12: every history row
-        // holds its body. Made here by filling the current row's copy in.
+    fn a_history_counter_behind_history_is_corruption_named_never_a_reordered_history() {
+        // The counter of places in history, damaged or restored alone from an older
+        // copy: a write refuses to use it, naming it, and leaves nothing written.
         let (_d, mut store, v1) = holding_p1();
         let key = v1.key().clone();
-        store
-            .conn()
-            .execute(
-                "UPDATE versions SET body=(SELECT body FROM replica WHERE kind='Patient' AND id='p1')",
-                [],
-            )
-            .unwrap();
         let v2 = edited(&v1, "a", "Achieng", 2);
         let mut tx = store.begin().unwrap();
         tx.write_version(&v2, "local", None, VersionOutcome::Written, 2)
             .unwrap();
         tx.commit().unwrap();
-        let bodies: Vec<Vec<u8>> = store
-            .history(&key)
-            .unwrap()
-            .into_iter()
-            .map(|h| h.body)
-            .collect();
-        assert_eq!(bodies, [&v1, &v2].map(|v| v.snapshot.body.clone()));
-    }
-
-    #[test]
-    fn an_empty_history_body_with_no_replica_row_is_corruption_naming_it() {
-        let (_d, store, v) = holding_p1();
-        store
-            .conn()
-            .execute_batch("DROP TRIGGER replica_delete_to_history; DELETE FROM replica;")
-            .unwrap();
-        let err = store.history(v.key()).unwrap_err();
-        let text = err.to_string();
-        assert!(
-            err.is_corruption()
-                && text.contains("versions.body of Patient/p1")
-                && text.contains("replica holds no row"),
-            "{text}"
-        );
+        // v1 moved into `versions` at place 1, v2 is current at place 2.
+        let mut stale = edited(&v1, "b", "Old", 2);
+        stale.origin = "b".into();
+        let set = |store: &Store, sql: &str| store.conn().execute(sql, []).unwrap();
+        for (damage, writes_fail) in [
+            ("UPDATE meta SET value='0' WHERE key='history_n'", true),
+            ("DELETE FROM meta WHERE key='history_n'", true),
+            // Behind only the current version's place: a write cannot see it
+            // cheaply (the places of current versions are a scan), `doctor` does.
+            ("UPDATE meta SET value='1' WHERE key='history_n'", false),
+        ] {
+            set(&store, damage);
+            let err = store.check_history_places().unwrap_err();
+            assert!(
+                err.is_corruption() && err.to_string().contains("meta.value of history_n"),
+                "{damage}: {err}"
+            );
+            assert_eq!(store.check_values().is_err(), writes_fail, "{damage}");
+            // Never committed: each case starts from the same store.
+            let mut tx = store.begin().unwrap();
+            let written = tx.remember_unkept(&stale, "push:b", Unkept::Stale, 3);
+            drop(tx);
+            match written {
+                Err(err) => assert!(
+                    writes_fail
+                        && err.is_corruption()
+                        && err.to_string().contains("meta.value of history_n"),
+                    "{damage}: {err}"
+                ),
+                Ok(_) => assert!(!writes_fail, "{damage}"),
+            }
+            set(
+                &store,
+                "INSERT OR REPLACE INTO meta VALUES ('history_n', '2')",
+            );
+        }
+        assert_eq!(store.check_history_places().unwrap(), 2);
+        assert_eq!(store.history(&key).unwrap().len(), 2);
     }
 
     #[test]
@@ -950,14 +955,14 @@ mod tests {
         );
         store
             .conn()
-            .execute("UPDATE versions SET outcome='kept'", [])
+            .execute("UPDATE replica SET outcome='kept'", [])
             .unwrap();
         let err = store.history(v.key()).unwrap_err();
         assert!(
             err.is_corruption()
                 && err
                     .to_string()
-                    .contains(r#"versions.outcome of Patient/p1 holds "kept""#),
+                    .contains(r#"history.outcome of Patient/p1 holds "kept""#),
             "{err}"
         );
     }

@@ -105,13 +105,19 @@ fn take_value(col: &mut &[u8], out: &mut Vec<u8>) -> Option<usize> {
         let bytes = rest.get(end + 1..end + 17)?;
         out.extend_from_slice(&rest[..end]);
         const HEX: &[u8; 16] = b"0123456789abcdef";
+        // Spelled out on the stack and appended once (a push per character checked
+        // the buffer's room 36 times).
+        let mut text = [b'-'; UUID_TEXT];
+        let mut at = 0;
         for (i, &b) in bytes.iter().enumerate() {
             if matches!(i, 4 | 6 | 8 | 10) {
-                out.push(b'-');
+                at += 1;
             }
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 15)]);
+            text[at] = HEX[usize::from(b >> 4)];
+            text[at + 1] = HEX[usize::from(b & 15)];
+            at += 2;
         }
+        out.extend_from_slice(&text);
         *col = &rest[end + 17..];
         return Some(UUID_TEXT);
     }

@@ -376,7 +376,7 @@ fn read_vv(
     r: &mut Reader<'_>,
     nodes: &[String],
     last: &mut [u64],
-    what: &str,
+    what: &dyn std::fmt::Display,
     spend: &mut dyn FnMut(usize, &str) -> Result<(), WireError>,
 ) -> Result<VersionVector, WireError> {
     let n = r.count(MAX_VV_ENTRIES.min(nodes.len()), &|| {
@@ -462,7 +462,7 @@ fn read_results(
         {
             spend(t.len(), "push result")?;
         }
-        let vv = read_vv(r, &nodes, &mut last, &format!("result {x}"), spend)?;
+        let vv = read_vv(r, &nodes, &mut last, &format_args!("result {x}"), spend)?;
         out.push(super::PushResult { i, vv, outcome });
     }
     Ok(out)
@@ -1042,7 +1042,7 @@ pub fn decode_keeping(
         0 => {
             let d = zstd::stream::read::Decoder::new(src)
                 .map_err(|e| WireError::Decompress(e.to_string()))?;
-            super::inflate(d, limits)?
+            super::inflate(d, limits, bytes.len())?
         }
         CHAINED => {
             let id = chained_prefix(bytes).ok_or(WireError::TooShort(bytes.len()))?;
@@ -1054,7 +1054,7 @@ pub fn decode_keeping(
                 &prefix,
             )
             .map_err(|e| WireError::Decompress(e.to_string()))?;
-            super::inflate(d, limits)?
+            super::inflate(d, limits, bytes.len())?
         }
         id => {
             let dict_bytes = dict::bytes(id).ok_or(WireError::UnknownDictionary(id))?;
@@ -1063,7 +1063,7 @@ pub fn decode_keeping(
                 dict_bytes,
             )
             .map_err(|e| WireError::Decompress(e.to_string()))?;
-            super::inflate(d, limits)?
+            super::inflate(d, limits, bytes.len())?
         }
     };
     let msg = from_payload(&payload, limits)?;
@@ -1213,7 +1213,7 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
             &mut r,
             &nodes,
             &mut last,
-            &format!("record {i}"),
+            &format_args!("record {i}"),
             &mut spend,
         )?);
     }
