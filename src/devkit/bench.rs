@@ -71,6 +71,11 @@ pub enum BenchCmd {
         /// dictionary) or `v1` (one CBOR record after the other, an older clinic's).
         #[arg(long, value_enum, default_value_t = FrameEncoding::V2)]
         encoding: FrameEncoding,
+        /// Clinics pushing at once, each its share of `--records` from its own
+        /// thread (a hub's request threads): one decodes its frame while another's
+        /// is integrated. 1: one clinic, one frame after the other.
+        #[arg(long, default_value_t = 1)]
+        clinics: usize,
     },
     /// MQTT against HTTP: wake-up latency of a connected clinic, and bytes on the
     /// wire for a day's clinic work, measured by a counting proxy.
@@ -216,7 +221,8 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
             batch,
             hub_holds,
             encoding,
-        } => return apply(records, runs, batch, hub_holds, encoding),
+            clinics,
+        } => return apply(records, runs, batch, hub_holds, encoding, clinics),
         BenchCmd::Usb { records, runs, dir } => return usb(records, runs, dir),
         BenchCmd::Link(args) => return super::linkbench::run(args),
         BenchCmd::Frames(args) => return super::frames::run(args),
@@ -844,11 +850,12 @@ fn apply(
     batch: usize,
     hub_holds: usize,
     encoding: FrameEncoding,
+    clinics: usize,
 ) -> Result<(), Failure> {
-    if records == 0 || batch == 0 {
+    if records == 0 || batch == 0 || clinics == 0 || clinics > records {
         return Err(Failure::new(
             2,
-            "bench apply: --records and --batch must be at least 1 (a rate of nothing is no figure)",
+            "bench apply: --records, --batch and --clinics must be at least 1, and --clinics at most --records (a rate of nothing is no figure)",
         ));
     }
     let tmp = tempfile::Builder::new()
@@ -856,7 +863,23 @@ fn apply(
         .tempdir()
         .map_err(fail)?;
     let wire_encoding = encoding.wire();
-    let frames = push_frames(tmp.path(), "clinic-a", records, batch, wire_encoding)?;
+    // clinic-a first (its district is the catchment rule's); the others register
+    // their patients. Each pushes its share, the first the remainder too.
+    let names: Vec<String> = (0..clinics)
+        .map(|c| match c {
+            0 => "clinic-a".to_string(),
+            c => format!("clinic-c{c}"),
+        })
+        .collect();
+    let mut pushers = Vec::with_capacity(clinics);
+    for (c, name) in names.iter().enumerate() {
+        let share = records / clinics + if c == 0 { records % clinics } else { 0 };
+        pushers.push((
+            name.as_str(),
+            push_frames(tmp.path(), name, share, batch, wire_encoding)?,
+        ));
+    }
+    let frame_count: usize = pushers.iter().map(|(_, f)| f.len()).sum();
     let mut policy = engine::Policy::new("hub", false);
     policy.serves_children = true;
     policy.catchment = vec![engine::CatchmentRule {
@@ -864,7 +887,9 @@ fn apply(
         path: "address.district".into(),
         equals: "Kakamega".into(),
     }];
-    let children = vec![("clinic-a".into(), [0; 32]), ("clinic-b".into(), [0; 32])];
+    let mut children: Vec<(String, [u8; 32])> =
+        names.iter().map(|n| (n.clone(), [0; 32])).collect();
+    children.push(("clinic-b".into(), [0; 32]));
     // A hub that already holds `hub_holds` records: filled once, copied for each run.
     let template = tmp.path().join("hub-template.db");
     if hub_holds > 0 {
@@ -895,7 +920,18 @@ fn apply(
         let hub = crate::hub::HubState::new(&path, policy.clone(), children.clone(), 32 << 20)
             .map_err(fail)?;
         let (started, cpu) = (Instant::now(), own_cpu_secs());
-        let accepted = push_all(&hub, "clinic-a", &frames)?;
+        let accepted = std::thread::scope(|scope| {
+            let hub = &hub;
+            let threads: Vec<_> = pushers
+                .iter()
+                .map(|(name, frames)| scope.spawn(move || push_all(hub, name, frames)))
+                .collect();
+            threads.into_iter().try_fold(0, |sum, t| {
+                // A panic in a pusher is a bug of the bench: let it surface as one.
+                let n = t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+                Ok::<_, Failure>(sum + n)
+            })
+        })?;
         let secs = started.elapsed().as_secs_f64();
         let cpu = own_cpu_secs() - cpu;
         drop(hub);
@@ -904,8 +940,7 @@ fn apply(
         }
         let rate = records as f64 / secs;
         eprintln!(
-            "run {run}: {records} records in {} frames, {secs:.2} s, {rate:.0} records/s, CPU {cpu:.2} s (all threads), {:.0} records per CPU-second",
-            frames.len(),
+            "run {run}: {records} records in {frame_count} frames from {clinics} clinic(s), {secs:.2} s, {rate:.0} records/s, CPU {cpu:.2} s (all threads), {:.0} records per CPU-second",
             records as f64 / cpu.max(1e-9)
         );
         rates.push(rate);
@@ -920,7 +955,7 @@ fn apply(
     );
     println!("|---|---|---|");
     println!(
-        "| records/s, {records} records in {} frames of {batch}, into a hub holding {hub_holds} | {:.0} | ≥ 100,000 |",
+        "| records/s, {records} records in {} frames of {batch} from {clinics} clinic(s) at once, into a hub holding {hub_holds} | {:.0} | ≥ 100,000 |",
         encoding.name(),
         median(rates)
     );
@@ -948,13 +983,25 @@ mod tests {
     /// records are all accepted on top of them.
     #[test]
     fn apply_into_a_hub_that_already_holds_records() {
-        ok(apply(120, 2, 50, 300, FrameEncoding::V2));
-        ok(apply(60, 1, 50, 100, FrameEncoding::V1));
+        ok(apply(120, 2, 50, 300, FrameEncoding::V2, 1));
+        ok(apply(60, 1, 50, 100, FrameEncoding::V1, 1));
+    }
+
+    /// `--clinics`: every clinic's records are accepted, pushed at once from their
+    /// threads (the bench refuses to report a rate otherwise), its patients
+    /// registered by the clinic that pushed them.
+    #[test]
+    fn apply_from_clinics_pushing_at_once() {
+        ok(apply(130, 1, 20, 0, FrameEncoding::V2, 3));
+        let Err(f) = apply(10, 1, 20, 0, FrameEncoding::V2, 0) else {
+            panic!("a run of no clinics was measured");
+        };
+        assert!(f.message.contains("--clinics"), "{}", f.message);
     }
 
     #[test]
     fn apply_refuses_an_empty_run_by_name() {
-        let Err(f) = apply(0, 1, 2_000, 0, FrameEncoding::V1) else {
+        let Err(f) = apply(0, 1, 2_000, 0, FrameEncoding::V1, 1) else {
             panic!("a run of no records was measured");
         };
         assert!(f.message.contains("--records"), "{}", f.message);
