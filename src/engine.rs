@@ -1153,6 +1153,7 @@ fn push_one(
     now_ms: u64,
     results: &mut Vec<PushResult>,
     refused: &mut Vec<String>,
+    invalid: &mut (usize, Option<String>),
 ) -> Result<()> {
     let Checked {
         i,
@@ -1161,6 +1162,14 @@ fn push_one(
         vv,
         version,
     } = one;
+    if let Err((reason, _)) = &version {
+        // Not logged one by one (a hostile batch would flood the journal): counted,
+        // and logged once for the push below.
+        invalid.0 += 1;
+        if invalid.1.is_none() {
+            invalid.1 = Some(format!("{kind}/{id}: {reason}"));
+        }
+    }
     let checked = version.and_then(|v| {
         authorize(tx, policy, child, &v.version)
             .map(|g| (v, g))
@@ -1268,6 +1277,9 @@ fn push_checked_from(
     let total = records.len();
     let mut results = Vec::with_capacity(total);
     let mut refused: Vec<String> = Vec::new();
+    // Records refused by `validate` (not valid FHIR, a vector or clock out of range,
+    // …): how many, and the first.
+    let mut invalid = (0usize, None);
     // Checking a record on its own (`validate`: parse, canonical form, hash) is most
     // of the CPU a push costs and reads nothing of the store: a large push checks on
     // a second thread while this one authorizes and integrates, in the same order.
@@ -1320,10 +1332,14 @@ fn push_checked_from(
                 now_ms,
                 &mut results,
                 &mut refused,
+                &mut invalid,
             )?;
         }
         Ok(())
     })?;
+    if let (n, Some(first)) = &invalid {
+        tracing::warn!(peer = %child, refused = n, first = %first, "push records refused as invalid");
+    }
     if !refused.is_empty() {
         // One audit entry per push, however many records it refused: a hostile peer
         // cannot grow the (unprunable) audit chain faster than its requests.
@@ -2184,6 +2200,67 @@ mod tests {
         assert_eq!(one.2, two.2);
         assert_eq!(one.3, two.3);
         assert_eq!(one.4, two.4);
+    }
+
+    /// A push of records `validate` refuses (a forged vector counter, a body that is
+    /// not FHIR) leaves one WARN line for the push, with the count and the first
+    /// refusal, not one per record.
+    #[test]
+    fn records_refused_as_invalid_are_logged_once_per_push() {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let mut n = net();
+        let patient = |id: &str, c: u64| {
+            wire_rec(
+                json!({"resourceType": "Patient", "id": id, "address": [{"district": "North"}]}),
+                "a",
+                &[("a", c)],
+                1,
+            )
+        };
+        let mut records: Vec<WireRecord> = (0..30)
+            .map(|i| patient(&format!("p{i}"), MAX_COUNTER + 1))
+            .collect();
+        records.push(patient("ok", 1));
+        let req = PushRequest {
+            node: "a".into(),
+            records,
+        };
+        let resp = tracing::subscriber::with_default(subscriber, || {
+            handle_push(&mut n.hub, &n.hub_p, "a", req, 5).unwrap()
+        });
+        let rejected = resp
+            .results
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Rejected { .. }))
+            .count();
+        assert_eq!(rejected, 30);
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = logs.lines().filter(|l| l.contains("refused")).collect();
+        assert_eq!(lines.len(), 1, "{logs}");
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].contains("refused=30")
+                && lines[0].contains("Patient/p0: version vector counter a:")
+                && lines[0].contains("out of range"),
+            "{}",
+            lines[0]
+        );
     }
 
     fn push(n: &mut Net, now: u64) -> (PushRequest, PushResponse, PushSummary) {

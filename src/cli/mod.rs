@@ -438,9 +438,14 @@ pub enum CatchmentCmd {
         after_help = "Example:\n  clinicsync catchment move Patient/5b0c… clinic-a clinic-b --purge"
     )]
     Move {
+        /// The patient, as `Patient/<id>` or its id.
         patient: String,
+        /// The clinic whose catchment it leaves (a child of this hub).
         from: String,
+        /// The clinic whose catchment it joins (a child of this hub).
         to: String,
+        /// Order `from` to remove its copies of the patient's records (unpushed ones
+        /// stay until pushed).
         #[arg(long)]
         purge: bool,
     },
@@ -468,12 +473,22 @@ pub enum RemoteCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum RemoteQuarantineCmd {
+    /// Make a record (or --all) in the child's quarantine due for retry at its next
+    /// sync.
+    #[command(override_usage = "clinicsync remote <NODE> quarantine retry <RECORD|--all>")]
     Retry {
+        /// The record, as `Kind/id` (e.g. Patient/9f2c…), as the child's
+        /// `quarantine list` shows it.
         record: Option<String>,
+        /// Every record in the child's quarantine.
         #[arg(long)]
         all: bool,
     },
+    /// Give up on a record at the child: it leaves the child's quarantine and queue
+    /// (its history keeps it).
+    #[command(override_usage = "clinicsync remote <NODE> quarantine drop <RECORD>")]
     Drop {
+        /// The record, as `Kind/id`.
         record: String,
     },
 }

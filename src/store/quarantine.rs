@@ -40,6 +40,47 @@ pub fn clip_reason(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// `reason` with the names of records left out: the id after `Kind/` (a word
+/// starting with an upper-case letter, then `/`) and a word that is a UUID become
+/// `…`. "Patient/5b0c… is not in the catchment of clinic-a: …" and the same for
+/// another patient have one pattern.
+pub fn reason_pattern(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    for (n, word) in reason.split(' ').enumerate() {
+        if n > 0 {
+            out.push(' ');
+        }
+        // Punctuation that ends a sentence or a clause stays.
+        let body = word.trim_end_matches([':', ',', ';', '.', ')', '"', '\'']);
+        let tail = &word[body.len()..];
+        let lead = body.len() - body.trim_start_matches(['(', '"', '\'']).len();
+        let (open, name) = body.split_at(lead);
+        out.push_str(open);
+        match name.split_once('/') {
+            Some((kind, id))
+                if !id.is_empty()
+                    && kind.starts_with(|c: char| c.is_ascii_uppercase())
+                    && kind.chars().all(|c| c.is_ascii_alphanumeric()) =>
+            {
+                out.push_str(kind);
+                out.push_str("/…");
+            }
+            _ if is_uuid(name) => out.push('…'),
+            _ => out.push_str(name),
+        }
+        out.push_str(tail);
+    }
+    out
+}
+
+fn is_uuid(w: &str) -> bool {
+    w.len() == 36
+        && w.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 text_enum! {
     /// Where a quarantined record is stuck (`quarantine.stage`).
     pub enum Stage {
@@ -89,15 +130,24 @@ impl Store {
         Ok(out)
     }
 
-    /// The most common quarantine reasons, most records first.
+    /// The most common quarantine reasons, most records first, each as its
+    /// [`reason_pattern`]: reasons that differ only in the records they name count
+    /// together (a hub refusing 300 records of one clinic for one cause is one
+    /// reason 300×, not 300 reasons 1×), and no record or patient is named.
     pub fn quarantine_reasons(&self, limit: usize) -> Result<Vec<(String, u64)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT reason, COUNT(*) AS c FROM quarantine GROUP BY reason ORDER BY c DESC, reason LIMIT ?1",
-        )?;
-        let rows = stmt.query_map(params![limit as i64], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-        })?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT reason, COUNT(*) FROM quarantine GROUP BY reason")?;
+        let mut rows = stmt.query([])?;
+        let mut by_pattern: std::collections::HashMap<String, u64> = Default::default();
+        while let Some(r) = rows.next()? {
+            let reason: String = r.get(0)?;
+            *by_pattern.entry(reason_pattern(&reason)).or_default() += r.get::<_, i64>(1)? as u64;
+        }
+        let mut top: Vec<(String, u64)> = by_pattern.into_iter().collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(limit);
+        Ok(top)
     }
 
     /// Reasons records wait in the apply quarantine, by key (for dependency blocking).
@@ -272,6 +322,55 @@ impl Tx<'_> {
 mod tests {
     use super::*;
     use crate::store::Store;
+
+    #[test]
+    fn reasons_that_differ_only_in_the_records_they_name_count_together() {
+        let (_d, mut store) = crate::store::temp_store("a");
+        let mut tx = store.begin().unwrap();
+        for (i, p) in ["5b0c2a7e-0d1f-4a8e-9c3b-2f1e0d9c8b7a", "p2", "p3"]
+            .iter()
+            .enumerate()
+        {
+            let key = RecordKey::parse(&format!("Observation/o{i}")).unwrap();
+            let reason = format!("Patient/{p} is not in the catchment of clinic-a: a node writes only for its own patients (retried)");
+            tx.quarantine(&key, Stage::Push, &reason, false, 1, |_| 1)
+                .unwrap();
+        }
+        let key = RecordKey::parse("Patient/p9").unwrap();
+        tx.quarantine(
+            &key,
+            Stage::Apply,
+            "EMR refused (HTTP 500) for 0b6a4f1e-5d3c-4f8a-9b1e-2c3d4e5f6a7b.",
+            false,
+            1,
+            |_| 1,
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(
+            store.quarantine_reasons(5).unwrap(),
+            [
+                (
+                    "Patient/… is not in the catchment of clinic-a: a node writes only for its own patients (retried)".to_string(),
+                    3
+                ),
+                ("EMR refused (HTTP 500) for ….".to_string(), 1),
+            ]
+        );
+        assert_eq!(store.quarantine_reasons(1).unwrap().len(), 1);
+        // Words that are not record names stay as they are.
+        for kept in [
+            "expected a push_request, got a pull_request",
+            "a/b and 3/4 of http://x/y",
+            "Patient/ alone",
+        ] {
+            assert_eq!(reason_pattern(kept), kept);
+        }
+        assert_eq!(
+            reason_pattern("(Encounter/e1, Observation/o2)"),
+            "(Encounter/…, Observation/…)"
+        );
+    }
 
     #[test]
     fn a_long_quarantine_reason_is_kept_to_its_head() {
