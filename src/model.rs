@@ -42,7 +42,7 @@ pub enum ModelError {
     NoResourceType,
     #[error("resource has no id")]
     NoId,
-    #[error("{kind} resource has no patient reference (subject or patient)")]
+    #[error("{kind} resource has no patient reference this node can use: subject or patient must be `Patient/<id>`, the id 1-64 letters, digits, '-' or '.' (FHIR's id)")]
     NoPatient { kind: String },
 }
 

@@ -265,6 +265,21 @@ fn diagnostics_and_resync_come_back_and_bad_orders_are_refused_at_the_hub() {
     assert!(err.contains("not-a-record"), "{err}");
     let (code, _, _) = run(&cfg, &["remote", "a", "quarantine", "retry"]);
     assert_eq!(code, 2);
+    // Both a record and --all: refused as what it is, not as "give one".
+    let (code, _, err) = run(
+        &cfg,
+        &[
+            "remote",
+            "a",
+            "quarantine",
+            "retry",
+            "Location/shed",
+            "--all",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot be used with"), "{err}");
+    assert!(err.contains("remote <NODE> quarantine retry"), "{err}");
     let (code, _, err) = run(&cfg, &["remote", "a", "show", "nope"]);
     assert_eq!(code, 7, "{err}");
     assert_eq!(orders(&cfg, "a").len(), before);

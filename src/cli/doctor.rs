@@ -202,9 +202,11 @@ fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
                 }
                 // SQLite's check sees pages, not meaning: a counter or cursor that is
                 // not a number passes it and would stop the daemon mid-round.
+                // The history counter against every place first: its error names
+                // the highest place held (the write-time check sees `versions` only).
                 match store
-                    .check_values()
-                    .and_then(|n| store.check_history_places().map(|_| n))
+                    .check_history_places()
+                    .and_then(|_| store.check_values())
                 {
                     Ok(n) => checks.push(check(
                         Level::Ok,

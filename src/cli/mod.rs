@@ -116,6 +116,7 @@ pub enum Command {
   sudo -u clinicsync clinicsync status          # every field is explained in the README
   sudo -u clinicsync clinicsync status --json | jq .conflicts_lost")]
     Status {
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -125,6 +126,7 @@ pub enum Command {
         after_help = "Each exchange carries the node's health report (outbox, quarantine and its top reasons, open conflicts, EMR and link errors, disk, clock skew, version); a district hub passes its nodes' reports up.\n\nExamples:\n  clinicsync fleet\n  clinicsync fleet --silent-after 6h --json"
     )]
     Fleet {
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
         /// A node not heard from for longer than this is flagged: 90s, 30m, 24h, 2d.
@@ -148,6 +150,7 @@ pub enum Command {
   sudo -u clinicsync clinicsync doctor          # OK/WARN/FAIL per check, with hints; exit 1 on a FAIL
   sudo -u clinicsync clinicsync doctor --json")]
     Doctor {
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -180,19 +183,33 @@ Examples:
         bootstrap: bool,
     },
     /// Write FHIR resources (a resource or a Bundle, JSON) into this node's store.
-    Put { files: Vec<PathBuf> },
+    Put {
+        /// JSON files, each a FHIR resource or a Bundle of them.
+        files: Vec<PathBuf>,
+    },
     /// Print the current version of a record as FHIR JSON.
-    Get { record: String },
+    Get {
+        /// The record, as `Kind/id` (e.g. Patient/5b0c…).
+        record: String,
+    },
     /// List records held here, optionally of one kind.
     Ls {
+        /// Only records of this FHIR kind (e.g. Patient, Encounter).
         kind: Option<String>,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Delete a record (a tombstone that syncs like any other version).
-    Delete { record: String },
+    Delete {
+        /// The record, as `Kind/id`.
+        record: String,
+    },
     /// Ask the parent for records on demand (refused outside this node's catchment).
-    Fetch { records: Vec<String> },
+    Fetch {
+        /// Records, each as `Kind/id`.
+        records: Vec<String>,
+    },
     /// Records that could not be delivered or applied.
     #[command(after_long_help = "Examples:
   sudo -u clinicsync clinicsync quarantine list
@@ -211,8 +228,13 @@ Examples:
         action: ConflictsCmd,
     },
     /// Every version of a record this node has seen: when, from where, what changed.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync history Patient/5b0c…        # oldest first: local edits, pulls, pushes, stale copies, conflicts
+  sudo -u clinicsync clinicsync history Encounter/e1 --json  # each version's vector, clock, hash and changed fields")]
     History {
+        /// The record, as `Kind/id` (e.g. Patient/5b0c…).
         record: String,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -245,14 +267,20 @@ Examples:
     /// (integrity, node id, audit chain) before it is kept; mode 0600.
     #[command(after_long_help = "Examples:
   sudo -u clinicsync clinicsync backup /var/lib/clinicsync/backup-$(date +%F).db")]
-    Backup { file: PathBuf },
+    Backup {
+        /// Where the copy goes (a new file).
+        file: PathBuf,
+    },
     /// Put a backup in place of the store (the daemon must be stopped); the store it
     /// replaces is kept beside it as `<store>.before-restore`.
     #[command(after_long_help = "Examples:
   sudo systemctl stop clinicsync
   sudo -u clinicsync clinicsync restore /var/lib/clinicsync/backup-2026-11-20.db
   sudo systemctl start clinicsync")]
-    Restore { file: PathBuf },
+    Restore {
+        /// A backup made by `clinicsync backup`.
+        file: PathBuf,
+    },
     /// At a hub: which patients each child holds, and moving them by hand
     /// (audited). Clinics write only for patients of their catchment.
     Catchment {
@@ -272,16 +300,19 @@ Examples:
         /// Split into parts of at most this size (e.g. 512M, 4G; 0 = one file).
         #[arg(long, default_value = "0", value_parser = parse_size)]
         part_size: u64,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Import a USB bundle (any of its parts): on a hub, apply a clinic's export and
     /// write the return bundle beside it; on a clinic, apply the return bundle.
     Import {
+        /// The bundle, or any of its parts (`….csb.001`, …).
         file: PathBuf,
         /// Part size for the return bundle a hub writes.
         #[arg(long, default_value = "0", value_parser = parse_size)]
         part_size: u64,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -304,6 +335,7 @@ pub enum KeysCmd {
     Show,
     /// Trust another node's public key line (a file, or the line itself).
     Trust {
+        /// The other node's `keys show` line, or a file holding it.
         key: String,
         /// This node is our parent (the recipient of our exports); refused on a root
         /// hub, which has no [parent].
@@ -315,9 +347,13 @@ pub enum KeysCmd {
         replace: bool,
     },
     /// Stop trusting a node's keys: its bundles are refused from then on (audited).
-    Untrust { node: String },
+    Untrust {
+        /// The node whose keys are no longer trusted.
+        node: String,
+    },
     /// List trusted nodes (a stored line that is not its node's key is marked DAMAGED).
     List {
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -352,6 +388,7 @@ pub enum QuarantineCmd {
     /// into the EMR), pull (arrived from the parent unreadable; held as received,
     /// read again on each retry).
     List {
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -359,15 +396,24 @@ pub enum QuarantineCmd {
     ///
     /// A record held unreadable from a pull (stage pull) also shows "held": its
     /// text as it arrived.
-    Show { record: String },
+    Show {
+        /// The record, as `Kind/id`.
+        record: String,
+    },
     /// Make a record (or --all) due for retry at the next sync.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["record", "all"])))]
     Retry {
+        /// The record, as `Kind/id`, as `quarantine list` shows it.
         record: Option<String>,
+        /// Every quarantined record.
         #[arg(long)]
         all: bool,
     },
     /// Give up on a record: it leaves the quarantine and the queue (history keeps it).
-    Drop { record: String },
+    Drop {
+        /// The record, as `Kind/id`.
+        record: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -377,17 +423,22 @@ pub enum ConflictsCmd {
         /// Only the open ones.
         #[arg(long)]
         open: bool,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Both versions of one conflict, by its number.
-    Show { n: i64 },
+    Show {
+        /// The conflict's number, as `conflicts list` shows it.
+        n: i64,
+    },
     /// Review conflict N: keep one side or new content. The result is a new version
     /// that supersedes both sides, syncs like any edit and is audited.
     #[command(
         after_help = "KEEP:\n  winner   what the policy kept (writes nothing new if the record is unchanged since)\n  other    the side the policy did not keep\n  local    this node's side as it was when the conflict was detected\n  remote   the other node's side\n  FILE     a JSON file with the corrected resource (same type and id)\n\nExamples:\n  clinicsync conflicts list --open\n  clinicsync conflicts show 3\n  clinicsync conflicts resolve 3 --keep other\n  clinicsync conflicts resolve 3 --keep corrected-patient.json"
     )]
     Resolve {
+        /// The conflict's number, as `conflicts list` shows it.
         n: i64,
         /// winner | other | local | remote | FILE.json
         #[arg(long)]
@@ -395,6 +446,7 @@ pub enum ConflictsCmd {
         /// Replace an edit made to the record after the conflict.
         #[arg(long)]
         force: bool,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -405,6 +457,7 @@ pub enum CatchmentCmd {
     /// Patients held by each child (or one child), with why: rule, registered, granted.
     List {
         node: Option<String>,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -428,6 +481,7 @@ pub enum CatchmentCmd {
         /// Link rate for the estimate when the child has measured none.
         #[arg(long)]
         rate_kbit: Option<u64>,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -464,6 +518,7 @@ pub enum RemoteCmd {
     Diagnostics,
     /// Orders given to this child: pending, done, refused or failed, newest first.
     List {
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -475,7 +530,10 @@ pub enum RemoteCmd {
 pub enum RemoteQuarantineCmd {
     /// Make a record (or --all) in the child's quarantine due for retry at its next
     /// sync.
-    #[command(override_usage = "clinicsync remote <NODE> quarantine retry <RECORD|--all>")]
+    #[command(
+        override_usage = "clinicsync remote <NODE> quarantine retry [OPTIONS] <RECORD|--all>",
+        group(clap::ArgGroup::new("which").required(true).args(["record", "all"]))
+    )]
     Retry {
         /// The record, as `Kind/id` (e.g. Patient/9f2c…), as the child's
         /// `quarantine list` shows it.
@@ -486,7 +544,7 @@ pub enum RemoteQuarantineCmd {
     },
     /// Give up on a record at the child: it leaves the child's quarantine and queue
     /// (its history keeps it).
-    #[command(override_usage = "clinicsync remote <NODE> quarantine drop <RECORD>")]
+    #[command(override_usage = "clinicsync remote <NODE> quarantine drop [OPTIONS] <RECORD>")]
     Drop {
         /// The record, as `Kind/id`.
         record: String,
@@ -510,6 +568,7 @@ pub enum AuditCmd {
         action: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -2114,7 +2173,7 @@ fn remote(cfg: &Config, node: &str, action: RemoteCmd, now: u64) -> Out {
                     record: Some(key(&r)?.to_string()),
                 },
                 (None, true) => OrderKind::QuarantineRetry { record: None },
-                _ => return Err(Failure::new(2, "give a record or --all")),
+                _ => return Err(Failure::new(2, "give a record or --all, one of the two")),
             },
             RemoteQuarantineCmd::Drop { record } => OrderKind::QuarantineDrop {
                 record: key(&record)?.to_string(),
@@ -2183,7 +2242,12 @@ fn quarantine(cfg: &Config, action: QuarantineCmd, now: u64) -> Out {
             let k = match (record, all) {
                 (Some(r), false) => Some(key(&r)?),
                 (None, true) => None,
-                _ => return Err(Failure::new(EXIT_USAGE, "give a record or --all")),
+                _ => {
+                    return Err(Failure::new(
+                        EXIT_USAGE,
+                        "give a record or --all, one of the two",
+                    ))
+                }
             };
             let mut tx = store.begin()?;
             let n = tx.retry_now(k.as_ref(), now)?;

@@ -211,22 +211,60 @@ pub fn bundle_seq_out(peer: &str) -> MetaKey<u64> {
 
 /// Reads `key` on `conn` (the store's connection or a transaction's).
 pub(super) fn read<T: MetaValue>(conn: &Connection, key: &MetaKey<T>) -> Result<Option<T>> {
-    let text: Option<String> = conn
+    let value: Option<rusqlite::types::Value> = conn
         .prepare_cached("SELECT value FROM meta WHERE key=?1")?
         .query_row([key.name()], |r| r.get(0))
         .optional()?;
-    text.map(|t| {
-        T::from_text(&t).ok_or_else(|| {
-            StoreError::bad_value(
-                "meta",
-                "value",
-                key.name(),
-                shown_text(&t),
-                format!("not {}", T::EXPECTED),
-            )
+    // The column is text; a number written by hand reads as its text, a blob or
+    // NULL is damage, named like any value of the wrong form.
+    let text = value.map(|v| match v {
+        rusqlite::types::Value::Text(t) => Ok(t),
+        rusqlite::types::Value::Integer(n) => Ok(n.to_string()),
+        rusqlite::types::Value::Real(x) => Ok(x.to_string()),
+        rusqlite::types::Value::Blob(b) => Err(StoreError::bad_value(
+            "meta",
+            "value",
+            key.name(),
+            super::shown_blob(&b),
+            format!("a blob, not {}", T::EXPECTED),
+        )),
+        rusqlite::types::Value::Null => Err(StoreError::bad_value(
+            "meta",
+            "value",
+            key.name(),
+            "NULL".into(),
+            format!("not {}", T::EXPECTED),
+        )),
+    });
+    text.transpose()?
+        .map(|t| {
+            T::from_text(&t).ok_or_else(|| {
+                StoreError::bad_value(
+                    "meta",
+                    "value",
+                    key.name(),
+                    shown_text(&t),
+                    format!("not {}", T::EXPECTED),
+                )
+            })
         })
-    })
-    .transpose()
+        .transpose()
+}
+
+/// A counter whose numbers go into an integer column (`seq`, `history_n`): read as
+/// [`read`] does, and one beyond SQLite's largest integer (it would be stored as a
+/// negative number) is corruption, named.
+pub(super) fn read_counter(conn: &Connection, key: &MetaKey<u64>) -> Result<Option<u64>> {
+    match read(conn, key)? {
+        Some(n) if i64::try_from(n).is_err() => Err(StoreError::bad_value(
+            "meta",
+            "value",
+            key.name(),
+            shown_text(&n.to_string()),
+            "beyond 9223372036854775807, the largest integer SQLite stores; restore the store from a backup",
+        )),
+        n => Ok(n),
+    }
 }
 
 /// The last place in history handed out (meta `history_n`), checked against the
@@ -236,7 +274,7 @@ pub(super) fn read<T: MetaValue>(conn: &Connection, key: &MetaKey<T>) -> Result<
 /// corruption, named, never used.
 pub(super) fn history_n_checked(conn: &Connection, current_too: bool) -> Result<u64> {
     let fix = "restore the store from a backup; keep the damaged file for analysis";
-    let stored = read(conn, &HISTORY_N)?.ok_or_else(|| {
+    let stored = read_counter(conn, &HISTORY_N)?.ok_or_else(|| {
         StoreError::bad_value(
             "meta",
             "value",
@@ -251,7 +289,7 @@ pub(super) fn history_n_checked(conn: &Connection, current_too: bool) -> Result<
         "SELECT coalesce(max(n), 0) FROM versions"
     };
     let held: i64 = conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?;
-    if i64::try_from(stored).is_ok_and(|s| s < held) {
+    if i64::try_from(stored).map_or(true, |s| s < held) {
         return Err(StoreError::bad_value(
             "meta",
             "value",
@@ -312,6 +350,7 @@ impl Store {
         ] {
             one(self, key, &mut n)?;
         }
+        read_counter(&self.conn, &SEQ)?;
         one(self, &PARENT_CLOCK_SKEW_MS, &mut n)?;
         one(self, &RESTORING_OWN, &mut n)?;
         one(self, &HLC, &mut n)?;
@@ -397,6 +436,30 @@ mod tests {
             .query_row("SELECT value FROM meta WHERE key=?1", [key], |r| r.get(0))
             .optional()
             .unwrap()
+    }
+
+    /// The change sequence at or beyond SQLite's largest integer (only damage puts
+    /// it there) fails the write naming `seq`, never stores a negative sequence.
+    #[test]
+    fn a_change_sequence_an_integer_column_cannot_hold_is_corruption() {
+        let (_d, mut store) = temp_store("a");
+        for (value, reads) in [
+            ("9223372036854775808", false),
+            ("18446744073709551615", false),
+            ("9223372036854775807", true),
+        ] {
+            store
+                .conn()
+                .execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?1)", [value])
+                .unwrap();
+            assert_eq!(store.check_values().is_ok(), reads, "{value}");
+            let mut tx = store.begin().unwrap();
+            let err = tx.next_seq().unwrap_err();
+            assert!(
+                err.is_corruption() && err.to_string().contains("meta.value of seq"),
+                "{value}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -625,9 +625,9 @@ impl Tx<'_> {
     pub fn next_seq(&mut self) -> Result<u64> {
         let seq = match self.next_seq {
             Some(s) => s,
-            None => self.meta(&meta::SEQ)?.unwrap_or(0) + 1,
+            None => meta::read_counter(&self.tx, &meta::SEQ)?.unwrap_or(0) + 1,
         };
-        self.next_seq = Some(seq + 1);
+        self.next_seq = Some(within_sqlite(&meta::SEQ, seq)? + 1);
         Ok(seq)
     }
 
@@ -639,9 +639,25 @@ impl Tx<'_> {
             Some(n) => n,
             None => meta::history_n_checked(&self.tx, false)? + 1,
         };
-        self.next_hn = Some(n + 1);
+        self.next_hn = Some(within_sqlite(&meta::HISTORY_N, n)? + 1);
         Ok(n)
     }
+}
+
+/// `n`, the next number of counter `key`, if an integer column can hold it: a
+/// counter read at SQLite's largest integer (only damage puts it there; a meta
+/// value beyond it does not read) would wrap to a negative number.
+fn within_sqlite(key: &meta::MetaKey<u64>, n: u64) -> Result<u64> {
+    if i64::try_from(n).is_ok() {
+        return Ok(n);
+    }
+    Err(StoreError::bad_value(
+        "meta",
+        "value",
+        key.name(),
+        shown_text(&(n - 1).to_string()),
+        "at the largest integer SQLite stores: no number is left to hand out; restore the store from a backup",
+    ))
 }
 
 /// WAL pages past which a connection that leaves checkpoints to a [`Checkpointer`]

@@ -916,6 +916,17 @@ mod tests {
             // Behind only the current version's place: a write cannot see it
             // cheaply (the places of current versions are a scan), `doctor` does.
             ("UPDATE meta SET value='1' WHERE key='history_n'", false),
+            // Beyond what an integer column holds (it would wrap to a negative
+            // place and list the next version first), or not text at all.
+            (
+                "UPDATE meta SET value='9223372036854775808' WHERE key='history_n'",
+                true,
+            ),
+            (
+                "UPDATE meta SET value='18446744073709551615' WHERE key='history_n'",
+                true,
+            ),
+            ("UPDATE meta SET value=x'00' WHERE key='history_n'", true),
         ] {
             set(&store, damage);
             let err = store.check_history_places().unwrap_err();
@@ -943,6 +954,21 @@ mod tests {
             );
         }
         assert_eq!(store.check_history_places().unwrap(), 2);
+        assert_eq!(store.history(&key).unwrap().len(), 2);
+        // At SQLite's largest integer: it reads, and nothing is left to hand out.
+        set(
+            &store,
+            "UPDATE meta SET value='9223372036854775807' WHERE key='history_n'",
+        );
+        let mut tx = store.begin().unwrap();
+        let err = tx
+            .remember_unkept(&stale, "push:b", Unkept::Stale, 3)
+            .unwrap_err();
+        drop(tx);
+        assert!(
+            err.is_corruption() && err.to_string().contains("meta.value of history_n"),
+            "{err}"
+        );
         assert_eq!(store.history(&key).unwrap().len(), 2);
     }
 
