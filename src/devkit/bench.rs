@@ -105,8 +105,16 @@ pub enum BenchCmd {
         records: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Work directory (default: a temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Time the clinic's very first exchange by USB instead: the hub's return
+        /// bundle then carries all of the clinic's records back (a new or reinstalled
+        /// box restores its own records on first contact), and the clinic applies
+        /// them. Without it the clinic has made first contact by USB before it is
+        /// filled (not timed), as a clinic in service has.
+        #[arg(long)]
+        first_contact: bool,
     },
 }
 
@@ -223,7 +231,12 @@ pub fn run(cmd: BenchCmd) -> Result<(), Failure> {
             encoding,
             clinics,
         } => return apply(records, runs, batch, hub_holds, encoding, clinics),
-        BenchCmd::Usb { records, runs, dir } => return usb(records, runs, dir),
+        BenchCmd::Usb {
+            records,
+            runs,
+            dir,
+            first_contact,
+        } => return usb(records, runs, dir, first_contact),
         BenchCmd::Link(args) => return super::linkbench::run(args),
         BenchCmd::Frames(args) => return super::frames::run(args),
         BenchCmd::DictSamples(args) => return super::frames::dict_samples(args),
@@ -580,7 +593,12 @@ fn mqtt(writes: usize, records: usize, runs: usize) -> Result<(), Failure> {
     Ok(())
 }
 
-fn usb(records: usize, runs: usize, dir: Option<PathBuf>) -> Result<(), Failure> {
+fn usb(
+    records: usize,
+    runs: usize,
+    dir: Option<PathBuf>,
+    first_contact: bool,
+) -> Result<(), Failure> {
     let tmp = tempfile::Builder::new()
         .prefix("clinicsync-bench-")
         .tempdir()
@@ -608,25 +626,54 @@ fn usb(records: usize, runs: usize, dir: Option<PathBuf>) -> Result<(), Failure>
                 .map_err(fail)?;
             tx.commit().map_err(fail)?;
         }
-        fill(&clinic.store, "clinic-a", records)?;
         let stick = d.join("stick");
         std::fs::create_dir_all(&stick).map_err(fail)?;
         let s = stick.to_string_lossy().to_string();
+        // Bundles are numbered per direction; the timed pair is the last.
+        let mut bundle_no = 1;
+        if !first_contact {
+            // First contact by USB while the clinic holds nothing (not timed).
+            for (config, args) in [
+                (&clinic.config, vec!["export".to_string(), s.clone()]),
+                (
+                    &layout.hub.config,
+                    vec![
+                        "import".to_string(),
+                        stick
+                            .join("clinic-a-to-hub-000001.csb.001")
+                            .to_string_lossy()
+                            .to_string(),
+                    ],
+                ),
+                (
+                    &clinic.config,
+                    vec![
+                        "import".to_string(),
+                        stick
+                            .join("hub-to-clinic-a-000001.csb.001")
+                            .to_string_lossy()
+                            .to_string(),
+                    ],
+                ),
+            ] {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                timed(&exe, "first contact", config, &args)?;
+            }
+            bundle_no = 2;
+        }
+        fill(&clinic.store, "clinic-a", records)?;
         let (t_exp, rss_exp) = timed(
             &exe,
             "export",
             &clinic.config,
             &["export", &s, "--part-size", "256M"],
         )?;
-        let bundle = stick.join("clinic-a-to-hub-000001.csb.001");
+        let out_name = format!("clinic-a-to-hub-{bundle_no:06}");
+        let bundle = stick.join(format!("{out_name}.csb.001"));
         let size: u64 = std::fs::read_dir(&stick)
             .map_err(fail)?
             .flatten()
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with("clinic-a-to-hub")
-            })
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&out_name))
             .filter_map(|e| e.metadata().ok().map(|m| m.len()))
             .sum();
         let (t_imp, rss_imp) = timed(
@@ -635,7 +682,7 @@ fn usb(records: usize, runs: usize, dir: Option<PathBuf>) -> Result<(), Failure>
             &layout.hub.config,
             &["import", &bundle.to_string_lossy()],
         )?;
-        let ret = stick.join("hub-to-clinic-a-000001.csb.001");
+        let ret = stick.join(format!("hub-to-clinic-a-{bundle_no:06}.csb.001"));
         let (t_ret, rss_ret) = timed(
             &exe,
             "import-return",
@@ -672,8 +719,13 @@ fn usb(records: usize, runs: usize, dir: Option<PathBuf>) -> Result<(), Failure>
         ]);
     }
     let col = |k: usize| median(rows.iter().map(|r| r[k]).collect());
+    let what = if first_contact {
+        "the clinic's first contact: the return bundle brings them all back"
+    } else {
+        "after first contact"
+    };
     println!(
-        "| step ({records} records, median of {} runs) | time | peak RSS |",
+        "| step ({records} records, {what}; median of {} runs) | time | peak RSS |",
         rows.len()
     );
     println!("|---|---|---|");
