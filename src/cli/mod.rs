@@ -185,6 +185,7 @@ Examples:
     /// Write FHIR resources (a resource or a Bundle, JSON) into this node's store.
     Put {
         /// JSON files, each a FHIR resource or a Bundle of them.
+        #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Print the current version of a record as FHIR JSON.
@@ -208,6 +209,7 @@ Examples:
     /// Ask the parent for records on demand (refused outside this node's catchment).
     Fetch {
         /// Records, each as `Kind/id`.
+        #[arg(required = true)]
         records: Vec<String>,
     },
     /// Records that could not be delivered or applied.
@@ -309,7 +311,7 @@ Examples:
     Import {
         /// The bundle, or any of its parts (`….csb.001`, …).
         file: PathBuf,
-        /// Part size for the return bundle a hub writes.
+        /// Part size for the return bundle a hub writes (e.g. 512M, 4G; 0 = one file).
         #[arg(long, default_value = "0", value_parser = parse_size)]
         part_size: u64,
         /// Print JSON (for scripts) instead of text.
@@ -529,7 +531,7 @@ pub enum RemoteCmd {
 #[derive(Subcommand, Debug)]
 pub enum RemoteQuarantineCmd {
     /// Make a record (or --all) in the child's quarantine due for retry at its next
-    /// sync.
+    /// sync. NODE is the child (`clinicsync remote --help`).
     #[command(
         override_usage = "clinicsync remote <NODE> quarantine retry [OPTIONS] <RECORD|--all>",
         group(clap::ArgGroup::new("which").required(true).args(["record", "all"]))
@@ -543,7 +545,7 @@ pub enum RemoteQuarantineCmd {
         all: bool,
     },
     /// Give up on a record at the child: it leaves the child's quarantine and queue
-    /// (its history keeps it).
+    /// (its history keeps it). NODE is the child (`clinicsync remote --help`).
     #[command(override_usage = "clinicsync remote <NODE> quarantine drop [OPTIONS] <RECORD>")]
     Drop {
         /// The record, as `Kind/id`.

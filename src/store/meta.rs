@@ -252,16 +252,16 @@ pub(super) fn read<T: MetaValue>(conn: &Connection, key: &MetaKey<T>) -> Result<
 }
 
 /// A counter whose numbers go into an integer column (`seq`, `history_n`): read as
-/// [`read`] does, and one beyond SQLite's largest integer (it would be stored as a
-/// negative number) is corruption, named.
+/// [`read`] does, and one at SQLite's largest integer or beyond (no number left to
+/// hand out; beyond, it would be stored as a negative number) is corruption, named.
 pub(super) fn read_counter(conn: &Connection, key: &MetaKey<u64>) -> Result<Option<u64>> {
     match read(conn, key)? {
-        Some(n) if i64::try_from(n).is_err() => Err(StoreError::bad_value(
+        Some(n) if n >= i64::MAX as u64 => Err(StoreError::bad_value(
             "meta",
             "value",
             key.name(),
             shown_text(&n.to_string()),
-            "beyond 9223372036854775807, the largest integer SQLite stores; restore the store from a backup",
+            "at or beyond 9223372036854775807, the largest integer SQLite stores: no number is left to hand out; restore the store from a backup",
         )),
         n => Ok(n),
     }
@@ -297,6 +297,23 @@ pub(super) fn history_n_checked(conn: &Connection, current_too: bool) -> Result<
             shown_text(&stored.to_string()),
             format!("is behind place {held}, which history already holds: new versions would be listed before older ones; {fix}"),
         ));
+    }
+    if current_too {
+        // A place handed out twice before the counter was put right: the current
+        // version could not be moved into history at its place.
+        let shared: Option<i64> = conn
+            .prepare_cached("SELECT r.hn FROM replica r JOIN versions v ON v.n = r.hn LIMIT 1")?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        if let Some(n) = shared {
+            return Err(StoreError::bad_value(
+                "meta",
+                "value",
+                HISTORY_N.name(),
+                shown_text(&stored.to_string()),
+                format!("handed out place {n} twice: a current version and one in history share it, and the next write of that record fails; {fix}"),
+            ));
+        }
     }
     Ok(stored)
 }
@@ -443,23 +460,44 @@ mod tests {
     #[test]
     fn a_change_sequence_an_integer_column_cannot_hold_is_corruption() {
         let (_d, mut store) = temp_store("a");
-        for (value, reads) in [
-            ("9223372036854775808", false),
-            ("18446744073709551615", false),
-            ("9223372036854775807", true),
-        ] {
-            store
-                .conn()
-                .execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?1)", [value])
-                .unwrap();
-            assert_eq!(store.check_values().is_ok(), reads, "{value}");
+        let exhausted = |store: &mut Store, value: &str| {
+            assert!(store.check_values().is_err(), "{value}");
             let mut tx = store.begin().unwrap();
             let err = tx.next_seq().unwrap_err();
             assert!(
                 err.is_corruption() && err.to_string().contains("meta.value of seq"),
                 "{value}: {err}"
             );
+        };
+        for value in [
+            "9223372036854775808",
+            "18446744073709551615",
+            "9223372036854775807",
+        ] {
+            store
+                .conn()
+                .execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?1)", [value])
+                .unwrap();
+            exhausted(&mut store, value);
         }
+        // The last number there is: handed out once, then the counter reads as
+        // exhausted (doctor and writes agree).
+        store
+            .conn()
+            .execute(
+                "INSERT OR REPLACE INTO meta VALUES ('seq', '9223372036854775806')",
+                [],
+            )
+            .unwrap();
+        store.check_values().unwrap();
+        let mut tx = store.begin().unwrap();
+        assert_eq!(tx.next_seq().unwrap(), i64::MAX as u64);
+        assert!(tx.next_seq().unwrap_err().is_corruption());
+        drop(tx);
+        let mut tx = store.begin().unwrap();
+        tx.next_seq().unwrap();
+        tx.commit().unwrap();
+        exhausted(&mut store, "after the last");
     }
 
     #[test]

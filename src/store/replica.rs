@@ -216,6 +216,28 @@ pub(super) const INSERT_VERSION_SQL: &str = "INSERT INTO versions(n, kind, id, h
                   WHERE NOT EXISTS (SELECT 1 FROM versions WHERE kind=?2 AND id=?3 AND vv=?8 AND hash=?4)
                     AND NOT EXISTS (SELECT 1 FROM replica WHERE kind=?2 AND id=?3 AND vv=?8 AND hash=?4)";
 
+/// A write into `versions` that found its place in history taken: the counter of
+/// places (meta `history_n`) went back, behind a current version's place, which a
+/// write does not scan for (`doctor` does). Corruption naming the counter, not a
+/// database error: the write is refused whole and nothing is lost.
+fn place_taken_twice(e: rusqlite::Error) -> StoreError {
+    let taken = matches!(
+        &e,
+        rusqlite::Error::SqliteFailure(f, Some(text))
+            if f.code == rusqlite::ErrorCode::ConstraintViolation && text.contains("versions.n")
+    );
+    if !taken {
+        return e.into();
+    }
+    StoreError::bad_value(
+        "meta",
+        "value",
+        meta::HISTORY_N.name(),
+        "behind".into(),
+        "a place in history was handed out twice (the counter of places went back); restore the store from a backup",
+    )
+}
+
 /// What a version's rows and audit entry say of it in text: its vector as JSON, and
 /// the audit entry's record, short hash and detail (`origin=<node> vv=<vector>`).
 /// Made from the version alone, so a push makes it on its checking thread, off the
@@ -471,7 +493,10 @@ impl Tx<'_> {
         ];
         let inserted = self.with_hot(Hot::InsertReplica, |stmt| Ok(stmt.execute(row)?))?;
         if inserted == 0 {
-            self.with_hot(Hot::UpdateReplica, |stmt| Ok(stmt.execute(row)?))?;
+            // The trigger moves the version it replaces into `versions` at its place.
+            self.with_hot(Hot::UpdateReplica, |stmt| {
+                stmt.execute(row).map_err(place_taken_twice)
+            })?;
         }
         Ok(seq)
     }
@@ -490,7 +515,7 @@ impl Tx<'_> {
         // more.
         let place = self.next_history_n()?;
         let n = self.with_hot(Hot::InsertVersion, |stmt| {
-            Ok(stmt.execute(params![
+            stmt.execute(params![
                 place as i64,
                 s.key.kind,
                 s.key.id,
@@ -504,7 +529,8 @@ impl Tx<'_> {
                 now_ms as i64,
                 source,
                 outcome.as_str()
-            ])?)
+            ])
+            .map_err(place_taken_twice)
         })?;
         Ok(n > 0)
     }
@@ -655,8 +681,11 @@ impl Tx<'_> {
                 kept += 1;
                 continue;
             }
+            self.tx
+                .prepare_cached("DELETE FROM replica WHERE kind=?1 AND id=?2")?
+                .execute([&kind, &id])
+                .map_err(place_taken_twice)?;
             for sql in [
-                "DELETE FROM replica WHERE kind=?1 AND id=?2",
                 "DELETE FROM versions WHERE kind=?1 AND id=?2",
                 "DELETE FROM inbox WHERE kind=?1 AND id=?2",
                 "DELETE FROM emr_state WHERE kind=?1 AND id=?2",
@@ -815,6 +844,43 @@ mod tests {
         next.vv = v.vv.bumped(node);
         next.hlc.wall_ms = wall_ms;
         next
+    }
+
+    /// A counter gone back behind a current version's place only (a write does not
+    /// scan the replica for it): the version later moved into `versions` finds its
+    /// place taken, and the write fails as corruption naming the counter, not as a
+    /// database error, with nothing written.
+    #[test]
+    fn a_history_place_taken_twice_fails_the_write_naming_the_counter() {
+        let (_d, mut store, v1) = holding_p1();
+        let key = v1.key().clone();
+        let write = |store: &mut Store, v: &Version| {
+            let mut tx = store.begin().unwrap();
+            tx.write_version(v, "local", None, VersionOutcome::Written, 2)?;
+            tx.commit()
+        };
+        // p1 is current at place 1, `versions` is empty; the counter goes back to 0.
+        store
+            .conn()
+            .execute("UPDATE meta SET value='0' WHERE key='history_n'", [])
+            .unwrap();
+        let v2 = edited(&v1, "a", "Two", 2);
+        write(&mut store, &v2).unwrap();
+        // v1 went into `versions` at 1, and v2 took place 1 again: the next write
+        // moves v2 there.
+        let err = write(&mut store, &edited(&v2, "a", "Three", 3)).unwrap_err();
+        assert!(
+            err.is_corruption() && err.to_string().contains("meta.value of history_n"),
+            "{err}"
+        );
+        let names: Vec<String> = store
+            .history(&key)
+            .unwrap()
+            .into_iter()
+            .map(|h| String::from_utf8(h.body).unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(store.check_history_places().is_err());
     }
 
     #[test]
