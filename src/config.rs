@@ -578,6 +578,14 @@ pub fn parse_utc(s: &str) -> Option<u64> {
 }
 
 impl Config {
+    /// Opens (creating if needed) this node's store: a new one with a hub's page
+    /// size when this node serves children (`[hub]`), SQLite's default otherwise
+    /// (see `store::HUB_PAGE_SIZE`).
+    pub fn open_store(&self) -> Result<crate::store::Store, crate::store::StoreError> {
+        let pages = self.hub.as_ref().map(|_| crate::store::HUB_PAGE_SIZE);
+        crate::store::Store::open_paged(&self.node.store, &self.node.id, pages)
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -2030,5 +2038,30 @@ mod tests {
         assert!(in_window(w, at(23, 30)) && in_window(w, at(2, 0)));
         assert!(!in_window(w, at(12, 0)) && !in_window(w, at(6, 0)));
         assert!(parse_window("25:00-01:00").is_none() && parse_window("night").is_none());
+    }
+
+    #[test]
+    fn a_hub_creates_its_store_with_the_hub_page_size_a_clinic_with_sqlites() {
+        let dir = tempfile::tempdir().unwrap();
+        let page_of = |section: &str, name: &str| {
+            let store = dir.path().join(format!("{name}.db"));
+            let text = format!(
+                "[node]\nid = '{name}'\nstore = '{}'\n{section}",
+                store.display()
+            );
+            let cfg = Config::parse(&text, Path::new("c.toml")).unwrap();
+            let s = cfg.open_store().unwrap();
+            s.conn()
+                .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+                .unwrap()
+        };
+        let parent = "[parent]\nurl = 'http://127.0.0.1:1'\ntoken_file = 't'\n";
+        let hub = "[hub]\nlisten = '127.0.0.1:1'\n";
+        assert_eq!(page_of(parent, "clinic"), 4096);
+        assert_eq!(page_of(hub, "hub"), crate::store::HUB_PAGE_SIZE);
+        assert_eq!(
+            page_of(&format!("{parent}{hub}"), "district"),
+            crate::store::HUB_PAGE_SIZE
+        );
     }
 }

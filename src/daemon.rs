@@ -254,7 +254,7 @@ pub async fn serve(
     let policy = cfg.policy();
     // Open (and migrate) the store before anything else, so a bad store stops us here.
     let created = !cfg.node.store.exists();
-    let store = Store::open(&cfg.node.store, &cfg.node.id)?;
+    let store = cfg.open_store()?;
     if created {
         // A first start (or a wiped box); in the journal, so a mistyped node.store
         // is found there.
@@ -340,7 +340,7 @@ pub async fn serve(
             .take()
             .ok_or_else(|| anyhow::anyhow!("[metrics] is configured but no listener was given"))?;
         info!(node = %cfg.node.id, listen = %listener.local_addr()?, token = m.token_sha256.is_some(), "serving /metrics");
-        let own = Store::open(&cfg.node.store, &cfg.node.id)?;
+        let own = cfg.open_store()?;
         let token = m.token_sha256.clone();
         let hub = hub_state.clone();
         let mut rx = stop_rx.clone();

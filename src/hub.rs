@@ -168,7 +168,11 @@ impl HubState {
         children: Vec<(String, [u8; 32])>,
         max_message_bytes: usize,
     ) -> Result<HubState, crate::store::StoreError> {
-        let writer = Store::open(store_path, &policy.node_id)?;
+        let writer = Store::open_paged(
+            store_path,
+            &policy.node_id,
+            Some(crate::store::HUB_PAGE_SIZE),
+        )?;
         writer.checkpoint_elsewhere()?;
         writer.set_cache_kib(WRITER_CACHE_KIB)?;
         let checkpointer = crate::store::Checkpointer::start(store_path)?;

@@ -176,7 +176,7 @@ fn diagnose(cfg: &Config, broken: &[&str], checks: &mut Vec<Check>) {
         checks.push(check(Level::Fail, "store", f.message, None));
         None
     } else {
-        Some(Store::open(&cfg.node.store, &cfg.node.id))
+        Some(cfg.open_store())
     };
     if let Some(opened) = opened {
         match opened {

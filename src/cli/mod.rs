@@ -1229,7 +1229,7 @@ fn open_existing(cfg: &Config) -> Result<Store, Failure> {
 fn open(cfg: &Config) -> Result<Store, Failure> {
     refuse_root_on_service_store(&cfg.node.store)?;
     let created = !cfg.node.store.exists();
-    let store = Store::open(&cfg.node.store, &cfg.node.id)?;
+    let store = cfg.open_store()?;
     if created {
         eprintln!(
             "clinicsync: no store was at {} (node.store): created a new one, as for a new or wiped node. If node.store is mistyped, stop, remove that file and correct the configuration.",

@@ -382,11 +382,22 @@ impl Store {
     /// Opens (creating if needed) the store at `path` for `node_id`, applying migrations.
     /// A new store file is created 0600 (and its directory 0750): see [`crate::filemode`].
     pub fn open(path: &Path, node_id: &str) -> Result<Store> {
+        Store::open_paged(path, node_id, None)
+    }
+
+    /// [`Store::open`]; a store it creates has pages of `page_size` bytes (SQLite's
+    /// default, 4,096, when `None`; a hub's is [`HUB_PAGE_SIZE`]). An existing store
+    /// keeps the page size it was created with: SQLite cannot change it in WAL mode.
+    pub fn open_paged(path: &Path, node_id: &str, page_size: Option<i64>) -> Result<Store> {
         crate::filemode::prepare_store_file(path).map_err(|source| StoreError::File {
             path: path.to_path_buf(),
             source,
         })?;
         let conn = Connection::open(path)?;
+        if let Some(bytes) = page_size {
+            // Only a new, empty file takes it; on any other it does nothing.
+            conn.pragma_update(None, "page_size", bytes)?;
+        }
         Store::init(conn, node_id)
     }
 
@@ -524,12 +535,22 @@ impl Store {
     /// Moves WAL checkpoints off this connection's commits: SQLite otherwise copies
     /// the WAL into the database file inside the commit that crosses 1,000 pages,
     /// and that commit's caller waits for it. A [`Checkpointer`] on the same file
-    /// does it on its own thread; past [`CHECKPOINT_BACKSTOP_PAGES`] this connection
-    /// still checkpoints itself (cheap then: what the thread copied is not copied
-    /// again), so the WAL stays bounded if the thread falls behind.
+    /// does it on its own thread; past [`CHECKPOINT_BACKSTOP_BYTES`] of WAL this
+    /// connection still checkpoints itself (cheap then: what the thread copied is
+    /// not copied again), so the WAL stays bounded if the thread falls behind.
+    ///
+    /// The thread's checkpoint copies what was committed before it started; under
+    /// a stream of pushes the writer has always committed more by the time it
+    /// ends, so the WAL restarts from its beginning only after the writer's own
+    /// checkpoint at the backstop. That one copies what the thread had not reached
+    /// yet: at most [`CHECKPOINT_SPACING`] of commits.
     pub fn checkpoint_elsewhere(&self) -> Result<()> {
-        self.conn
-            .pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BACKSTOP_PAGES)?;
+        let page: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        self.conn.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            CHECKPOINT_BACKSTOP_BYTES / page.max(512),
+        )?;
         Ok(())
     }
 
@@ -660,15 +681,31 @@ fn within_sqlite(key: &meta::MetaKey<u64>, n: u64) -> Result<u64> {
     ))
 }
 
-/// WAL pages past which a connection that leaves checkpoints to a [`Checkpointer`]
-/// checkpoints in its own commit anyway (64 MiB of 4 KiB pages).
-pub const CHECKPOINT_BACKSTOP_PAGES: i64 = 16_384;
+/// WAL bytes past which a connection that leaves checkpoints to a [`Checkpointer`]
+/// checkpoints in its own commit anyway (64 MiB).
+pub const CHECKPOINT_BACKSTOP_BYTES: i64 = 64 << 20;
 
-/// The least time between two checkpoints of a [`Checkpointer`].
-const CHECKPOINT_SPACING: std::time::Duration = std::time::Duration::from_millis(500);
+/// The least time between two checkpoints of a [`Checkpointer`]. A hub taking a
+/// stream of large pushes fills the WAL with ~110 MB/s of pages (`bench apply`),
+/// and the writer's checkpoint at the backstop copies what the thread had not
+/// yet: at 500 ms that was 12 % of the answering thread (perf); at 100 ms it is
+/// a fifth of that, and pushes within 100 ms still share one checkpoint.
+const CHECKPOINT_SPACING: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Page size of a new hub store, in bytes (SQLite's default, which clinics keep,
+/// is 4,096). A push of 2,000 records inserts at random places of the (kind, id)
+/// and patient indexes and dirties most of their pages; with pages twice as large
+/// the b-trees are a level shallower and a commit writes fewer, larger frames:
+/// ×1.18 on `bench apply` (with the 100 ms checkpoint spacing), the same rate
+/// within noise for pushes of 20 records. 16 KiB gained more on large pushes but
+/// lost 5 to 10 % on small ones, which are most of what a hub of hundreds of
+/// clinics sees. A clinic keeps 4 KiB: its pushes gained nothing measurable, its
+/// many small commits would write twice the bytes to its flash, and its memory
+/// target has the least room (BENCHMARKS.md).
+pub const HUB_PAGE_SIZE: i64 = 8192;
 
 /// Checkpoints a store's WAL on a thread of its own, with a connection of its own:
-/// after a [`Checkpointer::nudge`] (at most every 500 ms) and once a second. A PASSIVE checkpoint
+/// after a [`Checkpointer::nudge`] (at most every 100 ms) and once a second. A PASSIVE checkpoint
 /// neither waits for nor blocks the writer; what it copies was committed already
 /// (the WAL holds it durably), so a checkpoint that fails or never runs loses
 /// nothing — the next one, or the writer's own backstop, copies it.
@@ -768,6 +805,48 @@ fn temp_store(node: &str) -> (tempfile::TempDir, Store) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pragma(store: &Store, name: &str) -> i64 {
+        store
+            .conn()
+            .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_new_hub_store_has_its_page_size_and_an_older_one_keeps_its_own() {
+        let (_dir, clinic) = temp_store("a");
+        assert_eq!(pragma(&clinic, "page_size"), 4096);
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Store::open_paged(&dir.path().join("hub.db"), "hub", Some(HUB_PAGE_SIZE))
+            .unwrap();
+        assert_eq!(pragma(&hub, "page_size"), HUB_PAGE_SIZE);
+        hub.checkpoint_elsewhere().unwrap();
+        assert_eq!(
+            pragma(&hub, "wal_autocheckpoint"),
+            CHECKPOINT_BACKSTOP_BYTES / HUB_PAGE_SIZE
+        );
+        // A hub store made by an earlier build, at 4 KiB pages, with a record in
+        // it: opened as a hub's, it keeps its pages and its record, and its
+        // backstop is still 64 MiB of WAL.
+        let path = dir.path().join("old.db");
+        {
+            let mut old = Store::open(&path, "hub").unwrap();
+            let v = test_version(
+                "hub",
+                serde_json::json!({"resourceType": "Patient", "id": "p1"}),
+            );
+            let mut tx = old.begin().unwrap();
+            tx.write_version(&v, "local", None, VersionOutcome::Written, 1)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let old = Store::open_paged(&path, "hub", Some(HUB_PAGE_SIZE)).unwrap();
+        assert_eq!(pragma(&old, "page_size"), 4096);
+        assert_eq!(old.counts().unwrap().records, 1);
+        old.checkpoint_elsewhere().unwrap();
+        assert_eq!(pragma(&old, "wal_autocheckpoint"), (64 << 20) / 4096);
+    }
 
     #[test]
     fn each_store_error_has_its_class() {
