@@ -818,8 +818,8 @@ mod tests {
         let (_dir, clinic) = temp_store("a");
         assert_eq!(pragma(&clinic, "page_size"), 4096);
         let dir = tempfile::tempdir().unwrap();
-        let hub = Store::open_paged(&dir.path().join("hub.db"), "hub", Some(HUB_PAGE_SIZE))
-            .unwrap();
+        let hub =
+            Store::open_paged(&dir.path().join("hub.db"), "hub", Some(HUB_PAGE_SIZE)).unwrap();
         assert_eq!(pragma(&hub, "page_size"), HUB_PAGE_SIZE);
         hub.checkpoint_elsewhere().unwrap();
         assert_eq!(
