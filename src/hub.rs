@@ -1193,6 +1193,9 @@ fn engine_refusal(e: EngineError) -> Refusal {
     match e {
         EngineError::Forbidden(m) => Refusal::new(StatusCode::FORBIDDEN, m),
         EngineError::Invalid(m) => Refusal::new(StatusCode::BAD_REQUEST, m),
+        // A pushed record its block could not build, found while the push was
+        // applied: refused as a frame found undecodable before.
+        EngineError::Undecodable(e) => wire_refusal(e),
         e @ EngineError::Model { .. } => Refusal::new(StatusCode::BAD_REQUEST, e.to_string()),
         // The child learns only that the hub cannot serve now (the detail may name
         // records outside its catchment); the hub stops for a technician.
@@ -1300,7 +1303,16 @@ impl HubState {
         let reads = self.accept().version;
         let chains = || self.chains.lock().unwrap_or_else(|p| p.into_inner());
         let find = |id: &[u8; 8]| chains().find(child, id, Instant::now());
-        let (msg, payload) = wire::check_header(frame)
+        let refuse = |e: WireError| {
+            if let WireError::UnknownPrefix(_) = e {
+                // Routine after a restart: the child sends it again unchained.
+                tracing::info!(peer = %child, error = %e, "chained request refers to a push this hub does not hold; asked again unchained");
+            } else {
+                tracing::warn!(peer = %child, error = %e, "undecodable request");
+            }
+            wire_refusal(e)
+        };
+        let mut inflated = wire::check_header(frame)
             .and_then(|v| {
                 if v > reads {
                     Err(WireError::UnsupportedVersion {
@@ -1308,23 +1320,40 @@ impl HubState {
                         supported: reads,
                     })
                 } else {
-                    wire::decode_keeping(frame, &self.limits, Some(&find))
+                    wire::inflate_keeping(frame, &self.limits, Some(&find))
                 }
             })
-            .map_err(|e| {
-                if let WireError::UnknownPrefix(_) = e {
-                    // Routine after a restart: the child sends it again unchained.
-                    tracing::info!(peer = %child, error = %e, "chained request refers to a push this hub does not hold; asked again unchained");
-                } else {
-                    tracing::warn!(peer = %child, error = %e, "undecodable request");
-                }
-                wire_refusal(e)
-            })?;
-        if let (true, Some(payload)) = (keep && wire::v2::pushes_records(&msg), payload) {
+            .map_err(refuse)?;
+        // A push's records stay in their block until the push is applied: each is
+        // built on the thread that checks it (`engine::handle_push_block`).
+        let (answer, pushes) = match inflated.decode(&self.limits) {
+            Err(e) => return Err(refuse(e)),
+            Ok((msg, block)) => {
+                let pushes =
+                    wire::v2::pushes_records(&msg) || block.as_ref().is_some_and(|b| !b.is_empty());
+                let answer = self.answer_message(child, msg, block, frame.len(), expect, encoding);
+                (answer, pushes)
+            }
+        };
+        if let (true, true, Some(payload)) = (keep, pushes, inflated.into_payload()) {
             if let Some(prefix) = wire::v2::Prefix::of(payload) {
                 chains().keep(child, prefix, Instant::now());
             }
         }
+        answer
+    }
+
+    /// The answer to a decoded request `msg` (`block`: a push's records still in
+    /// their v2 block) of `frame_len` bytes.
+    fn answer_message(
+        &self,
+        child: &str,
+        msg: Message,
+        block: Option<wire::v2::RecordBlock<'_>>,
+        frame_len: usize,
+        expect: Option<&'static str>,
+        encoding: wire::Encoding,
+    ) -> Result<Message, Refusal> {
         if let Some(kind) = expect {
             let fits = msg.name() == kind || (kind == "chunk" && msg.name().starts_with("chunk_"));
             if !fits {
@@ -1335,19 +1364,19 @@ impl HubState {
             }
         }
         match msg {
-            Message::PushRequest(req) => {
-                Ok(Message::PushResponse(self.push(child, req, frame.len())?))
-            }
+            Message::PushRequest(req) => Ok(Message::PushResponse(
+                self.push(child, req, block, frame_len)?,
+            )),
             Message::PullRequest(req) => {
                 let chunk = req.answer_chunk;
-                let answer = Message::PullResponse(self.pull(child, &req, frame.len())?);
+                let answer = Message::PullResponse(self.pull(child, &req, frame_len)?);
                 self.answer_in_pieces(child, answer, chunk, encoding)
             }
             Message::SyncRequest(req) => {
                 // The push is committed before the pull is read: the page is what the
                 // hub holds after it, and an answer lost on the way costs a re-sent
                 // batch (answered as duplicates), never a lost record.
-                let push = self.push(child, req.push, frame.len())?;
+                let push = self.push(child, req.push, block, frame_len)?;
                 let chunk = req.pull.answer_chunk;
                 let pull = self.pull(child, &req.pull, 0)?;
                 Counters::add(&self.counters.sync_requests, 1);
@@ -1488,12 +1517,22 @@ impl HubState {
         &self,
         child: &str,
         req: wire::PushRequest,
+        block: Option<wire::v2::RecordBlock<'_>>,
         bytes: usize,
     ) -> Result<wire::PushResponse, Refusal> {
-        let n = req.records.len();
+        let n = req.records.len() + block.as_ref().map_or(0, |b| b.len());
         let mut store = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let resp = engine::handle_push(&mut store, &self.policy(), child, req, self.now())
-            .map_err(engine_refusal)?;
+        let (policy, now) = (self.policy(), self.now());
+        let resp = match block {
+            Some(block) => engine::handle_push_block(&mut store, &policy, child, req, block, now),
+            None => engine::handle_push(&mut store, &policy, child, req, now),
+        }
+        .map_err(|e| {
+            if let EngineError::Undecodable(e) = &e {
+                tracing::warn!(peer = %child, error = %e, "undecodable request");
+            }
+            engine_refusal(e)
+        })?;
         self.note_contact(&mut store, child, true, bytes as u64, true);
         self.checkpointer.nudge();
         let rejected = resp
@@ -2067,4 +2106,84 @@ pub async fn serve_mqtt(
     }
     let _ = client.disconnect().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A v2 push whose block fails while the push is being applied (its records are
+    /// built as they are integrated) is refused 400 naming what was wrong, like a
+    /// frame refused on arrival, and nothing of it is applied.
+    #[test]
+    fn a_push_whose_block_fails_while_applied_is_refused_and_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut policy = Policy::new("hub", false);
+        policy.serves_children = true;
+        policy.catchment.push(crate::engine::CatchmentRule {
+            node: "a".into(),
+            path: "address.district".into(),
+            equals: "North".into(),
+        });
+        let path = dir.path().join("hub.db");
+        let hub = HubState::new(&path, policy, vec![("a".into(), [0; 32])], 32 << 20).unwrap();
+        let records: Vec<wire::WireRecord> = (0..300)
+            .map(|n| {
+                let body = serde_json::json!({"resourceType": "Patient", "id": format!("p{n}"), "address": [{"district": "North"}], "gender": format!("Ward {n}")});
+                let version = crate::model::Version {
+                    snapshot: crate::model::Snapshot::from_json_value(body).unwrap(),
+                    origin: "a".into(),
+                    hlc: crate::model::Hlc {
+                        wall_ms: 1_000,
+                        counter: 0,
+                    },
+                    vv: crate::model::VersionVector::default().bumped("a"),
+                    deleted: false,
+                };
+                wire::WireRecord::from_version(&version)
+            })
+            .collect();
+        let msg = Message::PushRequest(wire::PushRequest {
+            node: "a".into(),
+            records,
+        });
+        let frame = wire::encode_as(
+            &msg,
+            wire::LEVEL_FAST,
+            wire::Encoding::V2 {
+                dict: 0,
+                columns: true,
+            },
+        )
+        .unwrap();
+        let head = wire::v2::HEADER_LEN;
+        let mut payload = zstd::stream::decode_all(&frame[head..]).unwrap();
+        let last = payload
+            .windows(9)
+            .rposition(|w| w == b"Ward 299\n")
+            .unwrap();
+        // The last value loses its end: its column runs out at the last record.
+        payload[last..last + 9].copy_from_slice(b"Ward 2999");
+        let mut bad = frame[..head].to_vec();
+        bad.extend(zstd::bulk::compress(&payload, 1).unwrap());
+        let refused = hub.answer("a", &bad, Some("push_request")).unwrap_err();
+        assert_eq!(refused.status, 400, "{}", refused.reason);
+        assert!(
+            refused.reason.contains("body column") && refused.reason.contains("run out"),
+            "{}",
+            refused.reason
+        );
+        let held = |p: &std::path::Path| Store::open_existing(p).unwrap().counts().unwrap();
+        assert_eq!((held(&path).records, held(&path).audit), (0, 0));
+        let Message::PushResponse(resp) = hub.answer("a", &frame, Some("push_request")).unwrap()
+        else {
+            panic!("a push is answered by a push response");
+        };
+        assert_eq!(resp.results.len(), 300);
+        assert!(resp
+            .results
+            .iter()
+            .all(|r| r.outcome == wire::Outcome::Accepted));
+        assert_eq!(held(&path).records, 300);
+    }
 }

@@ -668,6 +668,54 @@ pub fn decode_keeping(
     limits: &Limits,
     prefixes: Option<v2::Prefixes<'_>>,
 ) -> Result<(Message, Option<Vec<u8>>), WireError> {
+    match inflate_keeping(bytes, limits, prefixes)? {
+        Inflated {
+            payload: Some(payload),
+            ..
+        } => {
+            let msg = v2::from_payload(&payload, limits)?;
+            Ok((msg, Some(payload)))
+        }
+        Inflated { v1: Some(msg), .. } => Ok((msg, None)),
+        Inflated { .. } => Err(WireError::Decode("the frame holds no message".into())),
+    }
+}
+
+/// A frame decompressed, its message not yet decoded (see [`inflate_keeping`]).
+pub struct Inflated {
+    v1: Option<Message>,
+    payload: Option<Vec<u8>>,
+}
+
+impl Inflated {
+    /// The frame's message. A v2 push's records (a push request's, a sync
+    /// request's) are left in their block, built where they are used
+    /// ([`v2::from_payload_streamed`]); a v1 frame's message comes whole, once.
+    pub fn decode(
+        &mut self,
+        limits: &Limits,
+    ) -> Result<(Message, Option<v2::RecordBlock<'_>>), WireError> {
+        match (&self.payload, self.v1.take()) {
+            (Some(payload), _) => v2::from_payload_streamed(payload, limits),
+            (None, Some(msg)) => Ok((msg, None)),
+            (None, None) => Err(WireError::Decode("the frame was decoded already".into())),
+        }
+    }
+
+    /// The v2 payload (to keep as the sender's next prefix); `None` for v1.
+    pub fn into_payload(self) -> Option<Vec<u8>> {
+        self.payload
+    }
+}
+
+/// [`decode_keeping`] up to the message: a v2 frame is decompressed and its payload
+/// kept, to be decoded by [`Inflated::decode`] (a push's records one at a time
+/// where they are used); a v1 frame is decoded whole.
+pub fn inflate_keeping(
+    bytes: &[u8],
+    limits: &Limits,
+    prefixes: Option<v2::Prefixes<'_>>,
+) -> Result<Inflated, WireError> {
     if bytes.len() > limits.max_compressed {
         return Err(WireError::TooLarge {
             what: "compressed message",
@@ -675,13 +723,14 @@ pub fn decode_keeping(
             limit: limits.max_compressed,
         });
     }
-    let (msg, payload) = match check_header(bytes)? {
-        PROTOCOL_V2 => {
-            let (m, p) = v2::decode_keeping(bytes, limits, prefixes)?;
-            (m, Some(p))
-        }
-        _ => (decode_v1(bytes, limits)?, None),
-    };
+    if check_header(bytes)? == PROTOCOL_V2 {
+        // The record count is checked as the block is read (`v2::read_block`).
+        return Ok(Inflated {
+            v1: None,
+            payload: Some(v2::inflate_payload(bytes, limits, prefixes)?),
+        });
+    }
+    let msg = decode_v1(bytes, limits)?;
     let count = msg.record_count();
     if count > limits.max_records {
         return Err(WireError::TooManyRecords {
@@ -689,7 +738,10 @@ pub fn decode_keeping(
             limit: limits.max_records,
         });
     }
-    Ok((msg, payload))
+    Ok(Inflated {
+        v1: Some(msg),
+        payload: None,
+    })
 }
 
 fn decode_v1(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {

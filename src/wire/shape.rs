@@ -422,94 +422,168 @@ pub fn encode(bodies: &[&str], kinds: &[usize]) -> Vec<Vec<u8>> {
     pieces
 }
 
-/// Reads the bodies of `kinds.len()` records (in body order) and returns them in that
-/// order. `spend` is charged what each rebuilt body adds beyond its values.
-pub(super) fn decode(
-    r: &mut Reader<'_>,
-    kinds: &[usize],
-    order: &[usize],
-    spend: Charge<'_>,
-) -> Result<Vec<String>, WireError> {
-    let n = kinds.len();
-    let n_shapes = r.count(n.min(r.remaining()), &|| "number of body shapes".into())?;
-    let mut shapes = Vec::with_capacity(n_shapes);
-    for s in 0..n_shapes {
-        let len = r.count(r.remaining(), &|| format!("body shape {s}: length"))?;
-        shapes.push(r.bytes(len, &|| format!("body shape {s}"))?);
-    }
-    let counts: Vec<usize> = shapes.iter().map(|s| placeholders(s)).collect();
-    let mut shape_of = Vec::with_capacity(n);
-    // Values the records read: no more columns than that can be read.
-    let mut values = 0usize;
-    for &i in order {
-        let s = r.varint(&|| format!("record {i}: body shape"))?;
-        if s > n_shapes as u64 {
+/// The body section of a block, read and planned, its bodies not yet rebuilt: each
+/// is rebuilt when it is wanted ([`Bodies::rebuild`]), so a hub rebuilds a push's
+/// bodies on the thread that checks its records while another integrates the ones
+/// before them. Values are read off their columns in body order: within a kind
+/// (every column is one kind's) bodies are rebuilt in that order, across kinds in
+/// any.
+pub(super) struct Bodies<'a> {
+    shapes: Vec<&'a [u8]>,
+    /// Per body position: the record it is (for errors), its kind, its shape (0:
+    /// verbatim), its plan (an index into `plans`; unused when verbatim).
+    record: Vec<usize>,
+    kind: Vec<usize>,
+    shape_of: Vec<usize>,
+    plan_of: Vec<usize>,
+    plans: Vec<Vec<usize>>,
+    verbatim: Vec<Option<&'a str>>,
+    cols: Vec<&'a [u8]>,
+    /// Each shape's placeholders (position, byte), found at its first body: a body
+    /// then copies the text between them without looking at it byte by byte.
+    cuts_of: Vec<Option<Vec<(usize, u8)>>>,
+    /// The length of the last body rebuilt from each shape: the next one of the
+    /// shape is sized by it (records of a shape differ little), so a body is written
+    /// into room it has instead of growing value by value (perf: a tenth of the
+    /// hub's decode was bodies reallocated and their new pages faulted in).
+    last_len: Vec<usize>,
+    /// Per kind: the body position of it to rebuild next.
+    next_of_kind: HashMap<usize, usize>,
+}
+
+impl<'a> Bodies<'a> {
+    /// Reads the body section of `kinds.len()` records (`kinds` and `order`, the
+    /// records' positions, both in body order) up to and including its columns, and
+    /// plans every (kind, shape)'s columns. `spend` is charged what the plans hold.
+    pub(super) fn read(
+        r: &mut Reader<'a>,
+        kinds: &[usize],
+        order: &[usize],
+        spend: Charge<'_>,
+    ) -> Result<Bodies<'a>, WireError> {
+        let n = kinds.len();
+        let n_shapes = r.count(n.min(r.remaining()), &|| "number of body shapes".into())?;
+        let mut shapes = Vec::with_capacity(n_shapes);
+        for s in 0..n_shapes {
+            let len = r.count(r.remaining(), &|| format!("body shape {s}: length"))?;
+            shapes.push(r.bytes(len, &|| format!("body shape {s}"))?);
+        }
+        let counts: Vec<usize> = shapes.iter().map(|s| placeholders(s)).collect();
+        let mut shape_of = Vec::with_capacity(n);
+        // Values the records read: no more columns than that can be read.
+        let mut values = 0usize;
+        for &i in order {
+            let s = r.varint(&|| format!("record {i}: body shape"))?;
+            if s > n_shapes as u64 {
+                return Err(block(format!(
+                    "record {i}: body shape {s} is outside the shape table ({n_shapes} entries)"
+                )));
+            }
+            let s = s as usize;
+            if s > 0 {
+                values = values.saturating_add(counts[s - 1]);
+            }
+            shape_of.push(s);
+        }
+        let mut verbatim = Vec::with_capacity(n);
+        for (pos, &i) in order.iter().enumerate() {
+            if shape_of[pos] == 0 {
+                let len = r.count(r.remaining(), &|| format!("record {i}: body length"))?;
+                let b = r.bytes(len, &|| format!("record {i}: body"))?;
+                let text = std::str::from_utf8(b)
+                    .map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
+                verbatim.push(Some(text));
+            } else {
+                verbatim.push(None);
+            }
+        }
+        let n_cols = r.count(values.min(r.remaining()), &|| {
+            "number of body columns".into()
+        })?;
+        // Its length and its slice, before they are allocated.
+        spend(n_cols.saturating_mul(24))?;
+        let mut lens = Vec::with_capacity(n_cols);
+        let mut total = 0usize;
+        for c in 0..n_cols {
+            let len = r.count(r.remaining(), &|| format!("body column {c}: length"))?;
+            total = total.saturating_add(len);
+            lens.push(len);
+        }
+        if total > r.remaining() {
             return Err(block(format!(
-                "record {i}: body shape {s} is outside the shape table ({n_shapes} entries)"
+                "body columns should take {total} bytes, {} remain",
+                r.remaining()
             )));
         }
-        let s = s as usize;
-        if s > 0 {
-            values = values.saturating_add(counts[s - 1]);
+        let mut cols: Vec<&[u8]> = Vec::with_capacity(n_cols);
+        for (c, &len) in lens.iter().enumerate() {
+            cols.push(r.bytes(len, &|| format!("body column {c}"))?);
         }
-        shape_of.push(s);
-    }
-    let mut bodies: Vec<String> = Vec::with_capacity(n);
-    let mut verbatim = Vec::with_capacity(n);
-    for (pos, &i) in order.iter().enumerate() {
-        if shape_of[pos] == 0 {
-            let len = r.count(r.remaining(), &|| format!("record {i}: body length"))?;
-            let b = r.bytes(len, &|| format!("record {i}: body"))?;
-            let text = std::str::from_utf8(b)
-                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
-            verbatim.push(Some(text));
-        } else {
-            verbatim.push(None);
+        // Columns are numbered by first appearance in body order: the plans are
+        // made in that order, whatever order the bodies are rebuilt in.
+        let (mut paths, mut index) = (Paths::default(), ColumnIndex::default());
+        let mut plan_ids: HashMap<(usize, usize), usize> = HashMap::new();
+        let mut plans: Vec<Vec<usize>> = Vec::new();
+        let mut plan_of = Vec::with_capacity(n);
+        let mut next_of_kind = HashMap::new();
+        for (pos, &s) in shape_of.iter().enumerate() {
+            next_of_kind.entry(kinds[pos]).or_insert(pos);
+            if s == 0 {
+                plan_of.push(0);
+                continue;
+            }
+            let id = match plan_ids.get(&(kinds[pos], s - 1)) {
+                Some(&id) => id,
+                None => {
+                    let nodes = paths.of(s - 1, shapes[s - 1], spend)?;
+                    let plan = index.plan(kinds[pos], s - 1, nodes, spend)?;
+                    // This copy of it as much again.
+                    spend(8 * plan.len())?;
+                    plans.push(plan.to_vec());
+                    plan_ids.insert((kinds[pos], s - 1), plans.len() - 1);
+                    plans.len() - 1
+                }
+            };
+            plan_of.push(id);
         }
+        spend(n_shapes.saturating_mul(24))?;
+        Ok(Bodies {
+            cuts_of: vec![None; n_shapes],
+            last_len: vec![0; n_shapes],
+            shapes,
+            record: order.to_vec(),
+            kind: kinds.to_vec(),
+            shape_of,
+            plan_of,
+            plans,
+            verbatim,
+            cols,
+            next_of_kind,
+        })
     }
-    let n_cols = r.count(values.min(r.remaining()), &|| {
-        "number of body columns".into()
-    })?;
-    // Its length and its slice, before they are allocated.
-    spend(n_cols.saturating_mul(24))?;
-    let mut lens = Vec::with_capacity(n_cols);
-    let mut total = 0usize;
-    for c in 0..n_cols {
-        let len = r.count(r.remaining(), &|| format!("body column {c}: length"))?;
-        total = total.saturating_add(len);
-        lens.push(len);
-    }
-    if total > r.remaining() {
-        return Err(block(format!(
-            "body columns should take {total} bytes, {} remain",
-            r.remaining()
-        )));
-    }
-    let mut cols: Vec<&[u8]> = Vec::with_capacity(n_cols);
-    for (c, &len) in lens.iter().enumerate() {
-        cols.push(r.bytes(len, &|| format!("body column {c}"))?);
-    }
-    let (mut paths, mut index) = (Paths::default(), ColumnIndex::default());
-    // Each shape's placeholders (position, byte), found once: a record then copies
-    // the text between them without looking at it byte by byte.
-    spend(n_shapes.saturating_mul(24))?;
-    let mut cuts_of: Vec<Option<Vec<(usize, u8)>>> = vec![None; n_shapes];
-    // The length of the last body rebuilt from each shape: the next one of the shape
-    // is sized by it (records of a shape differ little), so a body is written into
-    // room it has instead of growing value by value (perf: a tenth of the hub's
-    // decode was bodies reallocated and their new pages faulted in).
-    let mut last_len = vec![0usize; n_shapes];
-    for (pos, &i) in order.iter().enumerate() {
-        let s = shape_of[pos];
-        if let Some(text) = verbatim[pos] {
-            bodies.push(text.to_string());
-            continue;
+
+    /// The body at body position `pos`. `spend` is charged what the rebuilt body
+    /// adds beyond its values. A body of a kind rebuilt out of its kind's body
+    /// order is refused (its values would be another body's).
+    pub(super) fn rebuild(&mut self, pos: usize, spend: Charge<'_>) -> Result<String, WireError> {
+        let i = self.record[pos];
+        let kind = self.kind[pos];
+        if self.next_of_kind.get(&kind) != Some(&pos) {
+            return Err(block(format!(
+                "record {i}: body wanted out of its kind's order"
+            )));
         }
-        let shape = shapes[s - 1];
-        let cuts = match &mut cuts_of[s - 1] {
+        self.next_of_kind.insert(kind, pos + 1);
+        let s = self.shape_of[pos];
+        if let Some(text) = self.verbatim[pos] {
+            return Ok(text.to_string());
+        }
+        let shape = self.shapes[s - 1];
+        let plan = &self.plans[self.plan_of[pos]];
+        let cuts = match &mut self.cuts_of[s - 1] {
             Some(cuts) => cuts,
             slot => {
-                spend(16 * counts[s - 1])?;
+                spend(16 * placeholders(shape))?;
                 slot.insert(
                     shape
                         .iter()
@@ -520,18 +594,17 @@ pub(super) fn decode(
                 )
             }
         };
-        let nodes = paths.of(s - 1, shape, spend)?;
-        let plan = index.plan(kinds[pos], s - 1, nodes, spend)?;
         // What the rebuilt body adds to the payload: its shape and the quotes.
         spend(shape.len() + 2 * plan.len())?;
         // Within 16 to 64 bytes a value beyond the shape: room beyond what a body
         // needs is what the body before it of its shape took, in bytes that block
         // sent, and at most 64 a value (a hostile block gets no more than it paid).
-        let room =
-            last_len[s - 1].clamp(shape.len() + 16 * plan.len(), shape.len() + 64 * plan.len());
+        let room = self.last_len[s - 1]
+            .clamp(shape.len() + 16 * plan.len(), shape.len() + 64 * plan.len());
         let mut body = Vec::with_capacity(room);
         let mut next = plan.iter();
         let mut from = 0;
+        let n_cols = self.cols.len();
         for &(at, b) in cuts.iter() {
             body.extend_from_slice(&shape[from..at]);
             from = at + 1;
@@ -540,7 +613,7 @@ pub(super) fn decode(
                     "record {i}: its shape has a placeholder where no value can go (inside a key)"
                 )));
             };
-            let col = cols.get_mut(c).ok_or_else(|| {
+            let col = self.cols.get_mut(c).ok_or_else(|| {
                 block(format!(
                     "record {i}: its shape reads body column {c}, the block has {n_cols}"
                 ))
@@ -555,17 +628,36 @@ pub(super) fn decode(
             }
         }
         body.extend_from_slice(&shape[from..]);
-        last_len[s - 1] = body.len();
-        let text =
-            String::from_utf8(body).map_err(|_| block(format!("record {i}: body is not UTF-8")))?;
-        bodies.push(text);
+        self.last_len[s - 1] = body.len();
+        String::from_utf8(body).map_err(|_| block(format!("record {i}: body is not UTF-8")))
     }
-    if let Some(c) = cols.iter().position(|c| !c.is_empty()) {
-        return Err(block(format!(
-            "body column {c} holds values no record reads"
-        )));
+
+    /// After every body was rebuilt: a column with values left over is refused.
+    pub(super) fn finish(&self) -> Result<(), WireError> {
+        match self.cols.iter().position(|c| !c.is_empty()) {
+            Some(c) => Err(block(format!(
+                "body column {c} holds values no record reads"
+            ))),
+            None => Ok(()),
+        }
     }
-    Ok(bodies)
+}
+
+/// Reads the bodies of `kinds.len()` records (in body order) and returns them in that
+/// order. `spend` is charged what each rebuilt body adds beyond its values.
+#[cfg(test)]
+fn decode(
+    r: &mut Reader<'_>,
+    kinds: &[usize],
+    order: &[usize],
+    spend: Charge<'_>,
+) -> Result<Vec<String>, WireError> {
+    let mut bodies = Bodies::read(r, kinds, order, spend)?;
+    let out = (0..kinds.len())
+        .map(|pos| bodies.rebuild(pos, spend))
+        .collect::<Result<Vec<_>, _>>()?;
+    bodies.finish()?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1033,6 +1033,17 @@ pub fn decode_keeping(
     limits: &Limits,
     prefixes: Option<Prefixes<'_>>,
 ) -> Result<(Message, Vec<u8>), WireError> {
+    let payload = inflate_payload(bytes, limits, prefixes)?;
+    let msg = from_payload(&payload, limits)?;
+    Ok((msg, payload))
+}
+
+/// The decompressed payload of a v2 frame (as [`decode_keeping`] reads it).
+pub fn inflate_payload(
+    bytes: &[u8],
+    limits: &Limits,
+    prefixes: Option<Prefixes<'_>>,
+) -> Result<Vec<u8>, WireError> {
     if bytes.len() < HEADER_LEN {
         return Err(WireError::TooShort(bytes.len()));
     }
@@ -1066,8 +1077,7 @@ pub fn decode_keeping(
             super::inflate(d, limits, bytes.len())?
         }
     };
-    let msg = from_payload(&payload, limits)?;
-    Ok((msg, payload))
+    Ok(payload)
 }
 
 /// One record's id as the block gives it: inside its body, or spelled out.
@@ -1078,6 +1088,157 @@ enum IdRef {
 
 /// The message in a decompressed v2 payload.
 pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireError> {
+    let (msg, counts, block) = read_block(payload, limits)?;
+    with_records(msg, counts, block)
+}
+
+/// [`from_payload`], but a push's records (a push request's, a sync request's) are
+/// left in their block, to be built one at a time ([`RecordBlock::take`]) where they
+/// are used: the message comes back with its record list empty. Any other message
+/// comes back whole, with no block.
+pub fn from_payload_streamed<'a>(
+    payload: &'a [u8],
+    limits: &Limits,
+) -> Result<(Message, Option<RecordBlock<'a>>), WireError> {
+    let (msg, counts, block) = read_block(payload, limits)?;
+    if matches!(msg, Message::PushRequest(_) | Message::SyncRequest(_)) {
+        return Ok((msg, Some(block)));
+    }
+    with_records(msg, counts, block).map(|m| (m, None))
+}
+
+/// `msg` with the records of `block` built into its slots, `counts[k]` into slot k.
+fn with_records(
+    mut msg: Message,
+    counts: Vec<usize>,
+    mut block: RecordBlock<'_>,
+) -> Result<Message, WireError> {
+    let records = (0..block.len())
+        .map(|i| block.take(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    block.finish()?;
+    let mut records = records.into_iter();
+    for (slot, count) in record_slots(&mut msg).into_iter().zip(counts) {
+        match slot {
+            Slot::List(list) => list.extend(records.by_ref().take(count)),
+            Slot::One(one) => {
+                if count == 1 {
+                    *one = records.next();
+                }
+            }
+        }
+    }
+    Ok(msg)
+}
+
+/// A v2 record block read up to its bodies: every column decoded, the bodies left
+/// in the payload until a record is built ([`RecordBlock::take`]). Errors in a body
+/// (a column run out, text that is not UTF-8) are found when its record is built,
+/// and values left over in [`RecordBlock::finish`].
+pub struct RecordBlock<'a> {
+    kinds: Vec<String>,
+    nodes: Vec<String>,
+    kind_ix: Vec<usize>,
+    origin_ix: Vec<usize>,
+    ids: Vec<IdRef>,
+    hlcs: Vec<Hlc>,
+    vvs: Vec<VersionVector>,
+    deleted: &'a [u8],
+    /// Each record's body position (bodies are grouped by kind: `body_order`).
+    pos_of: Vec<usize>,
+    bodies: BodyText<'a>,
+    taken: Vec<bool>,
+    /// What the built records may still cost in memory (`Limits::max_decompressed`
+    /// less what was spent).
+    budget: usize,
+    limit: usize,
+}
+
+/// The bodies of a block: as shapes and columns, or as text in the payload (by body
+/// position).
+enum BodyText<'a> {
+    Columns(Box<super::shape::Bodies<'a>>),
+    Text(Vec<&'a str>),
+}
+
+impl RecordBlock<'_> {
+    pub fn len(&self) -> usize {
+        self.kind_ix.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kind_ix.is_empty()
+    }
+
+    /// The kind of record `i` (known before its record is built).
+    pub fn kind(&self, i: usize) -> &str {
+        &self.kinds[self.kind_ix[i]]
+    }
+
+    /// Builds record `i`, each once. Within a kind, records are built in their
+    /// order (a kind's body values are read off its columns in that order); across
+    /// kinds, in any. Out of that order, or twice, is refused by name.
+    pub fn take(&mut self, i: usize) -> Result<WireRecord, WireError> {
+        if i >= self.len() || std::mem::replace(&mut self.taken[i], true) {
+            return Err(block(format!(
+                "record {i} is not in the block or was built already"
+            )));
+        }
+        let (budget, limit) = (&mut self.budget, self.limit);
+        let mut spend = |n: usize| -> Result<(), WireError> {
+            *budget = budget.checked_sub(n).ok_or_else(|| WireError::TooLarge {
+                what: "decoded record block",
+                size: limit.saturating_add(n),
+                limit,
+            })?;
+            Ok(())
+        };
+        let pos = self.pos_of[i];
+        let body = match &mut self.bodies {
+            BodyText::Columns(bodies) => bodies.rebuild(pos, &mut spend)?,
+            BodyText::Text(texts) => texts[pos].to_string(),
+        };
+        let id = match &mut self.ids[i] {
+            IdRef::Text(t) => std::mem::take(t),
+            IdRef::InBody(k) => id_from_body(&body, *k)
+                .ok_or_else(|| {
+                    block(format!(
+                        "record {i}: its body has no id after \"id\" number {k}"
+                    ))
+                })?
+                .to_string(),
+        };
+        let kind = self.kinds[self.kind_ix[i]].clone();
+        let origin = self.nodes[self.origin_ix[i]].clone();
+        spend(RECORD_OVERHEAD + kind.len() + origin.len() + id.len())?;
+        Ok(WireRecord {
+            kind,
+            id,
+            origin,
+            hlc: self.hlcs[i],
+            vv: std::mem::take(&mut self.vvs[i]),
+            deleted: self.deleted[i / 8] & (1 << (i % 8)) != 0,
+            body,
+        })
+    }
+
+    /// After every record was built: body values left over are refused.
+    pub fn finish(&self) -> Result<(), WireError> {
+        if let Some(i) = self.taken.iter().position(|t| !t) {
+            return Err(block(format!("record {i} of the block was never built")));
+        }
+        match &self.bodies {
+            BodyText::Columns(bodies) => bodies.finish(),
+            BodyText::Text(_) => Ok(()),
+        }
+    }
+}
+
+/// The skeleton of a v2 payload, its record counts per slot, and its record block.
+fn read_block<'a>(
+    payload: &'a [u8],
+    limits: &Limits,
+) -> Result<(Message, Vec<usize>, RecordBlock<'a>), WireError> {
     let mut r = Reader::new(payload);
     let skel_len = r.count(payload.len(), &|| "skeleton length".into())?;
     let skel = r.bytes(skel_len, &|| "skeleton".into())?;
@@ -1224,25 +1385,33 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
     // Bodies come grouped by kind (see `body_order`), newline-terminated or after a
     // length column.
     let order = body_order_of(&kind_ix);
-    let mut bodies: Vec<std::borrow::Cow<'_, str>> = vec![std::borrow::Cow::Borrowed(""); total];
-    if flags & FLAG_BODY_COLUMNS != 0 {
+    let mut pos_of = vec![0usize; total];
+    for (pos, &i) in order.iter().enumerate() {
+        pos_of[i] = pos;
+    }
+    let bodies = if flags & FLAG_BODY_COLUMNS != 0 {
         let kinds: Vec<usize> = order.iter().map(|&i| kind_ix[i]).collect();
-        let decoded = super::shape::decode(&mut r, &kinds, &order, &mut |n| spend(n, "body"))?;
-        for (&i, b) in order.iter().zip(decoded) {
-            bodies[i] = std::borrow::Cow::Owned(b);
-        }
+        BodyText::Columns(Box::new(super::shape::Bodies::read(
+            &mut r,
+            &kinds,
+            &order,
+            &mut |n| spend(n, "body"),
+        )?))
     } else if flags & FLAG_NEWLINES != 0 {
+        let mut texts = Vec::with_capacity(total);
         for &i in &order {
             let rest = &r.buf[r.pos..];
             let len = rest
                 .iter()
                 .position(|&b| b == b'\n')
                 .ok_or_else(|| block(format!("record {i}: body has no end")))?;
-            bodies[i] = std::str::from_utf8(&rest[..len])
-                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?
-                .into();
+            texts.push(
+                std::str::from_utf8(&rest[..len])
+                    .map_err(|_| block(format!("record {i}: body is not UTF-8")))?,
+            );
             r.pos += len + 1;
         }
+        BodyText::Text(texts)
     } else {
         let mut lens = Vec::with_capacity(total);
         let mut body_bytes = 0usize;
@@ -1257,13 +1426,16 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
                 r.remaining()
             )));
         }
+        let mut texts = Vec::with_capacity(total);
         for (&i, &len) in order.iter().zip(&lens) {
             let b = r.bytes(len, &|| format!("record {i}: body"))?;
-            bodies[i] = std::str::from_utf8(b)
-                .map_err(|_| block(format!("record {i}: body is not UTF-8")))?
-                .into();
+            texts.push(
+                std::str::from_utf8(b)
+                    .map_err(|_| block(format!("record {i}: body is not UTF-8")))?,
+            );
         }
-    }
+        BodyText::Text(texts)
+    };
     if flags & FLAG_RESULTS != 0 {
         let results = read_results(&mut r, limits, &mut spend)?;
         match results_slot(&mut msg) {
@@ -1283,47 +1455,26 @@ pub fn from_payload(payload: &[u8], limits: &Limits) -> Result<Message, WireErro
             r.remaining()
         )));
     }
-    let mut records = Vec::with_capacity(total);
-    for i in 0..total {
-        let body = std::mem::take(&mut bodies[i]);
-        let id = match &ids[i] {
-            IdRef::Text(t) => t.clone(),
-            IdRef::InBody(k) => id_from_body(&body, *k)
-                .ok_or_else(|| {
-                    block(format!(
-                        "record {i}: its body has no id after \"id\" number {k}"
-                    ))
-                })?
-                .to_string(),
-        };
-        let kind = kinds[kind_ix[i]].clone();
-        let origin = nodes[origin_ix[i]].clone();
-        spend(
-            RECORD_OVERHEAD + kind.len() + origin.len() + id.len(),
-            "record",
-        )?;
-        records.push(WireRecord {
-            kind,
-            id,
-            origin,
-            hlc: hlcs[i],
-            vv: std::mem::take(&mut vvs[i]),
-            deleted: bits[i / 8] & (1 << (i % 8)) != 0,
-            body: body.into_owned(),
-        });
-    }
-    let mut records = records.into_iter();
-    for (slot, count) in record_slots(&mut msg).into_iter().zip(counts) {
-        match slot {
-            Slot::List(list) => list.extend(records.by_ref().take(count)),
-            Slot::One(one) => {
-                if count == 1 {
-                    *one = records.next();
-                }
-            }
-        }
-    }
-    Ok(msg)
+    let limit = limits.max_decompressed;
+    Ok((
+        msg,
+        counts,
+        RecordBlock {
+            kinds,
+            nodes,
+            kind_ix,
+            origin_ix,
+            ids,
+            hlcs,
+            vvs,
+            deleted: bits,
+            pos_of,
+            bodies,
+            taken: vec![false; total],
+            budget,
+            limit,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -1603,6 +1754,82 @@ mod tests {
         });
         let f = encode_as(&msg, 1, Encoding::V2 { dict: 0, columns }).unwrap();
         zstd::stream::decode_all(&f[HEADER_LEN..]).unwrap()
+    }
+
+    /// A push's block builds its records in any order across kinds (a hub builds
+    /// Patients first) into exactly what the whole decode gives, in both body forms
+    /// (enough records that the columns are the smaller: a small block may go in
+    /// either); within a kind out of order, or a record twice, is refused by name.
+    #[test]
+    fn a_block_builds_records_across_kinds_in_any_order_and_within_a_kind_in_order() {
+        let recs = records(600);
+        for columns in [true, false] {
+            let payload = payload_in(recs.clone(), columns);
+            let whole = match from_payload(&payload, &Limits::default()).unwrap() {
+                Message::PushRequest(p) => p.records,
+                other => panic!("{}", other.name()),
+            };
+            assert_eq!(whole, recs);
+            let (skeleton, block) = from_payload_streamed(&payload, &Limits::default()).unwrap();
+            let mut block = block.expect("a push comes with its block");
+            assert_eq!(matches!(block.bodies, BodyText::Columns(_)), columns);
+            assert!(matches!(skeleton, Message::PushRequest(ref p) if p.records.is_empty()));
+            // Patients first, then the other kinds from the last record back to
+            // the first kind met: across kinds in any order, within one in order.
+            let n = block.len();
+            let mut order: Vec<usize> = (0..n).filter(|&i| block.kind(i) == "Patient").collect();
+            let mut kinds: Vec<String> = Vec::new();
+            for i in (0..n).rev() {
+                let k = block.kind(i).to_string();
+                if k != "Patient" && !kinds.contains(&k) {
+                    kinds.push(k);
+                }
+            }
+            for k in &kinds {
+                order.extend((0..n).filter(|&i| block.kind(i) == k));
+            }
+            let mut built = vec![None; n];
+            for i in order {
+                built[i] = Some(block.take(i).unwrap());
+            }
+            block.finish().unwrap();
+            let built: Vec<WireRecord> = built.into_iter().map(Option::unwrap).collect();
+            assert_eq!(built, recs, "columns: {columns}");
+        }
+        // As columns, a kind's order is what keeps each value with its body.
+        let payload = payload_in(recs.clone(), true);
+        let (_, block) = from_payload_streamed(&payload, &Limits::default()).unwrap();
+        let mut block = block.unwrap();
+        // Records 0 and 3 are Patients: 3 before 0 is out of order.
+        assert_eq!((block.kind(0), block.kind(3)), ("Patient", "Patient"));
+        let err = block.take(3).unwrap_err().to_string();
+        assert!(
+            err.contains("record 3: body wanted out of its kind's order"),
+            "{err}"
+        );
+        let (_, block) = from_payload_streamed(&payload, &Limits::default()).unwrap();
+        let mut block = block.unwrap();
+        block.take(0).unwrap();
+        let err = block.take(0).unwrap_err().to_string();
+        assert!(
+            err.contains("record 0 is not in the block or was built already"),
+            "{err}"
+        );
+        let err = block.finish().unwrap_err().to_string();
+        assert!(err.contains("was never built"), "{err}");
+        // Any other message comes whole.
+        let pull = Message::PullResponse(PullResponse {
+            records: recs.clone(),
+            next: Cursor::default(),
+            more: false,
+            head: 7,
+            orders: Vec::new(),
+            bundle_seq: 0,
+        });
+        let p = super::payload(&pull, true).unwrap().unwrap();
+        let (msg, block) = from_payload_streamed(&p, &Limits::default()).unwrap();
+        assert!(block.is_none());
+        assert_eq!(msg, pull);
     }
 
     fn block_err(payload: &[u8]) -> String {
