@@ -1260,6 +1260,13 @@ pub fn handle_push(
     push_checked_from(store, policy, child, req, now_ms, PARALLEL_VALIDATE_MIN)
 }
 
+/// The order a push's records are integrated in, by (kind, place in the push):
+/// Patients first (the records after them may need them in the catchment), then
+/// the rest, each in the push's order.
+fn integration_key(kind: &str, i: usize) -> (bool, usize) {
+    (kind != "Patient", i)
+}
+
 /// [`handle_push`], checking on a second thread from `parallel_min` records up.
 fn push_checked_from(
     store: &mut Store,
@@ -1270,7 +1277,7 @@ fn push_checked_from(
     parallel_min: usize,
 ) -> Result<PushResponse> {
     let mut records: Vec<(usize, WireRecord)> = req.records.into_iter().enumerate().collect();
-    records.sort_by_key(|(i, r)| (r.kind != "Patient", *i));
+    records.sort_by_key(|(i, r)| integration_key(&r.kind, *i));
     let total = records.len();
     let records = records.into_iter().map(Ok);
     push_in_order(
@@ -1303,13 +1310,10 @@ pub fn handle_push_block(
             "a push carries records both in its message and in its block".into(),
         ));
     }
-    // The order `push_checked_from` integrates in: Patients first, then the rest,
-    // each in the push's order (within a kind, the block's order too).
+    // Within a kind the push's order is the block's too: what `take` needs.
     let total = block.len();
-    let order: Vec<usize> = (0..total)
-        .filter(|&i| block.kind(i) == "Patient")
-        .chain((0..total).filter(|&i| block.kind(i) != "Patient"))
-        .collect();
+    let mut order: Vec<usize> = (0..total).collect();
+    order.sort_by_key(|&i| integration_key(block.kind(i), i));
     let mut block = block;
     let mut order = order.into_iter();
     let mut finished = false;

@@ -110,6 +110,15 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the node: serve children and/or sync with the parent until SIGTERM.
+    #[command(
+        after_long_help = "Installed from the .deb, the service runs it (journald logs):
+  sudo systemctl enable --now clinicsync
+  journalctl -u clinicsync -f
+
+Examples:
+  sudo -u clinicsync clinicsync run             # in the foreground, with /etc/clinicsync/clinicsync.toml
+  sudo -u clinicsync clinicsync -c /srv/hub.toml run"
+    )]
     Run,
     /// Queue depths, quarantine and conflict counts, last push/pull, cursor lag.
     #[command(after_long_help = "Examples:
@@ -183,17 +192,26 @@ Examples:
         bootstrap: bool,
     },
     /// Write FHIR resources (a resource or a Bundle, JSON) into this node's store.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync put patient.json
+  sudo -u clinicsync clinicsync put bundle-from-the-emr.json more/*.json")]
     Put {
         /// JSON files, each a FHIR resource or a Bundle of them.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Print the current version of a record as FHIR JSON.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync get Patient/5b0c…
+  sudo -u clinicsync clinicsync get Observation/77ab… | jq .valueQuantity")]
     Get {
         /// The record, as `Kind/id` (e.g. Patient/5b0c…).
         record: String,
     },
     /// List records held here, optionally of one kind.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync ls Patient
+  sudo -u clinicsync clinicsync ls --json | jq length")]
     Ls {
         /// Only records of this FHIR kind (e.g. Patient, Encounter).
         kind: Option<String>,
@@ -202,11 +220,15 @@ Examples:
         json: bool,
     },
     /// Delete a record (a tombstone that syncs like any other version).
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync delete Observation/77ab…   # its history keeps every version")]
     Delete {
         /// The record, as `Kind/id`.
         record: String,
     },
     /// Ask the parent for records on demand (refused outside this node's catchment).
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync fetch Patient/5b0c… Encounter/e1")]
     Fetch {
         /// Records, each as `Kind/id`.
         #[arg(required = true)]
@@ -241,11 +263,17 @@ Examples:
         json: bool,
     },
     /// The tamper-evident audit log.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync audit verify    # exit 0 when the chain is intact, else names the first bad row
+  sudo -u clinicsync clinicsync audit list --record Patient/5b0c…")]
     Audit {
         #[command(subcommand)]
         action: AuditCmd,
     },
     /// Configuration helpers.
+    #[command(after_long_help = "Examples:
+  clinicsync config check                       # every problem, with its key or line; exit 3 when there is one
+  clinicsync -c /srv/new.toml config check")]
     Config {
         #[command(subcommand)]
         action: ConfigCmd,
@@ -261,6 +289,9 @@ Examples:
         action: children::ChildCmd,
     },
     /// Credentials for children.
+    #[command(after_long_help = "Examples:
+  clinicsync token new      # the token goes to the clinic's token_file, the hash to the hub's [[hub.children]]
+  (`clinicsync child add` does both at a running hub)")]
     Token {
         #[command(subcommand)]
         action: TokenCmd,
@@ -285,17 +316,32 @@ Examples:
     },
     /// At a hub: which patients each child holds, and moving them by hand
     /// (audited). Clinics write only for patients of their catchment.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync catchment list clinic-a
+  sudo -u clinicsync clinicsync catchment add clinic-a Patient/5b0c…
+  sudo -u clinicsync clinicsync catchment move Patient/5b0c… clinic-a clinic-b
+  sudo -u clinicsync clinicsync catchment preview clinic-c --path address.district --equals Vihiga")]
     Catchment {
         #[command(subcommand)]
         action: CatchmentCmd,
     },
     /// This node's bundle keys, and the nodes it trusts.
+    #[command(
+        after_long_help = "Examples (once per pair of nodes, before the first USB bundle):
+  sudo -u clinicsync clinicsync keys init
+  sudo -u clinicsync clinicsync keys show > clinic-a.key      # carry it to the hub
+  sudo -u clinicsync clinicsync keys trust hub.key --parent   # at the clinic
+  sudo -u clinicsync clinicsync keys trust clinic-a.key       # at the hub"
+    )]
     Keys {
         #[command(subcommand)]
         action: KeysCmd,
     },
     /// Write a USB bundle for the parent: everything not yet acknowledged plus the
     /// pull cursor, encrypted to the parent and signed by this node.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync export /media/usb
+  sudo -u clinicsync clinicsync export /media/usb --part-size 4G   # a FAT32 stick holds files under 4 GiB")]
     Export {
         /// Directory to write into (the mounted stick).
         dir: PathBuf,
@@ -308,6 +354,10 @@ Examples:
     },
     /// Import a USB bundle (any of its parts): on a hub, apply a clinic's export and
     /// write the return bundle beside it; on a clinic, apply the return bundle.
+    #[command(after_long_help = "Examples:
+  sudo -u clinicsync clinicsync import /media/usb/clinic-a-to-hub-….csb     # at the hub: writes the return bundle beside it
+  sudo -u clinicsync clinicsync import /media/usb/hub-to-clinic-a-….csb     # back at the clinic
+A bundle already imported (or older than one that was) is refused by name; nothing is applied twice.")]
     Import {
         /// The bundle, or any of its parts (`….csb.001`, …).
         file: PathBuf,
@@ -319,6 +369,9 @@ Examples:
         json: bool,
     },
     /// Start a hub and two clinics on 127.0.0.1, write synthetic data, sync, show status.
+    #[command(after_long_help = "Examples:
+  clinicsync demo                               # nothing is kept
+  clinicsync demo --dir /tmp/demo --patients 200 # keeps the nodes' configs and stores to look at")]
     Demo {
         /// Keep the demo's nodes in this directory (new or empty; refused otherwise) instead of a temporary one removed at the end.
         #[arg(long)]
@@ -458,16 +511,27 @@ pub enum ConflictsCmd {
 pub enum CatchmentCmd {
     /// Patients held by each child (or one child), with why: rule, registered, granted.
     List {
+        /// Only this child (a child of this hub).
         node: Option<String>,
         /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Give a child a patient (it then receives the whole record and may write for it).
-    Add { node: String, patient: String },
+    Add {
+        /// The child (a child of this hub).
+        node: String,
+        /// The patient, as `Patient/<id>` or its id.
+        patient: String,
+    },
     /// Take a patient from a child (a matching rule gives it back on the patient's
     /// next version; records the clinic already holds stay there).
-    Remove { node: String, patient: String },
+    Remove {
+        /// The child (a child of this hub).
+        node: String,
+        /// The patient, as `Patient/<id>` or its id.
+        patient: String,
+    },
     /// What a rule gives a child before it is enabled: patients, records, bytes and
     /// the bootstrap time at the child's measured link rate. Without --path and
     /// --equals: the child's rules as configured.
@@ -475,9 +539,12 @@ pub enum CatchmentCmd {
         after_help = "Examples:\n  clinicsync catchment preview clinic-c --path address.district --equals Vihiga\n  clinicsync catchment preview clinic-a --rate-kbit 64 --json"
     )]
     Preview {
+        /// The child (a child of this hub).
         node: String,
+        /// The rule's path into a Patient (e.g. address.district).
         #[arg(long, requires = "equals")]
         path: Option<String>,
+        /// The value at --path that puts a patient in the catchment.
         #[arg(long, requires = "path")]
         equals: Option<String>,
         /// Link rate for the estimate when the child has measured none.
@@ -525,7 +592,10 @@ pub enum RemoteCmd {
         json: bool,
     },
     /// One order with its full result (diagnostics arrive here).
-    Show { id: String },
+    Show {
+        /// The order's id, as `remote NODE list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
