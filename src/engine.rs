@@ -1159,6 +1159,7 @@ fn push_one(
     results: &mut Vec<PushResult>,
     refused: &mut Vec<String>,
     invalid: &mut (usize, Option<String>),
+    at_boundary: &mut Vec<(String, String)>,
 ) -> Result<()> {
     let Checked {
         i,
@@ -1179,8 +1180,10 @@ fn push_one(
         authorize(tx, policy, child, &v.version)
             .map(|g| (v, g))
             .inspect_err(|e| {
-                // A refusal at the trust boundary is worth a line in the log.
-                tracing::warn!(peer = %child, record = %format!("{kind}/{id}"), reason = %e.0, "push refused");
+                // A refusal at the trust boundary is worth a line in the log, once
+                // the push it belongs to is committed (a push refused whole later
+                // refused none of its records on its own).
+                at_boundary.push((format!("{kind}/{id}"), e.0.clone()));
             })
     });
     let outcome = match checked {
@@ -1365,6 +1368,8 @@ fn push_in_order(
     // Records refused by `validate` (not valid FHIR, a vector or clock out of range,
     // …): how many, and the first.
     let mut invalid = (0usize, None);
+    // Records refused at the trust boundary (`authorize`): each logged after commit.
+    let mut at_boundary: Vec<(String, String)> = Vec::new();
     // Checking a record on its own (`validate`: parse, canonical form, hash) is most
     // of the CPU a push costs and reads nothing of the store: a large push checks on
     // a second thread while this one authorizes and integrates, in the same order.
@@ -1419,13 +1424,11 @@ fn push_in_order(
                 &mut results,
                 &mut refused,
                 &mut invalid,
+                &mut at_boundary,
             )?;
         }
         Ok(())
     })?;
-    if let (n, Some(first)) = &invalid {
-        tracing::warn!(peer = %child, refused = n, first = %first, "push records refused as invalid");
-    }
     if !refused.is_empty() {
         // One audit entry per push, however many records it refused: a hostile peer
         // cannot grow the (unprunable) audit chain faster than its requests.
@@ -1444,6 +1447,14 @@ fn push_in_order(
     }
     results.sort_by_key(|r| r.i);
     tx.commit()?;
+    // Logged once the push is applied: a push refused whole, after some of its
+    // records were looked at, leaves no line about those records.
+    if let (n, Some(first)) = &invalid {
+        tracing::warn!(peer = %child, refused = n, first = %first, "push records refused as invalid");
+    }
+    for (record, reason) in at_boundary {
+        tracing::warn!(peer = %child, record = %record, reason = %reason, "push refused");
+    }
     Ok(PushResponse { results })
 }
 
@@ -2437,6 +2448,70 @@ mod tests {
             "{}",
             lines[0]
         );
+    }
+
+    /// A record refused at the trust boundary is logged once its push is applied; a
+    /// push refused whole (its block failed after those records were looked at)
+    /// leaves no line about them.
+    #[test]
+    fn a_push_refused_whole_logs_none_of_its_records() {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let mut n = net();
+        // Observations of patients the hub does not know: each refused by `authorize`.
+        let records: Vec<WireRecord> = (0..100)
+            .map(|k| {
+                wire_rec(
+                    json!({"resourceType": "Observation", "id": format!("o{k}"), "subject": {"reference": format!("Patient/nobody{k}")}, "note": [{"text": format!("Ward {k}")}]}),
+                    "a",
+                    &[("a", 1)],
+                    1,
+                )
+            })
+            .collect();
+        let msg = Message::PushRequest(PushRequest {
+            node: "a".into(),
+            records,
+        });
+        let payload = crate::wire::v2::payload(&msg, true).unwrap().unwrap();
+        let last = payload.windows(8).rposition(|w| w == b"Ward 99\n").unwrap();
+        let mut cut = payload.clone();
+        cut[last..last + 8].copy_from_slice(b"Ward 999");
+        let logs = || String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            for (bad, p) in [(true, &cut), (false, &payload)] {
+                let (Message::PushRequest(skeleton), Some(block)) =
+                    crate::wire::v2::from_payload_streamed(p, &Limits::default()).unwrap()
+                else {
+                    panic!("a push and its block");
+                };
+                let got = handle_push_block(&mut n.hub, &n.hub_p, "a", skeleton, block, 5);
+                assert_eq!(got.is_err(), bad, "{got:?}");
+                if bad {
+                    assert!(!logs().contains("push refused"), "{}", logs());
+                }
+            }
+        });
+        let refused = logs()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("push refused"))
+            .count();
+        assert_eq!(refused, 100, "{}", logs());
     }
 
     fn push(n: &mut Net, now: u64) -> (PushRequest, PushResponse, PushSummary) {

@@ -1335,7 +1335,12 @@ impl HubState {
                 (answer, pushes)
             }
         };
-        if let (true, true, Some(payload)) = (keep, pushes, inflated.into_payload()) {
+        // Only an applied push is the child's next prefix: a child moves its chain on
+        // only when answered, and a refused payload kept would push out the one it
+        // chains against.
+        if let (true, true, true, Some(payload)) =
+            (keep, pushes, answer.is_ok(), inflated.into_payload())
+        {
             if let Some(prefix) = wire::v2::Prefix::of(payload) {
                 chains().keep(child, prefix, Instant::now());
             }
@@ -1661,10 +1666,15 @@ impl HubState {
                 "reassembled transfer does not match its checksum",
             ));
         }
-        if wire::decode(&frame, &self.limits)
-            .map(|m| m.name().starts_with("chunk_"))
-            .unwrap_or(false)
-        {
+        // The message's kind, its records left unbuilt (a push is built once, when
+        // it is answered below).
+        let nested = wire::inflate_keeping(&frame, &self.limits, None)
+            .and_then(|mut f| {
+                f.decode(&self.limits)
+                    .map(|(m, _)| m.name().starts_with("chunk_"))
+            })
+            .unwrap_or(false);
+        if nested {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "a transfer cannot carry another transfer",
@@ -2166,7 +2176,15 @@ mod tests {
         payload[last..last + 9].copy_from_slice(b"Ward 2999");
         let mut bad = frame[..head].to_vec();
         bad.extend(zstd::bulk::compress(&payload, 1).unwrap());
-        let refused = hub.answer("a", &bad, Some("push_request")).unwrap_err();
+        let v2 = wire::Encoding::V2 {
+            dict: 0,
+            columns: true,
+        };
+        // Sent by a child that chains its pushes (the hub keeps what it applied as
+        // the child's next prefix).
+        let refused = hub
+            .answer_keeping("a", &bad, Some("push_request"), v2, true)
+            .unwrap_err();
         assert_eq!(refused.status, 400, "{}", refused.reason);
         assert!(
             refused.reason.contains("body column") && refused.reason.contains("run out"),
@@ -2175,7 +2193,26 @@ mod tests {
         );
         let held = |p: &std::path::Path| Store::open_existing(p).unwrap().counts().unwrap();
         assert_eq!((held(&path).records, held(&path).audit), (0, 0));
-        let Message::PushResponse(resp) = hub.answer("a", &frame, Some("push_request")).unwrap()
+        // The refused push is no prefix to chain against: a frame chained on it is
+        // asked again unchained (412).
+        let next = Message::PushRequest(wire::PushRequest {
+            node: "a".into(),
+            records: Vec::new(),
+        });
+        let chained_on = |payload: Vec<u8>| {
+            let prefix = wire::v2::Prefix::of(payload).unwrap();
+            wire::v2::encode_chained(&next, wire::LEVEL_FAST, 0, true, Some(&prefix))
+                .unwrap()
+                .unwrap()
+                .0
+        };
+        let on_refused = hub
+            .answer_keeping("a", &chained_on(payload), None, v2, true)
+            .unwrap_err();
+        assert_eq!(on_refused.status, 412, "{}", on_refused.reason);
+        let Message::PushResponse(resp) = hub
+            .answer_keeping("a", &frame, Some("push_request"), v2, true)
+            .unwrap()
         else {
             panic!("a push is answered by a push response");
         };
@@ -2185,5 +2222,9 @@ mod tests {
             .iter()
             .all(|r| r.outcome == wire::Outcome::Accepted));
         assert_eq!(held(&path).records, 300);
+        // The applied one is.
+        let applied = zstd::stream::decode_all(&frame[head..]).unwrap();
+        hub.answer_keeping("a", &chained_on(applied), None, v2, true)
+            .unwrap();
     }
 }

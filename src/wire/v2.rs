@@ -1188,7 +1188,7 @@ impl RecordBlock<'_> {
         let mut spend = |n: usize| -> Result<(), WireError> {
             *budget = budget.checked_sub(n).ok_or_else(|| WireError::TooLarge {
                 what: "decoded record block",
-                size: limit.saturating_add(n),
+                size: limit.saturating_sub(*budget).saturating_add(n),
                 limit,
             })?;
             Ok(())
@@ -1247,9 +1247,13 @@ fn read_block<'a>(
     // What the decoded records may cost in memory beyond the payload itself.
     let mut budget = limits.max_decompressed.saturating_sub(payload.len());
     let mut spend = |n: usize, what: &str| -> Result<(), WireError> {
+        // Refused, the block would take what it spent so far and `n` more.
         budget = budget.checked_sub(n).ok_or_else(|| WireError::TooLarge {
             what: "decoded record block",
-            size: limits.max_decompressed.saturating_add(n),
+            size: limits
+                .max_decompressed
+                .saturating_sub(budget)
+                .saturating_add(n),
             limit: limits.max_decompressed,
         })?;
         let _ = what;
