@@ -2389,28 +2389,43 @@ mod tests {
         assert_eq!(hub.counts().unwrap().records, 200);
     }
 
-    /// A push of records `validate` refuses (a forged vector counter, a body that is
-    /// not FHIR) leaves one WARN line for the push, with the count and the first
-    /// refusal, not one per record.
-    #[test]
-    fn records_refused_as_invalid_are_logged_once_per_push() {
-        #[derive(Clone, Default)]
-        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Captured {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
+    /// What a test's log lines are written into (read back with `logs`).
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
         }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn logs(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// A subscriber writing plain log lines into the returned [`Captured`].
+    fn captured_logs() -> (Captured, impl tracing::Subscriber + Send + Sync) {
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .finish();
+        (captured, subscriber)
+    }
+
+    /// A push of records `validate` refuses (a forged vector counter, a body that is
+    /// not FHIR) leaves one WARN line for the push, with the count and the first
+    /// refusal, not one per record.
+    #[test]
+    fn records_refused_as_invalid_are_logged_once_per_push() {
+        let (captured, subscriber) = captured_logs();
         let mut n = net();
         let patient = |id: &str, c: u64| {
             wire_rec(
@@ -2437,7 +2452,7 @@ mod tests {
             .filter(|r| matches!(r.outcome, Outcome::Rejected { .. }))
             .count();
         assert_eq!(rejected, 30);
-        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let logs = captured.logs();
         let lines: Vec<&str> = logs.lines().filter(|l| l.contains("refused")).collect();
         assert_eq!(lines.len(), 1, "{logs}");
         assert!(
@@ -2455,23 +2470,7 @@ mod tests {
     /// leaves no line about them.
     #[test]
     fn a_push_refused_whole_logs_none_of_its_records() {
-        #[derive(Clone, Default)]
-        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Captured {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
+        let (captured, subscriber) = captured_logs();
         let mut n = net();
         // Observations of patients the hub does not know: each refused by `authorize`.
         let records: Vec<WireRecord> = (0..100)
@@ -2492,7 +2491,7 @@ mod tests {
         let last = payload.windows(8).rposition(|w| w == b"Ward 99\n").unwrap();
         let mut cut = payload.clone();
         cut[last..last + 8].copy_from_slice(b"Ward 999");
-        let logs = || String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let logs = || captured.logs();
         tracing::subscriber::with_default(subscriber, || {
             for (bad, p) in [(true, &cut), (false, &payload)] {
                 let (Message::PushRequest(skeleton), Some(block)) =
